@@ -1,0 +1,307 @@
+"""Every capsa setting, its default, and where it comes from.
+
+Settings are read once, in this order (later wins):
+
+1. the defaults written below;
+2. the TOML file named by ``--config`` or ``CAPSA_CONFIG`` (default ``/etc/capsa/capsa.toml``
+   when it exists);
+3. environment variables: ``CAPSA_<KEY>`` for top-level keys (``CAPSA_STATE_DIR``) and
+   ``CAPSA_<SECTION>_<KEY>`` for keys in a section (``CAPSA_API_LISTEN``). Lists are
+   comma-separated; booleans accept 1/0, true/false, yes/no, on/off.
+
+Paths that are not set explicitly are derived from ``state_dir``, so that one variable moves a
+whole instance (tests run several side by side this way). ``docs/configuration.md`` lists every key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("/etc/capsa/capsa.toml")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the key and where it came from."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+    # "text" (key=value, for people) or "json" (one object per line, for collectors)
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    # SQLAlchemy URL; empty means SQLite at <state_dir>/capsa.db.
+    # PostgreSQL: postgresql+asyncpg://user:password@host/capsa
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    listen: str = "127.0.0.1:9517"
+    # Base URL written into links and `next`; empty means http://<listen>.
+    public_url: str = ""
+    max_body_bytes: int = 1024 * 1024
+    max_limit: int = 1000
+    # Until identity lands, the project and user of callers that send no X-Project-Id / X-User-Id.
+    default_project_id: str = "default"
+    default_user_id: str = "default"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    resync_interval: float = 10.0
+    # A host whose agent has not reported for this long gets no new capsules.
+    host_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    # The agent's own HTTP endpoint (logs); the API reaches an agent at the URL it registered.
+    listen: str = "127.0.0.1:9518"
+    resync_interval: float = 10.0
+    # How often running containers are checked for exits (restartPolicy).
+    container_poll_interval: float = 1.0
+    heartbeat_interval: float = 10.0
+    # Schedulable capacity = cores * cpu_allocation_ratio, (RAM - reserved) * memory_allocation_ratio.
+    cpu_allocation_ratio: float = 16.0
+    memory_allocation_ratio: float = 1.0
+    reserved_memory_mb: int = 512
+    # CRI runtime handlers this host offers; the first is the default for capsules that name none.
+    runtimes: tuple[str, ...] = ("runc",)
+    # cgroup parent of every pod sandbox (cgroupfs driver).
+    cgroup_parent: str = "/capsa"
+    cri_timeout: float = 30.0
+    image_pull_timeout: float = 300.0
+    # Most capsules worked on at once.
+    max_parallel: int = 16
+
+
+@dataclass(frozen=True)
+class CapsuleConfig:
+    # Requests of a container that states none: they are claimed on the host and become its limits.
+    default_cpu: float = 0.1
+    default_memory_mb: int = 64
+    max_containers: int = 32
+
+
+@dataclass(frozen=True)
+class ContainerdConfig:
+    # An existing CRI socket to use instead of starting capsa's own containerd.
+    socket: str = ""
+    binary: str = "containerd"
+    start_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    # Run capsa's local OCI registry and use it as the mirror of the hosts below.
+    enabled: bool = True
+    listen: str = "127.0.0.1:5000"
+    binary: str = "docker-registry"
+    mirror_of: tuple[str, ...] = ("docker.io",)
+
+
+@dataclass(frozen=True)
+class ImagesConfig:
+    # Built OCI layouts are kept here and reused across state dirs; empty means <state_dir>/images.
+    cache_dir: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    # Subnet of the default network that capsules join.
+    default_cidr: str = "10.217.0.0/16"
+    mtu: int = 1500
+
+
+@dataclass(frozen=True)
+class CniConfig:
+    # Where the CNI daemon listens: "HOST:PORT" on loopback, or "unix:/path/to.sock".
+    daemon_listen: str = "127.0.0.1:9519"
+    # Name of the network in the conflist that containerd reads.
+    network_name: str = "capsa"
+    # capsa-cni gives up on the daemon after this many seconds.
+    plugin_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    state_dir: Path = Path("/var/lib/capsa")
+    # This host's name in the database; empty means the machine's hostname.
+    host_name: str = ""
+    log: LogConfig = field(default_factory=LogConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
+    containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    cni: CniConfig = field(default_factory=CniConfig)
+
+    # Derived values: one place that knows where everything lives under state_dir.
+
+    @property
+    def resolved_host_name(self) -> str:
+        return self.host_name or socket.gethostname()
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite+aiosqlite:///{self.state_dir / 'capsa.db'}"
+
+    @property
+    def api_url(self) -> str:
+        return (self.api.public_url or f"http://{self.api.listen}").rstrip("/")
+
+    @property
+    def agent_url(self) -> str:
+        return f"http://{self.agent.listen}"
+
+    @property
+    def containerd_dir(self) -> Path:
+        return self.state_dir / "containerd"
+
+    @property
+    def cri_socket(self) -> str:
+        """The CRI endpoint the agent uses: an operator's socket, or capsa's own containerd."""
+        return self.containerd.socket or str(self.containerd_dir / "containerd.sock")
+
+    @property
+    def manages_containerd(self) -> bool:
+        return not self.containerd.socket
+
+    @property
+    def cni_conf_dir(self) -> Path:
+        return self.state_dir / "cni" / "net.d"
+
+    @property
+    def cni_bin_dir(self) -> Path:
+        return self.state_dir / "cni" / "bin"
+
+    @property
+    def pod_log_dir(self) -> Path:
+        return self.state_dir / "pods"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.state_dir / "registry"
+
+    @property
+    def image_cache_dir(self) -> Path:
+        return Path(self.images.cache_dir) if self.images.cache_dir else self.state_dir / "images"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files of the processes capsa runs for itself."""
+        return self.state_dir / "run"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: typing.Mapping[str, str] | None = None
+) -> Config:
+    """Defaults, then the TOML file, then ``CAPSA_*`` variables."""
+    env = os.environ if environ is None else environ
+    config = Config()
+    file_path = Path(path) if path else Path(env.get("CAPSA_CONFIG", DEFAULT_CONFIG_FILE))
+    if path or "CAPSA_CONFIG" in env or file_path.exists():
+        try:
+            with file_path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {file_path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+        config = _apply_mapping(config, data, str(file_path), prefix="")
+    return _apply_env(config, env)
+
+
+def _apply_mapping(obj: Any, data: dict[str, Any], origin: str, prefix: str) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    known = {f.name for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{origin}: unknown setting {name!r}")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{origin}: {name!r} must be a table")
+            changes[key] = _apply_mapping(current, value, origin, prefix=f"{name}.")
+        else:
+            changes[key] = _coerce(value, hints[key], name, origin)
+    return replace(obj, **changes)
+
+
+def _apply_env(config: Config, env: typing.Mapping[str, str]) -> Config:
+    hints = typing.get_type_hints(Config)
+    top: dict[str, Any] = {}
+    for f in fields(config):
+        current = getattr(config, f.name)
+        if is_dataclass(current):
+            section_hints = typing.get_type_hints(type(current))
+            section: dict[str, Any] = {}
+            for sf in fields(current):
+                var = f"CAPSA_{f.name}_{sf.name}".upper()
+                if var in env:
+                    section[sf.name] = _coerce(env[var], section_hints[sf.name], var, "environment")
+            if section:
+                top[f.name] = replace(current, **section)
+        else:
+            var = f"CAPSA_{f.name}".upper()
+            if var in env:
+                top[f.name] = _coerce(env[var], hints[f.name], var, "environment")
+    return replace(config, **top)
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(value: Any, hint: Any, name: str, origin: str) -> Any:
+    """Turns a TOML value or an environment string into the setting's type."""
+    try:
+        if hint is Path:
+            return Path(value)
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError("expected a boolean")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError("expected a string")
+            return value
+        origin_type = typing.get_origin(hint)
+        if origin_type is tuple or isinstance(hint, types.GenericAlias):
+            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                raise ValueError("expected a list of strings")
+            return tuple(items)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: {name}={value!r}: {exc}") from exc
+    raise ConfigError(f"{origin}: {name}: unsupported setting type {hint!r}")
