@@ -72,7 +72,8 @@ class AgentConfig:
     # How often running containers are checked for exits (restartPolicy).
     container_poll_interval: float = 1.0
     heartbeat_interval: float = 10.0
-    # Schedulable capacity = cores * cpu_allocation_ratio, (RAM - reserved) * memory_allocation_ratio.
+    # Schedulable capacity: cores * cpu_allocation_ratio and
+    # (RAM - reserved_memory_mb) * memory_allocation_ratio.
     cpu_allocation_ratio: float = 16.0
     memory_allocation_ratio: float = 1.0
     reserved_memory_mb: int = 512
@@ -228,6 +229,7 @@ def load_config(
 
 
 def _apply_mapping(obj: Any, data: dict[str, Any], origin: str, prefix: str) -> Any:
+    """A copy of the dataclass ``obj`` with the values of ``data``, checked and converted."""
     hints = typing.get_type_hints(type(obj))
     known = {f.name for f in fields(obj)}
     changes: dict[str, Any] = {}
@@ -236,7 +238,7 @@ def _apply_mapping(obj: Any, data: dict[str, Any], origin: str, prefix: str) -> 
         if key not in known:
             raise ConfigError(f"{origin}: unknown setting {name!r}")
         current = getattr(obj, key)
-        if is_dataclass(current):
+        if _is_section(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{origin}: {name!r} must be a table")
             changes[key] = _apply_mapping(current, value, origin, prefix=f"{name}.")
@@ -250,7 +252,7 @@ def _apply_env(config: Config, env: typing.Mapping[str, str]) -> Config:
     top: dict[str, Any] = {}
     for f in fields(config):
         current = getattr(config, f.name)
-        if is_dataclass(current):
+        if _is_section(current):
             section_hints = typing.get_type_hints(type(current))
             section: dict[str, Any] = {}
             for sf in fields(current):
@@ -264,6 +266,11 @@ def _apply_env(config: Config, env: typing.Mapping[str, str]) -> Config:
             if var in env:
                 top[f.name] = _coerce(env[var], hints[f.name], var, "environment")
     return replace(config, **top)
+
+
+def _is_section(value: Any) -> bool:
+    """A table of settings (a dataclass instance) rather than a single setting."""
+    return is_dataclass(value) and not isinstance(value, type)
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -298,7 +305,9 @@ def _coerce(value: Any, hint: Any, name: str, origin: str) -> Any:
             return value
         origin_type = typing.get_origin(hint)
         if origin_type is tuple or isinstance(hint, types.GenericAlias):
-            items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+            items = value
+            if isinstance(value, str):
+                items = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
                 raise ValueError("expected a list of strings")
             return tuple(items)

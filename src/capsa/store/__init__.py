@@ -1,0 +1,29 @@
+"""The database: tables, queries and change notifications. Nothing above it writes SQL."""
+
+from __future__ import annotations
+
+from capsa.store.capsules import CapsuleStore
+from capsa.store.db import Database
+from capsa.store.hosts import HostStore
+from capsa.store.notify import ChangeHub
+from capsa.store.ports import PortStore
+
+
+class Store:
+    """One database and the hub that wakes reconcilers after its changes."""
+
+    def __init__(self, url: str, hub: ChangeHub | None = None) -> None:
+        self.db = Database(url)
+        self.hub = hub or ChangeHub()
+        self.capsules = CapsuleStore(self.db, self.hub)
+        self.hosts = HostStore(self.db, self.hub)
+        self.ports = PortStore(self.db)
+
+    async def open(self) -> None:
+        await self.db.initialize()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+
+__all__ = ["Store"]

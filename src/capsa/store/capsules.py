@@ -1,0 +1,416 @@
+"""Capsules and their containers in the database.
+
+Status writes from the agents are compare-and-swap on the desired state, so that an agent that
+observed a capsule a moment ago can never turn a capsule being deleted back into Running.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from capsa.model.capsule import (
+    Address,
+    Capsule,
+    CapsuleSpec,
+    Container,
+    ContainerKind,
+    ContainerSpec,
+    DesiredState,
+    PortSpec,
+    PullPolicy,
+    RestartPolicy,
+    Status,
+    TaskState,
+)
+from capsa.model.clock import utcnow
+from capsa.store import notify, schema
+from capsa.store.db import Database
+
+c_t = schema.capsules
+k_t = schema.containers
+
+# API sort keys and the columns behind them; only non-null columns, so keyset paging is exact.
+SORT_KEYS: dict[str, Any] = {
+    "uuid": c_t.c.uuid,
+    "name": c_t.c.name,
+    "status": c_t.c.status,
+    "created_at": c_t.c.created_at,
+    "updated_at": c_t.c.updated_at,
+    "cpu": c_t.c.cpu_millis,
+    "memory": c_t.c.memory_mb,
+}
+
+
+class NameConflict(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"a capsule named {name!r} already exists in this project")
+        self.name = name
+
+
+class MarkerNotFound(Exception):
+    def __init__(self, marker: str) -> None:
+        super().__init__(f"marker {marker!r} is not a capsule of this project")
+        self.marker = marker
+
+
+class AmbiguousName(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"several capsules are named {name!r}; use the uuid instead")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class Page:
+    limit: int
+    marker: str | None = None
+    sort_key: str = "created_at"
+    sort_dir: str = "asc"
+
+
+class CapsuleStore:
+    def __init__(self, db: Database, hub: notify.ChangeHub) -> None:
+        self._db = db
+        self._hub = hub
+
+    async def create(self, capsule: Capsule) -> Capsule:
+        """Stores a new capsule and its containers; the scheduler is woken to place it."""
+        now = utcnow()
+        capsule.created_at = capsule.updated_at = now
+        for container in capsule.all_containers():
+            container.created_at = container.updated_at = now
+        try:
+            async with self._db.write() as conn:
+                await conn.execute(c_t.insert().values(**_capsule_row(capsule)))
+                await conn.execute(
+                    k_t.insert(), [_container_row(c) for c in capsule.all_containers()]
+                )
+        except IntegrityError as exc:
+            if "uq_capsules_project_name" in str(exc) or "capsules.name" in str(exc):
+                raise NameConflict(capsule.name) from exc
+            raise
+        self._hub.publish(notify.SCHEDULER)
+        return capsule
+
+    async def get(self, uuid: str) -> Capsule | None:
+        async with self._db.read() as conn:
+            rows = (await conn.execute(select(c_t).where(c_t.c.uuid == uuid))).all()
+            capsules = await _load(conn, rows)
+        return capsules[0] if capsules else None
+
+    async def find(self, ident: str, project_id: str | None) -> Capsule | None:
+        """A capsule by uuid or name, within ``project_id`` (None: in every project)."""
+        scope = [] if project_id is None else [c_t.c.project_id == project_id]
+        async with self._db.read() as conn:
+            rows = (await conn.execute(select(c_t).where(c_t.c.uuid == ident, *scope))).all() or (
+                await conn.execute(select(c_t).where(c_t.c.name == ident, *scope).limit(2))
+            ).all()
+            if len(rows) > 1:
+                raise AmbiguousName(ident)
+            capsules = await _load(conn, rows)
+        return capsules[0] if capsules else None
+
+    async def list_page(self, project_id: str | None, page: Page) -> list[Capsule]:
+        """One page of capsules, ordered by ``page.sort_key`` then uuid (keyset paging)."""
+        column = SORT_KEYS[page.sort_key]
+        descending = page.sort_dir == "desc"
+        query = select(c_t)
+        if project_id is not None:
+            query = query.where(c_t.c.project_id == project_id)
+        async with self._db.read() as conn:
+            if page.marker is not None:
+                marker_query = select(column, c_t.c.uuid).where(c_t.c.uuid == page.marker)
+                if project_id is not None:
+                    marker_query = marker_query.where(c_t.c.project_id == project_id)
+                marker = (await conn.execute(marker_query)).first()
+                if marker is None:
+                    raise MarkerNotFound(page.marker)
+                value, marker_uuid = marker
+                after = (
+                    or_(column < value, and_(column == value, c_t.c.uuid < marker_uuid))
+                    if descending
+                    else or_(column > value, and_(column == value, c_t.c.uuid > marker_uuid))
+                )
+                query = query.where(after)
+            order = (column.desc(), c_t.c.uuid.desc()) if descending else (column, c_t.c.uuid)
+            rows = (await conn.execute(query.order_by(*order).limit(page.limit))).all()
+            return await _load(conn, rows)
+
+    async def list_unscheduled(self) -> list[Capsule]:
+        """Capsules waiting for a host, oldest first."""
+        async with self._db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(c_t)
+                    .where(
+                        c_t.c.host.is_(None),
+                        c_t.c.desired_state == DesiredState.RUNNING,
+                        c_t.c.status == Status.CREATING,
+                    )
+                    .order_by(c_t.c.created_at)
+                )
+            ).all()
+            return await _load(conn, rows)
+
+    async def list_for_host(self, host: str) -> list[Capsule]:
+        async with self._db.read() as conn:
+            rows = (await conn.execute(select(c_t).where(c_t.c.host == host))).all()
+            return await _load(conn, rows)
+
+    async def count(self, project_id: str | None) -> int:
+        query = select(func.count()).select_from(c_t)
+        if project_id is not None:
+            query = query.where(c_t.c.project_id == project_id)
+        async with self._db.read() as conn:
+            return int((await conn.execute(query)).scalar_one())
+
+    async def request_delete(self, uuid: str) -> None:
+        """Deletes a capsule that has no host at once; otherwise asks its agent to tear it down."""
+        async with self._db.write() as conn:
+            row = (await conn.execute(select(c_t.c.host).where(c_t.c.uuid == uuid))).first()
+            if row is None:
+                return
+            if row.host is None:
+                await conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
+                return
+            await conn.execute(
+                update(c_t)
+                .where(c_t.c.uuid == uuid)
+                .values(
+                    desired_state=DesiredState.DELETED,
+                    status=Status.DELETING,
+                    task_state=TaskState.CONTAINER_DELETING,
+                    status_reason=None,
+                    updated_at=utcnow(),
+                )
+            )
+        self._hub.publish(notify.host_topic(row.host))
+
+    async def update_status(
+        self,
+        uuid: str,
+        *,
+        expect: DesiredState = DesiredState.RUNNING,
+        **values: Any,
+    ) -> bool:
+        """Sets capsule fields only while the capsule's desired state is ``expect``.
+
+        Returns False when the capsule is gone or the tenant changed their mind meanwhile.
+        """
+        values["updated_at"] = utcnow()
+        async with self._db.write() as conn:
+            result = await conn.execute(
+                update(c_t)
+                .where(c_t.c.uuid == uuid, c_t.c.desired_state == expect)
+                .values(**values)
+            )
+        return bool(result.rowcount)
+
+    async def update_container(self, uuid: str, **values: Any) -> None:
+        values["updated_at"] = utcnow()
+        async with self._db.write() as conn:
+            await conn.execute(update(k_t).where(k_t.c.uuid == uuid).values(**values))
+
+    async def remove(self, uuid: str) -> bool:
+        """Removes a torn-down capsule with its containers and ports, and releases its claim.
+
+        One transaction, so a crash leaves either all of it or none; repeating it is harmless.
+        """
+        async with self._db.write() as conn:
+            row = (
+                await conn.execute(
+                    select(c_t.c.host, c_t.c.cpu_millis, c_t.c.memory_mb).where(c_t.c.uuid == uuid)
+                )
+            ).first()
+            if row is None:
+                return False
+            if row.host is not None:
+                h_t = schema.hosts
+                await conn.execute(
+                    update(h_t)
+                    .where(h_t.c.name == row.host)
+                    .values(
+                        cpu_millis_used=h_t.c.cpu_millis_used - row.cpu_millis,
+                        memory_mb_used=h_t.c.memory_mb_used - row.memory_mb,
+                    )
+                )
+            await conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
+            await conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
+            await conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
+        # Freed resources may let the scheduler place a waiting capsule.
+        self._hub.publish(notify.SCHEDULER)
+        return True
+
+
+def _capsule_row(capsule: Capsule) -> dict[str, Any]:
+    spec = capsule.spec
+    return {
+        "uuid": capsule.uuid,
+        "name": spec.name,
+        "project_id": capsule.project_id,
+        "user_id": capsule.user_id,
+        "desired_state": capsule.desired_state,
+        "status": capsule.status,
+        "status_reason": capsule.status_reason,
+        "task_state": capsule.task_state,
+        "restart_policy": spec.restart_policy,
+        "runtime": spec.runtime,
+        "labels": spec.labels,
+        "annotations": spec.annotations,
+        "cpu_millis": spec.cpu_millis,
+        "memory_mb": spec.memory_mb,
+        "host": capsule.host,
+        "sandbox_id": capsule.sandbox_id,
+        "created_at": capsule.created_at,
+        "updated_at": capsule.updated_at,
+    }
+
+
+def _container_row(container: Container) -> dict[str, Any]:
+    spec = container.spec
+    return {
+        "uuid": container.uuid,
+        "capsule_uuid": container.capsule_uuid,
+        "project_id": container.project_id,
+        "user_id": container.user_id,
+        "kind": container.kind,
+        "position": container.position,
+        "name": spec.name,
+        "image": spec.image,
+        "image_pull_policy": spec.image_pull_policy,
+        "command": list(spec.command),
+        "args": list(spec.args),
+        "workdir": spec.workdir,
+        "environment": spec.env,
+        "cpu_millis": spec.cpu_millis,
+        "memory_mb": spec.memory_mb,
+        "tty": spec.tty,
+        "stdin": spec.stdin,
+        "ports": [
+            {
+                "container_port": p.container_port,
+                "protocol": p.protocol,
+                "host_port": p.host_port,
+                "name": p.name,
+            }
+            for p in spec.ports
+        ],
+        "status": container.status,
+        "status_reason": container.status_reason,
+        "task_state": container.task_state,
+        "cri_container_id": container.cri_container_id,
+        "restart_count": container.restart_count,
+        "exit_code": container.exit_code,
+        "started_at": container.started_at,
+        "finished_at": container.finished_at,
+        "created_at": container.created_at,
+        "updated_at": container.updated_at,
+    }
+
+
+def _container(row: Row[Any]) -> Container:
+    spec = ContainerSpec(
+        name=row.name,
+        image=row.image,
+        cpu_millis=row.cpu_millis,
+        memory_mb=row.memory_mb,
+        command=tuple(row.command),
+        args=tuple(row.args),
+        workdir=row.workdir,
+        env=dict(row.environment),
+        image_pull_policy=PullPolicy(row.image_pull_policy),
+        tty=row.tty,
+        stdin=row.stdin,
+        ports=tuple(PortSpec(**p) for p in row.ports),
+    )
+    return Container(
+        uuid=row.uuid,
+        capsule_uuid=row.capsule_uuid,
+        project_id=row.project_id,
+        user_id=row.user_id,
+        kind=ContainerKind(row.kind),
+        position=row.position,
+        spec=spec,
+        status=Status(row.status),
+        status_reason=row.status_reason,
+        task_state=TaskState(row.task_state) if row.task_state else None,
+        cri_container_id=row.cri_container_id,
+        restart_count=row.restart_count,
+        exit_code=row.exit_code,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+async def _load(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Capsule]:
+    """Turns capsule rows into capsules with their containers and addresses (three queries)."""
+    if not rows:
+        return []
+    uuids = [r.uuid for r in rows]
+    containers: dict[str, list[Container]] = {u: [] for u in uuids}
+    for chunk in _chunks(uuids):
+        for row in await conn.execute(
+            select(k_t).where(k_t.c.capsule_uuid.in_(chunk)).order_by(k_t.c.position)
+        ):
+            containers[row.capsule_uuid].append(_container(row))
+    addresses: dict[str, list[Address]] = {u: [] for u in uuids}
+    p_t = schema.ports
+    for chunk in _chunks(uuids):
+        for row in await conn.execute(select(p_t).where(p_t.c.device_id.in_(chunk))):
+            addresses[row.device_id].append(
+                Address(
+                    network_id=row.network_id,
+                    subnet_id=row.subnet_id,
+                    port_id=row.id,
+                    ip=row.ip_address,
+                    mac=row.mac_address,
+                    version=ipaddress.ip_address(row.ip_address).version,
+                )
+            )
+    capsules = []
+    for row in rows:
+        members = containers[row.uuid]
+        spec = CapsuleSpec(
+            name=row.name,
+            containers=tuple(c.spec for c in members if c.kind is ContainerKind.APP),
+            init_containers=tuple(c.spec for c in members if c.kind is ContainerKind.INIT),
+            labels=dict(row.labels),
+            annotations=dict(row.annotations),
+            restart_policy=RestartPolicy(row.restart_policy),
+            runtime=row.runtime,
+        )
+        capsules.append(
+            Capsule(
+                uuid=row.uuid,
+                project_id=row.project_id,
+                user_id=row.user_id,
+                spec=spec,
+                status=Status(row.status),
+                status_reason=row.status_reason,
+                task_state=TaskState(row.task_state) if row.task_state else None,
+                desired_state=DesiredState(row.desired_state),
+                host=row.host,
+                sandbox_id=row.sandbox_id,
+                containers=[c for c in members if c.kind is ContainerKind.APP],
+                init_containers=[c for c in members if c.kind is ContainerKind.INIT],
+                addresses=addresses[row.uuid],
+                created_at=row.created_at,
+                updated_at=row.updated_at,
+            )
+        )
+    return capsules
+
+
+def _chunks(items: list[str], size: int = 500) -> Iterable[list[str]]:
+    # SQLite limits the number of bound parameters in one statement.
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,63 @@
+"""Wake-ups after a change in the database, so reconcilers act at once instead of at their resync.
+
+A wake-up carries no data: the woken reconciler reads the database, which stays the only truth, and
+a lost wake-up only delays work until the next periodic resync. The store publishes after each
+commit that gives someone work: the scheduler (a capsule to place) or a host's agent (a capsule to
+start or delete). This hub works within one process (all-in-one); several processes sharing a
+database fall back on their resync interval until a cross-process channel is added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+SCHEDULER = "scheduler"
+
+
+def host_topic(host: str) -> str:
+    return f"host:{host}"
+
+
+class Subscription:
+    def __init__(self, hub: ChangeHub, topic: str) -> None:
+        self._hub = hub
+        self.topic = topic
+        self._event = asyncio.Event()
+
+    def _wake(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """Waits for a wake-up or the timeout; True when woken. Wake-ups before the call count."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._event.clear()
+        return True
+
+    def close(self) -> None:
+        self._hub._unsubscribe(self)
+
+
+class ChangeHub:
+    def __init__(self) -> None:
+        self._subscriptions: dict[str, set[Subscription]] = {}
+
+    def subscribe(self, topic: str) -> Subscription:
+        sub = Subscription(self, topic)
+        self._subscriptions.setdefault(topic, set()).add(sub)
+        return sub
+
+    def publish(self, *topics: str) -> None:
+        for topic in topics:
+            for sub in self._subscriptions.get(topic, ()):
+                sub._wake()
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subscriptions.get(sub.topic)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subscriptions[sub.topic]

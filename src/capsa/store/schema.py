@@ -1,0 +1,164 @@
+"""capsa's tables. Nothing outside the store package writes SQL against them.
+
+Resources are measured in integers (cpu in millicores, memory in MiB) so that claims add up exactly.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# Bump with a migration in store/db.py whenever a table changes.
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+UUID = String(36)
+
+meta = Table(
+    "capsa_meta",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", String(255), nullable=False),
+)
+
+hosts = Table(
+    "hosts",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("uuid", UUID, nullable=False, unique=True),
+    Column("agent_url", String(255), nullable=False),
+    Column("cpu_millis", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("cpu_millis_used", Integer, nullable=False, default=0),
+    Column("memory_mb_used", Integer, nullable=False, default=0),
+    Column("runtimes", JSON, nullable=False),
+    Column("disabled", Boolean, nullable=False, default=False),
+    Column("heartbeat_at", DateTime),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+capsules = Table(
+    "capsules",
+    metadata,
+    Column("uuid", UUID, primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("project_id", String(255), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("desired_state", String(16), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("status_reason", Text),
+    Column("task_state", String(32)),
+    Column("restart_policy", String(16), nullable=False),
+    Column("runtime", String(64)),
+    Column("labels", JSON, nullable=False),
+    Column("annotations", JSON, nullable=False),
+    # What the capsule claims on its host; released in the same transaction that removes it.
+    Column("cpu_millis", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("host", String(255), index=True),
+    Column("sandbox_id", String(128)),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    UniqueConstraint("project_id", "name", name="uq_capsules_project_name"),
+)
+Index("ix_capsules_project_created", capsules.c.project_id, capsules.c.created_at)
+
+containers = Table(
+    "containers",
+    metadata,
+    Column("uuid", UUID, primary_key=True),
+    Column(
+        "capsule_uuid",
+        UUID,
+        ForeignKey("capsules.uuid", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("project_id", String(255), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("position", Integer, nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("image", String(512), nullable=False),
+    Column("image_pull_policy", String(16), nullable=False),
+    Column("command", JSON, nullable=False),
+    Column("args", JSON, nullable=False),
+    Column("workdir", String(4096)),
+    Column("environment", JSON, nullable=False),
+    Column("cpu_millis", Integer, nullable=False),
+    Column("memory_mb", Integer, nullable=False),
+    Column("tty", Boolean, nullable=False),
+    Column("stdin", Boolean, nullable=False),
+    Column("ports", JSON, nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("status_reason", Text),
+    Column("task_state", String(32)),
+    Column("cri_container_id", String(128)),
+    Column("restart_count", Integer, nullable=False, default=0),
+    Column("exit_code", Integer),
+    Column("started_at", DateTime),
+    Column("finished_at", DateTime),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    UniqueConstraint("capsule_uuid", "name", name="uq_containers_capsule_name"),
+)
+
+networks = Table(
+    "networks",
+    metadata,
+    Column("id", UUID, primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("project_id", String(255), nullable=False),
+    Column("shared", Boolean, nullable=False),
+    Column("is_default", Boolean, nullable=False),
+    Column("mtu", Integer, nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+subnets = Table(
+    "subnets",
+    metadata,
+    Column("id", UUID, primary_key=True),
+    Column("network_id", UUID, ForeignKey("networks.id", ondelete="CASCADE"), nullable=False),
+    Column("project_id", String(255), nullable=False),
+    Column("cidr", String(64), nullable=False),
+    Column("gateway_ip", String(64), nullable=False),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+)
+
+ports = Table(
+    "ports",
+    metadata,
+    Column("id", UUID, primary_key=True),
+    Column("network_id", UUID, ForeignKey("networks.id"), nullable=False),
+    Column("subnet_id", UUID, ForeignKey("subnets.id"), nullable=False),
+    Column("project_id", String(255), nullable=False),
+    Column("ip_address", String(64), nullable=False),
+    Column("mac_address", String(17), nullable=False, unique=True),
+    Column("device_id", String(255), nullable=False, index=True),
+    Column("device_owner", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("host", String(255)),
+    Column("binding_container_id", String(128)),
+    Column("binding_host_ifname", String(16)),
+    Column("created_at", DateTime, nullable=False),
+    Column("updated_at", DateTime, nullable=False),
+    # The database, not a lock, makes concurrent allocations on one subnet distinct.
+    UniqueConstraint("subnet_id", "ip_address", name="uq_ports_subnet_ip"),
+)
