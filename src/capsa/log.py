@@ -97,8 +97,12 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        data.update({k: v if isinstance(v, int | float | bool) else str(v)
-                     for k, v in _record_fields(record).items()})
+        data.update(
+            {
+                k: v if isinstance(v, int | float | bool) else str(v)
+                for k, v in _record_fields(record).items()
+            }
+        )
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)
