@@ -1,0 +1,68 @@
+"""Fixtures shared by unit tests: a real SQLite store in a temporary directory."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
+from capsa.store import Store
+
+CapsuleFactory = Callable[..., Capsule]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'capsa.db'}")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def make_capsule() -> CapsuleFactory:
+    """Builds an unsaved capsule; keyword arguments override the defaults."""
+
+    def build(
+        name: str | None = None,
+        project_id: str = "p1",
+        cpu_millis: int = 100,
+        memory_mb: int = 64,
+        containers: int = 1,
+        init_containers: int = 0,
+    ) -> Capsule:
+        capsule_uuid = str(uuid.uuid4())
+
+        def spec(prefix: str, i: int) -> ContainerSpec:
+            return ContainerSpec(
+                name=f"{prefix}{i}", image="busybox", cpu_millis=cpu_millis, memory_mb=memory_mb
+            )
+
+        inits = [spec("init", i) for i in range(init_containers)]
+        apps = [spec("app", i) for i in range(containers)]
+        capsule = Capsule(
+            uuid=capsule_uuid,
+            project_id=project_id,
+            user_id="u1",
+            spec=CapsuleSpec(
+                name=name or f"c-{capsule_uuid[:8]}",
+                containers=tuple(apps),
+                init_containers=tuple(inits),
+            ),
+        )
+        capsule.init_containers = [
+            Container(str(uuid.uuid4()), capsule_uuid, project_id, "u1", ContainerKind.INIT, i, s)
+            for i, s in enumerate(inits)
+        ]
+        capsule.containers = [
+            Container(str(uuid.uuid4()), capsule_uuid, project_id, "u1", ContainerKind.APP, i, s)
+            for i, s in enumerate(apps, start=len(inits))
+        ]
+        return capsule
+
+    return build

@@ -1,0 +1,148 @@
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+
+import pytest
+
+from capsa.model.capsule import Capsule, DesiredState, Status, TaskState
+from capsa.store import Store, notify
+from capsa.store.capsules import MarkerNotFound, NameConflict, Page
+
+CapsuleFactory = Callable[..., Capsule]
+
+
+async def test_create_then_find_by_uuid_and_name_within_project(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = make_capsule(name="web", init_containers=1, containers=2)
+    await store.capsules.create(capsule)
+
+    by_uuid = await store.capsules.find(capsule.uuid, "p1")
+    by_name = await store.capsules.find("web", "p1")
+    assert by_uuid is not None and by_name is not None
+    assert by_uuid.uuid == by_name.uuid == capsule.uuid
+    assert [c.spec.name for c in by_uuid.init_containers] == ["init0"]
+    assert [c.spec.name for c in by_uuid.containers] == ["app0", "app1"]
+    assert by_uuid.spec == capsule.spec
+    assert by_uuid.status is Status.CREATING
+    assert by_uuid.task_state is TaskState.SCHEDULING
+    assert await store.capsules.find("web", "p2") is None
+    assert await store.capsules.find("web", None) is not None
+
+
+async def test_same_name_conflicts_within_a_project_only(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.capsules.create(make_capsule(name="web"))
+    with pytest.raises(NameConflict):
+        await store.capsules.create(make_capsule(name="web"))
+    await store.capsules.create(make_capsule(name="web", project_id="p2"))
+    assert await store.capsules.count(None) == 2
+
+
+async def test_create_wakes_the_scheduler(store: Store, make_capsule: CapsuleFactory) -> None:
+    sub = store.hub.subscribe(notify.SCHEDULER)
+    await store.capsules.create(make_capsule())
+    assert await sub.wait(0.1)
+    assert not await sub.wait(0.01)
+
+
+@pytest.mark.parametrize("sort_dir", ["asc", "desc"])
+async def test_pages_with_a_marker_cover_every_capsule_once(
+    store: Store, make_capsule: CapsuleFactory, sort_dir: str
+) -> None:
+    names = [f"n{i:02d}" for i in range(7)]
+    for name in names:
+        await store.capsules.create(make_capsule(name=name))
+    await store.capsules.create(make_capsule(name="other", project_id="p2"))
+
+    seen: list[str] = []
+    marker = None
+    while True:
+        page = await store.capsules.list_page(
+            "p1", Page(limit=3, marker=marker, sort_key="name", sort_dir=sort_dir)
+        )
+        seen += [c.name for c in page]
+        if len(page) < 3:
+            break
+        marker = page[-1].uuid
+    assert seen == sorted(names, reverse=sort_dir == "desc")
+
+
+async def test_an_unknown_marker_is_refused(store: Store) -> None:
+    with pytest.raises(MarkerNotFound):
+        await store.capsules.list_page("p1", Page(limit=3, marker="nope"))
+
+
+async def test_delete_of_an_unplaced_capsule_is_immediate(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await store.capsules.create(make_capsule())
+    await store.capsules.request_delete(capsule.uuid)
+    assert await store.capsules.get(capsule.uuid) is None
+
+
+async def test_delete_of_a_placed_capsule_asks_its_agent_and_wins_over_status_writes(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    capsule = await store.capsules.create(make_capsule())
+    assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    agent = store.hub.subscribe(notify.host_topic("h1"))
+
+    await store.capsules.request_delete(capsule.uuid)
+
+    assert await agent.wait(0.1)
+    stored = await store.capsules.get(capsule.uuid)
+    assert stored is not None
+    assert stored.desired_state is DesiredState.DELETED
+    assert stored.status is Status.DELETING
+    # An agent that still believes the capsule should run cannot undo the delete.
+    assert not await store.capsules.update_status(capsule.uuid, status=Status.RUNNING)
+    stored = await store.capsules.get(capsule.uuid)
+    assert stored is not None and stored.status is Status.DELETING
+
+
+async def test_remove_releases_the_claim_and_the_ports_in_one_go(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    capsule = await store.capsules.create(make_capsule(cpu_millis=300, memory_mb=200))
+    assert await store.hosts.claim(capsule.uuid, "h1", 300, 200)
+    network, subnet = await store.ports.ensure_default_network(
+        "admin", ipaddress.IPv4Network("10.0.0.0/29"), 1500
+    )
+    await store.ports.create(
+        subnet=subnet,
+        project_id="p1",
+        device_id=capsule.uuid,
+        device_owner="compute:capsule",
+        host="h1",
+        pick_address=lambda s, used: next(a for a in s.allocatable() if a not in used),
+        mac_address=lambda: "fa:16:3e:00:00:01",
+    )
+
+    assert await store.capsules.remove(capsule.uuid)
+    assert not await store.capsules.remove(capsule.uuid)
+
+    host = await store.hosts.get("h1")
+    assert host is not None
+    assert (host.cpu_millis_used, host.memory_mb_used) == (0, 0)
+    assert await store.ports.find_by_device(capsule.uuid) is None
+    assert await store.capsules.get(capsule.uuid) is None
+    assert network.is_default
+
+
+async def test_concurrent_status_writes_all_land(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsules = [await store.capsules.create(make_capsule()) for _ in range(10)]
+    results = await asyncio.gather(
+        *(store.capsules.update_status(c.uuid, status=Status.RUNNING) for c in capsules)
+    )
+    assert all(results)
+    for c in capsules:
+        stored = await store.capsules.get(c.uuid)
+        assert stored is not None and stored.status is Status.RUNNING

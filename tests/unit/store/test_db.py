@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+
+from capsa.store import Store, schema
+from capsa.store.db import SchemaVersionError
+from capsa.store.notify import ChangeHub
+
+
+async def test_a_database_of_another_schema_version_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'capsa.db'}"
+    first = Store(url)
+    await first.open()
+    async with first.db.write() as conn:
+        await conn.execute(
+            update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="999")
+        )
+    await first.close()
+
+    second = Store(url)
+    with pytest.raises(SchemaVersionError, match="999"):
+        await second.open()
+    await second.close()
+
+
+async def test_opening_twice_keeps_the_data(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'capsa.db'}"
+    for expected in (0, 1):
+        s = Store(url)
+        await s.open()
+        assert len(await s.hosts.all()) == expected
+        await s.hosts.register("h1", "http://a", 1, 1, ("runc",))
+        await s.close()
+
+
+async def test_wakeups_reach_only_their_topic_and_are_not_lost_before_waiting() -> None:
+    hub = ChangeHub()
+    a = hub.subscribe("a")
+    b = hub.subscribe("b")
+    hub.publish("a")
+    assert await a.wait(0.05)
+    assert not await b.wait(0.01)
+    a.close()
+    hub.publish("a")
+    assert not await a.wait(0.01)

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capsa.config import ConfigError, load_config
+
+
+def test_defaults_with_an_empty_file_and_no_environment(tmp_path: Path) -> None:
+    cfg = load_config(_empty(tmp_path), environ={})
+    assert cfg.state_dir == Path("/var/lib/capsa")
+    assert cfg.api.listen == "127.0.0.1:9517"
+    assert cfg.agent.runtimes == ("runc",)
+    assert cfg.cri_socket == "/var/lib/capsa/containerd/containerd.sock"
+    assert cfg.database_url == "sqlite+aiosqlite:////var/lib/capsa/capsa.db"
+
+
+def test_file_then_environment_win_in_that_order(tmp_path: Path) -> None:
+    path = tmp_path / "capsa.toml"
+    path.write_text(
+        'state_dir = "/srv/capsa"\n'
+        '[api]\nlisten = "0.0.0.0:1"\nmax_limit = 50\n'
+        '[agent]\nruntimes = ["runc", "crun"]\n'
+    )
+    cfg = load_config(
+        path, environ={"CAPSA_API_LISTEN": "127.0.0.1:2", "CAPSA_REGISTRY_ENABLED": "no"}
+    )
+    assert cfg.state_dir == Path("/srv/capsa")
+    assert cfg.api.listen == "127.0.0.1:2"
+    assert cfg.api.max_limit == 50
+    assert cfg.agent.runtimes == ("runc", "crun")
+    assert cfg.registry.enabled is False
+    # Derived paths follow state_dir.
+    assert cfg.cni_bin_dir == Path("/srv/capsa/cni/bin")
+
+
+def test_environment_lists_and_numbers(tmp_path: Path) -> None:
+    cfg = load_config(
+        environ={
+            "CAPSA_CONFIG": str(_empty(tmp_path)),
+            "CAPSA_STATE_DIR": "/tmp/x",
+            "CAPSA_AGENT_RUNTIMES": "runc, crun",
+            "CAPSA_AGENT_CPU_ALLOCATION_RATIO": "2.5",
+        },
+    )
+    assert cfg.state_dir == Path("/tmp/x")
+    assert cfg.agent.runtimes == ("runc", "crun")
+    assert cfg.agent.cpu_allocation_ratio == 2.5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("nonsense = 1\n", "unknown setting 'nonsense'"),
+        ("[api]\nlisten = 5\n", "api.listen"),
+        ("[api]\nbogus = 5\n", "unknown setting 'api.bogus'"),
+        ("[api\n", "not valid TOML"),
+    ],
+)
+def test_bad_files_name_the_setting(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "capsa.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(path, environ={})
+
+
+def test_bad_environment_values_name_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CAPSA_API_MAX_LIMIT"):
+        load_config(environ={"CAPSA_CONFIG": str(_empty(tmp_path)), "CAPSA_API_MAX_LIMIT": "x"})
+
+
+def test_a_named_file_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", environ={})
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    return path
