@@ -1,0 +1,1 @@
+"""Placement of capsules on hosts: filters and weights, and the claiming loop."""
