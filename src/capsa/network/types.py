@@ -1,0 +1,75 @@
+"""What the host data plane binds, and where the CNI daemon learns it.
+
+A capsule's port is allocated in the database before its sandbox exists; when containerd runs
+``capsa-cni``, the daemon looks the port up through a :class:`PortSource`, plugs it with
+:mod:`capsa.network.dataplane` and describes the result with :class:`PluggedPort`. This module
+imports nothing of capsa, so that the store can implement :class:`PortSource` without depending on
+the CNI side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class PortBinding:
+    """A port as the data plane needs it: where it goes (bridge) and what the pod end gets."""
+
+    port_id: str
+    network_id: str
+    mac: str
+    # The pod's address with the subnet's prefix length, e.g. 10.217.0.5/16.
+    ip: IPv4Interface
+    gateway: IPv4Address
+    bridge: str
+    mtu: int
+
+    @property
+    def gateway_interface(self) -> IPv4Interface:
+        """The gateway's address with the subnet's prefix: what the bridge carries."""
+        return IPv4Interface(f"{self.gateway}/{self.ip.network.prefixlen}")
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class PluggedPort:
+    """What :meth:`Dataplane.plug` made: a veth from ``bridge`` into the pod's netns."""
+
+    bridge: Link
+    host_end: Link
+    pod_end: Link
+    # The netns path the pod end lives in (CNI_NETNS).
+    netns: str
+    address: IPv4Interface
+    gateway: IPv4Address
+
+
+class PortSource(Protocol):
+    """The ports the CNI daemon binds; implemented on the store.
+
+    ``pod_name`` is the CRI sandbox's metadata name, which capsa sets to the capsule's uuid.
+    """
+
+    async def find_port(self, pod_name: str) -> PortBinding | None:
+        """The port allocated for this pod, or None when it has none."""
+        ...
+
+    async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:
+        """Records that the sandbox ``container_id`` now holds the port through ``host_ifname``."""
+        ...
+
+    async def port_unbound(self, port_id: str, container_id: str) -> None:
+        """Forgets the binding, but only if it still belongs to ``container_id``.
+
+        A DEL for an old sandbox of the same capsule can arrive after the new sandbox was bound;
+        it must not clear the new binding.
+        """
+        ...
