@@ -83,6 +83,11 @@ class AgentConfig:
     cgroup_parent: str = "/capsa"
     cri_timeout: float = 30.0
     image_pull_timeout: float = 300.0
+    # Seconds a container gets between SIGTERM and SIGKILL when its capsule is deleted.
+    stop_grace_period: int = 10
+    # A container that keeps exiting is restarted after base, 2*base, 4*base... up to max seconds.
+    restart_backoff_base: float = 1.0
+    restart_backoff_max: float = 60.0
     # Most capsules worked on at once.
     max_parallel: int = 16
 

@@ -1,0 +1,1 @@
+"""The compute agent: one per host, it converges the capsules placed on it onto the runtime."""

@@ -1,0 +1,549 @@
+"""One capsule on the CRI runtime: converge it to what was asked, or tear it down.
+
+Every step starts from what the runtime reports (sandboxes and containers found by their labels), so
+that running a step twice, or after a crash at any point, neither loses nor duplicates anything:
+
+- a ready sandbox of the capsule is adopted; other sandboxes of it are removed;
+- init containers run one by one to completion, in order; a finished one is never run again;
+- containers are created and started once; an exited one is restarted as the restart policy says,
+  with an exponential back-off;
+- status, status_reason and task_state follow in the database, written only when they change, and
+  only while the tenant still wants the capsule (compare-and-swap on the desired state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from capsa.compute import labels
+from capsa.compute.errors import CapsuleFailed, RetryLater, classify
+from capsa.compute.images import ImagePuller
+from capsa.cri import types as cri
+from capsa.cri.client import CriClient, CriError
+from capsa.log import get_logger
+from capsa.model.capsule import (
+    Capsule,
+    Container,
+    RestartPolicy,
+    Status,
+    TaskState,
+)
+from capsa.model.clock import utcnow
+from capsa.network.service import NetworkService
+from capsa.store import Store
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+_MIB = 1024 * 1024
+_CPU_PERIOD_US = 100_000
+# How long a pass waits for an init container to finish before leaving it to the watcher.
+_INIT_WAIT_S = 3.0
+_POLL_S = 0.1
+# Delay before retrying a step that failed for a reason that may pass.
+_RETRY_S = 2.0
+
+
+class Superseded(Exception):
+    """The tenant deleted the capsule while it was being converged; stop and let teardown run."""
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    host: str
+    default_runtime: str
+    pod_log_dir: Path
+    cgroup_parent: str
+    stop_grace_period: int
+    restart_backoff_base: float
+    restart_backoff_max: float
+
+
+class CapsuleDriver:
+    def __init__(
+        self,
+        settings: DriverSettings,
+        store: Store,
+        cri_client: CriClient,
+        network: NetworkService,
+        images: ImagePuller,
+        retry_at: Callable[[str, float], None],
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._cri = cri_client
+        self._network = network
+        self._images = images
+        # Asks the agent to look at a capsule again after a delay (back-off, retries).
+        self._retry_at = retry_at
+
+    # ---- converge ----
+
+    async def converge(self, capsule: Capsule) -> None:
+        """Brings the runtime to what ``capsule`` asks; safe to repeat at any point."""
+        if capsule.status in (Status.ERROR, Status.STOPPED):
+            return
+        try:
+            try:
+                await self._converge(capsule)
+            except CriError as exc:
+                raise classify(exc, "talking to the container runtime") from exc
+        except CapsuleFailed as exc:
+            reason = str(exc)
+            log.warning("capsule failed", capsule=capsule.uuid, reason=reason)
+            await self._set_capsule(
+                capsule, status=Status.ERROR, status_reason=reason, task_state=None
+            )
+        except RetryLater as exc:
+            log.warning("capsule step will be retried", capsule=capsule.uuid, reason=str(exc))
+            await self._set_capsule(capsule, status_reason=f"retrying: {exc}")
+            self._retry_at(capsule.uuid, _RETRY_S)
+
+    async def _converge(self, capsule: Capsule) -> None:
+        if not capsule.addresses:
+            await self._set_capsule(capsule, task_state=TaskState.NETWORK_ATTACHING)
+        await self._network.allocate_port(capsule.uuid, capsule.project_id, self._settings.host)
+
+        sandboxes = await self._cri_do(
+            "listing the capsule's sandboxes",
+            self._cri.list_pod_sandboxes(labels.capsule_selector(capsule.uuid)),
+        )
+        ready = [s for s in sandboxes if s.state is cri.SandboxState.READY]
+        current = max(ready, key=lambda s: (s.attempt, s.created_at), default=None)
+        for stale in sandboxes:
+            if stale is not current:
+                log.info("removing stale sandbox", capsule=capsule.uuid, sandbox=stale.id)
+                await self._remove_sandbox(stale.id)
+
+        existing: dict[str, cri.Container] = {}
+        if current is not None:
+            for c in await self._cri_do(
+                "listing the capsule's containers",
+                self._cri.list_containers(sandbox_id=current.id),
+            ):
+                uuid = c.labels.get(labels.CONTAINER, "")
+                if uuid not in existing or c.attempt > existing[uuid].attempt:
+                    existing[uuid] = c
+
+        missing = [c for c in capsule.all_containers() if c.uuid not in existing]
+        if missing:
+            await self._pull_images(capsule, missing)
+
+        if current is None:
+            if capsule.status is Status.RUNNING:
+                log.warning("capsule lost its sandbox; making a new one", capsule=capsule.uuid)
+            attempt = max((s.attempt for s in sandboxes), default=-1) + 1
+            sandbox_spec = self._sandbox_spec(capsule, attempt)
+            await self._set_capsule(capsule, task_state=TaskState.CONTAINER_CREATING)
+            Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
+            sandbox_id = await self._cri_do(
+                "starting the capsule's sandbox", self._cri.run_pod_sandbox(sandbox_spec)
+            )
+            log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
+            await self._set_capsule(capsule, sandbox_id=sandbox_id)
+        else:
+            sandbox_id = current.id
+            sandbox_spec = self._sandbox_spec(capsule, current.attempt)
+            await self._set_capsule(capsule, sandbox_id=sandbox_id)
+
+        for container in capsule.init_containers:
+            done = await self._run_init(
+                capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
+            )
+            if not done:
+                return
+        for container in capsule.containers:
+            await self._ensure_running(
+                capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
+            )
+        await self._summarize(capsule)
+
+    async def _pull_images(self, capsule: Capsule, containers: list[Container]) -> None:
+        await self._set_capsule(capsule, task_state=TaskState.IMAGE_PULLING)
+        policies = {(c.spec.image, c.spec.image_pull_policy) for c in containers}
+        results = await asyncio.gather(
+            *(self._images.ensure(image, policy, capsule.uuid) for image, policy in policies),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        # A failure the tenant must fix wins over one that may pass.
+        for failure in sorted(failures, key=lambda f: not isinstance(f, CapsuleFailed)):
+            raise failure
+
+    async def _run_init(
+        self,
+        capsule: Capsule,
+        container: Container,
+        sandbox_id: str,
+        sandbox_spec: cri.SandboxSpec,
+        found: cri.Container | None,
+    ) -> bool:
+        """Runs an init container to completion; False while it runs (or waits to be retried)."""
+        container_id = found.id if found else None
+        while True:
+            status = await self._status(container_id)
+            if status is None:
+                container_id = await self._create(capsule, container, sandbox_id, sandbox_spec, 0)
+            elif status.state is cri.ContainerState.CREATED:
+                await self._start(capsule, container, status.id)
+            elif status.state is cri.ContainerState.RUNNING:
+                await self._record_running(container, status)
+                await self._set_capsule(capsule, task_state=TaskState.CONTAINER_STARTING)
+                if not await self._wait_exit(status.id, _INIT_WAIT_S):
+                    return False
+            elif status.state is cri.ContainerState.EXITED:
+                await self._record_exit(container, status)
+                if status.exit_code == 0:
+                    return True
+                if capsule.spec.restart_policy is RestartPolicy.NEVER:
+                    raise CapsuleFailed(
+                        f"init container {container.spec.name!r} exited with code "
+                        f"{status.exit_code}{_why(status)}"
+                    )
+                if not await self._restart_due(capsule, container):
+                    return False
+                container_id = await self._replace(
+                    capsule, container, sandbox_id, sandbox_spec, status
+                )
+            else:
+                raise RetryLater(f"init container {container.spec.name!r} is in an unknown state")
+
+    async def _ensure_running(
+        self,
+        capsule: Capsule,
+        container: Container,
+        sandbox_id: str,
+        sandbox_spec: cri.SandboxSpec,
+        found: cri.Container | None,
+    ) -> None:
+        status = await self._status(found.id if found else None)
+        if status is None:
+            container_id = await self._create(capsule, container, sandbox_id, sandbox_spec, 0)
+            await self._start(capsule, container, container_id)
+        elif status.state is cri.ContainerState.CREATED:
+            await self._start(capsule, container, status.id)
+        elif status.state is cri.ContainerState.RUNNING:
+            await self._record_running(container, status)
+        elif status.state is cri.ContainerState.EXITED:
+            await self._record_exit(container, status)
+            if capsule.spec.restart_policy.restarts(status.exit_code) and await self._restart_due(
+                capsule, container
+            ):
+                await self._replace(capsule, container, sandbox_id, sandbox_spec, status)
+        else:
+            raise RetryLater(f"container {container.spec.name!r} is in an unknown state")
+
+    async def _summarize(self, capsule: Capsule) -> None:
+        """The capsule's status from its containers' statuses."""
+        containers = capsule.containers
+        failed = next((c for c in containers if c.status is Status.ERROR), None)
+        if failed is not None:
+            await self._set_capsule(
+                capsule,
+                status=Status.ERROR,
+                status_reason=f"container {failed.spec.name!r}: {failed.status_reason}",
+                task_state=None,
+            )
+        elif all(c.status is Status.STOPPED for c in containers):
+            bad = next((c for c in containers if c.exit_code), None)
+            if bad is None:
+                await self._set_capsule(
+                    capsule, status=Status.STOPPED, status_reason=None, task_state=None
+                )
+            else:
+                await self._set_capsule(
+                    capsule,
+                    status=Status.ERROR,
+                    status_reason=f"container {bad.spec.name!r} exited with code {bad.exit_code}",
+                    task_state=None,
+                )
+        else:
+            await self._set_capsule(
+                capsule, status=Status.RUNNING, status_reason=None, task_state=None
+            )
+
+    # ---- containers ----
+
+    async def _status(self, container_id: str | None) -> cri.ContainerStatus | None:
+        if container_id is None:
+            return None
+        try:
+            return await self._cri.container_status(container_id)
+        except CriError as exc:
+            if exc.code == "NOT_FOUND" or "not found" in exc.message.lower():
+                return None
+            raise classify(exc, "asking a container's status") from exc
+
+    async def _create(
+        self,
+        capsule: Capsule,
+        container: Container,
+        sandbox_id: str,
+        sandbox_spec: cri.SandboxSpec,
+        attempt: int,
+    ) -> str:
+        await self._set_capsule(capsule, task_state=TaskState.CONTAINER_CREATING)
+        spec = self._container_spec(capsule, container, attempt)
+        container_id = await self._cri_do(
+            f"creating container {container.spec.name!r}",
+            self._cri.create_container(sandbox_id, spec, sandbox_spec),
+        )
+        await self._record(
+            container, cri_container_id=container_id, status=Status.CREATED, status_reason=None
+        )
+        return container_id
+
+    async def _start(self, capsule: Capsule, container: Container, container_id: str) -> None:
+        await self._set_capsule(capsule, task_state=TaskState.CONTAINER_STARTING)
+        await self._cri_do(
+            f"starting container {container.spec.name!r}", self._cri.start_container(container_id)
+        )
+        log.info(
+            "container started",
+            capsule=capsule.uuid,
+            container=container.uuid,
+            name=container.spec.name,
+        )
+        await self._record(
+            container,
+            cri_container_id=container_id,
+            status=Status.RUNNING,
+            status_reason=None,
+            started_at=utcnow(),
+            finished_at=None,
+            exit_code=None,
+        )
+
+    async def _replace(
+        self,
+        capsule: Capsule,
+        container: Container,
+        sandbox_id: str,
+        sandbox_spec: cri.SandboxSpec,
+        exited: cri.ContainerStatus,
+    ) -> str:
+        """Restarts an exited container as a new attempt (CRI containers are not restartable)."""
+        await self._images.ensure(
+            container.spec.image, container.spec.image_pull_policy, capsule.uuid
+        )
+        await self._cri_do(
+            f"removing exited container {container.spec.name!r}",
+            self._cri.remove_container(exited.id),
+        )
+        restarts = container.restart_count + 1
+        container_id = await self._create(
+            capsule, container, sandbox_id, sandbox_spec, exited.attempt + 1
+        )
+        await self._record(container, restart_count=restarts)
+        await self._start(capsule, container, container_id)
+        log.info(
+            "container restarted",
+            capsule=capsule.uuid,
+            container=container.uuid,
+            restarts=restarts,
+            exit_code=exited.exit_code,
+        )
+        return container_id
+
+    async def _restart_due(self, capsule: Capsule, container: Container) -> bool:
+        """Whether the back-off after the container's last exit has passed; if not, retry then."""
+        delay = min(
+            self._settings.restart_backoff_base * 2**container.restart_count,
+            self._settings.restart_backoff_max,
+        )
+        finished = container.finished_at or utcnow()
+        wait = (finished + timedelta(seconds=delay) - utcnow()).total_seconds()
+        if wait <= 0:
+            return True
+        await self._record(
+            container,
+            status=Status.RESTARTING,
+            status_reason=f"back-off {delay:g}s after exit code {container.exit_code}",
+        )
+        self._retry_at(capsule.uuid, wait)
+        return False
+
+    async def _wait_exit(self, container_id: str, seconds: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while loop.time() < deadline:
+            await asyncio.sleep(_POLL_S)
+            status = await self._status(container_id)
+            if status is None or status.state is cri.ContainerState.EXITED:
+                return True
+        return False
+
+    async def _record_running(self, container: Container, status: cri.ContainerStatus) -> None:
+        await self._record(
+            container,
+            cri_container_id=status.id,
+            status=Status.RUNNING,
+            status_reason=None,
+            started_at=_time(status.started_at) or container.started_at,
+        )
+
+    async def _record_exit(self, container: Container, status: cri.ContainerStatus) -> None:
+        await self._record(
+            container,
+            cri_container_id=status.id,
+            status=Status.STOPPED,
+            status_reason=_why(status).strip(" ()") or None,
+            exit_code=status.exit_code,
+            finished_at=_time(status.finished_at) or utcnow(),
+        )
+
+    async def _record(self, container: Container, **values: Any) -> None:
+        """Writes the container fields that changed, and keeps ``container`` in step."""
+        changed = {k: v for k, v in values.items() if getattr(container, k) != v}
+        if changed:
+            await self._store.capsules.update_container(container.uuid, **changed)
+            for key, value in changed.items():
+                setattr(container, key, value)
+
+    async def _set_capsule(self, capsule: Capsule, **values: Any) -> None:
+        """Writes the capsule fields that changed, unless the capsule is being deleted."""
+        changed = {k: v for k, v in values.items() if getattr(capsule, k) != v}
+        if not changed:
+            return
+        if not await self._store.capsules.update_status(capsule.uuid, **changed):
+            raise Superseded(capsule.uuid)
+        for key, value in changed.items():
+            setattr(capsule, key, value)
+
+    # ---- teardown ----
+
+    async def teardown(self, capsule: Capsule) -> bool:
+        """Stops and removes everything of the capsule, then its records; False to retry later."""
+        try:
+            containers = await self._cri.list_containers(
+                labels=labels.capsule_selector(capsule.uuid)
+            )
+            running = [c for c in containers if c.state is cri.ContainerState.RUNNING]
+            # Containers get their grace period together, not one after another.
+            await asyncio.gather(
+                *(self._cri.stop_container(c.id, self._settings.stop_grace_period) for c in running)
+            )
+            for sandbox in await self._cri.list_pod_sandboxes(
+                labels.capsule_selector(capsule.uuid)
+            ):
+                await self._remove_sandbox(sandbox.id)
+        except CriError as exc:
+            reason = f"deleting the capsule: {exc.message}"
+            log.warning("capsule teardown will be retried", capsule=capsule.uuid, reason=reason)
+            await self._store.capsules.update_status(
+                capsule.uuid, expect=capsule.desired_state, status_reason=reason
+            )
+            self._retry_at(capsule.uuid, _RETRY_S)
+            return False
+        shutil.rmtree(self._log_directory(capsule.uuid), ignore_errors=True)
+        await self._store.capsules.remove(capsule.uuid)
+        log.info("capsule deleted", capsule=capsule.uuid)
+        return True
+
+    async def remove_orphan(self, sandbox: cri.PodSandbox) -> None:
+        """Removes a sandbox whose capsule is not on this host (any more)."""
+        log.warning(
+            "removing a sandbox that belongs to no capsule of this host",
+            sandbox=sandbox.id,
+            capsule=sandbox.labels.get(labels.CAPSULE),
+        )
+        await self._remove_sandbox(sandbox.id)
+
+    async def _remove_sandbox(self, sandbox_id: str) -> None:
+        # StopPodSandbox runs the CNI DEL; RemovePodSandbox removes the sandbox's containers too.
+        await self._cri.stop_pod_sandbox(sandbox_id)
+        await self._cri.remove_pod_sandbox(sandbox_id)
+
+    # ---- specs ----
+
+    def _log_directory(self, capsule_uuid: str) -> Path:
+        return self._settings.pod_log_dir / capsule_uuid
+
+    def _sandbox_spec(self, capsule: Capsule, attempt: int) -> cri.SandboxSpec:
+        ours = {
+            labels.MANAGED: "true",
+            labels.CAPSULE: capsule.uuid,
+            labels.PROJECT: capsule.project_id,
+        }
+        return cri.SandboxSpec(
+            name=capsule.uuid,
+            namespace=capsule.project_id,
+            uid=capsule.uuid,
+            attempt=attempt,
+            hostname=hostname_for(capsule.name),
+            log_directory=str(self._log_directory(capsule.uuid)),
+            labels={**capsule.spec.labels, **ours},
+            annotations=dict(capsule.spec.annotations),
+            runtime_handler=capsule.spec.runtime or self._settings.default_runtime,
+            cgroup_parent=self._settings.cgroup_parent,
+            port_mappings=tuple(
+                cri.PortMapping(
+                    container_port=p.container_port,
+                    host_port=p.host_port,
+                    protocol=cri.Protocol(p.protocol.lower()),
+                )
+                for c in capsule.containers
+                for p in c.spec.ports
+                if p.host_port
+            ),
+        )
+
+    def _container_spec(
+        self, capsule: Capsule, container: Container, attempt: int
+    ) -> cri.ContainerSpec:
+        spec = container.spec
+        (self._log_directory(capsule.uuid) / spec.name).mkdir(parents=True, exist_ok=True)
+        return cri.ContainerSpec(
+            name=spec.name,
+            image=spec.image,
+            attempt=attempt,
+            command=spec.command,
+            args=spec.args,
+            working_dir=spec.workdir or "",
+            env=spec.env,
+            labels={
+                labels.MANAGED: "true",
+                labels.CAPSULE: capsule.uuid,
+                labels.CONTAINER: container.uuid,
+                labels.KIND: container.kind.value,
+            },
+            log_path=f"{spec.name}/{attempt}.log",
+            tty=spec.tty,
+            stdin=spec.stdin,
+            cpu_period=_CPU_PERIOD_US,
+            cpu_quota=spec.cpu_millis * _CPU_PERIOD_US // 1000,
+            cpu_shares=max(2, spec.cpu_millis * 1024 // 1000),
+            memory_limit_bytes=spec.memory_mb * _MIB,
+        )
+
+    async def _cri_do(self, doing: str, call: Awaitable[T]) -> T:
+        """Awaits a CRI call; a failure becomes CapsuleFailed or RetryLater, worded by ``doing``."""
+        try:
+            return await call
+        except CriError as exc:
+            raise classify(exc, doing) from exc
+
+
+def hostname_for(name: str) -> str:
+    """A DNS label from a capsule name (lowercase letters, digits and '-', at most 63)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return label or "capsule"
+
+
+def _time(ns: int) -> datetime | None:
+    if ns <= 0:
+        return None
+    return datetime.fromtimestamp(ns / 1e9, UTC).replace(tzinfo=None)
+
+
+def _why(status: cri.ContainerStatus) -> str:
+    detail = " ".join(p for p in (status.reason, status.message) if p and p != "Completed")
+    return f" ({detail})" if detail else ""
