@@ -1,0 +1,249 @@
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsa.cni import plugin, protocol
+
+ADD_ENV = {
+    "CNI_COMMAND": "ADD",
+    "CNI_CONTAINERID": "a3f9c1d2e4b5",
+    "CNI_NETNS": "/var/run/netns/cni-1234",
+    "CNI_IFNAME": "eth0",
+    "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=pod-1",
+    "CNI_PATH": "/opt/cni/bin",
+}
+
+
+class FakeDaemon:
+    """A loopback HTTP server that records what capsa-cni sends and answers as told."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, dict[str, Any]]] = []
+        self.status = 200
+        self.body = b'{"cniVersion":"1.0.0","interfaces":[]}'
+        daemon = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers["Content-Length"])
+                daemon.requests.append((self.path, json.loads(self.rfile.read(length))))
+                self.send_response(daemon.status)
+                self.send_header("Content-Length", str(len(daemon.body)))
+                self.end_headers()
+                self.wfile.write(daemon.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def daemon() -> Iterator[FakeDaemon]:
+    fake = FakeDaemon()
+    thread = threading.Thread(target=fake.server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield fake
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+        thread.join(timeout=5)
+
+
+def conf(address: str, **extra: Any) -> bytes:
+    return json.dumps(
+        {"cniVersion": "1.0.0", "name": "capsa", "type": "capsa-cni", "daemon": address, **extra}
+    ).encode()
+
+
+def error_of(status: int, output: bytes) -> dict[str, Any]:
+    assert status != 0
+    error: dict[str, Any] = json.loads(output)
+    assert set(error) == {"cniVersion", "code", "msg", "details"}
+    return error
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_version_echoes_the_runtime_version() -> None:
+    status, output = plugin.run({"CNI_COMMAND": "VERSION"}, b'{"cniVersion":"0.4.0"}')
+    assert status == 0
+    assert json.loads(output) == {
+        "cniVersion": "0.4.0",
+        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"],
+    }
+
+
+def test_version_without_stdin() -> None:
+    status, output = plugin.run({"CNI_COMMAND": "VERSION"}, b"")
+    assert status == 0
+    assert json.loads(output)["cniVersion"] == "1.0.0"
+
+
+def test_plugin_and_daemon_agree() -> None:
+    # The plugin is installed alone and cannot import capsa: its copies must not drift.
+    assert plugin.SUPPORTED_VERSIONS == protocol.SUPPORTED_VERSIONS
+    assert plugin.REQUIRED_ENVIRONMENT == protocol.REQUIRED_ENVIRONMENT
+    assert plugin.DEFAULT_VERSION == protocol.DEFAULT_VERSION
+    assert plugin.INVALID_ENVIRONMENT == protocol.ErrorCode.INVALID_ENVIRONMENT
+    assert plugin.DECODING_FAILURE == protocol.ErrorCode.DECODING_FAILURE
+    assert plugin.INVALID_NETWORK_CONFIG == protocol.ErrorCode.INVALID_NETWORK_CONFIG
+    assert plugin.TRY_AGAIN_LATER == protocol.ErrorCode.TRY_AGAIN_LATER
+    assert plugin.INTERNAL == protocol.ErrorCode.INTERNAL
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"),
+    [(c, v) for c, variables in plugin.REQUIRED_ENVIRONMENT.items() for v in variables],
+)
+def test_missing_environment_is_code_4(daemon: FakeDaemon, command: str, variable: str) -> None:
+    env = {**ADD_ENV, "CNI_COMMAND": command}
+    del env[variable]
+    error = error_of(*plugin.run(env, conf(daemon.address)))
+    assert error["code"] == 4
+    assert variable in error["msg"]
+    assert daemon.requests == []
+
+
+@pytest.mark.parametrize("command", ["", "GC", "STATUS", "add"])
+def test_unsupported_command_is_code_4(command: str) -> None:
+    error = error_of(*plugin.run({**ADD_ENV, "CNI_COMMAND": command}, conf("127.0.0.1:1")))
+    assert error["code"] == 4
+    assert "CNI_COMMAND" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "stdin", [b"", b'{"cniVersion": "1.0.0",', b'{"a": 1} trailing', b"\xff\xfe{}", b"[1, 2]"]
+)
+def test_undecodable_config_is_code_6(daemon: FakeDaemon, stdin: bytes) -> None:
+    error = error_of(*plugin.run(ADD_ENV, stdin))
+    assert error["code"] == 6
+    assert daemon.requests == []
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"cniVersion": "1.0.0"},
+        {"cniVersion": "1.0.0", "daemon": ""},
+        {"cniVersion": "1.0.0", "daemon": "127.0.0.1:1", "timeout": 0},
+        {"cniVersion": "1.0.0", "daemon": "127.0.0.1:1", "timeout": "5"},
+        {"cniVersion": "1.0.0", "daemon": "no-port"},
+    ],
+)
+def test_bad_plugin_config_is_code_7(config: dict[str, Any]) -> None:
+    error = error_of(*plugin.run(ADD_ENV, json.dumps(config).encode()))
+    assert error["code"] == 7
+
+
+def test_errors_carry_the_config_version() -> None:
+    stdin = json.dumps({"cniVersion": "0.4.0"}).encode()
+    assert error_of(*plugin.run(ADD_ENV, stdin))["cniVersion"] == "0.4.0"
+
+
+def test_add_is_forwarded_and_the_result_printed(daemon: FakeDaemon) -> None:
+    stdin = conf(daemon.address, timeout=5, runtimeConfig={"portMappings": []})
+    status, output = plugin.run(ADD_ENV, stdin)
+    assert (status, output) == (0, daemon.body)
+    ((path, envelope),) = daemon.requests
+    assert path == "/cni/add"
+    assert envelope == {
+        "containerId": ADD_ENV["CNI_CONTAINERID"],
+        "netns": ADD_ENV["CNI_NETNS"],
+        "ifname": ADD_ENV["CNI_IFNAME"],
+        "args": ADD_ENV["CNI_ARGS"],
+        "path": ADD_ENV["CNI_PATH"],
+        "config": json.loads(stdin),
+    }
+
+
+def test_del_with_empty_netns_is_forwarded(daemon: FakeDaemon) -> None:
+    daemon.body = b""
+    env = {**ADD_ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}
+    assert plugin.run(env, conf(daemon.address)) == (0, b"")
+    ((path, envelope),) = daemon.requests
+    assert path == "/cni/del"
+    assert envelope["netns"] == ""
+
+
+def test_daemon_errors_are_printed_as_they_came(daemon: FakeDaemon) -> None:
+    daemon.status = 404
+    daemon.body = b'{"cniVersion":"1.0.0","code":3,"msg":"capsule pod-1 has no port","details":""}'
+    assert plugin.run(ADD_ENV, conf(daemon.address)) == (1, daemon.body)
+
+
+def test_non_cni_daemon_errors_are_wrapped(daemon: FakeDaemon) -> None:
+    daemon.status = 500
+    daemon.body = b"<html>Internal Server Error</html>"
+    error = error_of(*plugin.run(ADD_ENV, conf(daemon.address)))
+    assert error["code"] == 999
+    assert "HTTP 500" in error["msg"]
+    assert "Internal Server Error" in error["details"]
+
+
+def test_unreachable_daemon_is_code_11_and_says_how_to_fix() -> None:
+    address = f"127.0.0.1:{closed_port()}"
+    error = error_of(*plugin.run(ADD_ENV, conf(address)))
+    assert error["code"] == 11
+    assert address in error["msg"]
+    assert "capsa up" in error["details"]
+
+
+def test_missing_unix_socket_is_code_11(tmp_path: Path) -> None:
+    address = f"unix:{tmp_path / 'cni.sock'}"
+    error = error_of(*plugin.run(ADD_ENV, conf(address)))
+    assert error["code"] == 11
+    assert address in error["msg"]
+
+
+def test_silent_daemon_times_out_with_code_11() -> None:
+    # Connections wait in the backlog of a socket that never accepts.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        error = error_of(*plugin.run(ADD_ENV, conf(address, timeout=0.2)))
+    assert error["code"] == 11
+    assert "did not answer within 0.2s" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    "text", ['{"a": [1, 2.5, null, true, false], "b": "\\u00e9"}', ' {"x": {}} ', "-1e3", '"s"']
+)
+def test_decode_json_matches_json(text: str) -> None:
+    assert plugin.decode_json(text.encode()) == json.loads(text)
+
+
+def test_plugin_imports_only_builtin_modules() -> None:
+    # Start-up time is the plugin's cost: it must not import json, socket, re, enum or os.
+    def imported(*args: str) -> set[str]:
+        run = subprocess.run(
+            [sys.executable, "-I", "-S", "-X", "importtime", *args],
+            env={"CNI_COMMAND": "VERSION"},
+            input=b'{"cniVersion": "1.0.0"}',
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        lines = run.stderr.decode().splitlines()
+        return {line.rsplit("|", 1)[1].strip() for line in lines if "|" in line}
+
+    extra = imported(plugin.__file__) - imported("-c", "pass")
+    assert extra <= {"_json", "_socket"}, extra
