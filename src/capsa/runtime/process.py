@@ -33,6 +33,7 @@ from capsa.runtime.files import atomic_write
 log = get_logger(__name__)
 
 _POLL_INTERVAL = 0.02
+_EXEC_TIMEOUT = 2.0
 _LOG_TAIL_LINES = 20
 _LOG_TAIL_BYTES = 16384
 
@@ -93,9 +94,16 @@ class ManagedProcess:
         """Starts the process in its own session; its output is appended to the log file."""
         if self.is_running():
             raise ProcessError(f"{self.name} is already running (pid {self.pid})")
-        self._child = self._spawn()
-        atomic_write(self.pidfile, f"{self._child.pid}\n")
-        log.info("process started", process=self.name, pid=self._child.pid, log=self.logfile)
+        child = self._child = self._spawn()
+        atomic_write(self.pidfile, f"{child.pid}\n")
+        # Popen returns as soon as exec begins, but /proc/<pid>/cmdline stays empty until the
+        # kernel has set up the new program's arguments: wait for that, or for an early exit.
+        deadline = time.monotonic() + _EXEC_TIMEOUT
+        while not self._is_ours(child.pid) and child.poll() is None:
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.001)
+        log.info("process started", process=self.name, pid=child.pid, log=self.logfile)
 
     async def wait_until_ready(
         self, probe: Callable[[], Awaitable[bool]], timeout: float, what: str = "ready"
