@@ -156,6 +156,6 @@ async def test_run_command_failure_carries_stderr() -> None:
 
 async def test_run_command_timeout_kills_the_command(tmp_path: Path) -> None:
     marker = tmp_path / "pid"
-    with pytest.raises(ProcessError, match="did not finish within 0.2s"):
+    with pytest.raises(ProcessError, match=r"did not finish within 0\.2s"):
         await run_command(["sh", "-c", f"echo $$ > {marker}; exec sleep 30"], timeout=0.2)
     assert not _alive(int(marker.read_text()))
