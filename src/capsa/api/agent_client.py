@@ -1,0 +1,152 @@
+"""The API's client of the compute agents: container logs live on the host that runs them.
+
+The contract, served by every agent at the URL it registered (``Host.agent_url``)::
+
+    GET {agent_url}/v1/agent/containers/{container_uuid}/logs
+        ?stdout=true|false&stderr=true|false&timestamps=true|false
+        &tail=all|N&since=<seconds since the epoch, integer or decimal; absent: from the start>
+        &follow=true|false
+
+    200 text/plain: the log lines (with follow=true, streamed until the container stops or the
+        client goes away)
+    404 text/plain: the agent has no such container (not created yet, or already removed)
+    other: a failure, with a text/plain reason
+
+The API turns an unreachable agent into 503, a 404 into 409 (the container has no logs yet), and
+anything else into 502, each naming the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+
+from capsa.api.errors import ComputeAgentError, ContainerHostNotUp, InvalidState
+from capsa.log import get_logger
+from capsa.model.host import Host
+
+log = get_logger(__name__)
+
+_REASON_LIMIT = 500
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    stdout: bool = True
+    stderr: bool = True
+    timestamps: bool = False
+    # None: every line.
+    tail: int | None = None
+    since: float | None = None
+    follow: bool = False
+
+    def query(self) -> dict[str, str]:
+        query = {
+            "stdout": _flag(self.stdout),
+            "stderr": _flag(self.stderr),
+            "timestamps": _flag(self.timestamps),
+            "tail": "all" if self.tail is None else str(self.tail),
+            "follow": _flag(self.follow),
+        }
+        if self.since is not None:
+            since = self.since
+            query["since"] = str(int(since)) if since.is_integer() else f"{since:.3f}"
+        return query
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+class AgentClient:
+    """One connection pool to every agent; ``timeout`` bounds each call (and a stream's start)."""
+
+    def __init__(self, timeout: float = 30.0) -> None:
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout)
+            )
+        return self._session
+
+    async def logs(self, host: Host, container_uuid: str, options: LogOptions) -> str:
+        """The logs as one text; ``options.follow`` must be False."""
+        async with self._open(host, container_uuid, options) as response:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    return await response.text(errors="replace")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise _unreachable(host, exc) from exc
+
+    @asynccontextmanager
+    async def stream_logs(
+        self, host: Host, container_uuid: str, options: LogOptions
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The logs in chunks as the agent sends them; the stream ends quietly if the agent goes."""
+        async with self._open(host, container_uuid, options) as response:
+            yield _chunks(response, host, container_uuid)
+
+    @asynccontextmanager
+    async def _open(
+        self, host: Host, container_uuid: str, options: LogOptions
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        url = f"{host.agent_url.rstrip('/')}/v1/agent/containers/{container_uuid}/logs"
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await self._client().get(url, params=options.query())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _unreachable(host, exc) from exc
+        try:
+            if response.status != 200:
+                reason = await _reason(response)
+                if response.status == 404:
+                    raise InvalidState(
+                        f"Container {container_uuid} has no logs on host {host.name} yet: {reason}"
+                    )
+                raise ComputeAgentError(
+                    f"The agent of host {host.name} failed to read the logs of container "
+                    f"{container_uuid} (HTTP {response.status}): {reason}"
+                )
+            yield response
+        finally:
+            # Closed rather than pooled: a stream left early must not be reused half read.
+            response.close()
+
+
+async def _chunks(
+    response: aiohttp.ClientResponse, host: Host, container_uuid: str
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except aiohttp.ClientError as exc:
+        log.warning(
+            "log stream from agent ended early", host=host.name, container=container_uuid, error=exc
+        )
+
+
+async def _reason(response: aiohttp.ClientResponse) -> str:
+    try:
+        text = await response.text(errors="replace")
+    except aiohttp.ClientError as exc:
+        return f"no reason given ({exc})"
+    return text.strip()[:_REASON_LIMIT] or "no reason given"
+
+
+def _unreachable(host: Host, exc: BaseException) -> ContainerHostNotUp:
+    what = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+    return ContainerHostNotUp(
+        f"The agent of host {host.name} at {host.agent_url} cannot be reached: {what}"
+    )

@@ -1,0 +1,167 @@
+"""``/v1/capsules``: create, list, show and delete capsules, as Zun does.
+
+Zun serves capsules at every microversion, in its legacy shape below 1.32 (see views). A capsule is
+found by uuid or by name within the caller's project; an admin who names a capsule of another
+project finds it too, as in Zun. Deletion is asynchronous: 204 at once, then 404 once it is gone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from capsa.api.context import RequestContext
+from capsa.api.errors import (
+    CapsuleAlreadyExists,
+    CapsuleNotFound,
+    Conflict,
+    InvalidCapsuleTemplate,
+    InvalidValue,
+)
+from capsa.api.keys import CONFIG, STORE, TEMPLATE_DEFAULTS
+from capsa.api.middleware import CONTEXT
+from capsa.api.params import boolean, one_of, positive_limit, read_json
+from capsa.api.schemas import TemplateError, parse_create_body
+from capsa.api.views import CapsuleFormatter
+from capsa.log import get_logger
+from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
+from capsa.store import Store
+from capsa.store.capsules import SORT_KEYS, AmbiguousName, MarkerNotFound, NameConflict, Page
+
+log = get_logger(__name__)
+
+_SORT_DIRS = ("asc", "desc")
+_DEFAULT_SORT_KEY = "created_at"
+
+
+def formatter(request: web.Request) -> CapsuleFormatter:
+    context = request[CONTEXT]
+    return CapsuleFormatter(
+        request.app[CONFIG].api_url, context.version, show_host=context.is_admin
+    )
+
+
+async def create_capsule(request: web.Request) -> web.Response:
+    context = request[CONTEXT]
+    config = request.app[CONFIG]
+    body = await read_json(request, config.api.max_body_bytes)
+    capsule_uuid = str(uuid.uuid4())
+    try:
+        spec = parse_create_body(
+            body, request.app[TEMPLATE_DEFAULTS], fallback_name=f"capsule-{capsule_uuid[:13]}"
+        )
+    except TemplateError as exc:
+        raise InvalidCapsuleTemplate(f"Invalid capsule template: {exc}") from None
+    capsule = _new_capsule(capsule_uuid, spec, context)
+    try:
+        await request.app[STORE].capsules.create(capsule)
+    except NameConflict:
+        raise CapsuleAlreadyExists(
+            f"A capsule with name {spec.name} already exists in project {context.project_id}."
+        ) from None
+    log.info("capsule accepted", capsule=capsule.uuid, name=spec.name, project=context.project_id)
+    return web.json_response(
+        formatter(request).capsule(capsule),
+        status=202,
+        headers={"Location": f"{config.api_url}/v1/capsules/{capsule.uuid}"},
+    )
+
+
+async def list_capsules(request: web.Request) -> web.Response:
+    context = request[CONTEXT]
+    config = request.app[CONFIG]
+    query = request.query
+    all_projects = boolean(query, "all_projects", False)
+    scope = context.project_scope(all_projects, "capsule:get_all_all_projects")
+    page = Page(
+        limit=positive_limit(query.get("limit"), config.api.max_limit),
+        marker=query.get("marker") or None,
+        sort_key=one_of(query, "sort_key", tuple(SORT_KEYS), _DEFAULT_SORT_KEY),
+        sort_dir=one_of(query, "sort_dir", _SORT_DIRS, "asc"),
+    )
+    try:
+        capsules = await request.app[STORE].capsules.list_page(scope, page)
+    except MarkerNotFound as exc:
+        raise InvalidValue(f"Invalid marker: {exc}") from None
+    view = formatter(request)
+    return web.json_response(
+        {
+            "capsules": [view.capsule(c) for c in capsules],
+            "next": _next_url(config.api_url, page, capsules, all_projects),
+        }
+    )
+
+
+async def show_capsule(request: web.Request) -> web.Response:
+    context = request[CONTEXT]
+    capsule = await find_capsule(
+        request.app[STORE], context, request.match_info["ident"], context.project_id
+    )
+    return web.json_response(formatter(request).capsule(capsule))
+
+
+async def delete_capsule(request: web.Request) -> web.Response:
+    context = request[CONTEXT]
+    store = request.app[STORE]
+    all_projects = boolean(request.query, "all_projects", False)
+    scope = context.project_scope(all_projects, "capsule:delete_all_projects")
+    capsule = await find_capsule(store, context, request.match_info["ident"], scope)
+    await store.capsules.request_delete(capsule.uuid)
+    log.info("capsule deletion requested", capsule=capsule.uuid, project=capsule.project_id)
+    return web.Response(status=204)
+
+
+async def find_capsule(
+    store: Store, context: RequestContext, ident: str, scope: str | None
+) -> Capsule:
+    """The capsule named by uuid or name in ``scope``; admins also reach other projects."""
+    scopes = [scope, None] if scope is not None and context.is_admin else [scope]
+    for project_id in scopes:
+        try:
+            capsule = await store.capsules.find(ident, project_id)
+        except AmbiguousName:
+            raise Conflict(
+                f"Multiple capsules exist with name {ident}. Please use the capsule uuid instead."
+            ) from None
+        if capsule is not None:
+            return capsule
+    raise CapsuleNotFound(ident)
+
+
+def _new_capsule(capsule_uuid: str, spec: CapsuleSpec, context: RequestContext) -> Capsule:
+    def containers(
+        kind: ContainerKind, first: int, specs: tuple[ContainerSpec, ...]
+    ) -> list[Container]:
+        return [
+            Container(
+                uuid=str(uuid.uuid4()),
+                capsule_uuid=capsule_uuid,
+                project_id=context.project_id,
+                user_id=context.user_id,
+                kind=kind,
+                position=position,
+                spec=container_spec,
+            )
+            for position, container_spec in enumerate(specs, start=first)
+        ]
+
+    capsule = Capsule(
+        uuid=capsule_uuid, project_id=context.project_id, user_id=context.user_id, spec=spec
+    )
+    # Positions run across the capsule: init containers first, in their order.
+    capsule.init_containers = containers(ContainerKind.INIT, 0, spec.init_containers)
+    capsule.containers = containers(ContainerKind.APP, len(spec.init_containers), spec.containers)
+    return capsule
+
+
+def _next_url(base_url: str, page: Page, capsules: list[Capsule], all_projects: bool) -> str | None:
+    """Zun's ``next``: the same query from after the last capsule, when the page was full."""
+    if not capsules or len(capsules) < page.limit:
+        return None
+    params = [("sort_key", page.sort_key), ("sort_dir", page.sort_dir)]
+    if all_projects:
+        params.append(("all_projects", "true"))
+    params += [("limit", str(page.limit)), ("marker", capsules[-1].uuid)]
+    return f"{base_url}/v1/capsules/?{urlencode(params)}"

@@ -1,0 +1,132 @@
+"""``/v1/containers/{uuid}/logs``: the logs of a capsule's container, read from its host's agent.
+
+The API never reads runtime state itself: it asks the agent of the host that runs the capsule (see
+agent_client for the contract). Zun answers the logs as a JSON string; ``follow=true`` is capsa's
+extension (for ``capsa logs --follow``) and streams text/plain until the container stops or the
+client goes away.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from capsa.api.agent_client import LogOptions
+from capsa.api.errors import ContainerHostNotUp, ContainerNotFound, InvalidState, InvalidValue
+from capsa.api.keys import AGENTS, STORE
+from capsa.api.middleware import CONTEXT
+from capsa.api.params import boolean, refuse_unknown
+from capsa.log import get_logger
+from capsa.model.capsule import Capsule, Container
+from capsa.store import Store
+from capsa.store.capsules import Page
+
+log = get_logger(__name__)
+
+_LOG_PARAMETERS = frozenset({"stdout", "stderr", "timestamps", "tail", "since", "follow"})
+# Zun's forms of ``since``: seconds since the epoch, or a UTC time with optional milliseconds.
+_SINCE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:,(\d{1,3}))?")
+_SCAN_PAGE = 500
+
+
+async def container_logs(request: web.Request) -> web.StreamResponse:
+    context = request[CONTEXT]
+    store = request.app[STORE]
+    options = log_options(request.query)
+    container_uuid = request.match_info["container_uuid"]
+    scope = None if context.is_admin else context.project_id
+    found = await _find_container(store, scope, container_uuid)
+    if found is None:
+        raise ContainerNotFound(container_uuid)
+    capsule, container = found
+    if capsule.host is None:
+        raise InvalidState(
+            f"Cannot read the logs of container {container.spec.name} ({container_uuid}): its "
+            f"capsule {capsule.name} is not on a host yet (status {capsule.status}, "
+            f"task_state {capsule.task_state})."
+        )
+    host = await store.hosts.get(capsule.host)
+    if host is None:
+        raise ContainerHostNotUp(
+            f"Host {capsule.host} of capsule {capsule.name} is not registered; its agent is gone."
+        )
+    agents = request.app[AGENTS]
+    if not options.follow:
+        return web.json_response(await agents.logs(host, container_uuid, options))
+    async with agents.stream_logs(host, container_uuid, options) as chunks:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await response.prepare(request)
+        try:
+            async for chunk in chunks:
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionResetError:
+            log.info("log follower went away", container=container_uuid)
+    return response
+
+
+def log_options(query: Mapping[str, str]) -> LogOptions:
+    refuse_unknown(query, _LOG_PARAMETERS)
+    options = LogOptions(
+        stdout=boolean(query, "stdout", True),
+        stderr=boolean(query, "stderr", True),
+        timestamps=boolean(query, "timestamps", False),
+        tail=_tail(query.get("tail", "all")),
+        since=_since(query.get("since")),
+        follow=boolean(query, "follow", False),
+    )
+    if not (options.stdout or options.stderr):
+        raise InvalidValue("At least one of stdout and stderr must be true.")
+    return options
+
+
+def _tail(value: str) -> int | None:
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise InvalidValue(f"Invalid tail {value!r}: use 'all' or a number of lines (0 or more)")
+    return int(value)
+
+
+def _since(value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    if value.isdigit():
+        return float(value)
+    invalid = InvalidValue(
+        f"Invalid since {value!r}: use seconds since the epoch or a UTC time "
+        "'YYYY-MM-DD HH:MM:SS[,mmm]'"
+    )
+    match = _SINCE_TIME.fullmatch(value)
+    if not match:
+        raise invalid
+    try:
+        moment = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        raise invalid from None
+    return moment.timestamp() + int((match.group(2) or "0").ljust(3, "0")) / 1000
+
+
+async def _find_container(
+    store: Store, project_id: str | None, container_uuid: str
+) -> tuple[Capsule, Container] | None:
+    """The capsule that holds a container, by walking the project's capsules page by page.
+
+    The store cannot yet look a container up by uuid; this walk is linear in the project's
+    capsules and goes once it can.
+    """
+    marker = None
+    while True:
+        page = await store.capsules.list_page(
+            project_id, Page(limit=_SCAN_PAGE, marker=marker, sort_key="uuid")
+        )
+        for capsule in page:
+            for container in capsule.all_containers():
+                if container.uuid == container_uuid:
+                    return capsule, container
+        if len(page) < _SCAN_PAGE:
+            return None
+        marker = page[-1].uuid

@@ -1,0 +1,15 @@
+"""What handlers find on the application: configuration, store, agent client, template defaults."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from capsa.api.agent_client import AgentClient
+from capsa.api.schemas import TemplateDefaults
+from capsa.config import Config
+from capsa.store import Store
+
+CONFIG = web.AppKey("config", Config)
+STORE = web.AppKey("store", Store)
+AGENTS = web.AppKey("agents", AgentClient)
+TEMPLATE_DEFAULTS = web.AppKey("template_defaults", TemplateDefaults)

@@ -1,0 +1,192 @@
+"""Capsules, containers and hosts as Zun's clients read them.
+
+The shapes follow Zun's views and what python-zunclient, gophercloud and Virtual Kubelet decode:
+timestamps are naive UTC ``"YYYY-MM-DD HH:MM:SS"``, ``memory`` is a string of MiB, ``cpu`` a number
+of cores, ``restart_policy`` a map of strings. From microversion 1.32 capsules carry ``name``,
+``labels`` and ``restart_policy`` as a map; below it, Zun's legacy ``meta_name``, ``meta_labels``
+and a bare restart policy name. ``host`` is shown to admins only.
+
+A list page formats up to ``api.max_limit`` capsules, so the formatter computes what is the same
+for every row once and does no lookups per row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from capsa.api.microversion import CAPSULE_CURRENT_SHAPE, APIVersion
+from capsa.model.capsule import Address, Capsule, Container, RestartPolicy, Status
+from capsa.model.host import Host
+
+
+def timestamp(value: datetime | None) -> str | None:
+    return value.isoformat(" ", "seconds") if value else None
+
+
+def links(base_url: str, collection: str, ident: str) -> list[dict[str, str]]:
+    return [
+        {"href": f"{base_url}/v1/{collection}/{ident}", "rel": "self"},
+        {"href": f"{base_url}/{collection}/{ident}", "rel": "bookmark"},
+    ]
+
+
+def restart_policy(policy: RestartPolicy) -> dict[str, str]:
+    return {"Name": policy.value, "MaximumRetryCount": "0"}
+
+
+def addresses(items: list[Address]) -> dict[str, list[dict[str, Any]]]:
+    by_network: dict[str, list[dict[str, Any]]] = {}
+    for address in items:
+        by_network.setdefault(address.network_id, []).append(
+            {
+                "addr": address.ip,
+                "version": address.version,
+                "port": address.port_id,
+                "subnet_id": address.subnet_id,
+                "preserve_on_delete": False,
+            }
+        )
+    return by_network
+
+
+def status_detail(container: Container) -> str | None:
+    """A short account of the container's process, like the runtime's own status line."""
+    if container.status is Status.RUNNING and container.started_at:
+        detail = f"Up since {timestamp(container.started_at)}"
+    elif container.exit_code is not None:
+        detail = f"Exited ({container.exit_code})"
+        if container.finished_at:
+            detail += f" at {timestamp(container.finished_at)}"
+    else:
+        return None
+    if container.restart_count:
+        detail += f", restarted {container.restart_count} times"
+    return detail
+
+
+# Init containers restart until they succeed whenever the capsule restarts at all, as in Zun.
+_INIT_RESTART = {
+    RestartPolicy.ALWAYS: restart_policy(RestartPolicy.ON_FAILURE),
+    RestartPolicy.ON_FAILURE: restart_policy(RestartPolicy.ON_FAILURE),
+    RestartPolicy.NEVER: restart_policy(RestartPolicy.NEVER),
+}
+
+
+class CapsuleFormatter:
+    """Formats capsules for one request: its base URL, microversion and whether to show hosts."""
+
+    def __init__(self, base_url: str, version: APIVersion, show_host: bool) -> None:
+        self._base_url = base_url
+        self._legacy = version < CAPSULE_CURRENT_SHAPE
+        self._show_host = show_host
+
+    def capsule(self, capsule: Capsule) -> dict[str, Any]:
+        spec = capsule.spec
+        policy = restart_policy(spec.restart_policy)
+        capsule_addresses = addresses(capsule.addresses)
+        body: dict[str, Any] = {
+            "uuid": capsule.uuid,
+            "links": links(self._base_url, "capsules", capsule.uuid),
+            "user_id": capsule.user_id,
+            "project_id": capsule.project_id,
+            "created_at": timestamp(capsule.created_at),
+            "updated_at": timestamp(capsule.updated_at),
+            "status": capsule.status,
+            "status_reason": capsule.status_reason,
+            "task_state": capsule.task_state,
+            "annotations": spec.annotations,
+            "cpu": spec.cpu_millis / 1000,
+            "memory": str(spec.memory_mb),
+            "addresses": capsule_addresses,
+            "containers": [
+                self._container(c, capsule, policy, capsule_addresses) for c in capsule.containers
+            ],
+            "init_containers": [
+                self._container(c, capsule, _INIT_RESTART[spec.restart_policy], capsule_addresses)
+                for c in capsule.init_containers
+            ],
+        }
+        if self._legacy:
+            body["meta_name"] = spec.name
+            body["meta_labels"] = spec.labels
+            body["restart_policy"] = policy["Name"]
+            body["capsule_version"] = ""
+            body["volumes_info"] = {}
+            body["containers_uuids"] = [c.uuid for c in capsule.containers]
+            body["init_containers_uuids"] = [c.uuid for c in capsule.init_containers]
+        else:
+            body["name"] = spec.name
+            body["labels"] = spec.labels
+            body["restart_policy"] = policy
+        if self._show_host:
+            body["host"] = capsule.host
+        return body
+
+    def _container(
+        self,
+        container: Container,
+        capsule: Capsule,
+        policy: dict[str, str],
+        capsule_addresses: dict[str, list[dict[str, Any]]],
+    ) -> dict[str, Any]:
+        spec = container.spec
+        body: dict[str, Any] = {
+            "uuid": container.uuid,
+            "user_id": container.user_id,
+            "project_id": container.project_id,
+            "name": spec.name,
+            "image": spec.image,
+            # Zun runs a capsule container's command followed by its args.
+            "command": [*spec.command, *spec.args],
+            "entrypoint": None,
+            "status": container.status,
+            "status_reason": container.status_reason,
+            "status_detail": status_detail(container),
+            "task_state": container.task_state,
+            "cpu": spec.cpu_millis / 1000,
+            "memory": str(spec.memory_mb),
+            "environment": spec.env,
+            "workdir": spec.workdir,
+            "ports": [port.container_port for port in spec.ports],
+            "hostname": None,
+            "labels": {},
+            # Containers share their capsule's network namespace, hence its addresses.
+            "addresses": capsule_addresses,
+            "image_pull_policy": spec.image_pull_policy.lower(),
+            "restart_policy": policy,
+            "interactive": spec.stdin,
+            "tty": spec.tty,
+            "image_driver": None,
+            "security_groups": [],
+            "auto_remove": False,
+            "auto_heal": False,
+            "privileged": False,
+            "runtime": capsule.spec.runtime,
+            "disk": 0,
+            "healthcheck": {},
+            "cpu_policy": "shared",
+            "registry_id": None,
+            "created_at": timestamp(container.created_at),
+            "updated_at": timestamp(container.updated_at),
+        }
+        if self._show_host:
+            body["host"] = capsule.host
+        return body
+
+
+def format_host(host: Host, base_url: str) -> dict[str, Any]:
+    return {
+        "uuid": host.uuid,
+        "links": links(base_url, "hosts", host.uuid),
+        "hostname": host.name,
+        "cpus": host.cpu_millis / 1000,
+        "cpu_used": host.cpu_millis_used / 1000,
+        "mem_total": host.memory_mb,
+        "mem_used": host.memory_mb_used,
+        "runtimes": list(host.runtimes),
+        "labels": {},
+        "os_type": "linux",
+        "disabled": host.disabled,
+        "heartbeat_at": timestamp(host.heartbeat_at),
+    }
