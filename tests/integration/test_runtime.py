@@ -1,0 +1,114 @@
+"""capsa's own runtime on a real host: registry, offline images, containerd, adoption, stop."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from capsa.config import ImagesConfig
+from capsa.cri.client import CriClient
+from capsa.runtime.containerd import render_containerd_config
+from capsa.runtime.host import HostRuntime
+from capsa.runtime.images import (
+    build_layout,
+    busybox_recipe,
+    ensure_local_images,
+    layout_digest,
+    pause_recipe,
+    push_missing,
+)
+
+from .conftest import new_state_dir, runtime_test_config, tear_down_host_runtime
+
+pytestmark = pytest.mark.integration
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_registry_serves_the_local_images(host_runtime: HostRuntime) -> None:
+    registry = host_runtime.registry
+    assert registry is not None
+    version = busybox_recipe().tags[1]
+    for repository, tag in [
+        ("capsa/pause", "3.9"),
+        ("library/busybox", "latest"),
+        ("library/busybox", version),
+    ]:
+        assert await registry.has_manifest(repository, tag), f"{repository}:{tag}"
+    assert not await registry.has_manifest("library/busybox", "0.0-missing")
+
+
+async def test_second_call_builds_and_pushes_nothing(host_runtime: HostRuntime) -> None:
+    cfg, registry = host_runtime.cfg, host_runtime.registry
+    assert registry is not None
+    cache_before = sorted(p.name for p in cfg.image_cache_dir.iterdir())
+    await ensure_local_images(cfg, registry)
+    assert sorted(p.name for p in cfg.image_cache_dir.iterdir()) == cache_before
+    for recipe in (pause_recipe(), busybox_recipe()):
+        layout = await build_layout(recipe, cfg.image_cache_dir)
+        assert layout.name in cache_before
+        assert await push_missing(recipe, layout, registry) == []
+        assert await registry.manifest_digest(recipe.repository, recipe.tags[0]) == layout_digest(
+            layout
+        )
+
+
+async def test_concurrent_builds_share_one_cache_entry(host_runtime: HostRuntime) -> None:
+    cache = host_runtime.cfg.state_dir / "shared-cache"
+    recipe = pause_recipe()
+    first, second = await asyncio.gather(build_layout(recipe, cache), build_layout(recipe, cache))
+    assert first == second
+    # One complete layout, no scratch directories left behind.
+    assert [p.name for p in cache.iterdir()] == [first.name]
+    assert layout_digest(first).startswith("sha256:")
+
+
+async def test_adopt_restart_on_new_config_and_stop(host_runtime: HostRuntime) -> None:
+    state_dir = new_state_dir()
+    # Another instance, sharing the session's image cache as concurrent instances may.
+    cache = host_runtime.cfg.image_cache_dir
+    cfg = runtime_test_config(state_dir, images=ImagesConfig(cache_dir=str(cache)))
+    runtime = HostRuntime(cfg)
+    cached = sorted(p.name for p in cache.iterdir())
+    try:
+        await runtime.ensure_running()
+        # Nothing was built: the cached layouts were pushed to this instance's registry.
+        assert sorted(p.name for p in cache.iterdir()) == cached
+        assert runtime.registry is not None
+        containerd_pid = runtime.containerd.process.pid
+        registry_pid = runtime.registry.process.pid
+        assert containerd_pid is not None and registry_pid is not None
+
+        # A later capsa (new objects, same settings) adopts both processes.
+        again = HostRuntime(cfg)
+        await again.ensure_running()
+        assert again.containerd.process.pid == containerd_pid
+        assert again.registry is not None and again.registry.process.pid == registry_pid
+
+        # Another sandbox image is another config: containerd is restarted with it.
+        await again.containerd.ensure_running("127.0.0.1:1/other/pause:1")
+        restarted_pid = again.containerd.process.pid
+        assert restarted_pid not in (None, containerd_pid)
+        assert not _alive(containerd_pid)
+        config_text = again.containerd.config_path.read_text()
+        assert config_text == render_containerd_config(cfg, "127.0.0.1:1/other/pause:1")
+        async with CriClient(cfg.cri_socket, timeout=5) as cri:
+            assert (await cri.version()).runtime_api_version == "v1"
+
+        await again.stop()
+        assert restarted_pid is not None
+        assert not _alive(restarted_pid) and not _alive(registry_pid)
+        assert not again.containerd.process.is_running()
+        assert not again.registry.process.is_running()
+        assert not list(cfg.run_dir.glob("*.pid"))
+    finally:
+        await tear_down_host_runtime(runtime)
+    assert not state_dir.exists()
