@@ -312,6 +312,21 @@ async def test_add_into_a_netns_that_has_the_ifname_fails(
     assert await reachable(port.ip.ip)
 
 
+async def test_check_reports_what_differs(cni: Cni, network: Network, make_netns: Any) -> None:
+    pod, port = network.add_pod(6)
+    netns = make_netns()
+    container_id = secrets.token_hex(32)
+    status, result = await cni("ADD", container_id, netns_path(netns), pod)
+    assert status == 0
+    assert await cni("CHECK", container_id, netns_path(netns), pod, prev_result=result) == (0, None)
+
+    sh("ip", "-n", netns, "addr", "del", str(port.ip), "dev", "eth0")
+    status, error = await cni("CHECK", container_id, netns_path(netns), pod, prev_result=result)
+
+    assert status != 0
+    assert f"eth0 lacks {port.ip}" in error["msg"]
+
+
 async def test_add_into_a_missing_netns_names_it(cni: Cni, network: Network) -> None:
     pod, _ = network.add_pod(3)
     missing = f"/run/netns/capsa-t-missing-{secrets.token_hex(4)}"

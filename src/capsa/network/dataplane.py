@@ -43,6 +43,8 @@ log = get_logger(__name__)
 
 HOST_IFNAME_PREFIX = "capsa"
 _IFF_UP = 0x1
+# The kernel gives lo this index in every netns (LOOPBACK_IFINDEX).
+_LOOPBACK_INDEX = 1
 _CLONE_NEWNET = 0x40000000
 _NETLINK_ROUTE = 0
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -83,7 +85,8 @@ class Dataplane:
         Fails with InterfaceExists when ``ifname`` already exists in the netns. Whatever this call
         made is removed again if a later step fails.
         """
-        host_name = host_ifname(container_id, ifname)
+        # A MAC of our own for the host end saves asking the kernel which one it chose.
+        host_end = Link(host_ifname(container_id, ifname), _random_local_mac())
         try:
             netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -96,18 +99,17 @@ class Dataplane:
                     bridge_index, bridge = _ensure_bridge(
                         host, port.bridge, port.gateway_interface, port.mtu
                     )
-                    _create_veth(host, host_name, bridge_index, netns_fd, netns, ifname, port)
+                    _create_veth(host, host_end, bridge_index, netns_fd, netns, ifname, port)
                 try:
                     _configure_pod_end(pod, ifname, port)
-                    host_mac = _get_link(host, host_name).get("address")
                 except BaseException:
-                    _remove_half_made(host, host_name)
+                    _remove_half_made(host, host_end.name)
                     raise
         finally:
             os.close(netns_fd)
         return PluggedPort(
             bridge=bridge,
-            host_end=Link(host_name, host_mac),
+            host_end=host_end,
             pod_end=Link(ifname, port.mac),
             netns=netns,
             address=port.ip,
@@ -258,7 +260,7 @@ def _ensure_bridge(ipr: IPRoute, name: str, gateway: IPv4Interface, mtu: int) ->
 
 def _create_veth(
     host: IPRoute,
-    host_name: str,
+    host_end: Link,
     bridge_index: int,
     netns_fd: int,
     netns: str,
@@ -268,7 +270,8 @@ def _create_veth(
     try:
         host.link(
             "add",
-            ifname=host_name,
+            ifname=host_end.name,
+            address=host_end.mac,
             kind="veth",
             mtu=port.mtu,
             master=bridge_index,
@@ -278,11 +281,11 @@ def _create_veth(
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise DataplaneError(
-                f"cannot create veth {host_name} into netns {netns}: {exc}"
+                f"cannot create veth {host_end.name} into netns {netns}: {exc}"
             ) from exc
-        if host.link_lookup(ifname=host_name):
+        if host.link_lookup(ifname=host_end.name):
             raise DataplaneError(
-                f"veth {host_name} already exists: the attachment ({ifname}) was added before "
+                f"veth {host_end.name} already exists: the attachment ({ifname}) was added before "
                 "and not deleted"
             ) from exc
         raise InterfaceExists(f"interface {ifname} already exists in netns {netns}") from exc
@@ -293,8 +296,7 @@ def _configure_pod_end(pod: IPRoute, ifname: str, port: PortBinding) -> None:
         index = _get_link(pod, ifname)["index"]
         pod.addr("add", index=index, address=str(port.ip.ip), prefixlen=port.ip.network.prefixlen)
         pod.link("set", index=index, state="up")
-        (loopback,) = pod.link_lookup(ifname="lo")
-        pod.link("set", index=loopback, state="up")
+        pod.link("set", index=_LOOPBACK_INDEX, state="up")
         pod.route("add", dst="0.0.0.0/0", gateway=str(port.gateway), oif=index)
     except (NetlinkError, _NoSuchLink) as exc:
         raise DataplaneError(f"cannot configure {ifname} in the pod's netns: {exc}") from exc
