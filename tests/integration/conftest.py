@@ -6,8 +6,11 @@ Runtime fixtures (capsa.runtime):
   containerd) in a unique state dir ``/tmp/capsa-it-<random>`` with a unique registry port and
   cgroup parent; torn down completely at the end, even after failures.
 - ``host_cri``: a :class:`CriClient` on that runtime, one per test.
-- ``runtime_test_config`` and ``running_host_runtime`` build and run a private instance, for
-  tests that need other settings (or must stop it).
+- ``private_runtime_config``: the settings of another instance (own state dir and registry
+  port, the session's image cache), for tests that start and stop one themselves; whatever
+  they leave running or mounted is removed afterwards.
+- ``runtime_test_config`` and ``running_host_runtime`` build and run a private instance with
+  other settings.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from capsa.config import AgentConfig, Config, RegistryConfig
+from capsa.config import AgentConfig, Config, ImagesConfig, RegistryConfig
 from capsa.cri.client import CriClient
 from capsa.runtime.host import HostRuntime
 
@@ -114,6 +117,17 @@ def host_runtime() -> Iterator[HostRuntime]:
     _require_root()
     with running_host_runtime(runtime_test_config(new_state_dir())) as runtime:
         yield runtime
+
+
+@pytest.fixture
+async def private_runtime_config(host_runtime: HostRuntime) -> AsyncIterator[Config]:
+    cache = str(host_runtime.cfg.image_cache_dir)
+    cfg = runtime_test_config(new_state_dir(), images=ImagesConfig(cache_dir=cache))
+    try:
+        yield cfg
+    finally:
+        # A new HostRuntime adopts, through their pid files, whatever the test left running.
+        await tear_down_host_runtime(HostRuntime(cfg))
 
 
 @pytest.fixture

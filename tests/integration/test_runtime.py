@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from capsa.config import ImagesConfig
+from capsa.config import Config
 from capsa.cri.client import CriClient
 from capsa.runtime.containerd import render_containerd_config
 from capsa.runtime.host import HostRuntime
@@ -19,8 +19,6 @@ from capsa.runtime.images import (
     pause_recipe,
     push_missing,
 )
-
-from .conftest import new_state_dir, runtime_test_config, tear_down_host_runtime
 
 pytestmark = pytest.mark.integration
 
@@ -71,44 +69,36 @@ async def test_concurrent_builds_share_one_cache_entry(host_runtime: HostRuntime
     assert layout_digest(first).startswith("sha256:")
 
 
-async def test_adopt_restart_on_new_config_and_stop(host_runtime: HostRuntime) -> None:
-    state_dir = new_state_dir()
-    # Another instance, sharing the session's image cache as concurrent instances may.
-    cache = host_runtime.cfg.image_cache_dir
-    cfg = runtime_test_config(state_dir, images=ImagesConfig(cache_dir=str(cache)))
+async def test_adopt_restart_on_new_config_and_stop(private_runtime_config: Config) -> None:
+    cfg = private_runtime_config
+    cached = sorted(p.name for p in cfg.image_cache_dir.iterdir())
     runtime = HostRuntime(cfg)
-    cached = sorted(p.name for p in cache.iterdir())
-    try:
-        await runtime.ensure_running()
-        # Nothing was built: the cached layouts were pushed to this instance's registry.
-        assert sorted(p.name for p in cache.iterdir()) == cached
-        assert runtime.registry is not None
-        containerd_pid = runtime.containerd.process.pid
-        registry_pid = runtime.registry.process.pid
-        assert containerd_pid is not None and registry_pid is not None
+    await runtime.ensure_running()
+    # The instances share an image cache: nothing was built, the cached layouts were pushed.
+    assert sorted(p.name for p in cfg.image_cache_dir.iterdir()) == cached
+    assert runtime.registry is not None
+    containerd_pid = runtime.containerd.process.pid
+    registry_pid = runtime.registry.process.pid
+    assert containerd_pid is not None and registry_pid is not None
 
-        # A later capsa (new objects, same settings) adopts both processes.
-        again = HostRuntime(cfg)
-        await again.ensure_running()
-        assert again.containerd.process.pid == containerd_pid
-        assert again.registry is not None and again.registry.process.pid == registry_pid
+    # A later capsa (new objects, same settings) adopts both processes.
+    again = HostRuntime(cfg)
+    await again.ensure_running()
+    assert again.containerd.process.pid == containerd_pid
+    assert again.registry is not None and again.registry.process.pid == registry_pid
 
-        # Another sandbox image is another config: containerd is restarted with it.
-        await again.containerd.ensure_running("127.0.0.1:1/other/pause:1")
-        restarted_pid = again.containerd.process.pid
-        assert restarted_pid not in (None, containerd_pid)
-        assert not _alive(containerd_pid)
-        config_text = again.containerd.config_path.read_text()
-        assert config_text == render_containerd_config(cfg, "127.0.0.1:1/other/pause:1")
-        async with CriClient(cfg.cri_socket, timeout=5) as cri:
-            assert (await cri.version()).runtime_api_version == "v1"
+    # Another sandbox image is another config: containerd is restarted with it.
+    await again.containerd.ensure_running("127.0.0.1:1/other/pause:1")
+    restarted_pid = again.containerd.process.pid
+    assert restarted_pid is not None and restarted_pid != containerd_pid
+    assert not _alive(containerd_pid)
+    config_text = again.containerd.config_path.read_text()
+    assert config_text == render_containerd_config(cfg, "127.0.0.1:1/other/pause:1")
+    async with CriClient(cfg.cri_socket, timeout=5) as cri:
+        assert (await cri.version()).runtime_api_version == "v1"
 
-        await again.stop()
-        assert restarted_pid is not None
-        assert not _alive(restarted_pid) and not _alive(registry_pid)
-        assert not again.containerd.process.is_running()
-        assert not again.registry.process.is_running()
-        assert not list(cfg.run_dir.glob("*.pid"))
-    finally:
-        await tear_down_host_runtime(runtime)
-    assert not state_dir.exists()
+    await again.stop()
+    assert not _alive(restarted_pid) and not _alive(registry_pid)
+    assert not again.containerd.process.is_running()
+    assert not again.registry.process.is_running()
+    assert not list(cfg.run_dir.glob("*.pid"))
