@@ -59,7 +59,6 @@ class _JsonContext:
     parse_float = float
     parse_int = int
     parse_constant = float
-    memo: dict[str, object] = {}
 
 
 # typeshed types the context as a scanner; the C code only reads the attributes above.
@@ -67,9 +66,8 @@ _scan_json = _json.make_scanner(_JsonContext)  # type: ignore[arg-type]
 _quote = _json.encode_basestring_ascii
 
 
-def decode_json(data: bytes) -> object:
+def decode_json(text: str) -> object:
     """json.loads without importing json, for valid input. Raises ValueError on invalid input."""
-    text = data.decode("utf-8")
     stripped = text.strip(" \t\r\n")
     try:
         value, end = _scan_json(stripped, 0)
@@ -104,7 +102,8 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
                 f"{command} needs {', '.join(missing)}, which the runtime did not set",
             )
         try:
-            config = decode_json(stdin)
+            text = stdin.decode("utf-8")
+            config = decode_json(text)
         except ValueError as exc:
             raise PluginError(
                 DECODING_FAILURE, "the network config on stdin is not valid JSON", str(exc)
@@ -114,7 +113,7 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
         if isinstance(config.get("cniVersion"), str):
             version = config["cniVersion"]
         address, timeout = _daemon_settings(config)
-        body = _envelope(environ, stdin)
+        body = _envelope(environ, text)
         status, answer = _post(address, "/cni/" + command.lower(), body, timeout)
         return _daemon_answer(address, status, answer)
     except PluginError as exc:
@@ -130,7 +129,7 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
 def _version_answer(stdin: bytes) -> bytes:
     # The runtime's version is echoed when stdin names one; VERSION needs nothing else.
     try:
-        config = decode_json(stdin) if stdin.strip() else None
+        config = decode_json(stdin.decode("utf-8")) if stdin.strip() else None
     except ValueError:
         config = None
     version = config.get("cniVersion") if isinstance(config, dict) else None
@@ -164,15 +163,15 @@ def _json_object(**members: str) -> str:
     return "{" + ",".join(_quote(name) + ":" + value for name, value in members.items()) + "}"
 
 
-def _envelope(environ: dict[str, str], stdin: bytes) -> bytes:
-    # stdin was checked to be one JSON object, so it is embedded as it came.
+def _envelope(environ: dict[str, str], config: str) -> bytes:
+    # The config was checked to be one JSON object, so it is embedded as it came.
     return _json_object(
         containerId=_quote(environ.get("CNI_CONTAINERID", "")),
         netns=_quote(environ.get("CNI_NETNS", "")),
         ifname=_quote(environ.get("CNI_IFNAME", "")),
         args=_quote(environ.get("CNI_ARGS", "")),
         path=_quote(environ.get("CNI_PATH", "")),
-        config=stdin.decode("utf-8").strip(),
+        config=config.strip(),
     ).encode()
 
 
@@ -263,7 +262,7 @@ def _daemon_answer(address: str, status: int, body: bytes) -> tuple[int, bytes]:
         return 0, body
     # The daemon reports failures as CNI error objects; anything else is wrapped into one.
     try:
-        error = decode_json(body)
+        error = decode_json(body.decode("utf-8"))
     except ValueError:
         error = None
     if isinstance(error, dict) and isinstance(error.get("code"), int):

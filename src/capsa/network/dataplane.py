@@ -15,8 +15,9 @@ The host end is named after the CNI container id and ifname (:func:`host_ifname`
 for an old sandbox of a capsule can never unplug its newer sandbox; it joins the network's bridge.
 
 Every method blocks on netlink: call them from worker threads, never from an event loop's thread
-(pyroute2 0.9 runs its own event loop per socket). Creating and removing a bridge is serialised
-per bridge; nothing else is locked here.
+(pyroute2 0.9 runs its own event loop per socket). Creating a bridge, attaching a veth to it and
+removing it are serialised per bridge, so that a pod never joins a bridge being removed; nothing
+else is locked here.
 """
 
 from __future__ import annotations
@@ -87,26 +88,23 @@ class Dataplane:
         """
         # A MAC of our own for the host end saves asking the kernel which one it chose.
         host_end = Link(host_ifname(container_id, ifname), _random_local_mac())
-        try:
-            netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NetnsNotFound(f"netns {netns} does not exist") from None
-        try:
-            with _netlink_in_netns(netns_fd, netns) as pod, IPRoute() as host:
-                if pod.link_lookup(ifname=ifname):
-                    raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
-                with self._bridge_lock(port.bridge):
-                    bridge_index, bridge = _ensure_bridge(
-                        host, port.bridge, port.gateway_interface, port.mtu
-                    )
-                    _create_veth(host, host_end, bridge_index, netns_fd, netns, ifname, port)
-                try:
-                    _configure_pod_end(pod, ifname, port)
-                except BaseException:
-                    _remove_half_made(host, host_end.name)
-                    raise
-        finally:
-            os.close(netns_fd)
+        with (
+            _open_netns(netns) as netns_fd,
+            _netlink_in_netns(netns_fd, netns) as pod,
+            IPRoute() as host,
+        ):
+            if pod.link_lookup(ifname=ifname):
+                raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
+            with self._bridge_lock(port.bridge):
+                bridge_index, bridge = _ensure_bridge(
+                    host, port.bridge, port.gateway_interface, port.mtu
+                )
+                _create_veth(host, host_end, bridge_index, netns_fd, netns, ifname, port)
+            try:
+                _configure_pod_end(pod, ifname, port)
+            except BaseException:
+                _remove_half_made(host, host_end.name)
+                raise
         return PluggedPort(
             bridge=bridge,
             host_end=host_end,
@@ -158,34 +156,31 @@ class Dataplane:
         """Raises DataplaneError naming what differs from what plug made for ``port``."""
         host_name = host_ifname(container_id, ifname)
         problems: list[str] = []
-        try:
-            netns_fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NetnsNotFound(f"netns {netns} does not exist") from None
-        try:
-            with _netlink_in_netns(netns_fd, netns) as pod, IPRoute() as host:
-                try:
-                    host_end = _get_link(host, host_name)
-                    master = host_end.get("master")
-                    on = _get_link(host, index=master).get("ifname") if master else None
-                    if on != port.bridge:
-                        problems.append(f"host end {host_name} is on {on}, not {port.bridge}")
-                except _NoSuchLink:
-                    problems.append(f"host end {host_name} is missing")
-                try:
-                    pod_end = _get_link(pod, ifname)
-                    if pod_end.get("address") != port.mac:
-                        problems.append(f"{ifname} has MAC {pod_end.get('address')}")
-                    addresses = {
-                        (a.get("address"), a["prefixlen"])
-                        for a in pod.addr("dump", index=pod_end["index"], family=socket.AF_INET)
-                    }
-                    if (str(port.ip.ip), port.ip.network.prefixlen) not in addresses:
-                        problems.append(f"{ifname} lacks {port.ip}")
-                except _NoSuchLink:
-                    problems.append(f"{ifname} is missing in netns {netns}")
-        finally:
-            os.close(netns_fd)
+        with (
+            _open_netns(netns) as netns_fd,
+            _netlink_in_netns(netns_fd, netns) as pod,
+            IPRoute() as host,
+        ):
+            try:
+                host_end = _get_link(host, host_name)
+                master = host_end.get("master")
+                on = _get_link(host, index=master).get("ifname") if master else None
+                if on != port.bridge:
+                    problems.append(f"host end {host_name} is on {on}, not {port.bridge}")
+            except _NoSuchLink:
+                problems.append(f"host end {host_name} is missing")
+            try:
+                pod_end = _get_link(pod, ifname)
+                if pod_end.get("address") != port.mac:
+                    problems.append(f"{ifname} has MAC {pod_end.get('address')}")
+                addresses = {
+                    (a.get("address"), a["prefixlen"])
+                    for a in pod.addr("dump", index=pod_end["index"], family=socket.AF_INET)
+                }
+                if (str(port.ip.ip), port.ip.network.prefixlen) not in addresses:
+                    problems.append(f"{ifname} lacks {port.ip}")
+            except _NoSuchLink:
+                problems.append(f"{ifname} is missing in netns {netns}")
         if problems:
             raise DataplaneError("; ".join(problems))
 
@@ -300,6 +295,18 @@ def _configure_pod_end(pod: IPRoute, ifname: str, port: PortBinding) -> None:
         pod.route("add", dst="0.0.0.0/0", gateway=str(port.gateway), oif=index)
     except (NetlinkError, _NoSuchLink) as exc:
         raise DataplaneError(f"cannot configure {ifname} in the pod's netns: {exc}") from exc
+
+
+@contextmanager
+def _open_netns(path: str) -> Iterator[int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsNotFound(f"netns {path} does not exist") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -228,7 +228,7 @@ def test_silent_daemon_times_out_with_code_11() -> None:
     "text", ['{"a": [1, 2.5, null, true, false], "b": "\\u00e9"}', ' {"x": {}} ', "-1e3", '"s"']
 )
 def test_decode_json_matches_json(text: str) -> None:
-    assert plugin.decode_json(text.encode()) == json.loads(text)
+    assert plugin.decode_json(text) == json.loads(text)
 
 
 def test_plugin_imports_only_builtin_modules() -> None:
