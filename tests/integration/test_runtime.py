@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from capsa.config import Config
+from capsa.config import Config, ContainerdConfig
 from capsa.cri.client import CriClient
 from capsa.runtime.containerd import render_containerd_config
+from capsa.runtime.errors import HostRuntimeError
 from capsa.runtime.host import HostRuntime
 from capsa.runtime.images import (
     build_layout,
@@ -102,3 +104,20 @@ async def test_adopt_restart_on_new_config_and_stop(private_runtime_config: Conf
     assert not again.containerd.process.is_running()
     assert not again.registry.process.is_running()
     assert not list(cfg.run_dir.glob("*.pid"))
+
+
+async def test_failed_start_stops_what_it_started(private_runtime_config: Config) -> None:
+    binary = private_runtime_config.state_dir / "bin" / "containerd"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\necho 'containerd: cannot start: no space left' >&2\nexit 1\n")
+    binary.chmod(0o755)
+    cfg = dataclasses.replace(
+        private_runtime_config,
+        containerd=ContainerdConfig(binary=str(binary), start_timeout=5),
+    )
+    runtime = HostRuntime(cfg)
+    with pytest.raises(HostRuntimeError, match="no space left"):
+        await runtime.ensure_running()
+    assert runtime.registry is not None
+    assert not runtime.registry.process.is_running()
+    assert not runtime.containerd.process.is_running()

@@ -16,6 +16,7 @@ from capsa.runtime.containerd import (
     render_hosts_toml,
     write_certs_d,
 )
+from capsa.runtime.process import ProcessError
 
 SANDBOX_IMAGE = "127.0.0.1:5999/capsa/pause:3.9"
 
@@ -147,3 +148,22 @@ async def test_an_operator_socket_starts_nothing_and_must_answer(tmp_path: Path)
     assert not containerd.process.is_running()
     assert not cfg.containerd_dir.exists()
     await containerd.stop()
+
+
+def _failing_program(path: Path, message: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\necho '{message}' >&2\nexit 1\n")
+    path.chmod(0o755)
+    return path
+
+
+async def test_a_containerd_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
+    binary = _failing_program(tmp_path / "bin" / "containerd", "failed to load TOML: line 3: boom")
+    cfg = _config(tmp_path, containerd=ContainerdConfig(binary=str(binary), start_timeout=5))
+    containerd = Containerd(cfg)
+    with pytest.raises(ProcessError, match="containerd exited before") as err:
+        await containerd.ensure_running(SANDBOX_IMAGE)
+    assert "failed to load TOML: line 3: boom" in str(err.value)
+    # It wrote its config and mirrors before starting.
+    assert containerd.config_path.read_text() == render_containerd_config(cfg, SANDBOX_IMAGE)
+    assert (certs_dir(cfg) / "docker.io" / "hosts.toml").exists()

@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from capsa.config import Config, RegistryConfig
+from capsa.runtime.process import ProcessError
 from capsa.runtime.registry import LocalRegistry, RegistryError, registry_host
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -100,3 +101,17 @@ async def test_unreachable_registry_is_a_clear_error(tmp_path: Path) -> None:
         RegistryError, match=r"cannot reach the local registry at http://127\.0\.0\.1:1"
     ):
         await registry.manifest_digest("capsa/pause", "3.9")
+
+
+async def test_a_registry_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
+    binary = tmp_path / "docker-registry"
+    binary.write_text(
+        "#!/bin/sh\necho 'listen tcp 127.0.0.1:1: bind: permission denied' >&2\nexit 1\n"
+    )
+    binary.chmod(0o755)
+    cfg = Config(
+        state_dir=tmp_path, registry=RegistryConfig(listen="127.0.0.1:1", binary=str(binary))
+    )
+    with pytest.raises(ProcessError, match="registry exited before") as err:
+        await LocalRegistry(cfg).ensure_running()
+    assert "bind: permission denied" in str(err.value)
