@@ -132,14 +132,13 @@ class ManagedProcess:
     async def stop(self, timeout: float) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; a no-op when the process is not running."""
         pid = self.pid
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            if not await self._wait_gone(pid, timeout):
+        started = _start_time(pid) if pid is not None else None
+        if pid is not None and started is not None:
+            self._signal(pid, started, signal.SIGTERM)
+            if not await self._wait_gone(pid, started, timeout):
                 log.warning("process ignored SIGTERM, killing it", process=self.name, pid=pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                if not await self._wait_gone(pid, timeout):
+                self._signal(pid, started, signal.SIGKILL)
+                if not await self._wait_gone(pid, started, timeout):
                     raise ProcessError(f"{self.name} (pid {pid}) survived SIGKILL")
             log.info("process stopped", process=self.name, pid=pid)
         self._reap()
@@ -193,16 +192,39 @@ class ManagedProcess:
             and cmdline[1:] == self.argv[1:]
         )
 
-    async def _wait_gone(self, pid: int, timeout: float) -> bool:
+    async def _wait_gone(self, pid: int, started: int, timeout: float) -> bool:
+        """Waits until the process has released everything (exited, a zombie at most)."""
         deadline = time.monotonic() + timeout
-        while self._is_ours(pid):
+        while _start_time(pid) == started:
             self._reap()
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(_POLL_INTERVAL)
         return True
 
+    @staticmethod
+    def _signal(pid: int, started: int, sig: signal.Signals) -> None:
+        # The start time tells our process from a later one that reuses its pid.
+        if _start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
     def _reap(self) -> None:
         """Collects our own child's exit status so it does not linger as a zombie."""
         if self._child is not None and self._child.poll() is not None:
             self._child = None
+
+
+def _start_time(pid: int) -> int | None:
+    """When a live process started (clock ticks since boot); None once it is dead or a zombie.
+
+    A process that is exiting keeps its listening sockets until it turns into a zombie, so only
+    then is it gone for a successor that binds the same address.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name, which may itself contain spaces and parentheses.
+    fields = stat.rsplit(")", 1)[1].split()
+    return None if fields[0] in ("Z", "X", "x") else int(fields[19])
