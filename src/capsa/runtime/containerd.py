@@ -109,13 +109,16 @@ def render_hosts_toml(cfg: Config, host: str) -> str:
 def write_certs_d(cfg: Config) -> None:
     """One hosts.toml per mirrored host when the registry runs; removes any other host dir."""
     root = certs_dir(cfg)
-    wanted = {host: render_hosts_toml(cfg, host) for host in cfg.registry.mirror_of}
-    if not cfg.registry.enabled:
-        wanted = {}
+    hosts = cfg.registry.mirror_of if cfg.registry.enabled else ()
+    wanted = {host: render_hosts_toml(cfg, host) for host in hosts}
     if root.is_dir():
         for stale in root.iterdir():
-            if stale.name not in wanted:
+            if stale.name in wanted:
+                continue
+            if stale.is_dir():
                 shutil.rmtree(stale)
+            else:
+                stale.unlink()
     for host, content in wanted.items():
         write_if_changed(root / host / "hosts.toml", content)
 
