@@ -18,6 +18,7 @@ gone succeeds, so that delete paths can be retried.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
@@ -192,7 +193,9 @@ class CriClient:
         )
         return convert.sandbox_status(resp.status)
 
-    async def list_pod_sandboxes(self, labels: dict[str, str] | None = None) -> list[t.PodSandbox]:
+    async def list_pod_sandboxes(
+        self, labels: Mapping[str, str] | None = None
+    ) -> list[t.PodSandbox]:
         resp: pb.ListPodSandboxResponse = await self._call(
             "ListPodSandbox",
             self._runtime.ListPodSandbox,
@@ -251,7 +254,7 @@ class CriClient:
     async def list_containers(
         self,
         sandbox_id: str | None = None,
-        labels: dict[str, str] | None = None,
+        labels: Mapping[str, str] | None = None,
         state: t.ContainerState | None = None,
     ) -> list[t.Container]:
         resp: pb.ListContainersResponse = await self._call(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from capsa.cri import types as t
 from capsa.cri.proto import api_pb2 as pb
 
@@ -100,12 +102,12 @@ def auth_config(auth: t.ImageAuth) -> pb.AuthConfig:
     )
 
 
-def sandbox_filter(sandbox_id: str, labels: dict[str, str] | None) -> pb.PodSandboxFilter:
+def sandbox_filter(sandbox_id: str, labels: Mapping[str, str] | None) -> pb.PodSandboxFilter:
     return pb.PodSandboxFilter(id=sandbox_id, label_selector=labels or {})
 
 
 def container_filter(
-    sandbox_id: str | None, labels: dict[str, str] | None, state: t.ContainerState | None
+    sandbox_id: str | None, labels: Mapping[str, str] | None, state: t.ContainerState | None
 ) -> pb.ContainerFilter:
     filter_ = pb.ContainerFilter(pod_sandbox_id=sandbox_id or "", label_selector=labels or {})
     if state is not None:
