@@ -104,7 +104,11 @@ class CriClient:
 
     async def status(self) -> t.RuntimeStatus:
         resp: pb.StatusResponse = await self._call(
-            "Status", self._runtime.Status, pb.StatusRequest(), self.timeout, "asking its status"
+            "Status",
+            self._runtime.Status,
+            pb.StatusRequest(),
+            self.timeout,
+            "asking the runtime's status",
         )
         return convert.runtime_status(resp)
 
@@ -138,7 +142,11 @@ class CriClient:
 
     async def list_images(self) -> list[t.Image]:
         resp: pb.ListImagesResponse = await self._call(
-            "ListImages", self._images.ListImages, pb.ListImagesRequest(), self.timeout, "listing"
+            "ListImages",
+            self._images.ListImages,
+            pb.ListImagesRequest(),
+            self.timeout,
+            "listing images",
         )
         return [convert.image(i) for i in resp.images]
 
