@@ -1,0 +1,80 @@
+"""What the API tests share: headers, templates, a Zun error body check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from capsa.config import ApiConfig, CapsuleConfig, Config
+
+BASE_URL = "http://capsa.test:9517"
+
+Client = TestClient[web.Request, web.Application]
+
+
+def api_headers(
+    version: str | None = "1.40", project: str | None = None, roles: str | None = None
+) -> dict[str, str]:
+    headers = {"X-Auth-Token": "notused"}
+    if version is not None:
+        headers["OpenStack-API-Version"] = f"container {version}"
+    if project is not None:
+        headers["X-Project-Id"] = project
+    if roles is not None:
+        headers["X-Roles"] = roles
+    return headers
+
+
+ADMIN = api_headers(roles="member,admin")
+
+
+def zun_template(name: str | None = "web", **spec: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"labels": {"app": "web"}}
+    if name is not None:
+        metadata["name"] = name
+    return {
+        "kind": "capsule",
+        "capsuleVersion": "beta",
+        "metadata": metadata,
+        "spec": {"containers": [{"image": "busybox", "command": ["sleep", "1000"]}], **spec},
+    }
+
+
+def config_for(tmp_path: Path, **api: Any) -> Config:
+    return Config(
+        state_dir=tmp_path,
+        api=ApiConfig(public_url=BASE_URL, **api),
+        capsule=CapsuleConfig(default_cpu=0.25, default_memory_mb=96, max_containers=4),
+    )
+
+
+async def create(
+    client: Client, template: Any, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    response = await client.post(
+        "/v1/capsules", json={"template": template}, headers=headers or api_headers()
+    )
+    assert response.status == 202, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def assert_error(response: Any, status: int, code: str, *fragments: str) -> str:
+    """Checks Zun's error body and returns its detail."""
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert response.headers["Content-Type"].startswith("application/json")
+    [error] = body["errors"]
+    assert set(error) >= {"request_id", "code", "status", "title", "detail", "links"}
+    assert error["request_id"] == response.headers["x-openstack-request-id"]
+    assert error["request_id"].startswith("req-")
+    assert error["status"] == status
+    assert error["code"] == code
+    assert error["links"] == []
+    for fragment in fragments:
+        assert fragment in error["detail"], error["detail"]
+    detail: str = error["detail"]
+    return detail
