@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,22 @@ from capsa.config import CniConfig, Config
 
 
 @pytest.fixture
+def plugin_dir(tmp_path: Path) -> Path:
+    """A stand-in for /usr/lib/cni holding an executable loopback."""
+    directory = tmp_path / "reference-plugins"
+    directory.mkdir()
+    loopback = directory / "loopback"
+    loopback.write_text("#!/bin/sh\n")
+    loopback.chmod(0o755)
+    return directory
+
+
+@pytest.fixture
+def install(plugin_dir: Path) -> Callable[[Config], None]:
+    return functools.partial(install_cni, plugin_dirs=(plugin_dir,))
+
+
+@pytest.fixture
 def cfg(tmp_path: Path) -> Config:
     return Config(
         state_dir=tmp_path,
@@ -22,8 +40,10 @@ def cfg(tmp_path: Path) -> Config:
     )
 
 
-def test_launcher_runs_plugin_source_under_the_real_interpreter(cfg: Config) -> None:
-    install_cni(cfg)
+def test_launcher_runs_plugin_source_under_the_real_interpreter(
+    cfg: Config, install: Callable[[Config], None]
+) -> None:
+    install(cfg)
     launcher = cfg.cni_bin_dir / "capsa-cni"
     shebang, source = launcher.read_text().split("\n", 1)
     assert shebang == f"#!{os.path.realpath(sys.executable)} -IS"
@@ -34,8 +54,8 @@ def test_launcher_runs_plugin_source_under_the_real_interpreter(cfg: Config) -> 
     assert launcher.stat().st_mode & 0o777 == 0o755
 
 
-def test_launcher_executes(cfg: Config) -> None:
-    install_cni(cfg)
+def test_launcher_executes(cfg: Config, install: Callable[[Config], None]) -> None:
+    install(cfg)
     run = subprocess.run(
         [str(cfg.cni_bin_dir / "capsa-cni")],
         env={"CNI_COMMAND": "VERSION"},
@@ -47,8 +67,8 @@ def test_launcher_executes(cfg: Config) -> None:
     assert json.loads(run.stdout)["cniVersion"] == "0.3.1"
 
 
-def test_conflist(cfg: Config) -> None:
-    install_cni(cfg)
+def test_conflist(cfg: Config, install: Callable[[Config], None]) -> None:
+    install(cfg)
     conflist = json.loads((cfg.cni_conf_dir / "10-capsa.conflist").read_text())
     assert conflist == {
         "cniVersion": "1.0.0",
@@ -64,15 +84,15 @@ def test_conflist(cfg: Config) -> None:
     }
 
 
-def test_install_rewrites_only_what_changed(cfg: Config) -> None:
-    install_cni(cfg)
+def test_install_rewrites_only_what_changed(cfg: Config, install: Callable[[Config], None]) -> None:
+    install(cfg)
     launcher = cfg.cni_bin_dir / "capsa-cni"
     conflist = cfg.cni_conf_dir / "10-capsa.conflist"
     before = {p: p.stat().st_ino for p in (launcher, conflist)}
-    install_cni(cfg)
+    install(cfg)
     assert {p: p.stat().st_ino for p in before} == before
 
-    install_cni(dataclasses.replace(cfg, cni=dataclasses.replace(cfg.cni, daemon_listen="unix:/x")))
+    install(dataclasses.replace(cfg, cni=dataclasses.replace(cfg.cni, daemon_listen="unix:/x")))
     # Replaced by rename (a new inode), never rewritten in place.
     assert conflist.stat().st_ino != before[conflist]
     assert json.loads(conflist.read_text())["plugins"][0]["daemon"] == "unix:/x"
@@ -80,11 +100,11 @@ def test_install_rewrites_only_what_changed(cfg: Config) -> None:
     assert sorted(p.name for p in cfg.cni_conf_dir.iterdir()) == ["10-capsa.conflist"]
 
 
-def test_install_restores_the_launcher_mode(cfg: Config) -> None:
-    install_cni(cfg)
+def test_install_restores_the_launcher_mode(cfg: Config, install: Callable[[Config], None]) -> None:
+    install(cfg)
     launcher = cfg.cni_bin_dir / "capsa-cni"
     launcher.chmod(0o644)
-    install_cni(cfg)
+    install(cfg)
     assert launcher.stat().st_mode & 0o777 == 0o755
 
 
@@ -92,3 +112,17 @@ def test_install_restores_the_launcher_mode(cfg: Config) -> None:
 def test_launcher_refuses_unusable_interpreters(interpreter: str) -> None:
     with pytest.raises(ValueError, match=r"interpreter|shebang"):
         launcher_source(interpreter)
+
+
+def test_loopback_is_linked_from_the_reference_plugins(cfg: Config, plugin_dir: Path) -> None:
+    install_cni(cfg, plugin_dirs=(plugin_dir,))
+    loopback = cfg.cni_bin_dir / "loopback"
+    assert loopback.readlink() == plugin_dir / "loopback"
+    before = loopback.lstat().st_ino
+    install_cni(cfg, plugin_dirs=(plugin_dir,))
+    assert loopback.lstat().st_ino == before
+
+
+def test_missing_loopback_says_what_to_install(cfg: Config, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="containernetworking-plugins"):
+        install_cni(cfg, plugin_dirs=(tmp_path / "nowhere",))
