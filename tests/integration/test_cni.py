@@ -8,12 +8,14 @@ them all in teardown, so runs side by side never meet.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import random
 import secrets
 import subprocess
 import threading
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -25,8 +27,11 @@ import pytest
 from capsa.cni.daemon import CniDaemon
 from capsa.cni.install import install_cni
 from capsa.config import CniConfig, Config
+from capsa.cri import types as cri_types
+from capsa.cri.client import CriClient
 from capsa.network.dataplane import Dataplane, DataplaneError, host_ifname
 from capsa.network.types import PortBinding
+from capsa.runtime.host import HostRuntime
 
 pytestmark = pytest.mark.integration
 
@@ -418,3 +423,62 @@ def test_bridge_creation_races_all_succeed(network: Network) -> None:
     assert [f"{a['local']}/{a['prefixlen']}" for a in bridge["addr_info"]] == [str(gateway)]
     assert Dataplane().remove_bridge_if_unused(network.bridge)
     assert not link_exists(network.bridge)
+
+
+def remove_sandbox_leftovers(network_name: str, mac: str) -> None:
+    """What containerd leaves outside its state dir when a sandbox's teardown fails: the netns
+    (found by the pod's MAC, which is this test's own) and libcni's result cache."""
+    for netns in ip_json("netns", "list"):
+        name = netns["name"]
+        if name.startswith("cni-") and any(
+            link.get("address") == mac for link in ip_json("-n", name, "link", "show")
+        ):
+            sh("ip", "netns", "del", name, check=False)
+    for cached in Path("/var/lib/cni/results").glob(f"{network_name}-*"):
+        cached.unlink(missing_ok=True)
+
+
+async def test_containerd_networks_a_sandbox_through_capsa_cni(
+    network: Network, private_runtime_config: Config
+) -> None:
+    pod, port = network.add_pod(7)
+    cfg = private_runtime_config
+    cni_config = CniConfig(network_name=f"capsa-it-{secrets.token_hex(4)}")
+    daemon = CniDaemon(network.ports, "127.0.0.1:0")
+    await daemon.start()
+    try:
+        cni_config = dataclasses.replace(cni_config, daemon_listen=daemon.address)
+        install_cni(dataclasses.replace(cfg, cni=cni_config))
+        runtime = HostRuntime(cfg)
+        await runtime.ensure_running()
+        async with CriClient(runtime.cri_endpoint, timeout=cfg.agent.cri_timeout) as cri:
+            try:
+                spec = cri_types.SandboxSpec(
+                    name=pod,
+                    namespace="capsa-it",
+                    uid=str(uuid.uuid4()),
+                    hostname="capsa-it",
+                    cgroup_parent=cfg.agent.cgroup_parent,
+                )
+                sandbox_id = await cri.run_pod_sandbox(spec)
+                status = await cri.pod_sandbox_status(sandbox_id)
+                # containerd took the pod's IP from capsa-cni's result.
+                assert status.ip == str(port.ip.ip)
+                assert network.ports.bound == {port.port_id: sandbox_id}
+                assert link_exists(host_ifname(sandbox_id, "eth0"))
+                assert await reachable(port.ip.ip)
+
+                await cri.stop_pod_sandbox(sandbox_id)
+                await cri.remove_pod_sandbox(sandbox_id)
+
+                assert not link_exists(host_ifname(sandbox_id, "eth0"))
+                assert network.ports.bound == {}
+                assert not link_exists(network.bridge)
+            finally:
+                # Removed while the daemon still answers the DEL that StopPodSandbox makes.
+                for sandbox in await cri.list_pod_sandboxes():
+                    await cri.stop_pod_sandbox(sandbox.id)
+                    await cri.remove_pod_sandbox(sandbox.id)
+    finally:
+        await daemon.stop()
+        remove_sandbox_leftovers(cni_config.network_name, port.mac)
