@@ -1,12 +1,17 @@
-"""capsa's network service: a capsule's port on the default network, made before its sandbox."""
+"""capsa's network service: a capsule's port on the default network, made before its sandbox.
+
+It is also where the CNI daemon learns what to bind (:class:`capsa.network.types.PortSource`).
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import uuid as uuidlib
 
 from capsa.log import get_logger
 from capsa.model.network import Network, Port, Subnet
 from capsa.network.ipam import lowest_free_address, random_mac
+from capsa.network.types import PortBinding
 from capsa.store import Store
 
 log = get_logger(__name__)
@@ -59,3 +64,34 @@ class NetworkService:
 
     async def release_ports(self, device_id: str) -> None:
         await self._store.ports.delete_for_device(device_id)
+
+    # ---- PortSource, for the CNI daemon ----
+
+    async def find_port(self, pod_name: str) -> PortBinding | None:
+        port = await self._store.ports.find_by_device(pod_name)
+        if port is None:
+            return None
+        network = await self._store.ports.get_network(port.network_id)
+        subnet = await self._store.ports.get_subnet(port.subnet_id)
+        if network is None or subnet is None:
+            return None
+        return PortBinding(
+            port_id=port.id,
+            network_id=network.id,
+            mac=port.mac_address,
+            ip=ipaddress.IPv4Interface(f"{port.ip_address}/{subnet.cidr.prefixlen}"),
+            gateway=subnet.gateway_ip,
+            bridge=bridge_name(network.id),
+            mtu=network.mtu,
+        )
+
+    async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:
+        await self._store.ports.set_binding(port_id, container_id, host_ifname)
+
+    async def port_unbound(self, port_id: str, container_id: str) -> None:
+        await self._store.ports.clear_binding(port_id, container_id)
+
+
+def bridge_name(network_id: str) -> str:
+    """The Linux bridge of a network on every host: distinct per network, at most 15 characters."""
+    return "cbr-" + uuidlib.UUID(network_id).hex[:11]

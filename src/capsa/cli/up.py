@@ -1,0 +1,105 @@
+"""``capsa up``: capsa all-in-one on this host, in the foreground, until SIGTERM or Ctrl-C.
+
+Order matters: the CNI plugin and its daemon are ready before containerd can run a sandbox; the
+agent registers the host before the scheduler places anything; the API opens last, so that once it
+answers, capsa is whole. Stopping runs the same steps backwards. containerd and the registry run in
+their own sessions: if capsa is killed, they keep running and the next ``capsa up`` adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from contextlib import AsyncExitStack
+
+from aiohttp import web
+
+from capsa.api.app import create_app
+from capsa.cni.daemon import CniDaemon
+from capsa.cni.install import install_cni
+from capsa.compute.agent import ComputeAgent
+from capsa.compute.server import AgentServer
+from capsa.config import Config
+from capsa.cri.client import CriClient
+from capsa.log import get_logger, setup_logging
+from capsa.network.service import NetworkService
+from capsa.runtime.host import HostRuntime
+from capsa.scheduler.service import Scheduler
+from capsa.store import Store
+
+log = get_logger("capsa.up")
+
+
+def run_up(cfg: Config) -> int:
+    setup_logging(cfg.log.level, cfg.log.format)
+    return asyncio.run(_up(cfg))
+
+
+async def _up(cfg: Config) -> int:
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+
+    def on_signal(signum: int) -> None:
+        log.info("stopping capsa", signal=signal.Signals(signum).name)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # A second signal must not interrupt the orderly stop.
+            loop.add_signal_handler(sig, log.info, "capsa is already stopping")
+        main.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with AsyncExitStack() as stack:
+            await _start(cfg, stack)
+            log.info("capsa is up", api=cfg.api_url, host=cfg.resolved_host_name)
+            await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        log.info("capsa stopped")
+        return 0
+    except Exception as exc:
+        log.error(f"capsa could not start: {exc}")
+        return 1
+    return 0
+
+
+async def _start(cfg: Config, stack: AsyncExitStack) -> None:
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    install_cni(cfg)
+    if cfg.manages_containerd:
+        runtime = HostRuntime(cfg)
+        await runtime.ensure_running()
+        stack.push_async_callback(runtime.stop)
+
+    store = Store(cfg.database_url)
+    stack.push_async_callback(store.close)
+    await store.open()
+
+    network = NetworkService(
+        store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
+    )
+    await network.default_network()
+    cni_daemon = CniDaemon(network, cfg.cni.daemon_listen)
+    await cni_daemon.start()
+    stack.push_async_callback(cni_daemon.stop)
+
+    cri_client = CriClient(
+        cfg.cri_socket, timeout=cfg.agent.cri_timeout, pull_timeout=cfg.agent.image_pull_timeout
+    )
+    stack.push_async_callback(cri_client.close)
+    agent_server = AgentServer(cri_client, cfg.agent.listen)
+    await agent_server.start()
+    stack.push_async_callback(agent_server.stop)
+    agent = ComputeAgent(cfg, store, cri_client, network)
+    await agent.start()
+    stack.push_async_callback(agent.stop)
+
+    scheduler = Scheduler(store, cfg.scheduler.resync_interval, cfg.scheduler.host_timeout)
+    await scheduler.start()
+    stack.push_async_callback(scheduler.stop)
+
+    api_runner = web.AppRunner(create_app(cfg, store), access_log=None)
+    await api_runner.setup()
+    stack.push_async_callback(api_runner.cleanup)
+    host, _, port = cfg.api.listen.rpartition(":")
+    await web.TCPSite(api_runner, host, int(port)).start()
