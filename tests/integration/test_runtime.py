@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from capsa.runtime.images import (
     pause_recipe,
     push_missing,
 )
+from capsa.runtime.registry import LocalRegistry
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +123,14 @@ async def test_failed_start_stops_what_it_started(private_runtime_config: Config
     assert runtime.registry is not None
     assert not runtime.registry.process.is_running()
     assert not runtime.containerd.process.is_running()
+
+
+async def test_registry_port_taken_is_reported(private_runtime_config: Config) -> None:
+    registry = LocalRegistry(private_runtime_config)
+    host, port = private_runtime_config.registry.listen.rsplit(":", 1)
+    with socket.socket() as taken:
+        # Bound, not listening: the registry cannot bind, and probes are refused at once.
+        taken.bind((host, int(port)))
+        with pytest.raises(HostRuntimeError, match="bind: address already in use"):
+            await registry.ensure_running()
+    assert not registry.process.is_running()

@@ -29,6 +29,10 @@ _MANIFEST_TYPES = ", ".join(
 )
 
 
+# Short, so that something on the port that never answers does not stall the start for long.
+_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=1.0)
+
+
 class RegistryError(HostRuntimeError):
     """The local registry cannot be used; the message says why."""
 
@@ -120,7 +124,7 @@ class LocalRegistry:
     async def _answers(self) -> bool:
         try:
             async with (
-                aiohttp.ClientSession(timeout=self._timeout) as session,
+                aiohttp.ClientSession(timeout=_PROBE_TIMEOUT) as session,
                 session.get(f"{self.url}/v2/") as resp,
             ):
                 return resp.status == 200
