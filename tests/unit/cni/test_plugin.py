@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
@@ -222,6 +223,30 @@ def test_silent_daemon_times_out_with_code_11() -> None:
         error = error_of(*plugin.run(ADD_ENV, conf(address, timeout=0.2)))
     assert error["code"] == 11
     assert "did not answer within 0.2s" in error["msg"]
+
+
+class FakeStdin:
+    def __init__(self, data: bytes) -> None:
+        self.buffer = io.BytesIO(data)
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_main_reads_the_process_environment_and_stdin(
+    monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    environ = {k.encode(): v.encode() for k, v in ADD_ENV.items() if k != "CNI_NETNS"}
+    monkeypatch.setattr("posix.environ", {**environ, b"HOME": b"/root"})
+    monkeypatch.setattr("sys.stdin", FakeStdin(conf("127.0.0.1:1")))
+    assert plugin.main() == 1
+    output = capsysbinary.readouterr().out
+    assert output.endswith(b"\n")
+    error = json.loads(output)
+    assert (error["code"], error["msg"]) == (
+        4,
+        "ADD needs CNI_NETNS, which the runtime did not set",
+    )
 
 
 @pytest.mark.parametrize(
