@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
-from pathlib import Path
 
 import pytest
 
@@ -22,17 +21,10 @@ from capsa.runtime.images import (
     pause_recipe,
     push_missing,
 )
+from capsa.runtime.process import start_time
 from capsa.runtime.registry import LocalRegistry
 
 pytestmark = pytest.mark.integration
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 async def test_registry_serves_the_local_images(host_runtime: HostRuntime) -> None:
@@ -95,14 +87,14 @@ async def test_adopt_restart_on_new_config_and_stop(private_runtime_config: Conf
     await again.containerd.ensure_running("127.0.0.1:1/other/pause:1")
     restarted_pid = again.containerd.process.pid
     assert restarted_pid is not None and restarted_pid != containerd_pid
-    assert not _alive(containerd_pid)
+    assert start_time(containerd_pid) is None
     config_text = again.containerd.config_path.read_text()
     assert config_text == render_containerd_config(cfg, "127.0.0.1:1/other/pause:1")
     async with CriClient(cfg.cri_socket, timeout=5) as cri:
         assert (await cri.version()).runtime_api_version == "v1"
 
     await again.stop()
-    assert not _alive(restarted_pid) and not _alive(registry_pid)
+    assert start_time(restarted_pid) is None and start_time(registry_pid) is None
     assert not again.containerd.process.is_running()
     assert not again.registry.process.is_running()
     assert not list(cfg.run_dir.glob("*.pid"))

@@ -132,7 +132,7 @@ class ManagedProcess:
     async def stop(self, timeout: float) -> None:
         """SIGTERM, then SIGKILL after ``timeout``; a no-op when the process is not running."""
         pid = self.pid
-        started = _start_time(pid) if pid is not None else None
+        started = start_time(pid) if pid is not None else None
         if pid is not None and started is not None:
             self._signal(pid, started, signal.SIGTERM)
             if not await self._wait_gone(pid, started, timeout):
@@ -195,7 +195,7 @@ class ManagedProcess:
     async def _wait_gone(self, pid: int, started: int, timeout: float) -> bool:
         """Waits until the process has released everything (exited, a zombie at most)."""
         deadline = time.monotonic() + timeout
-        while _start_time(pid) == started:
+        while start_time(pid) == started:
             self._reap()
             if time.monotonic() >= deadline:
                 return False
@@ -205,7 +205,7 @@ class ManagedProcess:
     @staticmethod
     def _signal(pid: int, started: int, sig: signal.Signals) -> None:
         # The start time tells our process from a later one that reuses its pid.
-        if _start_time(pid) == started:
+        if start_time(pid) == started:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
@@ -215,7 +215,7 @@ class ManagedProcess:
             self._child = None
 
 
-def _start_time(pid: int) -> int | None:
+def start_time(pid: int) -> int | None:
     """When a live process started (clock ticks since boot); None once it is dead or a zombie.
 
     A process that is exiting keeps its listening sockets until it turns into a zombie, so only

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from capsa.runtime.process import ManagedProcess, ProcessError, run_command
+from capsa.runtime.process import ManagedProcess, ProcessError, run_command, start_time
 
 MakeProcess = Callable[..., ManagedProcess]
 
@@ -26,14 +26,6 @@ async def make_process(tmp_path: Path) -> AsyncIterator[MakeProcess]:
         await proc.stop(timeout=1)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 async def test_start_writes_pidfile_and_stop_ends_the_process(make_process: MakeProcess) -> None:
     proc = make_process("sleep", "30")
     assert not proc.is_running()
@@ -44,7 +36,7 @@ async def test_start_writes_pidfile_and_stop_ends_the_process(make_process: Make
     await proc.stop(timeout=5)
     assert not proc.is_running()
     assert not proc.pidfile.exists()
-    assert not _alive(pid)
+    assert start_time(pid) is None
 
 
 async def test_runs_in_its_own_session(make_process: MakeProcess) -> None:
@@ -95,7 +87,7 @@ async def test_stop_kills_a_process_that_ignores_sigterm(make_process: MakeProce
     pid = proc.pid
     assert pid is not None
     await proc.stop(timeout=0.3)
-    assert not _alive(pid)
+    assert start_time(pid) is None
     assert not proc.pidfile.exists()
 
 
@@ -158,4 +150,4 @@ async def test_run_command_timeout_kills_the_command(tmp_path: Path) -> None:
     marker = tmp_path / "pid"
     with pytest.raises(ProcessError, match=r"did not finish within 0\.2s"):
         await run_command(["sh", "-c", f"echo $$ > {marker}; exec sleep 30"], timeout=0.2)
-    assert not _alive(int(marker.read_text()))
+    assert start_time(int(marker.read_text())) is None
