@@ -24,7 +24,7 @@ from capsa.api.keys import CONFIG, STORE, TEMPLATE_DEFAULTS
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json
 from capsa.api.schemas import TemplateError, parse_create_body
-from capsa.api.views import CapsuleFormatter
+from capsa.api.views import CapsuleFormatter, json_response
 from capsa.log import get_logger
 from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
 from capsa.store import Store
@@ -62,7 +62,7 @@ async def create_capsule(request: web.Request) -> web.Response:
             f"A capsule with name {spec.name} already exists in project {context.project_id}."
         ) from None
     log.info("capsule accepted", capsule=capsule.uuid, name=spec.name, project=context.project_id)
-    return web.json_response(
+    return json_response(
         formatter(request).capsule(capsule),
         status=202,
         headers={"Location": f"{config.api_url}/v1/capsules/{capsule.uuid}"},
@@ -86,7 +86,7 @@ async def list_capsules(request: web.Request) -> web.Response:
     except MarkerNotFound as exc:
         raise InvalidValue(f"Invalid marker: {exc}") from None
     view = formatter(request)
-    return web.json_response(
+    return json_response(
         {
             "capsules": [view.capsule(c) for c in capsules],
             "next": _next_url(config.api_url, page, capsules, all_projects),
@@ -99,7 +99,7 @@ async def show_capsule(request: web.Request) -> web.Response:
     capsule = await find_capsule(
         request.app[STORE], context, request.match_info["ident"], context.project_id
     )
-    return web.json_response(formatter(request).capsule(capsule))
+    return json_response(formatter(request).capsule(capsule))
 
 
 async def delete_capsule(request: web.Request) -> web.Response:

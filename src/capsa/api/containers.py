@@ -19,6 +19,7 @@ from capsa.api.errors import ContainerHostNotUp, ContainerNotFound, InvalidState
 from capsa.api.keys import AGENTS, STORE
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, refuse_unknown
+from capsa.api.views import json_response
 from capsa.log import get_logger
 from capsa.model.capsule import Capsule, Container
 from capsa.store import Store
@@ -55,7 +56,7 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
         )
     agents = request.app[AGENTS]
     if not options.follow:
-        return web.json_response(await agents.logs(host, container_uuid, options))
+        return json_response(await agents.logs(host, container_uuid, options))
     async with agents.stream_logs(host, container_uuid, options) as chunks:
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)

@@ -9,7 +9,7 @@ from capsa.api.context import RequestContext
 from capsa.api.errors import HostNotFound, PolicyNotAuthorized
 from capsa.api.keys import CONFIG, STORE
 from capsa.api.middleware import CONTEXT
-from capsa.api.views import format_host
+from capsa.api.views import format_host, json_response
 
 
 def _authorize(context: RequestContext, action: str) -> None:
@@ -22,7 +22,7 @@ async def list_hosts(request: web.Request) -> web.Response:
     _authorize(request[CONTEXT], "host:get_all")
     base_url = request.app[CONFIG].api_url
     hosts = await request.app[STORE].hosts.all()
-    return web.json_response({"hosts": [format_host(h, base_url) for h in hosts], "next": None})
+    return json_response({"hosts": [format_host(h, base_url) for h in hosts], "next": None})
 
 
 async def show_host(request: web.Request) -> web.Response:
@@ -34,4 +34,4 @@ async def show_host(request: web.Request) -> web.Response:
         host = next((h for h in await store.hosts.all() if h.uuid == ident), None)
     if host is None:
         raise HostNotFound(ident)
-    return web.json_response(format_host(host, request.app[CONFIG].api_url))
+    return json_response(format_host(host, request.app[CONFIG].api_url))

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from capsa.api.keys import CONFIG
 from capsa.api.microversion import MAX_VERSION, MIN_VERSION
+from capsa.api.views import json_response
 
 # The collections of v1 that capsa serves.
 _COLLECTIONS = ("capsules", "containers", "hosts")
@@ -28,7 +29,7 @@ def _version(base_url: str) -> dict[str, Any]:
 
 async def root(request: web.Request) -> web.Response:
     base_url = request.app[CONFIG].api_url
-    return web.json_response(
+    return json_response(
         {
             "name": "capsa",
             "description": "Pods as a service, through OpenStack Zun's container API.",
@@ -52,4 +53,4 @@ async def v1(request: web.Request) -> web.Response:
             {"href": f"{base_url}/v1/{collection}/", "rel": "self"},
             {"href": f"{base_url}/{collection}/", "rel": "bookmark"},
         ]
-    return web.json_response(document)
+    return json_response(document)

@@ -12,12 +12,25 @@ for every row once and does no lookups per row.
 
 from __future__ import annotations
 
+import functools
+import json
 from datetime import datetime
 from typing import Any
+
+from aiohttp import web
 
 from capsa.api.microversion import CAPSULE_CURRENT_SHAPE, APIVersion
 from capsa.model.capsule import Address, Capsule, Container, RestartPolicy, Status
 from capsa.model.host import Host
+
+_compact_json = functools.partial(json.dumps, separators=(",", ":"))
+
+
+def json_response(
+    data: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON response without the spaces that would grow a full list page by a tenth."""
+    return web.json_response(data, status=status, headers=headers, dumps=_compact_json)
 
 
 def timestamp(value: datetime | None) -> str | None:
