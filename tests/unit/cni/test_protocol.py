@@ -188,7 +188,7 @@ def test_result_shape_per_version(version: str) -> None:
 
 
 def test_result_appends_to_prev_result() -> None:
-    prev = {
+    prev: dict[str, Any] = {
         "cniVersion": "1.0.0",
         "interfaces": [{"name": "other0", "mac": "02:00:00:00:00:09"}],
         "ips": [{"address": "192.168.9.2/24", "interface": 0}],
