@@ -106,6 +106,8 @@ class ContainerdConfig:
     socket: str = ""
     binary: str = "containerd"
     start_timeout: float = 30.0
+    # The pause image of every sandbox; empty means capsa's own, from its local registry.
+    sandbox_image: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class RegistryConfig:
     listen: str = "127.0.0.1:5000"
     binary: str = "docker-registry"
     mirror_of: tuple[str, ...] = ("docker.io",)
+    start_timeout: float = 15.0
 
 
 @dataclass(frozen=True)

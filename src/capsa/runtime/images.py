@@ -72,6 +72,8 @@ class ImageRecipe:
 
 def sandbox_image(cfg: Config) -> str:
     """The pause image containerd runs as every sandbox's first process."""
+    if cfg.containerd.sandbox_image:
+        return cfg.containerd.sandbox_image
     if not cfg.registry.enabled:
         return UPSTREAM_SANDBOX_IMAGE
     return f"{registry_host(cfg)}/{PAUSE_REPOSITORY}:{PAUSE_TAG}"

@@ -47,10 +47,10 @@ def registry_host(cfg: Config) -> str:
 
 class LocalRegistry:
     def __init__(
-        self, cfg: Config, start_timeout: float = 15.0, request_timeout: float = 5.0
+        self, cfg: Config, request_timeout: float = 5.0
     ) -> None:
         self._cfg = cfg
-        self._start_timeout = start_timeout
+        self._start_timeout = cfg.registry.start_timeout
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self.config_path = cfg.registry_dir / "config.yml"
         self.process = ManagedProcess(
