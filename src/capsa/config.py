@@ -135,8 +135,9 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class CniConfig:
-    # Where the CNI daemon listens: "HOST:PORT" on loopback, or "unix:/path/to.sock".
-    daemon_listen: str = "127.0.0.1:9519"
+    # Where the CNI daemon listens: "unix:/path/to.sock" or "HOST:PORT" on loopback. Empty means
+    # unix:<state_dir>/run/cni-daemon.sock, which only root can reach (the daemon rewires pods).
+    daemon_listen: str = ""
     # Name of the network in the conflist that containerd reads.
     network_name: str = "capsa"
     # capsa-cni gives up on the daemon after this many seconds.
@@ -190,6 +191,10 @@ class Config:
     @property
     def manages_containerd(self) -> bool:
         return not self.containerd.socket
+
+    @property
+    def cni_daemon_address(self) -> str:
+        return self.cni.daemon_listen or f"unix:{self.run_dir / 'cni-daemon.sock'}"
 
     @property
     def cni_conf_dir(self) -> Path:

@@ -14,6 +14,8 @@ def test_defaults_with_an_empty_file_and_no_environment(tmp_path: Path) -> None:
     assert cfg.agent.runtimes == ("runc",)
     assert cfg.cri_socket == "/var/lib/capsa/containerd/containerd.sock"
     assert cfg.database_url == "sqlite+aiosqlite:////var/lib/capsa/capsa.db"
+    # Only root reaches the CNI daemon unless an operator says otherwise.
+    assert cfg.cni_daemon_address == "unix:/var/lib/capsa/run/cni-daemon.sock"
 
 
 def test_file_then_environment_win_in_that_order(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
         store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
     )
     await network.default_network()
-    cni_daemon = CniDaemon(network, cfg.cni.daemon_listen)
+    cni_daemon = CniDaemon(network, cfg.cni_daemon_address)
     await cni_daemon.start()
     stack.push_async_callback(cni_daemon.stop)
 

@@ -8,7 +8,7 @@ says the daemon is alive, ``GET /readyz`` that it can bind ports.
 
 Run it next to the API and the agent::
 
-    daemon = CniDaemon(ports, cfg.cni.daemon_listen)
+    daemon = CniDaemon(ports, cfg.cni_daemon_address)
     await daemon.start()
     ...
     await daemon.stop()

@@ -88,7 +88,7 @@ def conflist_for(cfg: Config) -> dict[str, Any]:
         "plugins": [
             {
                 "type": PLUGIN_TYPE,
-                "daemon": cfg.cni.daemon_listen,
+                "daemon": cfg.cni_daemon_address,
                 "timeout": cfg.cni.plugin_timeout,
                 # Declared now so that containerd passes runtimeConfig.portMappings once capsa
                 # publishes ports.
