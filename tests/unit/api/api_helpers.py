@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from capsa.config import ApiConfig, CapsuleConfig, Config
 
@@ -78,3 +79,40 @@ async def assert_error(response: Any, status: int, code: str, *fragments: str) -
         assert fragment in error["detail"], error["detail"]
     detail: str = error["detail"]
     return detail
+
+
+class StubAgent:
+    """Answers GET /v1/agent/containers/{uuid}/logs; ``status`` and ``lines`` set its answer."""
+
+    def __init__(self) -> None:
+        self.queries: list[dict[str, str]] = []
+        self.status = 200
+        self.lines = ["line 1\n", "line 2\n"]
+        # A follow stream sends its first line, then the rest once this is set.
+        self.release = asyncio.Event()
+        self.server = TestServer(self._app())
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/agent/containers/{uuid}/logs", self._logs)
+        return app
+
+    async def _logs(self, request: web.Request) -> web.StreamResponse:
+        self.queries.append({"uuid": request.match_info["uuid"], **request.query})
+        if self.status != 200:
+            return web.Response(status=self.status, text="no such container here")
+        if request.query.get("follow") != "true":
+            return web.Response(text="".join(self.lines))
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        first, *rest = self.lines
+        await response.write(first.encode())
+        await self.release.wait()
+        for line in rest:
+            await response.write(line.encode())
+        await response.write_eof()
+        return response
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")

@@ -1,0 +1,49 @@
+"""The API on a temporary SQLite store, for the CLI to talk to, and a way to run the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+from tests.unit.api.api_helpers import StubAgent, config_for
+from tests.unit.cli.cli_helpers import CliRunner, Run
+
+from capsa.api.app import create_app
+from capsa.cli.main import main
+from capsa.store import Store
+
+
+@pytest.fixture
+async def api_url(store: Store, tmp_path: Path) -> AsyncIterator[str]:
+    server = TestServer(create_app(config_for(tmp_path, max_limit=2), store, agent_timeout=2.0))
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+def capsa(api_url: str, capsys: pytest.CaptureFixture[str]) -> CliRunner:
+    """Runs ``capsa --url <the test API> ARGS`` in a thread, as the event loop serves the API."""
+
+    async def run(*args: str, url: str | None = None) -> Run:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, ["--url", url or api_url, *args])
+        captured = capsys.readouterr()
+        return Run(int(code), captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[StubAgent]:
+    stub = StubAgent()
+    await stub.server.start_server()
+    try:
+        yield stub
+    finally:
+        await stub.server.close()
