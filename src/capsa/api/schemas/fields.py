@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from capsa.model.capsule import PortSpec, RestartPolicy
+from capsa.model.capsule import ContainerSpec, PortSpec, PullPolicy, RestartPolicy
 from capsa.model.image_ref import InvalidImageReference, parse_image_reference
 
 
@@ -101,6 +101,49 @@ class ContainerPort(TemplateModel):
             protocol=self.protocol,
             host_port=self.host_port,
             name=self.name,
+        )
+
+
+class ContainerTemplate(TemplateModel):
+    """What a Zun template and a Pod manifest say alike about a container."""
+
+    # Optional in Zun's templates (capsa then names the container), required in Pods.
+    name: ObjectName | None = None
+    image: ImageName
+    command: list[str] | None = None
+    args: list[str] | None = None
+    ports: list[ContainerPort] | None = None
+    stdin: bool | None = None
+    tty: bool | None = None
+    volume_mounts: NotSupportedYet = None
+
+    def to_spec(self, name: str, defaults: TemplateDefaults, path: str) -> ContainerSpec:
+        """The container's spec, named ``name``; ``path`` locates it in the template for errors."""
+        raise NotImplementedError
+
+    def container_spec(
+        self,
+        name: str,
+        *,
+        cpu_millis: int,
+        memory_mb: int,
+        workdir: str | None,
+        env: dict[str, str],
+        pull_policy: PullPolicy | None,
+    ) -> ContainerSpec:
+        return ContainerSpec(
+            name=name,
+            image=self.image,
+            cpu_millis=cpu_millis,
+            memory_mb=memory_mb,
+            command=tuple(self.command or ()),
+            args=tuple(self.args or ()),
+            workdir=workdir,
+            env=env,
+            image_pull_policy=pull_policy or PullPolicy.IF_NOT_PRESENT,
+            tty=bool(self.tty),
+            stdin=bool(self.stdin),
+            ports=tuple(p.to_spec() for p in self.ports or ()),
         )
 
 

@@ -15,8 +15,7 @@ from pydantic import BeforeValidator, Field
 
 from capsa.api.schemas.fields import (
     RESTART_POLICIES,
-    ContainerPort,
-    ImageName,
+    ContainerTemplate,
     NotSupportedYet,
     ObjectName,
     RestartPolicyName,
@@ -69,39 +68,26 @@ class EnvVar(TemplateModel):
     value: str = ""
 
 
-class PodContainer(TemplateModel):
+class PodContainer(ContainerTemplate):
     name: ObjectName
-    image: ImageName
-    command: list[str] | None = None
-    args: list[str] | None = None
     working_dir: str | None = None
     env: list[EnvVar] | None = None
     resources: Resources | None = None
-    ports: list[ContainerPort] | None = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    stdin: bool | None = None
-    tty: bool | None = None
-    volume_mounts: NotSupportedYet = None
 
     def to_spec(self, name: str, defaults: TemplateDefaults, path: str) -> ContainerSpec:
         cpu = memory = None
         if self.resources:
             cpu = self.resources.amount("cpu", f"{path}.resources")
             memory = self.resources.amount("memory", f"{path}.resources")
-        return ContainerSpec(
-            name=name,
-            image=self.image,
+        return self.container_spec(
+            name,
             cpu_millis=millicores(cpu, "cpu") if cpu is not None else defaults.cpu_millis,
             memory_mb=mebibytes(memory) if memory is not None else defaults.memory_mb,
-            command=tuple(self.command or ()),
-            args=tuple(self.args or ()),
             workdir=self.working_dir,
             # Later entries win, as in Kubernetes.
             env={var.name: var.value for var in self.env or ()},
-            image_pull_policy=PullPolicy(self.image_pull_policy or PullPolicy.IF_NOT_PRESENT),
-            tty=bool(self.tty),
-            stdin=bool(self.stdin),
-            ports=tuple(p.to_spec() for p in self.ports or ()),
+            pull_policy=PullPolicy(self.image_pull_policy) if self.image_pull_policy else None,
         )
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from capsa.api.schemas.fields import TemplateDefaults, TemplateFieldError
+from capsa.api.schemas.fields import ContainerTemplate, TemplateDefaults, TemplateFieldError
 from capsa.api.schemas.pod import PodManifest
 from capsa.api.schemas.zun import ZunTemplate
 from capsa.model.capsule import CapsuleSpec, ContainerSpec
@@ -23,13 +23,6 @@ from capsa.model.capsule import CapsuleSpec, ContainerSpec
 
 class TemplateError(ValueError):
     """The body cannot become a capsule; the message says what to change."""
-
-
-class _ContainerTemplate(Protocol):
-    @property
-    def name(self) -> str | None: ...
-
-    def to_spec(self, name: str, defaults: TemplateDefaults, path: str) -> ContainerSpec: ...
 
 
 def parse_create_body(body: Any, defaults: TemplateDefaults, fallback_name: str) -> CapsuleSpec:
@@ -93,8 +86,8 @@ def _validate(template: dict[str, Any]) -> PodManifest | ZunTemplate:
 
 
 def _container_specs(
-    containers: Sequence[_ContainerTemplate],
-    init_containers: Sequence[_ContainerTemplate],
+    containers: Sequence[ContainerTemplate],
+    init_containers: Sequence[ContainerTemplate],
     defaults: TemplateDefaults,
 ) -> tuple[tuple[ContainerSpec, ...], tuple[ContainerSpec, ...]]:
     """Specs of the containers and init containers, with names that are unique in the capsule."""

@@ -12,8 +12,7 @@ from pydantic import BeforeValidator, Field
 
 from capsa.api.schemas.fields import (
     RESTART_POLICIES,
-    ContainerPort,
-    ImageName,
+    ContainerTemplate,
     NotSupportedYet,
     ObjectName,
     RestartPolicyName,
@@ -76,37 +75,25 @@ class ZunResources(TemplateModel):
     requests: ZunRequests | None = None
 
 
-class ZunContainer(TemplateModel):
-    name: ObjectName | None = None
-    image: ImageName
-    command: list[str] | None = None
-    args: list[str] | None = None
+class ZunContainer(ContainerTemplate):
     work_dir: str | None = None
     env: StringMap | None = None
     resources: ZunResources | None = None
-    ports: list[ContainerPort] | None = None
     image_pull_policy: ZunPullPolicy | None = None
     stdin: ZunBoolean | None = None
     tty: ZunBoolean | None = None
-    volume_mounts: NotSupportedYet = None
 
     def to_spec(self, name: str, defaults: TemplateDefaults, path: str) -> ContainerSpec:
         requests = self.resources.requests if self.resources else None
         cpu = requests.cpu if requests else None
         memory = requests.memory if requests else None
-        return ContainerSpec(
-            name=name,
-            image=self.image,
+        return self.container_spec(
+            name,
             cpu_millis=cpu or defaults.cpu_millis,
             memory_mb=memory or defaults.memory_mb,
-            command=tuple(self.command or ()),
-            args=tuple(self.args or ()),
             workdir=self.work_dir,
             env=dict(self.env or {}),
-            image_pull_policy=self.image_pull_policy or PullPolicy.IF_NOT_PRESENT,
-            tty=bool(self.tty),
-            stdin=bool(self.stdin),
-            ports=tuple(p.to_spec() for p in self.ports or ()),
+            pull_policy=self.image_pull_policy,
         )
 
 
