@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -116,3 +118,14 @@ class StubAgent:
     @property
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+async def agent() -> AsyncIterator[StubAgent]:
+    """A running stub agent, stopped after the test."""
+    stub = StubAgent()
+    await stub.server.start_server()
+    try:
+        yield stub
+    finally:
+        await stub.server.close()

@@ -9,10 +9,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from tests.unit.api.api_helpers import Client, config_for
+from tests.unit.api.api_helpers import Client, agent, config_for
 
 from capsa.api.app import create_app
 from capsa.store import Store
+
+# The stub agent fixture, shared with the CLI tests.
+__all__ = ["agent"]
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,16 +18,6 @@ from tests.unit.api.api_helpers import (
 )
 
 from capsa.store import Store
-
-
-@pytest.fixture
-async def agent() -> AsyncIterator[StubAgent]:
-    stub = StubAgent()
-    await stub.server.start_server()
-    try:
-        yield stub
-    finally:
-        await stub.server.close()
 
 
 async def placed_capsule(client: Client, store: Store, agent_url: str) -> dict[str, Any]:

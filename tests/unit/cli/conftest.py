@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
-from tests.unit.api.api_helpers import StubAgent, config_for
+from tests.unit.api.api_helpers import agent, config_for
 from tests.unit.cli.cli_helpers import CliRunner, Run
 
 from capsa.api.app import create_app
 from capsa.cli.main import main
 from capsa.store import Store
+
+__all__ = ["agent"]
 
 
 @pytest.fixture
@@ -37,13 +39,3 @@ def capsa(api_url: str, capsys: pytest.CaptureFixture[str]) -> CliRunner:
         return Run(int(code), captured.out, captured.err)
 
     return run
-
-
-@pytest.fixture
-async def agent() -> AsyncIterator[StubAgent]:
-    stub = StubAgent()
-    await stub.server.start_server()
-    try:
-        yield stub
-    finally:
-        await stub.server.close()
