@@ -158,6 +158,27 @@ def test_zun_cpu_and_memory_may_be_strings_of_numbers() -> None:
     )
 
 
+def test_a_virtual_kubelet_container_gets_defaults_for_what_it_leaves_empty() -> None:
+    template = modified(
+        ZUN,
+        "spec.containers",
+        [
+            {
+                "image": "nginx",
+                "command": None,
+                "workDir": "",
+                "imagePullPolicy": "IfNotPresent",
+                "env": {"KUBERNETES_SERVICE_HOST": "10.0.0.1"},
+                "resources": {},
+            }
+        ],
+    )
+    [container] = parse(json.dumps(template)).containers
+    assert container.workdir is None
+    assert (container.cpu_millis, container.memory_mb) == (250, 96)
+    assert container.command == ()
+
+
 def test_a_template_without_name_gets_the_fallback_name() -> None:
     template = modified(ZUN, "metadata", {})
     assert parse(template).name == "capsule-generated"

@@ -138,7 +138,8 @@ class ContainerTemplate(TemplateModel):
             memory_mb=memory_mb,
             command=tuple(self.command or ()),
             args=tuple(self.args or ()),
-            workdir=workdir,
+            # An empty working directory (Virtual Kubelet sends one) means the image's own.
+            workdir=workdir or None,
             env=env,
             image_pull_policy=pull_policy or PullPolicy.IF_NOT_PRESENT,
             tty=bool(self.tty),
