@@ -109,20 +109,29 @@ class AgentClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _unreachable(host, exc) from exc
         try:
-            if response.status != 200:
-                reason = await _reason(response)
-                if response.status == 404:
-                    raise InvalidState(
-                        f"Container {container_uuid} has no logs on host {host.name} yet: {reason}"
-                    )
-                raise ComputeAgentError(
-                    f"The agent of host {host.name} failed to read the logs of container "
-                    f"{container_uuid} (HTTP {response.status}): {reason}"
+            if response.status == 200:
+                yield response
+                return
+            reason = await self._reason(response)
+            if response.status == 404:
+                raise InvalidState(
+                    f"Container {container_uuid} has no logs on host {host.name} yet: {reason}"
                 )
-            yield response
+            raise ComputeAgentError(
+                f"The agent of host {host.name} failed to read the logs of container "
+                f"{container_uuid} (HTTP {response.status}): {reason}"
+            )
         finally:
             # Closed rather than pooled: a stream left early must not be reused half read.
             response.close()
+
+    async def _reason(self, response: aiohttp.ClientResponse) -> str:
+        try:
+            async with asyncio.timeout(self._timeout):
+                text = await response.text(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"no reason given ({exc or type(exc).__name__})"
+        return text.strip()[:_REASON_LIMIT] or "no reason given"
 
 
 async def _chunks(
@@ -135,14 +144,6 @@ async def _chunks(
         log.warning(
             "log stream from agent ended early", host=host.name, container=container_uuid, error=exc
         )
-
-
-async def _reason(response: aiohttp.ClientResponse) -> str:
-    try:
-        text = await response.text(errors="replace")
-    except aiohttp.ClientError as exc:
-        return f"no reason given ({exc})"
-    return text.strip()[:_REASON_LIMIT] or "no reason given"
 
 
 def _unreachable(host: Host, exc: BaseException) -> ContainerHostNotUp:

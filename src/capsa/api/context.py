@@ -18,7 +18,6 @@ ADMIN_ROLE = "admin"
 
 @dataclass(frozen=True)
 class RequestContext:
-    request_id: str
     project_id: str
     user_id: str
     roles: frozenset[str]
@@ -41,13 +40,12 @@ class RequestContext:
 
 
 def context_from_headers(
-    headers: Mapping[str, str], api: ApiConfig, request_id: str, version: APIVersion
+    headers: Mapping[str, str], api: ApiConfig, version: APIVersion
 ) -> RequestContext:
     roles = frozenset(
         role.strip().lower() for role in headers.get("X-Roles", "").split(",") if role.strip()
     )
     return RequestContext(
-        request_id=request_id,
         project_id=headers.get("X-Project-Id") or api.default_project_id,
         user_id=headers.get("X-User-Id") or api.default_user_id,
         roles=roles,

@@ -72,15 +72,14 @@ def require(version: APIVersion, minimum: APIVersion) -> None:
         )
 
 
-def response_headers(version: APIVersion | None) -> dict[str, str]:
-    """The headers of every v1 response (the version itself when the request named a valid one)."""
-    headers = {
+def response_headers(version: APIVersion) -> dict[str, str]:
+    """The headers of every v1 response, for a request served at ``version``."""
+    return {
         MIN_HEADER: MIN_VERSION.header_value,
         MAX_HEADER: MAX_VERSION.header_value,
+        HEADER: version.header_value,
         "Vary": HEADER,
     }
-    headers[HEADER] = (version or MIN_VERSION).header_value
-    return headers
 
 
 def _unsupported(message: str) -> MicroversionUnsupported:

@@ -26,12 +26,12 @@ from capsa.log import get_logger
 
 log = get_logger(__name__)
 
-REQUEST_ID = web.RequestKey("request_id", str)
 CONTEXT = web.RequestKey("context", RequestContext)
+_REQUEST_ID = web.RequestKey("request_id", str)
 _VERSION_HEADERS = web.RequestKey("version_headers", dict[str, str])
 
 
-def is_v1(path: str) -> bool:
+def _is_v1(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
@@ -39,13 +39,14 @@ def api_middleware(api: ApiConfig) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = f"req-{uuid.uuid4()}"
-        request[REQUEST_ID] = request_id
+        request[_REQUEST_ID] = request_id
         try:
-            if is_v1(request.path):
-                request[_VERSION_HEADERS] = microversion.response_headers(None)
+            if _is_v1(request.path):
+                # A request whose version cannot be served is answered as at the minimum.
+                request[_VERSION_HEADERS] = microversion.response_headers(microversion.MIN_VERSION)
                 version = microversion.negotiate(request.headers.get(microversion.HEADER))
                 request[_VERSION_HEADERS] = microversion.response_headers(version)
-                request[CONTEXT] = context_from_headers(request.headers, api, request_id, version)
+                request[CONTEXT] = context_from_headers(request.headers, api, version)
             return await handler(request)
         except ApiError as exc:
             return error_response(exc, request_id)
@@ -65,14 +66,14 @@ def api_middleware(api: ApiConfig) -> Middleware:
 
 
 async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    request_id = request.get(REQUEST_ID)
+    request_id = request.get(_REQUEST_ID)
     if request_id is not None:
         response.headers["x-openstack-request-id"] = request_id
     response.headers.update(request.get(_VERSION_HEADERS, {}))
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ApiError:
-    """aiohttp's own refusals (routing, body size) as capsa errors."""
+    """aiohttp's own refusals (no such path, wrong method, ...) as capsa errors."""
     if isinstance(exc, web.HTTPNotFound):
         return NotFound(f"The resource could not be found: {request.path}")
     if isinstance(exc, web.HTTPMethodNotAllowed):
