@@ -57,7 +57,7 @@ def list_all(client: ApiClient, out: Output) -> int:
     while path:
         page = client.get(path, query)
         capsules += page["capsules"]
-        # ``next`` is an absolute URL of the API's public address; follow it on ours.
+        # ``next`` is an absolute URL at the API's public address; follow it at ours.
         next_url = page.get("next")
         path, query = _path_and_query(next_url) if next_url else (None, None)
     out.result(capsules, table(CAPSULE_COLUMNS, [capsule_row(c) for c in capsules]))
@@ -114,8 +114,9 @@ def _read_yaml(file: str, raw: str, json_error: json.JSONDecodeError) -> Any:
 
 
 def _path_and_query(url: str) -> tuple[str, dict[str, str]]:
+    """The API path of a ``next`` URL (without the public URL's own prefix) and its query."""
     parts = urlsplit(url)
-    return parts.path, dict(parse_qsl(parts.query))
+    return parts.path[parts.path.find("/v1/") :], dict(parse_qsl(parts.query))
 
 
 def _poll(
