@@ -11,6 +11,14 @@ Runtime fixtures (capsa.runtime):
   they leave running or mounted is removed afterwards.
 - ``runtime_test_config`` and ``running_host_runtime`` build and run a private instance with
   other settings.
+
+capsa all-in-one fixtures:
+
+- ``capsa``: one ``capsa up`` process for the session (its own state dir, ports, network CIDR,
+  host name and cgroup parent); at the end it deletes every capsule, stops capsa with SIGTERM and
+  checks that nothing of it still runs.
+- ``private_capsa``: an instance of the test's own, not started, for tests that kill or restart
+  capsa; removed afterwards whatever state it is in.
 """
 
 from __future__ import annotations
@@ -18,11 +26,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,3 +154,236 @@ async def host_cri(host_runtime: HostRuntime) -> AsyncIterator[CriClient]:
         pull_timeout=cfg.agent.image_pull_timeout,
     ) as cri:
         yield cri
+
+
+# ---- capsa all-in-one (`capsa up` as a separate process, driven through its API) ----
+
+
+class CapsaInstance:
+    """One ``capsa up`` process with its own state dir, ports, network and host name.
+
+    The API is reached with plain HTTP like any client; the runtime is inspected through the
+    instance's CRI socket, the kernel through ``ip``.
+    """
+
+    def __init__(self) -> None:
+        self.state_dir = new_state_dir()
+        suffix = self.state_dir.name.removeprefix("capsa-it-")
+        self.api_url = f"http://127.0.0.1:{free_port()}"
+        self.cidr = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24"
+        self.host_name = f"it-{suffix}"
+        self.env = {
+            **os.environ,
+            "CAPSA_CONFIG": os.devnull,
+            "CAPSA_STATE_DIR": str(self.state_dir),
+            "CAPSA_HOST_NAME": self.host_name,
+            "CAPSA_API_LISTEN": self.api_url.removeprefix("http://"),
+            "CAPSA_AGENT_LISTEN": f"127.0.0.1:{free_port()}",
+            "CAPSA_REGISTRY_LISTEN": f"127.0.0.1:{free_port()}",
+            "CAPSA_NETWORK_DEFAULT_CIDR": self.cidr,
+            "CAPSA_AGENT_CGROUP_PARENT": f"/{self.state_dir.name}",
+            "CAPSA_AGENT_STOP_GRACE_PERIOD": "2",
+            "CAPSA_LOG_LEVEL": "DEBUG",
+        }
+        self.log_path = self.state_dir / "capsa-up.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def cri_socket(self) -> str:
+        return str(self.state_dir / "containerd" / "containerd.sock")
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite+aiosqlite:///{self.state_dir / 'capsa.db'}"
+
+    def start(self, timeout: float = 120.0) -> None:
+        with self.log_path.open("ab") as log_file:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "capsa", "up"],
+                env=self.env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"capsa up exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.api_url + "/", timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"capsa up did not answer within {timeout}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: containerd and the registry keep running."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self, timeout: float = 60.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout)
+        self.process = None
+        return code
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def processes(self) -> list[str]:
+        """Command lines of the processes that still run from this instance's state dir."""
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if str(self.state_dir) in text:
+                    found.append(text)
+        return found
+
+    # -- the API, as any HTTP client --
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.api_url + path,
+            data=data,
+            method=method,
+            headers={
+                "Content-Type": "application/json",
+                "OpenStack-API-Version": "container 1.40",
+                "X-Auth-Token": "test",
+                **(headers or {}),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        return status, json.loads(raw) if raw else None
+
+    def create(self, template: dict[str, Any], **headers: str) -> dict[str, Any]:
+        status, body = self.request("POST", "/v1/capsules", {"template": template}, headers)
+        assert status == 202, body
+        return dict(body)
+
+    def get(self, ident: str) -> dict[str, Any] | None:
+        status, body = self.request("GET", f"/v1/capsules/{ident}")
+        if status == 404:
+            return None
+        assert status == 200, body
+        return dict(body)
+
+    def capsules(self) -> list[dict[str, Any]]:
+        status, body = self.request(
+            "GET", "/v1/capsules?all_projects=true&limit=1000", headers={"X-Roles": "admin"}
+        )
+        assert status == 200, body
+        return list(body["capsules"])
+
+    def wait_status(
+        self, ident: str, statuses: tuple[str, ...], timeout: float = 90.0
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        capsule = None
+        while time.monotonic() < deadline:
+            capsule = self.get(ident)
+            if capsule is not None and capsule["status"] in statuses:
+                return capsule
+            time.sleep(0.2)
+        raise AssertionError(
+            f"capsule {ident} did not reach {statuses} in {timeout}s: {capsule}\n{self.log_tail()}"
+        )
+
+    def delete(self, ident: str) -> None:
+        status, body = self.request("DELETE", f"/v1/capsules/{ident}")
+        assert status in (204, 404), body
+
+    def wait_gone(self, ident: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.get(ident) is None:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"capsule {ident} still exists after {timeout}s\n{self.log_tail()}")
+
+    def delete_all(self) -> None:
+        capsules = self.capsules()
+        for capsule in capsules:
+            status, body = self.request(
+                "DELETE",
+                f"/v1/capsules/{capsule['uuid']}",
+                headers={"X-Project-Id": capsule["project_id"]},
+            )
+            assert status in (204, 404), body
+        for capsule in capsules:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(
+                c["uuid"] == capsule["uuid"] for c in self.capsules()
+            ):
+                time.sleep(0.2)
+
+    def cleanup(self) -> None:
+        """Stops whatever still runs and removes everything the instance made."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(Exception):
+                self.delete_all()
+            with contextlib.suppress(Exception):
+                self.stop()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+        cfg = runtime_test_config(self.state_dir)
+        # Adopts, through the pid files, a containerd or registry left by a killed instance.
+        asyncio.run(tear_down_host_runtime(HostRuntime(cfg)))
+        remove_cgroup_parent(self.env["CAPSA_AGENT_CGROUP_PARENT"])
+        for link in bridges_for(self.cidr):
+            subprocess.run(["ip", "link", "del", link], check=False, timeout=10)
+
+
+def bridges_for(cidr: str) -> list[str]:
+    """Bridges that hold an address of ``cidr`` (the gateway of an instance's default network)."""
+    out = subprocess.run(
+        ["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    prefix = cidr.rsplit(".", 1)[0] + "."
+    return [line.split()[1] for line in out.splitlines() if f" {prefix}" in line]
+
+
+@pytest.fixture(scope="session")
+def capsa() -> Iterator[CapsaInstance]:
+    """capsa all-in-one for the session; at the end every capsule is deleted and capsa stopped."""
+    _require_root()
+    instance = CapsaInstance()
+    try:
+        instance.start()
+        yield instance
+        instance.delete_all()
+        assert instance.stop() == 0, instance.log_tail()
+        assert instance.processes() == [], "capsa up left processes running"
+    finally:
+        instance.cleanup()
+
+
+@pytest.fixture
+def private_capsa() -> Iterator[CapsaInstance]:
+    """A capsa instance of the test's own, for tests that kill or restart it."""
+    _require_root()
+    instance = CapsaInstance()
+    try:
+        yield instance
+    finally:
+        instance.cleanup()

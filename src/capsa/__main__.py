@@ -1,0 +1,5 @@
+"""``python -m capsa``: the ``capsa`` command."""
+
+from capsa.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""capsa killed with SIGKILL while capsules run and while others are being created.
+
+When it starts again, every capsule ends Running (or Error with a reason), none is duplicated,
+a sandbox that belongs to no capsule is removed, and the containerd that was left running is reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsa.cri import types as cri
+from capsa.cri.client import CriClient
+
+pytestmark = pytest.mark.integration
+
+HTTP = ["sh", "-c", "mkdir -p /www && echo ok > /www/index.html && exec httpd -f -p 80 -h /www"]
+
+
+def template(name: str) -> dict[str, Any]:
+    return {
+        "kind": "capsule",
+        "metadata": {"name": name},
+        "spec": {
+            "initContainers": [{"name": "setup", "image": "busybox", "command": ["true"]}],
+            "containers": [
+                {"name": "http", "image": "busybox", "command": HTTP},
+                {"name": "idle", "image": "busybox", "command": ["sleep", "3600"]},
+            ],
+        },
+    }
+
+
+def names(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}-{uuid.uuid4().hex[:8]}" for _ in range(count)]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_orphan_sandbox(socket: str, log_dir: Path) -> str:
+    """A sandbox with capsa's labels whose capsule does not exist, as a crash could leave."""
+
+    async def run() -> str:
+        async with CriClient(socket) as client:
+            owner = str(uuid.uuid4())
+            return await client.run_pod_sandbox(
+                cri.SandboxSpec(
+                    name=owner,
+                    namespace="orphans",
+                    uid=owner,
+                    log_directory=str(log_dir),
+                    labels={"io.capsa.managed": "true", "io.capsa.capsule": owner},
+                    host_network=True,
+                )
+            )
+
+    return asyncio.run(run())
+
+
+def runtime_view(socket: str) -> tuple[list[cri.PodSandbox], list[cri.Container]]:
+    async def query() -> tuple[list[cri.PodSandbox], list[cri.Container]]:
+        async with CriClient(socket) as client:
+            return await client.list_pod_sandboxes(), await client.list_containers()
+
+    return asyncio.run(query())
+
+
+def test_sigkill_while_creating_then_restart_recovers_everything(private_capsa: Any) -> None:
+    capsa = private_capsa
+    capsa.start()
+    running = names("run", 3)
+    with ThreadPoolExecutor(5) as pool:
+        list(pool.map(lambda n: capsa.create(template(n)), running))
+        list(pool.map(lambda n: capsa.wait_status(n, ("Running",)), running))
+
+        creating = names("new", 5)
+        list(pool.map(lambda n: capsa.create(template(n)), creating))
+    # Kill once some sandbox or container is being made, so the crash lands mid-way.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        tasks = {capsa.get(n)["task_state"] for n in creating}
+        if tasks & {"container_creating", "container_starting"}:
+            break
+        time.sleep(0.02)
+    statuses_at_kill = [capsa.get(n)["status"] for n in creating]
+    capsa.kill()
+    assert "Creating" in statuses_at_kill, "the kill did not land while capsules were created"
+
+    containerd_pid = int((capsa.state_dir / "run" / "containerd.pid").read_text())
+    assert pid_alive(containerd_pid), "containerd must survive capsa's crash"
+    orphan = start_orphan_sandbox(capsa.cri_socket, capsa.state_dir / "orphan-logs")
+
+    capsa.start()
+
+    everyone = running + creating
+    final = [capsa.wait_status(n, ("Running", "Error")) for n in everyone]
+    for capsule in final:
+        if capsule["status"] == "Error":
+            assert capsule["status_reason"], capsule
+    assert [c["status"] for c in final] == ["Running"] * len(everyone), [
+        (c["name"], c["status"], c["status_reason"]) for c in final
+    ]
+    assert int((capsa.state_dir / "run" / "containerd.pid").read_text()) == containerd_pid
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        sandboxes, containers = runtime_view(capsa.cri_socket)
+        if orphan not in {s.id for s in sandboxes}:
+            break
+        time.sleep(0.5)
+    assert orphan not in {s.id for s in sandboxes}, "the orphan sandbox was not removed"
+
+    capsule_uuids = {c["uuid"] for c in final}
+    per_capsule = Counter(s.labels["io.capsa.capsule"] for s in sandboxes)
+    assert per_capsule == dict.fromkeys(capsule_uuids, 1)
+    assert all(s.state is cri.SandboxState.READY for s in sandboxes)
+    current = {s.id for s in sandboxes}
+    per_container = Counter(
+        c.labels["io.capsa.container"] for c in containers if c.sandbox_id in current
+    )
+    expected = {x["uuid"] for c in final for x in c["containers"] + c["init_containers"]}
+    assert per_container == dict.fromkeys(expected, 1), "a container was duplicated or lost"
+    ips = [a["addr"] for c in final for net in c["addresses"].values() for a in net]
+    assert len(set(ips)) == len(everyone)
