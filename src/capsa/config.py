@@ -52,6 +52,8 @@ class ApiConfig:
     public_url: str = ""
     max_body_bytes: int = 1024 * 1024
     max_limit: int = 1000
+    # Bound on each call to a compute agent (logs); a followed log stream is not bounded.
+    agent_timeout: float = 30.0
     # Until identity lands, the project and user of callers that send no X-Project-Id / X-User-Id.
     default_project_id: str = "default"
     default_user_id: str = "default"

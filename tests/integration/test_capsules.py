@@ -23,7 +23,11 @@ from capsa.store import Store
 
 pytestmark = pytest.mark.integration
 
-HTTP_COMMAND = ["sh", "-c", "mkdir -p /www && echo hello from $HOSTNAME > /www/index.html && exec httpd -f -p 80 -h /www"]
+HTTP_COMMAND = [
+    "sh",
+    "-c",
+    "mkdir -p /www && echo hello from $HOSTNAME > /www/index.html && exec httpd -f -p 80 -h /www",
+]
 TICKER_COMMAND = [
     "sh",
     "-c",
@@ -51,7 +55,9 @@ def unique(prefix: str) -> str:
 
 
 def ip_of(capsule: dict[str, Any]) -> str:
-    addresses = [a["addr"] for net in capsule["addresses"].values() for a in net if a["version"] == 4]
+    addresses = [
+        a["addr"] for net in capsule["addresses"].values() for a in net if a["version"] == 4
+    ]
     assert len(addresses) == 1, capsule["addresses"]
     return str(addresses[0])
 
@@ -77,7 +83,8 @@ def cri_state(socket: str, capsule_uuid: str) -> tuple[list[Any], list[Any]]:
     async def query() -> tuple[list[Any], list[Any]]:
         async with CriClient(socket) as cri:
             selector = {"io.capsa.capsule": capsule_uuid}
-            return await cri.list_pod_sandboxes(selector), await cri.list_containers(labels=selector)
+            sandboxes = await cri.list_pod_sandboxes(selector)
+            return sandboxes, await cri.list_containers(labels=selector)
 
     return asyncio.run(query())
 
@@ -86,9 +93,9 @@ def allocated_ips(database_url: str) -> set[str]:
     async def query() -> set[str]:
         store = Store(database_url)
         try:
-            network, subnet = await store.ports.ensure_default_network(
-                "unused", ipaddress.IPv4Network("0.0.0.0/32"), 0
-            )
+            default = await store.ports.default_network()
+            assert default is not None
+            _, subnet = default
             return {str(p.ip_address) for p in await store.ports.list_for_subnet(subnet.id)}
         finally:
             await store.close()

@@ -32,8 +32,8 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
 )
 
 
-def create_app(cfg: Config, store: Store, agent_timeout: float = 30.0) -> web.Application:
-    """The API over ``store``; ``agent_timeout`` bounds each call to a compute agent."""
+def create_app(cfg: Config, store: Store) -> web.Application:
+    """The API over ``store``."""
     # Bodies are size-checked by the handlers, which answer Zun's 400 naming the limit; aiohttp's
     # own limit only stops a body far beyond it.
     app = web.Application(
@@ -41,7 +41,7 @@ def create_app(cfg: Config, store: Store, agent_timeout: float = 30.0) -> web.Ap
     )
     app[CONFIG] = cfg
     app[STORE] = store
-    app[AGENTS] = AgentClient(timeout=agent_timeout)
+    app[AGENTS] = AgentClient(timeout=cfg.api.agent_timeout)
     app[TEMPLATE_DEFAULTS] = TemplateDefaults(
         cpu_millis=round(cfg.capsule.default_cpu * 1000),
         memory_mb=cfg.capsule.default_memory_mb,

@@ -21,16 +21,12 @@ from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, refuse_unknown
 from capsa.api.views import json_response
 from capsa.log import get_logger
-from capsa.model.capsule import Capsule, Container
-from capsa.store import Store
-from capsa.store.capsules import Page
 
 log = get_logger(__name__)
 
 _LOG_PARAMETERS = frozenset({"stdout", "stderr", "timestamps", "tail", "since", "follow"})
 # Zun's forms of ``since``: seconds since the epoch, or a UTC time with optional milliseconds.
 _SINCE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:,(\d{1,3}))?")
-_SCAN_PAGE = 500
 
 
 async def container_logs(request: web.Request) -> web.StreamResponse:
@@ -39,7 +35,7 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
     options = log_options(request.query)
     container_uuid = request.match_info["container_uuid"]
     scope = None if context.is_admin else context.project_id
-    found = await _find_container(store, scope, container_uuid)
+    found = await store.capsules.find_container(container_uuid, scope)
     if found is None:
         raise ContainerNotFound(container_uuid)
     capsule, container = found
@@ -109,25 +105,3 @@ def _since(value: str | None) -> float | None:
     except ValueError:
         raise invalid from None
     return moment.timestamp() + int((match.group(2) or "0").ljust(3, "0")) / 1000
-
-
-async def _find_container(
-    store: Store, project_id: str | None, container_uuid: str
-) -> tuple[Capsule, Container] | None:
-    """The capsule that holds a container, by walking the project's capsules page by page.
-
-    The store cannot yet look a container up by uuid; this walk is linear in the project's
-    capsules and goes once it can.
-    """
-    marker = None
-    while True:
-        page = await store.capsules.list_page(
-            project_id, Page(limit=_SCAN_PAGE, marker=marker, sort_key="uuid")
-        )
-        for capsule in page:
-            for container in capsule.all_containers():
-                if container.uuid == container_uuid:
-                    return capsule, container
-        if len(page) < _SCAN_PAGE:
-            return None
-        marker = page[-1].uuid

@@ -2,7 +2,7 @@
 
 Every error response, whatever raised it, has the body::
 
-    {"errors": [{"request_id": "req-...", "code": "container.<snake_case_name>", "status": 404,
+    {"errors": [{"request_id": "req-...", "code": "container.<hyphenated-name>", "status": 404,
                  "title": "...", "detail": "...", "links": []}]}
 
 As in Zun, ``title`` and ``detail`` both carry the message of a client error (python-zunclient
@@ -31,7 +31,8 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def code(self) -> str:
-        return "container." + _CAMEL_WORD.sub("_", type(self).__name__).lower()
+        # Zun's form: the exception's name in lowercase words joined by hyphens.
+        return "container." + _CAMEL_WORD.sub("-", type(self).__name__).lower()
 
     def extra_fields(self) -> dict[str, Any]:
         """Fields added to the error item beside the standard ones."""
@@ -136,7 +137,7 @@ class HttpError(ApiError):
         self.reason = reason
 
     def code(self) -> str:
-        return "container." + self.reason.lower().replace(" ", "_").replace("-", "_")
+        return "container." + self.reason.lower().replace(" ", "-").replace("_", "-")
 
 
 def error_body(

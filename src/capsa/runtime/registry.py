@@ -46,9 +46,7 @@ def registry_host(cfg: Config) -> str:
 
 
 class LocalRegistry:
-    def __init__(
-        self, cfg: Config, request_timeout: float = 5.0
-    ) -> None:
+    def __init__(self, cfg: Config, request_timeout: float = 5.0) -> None:
         self._cfg = cfg
         self._start_timeout = cfg.registry.start_timeout
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)

@@ -117,6 +117,25 @@ class CapsuleStore:
             capsules = await _load(conn, rows)
         return capsules[0] if capsules else None
 
+    async def find_container(
+        self, container_uuid: str, project_id: str | None
+    ) -> tuple[Capsule, Container] | None:
+        """The capsule that holds a container, and the container, within ``project_id``."""
+        query = select(k_t.c.capsule_uuid).where(k_t.c.uuid == container_uuid)
+        if project_id is not None:
+            query = query.where(k_t.c.project_id == project_id)
+        async with self._db.read() as conn:
+            owner = (await conn.execute(query)).scalar_one_or_none()
+            if owner is None:
+                return None
+            rows = (await conn.execute(select(c_t).where(c_t.c.uuid == owner))).all()
+            capsules = await _load(conn, rows)
+        for capsule in capsules:
+            for container in capsule.all_containers():
+                if container.uuid == container_uuid:
+                    return capsule, container
+        return None
+
     async def list_page(self, project_id: str | None, page: Page) -> list[Capsule]:
         """One page of capsules, ordered by ``page.sort_key`` then uuid (keyset paging)."""
         column = SORT_KEYS[page.sort_key]

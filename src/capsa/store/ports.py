@@ -77,6 +77,15 @@ class PortStore:
             raise LookupError(f"the default network {row.id} has no subnet")
         return _network(row), _subnet(subnet)
 
+    async def default_network(self) -> tuple[Network, Subnet] | None:
+        """The default network and its subnet, if they were created."""
+        async with self._db.read() as conn:
+            network = (await conn.execute(select(n_t).where(n_t.c.is_default.is_(True)))).first()
+            if network is None:
+                return None
+            subnet = (await conn.execute(select(s_t).where(s_t.c.network_id == network.id))).first()
+        return (_network(network), _subnet(subnet)) if subnet else None
+
     async def get_network(self, network_id: str) -> Network | None:
         async with self._db.read() as conn:
             row = (await conn.execute(select(n_t).where(n_t.c.id == network_id))).first()

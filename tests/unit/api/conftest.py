@@ -26,7 +26,7 @@ async def make_client(
     clients: list[Client] = []
 
     async def start(routes: list[web.RouteDef] | None = None, **api: Any) -> Client:
-        app = create_app(config_for(tmp_path, **api), store, agent_timeout=2.0)
+        app = create_app(config_for(tmp_path, agent_timeout=2.0, **api), store)
         app.router.add_routes(routes or [])
         client: Client = TestClient(TestServer(app))
         await client.start_server()

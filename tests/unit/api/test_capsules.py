@@ -97,7 +97,7 @@ async def test_a_name_clash_in_the_project_is_409_and_other_projects_may_reuse_i
     response = await client.post(
         "/v1/capsules", json={"template": zun_template(name="dup")}, headers=api_headers()
     )
-    await assert_error(response, 409, "container.capsule_already_exists", "dup")
+    await assert_error(response, 409, "container.capsule-already-exists", "dup")
     await create(client, zun_template(name="dup"), headers=api_headers(project="other"))
     assert await count(store) == 2
 
@@ -117,7 +117,7 @@ async def test_a_bad_template_is_400_naming_the_field_and_creates_nothing(
     client: Client, store: Store, template: Any, fragment: str
 ) -> None:
     response = await client.post("/v1/capsules", json={"template": template}, headers=api_headers())
-    await assert_error(response, 400, "container.invalid_capsule_template", fragment)
+    await assert_error(response, 400, "container.invalid-capsule-template", fragment)
     assert await count(store) == 0
 
 
@@ -205,16 +205,16 @@ async def test_get_by_uuid_and_by_name(client: Client) -> None:
 
 async def test_an_unknown_capsule_is_404(client: Client) -> None:
     response = await client.get("/v1/capsules/nothing", headers=api_headers())
-    await assert_error(response, 404, "container.capsule_not_found", "nothing")
+    await assert_error(response, 404, "container.capsule-not-found", "nothing")
 
 
 async def test_capsules_of_other_projects_are_invisible(client: Client) -> None:
     theirs = await create(client, zun_template(name="theirs"), headers=api_headers(project="b"))
     for ident in (theirs["uuid"], "theirs"):
         response = await client.get(f"/v1/capsules/{ident}", headers=api_headers(project="a"))
-        await assert_error(response, 404, "container.capsule_not_found")
+        await assert_error(response, 404, "container.capsule-not-found")
         response = await client.delete(f"/v1/capsules/{ident}", headers=api_headers(project="a"))
-        await assert_error(response, 404, "container.capsule_not_found")
+        await assert_error(response, 404, "container.capsule-not-found")
     listing = await client.get("/v1/capsules", headers=api_headers(project="a"))
     assert (await listing.json())["capsules"] == []
 
@@ -233,13 +233,13 @@ async def test_all_projects_is_for_admins_only(client: Client) -> None:
     await create(client, zun_template(name="a1"), headers=api_headers(project="a"))
     await create(client, zun_template(name="b1"), headers=api_headers(project="b"))
     response = await client.get("/v1/capsules?all_projects=true", headers=api_headers(project="a"))
-    await assert_error(response, 403, "container.policy_not_authorized", "all_projects")
+    await assert_error(response, 403, "container.policy-not-authorized", "all_projects")
     response = await client.get("/v1/capsules?all_projects=1", headers=ADMIN)
     assert sorted(c["name"] for c in (await response.json())["capsules"]) == ["a1", "b1"]
     response = await client.get("/v1/capsules", headers=ADMIN)
     assert (await response.json())["capsules"] == []
     response = await client.get("/v1/capsules?all_projects=maybe", headers=ADMIN)
-    await assert_error(response, 400, "container.invalid_value", "all_projects")
+    await assert_error(response, 400, "container.invalid-value", "all_projects")
 
 
 async def test_a_name_used_in_two_projects_is_409_for_an_admin_looking_everywhere(
@@ -304,7 +304,7 @@ async def test_list_defaults_to_creation_order_and_max_limit(
 )
 async def test_bad_list_parameters_are_400(client: Client, query: str, fragment: str) -> None:
     response = await client.get(f"/v1/capsules?{query}", headers=api_headers())
-    await assert_error(response, 400, "container.invalid_value", fragment)
+    await assert_error(response, 400, "container.invalid-value", fragment)
 
 
 async def test_delete_is_204_and_the_capsule_is_gone(client: Client, store: Store) -> None:
@@ -313,7 +313,7 @@ async def test_delete_is_204_and_the_capsule_is_gone(client: Client, store: Stor
     assert response.status == 204
     assert await response.read() == b""
     response = await client.get(f"/v1/capsules/{created['uuid']}", headers=api_headers())
-    await assert_error(response, 404, "container.capsule_not_found")
+    await assert_error(response, 404, "container.capsule-not-found")
 
 
 async def test_delete_of_a_placed_capsule_is_asynchronous(client: Client, store: Store) -> None:

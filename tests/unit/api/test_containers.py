@@ -108,7 +108,7 @@ async def test_bad_log_parameters_are_400(
     created = await placed_capsule(client, store, agent.url)
     container = created["containers"][0]["uuid"]
     response = await client.get(f"/v1/containers/{container}/logs?{query}", headers=api_headers())
-    await assert_error(response, 400, "container.invalid_value")
+    await assert_error(response, 400, "container.invalid-value")
     assert agent.queries == []
 
 
@@ -120,9 +120,9 @@ async def test_containers_of_other_projects_and_unknown_ones_are_404(
     response = await client.get(
         f"/v1/containers/{container}/logs", headers=api_headers(project="other")
     )
-    await assert_error(response, 404, "container.container_not_found", container)
+    await assert_error(response, 404, "container.container-not-found", container)
     response = await client.get("/v1/containers/nope/logs", headers=api_headers())
-    await assert_error(response, 404, "container.container_not_found")
+    await assert_error(response, 404, "container.container-not-found")
     response = await client.get(f"/v1/containers/{container}/logs", headers=ADMIN)
     assert response.status == 200
 
@@ -131,7 +131,7 @@ async def test_a_capsule_without_host_is_409(client: Client, store: Store) -> No
     created = await create(client, zun_template())
     container = created["containers"][0]["uuid"]
     response = await client.get(f"/v1/containers/{container}/logs", headers=api_headers())
-    await assert_error(response, 409, "container.invalid_state", "not on a host yet")
+    await assert_error(response, 409, "container.invalid-state", "not on a host yet")
 
 
 async def test_an_unreachable_agent_is_503_naming_the_host(client: Client, store: Store) -> None:
@@ -141,12 +141,12 @@ async def test_an_unreachable_agent_is_503_naming_the_host(client: Client, store
     created = await placed_capsule(client, store, f"http://127.0.0.1:{closed_port}")
     container = created["containers"][0]["uuid"]
     response = await client.get(f"/v1/containers/{container}/logs", headers=api_headers())
-    await assert_error(response, 503, "container.container_host_not_up", "h1")
+    await assert_error(response, 503, "container.container-host-not-up", "h1")
 
 
 @pytest.mark.parametrize(
     ("agent_status", "status", "code"),
-    [(404, 409, "container.invalid_state"), (500, 502, "container.compute_agent_error")],
+    [(404, 409, "container.invalid-state"), (500, 502, "container.compute-agent-error")],
 )
 async def test_agent_refusals_are_explained(
     client: Client, store: Store, agent: StubAgent, agent_status: int, status: int, code: str

@@ -31,18 +31,18 @@ async def test_admins_list_and_show_hosts_by_name_or_uuid(client: Client, host_u
 
 async def test_hosts_are_for_admins_only(client: Client, host_uuid: str) -> None:
     response = await client.get("/v1/hosts", headers=api_headers())
-    await assert_error(response, 403, "container.policy_not_authorized", "host:get_all")
+    await assert_error(response, 403, "container.policy-not-authorized", "host:get_all")
     response = await client.get(f"/v1/hosts/{host_uuid}", headers=api_headers())
-    await assert_error(response, 403, "container.policy_not_authorized", "host:get")
+    await assert_error(response, 403, "container.policy-not-authorized", "host:get")
 
 
 async def test_hosts_need_microversion_1_4(client: Client, host_uuid: str) -> None:
     response = await client.get(
         "/v1/hosts", headers={**ADMIN, "OpenStack-API-Version": "container 1.3"}
     )
-    await assert_error(response, 406, "container.microversion_unsupported", "1.4")
+    await assert_error(response, 406, "container.microversion-unsupported", "1.4")
 
 
 async def test_an_unknown_host_is_404(client: Client, host_uuid: str) -> None:
     response = await client.get("/v1/hosts/nowhere", headers=ADMIN)
-    await assert_error(response, 404, "container.host_not_found", "nowhere")
+    await assert_error(response, 404, "container.host-not-found", "nowhere")

@@ -80,7 +80,7 @@ async def test_microversion_negotiation(client: Client, sent: str | None, served
 )
 async def test_bad_or_out_of_range_versions_are_406_in_zun_body(client: Client, sent: str) -> None:
     response = await client.get("/v1/capsules", headers={"OpenStack-API-Version": sent})
-    await assert_error(response, 406, "container.microversion_unsupported")
+    await assert_error(response, 406, "container.microversion-unsupported")
     body = await response.json()
     assert body["errors"][0]["min_version"] == "1.1"
     assert body["errors"][0]["max_version"] == "1.40"

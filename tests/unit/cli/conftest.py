@@ -20,7 +20,7 @@ __all__ = ["agent"]
 
 @pytest.fixture
 async def api_url(store: Store, tmp_path: Path) -> AsyncIterator[str]:
-    server = TestServer(create_app(config_for(tmp_path, max_limit=2), store, agent_timeout=2.0))
+    server = TestServer(create_app(config_for(tmp_path, max_limit=2, agent_timeout=2.0), store))
     await server.start_server()
     try:
         yield str(server.make_url("")).rstrip("/")

@@ -146,3 +146,20 @@ async def test_concurrent_status_writes_all_land(
     for c in capsules:
         stored = await store.capsules.get(c.uuid)
         assert stored is not None and stored.status is Status.RUNNING
+
+
+async def test_a_container_is_found_with_its_capsule_within_its_project_only(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await store.capsules.create(make_capsule(init_containers=1, containers=2))
+    await store.capsules.create(make_capsule(containers=2))
+    wanted = capsule.containers[1]
+
+    found = await store.capsules.find_container(wanted.uuid, "p1")
+    assert found is not None
+    owner, container = found
+    assert owner.uuid == capsule.uuid
+    assert container.uuid == wanted.uuid and container.spec.name == "app1"
+    assert await store.capsules.find_container(wanted.uuid, None) is not None
+    assert await store.capsules.find_container(wanted.uuid, "p2") is None
+    assert await store.capsules.find_container("no-such-container", None) is None

@@ -50,10 +50,11 @@ async def test_a_full_subnet_is_a_clear_error_and_leaves_nothing(store: Store) -
 
 
 async def test_default_network_is_created_once(store: Store) -> None:
+    assert await store.ports.default_network() is None
     cidr = ipaddress.IPv4Network("10.2.0.0/24")
     first = await store.ports.ensure_default_network("admin", cidr, 1400)
     second = await store.ports.ensure_default_network("admin", cidr, 1400)
-    assert first == second
+    assert first == second == await store.ports.default_network()
     network, subnet = first
     assert network.mtu == 1400
     assert subnet.gateway_ip == ipaddress.IPv4Address("10.2.0.1")
