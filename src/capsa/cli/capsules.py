@@ -99,18 +99,15 @@ def read_template(file: str) -> Any:
 
 
 def _read_yaml(file: str, raw: str, json_error: json.JSONDecodeError) -> Any:
-    try:
-        import yaml  # type: ignore[import-untyped]  # optional: PyYAML when installed
-    except ImportError:
-        raise CliError(
-            f"{file} is not JSON ({json_error}); YAML templates need PyYAML, which is not "
-            "installed: install it (pip install pyyaml) or convert the template to JSON",
-            ExitCode.USAGE,
-        ) from None
+    # Imported only here: most commands never read a template, and the CLI should start fast.
+    import yaml
+
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        raise CliError(f"{file} is neither JSON nor YAML: {exc}", ExitCode.USAGE) from None
+        raise CliError(
+            f"{file} is neither JSON ({json_error}) nor YAML ({exc})", ExitCode.USAGE
+        ) from None
 
 
 def _path_and_query(url: str) -> tuple[str, dict[str, str]]:

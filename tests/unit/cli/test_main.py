@@ -72,15 +72,26 @@ async def test_a_refused_template_exits_1_with_the_api_reason(
     assert await store.capsules.count(None) == 0
 
 
-async def test_a_yaml_template_without_pyyaml_is_a_usage_error(
-    capsa: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setitem(sys.modules, "yaml", None)
+async def test_a_yaml_pod_manifest_is_read(capsa: CliRunner, store: Store, tmp_path: Path) -> None:
     path = tmp_path / "pod.yaml"
-    path.write_text("apiVersion: v1\nkind: Pod\n")
+    path.write_text(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: from-yaml\n"
+        "spec:\n  containers:\n  - name: web\n    image: busybox\n"
+    )
+    run = await capsa("--json", "capsule", "create", "-f", str(path))
+    assert run.code == 0, run.stderr
+    assert json.loads(run.stdout)["name"] == "from-yaml"
+    assert await store.capsules.find("from-yaml", "default") is not None
+
+
+async def test_a_file_that_is_neither_json_nor_yaml_is_a_usage_error(
+    capsa: CliRunner, tmp_path: Path
+) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("kind: Pod\nspec: [unclosed, list\n")
     run = await capsa("capsule", "create", "-f", str(path))
     assert run.code == 2
-    assert "PyYAML" in run.stderr and "JSON" in run.stderr
+    assert "neither JSON" in run.stderr and "broken.yaml" in run.stderr
 
 
 async def test_a_missing_template_file_is_a_usage_error(capsa: CliRunner, tmp_path: Path) -> None:
