@@ -15,8 +15,8 @@ test: $(VENV)/.test-deps
 setup: host-packages $(VENV)/.deps
 
 lint: $(VENV)/.test-deps
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
 
 # Regenerates the CRI stubs from capsa's own subset of api.proto.

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from capsa.config import ConfigError, load_config
+from capsa.config import Config, ConfigError, load_config
 
 
 def test_defaults_with_an_empty_file_and_no_environment(tmp_path: Path) -> None:
@@ -81,3 +82,40 @@ def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
     return path
+
+
+def test_every_setting_is_documented_with_its_variable_and_default() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    rows = {
+        line.split("|")[1].strip().strip("`"): line
+        for line in doc.splitlines()
+        if line.startswith("| `")
+    }
+    cfg = Config()
+    expected: dict[str, tuple[str, object]] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            for sf in dataclasses.fields(value):
+                expected[f"{f.name}.{sf.name}"] = (
+                    f"CAPSA_{f.name}_{sf.name}".upper(),
+                    getattr(value, sf.name),
+                )
+        else:
+            expected[f.name] = (f"CAPSA_{f.name}".upper(), value)
+    assert set(rows) == set(expected), "docs/configuration.md and config.py list other keys"
+    for key, (variable, default) in expected.items():
+        assert f"`{variable}`" in rows[key], key
+        assert f"`{_toml(default)}`" in rows[key], (
+            f"{key}: the documented default is not {default!r}"
+        )
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if isinstance(value, str | Path):
+        return f'"{value}"'
+    return str(value)
