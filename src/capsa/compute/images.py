@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from capsa.compute.errors import CapsuleFailed, classify
 from capsa.cri.client import CriClient, CriError
@@ -35,7 +36,7 @@ class ImagePuller:
         if task is None:
             task = asyncio.create_task(self._cri.pull_image(image), name=f"pull {image}")
             self._pulls[image] = task
-            task.add_done_callback(lambda _: self._pulls.pop(image, None))
+            task.add_done_callback(functools.partial(self._forget, image))
             log.info("pulling image", image=image, capsule=capsule)
         try:
             # A capsule deleted while waiting must not cancel a pull that others share.
@@ -43,3 +44,9 @@ class ImagePuller:
         except CriError as exc:
             raise classify(exc, f"pulling image {image!r}") from exc
         log.info("image pulled", image=image, ref=ref, capsule=capsule)
+
+    def _forget(self, image: str, task: asyncio.Task[str]) -> None:
+        self._pulls.pop(image, None)
+        # Every waiter may have been cancelled (capsules deleted): the failure is theirs, not news.
+        if not task.cancelled():
+            task.exception()

@@ -1,0 +1,325 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from capsa.compute.driver import CapsuleDriver, Superseded, hostname_for
+from capsa.cri import types as cri
+from capsa.model.capsule import Capsule, RestartPolicy, Status, TaskState
+from capsa.store import Store
+
+CapsuleFactory = Callable[..., Capsule]
+
+# The fake runtime makes containers whose command is one of these exit at once with the code.
+EXITS = {"true": 0, "false": 1}
+
+
+async def placed(
+    store: Store,
+    make_capsule: CapsuleFactory,
+    init: tuple[str, ...] = (),
+    apps: tuple[str, ...] = ("sleep",),
+    policy: RestartPolicy = RestartPolicy.ALWAYS,
+    **kwargs: Any,
+) -> Capsule:
+    """A capsule stored and claimed on host h1, its containers running ``init`` then ``apps``."""
+    capsule = make_capsule(init_containers=len(init), containers=len(apps), **kwargs)
+    for container, command in zip(capsule.all_containers(), (*init, *apps), strict=True):
+        container.spec = replace(container.spec, command=(command,))
+    capsule.spec = replace(
+        capsule.spec,
+        init_containers=tuple(c.spec for c in capsule.init_containers),
+        containers=tuple(c.spec for c in capsule.containers),
+        restart_policy=policy,
+    )
+    await store.hosts.register("h1", "http://h1", 100_000, 100_000, ("runc",))
+    await store.capsules.create(capsule)
+    assert await store.hosts.claim(
+        capsule.uuid, "h1", capsule.spec.cpu_millis, capsule.spec.memory_mb
+    )
+    stored = await store.capsules.get(capsule.uuid)
+    assert stored is not None
+    return stored
+
+
+async def reload(store: Store, capsule: Capsule) -> Capsule:
+    stored = await store.capsules.get(capsule.uuid)
+    assert stored is not None
+    return stored
+
+
+async def test_a_new_capsule_gets_its_port_sandbox_init_then_containers_and_runs(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true", "true"), apps=("sleep", "sleep"))
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert (capsule.status, capsule.task_state, capsule.status_reason) == (
+        Status.RUNNING,
+        None,
+        None,
+    )
+    assert len(capsule.addresses) == 1
+    (sandbox,) = fake_cri.sandboxes.values()
+    assert (sandbox.name, sandbox.namespace, sandbox.uid) == (capsule.uuid, "p1", capsule.uuid)
+    assert sandbox.labels["io.capsa.capsule"] == capsule.uuid
+    assert capsule.sandbox_id == sandbox.id
+    # Init containers ran one after the other, to completion, before the containers started.
+    creates = [c for c in fake_cri.containers.values()]
+    assert [c.name for c in sorted(creates, key=lambda c: c.created_at)] == [
+        "init0",
+        "init1",
+        "app0",
+        "app1",
+    ]
+    init_done = max(c.finished_at for c in creates if c.name.startswith("init"))
+    assert all(c.started_at > init_done for c in creates if c.name.startswith("app"))
+    assert [c.status for c in capsule.init_containers] == [Status.STOPPED, Status.STOPPED]
+    assert [c.status for c in capsule.containers] == [Status.RUNNING, Status.RUNNING]
+    assert all(c.cri_container_id for c in capsule.all_containers())
+
+
+async def test_converging_again_changes_nothing(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",))
+    await driver.converge(capsule)
+    sandboxes, containers = dict(fake_cri.sandboxes), dict(fake_cri.containers)
+    fake_cri.calls.clear()
+
+    await driver.converge(await reload(store, capsule))
+
+    assert fake_cri.sandboxes == sandboxes and fake_cri.containers == containers
+    assert not {"RunPodSandbox", "CreateContainer", "StartContainer"} & set(fake_cri.calls)
+
+
+async def test_what_a_crash_left_is_adopted_not_duplicated(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep", "sleep"))
+    await driver.converge(capsule)
+    # As if the agent died after creating the second container and before starting it.
+    second = capsule.containers[1]
+    (old,) = fake_cri.by_name(second.spec.name)
+    fake_cri.containers[old.id] = replace(old, state=cri.ContainerState.CREATED, started_at=0)
+    sandbox_ids = set(fake_cri.sandboxes)
+
+    await driver.converge(await reload(store, capsule))
+
+    assert set(fake_cri.sandboxes) == sandbox_ids
+    assert len(fake_cri.by_name("init0")) == 1, "a finished init container ran again"
+    (adopted,) = fake_cri.by_name(second.spec.name)
+    assert adopted.id == old.id and adopted.state is cri.ContainerState.RUNNING
+
+
+async def test_a_sandbox_that_is_not_ready_is_replaced_and_init_runs_again(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",))
+    await driver.converge(capsule)
+    (old,) = fake_cri.sandboxes.values()
+    await fake_cri.stop_pod_sandbox(old.id)
+
+    await driver.converge(await reload(store, capsule))
+
+    (new,) = fake_cri.sandboxes.values()
+    assert new.id != old.id and new.attempt == old.attempt + 1
+    assert new.state is cri.SandboxState.READY
+    assert [c.state for c in fake_cri.by_name("app0")] == [cri.ContainerState.RUNNING]
+    assert (await reload(store, capsule)).sandbox_id == new.id
+
+
+async def test_an_image_that_cannot_be_pulled_fails_the_capsule_before_any_sandbox(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await placed(store, make_capsule)
+    image = "registry.example/nope:1"
+    fake_cri.missing_images.add(image)
+    for container in capsule.containers:
+        container.spec = replace(container.spec, image=image)
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert capsule.status is Status.ERROR and capsule.task_state is None
+    assert capsule.status_reason is not None and image in capsule.status_reason
+    assert fake_cri.sandboxes == {}
+
+
+async def test_a_failing_init_container_with_restart_never_fails_the_capsule(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(
+        store, make_capsule, init=("false",), apps=("sleep",), policy=RestartPolicy.NEVER
+    )
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert capsule.status is Status.ERROR
+    assert capsule.status_reason == "init container 'init0' exited with code 1 (Error)"
+    assert fake_cri.by_name("app0") == [], "containers started after a failed init container"
+
+
+async def test_an_exited_container_is_restarted_as_a_new_attempt(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await placed(store, make_capsule, policy=RestartPolicy.ON_FAILURE)
+    await driver.converge(capsule)
+    (first,) = fake_cri.by_name("app0")
+    fake_cri.exit(first.id, 2)
+
+    await driver.converge(await reload(store, capsule))
+
+    (second,) = fake_cri.by_name("app0")
+    assert second.attempt == 1 and second.state is cri.ContainerState.RUNNING
+    capsule = await reload(store, capsule)
+    (container,) = capsule.containers
+    assert (container.restart_count, container.status) == (1, Status.RUNNING)
+    assert capsule.status is Status.RUNNING
+
+
+async def test_a_restart_waits_for_its_back_off(
+    settings: Any,
+    store: Store,
+    fake_cri: Any,
+    network: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    from capsa.compute.images import ImagePuller
+
+    slow = CapsuleDriver(
+        replace(settings, restart_backoff_base=30.0, restart_backoff_max=60.0),
+        store,
+        fake_cri,
+        network,
+        ImagePuller(fake_cri),
+        retries,
+    )
+    capsule = await placed(store, make_capsule)
+    await slow.converge(capsule)
+    (first,) = fake_cri.by_name("app0")
+    fake_cri.exit(first.id, 1)
+
+    await slow.converge(await reload(store, capsule))
+
+    assert fake_cri.by_name("app0")[0].id == first.id, "restarted before the back-off"
+    ((uuid, delay),) = retries.asked
+    assert uuid == capsule.uuid and 25 < delay <= 30
+    (container,) = (await reload(store, capsule)).containers
+    assert container.status is Status.RESTARTING
+    assert container.status_reason == "back-off 30s after exit code 1"
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "reason"),
+    [(0, Status.STOPPED, None), (3, Status.ERROR, "container 'app0' exited with code 3")],
+)
+async def test_a_capsule_whose_containers_finished_for_good_is_stopped_or_failed(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    code: int,
+    status: Status,
+    reason: str | None,
+) -> None:
+    capsule = await placed(store, make_capsule, policy=RestartPolicy.NEVER)
+    await driver.converge(capsule)
+    (container,) = fake_cri.by_name("app0")
+    fake_cri.exit(container.id, code)
+
+    await driver.converge(await reload(store, capsule))
+
+    capsule = await reload(store, capsule)
+    assert (capsule.status, capsule.status_reason) == (status, reason)
+    assert len(fake_cri.by_name("app0")) == 1
+
+
+async def test_a_runtime_that_is_down_is_retried_not_blamed_on_the_capsule(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    capsule = await placed(store, make_capsule)
+    fake_cri.unavailable = True
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert capsule.status is Status.CREATING
+    assert capsule.status_reason is not None and capsule.status_reason.startswith("retrying:")
+    assert retries.asked and retries.asked[0][0] == capsule.uuid
+
+
+async def test_a_capsule_deleted_while_it_starts_is_not_marked_running(
+    driver: CapsuleDriver, store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await placed(store, make_capsule)
+    await store.capsules.request_delete(capsule.uuid)
+
+    with pytest.raises(Superseded):
+        await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert capsule.status is Status.DELETING
+    assert capsule.task_state is TaskState.CONTAINER_DELETING
+
+
+async def test_teardown_removes_the_runtime_state_then_the_records_port_and_claim(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep", "sleep"))
+    await driver.converge(capsule)
+    await store.capsules.request_delete(capsule.uuid)
+
+    assert await driver.teardown(await reload(store, capsule))
+
+    assert fake_cri.sandboxes == {} and fake_cri.containers == {}
+    assert fake_cri.calls.count("StopContainer") == 2, "running containers get their grace period"
+    assert await store.capsules.get(capsule.uuid) is None
+    assert await store.ports.find_by_device(capsule.uuid) is None
+    host = await store.hosts.get("h1")
+    assert host is not None and host.cpu_millis_used == 0
+
+
+async def test_teardown_with_the_runtime_down_keeps_the_records_and_retries(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    capsule = await placed(store, make_capsule)
+    await driver.converge(capsule)
+    await store.capsules.request_delete(capsule.uuid)
+    fake_cri.unavailable = True
+
+    assert not await driver.teardown(await reload(store, capsule))
+
+    kept = await reload(store, capsule)
+    assert kept.status is Status.DELETING
+    assert kept.status_reason is not None and "cannot reach" in kept.status_reason
+    assert retries.asked[-1][0] == capsule.uuid
+
+
+@pytest.mark.parametrize(
+    ("name", "hostname"),
+    [("Web_Server 1", "web-server-1"), ("-x-", "x"), ("***", "capsule"), ("a" * 80, "a" * 63)],
+)
+def test_hostnames_are_dns_labels(name: str, hostname: str) -> None:
+    assert hostname_for(name) == hostname
