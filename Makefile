@@ -6,8 +6,9 @@ PYTEST_ARGS ?=
 
 .PHONY: up test setup lint proto bench clean-venv
 
+# exec: capsa is make's own child, so a SIGTERM to make (which forwards it) reaches capsa.
 up: setup
-	$(VENV)/bin/capsa up
+	exec $(VENV)/bin/capsa up
 
 test: $(VENV)/.test-deps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
