@@ -18,7 +18,8 @@ capsa all-in-one fixtures:
   host name and cgroup parent); at the end it deletes every capsule, stops capsa with SIGTERM and
   checks that nothing of it still runs.
 - ``private_capsa``: an instance of the test's own, not started, for tests that kill or restart
-  capsa; removed afterwards whatever state it is in.
+  capsa; removed afterwards whatever state it is in. ``new_capsa`` makes such instances with a
+  given state dir or environment.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,8 +167,8 @@ class CapsaInstance:
     instance's CRI socket, the kernel through ``ip``.
     """
 
-    def __init__(self) -> None:
-        self.state_dir = new_state_dir()
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.state_dir = state_dir or new_state_dir()
         suffix = self.state_dir.name.removeprefix("capsa-it-")
         self.api_url = f"http://127.0.0.1:{free_port()}"
         self.cidr = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24"
@@ -379,11 +380,26 @@ def capsa() -> Iterator[CapsaInstance]:
 
 
 @pytest.fixture
-def private_capsa() -> Iterator[CapsaInstance]:
-    """A capsa instance of the test's own, for tests that kill or restart it."""
+def new_capsa() -> Iterator[Callable[..., CapsaInstance]]:
+    """Makes capsa instances of the test's own (not started), removed afterwards whatever state
+    they are in: ``new_capsa(state_dir=None, **environment)``."""
     _require_root()
-    instance = CapsaInstance()
+    made: list[CapsaInstance] = []
+
+    def make(state_dir: Path | None = None, **environment: str) -> CapsaInstance:
+        instance = CapsaInstance(state_dir)
+        instance.env.update(environment)
+        made.append(instance)
+        return instance
+
     try:
-        yield instance
+        yield make
     finally:
-        instance.cleanup()
+        for instance in made:
+            instance.cleanup()
+
+
+@pytest.fixture
+def private_capsa(new_capsa: Callable[..., CapsaInstance]) -> CapsaInstance:
+    """A capsa instance of the test's own, for tests that kill or restart it."""
+    return new_capsa()
