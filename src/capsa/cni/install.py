@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from capsa.config import Config
+from capsa.files import write_if_changed
 from capsa.log import get_logger
 
 log = get_logger(__name__)
@@ -41,10 +41,10 @@ def install_cni(cfg: Config, *, plugin_dirs: Sequence[Path] = REFERENCE_PLUGIN_D
     if _link_if_changed(cfg.cni_bin_dir / "loopback", loopback):
         log.info("CNI loopback plugin linked", path=str(cfg.cni_bin_dir / "loopback"))
     launcher = launcher_source(real_interpreter())
-    if _write_if_changed(cfg.cni_bin_dir / PLUGIN_TYPE, launcher.encode(), 0o755):
+    if write_if_changed(cfg.cni_bin_dir / PLUGIN_TYPE, launcher.encode(), 0o755):
         log.info("CNI plugin installed", path=str(cfg.cni_bin_dir / PLUGIN_TYPE))
     conflist = json.dumps(conflist_for(cfg), indent=2) + "\n"
-    if _write_if_changed(cfg.cni_conf_dir / CONFLIST_NAME, conflist.encode(), 0o644):
+    if write_if_changed(cfg.cni_conf_dir / CONFLIST_NAME, conflist.encode(), 0o644):
         log.info("CNI conflist written", path=str(cfg.cni_conf_dir / CONFLIST_NAME))
 
 
@@ -107,26 +107,4 @@ def _link_if_changed(path: Path, target: Path) -> bool:
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target)
     tmp.replace(path)
-    return True
-
-
-def _write_if_changed(path: Path, content: bytes, mode: int) -> bool:
-    """Atomically replaces ``path`` unless it already has this content and mode."""
-    try:
-        if path.read_bytes() == content and path.stat().st_mode & 0o7777 == mode:
-            return False
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        Path(tmp).chmod(mode)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return True

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from capsa.config import Config
 from capsa.cri.client import CriClient, CriError
+from capsa.files import write_if_changed
 from capsa.log import get_logger
 from capsa.runtime.errors import HostRuntimeError
-from capsa.runtime.files import write_if_changed
 from capsa.runtime.process import ManagedProcess
 from capsa.runtime.registry import registry_host
 from capsa.runtime.tomlwriter import render_toml

@@ -26,9 +26,9 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from capsa.files import atomic_write
 from capsa.log import get_logger
 from capsa.runtime.errors import HostRuntimeError
-from capsa.runtime.files import atomic_write
 
 log = get_logger(__name__)
 

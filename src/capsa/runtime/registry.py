@@ -11,9 +11,9 @@ import json
 import aiohttp
 
 from capsa.config import Config
+from capsa.files import write_if_changed
 from capsa.log import get_logger
 from capsa.runtime.errors import HostRuntimeError
-from capsa.runtime.files import write_if_changed
 from capsa.runtime.process import ManagedProcess
 
 log = get_logger(__name__)

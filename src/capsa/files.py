@@ -1,0 +1,37 @@
+"""Files that capsa writes for other programs (configs, pid files, the CNI plugin): replaced
+atomically, so that a reader (containerd may read or exec them at any moment) or a crash never
+sees half a file, and rewritten only when their content or mode changes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: Path, content: str | bytes, mode: int = 0o644) -> None:
+    data = content.encode() if isinstance(content, str) else content
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(tmp).chmod(mode)
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_if_changed(path: Path, content: str | bytes, mode: int = 0o644) -> bool:
+    """Writes ``content`` unless the file already holds it with ``mode``; True when it wrote."""
+    data = content.encode() if isinstance(content, str) else content
+    try:
+        if path.read_bytes() == data and path.stat().st_mode & 0o7777 == mode:
+            return False
+    except FileNotFoundError:
+        pass
+    atomic_write(path, data, mode)
+    return True
