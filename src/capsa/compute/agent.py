@@ -6,7 +6,8 @@ Three things start work on a capsule, and each only *kicks* it; a kick runs one 
 - a wake-up from the store (a capsule was placed here, or is to be deleted): immediate;
 - the container watcher: a container of ours exited or vanished (restart policy, init progress);
 - the periodic resync, which compares the database with everything the runtime holds, kicks every
-  capsule that is not as it should be and removes sandboxes that belong to no capsule of this host.
+  capsule that is not as it should be, removes sandboxes that belong to no capsule of this host,
+  and stops shims that capsa's own containerd lost (see capsa.runtime.shims).
 
 At start the agent registers its host and resyncs, which is also how it recovers after a crash:
 sandboxes and containers are found again by their labels, and adopted.
@@ -30,6 +31,7 @@ from capsa.cri.client import CriClient, CriError
 from capsa.log import get_logger
 from capsa.model.capsule import Capsule, DesiredState, Status
 from capsa.network.service import NetworkService
+from capsa.runtime.shims import stop_lost_shims
 from capsa.store import Store, notify
 
 log = get_logger(__name__)
@@ -210,8 +212,17 @@ class ComputeAgent:
         """Compares the database with the runtime; kicks what differs, removes orphan sandboxes."""
         # The runtime is listed before the database: a sandbox seen here whose capsule is not
         # in the database afterwards truly belongs to no capsule (records go after sandboxes).
-        sandboxes = await self._cri.list_pod_sandboxes(labels.MANAGED_SELECTOR)
+        every_sandbox = await self._cri.list_pod_sandboxes()
+        sandboxes = [s for s in every_sandbox if s.labels.get(labels.MANAGED) == "true"]
         containers = await self._cri.list_containers(labels=labels.MANAGED_SELECTOR)
+        if self._cfg.manages_containerd:
+            # Older than any sandbox start could take, so a shim being started is left alone.
+            await asyncio.to_thread(
+                stop_lost_shims,
+                self._cfg.cri_socket,
+                {s.id for s in every_sandbox},
+                2 * self._cfg.agent.cri_timeout,
+            )
         capsules = {c.uuid: c for c in await self._store.capsules.list_for_host(self.host)}
         for sandbox in sandboxes:
             owner = sandbox.labels.get(labels.CAPSULE, "")
