@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Awaitable
 from contextlib import AsyncExitStack
 
 from aiohttp import web
@@ -80,7 +81,9 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     )
     await network.default_network()
     cni_daemon = CniDaemon(network, cfg.cni_daemon_address)
-    await cni_daemon.start()
+    await _listening(
+        cni_daemon.start(), "the CNI daemon", cfg.cni_daemon_address, "cni.daemon_listen"
+    )
     stack.push_async_callback(cni_daemon.stop)
 
     cri_client = CriClient(
@@ -88,7 +91,7 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     )
     stack.push_async_callback(cri_client.close)
     agent_server = AgentServer(cri_client, cfg.agent.listen)
-    await agent_server.start()
+    await _listening(agent_server.start(), "the agent", cfg.agent.listen, "agent.listen")
     stack.push_async_callback(agent_server.stop)
     agent = ComputeAgent(cfg, store, cri_client, network)
     await agent.start()
@@ -102,4 +105,18 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     await api_runner.setup()
     stack.push_async_callback(api_runner.cleanup)
     host, _, port = cfg.api.listen.rpartition(":")
-    await web.TCPSite(api_runner, host, int(port)).start()
+    await _listening(
+        web.TCPSite(api_runner, host, int(port)).start(), "the API", cfg.api.listen, "api.listen"
+    )
+
+
+async def _listening(start: Awaitable[None], what: str, address: str, setting: str) -> None:
+    """Starts a listener; a refused address is reported with the setting that chooses it."""
+    try:
+        await start
+    except OSError as exc:
+        variable = "CAPSA_" + setting.replace(".", "_").upper()
+        raise RuntimeError(
+            f"{what} cannot listen on {address}: {exc.strerror or exc}; "
+            f"choose another address with {setting} ({variable})"
+        ) from exc

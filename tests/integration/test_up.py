@@ -1,8 +1,11 @@
-"""capsa on a containerd it did not start: with `containerd.socket` set it starts no runtime."""
+"""What capsa up starts, and what it does not: an operator's runtime, a start that fails."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable
 from typing import Any
@@ -56,3 +59,24 @@ def test_capsa_runs_capsules_on_an_existing_cri_socket_and_leaves_it_running(
     assert capsa.stop() == 0
     assert sorted(capsa.processes()) == theirs, "capsa stopped a runtime it did not start"
     assert operators.containerd.process.pid == containerd_pid
+
+
+def test_capsa_that_cannot_listen_says_which_setting_and_leaves_nothing_running(
+    new_capsa: Callable[..., Any],
+) -> None:
+    capsa = new_capsa()
+    host, _, port = capsa.env["CAPSA_API_LISTEN"].rpartition(":")
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        run = subprocess.run(
+            [sys.executable, "-m", "capsa", "up"],
+            env=capsa.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert run.returncode == 1
+    assert "api.listen (CAPSA_API_LISTEN)" in run.stderr, run.stderr[-2000:]
+    assert capsa.processes() == [], "a failed start left containerd or the registry running"
