@@ -13,6 +13,7 @@ import time
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -109,8 +110,17 @@ def logs(capsa: Any, container_uuid: str, query: str = "") -> str:
     return str(body)
 
 
+def host_usage(capsa: Any) -> tuple[float, int]:
+    status, body = capsa.request(
+        "GET", f"/v1/hosts/{capsa.host_name}", headers={"X-Roles": "admin"}
+    )
+    assert status == 200, body
+    return body["cpu_used"], body["mem_used"]
+
+
 def test_a_capsule_runs_init_first_serves_http_logs_and_leaves_nothing(capsa: Any) -> None:
     name = unique("web")
+    usage_before = host_usage(capsa)
     created = capsa.create(web_template(name))
     assert created["status"] == "Creating"
 
@@ -152,6 +162,7 @@ def test_a_capsule_runs_init_first_serves_http_logs_and_leaves_nothing(capsa: An
     assert veth not in links()
     assert ip not in allocated_ips(capsa.database_url)
     assert not (capsa.state_dir / "pods" / capsule["uuid"]).exists()
+    assert host_usage(capsa) == usage_before, "the capsule's claim was not released"
 
 
 def test_ten_capsules_at_once_all_run_with_distinct_addresses_and_delete_cleanly(
@@ -247,3 +258,42 @@ def test_restart_policy_restarts_a_failing_container_and_never_leaves_a_finished
     for name in (crashing, finished):
         capsa.delete(name)
         capsa.wait_gone(name)
+
+
+def test_a_container_gets_its_command_args_workdir_env_and_limits(capsa: Any) -> None:
+    name = unique("spec")
+    capsa.create(
+        {
+            "kind": "capsule",
+            "metadata": {"name": name},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "probe",
+                        "image": "busybox",
+                        "command": ["sh", "-c"],
+                        "args": ['echo "greeting=$GREETING dir=$(pwd) args=$0"; sleep 3600', "x"],
+                        "workDir": "/tmp",
+                        "env": {"GREETING": "hello world"},
+                        "resources": {"requests": {"cpu": 0.25, "memory": 48}},
+                    }
+                ]
+            },
+        }
+    )
+    capsule = capsa.wait_status(name, ("Running",))
+    (probe,) = capsule["containers"]
+    deadline = time.monotonic() + 10
+    while "greeting" not in logs(capsa, probe["uuid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert logs(capsa, probe["uuid"]) == "greeting=hello world dir=/tmp args=x\n"
+
+    _, (container,) = cri_state(capsa.cri_socket, capsule["uuid"])
+    cgroup = capsa.env["CAPSA_AGENT_CGROUP_PARENT"].strip("/")
+    memory = Path("/sys/fs/cgroup/memory", cgroup, container.id, "memory.limit_in_bytes")
+    quota = Path("/sys/fs/cgroup/cpu", cgroup, container.id, "cpu.cfs_quota_us")
+    assert int(memory.read_text()) == 48 * 1024 * 1024
+    assert int(quota.read_text()) == 25_000  # a quarter of the 100 ms period
+
+    capsa.delete(name)
+    capsa.wait_gone(name)
