@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -48,6 +49,7 @@ import pytest
 from capsa.config import AgentConfig, Config, ImagesConfig, RegistryConfig
 from capsa.cri.client import CriClient
 from capsa.runtime.host import HostRuntime
+from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -103,6 +105,29 @@ def remove_cgroup_parent(cgroup_parent: str) -> None:
             (hierarchy / cgroup_parent.strip("/")).rmdir()
 
 
+def remove_stale_shim_sockets(cfg: Config) -> None:
+    """Sockets that containerd 1.6 leaves in /run/containerd/s when a sandbox start is cut short
+    (tests that kill capsa do that). Only this instance's: their names hash its socket address and
+    an id from its own containerd's log."""
+    log_file = cfg.containerd_dir / "containerd.log"
+    if not log_file.exists():
+        return
+    for shim_id in set(re.findall(r"\b[0-9a-f]{64}\b", log_file.read_text(errors="replace"))):
+        shim = Shim(pid=0, id=shim_id, namespace="k8s.io", address=cfg.cri_socket, started=0)
+        path = shim.socket_in(SHIM_SOCKET_DIR)
+        if path.exists() and not _listening(path):
+            path.unlink(missing_ok=True)
+
+
+def _listening(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 async def tear_down_host_runtime(runtime: HostRuntime) -> None:
     """Stops and removes everything an instance made, whatever state it is in."""
     cfg = runtime.cfg
@@ -111,6 +136,7 @@ async def tear_down_host_runtime(runtime: HostRuntime) -> None:
             await remove_all_sandboxes(cfg)
     finally:
         await runtime.stop()
+        remove_stale_shim_sockets(cfg)
         unmount_under(cfg.state_dir)
         remove_cgroup_parent(cfg.agent.cgroup_parent)
         shutil.rmtree(cfg.state_dir, ignore_errors=True)

@@ -6,12 +6,15 @@ disconnected") but the shim process lives on, with no task and no child, for eve
 shows it. A shim of capsa's containerd is such a leftover when its id is no sandbox that containerd
 knows, it has no child process (a pod's processes are its children), and it is older than any
 sandbox start could take, so that a shim of a sandbox being started right now is never touched.
+Such a shim exits on SIGTERM but may leave its socket in /run/containerd/s, which goes too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +25,24 @@ log = get_logger(__name__)
 
 _SHIM_PROGRAM = "containerd-shim"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Where containerd 1.6 puts shim sockets, whatever its own state dir (it cannot be moved).
+SHIM_SOCKET_DIR = Path("/run/containerd/s")
+_EXIT_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
 class Shim:
     pid: int
     id: str
+    namespace: str
+    address: str
     # When the process started, in clock ticks since boot.
     started: int
+
+    def socket_in(self, directory: Path) -> Path:
+        """The shim's socket, named as containerd 1.6 names it: a hash of address/namespace/id."""
+        key = str(Path(self.address, self.namespace, self.id))
+        return directory / hashlib.sha256(key.encode()).hexdigest()
 
 
 def shims_of(containerd_address: str, proc: Path = Path("/proc")) -> list[Shim]:
@@ -49,7 +62,15 @@ def shims_of(containerd_address: str, proc: Path = Path("/proc")) -> list[Shim]:
         pid = int(cmdline.parent.name)
         started = start_time(pid)
         if started is not None:
-            found.append(Shim(pid=pid, id=options["-id"], started=started))
+            found.append(
+                Shim(
+                    pid=pid,
+                    id=options["-id"],
+                    namespace=options.get("-namespace", ""),
+                    address=containerd_address,
+                    started=started,
+                )
+            )
     return found
 
 
@@ -75,7 +96,12 @@ def lost_shims(containerd_address: str, sandbox_ids: set[str], min_age_s: float)
     ]
 
 
-def stop_lost_shims(containerd_address: str, sandbox_ids: set[str], min_age_s: float) -> int:
+def stop_lost_shims(
+    containerd_address: str,
+    sandbox_ids: set[str],
+    min_age_s: float,
+    socket_dir: Path = SHIM_SOCKET_DIR,
+) -> int:
     """Stops the lost shims (a shim exits on SIGTERM and removes its socket); how many."""
     stopped = 0
     for shim in lost_shims(containerd_address, sandbox_ids, min_age_s):
@@ -87,6 +113,10 @@ def stop_lost_shims(containerd_address: str, sandbox_ids: set[str], min_age_s: f
             os.kill(shim.pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
+        deadline = time.monotonic() + _EXIT_WAIT_S
+        while start_time(shim.pid) == shim.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shim.socket_in(socket_dir).unlink(missing_ok=True)
         stopped += 1
     return stopped
 

@@ -84,6 +84,11 @@ def test_only_idle_old_shims_of_unknown_sandboxes_are_lost(
     assert [s.id for s in lost_shims(address, {"known"}, min_age_s=0)] == ["lost"]
     assert lost_shims(address, {"known"}, min_age_s=3600) == [], "a young shim may be starting"
 
-    assert stop_lost_shims(address, {"known"}, min_age_s=0) == 1
+    (lost_shim,) = lost_shims(address, {"known"}, min_age_s=0)
+    left_socket = lost_shim.socket_in(tmp_path)
+    left_socket.touch()
+
+    assert stop_lost_shims(address, {"known"}, min_age_s=0, socket_dir=tmp_path) == 1
     assert lost.wait(timeout=5) is not None
+    assert not left_socket.exists(), "the lost shim's socket was left behind"
     assert sorted(s.id for s in shims_of(address)) == ["busy", "known"]
