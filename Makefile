@@ -20,6 +20,10 @@ lint: $(VENV)/.test-deps
 	$(VENV)/bin/ruff format --check src tests
 	$(VENV)/bin/mypy
 
+# The benchmark suite (bench/README.md); BENCH_ARGS=--smoke for tiny counts.
+bench: $(VENV)/.test-deps
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
+
 # Regenerates the CRI stubs from capsa's own subset of api.proto.
 proto: $(VENV)/.test-deps
 	$(VENV)/bin/python -m capsa.cri.proto.generate
