@@ -12,25 +12,24 @@ for every row once and does no lookups per row.
 
 from __future__ import annotations
 
-import functools
-import json
 from datetime import datetime
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from capsa.api.microversion import CAPSULE_CURRENT_SHAPE, APIVersion
 from capsa.model.capsule import Address, Capsule, Container, RestartPolicy, Status
 from capsa.model.host import Host
 
-_compact_json = functools.partial(json.dumps, separators=(",", ":"))
-
 
 def json_response(
     data: Any, *, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
-    """A JSON response without the spaces that would grow a full list page by a tenth."""
-    return web.json_response(data, status=status, headers=headers, dumps=_compact_json)
+    """A compact JSON response; orjson encodes a full list page several times faster than json."""
+    return web.Response(
+        body=orjson.dumps(data), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def timestamp(value: datetime | None) -> str | None:

@@ -6,7 +6,6 @@ observed a capsule a moment ago can never turn a capsule being deleted back into
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -281,8 +280,7 @@ def _capsule_row(capsule: Capsule) -> dict[str, Any]:
         "task_state": capsule.task_state,
         "restart_policy": spec.restart_policy,
         "runtime": spec.runtime,
-        "labels": spec.labels,
-        "annotations": spec.annotations,
+        "metadata": {"labels": spec.labels, "annotations": spec.annotations},
         "cpu_millis": spec.cpu_millis,
         "memory_mb": spec.memory_mb,
         "host": capsule.host,
@@ -302,25 +300,19 @@ def _container_row(container: Container) -> dict[str, Any]:
         "kind": container.kind,
         "position": container.position,
         "name": spec.name,
-        "image": spec.image,
-        "image_pull_policy": spec.image_pull_policy,
-        "command": list(spec.command),
-        "args": list(spec.args),
-        "workdir": spec.workdir,
-        "environment": spec.env,
-        "cpu_millis": spec.cpu_millis,
-        "memory_mb": spec.memory_mb,
-        "tty": spec.tty,
-        "stdin": spec.stdin,
-        "ports": [
-            {
-                "container_port": p.container_port,
-                "protocol": p.protocol,
-                "host_port": p.host_port,
-                "name": p.name,
-            }
-            for p in spec.ports
-        ],
+        "spec": {
+            "image": spec.image,
+            "image_pull_policy": spec.image_pull_policy,
+            "command": spec.command,
+            "args": spec.args,
+            "workdir": spec.workdir,
+            "env": spec.env,
+            "cpu_millis": spec.cpu_millis,
+            "memory_mb": spec.memory_mb,
+            "tty": spec.tty,
+            "stdin": spec.stdin,
+            "ports": [[p.container_port, p.protocol, p.host_port, p.name] for p in spec.ports],
+        },
         "status": container.status,
         "status_reason": container.status_reason,
         "task_state": container.task_state,
@@ -335,31 +327,32 @@ def _container_row(container: Container) -> dict[str, Any]:
 
 
 def _container(row: Row[Any]) -> Container:
+    doc = row.spec
     spec = ContainerSpec(
         name=row.name,
-        image=row.image,
-        cpu_millis=row.cpu_millis,
-        memory_mb=row.memory_mb,
-        command=tuple(row.command),
-        args=tuple(row.args),
-        workdir=row.workdir,
-        env=dict(row.environment),
-        image_pull_policy=PullPolicy(row.image_pull_policy),
-        tty=row.tty,
-        stdin=row.stdin,
-        ports=tuple(PortSpec(**p) for p in row.ports),
+        image=doc["image"],
+        cpu_millis=doc["cpu_millis"],
+        memory_mb=doc["memory_mb"],
+        command=tuple(doc["command"]),
+        args=tuple(doc["args"]),
+        workdir=doc["workdir"],
+        env=doc["env"],
+        image_pull_policy=_PULL_POLICIES[doc["image_pull_policy"]],
+        tty=doc["tty"],
+        stdin=doc["stdin"],
+        ports=tuple(PortSpec(*p) for p in doc["ports"]),
     )
     return Container(
         uuid=row.uuid,
         capsule_uuid=row.capsule_uuid,
         project_id=row.project_id,
         user_id=row.user_id,
-        kind=ContainerKind(row.kind),
+        kind=_KINDS[row.kind],
         position=row.position,
         spec=spec,
-        status=Status(row.status),
+        status=_STATUSES[row.status],
         status_reason=row.status_reason,
-        task_state=TaskState(row.task_state) if row.task_state else None,
+        task_state=_TASK_STATES[row.task_state] if row.task_state else None,
         cri_container_id=row.cri_container_id,
         restart_count=row.restart_count,
         exit_code=row.exit_code,
@@ -368,6 +361,13 @@ def _container(row: Row[Any]) -> Container:
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
+
+
+# Plain lookups: calling an Enum class per value costs more than the rest of a row.
+_STATUSES = {s.value: s for s in Status}
+_TASK_STATES = {t.value: t for t in TaskState}
+_KINDS = {k.value: k for k in ContainerKind}
+_PULL_POLICIES = {p.value: p for p in PullPolicy}
 
 
 async def _load(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Capsule]:
@@ -392,7 +392,7 @@ async def _load(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Capsule
                     port_id=row.id,
                     ip=row.ip_address,
                     mac=row.mac_address,
-                    version=ipaddress.ip_address(row.ip_address).version,
+                    version=6 if ":" in row.ip_address else 4,
                 )
             )
     capsules = []
@@ -402,8 +402,8 @@ async def _load(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Capsule
             name=row.name,
             containers=tuple(c.spec for c in members if c.kind is ContainerKind.APP),
             init_containers=tuple(c.spec for c in members if c.kind is ContainerKind.INIT),
-            labels=dict(row.labels),
-            annotations=dict(row.annotations),
+            labels=row.metadata["labels"],
+            annotations=row.metadata["annotations"],
             restart_policy=RestartPolicy(row.restart_policy),
             runtime=row.runtime,
         )
@@ -413,9 +413,9 @@ async def _load(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Capsule
                 project_id=row.project_id,
                 user_id=row.user_id,
                 spec=spec,
-                status=Status(row.status),
+                status=_STATUSES[row.status],
                 status_reason=row.status_reason,
-                task_state=TaskState(row.task_state) if row.task_state else None,
+                task_state=_TASK_STATES[row.task_state] if row.task_state else None,
                 desired_state=DesiredState(row.desired_state),
                 host=row.host,
                 sandbox_id=row.sandbox_id,

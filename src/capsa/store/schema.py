@@ -1,9 +1,15 @@
 """capsa's tables. Nothing outside the store package writes SQL against them.
 
 Resources are measured in integers (cpu in millicores, memory in MiB) so that claims add up exactly.
+What a tenant asked for and never changes (a container's spec, a capsule's labels) is one JSON
+document; what is observed and updated (status, ids on the runtime) has columns of its own, so that
+reading a page of capsules decodes one document per row, not one per field.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -19,9 +25,35 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
-# Bump with a migration in store/db.py whenever a table changes.
-SCHEMA_VERSION = 1
+# Bump whenever a table changes (with a migration in store/db.py once capsa has users).
+SCHEMA_VERSION = 2
+
+
+class Timestamp(TypeDecorator[datetime]):
+    """Naive UTC datetimes; on SQLite stored as ISO 8601 text and read back with the C parser
+    (SQLAlchemy's own SQLite DateTime parses with a regular expression, per value)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(String(32))
+        return dialect.type_descriptor(DateTime())
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is not None and dialect.name == "sqlite":
+            return value.isoformat(sep=" ")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if isinstance(value, str):
+            return datetime.fromisoformat(value)
+        return value  # type: ignore[no-any-return]
+
 
 metadata = MetaData()
 
@@ -46,9 +78,9 @@ hosts = Table(
     Column("memory_mb_used", Integer, nullable=False, default=0),
     Column("runtimes", JSON, nullable=False),
     Column("disabled", Boolean, nullable=False, default=False),
-    Column("heartbeat_at", DateTime),
-    Column("created_at", DateTime, nullable=False),
-    Column("updated_at", DateTime, nullable=False),
+    Column("heartbeat_at", Timestamp),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
 )
 
 capsules = Table(
@@ -64,15 +96,15 @@ capsules = Table(
     Column("task_state", String(32)),
     Column("restart_policy", String(16), nullable=False),
     Column("runtime", String(64)),
-    Column("labels", JSON, nullable=False),
-    Column("annotations", JSON, nullable=False),
+    # {"labels": {...}, "annotations": {...}}
+    Column("metadata", JSON, nullable=False),
     # What the capsule claims on its host; released in the same transaction that removes it.
     Column("cpu_millis", Integer, nullable=False),
     Column("memory_mb", Integer, nullable=False),
     Column("host", String(255), index=True),
     Column("sandbox_id", String(128)),
-    Column("created_at", DateTime, nullable=False),
-    Column("updated_at", DateTime, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
     UniqueConstraint("project_id", "name", name="uq_capsules_project_name"),
 )
 Index("ix_capsules_project_created", capsules.c.project_id, capsules.c.created_at)
@@ -93,27 +125,18 @@ containers = Table(
     Column("kind", String(8), nullable=False),
     Column("position", Integer, nullable=False),
     Column("name", String(255), nullable=False),
-    Column("image", String(512), nullable=False),
-    Column("image_pull_policy", String(16), nullable=False),
-    Column("command", JSON, nullable=False),
-    Column("args", JSON, nullable=False),
-    Column("workdir", String(4096)),
-    Column("environment", JSON, nullable=False),
-    Column("cpu_millis", Integer, nullable=False),
-    Column("memory_mb", Integer, nullable=False),
-    Column("tty", Boolean, nullable=False),
-    Column("stdin", Boolean, nullable=False),
-    Column("ports", JSON, nullable=False),
+    # The ContainerSpec but its name: image, command, args, env, resources, ports...
+    Column("spec", JSON, nullable=False),
     Column("status", String(32), nullable=False),
     Column("status_reason", Text),
     Column("task_state", String(32)),
     Column("cri_container_id", String(128)),
     Column("restart_count", Integer, nullable=False, default=0),
     Column("exit_code", Integer),
-    Column("started_at", DateTime),
-    Column("finished_at", DateTime),
-    Column("created_at", DateTime, nullable=False),
-    Column("updated_at", DateTime, nullable=False),
+    Column("started_at", Timestamp),
+    Column("finished_at", Timestamp),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
     UniqueConstraint("capsule_uuid", "name", name="uq_containers_capsule_name"),
 )
 
@@ -126,8 +149,8 @@ networks = Table(
     Column("shared", Boolean, nullable=False),
     Column("is_default", Boolean, nullable=False),
     Column("mtu", Integer, nullable=False),
-    Column("created_at", DateTime, nullable=False),
-    Column("updated_at", DateTime, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
 )
 
 subnets = Table(
@@ -138,8 +161,8 @@ subnets = Table(
     Column("project_id", String(255), nullable=False),
     Column("cidr", String(64), nullable=False),
     Column("gateway_ip", String(64), nullable=False),
-    Column("created_at", DateTime, nullable=False),
-    Column("updated_at", DateTime, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
 )
 
 ports = Table(
@@ -157,8 +180,8 @@ ports = Table(
     Column("host", String(255)),
     Column("binding_container_id", String(128)),
     Column("binding_host_ifname", String(16)),
-    Column("created_at", DateTime, nullable=False),
-    Column("updated_at", DateTime, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
     # The database, not a lock, makes concurrent allocations on one subnet distinct.
     UniqueConstraint("subnet_id", "ip_address", name="uq_ports_subnet_ip"),
 )
