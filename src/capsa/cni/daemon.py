@@ -1,10 +1,22 @@
-"""capsa-cni-daemon: binds capsules' ports into pod netns when containerd asks through capsa-cni.
+"""capsa-cni-daemon: binds capsules' ports into pod netns when a runtime asks through capsa-cni.
 
-``capsa-cni`` forwards each CNI call as ``POST /cni/add``, ``/cni/del`` or ``/cni/check`` (see
-:mod:`capsa.cni.protocol` for the body). ADD finds the capsule's port by the sandbox name
-(``K8S_POD_NAME`` in CNI_ARGS, the capsule's uuid), plugs it with the data plane, records the
-binding and answers the CNI result; DEL undoes that and is always safe to repeat. ``GET /healthz``
-says the daemon is alive, ``GET /readyz`` that it can bind ports.
+``capsa-cni`` forwards each CNI call as ``POST /cni/<command>`` (add, del, check, gc, status; see
+:mod:`capsa.cni.protocol` for the body).
+
+- ADD finds the capsule's port by the sandbox name (``K8S_POD_NAME`` in CNI_ARGS, the capsule's
+  uuid), plugs it with the data plane, records the binding and answers the CNI result. If the port
+  is still bound to an older sandbox that is still plugged, that sandbox is being replaced: its
+  attachment is unplugged first, so that the port's address and MAC are never on the bridge twice.
+  ADD is idempotent for one (container id, ifname) and completes what a killed ADD left.
+- DEL undoes an ADD and is always safe: repeated, without netns or prevResult, for a sandbox never
+  seen, or for an old sandbox of a capsule that has a new one (the host veth's name derives from
+  the container id, and the store forgets a binding only for the container id that holds it).
+- CHECK compares ``prevResult``, the port and the kernel.
+- GC (CNI 1.1.0) removes this daemon's attachments that are not in ``cni.dev/valid-attachments``.
+- STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
+
+``GET /healthz`` says the daemon is alive, ``GET /readyz`` that it can bind ports, ``GET /metrics``
+serves call counts, errors by code and latencies in Prometheus' text format.
 
 Run it next to the API and the agent::
 
@@ -23,6 +35,7 @@ import asyncio
 import functools
 import ipaddress
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -31,16 +44,28 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from capsa.cni import metrics
 from capsa.cni.protocol import (
+    ATTACHMENT_COMMANDS,
+    COMMANDS,
     DEFAULT_VERSION,
     CniError,
     CniRequest,
     ErrorCode,
     build_result,
     parse_request,
+    prev_result_problems,
 )
 from capsa.log import get_logger
-from capsa.network.dataplane import Dataplane, DataplaneError, InterfaceExists, NetnsNotFound
+from capsa.network.dataplane import (
+    Attachment,
+    AttachmentTag,
+    Dataplane,
+    DataplaneError,
+    InterfaceExists,
+    NetnsNotFound,
+    host_ifname,
+)
 from capsa.network.types import PortBinding, PortSource
 
 log = get_logger(__name__)
@@ -53,8 +78,11 @@ _CAP_NET_ADMIN = 12
 _HTTP_STATUS = {
     ErrorCode.UNKNOWN_CONTAINER: 404,
     ErrorCode.TRY_AGAIN_LATER: 503,
+    ErrorCode.PLUGIN_NOT_AVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
 }
+# Fields that name a call's subject in its log lines: capsule, container, port.
+LogFields = dict[str, str]
 
 
 class _KeyedLocks:
@@ -77,40 +105,93 @@ class _KeyedLocks:
                 del self._users[key], self._locks[key]
 
 
+class DaemonMetrics:
+    """The daemon's series (see GET /metrics)."""
+
+    def __init__(self) -> None:
+        self.registry = metrics.Registry()
+        self.requests = self.registry.counter(
+            "capsa_cni_requests_total", "CNI calls served, by command.", ("command",)
+        )
+        self.errors = self.registry.counter(
+            "capsa_cni_errors_total",
+            "CNI calls that failed, by command and CNI error code.",
+            ("command", "code"),
+        )
+        self.duration = self.registry.histogram(
+            "capsa_cni_request_duration_seconds",
+            "Time the daemon took to serve a CNI call, by command.",
+            ("command",),
+        )
+        self.in_flight = self.registry.gauge(
+            "capsa_cni_requests_in_flight", "CNI calls being served, by command.", ("command",)
+        )
+        self.stale_removed = self.registry.counter(
+            "capsa_cni_stale_attachments_removed_total",
+            "Attachments removed that no DEL asked for: an old sandbox replaced by a capsule's "
+            "new one, or one missing from a GC's valid attachments.",
+            ("reason",),
+        )
+        for command in COMMANDS:
+            self.requests.inc(0, command=command)
+            self.in_flight.add(0, command=command)
+
+    def observe(self, command: str, seconds: float, error: CniError | None) -> None:
+        self.requests.inc(command=command)
+        self.duration.observe(seconds, command=command)
+        if error is not None:
+            self.errors.inc(command=command, code=str(int(error.code)))
+
+
 class _CniService:
     def __init__(self, ports: PortSource, dataplane: Dataplane, executor: ThreadPoolExecutor):
         self._ports = ports
         self._dataplane = dataplane
         self._executor = executor
         self._pod_locks = _KeyedLocks()
+        self.metrics = DaemonMetrics()
         self.not_ready_reason = _lacks_net_admin()
+        self._commands: dict[
+            str, Callable[[CniRequest, LogFields], Awaitable[dict[str, Any] | None]]
+        ] = {
+            "ADD": self._add,
+            "DEL": self._delete,
+            "CHECK": self._check,
+            "GC": self._gc,
+            "STATUS": self._status,
+        }
 
     async def handle(self, command: str, http_request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        self.metrics.in_flight.add(1, command=command)
         version = DEFAULT_VERSION
-        subject: dict[str, str] = {}
+        fields: LogFields = {}
+        error: CniError | None = None
         try:
             envelope = await _read_envelope(http_request)
             config = envelope.get("config")
             if isinstance(config, dict) and isinstance(config.get("cniVersion"), str):
                 version = config["cniVersion"]
             request = parse_request(command, envelope)
-            subject = {"capsule": request.pod_name or "", "container": request.container_id}
-            if command == "ADD":
-                return web.json_response(await self._add(request))
-            if command == "DEL":
-                await self._delete(request)
+            if command in ATTACHMENT_COMMANDS:
+                fields.update(capsule=request.pod_name or "", container=request.container_id)
             else:
-                await self._check(request)
-            return web.Response()
+                fields.update(network=request.network_name)
+            result = await self._commands[command](request, fields)
+            return web.json_response(result) if result is not None else web.Response()
         except CniError as exc:
-            log.warning(f"CNI {command} failed", code=int(exc.code), error=exc.msg, **subject)
+            error = exc
+            log.warning(f"CNI {command} failed", code=int(exc.code), error=exc.msg, **fields)
             return _error_response(exc, version)
         except Exception as exc:
-            log.exception(f"CNI {command} failed unexpectedly", **subject)
+            log.exception(f"CNI {command} failed unexpectedly", **fields)
             error = CniError(ErrorCode.INTERNAL, f"capsa-cni-daemon failed: {exc}", repr(exc))
             return _error_response(error, version)
+        finally:
+            self.metrics.in_flight.add(-1, command=command)
+            self.metrics.observe(command, time.perf_counter() - started, error)
 
-    async def _add(self, request: CniRequest) -> dict[str, Any]:
+    async def _add(self, request: CniRequest, fields: LogFields) -> dict[str, Any]:
         pod = _pod_name(request)
         async with self._pod_locks.hold(pod):
             port = await self._port_of(pod)
@@ -122,6 +203,7 @@ class _CniService:
                     "K8S_POD_NAME must be the uuid of a capsule scheduled on this host; a sandbox "
                     "created outside capsa gets no network",
                 )
+            fields["port"] = port.port_id
             plugged = await self._netlink(
                 request,
                 self._dataplane.plug,
@@ -129,7 +211,20 @@ class _CniService:
                 request.netns,
                 request.ifname,
                 port,
+                request.owner,
+                # A capsule has one sandbox at a time: an older one that still holds the port is
+                # being replaced (its DEL may come late, or never when its runtime lost it), and
+                # two veths with the port's address and MAC on one bridge would make both flaky.
+                port.bound_host_ifname,
             )
+            if plugged.replaced:
+                self.metrics.stale_removed.inc(reason="replaced_sandbox")
+                log.info(
+                    "unplugged the capsule's old sandbox: its new sandbox takes the port",
+                    **fields,
+                    old_container=port.bound_container_id or "",
+                    veth=plugged.replaced,
+                )
             try:
                 result = build_result(
                     request.cni_version, plugged, request.dns, request.prev_result
@@ -145,9 +240,7 @@ class _CniService:
                 raise
         log.info(
             "port bound",
-            capsule=pod,
-            container=request.container_id,
-            port=port.port_id,
+            **fields,
             ip=str(port.ip),
             veth=plugged.host_end.name,
             bridge=port.bridge,
@@ -155,33 +248,46 @@ class _CniService:
         )
         return result
 
-    async def _delete(self, request: CniRequest) -> None:
+    async def _delete(self, request: CniRequest, fields: LogFields) -> None:
         pod = request.pod_name
         async with self._pod_locks.hold(pod or request.container_id):
-            bridge = await self._netlink(
+            removed = await self._netlink(
                 request, self._dataplane.unplug, request.container_id, request.ifname
             )
-            port = await self._port_of(pod) if pod else None
-            if port is not None:
+            port_id = removed.tag.port_id if removed and removed.tag else None
+            if port_id is None and pod:
+                port = await self._port_of(pod)
+                port_id = port.port_id if port else None
+            if port_id:
+                fields["port"] = port_id
+                # Only if this container holds the binding: a newer sandbox's stays.
                 await self._record(
                     "forgetting the binding of",
-                    self._ports.port_unbound(port.port_id, request.container_id),
+                    self._ports.port_unbound(port_id, request.container_id),
                 )
-            if bridge is not None:
-                await self._remove_bridge_if_unused(request, bridge)
-        log.info(
-            "port unplugged" if bridge is not None else "nothing to unplug",
-            capsule=pod or "",
-            container=request.container_id,
-            port=port.port_id if port else "",
-        )
+            if removed is not None and removed.bridge:
+                await self._remove_bridge_if_unused(request, removed.bridge)
+        log.info("port unplugged" if removed is not None else "nothing to unplug", **fields)
 
-    async def _check(self, request: CniRequest) -> None:
+    async def _check(self, request: CniRequest, fields: LogFields) -> None:
         pod = _pod_name(request)
+        prev_result = request.prev_result
+        if prev_result is None:
+            raise CniError(
+                ErrorCode.INVALID_NETWORK_CONFIG,
+                "CHECK needs prevResult: the runtime passes the result of the attachment's ADD",
+            )
         async with self._pod_locks.hold(pod):
             port = await self._port_of(pod)
             if port is None:
                 raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"capsule {pod} has no port")
+            fields["port"] = port.port_id
+            problems = prev_result_problems(prev_result, request.netns, request.ifname, port)
+            if problems:
+                raise CniError(
+                    ErrorCode.INTERNAL,
+                    f"CHECK of {request.container_id}: " + "; ".join(problems),
+                )
             await self._netlink(
                 request,
                 self._dataplane.check,
@@ -189,6 +295,67 @@ class _CniService:
                 request.netns,
                 request.ifname,
                 port,
+            )
+
+    async def _gc(self, request: CniRequest, fields: LogFields) -> None:
+        """Removes this owner's attachments that the runtime no longer lists, with their bindings;
+        carries on past failures and reports them all at the end."""
+        valid = {host_ifname(cid, ifname) for cid, ifname in request.valid_attachments}
+        attachments = await self._netlink(request, self._dataplane.attachments)
+        stale = [
+            (a, a.tag)
+            for a in attachments
+            if a.tag is not None and a.tag.owner == request.owner and a.host_ifname not in valid
+        ]
+        failures: list[str] = []
+        bridges: set[str] = set()
+        for attachment, tag in stale:
+            try:
+                removed = await self._collect(request, attachment.host_ifname, tag)
+            except CniError as exc:
+                failures.append(f"{attachment.host_ifname}: {exc.msg}")
+                continue
+            if removed is not None and removed.bridge:
+                bridges.add(removed.bridge)
+        for bridge in bridges:
+            await self._remove_bridge_if_unused(request, bridge)
+        log.info(
+            "GC done",
+            **fields,
+            valid=len(valid),
+            removed=len(stale) - len(failures),
+            failed=len(failures),
+        )
+        if failures:
+            raise CniError(
+                ErrorCode.INTERNAL,
+                f"GC could not remove {len(failures)} stale attachments",
+                "; ".join(failures),
+            )
+
+    async def _collect(
+        self, request: CniRequest, host_name: str, tag: AttachmentTag
+    ) -> Attachment | None:
+        """Removes one stale attachment and forgets its binding."""
+        removed = await self._netlink(request, self._dataplane.remove_attachment, host_name)
+        await self._record(
+            "forgetting the binding of", self._ports.port_unbound(tag.port_id, tag.container_id)
+        )
+        if removed is not None:
+            self.metrics.stale_removed.inc(reason="gc")
+            log.info(
+                "GC removed an attachment the runtime no longer has",
+                container=tag.container_id,
+                port=tag.port_id,
+                veth=host_name,
+            )
+        return removed
+
+    async def _status(self, request: CniRequest, fields: LogFields) -> None:
+        if self.not_ready_reason:
+            raise CniError(
+                ErrorCode.PLUGIN_NOT_AVAILABLE,
+                f"capsa-cni-daemon cannot bind ports: {self.not_ready_reason}",
             )
 
     async def _undo_plug(self, request: CniRequest) -> None:
@@ -203,7 +370,7 @@ class _CniService:
             )
 
     async def _remove_bridge_if_unused(self, request: CniRequest, bridge: str) -> None:
-        # The pod is unplugged already: an unused bridge left behind does not fail the DEL.
+        # The pod is unplugged already: an unused bridge left behind does not fail the call.
         try:
             await self._netlink(request, self._dataplane.remove_bridge_if_unused, bridge)
         except CniError as exc:
@@ -233,9 +400,8 @@ class _CniService:
         except InterfaceExists as exc:
             raise CniError(ErrorCode.INVALID_ENVIRONMENT, f"CNI_IFNAME: {exc}") from exc
         except DataplaneError as exc:
-            raise CniError(
-                ErrorCode.INTERNAL, f"{request.command} of {request.container_id}: {exc}"
-            ) from exc
+            subject = request.container_id or request.network_name
+            raise CniError(ErrorCode.INTERNAL, f"{request.command} of {subject}: {exc}") from exc
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -246,6 +412,12 @@ class _CniService:
                 {"status": "not ready", "reason": self.not_ready_reason}, status=503
             )
         return web.json_response({"status": "ready"})
+
+    async def metrics_page(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=self.metrics.registry.render().encode(),
+            headers={"Content-Type": metrics.CONTENT_TYPE},
+        )
 
 
 def _pod_name(request: CniRequest) -> str:
@@ -290,10 +462,11 @@ def create_app(
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsa-cni-netlink")
     service = _CniService(ports, dataplane or Dataplane(), executor)
     app = web.Application()
-    for command in ("ADD", "DEL", "CHECK"):
+    for command in COMMANDS:
         app.router.add_post(f"/cni/{command.lower()}", functools.partial(service.handle, command))
     app.router.add_get("/healthz", service.healthz)
     app.router.add_get("/readyz", service.readyz)
+    app.router.add_get("/metrics", service.metrics_page)
 
     async def stop_executor(_: web.Application) -> None:
         await asyncio.to_thread(executor.shutdown)

@@ -2,10 +2,12 @@
 
 containerd runs it for every sandbox with the CNI environment (CNI_COMMAND, CNI_CONTAINERID,
 CNI_NETNS, CNI_IFNAME, CNI_ARGS, CNI_PATH) and the network config on stdin. It answers VERSION
-itself; for ADD, DEL and CHECK it checks the environment the command needs, checks that stdin is a
-JSON object, and forwards one ``POST /cni/<command>`` to the daemon named by the config's
-``daemon`` key ("127.0.0.1:PORT" or "unix:/path"), waiting at most ``timeout`` seconds. The
-daemon's answer goes to stdout; failures are CNI error objects on stdout with exit status 1.
+itself; for ADD, DEL, CHECK, GC and STATUS it checks the environment the command needs, checks that
+stdin is a JSON object, and forwards one ``POST /cni/<command>`` to the daemon named by the
+config's ``daemon`` key ("127.0.0.1:PORT" or "unix:/path"), waiting at most ``timeout`` seconds.
+The daemon checks the rest. Its answer goes to stdout; failures are CNI error objects on stdout
+with exit status 1. A daemon out of reach is "try again later" (11), or for STATUS "plugin not
+available" (50).
 
 This file is installed on its own (see capsa.cni.install) and runs as ``python3 -I -S``: it
 imports no capsa module and nothing beyond a few built-in modules, because interpreter start-up and
@@ -21,17 +23,20 @@ import sys
 import time
 
 # Keep in step with capsa.cni.protocol (a unit test compares them).
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 DEFAULT_VERSION = "1.0.0"
 REQUIRED_ENVIRONMENT = {
     "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
     "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
     "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "GC": ("CNI_PATH",),
+    "STATUS": (),
 }
 INVALID_ENVIRONMENT = 4
 DECODING_FAILURE = 6
 INVALID_NETWORK_CONFIG = 7
 TRY_AGAIN_LATER = 11
+PLUGIN_NOT_AVAILABLE = 50
 INTERNAL = 999
 DEFAULT_TIMEOUT = 60.0
 # Answers bigger than this are not a CNI result.
@@ -95,12 +100,6 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
                 f"CNI_COMMAND {command!r} is not supported by capsa-cni",
                 "supported commands: VERSION, " + ", ".join(REQUIRED_ENVIRONMENT),
             )
-        missing = [name for name in REQUIRED_ENVIRONMENT[command] if not environ.get(name)]
-        if missing:
-            raise PluginError(
-                INVALID_ENVIRONMENT,
-                f"{command} needs {', '.join(missing)}, which the runtime did not set",
-            )
         try:
             text = stdin.decode("utf-8")
             config = decode_json(text)
@@ -112,9 +111,21 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
             raise PluginError(DECODING_FAILURE, "the network config on stdin is not a JSON object")
         if isinstance(config.get("cniVersion"), str):
             version = config["cniVersion"]
+        missing = [name for name in REQUIRED_ENVIRONMENT[command] if not environ.get(name)]
+        if missing:
+            raise PluginError(
+                INVALID_ENVIRONMENT,
+                f"{command} needs {', '.join(missing)}, which the runtime did not set",
+            )
         address, timeout = _daemon_settings(config)
         body = _envelope(environ, text)
-        status, answer = _post(address, "/cni/" + command.lower(), body, timeout)
+        try:
+            status, answer = _post(address, "/cni/" + command.lower(), body, timeout)
+        except PluginError as exc:
+            if command == "STATUS" and exc.code == TRY_AGAIN_LATER:
+                # STATUS has its own code for "cannot serve ADD now".
+                exc.code = PLUGIN_NOT_AVAILABLE
+            raise
         return _daemon_answer(address, status, answer)
     except PluginError as exc:
         error = _json_object(
@@ -242,6 +253,12 @@ def _post(address: str, path: str, body: bytes, timeout: float) -> tuple[int, by
 
 
 def _parse_response(address: str, raw: bytes) -> tuple[int, bytes]:
+    if not raw:
+        raise PluginError(
+            TRY_AGAIN_LATER,
+            f"capsa-cni-daemon at {address} closed the connection without answering",
+            "the daemon stopped or restarted during the call; " + _FIX_HINT,
+        )
     head, sep, body = raw.partition(b"\r\n\r\n")
     status_line = head.split(b"\r\n", 1)[0].split()
     if not sep or len(status_line) < 2 or not status_line[1].isdigit():

@@ -5,31 +5,48 @@
     {"containerId": CNI_CONTAINERID, "netns": CNI_NETNS, "ifname": CNI_IFNAME,
      "args": CNI_ARGS, "path": CNI_PATH, "config": <the network config from stdin>}
 
-:func:`parse_request` checks it and returns a :class:`CniRequest`; :class:`CniError` carries a
-spec error code; :func:`build_result` renders what was plugged in the conf's ``cniVersion``.
-Nothing here touches the kernel or the network.
+:func:`parse_request` checks it against the spec (SPEC.md 1.1.0, sections 1, 2 and 5) and returns
+a :class:`CniRequest`; :class:`CniError` carries a spec error code; :func:`build_result` renders
+what was plugged in the conf's ``cniVersion``, appended to ``prevResult``;
+:func:`prev_result_problems` says where a CHECK's ``prevResult`` disagrees with the port. Nothing
+here touches the kernel or the network.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from capsa.network.types import PluggedPort
+from capsa.network.types import PluggedPort, PortBinding
 
 # Versions whose ADD result build_result can render; capsa-cni reports the same from VERSION.
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 # What an error says when the request's own version is unknown or unsupported.
 DEFAULT_VERSION = "1.0.0"
-COMMANDS = ("ADD", "DEL", "CHECK")
+COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS")
 # The environment each command needs (SPEC.md, section 2); the rest is optional.
 REQUIRED_ENVIRONMENT = {
     "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
     "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
     "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "GC": ("CNI_PATH",),
+    "STATUS": (),
 }
+# The spec version that introduced each command that not every version has.
+FIRST_VERSION = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}
+# The commands about one attachment (container id, ifname).
+ATTACHMENT_COMMANDS = ("ADD", "DEL", "CHECK")
+# runtimeConfig keys that capsa accepts: the capabilities its conflist declares. Any other one
+# asks for something capsa would silently not do.
+ACCEPTED_RUNTIME_CONFIG = frozenset({"portMappings"})
+# Keys that would change what ADD does but that capsa does not implement (it is its own IPAM).
+UNSUPPORTED_KEYS = ("ipam",)
+VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
+# libcni also sends the key under the spec's first, mistaken name (containernetworking/cni#1101).
+LEGACY_ATTACHMENTS_KEY = "cni.dev/attachments"
 # The envelope key that carries each variable.
 _ENVELOPE_KEYS = {
     "CNI_CONTAINERID": "containerId",
@@ -80,13 +97,17 @@ class CniError(Exception):
 @dataclass(frozen=True)
 class CniRequest:
     command: str
+    # Empty for GC and STATUS, which concern no attachment.
     container_id: str
     netns: str
     ifname: str
     args: dict[str, str]
     cni_version: str
-    # The plugin's network config as containerd passed it on stdin (name, type, prevResult, ...).
+    network_name: str
+    # The plugin's network config as the runtime passed it on stdin (name, type, prevResult, ...).
     network_config: dict[str, Any]
+    # GC only: the (container id, ifname) of every attachment the runtime still has.
+    valid_attachments: frozenset[tuple[str, str]] = field(default_factory=frozenset)
 
     @property
     def pod_name(self) -> str | None:
@@ -104,6 +125,22 @@ class CniRequest:
         """The well-known ``dns`` key of the config, which the result repeats."""
         dns: Mapping[str, Any] | None = self.network_config.get("dns")
         return dns
+
+    @property
+    def owner(self) -> str:
+        """Who makes this request's attachments: the network and the daemon it is served by.
+
+        Several capsa instances on one machine have daemons of their own, so their attachments
+        never share an owner and a GC of one leaves the others' alone.
+        """
+        daemon = self.network_config.get("daemon", "")
+        digest = hashlib.sha256(f"{daemon}\n{self.network_name}".encode())
+        return digest.hexdigest()[:16]
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.0.0"`` as ``(1, 0, 0)``; ValueError if it is not dotted numbers."""
+    return tuple(int(part) for part in version.split("."))
 
 
 def parse_cni_args(text: str) -> dict[str, str]:
@@ -133,7 +170,7 @@ def parse_cni_args(text: str) -> dict[str, str]:
 
 
 def parse_request(command: str, envelope: Mapping[str, Any]) -> CniRequest:
-    """Checks a forwarded call: command, required variables, their syntax, the config."""
+    """Checks a forwarded call: command, version, config, required variables and their syntax."""
     if command not in COMMANDS:
         raise CniError(
             ErrorCode.INVALID_ENVIRONMENT,
@@ -143,19 +180,8 @@ def parse_request(command: str, envelope: Mapping[str, Any]) -> CniRequest:
     config = envelope.get("config")
     if not isinstance(config, dict):
         raise CniError(ErrorCode.DECODING_FAILURE, "the network config must be a JSON object")
-    version = config.get("cniVersion")
-    if version not in SUPPORTED_VERSIONS:
-        raise CniError(
-            ErrorCode.INCOMPATIBLE_VERSION,
-            f"cniVersion {version!r} is not supported by capsa-cni",
-            "supported versions: " + ", ".join(SUPPORTED_VERSIONS),
-        )
-    for key in ("prevResult", "dns"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise CniError(
-                ErrorCode.INVALID_NETWORK_CONFIG,
-                f"the network config's {key!r} must be a JSON object, not {config[key]!r}",
-            )
+    version = _check_version(command, config.get("cniVersion"))
+    name = _check_network_name(config.get("name"))
     env: dict[str, str] = {}
     for variable, key in _ENVELOPE_KEYS.items():
         value = envelope.get(key, "")
@@ -168,29 +194,64 @@ def parse_request(command: str, envelope: Mapping[str, Any]) -> CniRequest:
             ErrorCode.INVALID_ENVIRONMENT,
             f"{command} needs {', '.join(missing)}, which the runtime did not set",
         )
-    _check_container_id(env["CNI_CONTAINERID"])
-    _check_ifname(env["CNI_IFNAME"])
+    if command in ATTACHMENT_COMMANDS:
+        _check_identifier(env["CNI_CONTAINERID"], "CNI_CONTAINERID", ErrorCode.INVALID_ENVIRONMENT)
+        _check_ifname(env["CNI_IFNAME"])
+    if command in ("ADD", "CHECK"):
+        _check_config_objects(config)
+        _check_supported_fields(config)
     return CniRequest(
         command=command,
-        container_id=env["CNI_CONTAINERID"],
-        netns=env["CNI_NETNS"],
-        ifname=env["CNI_IFNAME"],
+        container_id=env["CNI_CONTAINERID"] if command in ATTACHMENT_COMMANDS else "",
+        netns=env["CNI_NETNS"] if command in ATTACHMENT_COMMANDS else "",
+        ifname=env["CNI_IFNAME"] if command in ATTACHMENT_COMMANDS else "",
         args=parse_cni_args(env["CNI_ARGS"]),
         cni_version=version,
+        network_name=name,
         network_config=config,
+        valid_attachments=_valid_attachments(config) if command == "GC" else frozenset(),
     )
 
 
-def _check_container_id(container_id: str) -> None:
+def _check_version(command: str, version: object) -> str:
+    if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
+        raise CniError(
+            ErrorCode.INCOMPATIBLE_VERSION,
+            f"cniVersion {version!r} is not supported by capsa-cni",
+            "supported versions: " + ", ".join(SUPPORTED_VERSIONS),
+        )
+    first = FIRST_VERSION.get(command)
+    if first and version_tuple(version) < version_tuple(first):
+        raise CniError(
+            ErrorCode.INCOMPATIBLE_VERSION,
+            f"cniVersion {version} has no {command}: it came with CNI {first}",
+            f"the runtime must not call {command} for a network config older than {first}",
+        )
+    return version
+
+
+def _check_network_name(name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise CniError(
+            ErrorCode.INVALID_NETWORK_CONFIG,
+            "the network config has no `name`",
+            "the runtime copies the conflist's name into every plugin's config",
+        )
+    # SPEC.md, section 1: the same syntax as a container id.
+    _check_identifier(name, "the network name", ErrorCode.INVALID_NETWORK_CONFIG)
+    return name
+
+
+def _check_identifier(value: str, what: str, code: ErrorCode) -> None:
     # SPEC.md: an alphanumeric, then alphanumerics, underscores, dots or hyphens.
     if not (
-        container_id[:1].isascii()
-        and container_id[:1].isalnum()
-        and all(c.isascii() and (c.isalnum() or c in "_.-") for c in container_id)
+        value[:1].isascii()
+        and value[:1].isalnum()
+        and all(c.isascii() and (c.isalnum() or c in "_.-") for c in value)
     ):
         raise CniError(
-            ErrorCode.INVALID_ENVIRONMENT,
-            f"CNI_CONTAINERID {container_id!r} must start with a letter or digit and contain only "
+            code,
+            f"{what} {value!r} must start with a letter or digit and contain only "
             "letters, digits, '_', '.' and '-'",
         )
 
@@ -208,6 +269,59 @@ def _check_ifname(ifname: str) -> None:
         )
 
 
+def _check_config_objects(config: Mapping[str, Any]) -> None:
+    """The keys ADD and CHECK read, checked before anything is plugged (DEL reads none)."""
+    for key in ("prevResult", "dns", "runtimeConfig"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise CniError(
+                ErrorCode.INVALID_NETWORK_CONFIG,
+                f"the network config's {key!r} must be a JSON object, not {config[key]!r}",
+            )
+    _prev_lists(config.get("prevResult"))
+
+
+def _check_supported_fields(config: Mapping[str, Any]) -> None:
+    """Refuses (code 2, naming key and value) what capsa would otherwise silently ignore."""
+    for key in UNSUPPORTED_KEYS:
+        if key in config:
+            raise CniError(
+                ErrorCode.UNSUPPORTED_FIELD,
+                f"capsa-cni does not support {key!r} (given {config[key]!r})",
+                "capsa allocates every port's address itself; remove the key from the conflist",
+            )
+    for key, value in (config.get("runtimeConfig") or {}).items():
+        if key not in ACCEPTED_RUNTIME_CONFIG:
+            raise CniError(
+                ErrorCode.UNSUPPORTED_FIELD,
+                f"capsa-cni does not support runtimeConfig {key!r} (given {value!r})",
+                "supported capabilities: " + ", ".join(sorted(ACCEPTED_RUNTIME_CONFIG)),
+            )
+
+
+def _valid_attachments(config: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
+    key = VALID_ATTACHMENTS_KEY if VALID_ATTACHMENTS_KEY in config else LEGACY_ATTACHMENTS_KEY
+    entries = config.get(key)
+    # Without the list every attachment would look stale: refuse rather than remove them all.
+    if not isinstance(entries, list):
+        raise CniError(
+            ErrorCode.INVALID_NETWORK_CONFIG,
+            f"GC needs {VALID_ATTACHMENTS_KEY!r} as a list, not {entries!r}",
+            "the runtime lists the attachments it still has; an empty list means none",
+        )
+    valid = set()
+    for entry in entries:
+        container_id = entry.get("containerID") if isinstance(entry, dict) else None
+        ifname = entry.get("ifname") if isinstance(entry, dict) else None
+        if not isinstance(container_id, str) or not isinstance(ifname, str):
+            raise CniError(
+                ErrorCode.INVALID_NETWORK_CONFIG,
+                f"{key!r} has an invalid entry {entry!r}",
+                'expected objects {"containerID": ..., "ifname": ...}',
+            )
+        valid.add((container_id, ifname))
+    return frozenset(valid)
+
+
 def build_result(
     cni_version: str,
     plugged: PluggedPort,
@@ -218,7 +332,7 @@ def build_result(
 
     Interfaces are the bridge, the host end and the pod end (with its netns as ``sandbox``); the
     address points at the pod end; the route is the default route via the gateway. Versions
-    before 1.0.0 also carry each address's IP ``version``.
+    before 1.0.0 also carry each address's IP ``version``; 1.1.0 adds the interfaces' ``mtu``.
     """
     if cni_version not in SUPPORTED_VERSIONS:
         raise CniError(
@@ -232,13 +346,15 @@ def build_result(
         {"name": plugged.host_end.name, "mac": plugged.host_end.mac},
         {"name": plugged.pod_end.name, "mac": plugged.pod_end.mac, "sandbox": plugged.netns},
     ]
+    if version_tuple(cni_version) >= (1, 1, 0):
+        interfaces = [{**interface, "mtu": plugged.mtu} for interface in interfaces]
     ip: dict[str, Any] = {
         "address": str(plugged.address),
         "gateway": str(plugged.gateway),
         # The pod end, counted after the interfaces of prevResult.
         "interface": len(prev["interfaces"]) + len(interfaces) - 1,
     }
-    if cni_version != "1.0.0":
+    if version_tuple(cni_version) < (1, 0, 0):
         ip = {"version": "4", **ip}
     route = {"dst": "0.0.0.0/0", "gw": str(plugged.gateway)}
     own_dns = dict(dns or {})
@@ -250,6 +366,44 @@ def build_result(
         "routes": [*prev["routes"], route],
         "dns": own_dns or (dict(prev_dns) if isinstance(prev_dns, Mapping) else {}),
     }
+
+
+def prev_result_problems(
+    prev_result: Mapping[str, Any], netns: str, ifname: str, port: PortBinding
+) -> list[str]:
+    """Where a CHECK's ``prevResult`` disagrees with the port capsa binds for the attachment.
+
+    The pod end must be listed (named ``ifname``, in ``netns``), with the port's MAC if it gives
+    one and the port's address among the IPs that point at it. Entries of other plugins are
+    theirs to check.
+    """
+    lists = _prev_lists(prev_result)
+    pod_end = next(
+        (
+            index
+            for index, interface in enumerate(lists["interfaces"])
+            if isinstance(interface, dict)
+            and interface.get("name") == ifname
+            and interface.get("sandbox") == netns
+        ),
+        None,
+    )
+    if pod_end is None:
+        return [f"prevResult lists no interface {ifname} in netns {netns}"]
+    problems = []
+    mac = lists["interfaces"][pod_end].get("mac")
+    if mac is not None and mac != port.mac:
+        problems.append(f"prevResult gives {ifname} the MAC {mac}, the port has {port.mac}")
+    addresses = [
+        ip.get("address")
+        for ip in lists["ips"]
+        if isinstance(ip, dict) and ip.get("interface") == pod_end
+    ]
+    if str(port.ip) not in addresses:
+        problems.append(
+            f"prevResult gives {ifname} the addresses {addresses}, the port has {port.ip}"
+        )
+    return problems
 
 
 def _prev_lists(prev_result: Mapping[str, Any] | None) -> dict[str, list[Any]]:

@@ -3,16 +3,22 @@
 ::
 
     dataplane = Dataplane()
-    plugged = dataplane.plug(container_id, "/run/netns/cni-1234", "eth0", port)
+    plugged = dataplane.plug(container_id, "/run/netns/cni-1234", "eth0", port, owner)
     ...
-    bridge = dataplane.unplug(container_id, "eth0")
-    if bridge is not None:
-        dataplane.remove_bridge_if_unused(bridge)
+    removed = dataplane.unplug(container_id, "eth0")
+    if removed is not None and removed.bridge:
+        dataplane.remove_bridge_if_unused(removed.bridge)
 
 The pod end of the veth is created directly in the pod's netns (``IFLA_NET_NS_FD`` on the peer),
 named ``CNI_IFNAME``, with the port's MAC, address and MTU and a default route via the gateway.
 The host end is named after the CNI container id and ifname (:func:`host_ifname`), so that a DEL
 for an old sandbox of a capsule can never unplug its newer sandbox; it joins the network's bridge.
+Its alias tags it as capsa's (:class:`AttachmentTag`: who made it, for which port and sandbox), so
+that a GC can find the attachments a runtime no longer knows.
+
+``plug`` is idempotent for one (container id, ifname) and repairs what a killed ADD left: a veth of
+that name whose pod end is unconfigured is configured, one whose pod end is elsewhere is replaced,
+a bridge without its address gets it.
 
 Every method blocks on netlink: call them from worker threads, never from an event loop's thread
 (pyroute2 0.9 runs its own event loop per socket). Creating a bridge, attaching a veth to it and
@@ -31,6 +37,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from ipaddress import IPv4Interface
 from typing import Any
 
@@ -43,6 +50,10 @@ from capsa.network.types import Link, PluggedPort, PortBinding
 log = get_logger(__name__)
 
 HOST_IFNAME_PREFIX = "capsa"
+# First word of the host end's alias: the veth is one of capsa's attachments.
+ALIAS_MARK = "capsa-cni"
+# The kernel keeps at most IFALIASZ - 1 bytes of an alias.
+_ALIAS_MAX = 255
 _IFF_UP = 0x1
 # The kernel gives lo this index in every netns (LOOPBACK_IFINDEX).
 _LOOPBACK_INDEX = 1
@@ -69,6 +80,41 @@ def host_ifname(container_id: str, ifname: str) -> str:
     return HOST_IFNAME_PREFIX + digest[: 15 - len(HOST_IFNAME_PREFIX)]
 
 
+@dataclass(frozen=True)
+class AttachmentTag:
+    """What the host end's alias says: who made the attachment, for which port and sandbox.
+
+    ``owner`` tells apart the attachments of several capsa instances on one machine, so that a GC
+    of one never touches another's.
+    """
+
+    owner: str
+    port_id: str
+    container_id: str
+
+    def alias(self) -> str:
+        # Words without spaces (a CNI container id has none); a container id too long for the
+        # kernel's limit is cut, which only costs its binding's cleanup on GC.
+        return f"{ALIAS_MARK} {self.owner} {self.port_id} {self.container_id}"[:_ALIAS_MAX]
+
+    @classmethod
+    def parse(cls, alias: str | None) -> AttachmentTag | None:
+        words = (alias or "").split(" ")
+        if len(words) != 4 or words[0] != ALIAS_MARK or not all(words):
+            return None
+        return cls(owner=words[1], port_id=words[2], container_id=words[3])
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A host end found on this host: its name, its bridge and its tag (None if it has none,
+    which only a veth whose ADD was killed right after creating it lacks)."""
+
+    host_ifname: str
+    bridge: str | None
+    tag: AttachmentTag | None
+
+
 class Dataplane:
     def __init__(self) -> None:
         self._bridge_locks: dict[str, threading.Lock] = {}
@@ -80,71 +126,115 @@ class Dataplane:
             _, bridge = _ensure_bridge(ipr, name, gateway, mtu)
         return bridge
 
-    def plug(self, container_id: str, netns: str, ifname: str, port: PortBinding) -> PluggedPort:
-        """Connects the netns at path ``netns`` to ``port.bridge`` through a new veth.
+    def plug(
+        self,
+        container_id: str,
+        netns: str,
+        ifname: str,
+        port: PortBinding,
+        owner: str,
+        replaces: str | None = None,
+    ) -> PluggedPort:
+        """Connects the netns at path ``netns`` to ``port.bridge`` through a veth.
 
-        Fails with InterfaceExists when ``ifname`` already exists in the netns. Whatever this call
-        made is removed again if a later step fails.
+        Fails with InterfaceExists when ``ifname`` exists in the netns and is not this
+        attachment's own pod end. Plugging the same attachment again completes and returns it.
+        ``replaces`` names the host end of an older attachment of the port, removed once the new
+        one is sure to be made (a failed check leaves it). Whatever this call made is removed
+        again if a later step fails.
         """
-        # A MAC of our own for the host end saves asking the kernel which one it chose.
-        host_end = Link(host_ifname(container_id, ifname), _random_local_mac())
+        host_name = host_ifname(container_id, ifname)
+        tag = AttachmentTag(owner, port.port_id, container_id)
         with (
             _open_netns(netns) as netns_fd,
             _netlink_in_netns(netns_fd, netns) as pod,
             IPRoute() as host,
         ):
-            if pod.link_lookup(ifname=ifname):
+            pod_end = _find_link(pod, ifname)
+            host_end = _find_link(host, host_name)
+            if host_end is not None and not _are_peers(host_end, pod_end):
+                # A veth of this attachment whose pod end is not in this netns: the leftover of an
+                # ADD that was killed, or of a netns that went. It is replaced.
+                log.info(
+                    "removing a leftover veth of an earlier ADD",
+                    veth=host_name,
+                    container=container_id,
+                    port=port.port_id,
+                )
+                _delete_link(host, host_name)
+                host_end = None
+            if host_end is None and pod_end is not None:
                 raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
+            replaced = None
+            if replaces and replaces != host_name and _remove_host_end(host, replaces):
+                replaced = replaces
             with self._bridge_lock(port.bridge):
                 bridge_index, bridge = _ensure_bridge(
                     host, port.bridge, port.gateway_interface, port.mtu
                 )
-                _create_veth(host, host_end, bridge_index, netns_fd, netns, ifname, port)
+                if host_end is None:
+                    host_mac = _random_local_mac()
+                    _create_veth(host, host_name, host_mac, netns_fd, netns, ifname, port)
+                else:
+                    host_mac = host_end.get("address")
+                try:
+                    host.link(
+                        "set",
+                        ifname=host_name,
+                        ifalias=tag.alias(),
+                        master=bridge_index,
+                        mtu=port.mtu,
+                        state="up",
+                    )
+                except NetlinkError as exc:
+                    _remove_half_made(host, host_name)
+                    raise DataplaneError(
+                        f"cannot attach veth {host_name} to bridge {port.bridge}: {exc}"
+                    ) from exc
             try:
+                if pod_end is not None:
+                    _reset_pod_end(pod, pod_end, ifname, port)
                 _configure_pod_end(pod, ifname, port)
             except BaseException:
-                _remove_half_made(host, host_end.name)
+                _remove_half_made(host, host_name)
                 raise
         return PluggedPort(
             bridge=bridge,
-            host_end=host_end,
+            host_end=Link(host_name, host_mac),
             pod_end=Link(ifname, port.mac),
             netns=netns,
             address=port.ip,
             gateway=port.gateway,
+            mtu=port.mtu,
+            replaced=replaced,
         )
 
-    def unplug(self, container_id: str, ifname: str) -> str | None:
-        """Removes the veth of (container id, ifname); returns the bridge it was on, if any.
+    def unplug(self, container_id: str, ifname: str) -> Attachment | None:
+        """Removes the veth of (container id, ifname); returns what it removed, if anything.
 
         Deleting the host end deletes the pod end with it, wherever its netns is, so unplug never
         needs the netns: it succeeds alike when the netns is gone, when the veth is gone, and for
         a container id it never saw.
         """
-        name = host_ifname(container_id, ifname)
+        return self.remove_attachment(host_ifname(container_id, ifname))
+
+    def remove_attachment(self, host_name: str) -> Attachment | None:
+        """Removes the attachment whose host end is ``host_name``, if that is one of capsa's
+        veths; returns what it removed."""
         with IPRoute() as ipr:
-            try:
-                link = _get_link(ipr, name)
-            except _NoSuchLink:
-                return None
-            bridge = None
-            master = link.get("master")
-            if master:
-                try:
-                    bridge = _get_link(ipr, index=master).get("ifname")
-                except _NoSuchLink:
-                    bridge = None
-            _delete_link(ipr, name)
-        return bridge
+            return _remove_host_end(ipr, host_name)
+
+    def attachments(self) -> list[Attachment]:
+        """Every host end of capsa's on this host, of every owner."""
+        with IPRoute() as ipr:
+            links = [link for link in ipr.link("dump") if _is_host_end(link)]
+            return [_attachment(ipr, link) for link in links]
 
     def remove_bridge_if_unused(self, name: str) -> bool:
         """Deletes the bridge ``name`` if no interface is attached to it; True if it did."""
         with self._bridge_lock(name), IPRoute() as ipr:
-            try:
-                bridge = _get_link(ipr, name)
-            except _NoSuchLink:
-                return False
-            if bridge.get(("linkinfo", "kind")) != "bridge":
+            bridge = _find_link(ipr, name)
+            if bridge is None or bridge.get(("linkinfo", "kind")) != "bridge":
                 return False
             if tuple(ipr.link("dump", master=bridge["index"])):
                 return False
@@ -161,26 +251,18 @@ class Dataplane:
             _netlink_in_netns(netns_fd, netns) as pod,
             IPRoute() as host,
         ):
-            try:
-                host_end = _get_link(host, host_name)
-                master = host_end.get("master")
-                on = _get_link(host, index=master).get("ifname") if master else None
-                if on != port.bridge:
-                    problems.append(f"host end {host_name} is on {on}, not {port.bridge}")
-            except _NoSuchLink:
+            host_end = _find_link(host, host_name)
+            pod_end = _find_link(pod, ifname)
+            if host_end is None:
                 problems.append(f"host end {host_name} is missing")
-            try:
-                pod_end = _get_link(pod, ifname)
-                if pod_end.get("address") != port.mac:
-                    problems.append(f"{ifname} has MAC {pod_end.get('address')}")
-                addresses = {
-                    (a.get("address"), a["prefixlen"])
-                    for a in pod.addr("dump", index=pod_end["index"], family=socket.AF_INET)
-                }
-                if (str(port.ip.ip), port.ip.network.prefixlen) not in addresses:
-                    problems.append(f"{ifname} lacks {port.ip}")
-            except _NoSuchLink:
+            else:
+                problems += _host_end_problems(host, host_end, port)
+            if pod_end is None:
                 problems.append(f"{ifname} is missing in netns {netns}")
+            else:
+                if host_end is not None and not _are_peers(host_end, pod_end):
+                    problems.append(f"{ifname} is not the peer of host end {host_name}")
+                problems += _pod_end_problems(pod, pod_end, ifname, port)
         if problems:
             raise DataplaneError("; ".join(problems))
 
@@ -206,6 +288,93 @@ def _get_link(ipr: IPRoute, name: str | None = None, index: int | None = None) -
     return link
 
 
+def _find_link(ipr: IPRoute, name: str) -> Any:
+    """The link ``name``, or None."""
+    try:
+        return _get_link(ipr, name)
+    except _NoSuchLink:
+        return None
+
+
+def _remove_host_end(ipr: IPRoute, host_name: str) -> Attachment | None:
+    link = _find_link(ipr, host_name)
+    if link is None or not _is_host_end(link):
+        return None
+    attachment = _attachment(ipr, link)
+    _delete_link(ipr, host_name)
+    return attachment
+
+
+def _is_host_end(link: Any) -> bool:
+    return bool(
+        link.get("ifname", "").startswith(HOST_IFNAME_PREFIX)
+        and link.get(("linkinfo", "kind")) == "veth"
+    )
+
+
+def _are_peers(host_end: Any, pod_end: Any) -> bool:
+    """Whether two veth ends, seen from their own netns, point at each other."""
+    return bool(
+        pod_end is not None
+        and pod_end.get(("linkinfo", "kind")) == "veth"
+        and pod_end.get("link") == host_end["index"]
+        and host_end.get("link") == pod_end["index"]
+    )
+
+
+def _attachment(ipr: IPRoute, link: Any) -> Attachment:
+    bridge = None
+    master = link.get("master")
+    if master:
+        try:
+            bridge = _get_link(ipr, index=master).get("ifname")
+        except _NoSuchLink:
+            bridge = None
+    return Attachment(link.get("ifname"), bridge, AttachmentTag.parse(link.get("ifalias")))
+
+
+def _host_end_problems(host: IPRoute, host_end: Any, port: PortBinding) -> list[str]:
+    name = host_end.get("ifname")
+    problems = []
+    master = host_end.get("master")
+    try:
+        on = _get_link(host, index=master).get("ifname") if master else None
+    except _NoSuchLink:
+        on = None
+    if on != port.bridge:
+        problems.append(f"host end {name} is on {on}, not {port.bridge}")
+    if not host_end["flags"] & _IFF_UP:
+        problems.append(f"host end {name} is down")
+    bridge = _find_link(host, port.bridge)
+    if bridge is not None and port.gateway_interface not in _addresses(host, bridge["index"]):
+        problems.append(f"bridge {port.bridge} lacks the gateway address {port.gateway_interface}")
+    return problems
+
+
+def _pod_end_problems(pod: IPRoute, pod_end: Any, ifname: str, port: PortBinding) -> list[str]:
+    problems = []
+    if pod_end.get("address") != port.mac:
+        problems.append(f"{ifname} has MAC {pod_end.get('address')}, not {port.mac}")
+    if not pod_end["flags"] & _IFF_UP:
+        problems.append(f"{ifname} is down")
+    if port.ip not in _addresses(pod, pod_end["index"]):
+        problems.append(f"{ifname} lacks {port.ip}")
+    default_routes = pod.route("dump", family=socket.AF_INET, dst_len=0)
+    if not any(
+        r.get("oif") == pod_end["index"] and r.get("gateway") == str(port.gateway)
+        for r in default_routes
+    ):
+        problems.append(f"{ifname} has no default route via {port.gateway}")
+    return problems
+
+
+def _addresses(ipr: IPRoute, index: int) -> set[IPv4Interface]:
+    return {
+        IPv4Interface(f"{a.get('address')}/{a['prefixlen']}")
+        for a in ipr.addr("dump", index=index, family=socket.AF_INET)
+    }
+
+
 def _delete_link(ipr: IPRoute, name: str) -> None:
     try:
         ipr.link("del", ifname=name)
@@ -223,9 +392,8 @@ def _remove_half_made(ipr: IPRoute, name: str) -> None:
 
 
 def _ensure_bridge(ipr: IPRoute, name: str, gateway: IPv4Interface, mtu: int) -> tuple[int, Link]:
-    try:
-        link = _get_link(ipr, name)
-    except _NoSuchLink:
+    link = _find_link(ipr, name)
+    if link is None:
         try:
             # An explicit MAC keeps the gateway's MAC stable: a bridge with a random one adopts
             # the lowest MAC of its ports, which changes as pods come and go.
@@ -243,6 +411,7 @@ def _ensure_bridge(ipr: IPRoute, name: str, gateway: IPv4Interface, mtu: int) ->
             "the network's bridge name must be free for capsa"
         )
     index: int = link["index"]
+    # Also completes a bridge that a killed ADD left without its address.
     try:
         ipr.addr("add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
     except NetlinkError as exc:
@@ -255,8 +424,8 @@ def _ensure_bridge(ipr: IPRoute, name: str, gateway: IPv4Interface, mtu: int) ->
 
 def _create_veth(
     host: IPRoute,
-    host_end: Link,
-    bridge_index: int,
+    host_name: str,
+    host_mac: str,
     netns_fd: int,
     netns: str,
     ifname: str,
@@ -265,34 +434,49 @@ def _create_veth(
     try:
         host.link(
             "add",
-            ifname=host_end.name,
-            address=host_end.mac,
+            ifname=host_name,
+            address=host_mac,
             kind="veth",
             mtu=port.mtu,
-            master=bridge_index,
-            state="up",
             peer={"ifname": ifname, "net_ns_fd": netns_fd, "address": port.mac, "mtu": port.mtu},
         )
     except NetlinkError as exc:
         if exc.code != errno.EEXIST:
             raise DataplaneError(
-                f"cannot create veth {host_end.name} into netns {netns}: {exc}"
+                f"cannot create veth {host_name} into netns {netns}: {exc}"
             ) from exc
-        if host.link_lookup(ifname=host_end.name):
-            raise DataplaneError(
-                f"veth {host_end.name} already exists: the attachment ({ifname}) was added before "
-                "and not deleted"
-            ) from exc
-        raise InterfaceExists(f"interface {ifname} already exists in netns {netns}") from exc
+        # plug found neither end a moment ago: a concurrent call made one of them.
+        raise InterfaceExists(
+            f"interface {ifname} in netns {netns} or veth {host_name} appeared while plugging: "
+            "another ADD of this attachment runs at the same time"
+        ) from exc
+
+
+def _reset_pod_end(pod: IPRoute, pod_end: Any, ifname: str, port: PortBinding) -> None:
+    """Gives a pod end that an earlier ADD made the port's MAC and MTU, if it lacks them."""
+    if pod_end.get("address") == port.mac and pod_end.get("mtu") == port.mtu:
+        return
+    try:
+        pod.link("set", index=pod_end["index"], state="down")
+        pod.link("set", index=pod_end["index"], address=port.mac, mtu=port.mtu)
+    except NetlinkError as exc:
+        raise DataplaneError(f"cannot reset {ifname} in the pod's netns: {exc}") from exc
 
 
 def _configure_pod_end(pod: IPRoute, ifname: str, port: PortBinding) -> None:
+    """Gives the pod end its address, state and default route; each step may be done already."""
     try:
         index = _get_link(pod, ifname)["index"]
-        pod.addr("add", index=index, address=str(port.ip.ip), prefixlen=port.ip.network.prefixlen)
+        try:
+            pod.addr(
+                "add", index=index, address=str(port.ip.ip), prefixlen=port.ip.network.prefixlen
+            )
+        except NetlinkError as exc:
+            if exc.code != errno.EEXIST:
+                raise
         pod.link("set", index=index, state="up")
         pod.link("set", index=_LOOPBACK_INDEX, state="up")
-        pod.route("add", dst="0.0.0.0/0", gateway=str(port.gateway), oif=index)
+        pod.route("replace", dst="0.0.0.0/0", gateway=str(port.gateway), oif=index)
     except (NetlinkError, _NoSuchLink) as exc:
         raise DataplaneError(f"cannot configure {ifname} in the pod's netns: {exc}") from exc
 

@@ -83,6 +83,8 @@ class NetworkService:
             gateway=subnet.gateway_ip,
             bridge=bridge_name(network.id),
             mtu=network.mtu,
+            bound_container_id=port.binding_container_id,
+            bound_host_ifname=port.binding_host_ifname,
         )
 
     async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:

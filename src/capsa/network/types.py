@@ -26,6 +26,10 @@ class PortBinding:
     gateway: IPv4Address
     bridge: str
     mtu: int
+    # The attachment that holds the port now, as the last ADD recorded it: the sandbox's CNI
+    # container id and the host end of its veth. None when the port is not bound.
+    bound_container_id: str | None = None
+    bound_host_ifname: str | None = None
 
     @property
     def gateway_interface(self) -> IPv4Interface:
@@ -50,6 +54,10 @@ class PluggedPort:
     netns: str
     address: IPv4Interface
     gateway: IPv4Address
+    # Of both veth ends.
+    mtu: int
+    # The host end of an older attachment of the port that plugging this one removed.
+    replaced: str | None = None
 
 
 class PortSource(Protocol):
@@ -59,7 +67,8 @@ class PortSource(Protocol):
     """
 
     async def find_port(self, pod_name: str) -> PortBinding | None:
-        """The port allocated for this pod, or None when it has none."""
+        """The port allocated for this pod, or None when it has none; with its current binding
+        (``bound_container_id``, ``bound_host_ifname``) if it is bound."""
         ...
 
     async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +14,14 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from capsa.cni.daemon import CniDaemon, create_app, parse_listen
-from capsa.network.dataplane import Dataplane, DataplaneError, InterfaceExists, host_ifname
+from capsa.network.dataplane import (
+    Attachment,
+    AttachmentTag,
+    Dataplane,
+    DataplaneError,
+    InterfaceExists,
+    host_ifname,
+)
 from capsa.network.types import Link, PluggedPort, PortBinding
 
 PORT = PortBinding(
@@ -37,7 +45,13 @@ class FakePorts:
     async def find_port(self, pod_name: str) -> PortBinding | None:
         if self.fail:
             raise self.fail
-        return self.ports.get(pod_name)
+        port = self.ports.get(pod_name)
+        if port is None or port.port_id not in self.bound:
+            return port
+        container_id, host_name = self.bound[port.port_id]
+        return dataclasses.replace(
+            port, bound_container_id=container_id, bound_host_ifname=host_name
+        )
 
     async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:
         self.calls.append(("bound", port_id, container_id, host_ifname))
@@ -50,19 +64,38 @@ class FakePorts:
 
 
 class FakeDataplane(Dataplane):
-    """Records calls instead of touching the kernel; plug takes ``delay`` seconds."""
+    """Keeps attachments in a dict instead of the kernel; plug takes ``delay`` seconds."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.plugged: dict[tuple[str, str], str] = {}
+        # By host end name, as the kernel would hold them.
+        self.links: dict[str, Attachment] = {}
         self.removed_bridges: list[str] = []
         self.plug_error: Exception | None = None
+        self.remove_errors: dict[str, Exception] = {}
         self.delay = 0.0
         self.active: dict[str, int] = {}
         self.most_active: dict[str, int] = {}
         self._guard = threading.Lock()
 
-    def plug(self, container_id: str, netns: str, ifname: str, port: PortBinding) -> PluggedPort:
+    @property
+    def plugged(self) -> dict[tuple[str, str], str]:
+        """(container id, port id) -> bridge of every attachment."""
+        return {
+            (a.tag.container_id, a.tag.port_id): a.bridge or ""
+            for a in self.links.values()
+            if a.tag
+        }
+
+    def plug(
+        self,
+        container_id: str,
+        netns: str,
+        ifname: str,
+        port: PortBinding,
+        owner: str,
+        replaces: str | None = None,
+    ) -> PluggedPort:
         with self._guard:
             self.active[port.port_id] = self.active.get(port.port_id, 0) + 1
             self.most_active[port.port_id] = max(
@@ -73,7 +106,11 @@ class FakeDataplane(Dataplane):
             if self.plug_error:
                 raise self.plug_error
             name = host_ifname(container_id, ifname)
-            self.plugged[(container_id, ifname)] = port.bridge
+            replaced = None
+            if replaces and replaces != name and self.links.pop(replaces, None):
+                replaced = replaces
+            tag = AttachmentTag(owner, port.port_id, container_id)
+            self.links[name] = Attachment(name, port.bridge, tag)
             return PluggedPort(
                 bridge=Link(port.bridge, "02:00:00:00:00:01"),
                 host_end=Link(name, "02:00:00:00:00:02"),
@@ -81,16 +118,23 @@ class FakeDataplane(Dataplane):
                 netns=netns,
                 address=port.ip,
                 gateway=port.gateway,
+                mtu=port.mtu,
+                replaced=replaced,
             )
         finally:
             with self._guard:
                 self.active[port.port_id] -= 1
 
-    def unplug(self, container_id: str, ifname: str) -> str | None:
-        return self.plugged.pop((container_id, ifname), None)
+    def remove_attachment(self, host_name: str) -> Attachment | None:
+        if host_name in self.remove_errors:
+            raise self.remove_errors[host_name]
+        return self.links.pop(host_name, None)
+
+    def attachments(self) -> list[Attachment]:
+        return list(self.links.values())
 
     def remove_bridge_if_unused(self, name: str) -> bool:
-        if name in self.plugged.values():
+        if any(a.bridge == name for a in self.links.values()):
             return False
         self.removed_bridges.append(name)
         return True
@@ -119,8 +163,37 @@ def envelope(container_id: str = "c1", pod: str | None = "pod-1", **config: Any)
         "ifname": "eth0",
         "args": f"IgnoreUnknown=1;K8S_POD_NAME={pod}" if pod else "IgnoreUnknown=1",
         "path": "/opt/cni/bin",
-        "config": {"cniVersion": "1.0.0", "name": "capsa", "type": "capsa-cni", **config},
+        "config": {
+            "cniVersion": "1.0.0",
+            "name": "capsa",
+            "type": "capsa-cni",
+            "daemon": "unix:/run/capsa/cni.sock",
+            **config,
+        },
     }
+
+
+def network_envelope(**config: Any) -> dict[str, Any]:
+    """A GC or STATUS call: CNI 1.1.0, no attachment."""
+    return {
+        "containerId": "",
+        "netns": "",
+        "ifname": "",
+        "args": "",
+        "path": "/opt/cni/bin",
+        "config": {
+            "cniVersion": "1.1.0",
+            "name": "capsa",
+            "type": "capsa-cni",
+            "daemon": "unix:/run/capsa/cni.sock",
+            **config,
+        },
+    }
+
+
+def gc_envelope(*valid: tuple[str, str]) -> dict[str, Any]:
+    attachments = [{"containerID": cid, "ifname": ifname} for cid, ifname in valid]
+    return network_envelope(**{"cni.dev/valid-attachments": attachments})
 
 
 async def call(client: TestClient[Any, Any], command: str, body: Any) -> tuple[int, Any]:
@@ -129,11 +202,19 @@ async def call(client: TestClient[Any, Any], command: str, body: Any) -> tuple[i
     return response.status, (await response.json() if text else None)
 
 
+async def added(client: TestClient[Any, Any], body: dict[str, Any]) -> dict[str, Any]:
+    status, result = await call(client, "add", body)
+    assert status == 200, result
+    return dict(result)
+
+
+# ---- ADD ----
+
+
 async def test_add_binds_the_port_and_answers_the_result(
     client: TestClient[Any, Any], ports: FakePorts, dataplane: FakeDataplane
 ) -> None:
-    status, result = await call(client, "add", envelope())
-    assert status == 200
+    result = await added(client, envelope())
     assert result["cniVersion"] == "1.0.0"
     assert result["interfaces"][2] == {
         "name": "eth0",
@@ -141,17 +222,24 @@ async def test_add_binds_the_port_and_answers_the_result(
         "sandbox": "/var/run/netns/cni-c1",
     }
     assert result["ips"] == [{"address": "10.217.0.5/16", "gateway": "10.217.0.1", "interface": 2}]
-    assert dataplane.plugged == {("c1", "eth0"): "capsa0"}
+    assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
     assert ports.bound == {"port-1": ("c1", host_ifname("c1", "eth0"))}
 
 
-async def test_add_answers_in_the_config_version(client: TestClient[Any, Any]) -> None:
-    body = envelope()
-    body["config"]["cniVersion"] = "0.3.1"
-    status, result = await call(client, "add", body)
-    assert status == 200
-    assert result["cniVersion"] == "0.3.1"
-    assert result["ips"][0]["version"] == "4"
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.1.0"])
+async def test_add_answers_in_the_config_version(
+    client: TestClient[Any, Any], version: str
+) -> None:
+    result = await added(client, envelope(cniVersion=version))
+    assert result["cniVersion"] == version
+    assert ("version" in result["ips"][0]) == (version < "1.0.0")
+
+
+async def test_add_appends_to_prev_result(client: TestClient[Any, Any]) -> None:
+    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo0"}], "ips": [], "routes": []}
+    result = await added(client, envelope(prevResult=prev))
+    assert result["interfaces"][0] == {"name": "lo0"}
+    assert result["ips"][0]["interface"] == 3
 
 
 async def test_add_without_port_says_who_allocates_it(
@@ -200,24 +288,102 @@ async def test_store_failure_is_try_again_later(
     assert "database is locked" in error["msg"]
 
 
-async def test_add_unplugs_when_the_result_cannot_be_built(
+async def test_add_refuses_a_malformed_prev_result_before_plugging(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
-    body = envelope(prevResult={"interfaces": "not a list"})
-    status, error = await call(client, "add", body)
+    status, error = await call(client, "add", envelope(prevResult={"interfaces": "not a list"}))
     assert (status, error["code"]) == (400, 7)
     assert dataplane.plugged == {}
     assert ports.bound == {}
 
 
+async def test_add_unplugs_when_the_binding_cannot_be_recorded(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    async def failing_bound(*_: str) -> None:
+        raise ConnectionError("database is locked")
+
+    ports.port_bound = failing_bound  # type: ignore[method-assign]
+    status, error = await call(client, "add", envelope())
+    assert (status, error["code"]) == (503, 11)
+    assert dataplane.plugged == {}
+
+
+async def test_add_with_ipam_is_unsupported_field(client: TestClient[Any, Any]) -> None:
+    status, error = await call(client, "add", envelope(ipam={"type": "host-local"}))
+    assert (status, error["code"]) == (400, 2)
+    assert "ipam" in error["msg"]
+    assert "host-local" in error["msg"]
+
+
+async def test_add_replaces_an_older_sandbox_still_plugged(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope(container_id="old"))
+
+    await added(client, envelope(container_id="new"))
+
+    # One attachment holds the port's address and MAC: the new one.
+    assert dataplane.plugged == {("new", "port-1"): "capsa0"}
+    assert ports.bound == {"port-1": ("new", host_ifname("new", "eth0"))}
+    # The old sandbox's late DEL changes nothing.
+    assert await call(client, "del", envelope(container_id="old")) == (200, None)
+    assert dataplane.plugged == {("new", "port-1"): "capsa0"}
+    assert ports.bound == {"port-1": ("new", host_ifname("new", "eth0"))}
+    metrics = await (await client.get("/metrics")).text()
+    assert 'capsa_cni_stale_attachments_removed_total{reason="replaced_sandbox"} 1' in metrics
+
+
+async def test_a_failed_add_leaves_the_older_sandbox_plugged(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope(container_id="old"))
+    dataplane.plug_error = InterfaceExists("interface eth0 already exists in netns /x")
+    status, _ = await call(client, "add", envelope(container_id="new"))
+    assert status == 400
+    assert dataplane.plugged == {("old", "port-1"): "capsa0"}
+    assert ports.bound == {"port-1": ("old", host_ifname("old", "eth0"))}
+
+
+async def test_add_again_for_the_same_attachment_keeps_it(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    first = await added(client, envelope())
+    assert await added(client, envelope()) == first
+    assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
+    assert ports.bound == {"port-1": ("c1", host_ifname("c1", "eth0"))}
+
+
+async def test_add_whose_old_sandbox_is_gone_just_binds(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    # The binding names a sandbox whose veth went with its netns, and no DEL came.
+    ports.bound["port-1"] = ("old", host_ifname("old", "eth0"))
+    await added(client, envelope(container_id="new"))
+    assert dataplane.plugged == {("new", "port-1"): "capsa0"}
+    assert ports.bound == {"port-1": ("new", host_ifname("new", "eth0"))}
+
+
+# ---- DEL ----
+
+
 async def test_del_unbinds_and_removes_the_unused_bridge(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
-    await call(client, "add", envelope())
+    await added(client, envelope())
     assert await call(client, "del", envelope()) == (200, None)
     assert dataplane.plugged == {}
     assert ports.bound == {}
     assert dataplane.removed_bridges == ["capsa0"]
+
+
+async def test_del_without_pod_name_finds_the_port_on_the_veth(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    assert await call(client, "del", envelope(pod=None)) == (200, None)
+    assert dataplane.plugged == {}
+    assert ports.bound == {}
 
 
 @pytest.mark.parametrize(
@@ -225,9 +391,11 @@ async def test_del_unbinds_and_removes_the_unused_bridge(
     [
         envelope(),
         {**envelope(), "netns": ""},
+        {**envelope(), "netns": "/var/run/netns/gone"},
         envelope(container_id="never-seen"),
         envelope(pod="pod-without-port"),
         envelope(pod=None),
+        envelope(cniVersion="0.3.1"),
     ],
 )
 async def test_del_always_succeeds(client: TestClient[Any, Any], body: dict[str, Any]) -> None:
@@ -238,19 +406,19 @@ async def test_del_always_succeeds(client: TestClient[Any, Any], body: dict[str,
 async def test_del_of_an_old_sandbox_keeps_the_new_binding(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
-    await call(client, "add", envelope(container_id="old"))
+    await added(client, envelope(container_id="old"))
     await call(client, "del", envelope(container_id="old"))
-    await call(client, "add", envelope(container_id="new"))
+    await added(client, envelope(container_id="new"))
     assert await call(client, "del", envelope(container_id="old")) == (200, None)
     assert ports.bound == {"port-1": ("new", host_ifname("new", "eth0"))}
-    assert ("new", "eth0") in dataplane.plugged
+    assert dataplane.plugged == {("new", "port-1"): "capsa0"}
 
 
 async def test_calls_for_one_capsule_never_overlap(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     dataplane.delay = 0.05
-    ports.ports["pod-2"] = PortBinding(**{**PORT.__dict__, "port_id": "port-2"})
+    ports.ports["pod-2"] = dataclasses.replace(PORT, port_id="port-2")
     started = time.monotonic()
     results = await asyncio.gather(
         call(client, "add", envelope(container_id="a1")),
@@ -264,25 +432,157 @@ async def test_calls_for_one_capsule_never_overlap(
     assert time.monotonic() - started < 0.18
 
 
+# ---- errors common to the commands ----
+
+
 async def test_bad_json_body_is_code_6(client: TestClient[Any, Any]) -> None:
     response = await client.post("/cni/add", data=b"{not json")
     assert (await response.json())["code"] == 6
 
 
 async def test_unsupported_version_is_code_1_and_echoes_it(client: TestClient[Any, Any]) -> None:
-    body = envelope()
-    body["config"]["cniVersion"] = "1.1.0"
-    _, error = await call(client, "add", body)
-    assert (error["code"], error["cniVersion"]) == (1, "1.1.0")
+    _, error = await call(client, "add", envelope(cniVersion="2.0.0"))
+    assert (error["code"], error["cniVersion"]) == (1, "2.0.0")
 
 
-async def test_check(client: TestClient[Any, Any], dataplane: FakeDataplane) -> None:
+# ---- CHECK ----
+
+
+async def test_check_compares_prev_result_port_and_kernel(
+    client: TestClient[Any, Any], dataplane: FakeDataplane
+) -> None:
     checked: list[tuple[str, str]] = []
     dataplane.check = lambda container_id, netns, ifname, port: checked.append(  # type: ignore[method-assign]
         (container_id, port.port_id)
     )
-    assert await call(client, "check", envelope()) == (200, None)
+    result = await added(client, envelope())
+    assert await call(client, "check", envelope(prevResult=result)) == (200, None)
     assert checked == [("c1", "port-1")]
+
+
+async def test_check_reports_a_prev_result_that_differs_from_the_port(
+    client: TestClient[Any, Any],
+) -> None:
+    result = await added(client, envelope())
+    result["ips"][0]["address"] = "10.217.9.9/16"
+    status, error = await call(client, "check", envelope(prevResult=result))
+    assert (status, error["code"]) == (500, 999)
+    assert "10.217.9.9/16" in error["msg"]
+    assert str(PORT.ip) in error["msg"]
+
+
+async def test_check_reports_what_the_kernel_lacks(
+    client: TestClient[Any, Any], dataplane: FakeDataplane
+) -> None:
+    def fail(*_: Any) -> None:
+        raise DataplaneError("eth0 lacks 10.217.0.5/16")
+
+    dataplane.check = fail  # type: ignore[method-assign]
+    result = await added(client, envelope())
+    status, error = await call(client, "check", envelope(prevResult=result))
+    assert (status, error["code"]) == (500, 999)
+    assert "eth0 lacks 10.217.0.5/16" in error["msg"]
+
+
+async def test_check_without_prev_result_is_code_7(client: TestClient[Any, Any]) -> None:
+    await added(client, envelope())
+    status, error = await call(client, "check", envelope())
+    assert (status, error["code"]) == (400, 7)
+    assert "prevResult" in error["msg"]
+
+
+async def test_check_is_not_in_0_3_1(client: TestClient[Any, Any]) -> None:
+    result = await added(client, envelope(cniVersion="0.3.1"))
+    _, error = await call(client, "check", envelope(cniVersion="0.3.1", prevResult=result))
+    assert error["code"] == 1
+    assert "0.4.0" in error["msg"]
+
+
+# ---- GC ----
+
+
+async def test_gc_removes_only_this_owners_stale_attachments(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    ports.ports["pod-2"] = dataclasses.replace(PORT, port_id="port-2", bridge="capsa1")
+    await added(client, envelope(container_id="kept"))
+    await added(client, envelope(container_id="stale", pod="pod-2"))
+    # Another capsa instance's attachment: same network name, another daemon.
+    foreign = envelope(container_id="foreign", daemon="unix:/other/cni.sock")
+    ports.ports["pod-3"] = dataclasses.replace(PORT, port_id="port-3")
+    await added(client, {**foreign, "args": "K8S_POD_NAME=pod-3"})
+
+    assert await call(client, "gc", gc_envelope(("kept", "eth0"))) == (200, None)
+
+    assert dataplane.plugged == {("kept", "port-1"): "capsa0", ("foreign", "port-3"): "capsa0"}
+    assert "port-2" not in ports.bound
+    assert dataplane.removed_bridges == ["capsa1"]
+    metrics = await (await client.get("/metrics")).text()
+    assert 'capsa_cni_stale_attachments_removed_total{reason="gc"} 1' in metrics
+
+
+async def test_gc_accepts_libcni_legacy_key(
+    client: TestClient[Any, Any], dataplane: FakeDataplane
+) -> None:
+    await added(client, envelope(container_id="kept"))
+    body = gc_envelope()
+    body["config"]["cni.dev/attachments"] = body["config"].pop("cni.dev/valid-attachments")
+    body["config"]["cni.dev/attachments"].append({"containerID": "kept", "ifname": "eth0"})
+    assert await call(client, "gc", body) == (200, None)
+    assert dataplane.plugged == {("kept", "port-1"): "capsa0"}
+
+
+async def test_gc_carries_on_past_failures_and_reports_them(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    ports.ports["pod-2"] = dataclasses.replace(PORT, port_id="port-2")
+    await added(client, envelope(container_id="a"))
+    await added(client, envelope(container_id="b", pod="pod-2"))
+    stuck = host_ifname("a", "eth0")
+    dataplane.remove_errors[stuck] = DataplaneError("Device or resource busy")
+
+    status, error = await call(client, "gc", gc_envelope())
+
+    assert (status, error["code"]) == (500, 999)
+    assert "1 stale attachments" in error["msg"]
+    assert stuck in error["details"]
+    assert "Device or resource busy" in error["details"]
+    assert dataplane.plugged == {("a", "port-1"): "capsa0"}
+
+
+@pytest.mark.parametrize(
+    ("config", "code"),
+    [
+        ({"cniVersion": "1.0.0", "cni.dev/valid-attachments": []}, 1),
+        ({}, 7),
+        ({"cni.dev/valid-attachments": [{"containerID": "x"}]}, 7),
+    ],
+)
+async def test_gc_refuses_what_it_cannot_trust(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, config: dict[str, Any], code: int
+) -> None:
+    await added(client, envelope())
+    _, error = await call(client, "gc", network_envelope(**config))
+    assert error["code"] == code
+    assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
+
+
+# ---- STATUS, health, readiness, metrics ----
+
+
+async def test_status_when_ready(client: TestClient[Any, Any]) -> None:
+    assert await call(client, "status", network_envelope()) == (200, None)
+
+
+async def test_status_not_ready_is_code_50(
+    monkeypatch: pytest.MonkeyPatch, ports: FakePorts
+) -> None:
+    reason = "the daemon lacks CAP_NET_ADMIN: run capsa as root"
+    monkeypatch.setattr("capsa.cni.daemon._lacks_net_admin", lambda: reason)
+    async with TestClient(TestServer(create_app(ports, FakeDataplane()))) as test_client:
+        status, error = await call(test_client, "status", network_envelope())
+    assert (status, error["code"]) == (503, 50)
+    assert reason in error["msg"]
 
 
 async def test_health(client: TestClient[Any, Any]) -> None:
@@ -303,6 +603,29 @@ async def test_readiness_says_why_not(
         assert (response.status, body["reason"]) == (503, missing)
     else:
         assert (response.status, body["status"]) == (200, "ready")
+
+
+async def test_metrics_count_calls_errors_and_latency(
+    client: TestClient[Any, Any], dataplane: FakeDataplane
+) -> None:
+    dataplane.delay = 0.03
+    await added(client, envelope())
+    await call(client, "add", envelope(pod="pod-unknown"))
+    await call(client, "del", envelope())
+
+    response = await client.get("/metrics")
+
+    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    text = await response.text()
+    assert 'capsa_cni_requests_total{command="ADD"} 2' in text
+    assert 'capsa_cni_requests_total{command="DEL"} 1' in text
+    assert 'capsa_cni_requests_total{command="GC"} 0' in text
+    assert 'capsa_cni_errors_total{command="ADD",code="3"} 1' in text
+    assert 'capsa_cni_requests_in_flight{command="ADD"} 0' in text
+    # The ADD that plugged took at least the plug's 30 ms; the failed one did not.
+    assert 'capsa_cni_request_duration_seconds_bucket{command="ADD",le="0.025"} 1' in text
+    assert 'capsa_cni_request_duration_seconds_bucket{command="ADD",le="+Inf"} 2' in text
+    assert 'capsa_cni_request_duration_seconds_count{command="DEL"} 1' in text
 
 
 @pytest.mark.parametrize(

@@ -88,7 +88,7 @@ def test_version_echoes_the_runtime_version() -> None:
     assert status == 0
     assert json.loads(output) == {
         "cniVersion": "0.4.0",
-        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0"],
+        "supportedVersions": ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"],
     }
 
 
@@ -107,6 +107,7 @@ def test_plugin_and_daemon_agree() -> None:
     assert plugin.DECODING_FAILURE == protocol.ErrorCode.DECODING_FAILURE
     assert plugin.INVALID_NETWORK_CONFIG == protocol.ErrorCode.INVALID_NETWORK_CONFIG
     assert plugin.TRY_AGAIN_LATER == protocol.ErrorCode.TRY_AGAIN_LATER
+    assert plugin.PLUGIN_NOT_AVAILABLE == protocol.ErrorCode.PLUGIN_NOT_AVAILABLE
     assert plugin.INTERNAL == protocol.ErrorCode.INTERNAL
 
 
@@ -123,7 +124,7 @@ def test_missing_environment_is_code_4(daemon: FakeDaemon, command: str, variabl
     assert daemon.requests == []
 
 
-@pytest.mark.parametrize("command", ["", "GC", "STATUS", "add"])
+@pytest.mark.parametrize("command", ["", "add", "UPDATE"])
 def test_unsupported_command_is_code_4(command: str) -> None:
     error = error_of(*plugin.run({**ADD_ENV, "CNI_COMMAND": command}, conf("127.0.0.1:1")))
     assert error["code"] == 4
@@ -199,12 +200,55 @@ def test_non_cni_daemon_errors_are_wrapped(daemon: FakeDaemon) -> None:
     assert "Internal Server Error" in error["details"]
 
 
+@pytest.mark.parametrize("command", ["GC", "STATUS"])
+def test_gc_and_status_are_forwarded_without_an_attachment(
+    daemon: FakeDaemon, command: str
+) -> None:
+    daemon.body = b""
+    env = {"CNI_COMMAND": command, "CNI_PATH": "/opt/cni/bin"}
+    stdin = conf(daemon.address, cniVersion="1.1.0")
+    assert plugin.run(env, stdin) == (0, b"")
+    ((path, envelope),) = daemon.requests
+    assert path == f"/cni/{command.lower()}"
+    assert envelope["config"]["cniVersion"] == "1.1.0"
+    assert envelope["containerId"] == envelope["netns"] == envelope["ifname"] == ""
+
+
 def test_unreachable_daemon_is_code_11_and_says_how_to_fix() -> None:
     address = f"127.0.0.1:{closed_port()}"
     error = error_of(*plugin.run(ADD_ENV, conf(address)))
     assert error["code"] == 11
     assert address in error["msg"]
     assert "capsa up" in error["details"]
+
+
+def test_daemon_that_hangs_up_without_answering_is_code_11() -> None:
+    # What a daemon killed in the middle of a call looks like to the plugin.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def hang_up() -> None:
+            connection, _ = listener.accept()
+            connection.recv(65536)
+            connection.close()
+
+        thread = threading.Thread(target=hang_up)
+        thread.start()
+        error = error_of(*plugin.run(ADD_ENV, conf(address, timeout=5)))
+        thread.join(timeout=5)
+    assert error["code"] == 11
+    assert "closed the connection without answering" in error["msg"]
+
+
+def test_status_of_an_unreachable_daemon_is_code_50() -> None:
+    # STATUS tells the runtime the plugin cannot serve ADD; 11 would mean "retry this call".
+    address = f"127.0.0.1:{closed_port()}"
+    stdin = conf(address, cniVersion="1.1.0")
+    error = error_of(*plugin.run({"CNI_COMMAND": "STATUS"}, stdin))
+    assert error["code"] == 50
+    assert address in error["msg"]
 
 
 def test_missing_unix_socket_is_code_11(tmp_path: Path) -> None:

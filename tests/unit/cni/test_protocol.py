@@ -14,8 +14,10 @@ from capsa.cni.protocol import (
     build_result,
     parse_cni_args,
     parse_request,
+    prev_result_problems,
+    version_tuple,
 )
-from capsa.network.types import Link, PluggedPort
+from capsa.network.types import Link, PluggedPort, PortBinding
 
 CONTAINERD_ARGS = {
     "IgnoreUnknown": "1",
@@ -39,6 +41,21 @@ def envelope(**overrides: Any) -> dict[str, Any]:
     return base
 
 
+def config(**keys: Any) -> dict[str, Any]:
+    return {"cniVersion": "1.0.0", "name": "capsa", "type": "capsa-cni", **keys}
+
+
+def network_envelope(**keys: Any) -> dict[str, Any]:
+    """What capsa-cni forwards for GC or STATUS: no attachment, a 1.1.0 config."""
+    return envelope(
+        containerId="",
+        netns="",
+        ifname="",
+        args="",
+        config=config(**{"cniVersion": "1.1.0", **keys}),
+    )
+
+
 def plugged() -> PluggedPort:
     return PluggedPort(
         bridge=Link("capsa0", "02:00:00:00:00:01"),
@@ -47,7 +64,19 @@ def plugged() -> PluggedPort:
         netns="/var/run/netns/cni-1234",
         address=IPv4Interface("10.217.0.5/16"),
         gateway=IPv4Address("10.217.0.1"),
+        mtu=1450,
     )
+
+
+PORT = PortBinding(
+    port_id="port-1",
+    network_id="net-1",
+    mac="fa:16:3e:00:00:03",
+    ip=IPv4Interface("10.217.0.5/16"),
+    gateway=IPv4Address("10.217.0.1"),
+    bridge="capsa0",
+    mtu=1450,
+)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -102,9 +131,15 @@ def test_parse_request_reads_every_field() -> None:
     [(c, v) for c, variables in REQUIRED_ENVIRONMENT.items() for v in variables],
 )
 def test_parse_request_names_missing_variables(command: str, variable: str) -> None:
-    key = {"CNI_CONTAINERID": "containerId", "CNI_NETNS": "netns", "CNI_IFNAME": "ifname"}
+    key = {
+        "CNI_CONTAINERID": "containerId",
+        "CNI_NETNS": "netns",
+        "CNI_IFNAME": "ifname",
+        "CNI_PATH": "path",
+    }
+    body = envelope(config=config(cniVersion="1.1.0"), **{key[variable]: ""})
     with pytest.raises(CniError) as caught:
-        parse_request(command, envelope(**{key[variable]: ""}))
+        parse_request(command, body)
     assert caught.value.code == ErrorCode.INVALID_ENVIRONMENT
     assert variable in caught.value.msg
 
@@ -132,28 +167,115 @@ def test_parse_request_refuses_unusable_ifnames(ifname: str) -> None:
 @pytest.mark.parametrize(
     ("command", "body", "code"),
     [
-        ("GC", envelope(), ErrorCode.INVALID_ENVIRONMENT),
+        ("VERSION", envelope(), ErrorCode.INVALID_ENVIRONMENT),
         ("ADD", envelope(config=["not", "an", "object"]), ErrorCode.DECODING_FAILURE),
-        ("ADD", envelope(config={"cniVersion": "1.1.0"}), ErrorCode.INCOMPATIBLE_VERSION),
+        ("ADD", envelope(config=config(cniVersion="2.0.0")), ErrorCode.INCOMPATIBLE_VERSION),
+        ("ADD", envelope(config=config(cniVersion="0.2.0")), ErrorCode.INCOMPATIBLE_VERSION),
         ("ADD", envelope(config={"name": "capsa"}), ErrorCode.INCOMPATIBLE_VERSION),
+        ("ADD", envelope(config=config(prevResult=[])), ErrorCode.INVALID_NETWORK_CONFIG),
         (
             "ADD",
-            envelope(config={"cniVersion": "1.0.0", "prevResult": []}),
+            envelope(config=config(prevResult={"ips": "x"})),
             ErrorCode.INVALID_NETWORK_CONFIG,
         ),
+        ("ADD", envelope(config=config(dns="x")), ErrorCode.INVALID_NETWORK_CONFIG),
+        ("ADD", envelope(config=config(runtimeConfig=[])), ErrorCode.INVALID_NETWORK_CONFIG),
+        ("ADD", envelope(config=config(name="")), ErrorCode.INVALID_NETWORK_CONFIG),
+        ("ADD", envelope(config=config(name="bad/name")), ErrorCode.INVALID_NETWORK_CONFIG),
+        ("DEL", envelope(config=config(name=None)), ErrorCode.INVALID_NETWORK_CONFIG),
+        ("ADD", envelope(config=config(ipam={"type": "dhcp"})), ErrorCode.UNSUPPORTED_FIELD),
         (
-            "ADD",
-            envelope(config={"cniVersion": "1.0.0", "dns": "x"}),
-            ErrorCode.INVALID_NETWORK_CONFIG,
+            "CHECK",
+            envelope(config=config(runtimeConfig={"mac": "02:00:00:00:00:01"})),
+            ErrorCode.UNSUPPORTED_FIELD,
         ),
         ("ADD", envelope(args="K8S_POD_NAME"), ErrorCode.INVALID_ENVIRONMENT),
         ("ADD", envelope(ifname=5), ErrorCode.INVALID_ENVIRONMENT),
+        ("CHECK", envelope(config=config(cniVersion="0.3.1")), ErrorCode.INCOMPATIBLE_VERSION),
+        ("GC", network_envelope(cniVersion="1.0.0"), ErrorCode.INCOMPATIBLE_VERSION),
+        ("STATUS", network_envelope(cniVersion="0.4.0"), ErrorCode.INCOMPATIBLE_VERSION),
+        ("GC", network_envelope(), ErrorCode.INVALID_NETWORK_CONFIG),
+        ("GC", {**network_envelope(), "path": ""}, ErrorCode.INVALID_ENVIRONMENT),
     ],
 )
 def test_parse_request_error_codes(command: str, body: dict[str, Any], code: int) -> None:
     with pytest.raises(CniError) as caught:
         parse_request(command, body)
     assert caught.value.code == code
+
+
+def test_unsupported_field_names_key_and_value() -> None:
+    body = envelope(config=config(runtimeConfig={"bandwidth": {"ingressRate": 100}}))
+    with pytest.raises(CniError) as caught:
+        parse_request("ADD", body)
+    assert "bandwidth" in caught.value.msg
+    assert "ingressRate" in caught.value.msg
+
+
+def test_declared_capabilities_and_unknown_keys_are_accepted() -> None:
+    # portMappings is the capability capsa's conflist declares; other keys are the plugin's own
+    # (daemon, timeout) or pass through (cniVersions of a 1.1.0 conflist).
+    body = envelope(
+        config=config(
+            runtimeConfig={"portMappings": [{"hostPort": 8080, "containerPort": 80}]},
+            cniVersions=["0.4.0", "1.0.0", "1.1.0"],
+            daemon="unix:/run/capsa/cni.sock",
+            timeout=5,
+        )
+    )
+    assert parse_request("ADD", body).network_name == "capsa"
+
+
+@pytest.mark.parametrize(
+    "keys", [{"ipam": {"type": "dhcp"}}, {"prevResult": []}, {"runtimeConfig": {"mac": "x"}}]
+)
+def test_del_is_not_refused_for_keys_it_does_not_read(keys: dict[str, Any]) -> None:
+    assert parse_request("DEL", envelope(config=config(**keys))).ifname == "eth0"
+
+
+@pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+def test_add_and_del_exist_in_every_version(version: str) -> None:
+    for command in ("ADD", "DEL"):
+        assert parse_request(command, envelope(config=config(cniVersion=version)))
+
+
+def test_gc_reads_the_valid_attachments() -> None:
+    body = network_envelope(
+        **{
+            "cni.dev/valid-attachments": [
+                {"containerID": "a1", "ifname": "eth0"},
+                {"containerID": "b2", "ifname": "net1"},
+            ]
+        }
+    )
+    request = parse_request("GC", body)
+    assert request.valid_attachments == {("a1", "eth0"), ("b2", "net1")}
+    assert (request.container_id, request.netns, request.ifname) == ("", "", "")
+
+
+def test_gc_reads_libcni_legacy_key() -> None:
+    body = network_envelope(**{"cni.dev/attachments": [{"containerID": "a1", "ifname": "eth0"}]})
+    assert parse_request("GC", body).valid_attachments == {("a1", "eth0")}
+
+
+def test_status_needs_no_attachment() -> None:
+    body = {"config": config(cniVersion="1.1.0")}
+    assert parse_request("STATUS", body).command == "STATUS"
+
+
+def test_owner_separates_daemons_and_networks() -> None:
+    def owner(daemon: str, name: str) -> str:
+        return parse_request("DEL", envelope(config=config(daemon=daemon, name=name))).owner
+
+    assert owner("unix:/a.sock", "capsa") == owner("unix:/a.sock", "capsa")
+    assert owner("unix:/a.sock", "capsa") != owner("unix:/b.sock", "capsa")
+    assert owner("unix:/a.sock", "capsa") != owner("unix:/a.sock", "other")
+    assert " " not in owner("unix:/a.sock", "capsa")
+
+
+def test_version_tuple_orders_versions() -> None:
+    assert sorted(SUPPORTED_VERSIONS, key=version_tuple) == list(SUPPORTED_VERSIONS)
+    assert version_tuple("0.10.0") > version_tuple("0.4.0")
 
 
 def test_error_object() -> None:
@@ -170,19 +292,21 @@ def test_error_object() -> None:
 def test_result_shape_per_version(version: str) -> None:
     result = build_result(version, plugged(), dns={"nameservers": ["10.217.0.1"]})
     assert result["cniVersion"] == version
-    assert result["interfaces"] == [
+    interfaces = [
         {"name": "capsa0", "mac": "02:00:00:00:00:01"},
         {"name": "capsa0123456789", "mac": "02:00:00:00:00:02"},
         {"name": "eth0", "mac": "fa:16:3e:00:00:03", "sandbox": "/var/run/netns/cni-1234"},
     ]
+    # 1.1.0 added the interfaces' MTU.
+    if version == "1.1.0":
+        interfaces = [{**interface, "mtu": 1450} for interface in interfaces]
+    assert result["interfaces"] == interfaces
     (ip,) = result["ips"]
     assert result["interfaces"][ip["interface"]]["name"] == "eth0"
     assert ip["address"] == "10.217.0.5/16"
     assert ip["gateway"] == "10.217.0.1"
     # 0.3.x and 0.4.0 carry the IP version; 1.0.0 dropped it.
-    assert ("version" in ip) == (version != "1.0.0")
-    if version != "1.0.0":
-        assert ip["version"] == "4"
+    assert ip.get("version") == ("4" if version in ("0.3.0", "0.3.1", "0.4.0") else None)
     assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.217.0.1"}]
     assert result["dns"] == {"nameservers": ["10.217.0.1"]}
 
@@ -216,3 +340,36 @@ def test_result_refuses_malformed_prev_result() -> None:
         build_result("1.0.0", plugged(), prev_result={"interfaces": {"name": "x"}})
     assert caught.value.code == ErrorCode.INVALID_NETWORK_CONFIG
     assert "prevResult.interfaces" in caught.value.msg
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_own_result_passes_check(version: str) -> None:
+    prev = build_result(version, plugged())
+    assert prev_result_problems(prev, "/var/run/netns/cni-1234", "eth0", PORT) == []
+
+
+def test_check_finds_the_pod_end_after_other_plugins_entries() -> None:
+    prev = build_result(
+        "1.0.0",
+        plugged(),
+        prev_result={"interfaces": [{"name": "eth0", "sandbox": "/other"}], "ips": []},
+    )
+    assert prev_result_problems(prev, "/var/run/netns/cni-1234", "eth0", PORT) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda r: r["interfaces"].pop(), "lists no interface eth0"),
+        (lambda r: r["interfaces"][2].update(sandbox="/elsewhere"), "lists no interface eth0"),
+        (lambda r: r["interfaces"][2].update(mac="02:99:99:99:99:99"), "MAC 02:99:99:99:99:99"),
+        (lambda r: r["ips"][0].update(address="10.217.0.6/16"), "10.217.0.6/16"),
+        (lambda r: r["ips"][0].update(interface=1), "the addresses []"),
+    ],
+)
+def test_check_names_what_prev_result_disagrees_on(change: Any, problem: str) -> None:
+    prev = build_result("1.0.0", plugged())
+    change(prev)
+    problems = prev_result_problems(prev, "/var/run/netns/cni-1234", "eth0", PORT)
+    assert len(problems) == 1
+    assert problem in problems[0]

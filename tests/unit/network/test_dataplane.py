@@ -1,10 +1,13 @@
-"""What the data plane decides without the kernel; tests/integration/test_cni.py runs the rest."""
+"""What the data plane decides without the kernel; tests/integration/test_cni_conformance.py runs
+the rest."""
 
 from __future__ import annotations
 
 from ipaddress import IPv4Address, IPv4Interface
 
-from capsa.network.dataplane import HOST_IFNAME_PREFIX, host_ifname
+import pytest
+
+from capsa.network.dataplane import HOST_IFNAME_PREFIX, AttachmentTag, host_ifname
 from capsa.network.types import PortBinding
 
 
@@ -34,3 +37,21 @@ def test_gateway_interface_takes_the_port_prefix() -> None:
         mtu=1500,
     )
     assert port.gateway_interface == IPv4Interface("10.217.0.1/16")
+
+
+def test_attachment_tag_round_trips_through_the_alias() -> None:
+    tag = AttachmentTag(owner="0123456789abcdef", port_id="port-1", container_id="a" * 64)
+    assert AttachmentTag.parse(tag.alias()) == tag
+
+
+@pytest.mark.parametrize(
+    "alias",
+    [None, "", "uplink to the router", "capsa-cni owner port", "capsa-cni  port container"],
+)
+def test_foreign_aliases_are_no_tag(alias: str | None) -> None:
+    assert AttachmentTag.parse(alias) is None
+
+
+def test_alias_fits_the_kernel_limit() -> None:
+    tag = AttachmentTag(owner="0123456789abcdef", port_id="p" * 36, container_id="c" * 300)
+    assert len(tag.alias().encode()) == 255
