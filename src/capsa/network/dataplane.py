@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import hashlib
 import os
 import secrets
@@ -151,19 +152,10 @@ class Dataplane:
             IPRoute() as host,
         ):
             pod_end = _find_link(pod, ifname)
-            host_end = _find_link(host, host_name)
-            if host_end is not None and not _are_peers(host_end, pod_end):
-                # A veth of this attachment whose pod end is not in this netns: the leftover of an
-                # ADD that was killed, or of a netns that went. It is replaced.
-                log.info(
-                    "removing a leftover veth of an earlier ADD",
-                    veth=host_name,
-                    container=container_id,
-                    port=port.port_id,
-                )
-                _delete_link(host, host_name)
-                host_end = None
-            if host_end is None and pod_end is not None:
+            # Only a pod end already there can be this attachment's own (a re-ADD, or an ADD
+            # killed before it configured it); a host end alone shows up when creating.
+            host_end = _find_link(host, host_name) if pod_end is not None else None
+            if pod_end is not None and not _are_peers(host_end, pod_end):
                 raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
             replaced = None
             if replaces and replaces != host_name and _remove_host_end(host, replaces):
@@ -174,22 +166,32 @@ class Dataplane:
                 )
                 if host_end is None:
                     host_mac = _random_local_mac()
-                    _create_veth(host, host_name, host_mac, netns_fd, netns, ifname, port)
+                    create_veth = functools.partial(
+                        _create_veth, host, host_name, host_mac, bridge_index, netns_fd, netns
+                    )
+                    try:
+                        create_veth(ifname, port)
+                    except _HostEndExists:
+                        # Its pod end is not in this netns: the leftover of an ADD that was killed,
+                        # or of a netns that went. It is replaced.
+                        log.info(
+                            "removing a leftover veth of an earlier ADD",
+                            veth=host_name,
+                            container=container_id,
+                            port=port.port_id,
+                        )
+                        _delete_link(host, host_name)
+                        create_veth(ifname, port)
+                    attach: dict[str, Any] = {}
                 else:
                     host_mac = host_end.get("address")
+                    attach = {"master": bridge_index, "mtu": port.mtu, "state": "up"}
                 try:
-                    host.link(
-                        "set",
-                        ifname=host_name,
-                        ifalias=tag.alias(),
-                        master=bridge_index,
-                        mtu=port.mtu,
-                        state="up",
-                    )
+                    host.link("set", ifname=host_name, ifalias=tag.alias(), **attach)
                 except NetlinkError as exc:
                     _remove_half_made(host, host_name)
                     raise DataplaneError(
-                        f"cannot attach veth {host_name} to bridge {port.bridge}: {exc}"
+                        f"cannot tag and attach veth {host_name} to bridge {port.bridge}: {exc}"
                     ) from exc
             try:
                 if pod_end is not None:
@@ -315,7 +317,8 @@ def _is_host_end(link: Any) -> bool:
 def _are_peers(host_end: Any, pod_end: Any) -> bool:
     """Whether two veth ends, seen from their own netns, point at each other."""
     return bool(
-        pod_end is not None
+        host_end is not None
+        and pod_end is not None
         and pod_end.get(("linkinfo", "kind")) == "veth"
         and pod_end.get("link") == host_end["index"]
         and host_end.get("link") == pod_end["index"]
@@ -422,15 +425,22 @@ def _ensure_bridge(ipr: IPRoute, name: str, gateway: IPv4Interface, mtu: int) ->
     return index, Link(name, link.get("address"))
 
 
+class _HostEndExists(Exception):
+    pass
+
+
 def _create_veth(
     host: IPRoute,
     host_name: str,
     host_mac: str,
+    bridge_index: int,
     netns_fd: int,
     netns: str,
     ifname: str,
     port: PortBinding,
 ) -> None:
+    """Creates the veth on the bridge, up, its peer in the pod's netns. Raises _HostEndExists if a
+    link named ``host_name`` is in the way."""
     try:
         host.link(
             "add",
@@ -438,6 +448,8 @@ def _create_veth(
             address=host_mac,
             kind="veth",
             mtu=port.mtu,
+            master=bridge_index,
+            state="up",
             peer={"ifname": ifname, "net_ns_fd": netns_fd, "address": port.mac, "mtu": port.mtu},
         )
     except NetlinkError as exc:
@@ -445,10 +457,12 @@ def _create_veth(
             raise DataplaneError(
                 f"cannot create veth {host_name} into netns {netns}: {exc}"
             ) from exc
-        # plug found neither end a moment ago: a concurrent call made one of them.
+        if _find_link(host, host_name) is not None:
+            raise _HostEndExists(host_name) from exc
+        # plug found no pod end a moment ago: a concurrent call made one.
         raise InterfaceExists(
-            f"interface {ifname} in netns {netns} or veth {host_name} appeared while plugging: "
-            "another ADD of this attachment runs at the same time"
+            f"interface {ifname} appeared in netns {netns} while plugging: another ADD for this "
+            "netns runs at the same time"
         ) from exc
 
 
