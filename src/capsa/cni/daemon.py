@@ -6,7 +6,8 @@
 - ADD finds the capsule's port by the sandbox name (``K8S_POD_NAME`` in CNI_ARGS, the capsule's
   uuid), plugs it with the data plane, records the binding and answers the CNI result. If the port
   is still bound to an older sandbox that is still plugged, that sandbox is being replaced: its
-  attachment is unplugged first, so that the port's address and MAC are never on the bridge twice.
+  attachment is removed as the new one is made (not if the ADD fails its checks), so that the
+  port's address and MAC are never on the bridge twice.
   ADD is idempotent for one (container id, ifname) and completes what a killed ADD left.
 - DEL undoes an ADD and is always safe: repeated, without netns or prevResult, for a sandbox never
   seen, or for an old sandbox of a capsule that has a new one (the host veth's name derives from
