@@ -1,0 +1,118 @@
+"""A plain HTTP client of capsa's API, as a tenant's tool would be: http.client on a kept-alive
+connection, in the caller's thread (never in capsa's event loop)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+HEADERS = {
+    "Content-Type": "application/json",
+    "OpenStack-API-Version": "container 1.40",
+    "X-Auth-Token": "bench",
+}
+
+
+class ApiError(RuntimeError):
+    pass
+
+
+class ApiClient:
+    """One kept-alive connection; use one client per thread."""
+
+    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.hostname is None or parts.port is None:
+            raise ValueError(f"expected http://HOST:PORT, got {base_url!r}")
+        self._host = parts.hostname
+        self._port = parts.port
+        self._timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def raw(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
+        """One request; the status and the whole body (read, not decoded)."""
+        data = json.dumps(body).encode() if body is not None else None
+        for attempt in (1, 2):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self._host, self._port, self._timeout)
+            try:
+                self._conn.request(method, path, body=data, headers={**HEADERS, **(headers or {})})
+                response = self._conn.getresponse()
+                return response.status, response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # The server closed an idle kept-alive connection: one new connection, once.
+                self.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def json(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
+        status, raw = self.raw(method, path, body, headers)
+        return status, json.loads(raw) if raw else None
+
+    def create_capsule(self, template: dict[str, Any]) -> dict[str, Any]:
+        status, body = self.json("POST", "/v1/capsules", {"template": template})
+        if status != 202:
+            raise ApiError(f"POST /v1/capsules answered {status}: {body}")
+        return dict(body)
+
+    def capsule(self, ident: str) -> dict[str, Any] | None:
+        status, body = self.json("GET", f"/v1/capsules/{ident}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise ApiError(f"GET /v1/capsules/{ident} answered {status}: {body}")
+        return dict(body)
+
+    def capsules(self) -> list[dict[str, Any]]:
+        status, body = self.json("GET", "/v1/capsules?limit=1000")
+        if status != 200:
+            raise ApiError(f"GET /v1/capsules answered {status}: {body}")
+        return list(body["capsules"])
+
+    def delete_capsule(self, ident: str) -> None:
+        status, body = self.json("DELETE", f"/v1/capsules/{ident}")
+        if status not in (204, 404):
+            raise ApiError(f"DELETE /v1/capsules/{ident} answered {status}: {body}")
+
+    def wait_until(self, ident: str, done: Any, timeout: float, poll: float) -> float:
+        """Polls the capsule until ``done(capsule or None)``; returns when it first was, as
+        time.perf_counter(). An Error status fails at once, with its reason."""
+        deadline = time.perf_counter() + timeout
+        capsule: dict[str, Any] | None = None
+        while True:
+            capsule = self.capsule(ident)
+            seen = time.perf_counter()
+            if done(capsule):
+                return seen
+            if capsule is not None and capsule.get("status") == "Error":
+                raise ApiError(f"capsule {ident} failed: {capsule.get('status_reason')}")
+            if seen > deadline:
+                raise ApiError(f"capsule {ident} not done after {timeout:g}s: {capsule}")
+            time.sleep(poll)
+
+
+def is_running(capsule: dict[str, Any] | None) -> bool:
+    return capsule is not None and capsule.get("status") == "Running"
+
+
+def is_gone(capsule: dict[str, Any] | None) -> bool:
+    return capsule is None

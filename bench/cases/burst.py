@@ -1,0 +1,124 @@
+"""Case 2: a burst of capsules created at once, wall time until the API shows all of them Running,
+against as many raw CRI pods made at once on the same containerd."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from bench.api_client import ApiClient, ApiError, is_gone
+from bench.cases.start import anchored, remove_reference_logs
+from bench.host import token
+from bench.instance import CapsaUp
+from bench.reference import capsule_template
+from bench.report import CaseResult, Target, compared
+from bench.suite import Session, interleave
+
+T = TypeVar("T")
+
+BURST_TARGET = Target("ratio", "<=", 1.2, "ratio <= 1.2")
+_TIMEOUT = 300.0
+# Listing a whole burst costs capsa more than showing one capsule: poll it less often.
+_POLL_FACTOR = 5
+
+
+def run(session: Session) -> CaseResult:
+    plan = session.plan
+    paired = session.paired()
+    size = plan.burst_size
+    poll = plan.poll_interval * _POLL_FACTOR
+    result = CaseResult(
+        "burst",
+        parameters={
+            "size": size,
+            "rounds": plan.burst_rounds,
+            "warmup": plan.warmup,
+            "poll_interval_s": poll,
+        },
+    )
+    with paired.capsa.client() as api, anchored(session, paired, api):
+
+        def capsa_round() -> dict[str, float]:
+            began, uuids = create_at_once(paired.capsa, size)
+            finished = wait_all_running(api, uuids, poll)
+            for uuid in uuids:
+                api.delete_capsule(uuid)
+            for uuid in uuids:
+                api.wait_until(uuid, is_gone, _TIMEOUT, poll)
+            return {"burst": finished - began}
+
+        def reference_round() -> dict[str, float]:
+            began = time.perf_counter()
+            pods = session.run(_gather(*(paired.reference.run() for _ in range(size))))
+            finished = time.perf_counter()
+            session.run(_gather(*(paired.reference.teardown(pod) for pod in pods)))
+            remove_reference_logs(paired)
+            return {"burst": finished - began}
+
+        samples = interleave(
+            {"capsa": capsa_round, "reference": reference_round}, plan.burst_rounds, plan.warmup
+        )
+    result.samples = samples
+    result.rows = [
+        compared(
+            "burst",
+            f"{size} capsules at once: all Running",
+            samples["capsa.burst"],
+            samples["reference.burst"],
+            BURST_TARGET,
+        )
+    ]
+    result.notes = [
+        f"capsa: {size} POSTs from {size} threads released together, then GET "
+        f"/v1/capsules every {poll * 1000:g} ms until all are Running.",
+        f"reference: {size} RunPodSandbox -> CreateContainer -> StartContainer chains at once "
+        "(asyncio.gather on one gRPC channel) on the same containerd.",
+    ]
+    return result
+
+
+def create_at_once(capsa: CapsaUp, size: int) -> tuple[float, list[str]]:
+    """POSTs ``size`` capsules from as many threads at the same moment; returns when they were
+    released (time.perf_counter()) and the capsules' uuids."""
+    clients = [capsa.client() for _ in range(size)]
+    release = threading.Barrier(size + 1)
+
+    def post(api: ApiClient) -> str:
+        api.raw("GET", "/v1")  # connected before the burst
+        release.wait()
+        return str(api.create_capsule(capsule_template(f"bench-burst-{token()}"))["uuid"])
+
+    try:
+        with ThreadPoolExecutor(size) as pool:
+            futures = [pool.submit(post, api) for api in clients]
+            release.wait()
+            began = time.perf_counter()
+            return began, [f.result() for f in futures]
+    finally:
+        for api in clients:
+            api.close()
+
+
+def wait_all_running(api: ApiClient, uuids: list[str], poll: float) -> float:
+    """When the API first showed every capsule of ``uuids`` Running (time.perf_counter())."""
+    wanted = set(uuids)
+    deadline = time.perf_counter() + _TIMEOUT
+    while True:
+        status = {c["uuid"]: c["status"] for c in api.capsules() if c["uuid"] in wanted}
+        seen = time.perf_counter()
+        if len(status) == len(wanted) and all(s == "Running" for s in status.values()):
+            return seen
+        failed = [uuid for uuid, s in status.items() if s == "Error"]
+        if failed:
+            raise ApiError(f"capsules failed: {api.capsule(failed[0])}")
+        if seen > deadline:
+            raise ApiError(f"not all Running after {_TIMEOUT:g}s: {status}")
+        time.sleep(poll)
+
+
+async def _gather(*coroutines: Coroutine[Any, Any, T]) -> list[T]:
+    return list(await asyncio.gather(*coroutines))

@@ -1,0 +1,209 @@
+"""Case 3: capsa-cni ADD and DEL invoked directly as a runtime invokes a plugin, against the
+reference bridge + host-local plugins.
+
+Both sides run the program from capsa's CNI bin dir (capsa's installed launcher; the reference
+plugins linked there) with the same environment (CNI_* as containerd sets them, CNI_PATH = that
+dir), the network config on stdin as libcni writes it, and a fresh netns per pod made with
+``ip netns add`` (a bind-mounted netns under /run/netns, as containerd makes them). capsa-cni talks
+to the CNI daemon of the paired ``capsa up``, which finds each pod's port in capsa's database: the
+benchmark allocates it first, through capsa's NetworkService on the same database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import secrets
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench import host
+from bench.report import CaseResult, Target, compared
+from bench.suite import Paired, Session, interleave
+from capsa.cni.install import CONFLIST_NAME, PLUGIN_TYPE
+from capsa.network.dataplane import host_ifname
+from capsa.network.service import NetworkService
+from capsa.store import Store
+
+ADD_TARGET = Target("ratio", "<=", 1.0, "ratio <= 1.0")
+DEL_TARGET = Target("ratio", "<=", 0.5, "ratio <= 0.5")
+_TIMEOUT = 30.0
+_PROJECT = "bench"
+
+
+class PluginError(RuntimeError):
+    pass
+
+
+class Plugin:
+    """One CNI plugin program, run as containerd 1.6 (libcni) runs it."""
+
+    def __init__(self, program: Path, conflist: dict[str, Any]) -> None:
+        self.program = program
+        (plugin,) = conflist["plugins"]
+        # What libcni writes on the first plugin's stdin: its conf plus the list's name and version.
+        self.conf = {**plugin, "name": conflist["name"], "cniVersion": conflist["cniVersion"]}
+
+    def call(self, command: str, container_id: str, netns: Path, pod: str) -> float:
+        """Runs the plugin once; returns how long it took, from spawn to exit."""
+        args = [
+            "IgnoreUnknown=1",
+            "K8S_POD_NAMESPACE=bench",
+            f"K8S_POD_NAME={pod}",
+            f"K8S_POD_INFRA_CONTAINER_ID={container_id}",
+            f"K8S_POD_UID={pod}",
+        ]
+        random.shuffle(args)  # containerd's order changes from call to call
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": str(netns),
+            "CNI_IFNAME": "eth0",
+            "CNI_ARGS": ";".join(args),
+            "CNI_PATH": str(self.program.parent),
+        }
+        stdin = json.dumps(self.conf).encode()
+        began = time.perf_counter()
+        done = subprocess.run(
+            [str(self.program)], input=stdin, env=env, capture_output=True, timeout=_TIMEOUT
+        )
+        took = time.perf_counter() - began
+        if done.returncode != 0:
+            raise PluginError(
+                f"{self.program.name} {command} failed ({done.returncode}): "
+                f"{done.stdout.decode(errors='replace')} {done.stderr.decode(errors='replace')}"
+            )
+        return took
+
+
+class Pods:
+    """Pods of one side, each in a fresh netns; ``remove_all`` DELs what is still plugged and
+    removes every netns and host veth."""
+
+    def __init__(self, plugin: Plugin) -> None:
+        self.plugin = plugin
+        self.netns: list[str] = []
+        self.container_ids: list[str] = []
+        # container id -> (netns, pod) of the pods that were ADDed and not DELeted yet.
+        self.plugged: dict[str, tuple[Path, str]] = {}
+
+    def add(self, pod: str) -> tuple[str, float]:
+        name = f"capsa-bench-{secrets.token_hex(5)}"
+        self.netns.append(name)
+        netns = host.add_netns(name)
+        container_id = secrets.token_hex(32)
+        self.container_ids.append(container_id)
+        took = self.plugin.call("ADD", container_id, netns, pod)
+        self.plugged[container_id] = (netns, pod)
+        return container_id, took
+
+    def delete(self, container_id: str) -> float:
+        netns, pod = self.plugged[container_id]
+        took = self.plugin.call("DEL", container_id, netns, pod)
+        del self.plugged[container_id]
+        host.delete_netns(netns.name)
+        return took
+
+    def remove_all(self) -> None:
+        try:
+            for container_id in list(self.plugged):
+                with contextlib.suppress(PluginError, subprocess.SubprocessError):
+                    self.delete(container_id)
+        finally:
+            for name in self.netns:
+                if (host.NETNS_DIR / name).exists():
+                    host.delete_netns(name)
+            for container_id in self.container_ids:
+                link = host_ifname(container_id, "eth0")
+                if host.link_exists(link):
+                    host.delete_link(link)
+
+
+def run(session: Session) -> CaseResult:
+    plan = session.plan
+    paired = session.paired()
+    cfg = paired.capsa.config
+    capsa_pods = Pods(
+        Plugin(
+            cfg.cni_bin_dir / PLUGIN_TYPE,
+            json.loads((cfg.cni_conf_dir / CONFLIST_NAME).read_text()),
+        )
+    )
+    reference_pods = Pods(Plugin(cfg.cni_bin_dir / "bridge", paired.runtime.reference_conf()))
+    result = CaseResult("cni", parameters={"rounds": plan.cni_rounds, "warmup": plan.warmup})
+    with (
+        capsa_ports(session, paired) as new_port,
+        _removing(capsa_pods, reference_pods),
+    ):
+        # Anchor pods keep each network's bridge, as on a host that already runs pods.
+        capsa_pods.add(new_port())
+        reference_pods.add(str(uuid.uuid4()))
+
+        def capsa_round() -> dict[str, float]:
+            container_id, added = capsa_pods.add(new_port())
+            return {"add": added, "del": capsa_pods.delete(container_id)}
+
+        def reference_round() -> dict[str, float]:
+            container_id, added = reference_pods.add(str(uuid.uuid4()))
+            return {"add": added, "del": reference_pods.delete(container_id)}
+
+        samples = interleave(
+            {"capsa": capsa_round, "reference": reference_round}, plan.cni_rounds, plan.warmup
+        )
+    result.samples = samples
+    result.rows = [
+        compared("cni", "ADD", samples["capsa.add"], samples["reference.add"], ADD_TARGET),
+        compared("cni", "DEL", samples["capsa.del"], samples["reference.del"], DEL_TARGET),
+    ]
+    result.notes = [
+        "capsa: the installed capsa-cni launcher -> the paired capsa up's CNI daemon (unix "
+        "socket) -> its database and pyroute2; reference: bridge + host-local from "
+        "containernetworking-plugins, host-local's dataDir in the instance's state dir.",
+        "An anchor pod stays plugged on each side throughout, so that neither ADD creates "
+        "its bridge nor DEL removes it.",
+    ]
+    return result
+
+
+@contextlib.contextmanager
+def capsa_ports(session: Session, paired: Paired) -> Iterator[Any]:
+    """A function that gives a new pod a port in capsa's database, as the agent would before
+    RunPodSandbox; every port it made is deleted afterwards."""
+    cfg = paired.capsa.config
+    store = Store(cfg.database_url)
+    session.run(store.open())
+    network = NetworkService(
+        store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
+    )
+    made: list[str] = []
+
+    def new_port() -> str:
+        pod = str(uuid.uuid4())
+        made.append(pod)
+        session.run(network.allocate_port(pod, _PROJECT, cfg.resolved_host_name))
+        return pod
+
+    try:
+        yield new_port
+    finally:
+        try:
+            for pod in made:
+                session.run(network.release_ports(pod))
+        finally:
+            session.run(store.close())
+
+
+@contextlib.contextmanager
+def _removing(*sides: Pods) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for pods in sides:
+            pods.remove_all()

@@ -1,0 +1,134 @@
+"""Case 1: a 1-container busybox capsule from API POST to Running (as the API shows it) and from
+DELETE to 404, against the same pod made and removed with raw CRI calls on the same containerd
+with the reference bridge + host-local plugins."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench import phases
+from bench.api_client import ApiClient, is_gone, is_running
+from bench.host import token
+from bench.reference import capsule_template
+from bench.report import CaseResult, Target, compared
+from bench.suite import Paired, Session, interleave
+
+START_TARGET = Target("ratio", "<=", 1.15, "ratio <= 1.15")
+TEARDOWN_TARGET = Target("ratio", "<=", 1.15, "ratio <= 1.15")
+_TIMEOUT = 120.0
+
+
+def run(session: Session) -> CaseResult:
+    plan = session.plan
+    paired = session.paired()
+    result = CaseResult(
+        "start",
+        parameters={
+            "rounds": plan.start_rounds,
+            "warmup": plan.warmup,
+            "poll_interval_s": plan.poll_interval,
+        },
+    )
+    walls: dict[str, dict[str, float]] = {}
+    with paired.capsa.client() as api, anchored(session, paired, api):
+
+        def capsa_round() -> dict[str, float]:
+            created_wall = time.time()
+            began = time.perf_counter()
+            capsule = api.create_capsule(capsule_template(f"bench-start-{token()}"))
+            running = api.wait_until(capsule["uuid"], is_running, _TIMEOUT, plan.poll_interval)
+            running_wall = time.time()
+            deleting = time.perf_counter()
+            delete_wall = time.time()
+            api.delete_capsule(capsule["uuid"])
+            gone = api.wait_until(capsule["uuid"], is_gone, _TIMEOUT, plan.poll_interval)
+            walls[capsule["uuid"]] = {
+                "POST sent": created_wall,
+                "Running seen": running_wall,
+                "DELETE sent": delete_wall,
+                "404 seen": time.time(),
+            }
+            return {"start": running - began, "teardown": gone - deleting}
+
+        def reference_round() -> dict[str, float]:
+            began = time.perf_counter()
+            pod = session.run(paired.reference.run())
+            running = time.perf_counter()
+            session.run(paired.reference.teardown(pod))
+            gone = time.perf_counter()
+            return {"start": running - began, "teardown": gone - running}
+
+        samples = interleave(
+            {"capsa": capsa_round, "reference": reference_round},
+            plan.start_rounds,
+            plan.warmup,
+        )
+    result.samples = samples
+    result.rows = [
+        compared(
+            "start",
+            "1-container capsule: POST -> Running",
+            samples["capsa.start"],
+            samples["reference.start"],
+            START_TARGET,
+        ),
+        compared(
+            "start",
+            "teardown: DELETE -> 404",
+            samples["capsa.teardown"],
+            samples["reference.teardown"],
+            TEARDOWN_TARGET,
+        ),
+    ]
+    result.details = step_breakdown(paired.capsa.log_path, walls, plan.warmup)
+    result.notes = [
+        "capsa: Zun template POSTed to capsa's API, then GET /v1/capsules/<uuid> every "
+        f"{plan.poll_interval * 1000:g} ms on a kept-alive connection until it says Running; "
+        "DELETE, then GET until 404.",
+        "reference: RunPodSandbox, CreateContainer, StartContainer (and StopContainer, "
+        "RemoveContainer, StopPodSandbox, RemovePodSandbox) with capsa's CriClient on the same "
+        "containerd, runtime handler with the reference bridge + host-local CNI conf dir.",
+        "An anchor capsule and an anchor reference pod run throughout, so that both networks' "
+        "bridges exist, as on a host that already runs pods.",
+    ]
+    return result
+
+
+@contextlib.contextmanager
+def anchored(session: Session, paired: Paired, api: ApiClient) -> Iterator[None]:
+    """One capsule and one reference pod that run while the case measures others."""
+    capsule = api.create_capsule(capsule_template(f"bench-anchor-{token()}"))["uuid"]
+    try:
+        api.wait_until(capsule, is_running, _TIMEOUT, 0.05)
+        pod = session.run(paired.reference.run())
+        try:
+            yield
+        finally:
+            session.run(paired.reference.teardown(pod))
+    finally:
+        api.delete_capsule(capsule)
+        api.wait_until(capsule, is_gone, _TIMEOUT, 0.05)
+        remove_reference_logs(paired)
+
+
+def remove_reference_logs(paired: Paired) -> None:
+    shutil.rmtree(paired.settings.state_dir / "reference" / "pods", ignore_errors=True)
+
+
+def step_breakdown(
+    log_path: Path, walls: dict[str, dict[str, float]], warmup: int
+) -> dict[str, object]:
+    """The measured rounds' steps (warm-up rounds left out), from capsa's log."""
+    measured = dict(list(walls.items())[warmup:])
+    logged = phases.step_times(log_path, set(measured))
+    rounds = [{**walls[uuid], **logged.get(uuid, {})} for uuid in measured]
+    return {
+        "start_steps": phases.breakdown(rounds, phases.START_STEPS, "POST sent", "Running seen"),
+        "teardown_steps": phases.breakdown(
+            rounds, phases.TEARDOWN_STEPS, "DELETE sent", "404 seen"
+        ),
+    }
