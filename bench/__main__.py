@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[CaseResult] = []
     interrupted = False
     session = Session(plan)
+    header["workspace"] = str(session.workspace.root)
     try:
         for name in selected:
             print(f"== {name}", file=sys.stderr, flush=True)
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in result.rows:
             row.judge(judged=not plan.smoke)
     header["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    header["load_average_at_end"] = os.getloadavg()
     header["interrupted"] = interrupted
     path = args.results_dir / f"bench-{started:%Y%m%dT%H%M%SZ}-{header['mode']}.json"
     write_json(path, header, results)
