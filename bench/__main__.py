@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import machine, phases
+from bench import machine, phases, tracing
 from bench.cases import api, burst, cni, memory, scheduler, start
 from bench.instance import REPO_ROOT
 from bench.report import CaseResult, table, write_json
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds", type=int, help="measured rounds of the start, burst and cni comparisons"
     )
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="time every call of the paired capsa (profiling; slows capsa a little)",
+    )
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -66,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     header: dict[str, Any] = {
         "started_at": started.isoformat(timespec="seconds"),
         "mode": "smoke" if plan.smoke else "full",
+        "traced": args.trace,
         "plan": plan.__dict__,
         "machine": machine.describe(REPO_ROOT),
     }
     results: list[CaseResult] = []
     interrupted = False
-    session = Session(plan)
+    session = Session(plan, trace=args.trace)
     header["workspace"] = str(session.workspace.root)
     try:
         for name in selected:
@@ -93,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if session.trace_path is not None and session.trace_path.exists():
+            args.results_dir.mkdir(parents=True, exist_ok=True)
+            kept = args.results_dir / f"{_stem(started, plan)}-trace.jsonl"
+            shutil.copyfile(session.trace_path, kept)
+            header["trace"] = str(kept)
         session.close()
     for result in results:
         for row in result.rows:
@@ -100,17 +112,35 @@ def main(argv: list[str] | None = None) -> int:
     header["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     header["load_average_at_end"] = os.getloadavg()
     header["interrupted"] = interrupted
-    path = args.results_dir / f"bench-{started:%Y%m%dT%H%M%SZ}-{header['mode']}.json"
+    path = args.results_dir / f"{_stem(started, plan)}.json"
     write_json(path, header, results)
     print(table(results))
     for result in results:
         for title, key in (("start", "start_steps"), ("teardown", "teardown_steps")):
             if result.details.get(key):
                 print("\n" + phases.render(f"{result.name}: {title}", result.details[key]))
+        cpu = result.details.get("cpu_ms_per_round")
+        if cpu:
+            each = ", ".join(f"{series} {ms:.0f} ms" for series, ms in cpu.items())
+            print(f"\n{result.name}: CPU per round, teardown included (median): {each}")
+        calls = result.details.get("reference_calls_median_ms")
+        if calls:
+            each = ", ".join(f"{method} {ms:.1f} ms" for method, ms in calls.items())
+            print(f"\n{result.name}: the reference's CRI calls (median): {each}")
+        trace = result.details.get("trace")
+        if trace:
+            for phase in ("start", "teardown"):
+                title = f"{result.name}: {phase}"
+                print("\n" + tracing.render_summary(title, trace[f"{phase}_calls"]))
+                print(f"\n{title}, the median round call by call:\n{trace[f'{phase}_timeline']}")
     print(f"\nresults: {path}")
     if interrupted:
         return 130
     return 1 if any(r.error for r in results) else 0
+
+
+def _stem(started: datetime, plan: Plan) -> str:
+    return f"bench-{started:%Y%m%dT%H%M%SZ}-{'smoke' if plan.smoke else 'full'}"
 
 
 def _after(selected: list[str], name: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import random
 import re
 import secrets
@@ -147,6 +148,16 @@ def _listening(path: Path) -> bool:
         except OSError:
             return False
     return True
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process and its reaped children have used (user + system), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # utime, stime, cutime, cstime: fields 14 to 17 of stat(5), counted after the command name.
+    return sum(int(f) for f in fields[11:15]) / _CLOCK_TICKS
 
 
 def rss_mb(pid: int) -> float:

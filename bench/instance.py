@@ -101,9 +101,21 @@ class InstanceSettings:
 class CapsaUp:
     """One ``capsa up`` process; ``stop`` deletes its capsules first, as an operator would."""
 
-    def __init__(self, settings: InstanceSettings, extra_env: Mapping[str, str] = {}) -> None:
+    def __init__(
+        self,
+        settings: InstanceSettings,
+        extra_env: Mapping[str, str] = {},
+        trace: Path | None = None,
+    ) -> None:
         self.settings = settings
         self.env = {**settings.env, **extra_env}
+        # With a trace file, capsa runs with its calls timed (bench.tracing).
+        self.trace = trace
+        self.command = (
+            [sys.executable, "-m", "bench.tracing", str(trace), "up"]
+            if trace
+            else [sys.executable, "-m", "capsa", "up"]
+        )
         self.log_path = settings.state_dir / "capsa-up.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -127,7 +139,7 @@ class CapsaUp:
     def start(self) -> None:
         with self.log_path.open("ab") as log_file:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "capsa", "up"],
+                self.command,
                 env={**os.environ, **self.env},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,

@@ -10,14 +10,18 @@ the log directory and path, labels, and the cpu and memory limits of capsa's def
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from capsa.config import Config
 from capsa.cri import types as cri
 from capsa.cri.client import CriClient
+
+T = TypeVar("T")
 
 IMAGE = "busybox"
 COMMAND = ("sleep", "3600")
@@ -56,6 +60,8 @@ class ReferencePods:
         self._grace = cfg.agent.stop_grace_period
         self._cpu_millis = round(cfg.capsule.default_cpu * 1000)
         self._memory_mb = cfg.capsule.default_memory_mb
+        # Seconds each CRI call took, by method: the reference's own breakdown.
+        self.call_seconds: dict[str, list[float]] = {}
 
     def _specs(self) -> tuple[cri.SandboxSpec, cri.ContainerSpec]:
         pod_uid = str(uuid.uuid4())
@@ -87,15 +93,24 @@ class ReferencePods:
     async def run(self) -> RawPod:
         """RunPodSandbox, CreateContainer, StartContainer."""
         sandbox, container = self._specs()
-        sandbox_id = await self._cri.run_pod_sandbox(sandbox)
-        container_id = await self._cri.create_container(sandbox_id, container, sandbox)
-        await self._cri.start_container(container_id)
+        sandbox_id = await self._timed("RunPodSandbox", self._cri.run_pod_sandbox(sandbox))
+        container_id = await self._timed(
+            "CreateContainer", self._cri.create_container(sandbox_id, container, sandbox)
+        )
+        await self._timed("StartContainer", self._cri.start_container(container_id))
         return RawPod(sandbox_id, container_id)
 
     async def teardown(self, pod: RawPod) -> None:
         """StopContainer (with capsa's grace period), RemoveContainer, StopPodSandbox,
         RemovePodSandbox."""
-        await self._cri.stop_container(pod.container_id, self._grace)
-        await self._cri.remove_container(pod.container_id)
-        await self._cri.stop_pod_sandbox(pod.sandbox_id)
-        await self._cri.remove_pod_sandbox(pod.sandbox_id)
+        await self._timed("StopContainer", self._cri.stop_container(pod.container_id, self._grace))
+        await self._timed("RemoveContainer", self._cri.remove_container(pod.container_id))
+        await self._timed("StopPodSandbox", self._cri.stop_pod_sandbox(pod.sandbox_id))
+        await self._timed("RemovePodSandbox", self._cri.remove_pod_sandbox(pod.sandbox_id))
+
+    async def _timed(self, method: str, call: Awaitable[T]) -> T:
+        began = time.perf_counter()
+        try:
+            return await call
+        finally:
+            self.call_seconds.setdefault(method, []).append(time.perf_counter() - began)

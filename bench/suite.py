@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from bench import host, stats
 from bench.instance import (
     REFERENCE_HANDLER,
     CapsaUp,
@@ -91,6 +92,30 @@ def interleave(
     return samples
 
 
+def metered(
+    one_round: Callable[[], dict[str, float]], pids: dict[str, int]
+) -> Callable[[], dict[str, float]]:
+    """``one_round``, also returning the CPU seconds each process of ``pids`` used during it
+    (``cpu_<name>``; containerd's count includes the CNI plugins it ran)."""
+
+    def measured() -> dict[str, float]:
+        before = {name: host.cpu_seconds(pid) for name, pid in pids.items()}
+        durations = one_round()
+        used = {f"cpu_{n}": host.cpu_seconds(pid) - before[n] for n, pid in pids.items()}
+        return {**durations, **used}
+
+    return measured
+
+
+def cpu_medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Median CPU milliseconds per round of each ``<side>.cpu_<process>`` series."""
+    return {
+        series.replace(".cpu_", ": "): round(stats.median(values) * 1000, 1)
+        for series, values in samples.items()
+        if ".cpu_" in series
+    }
+
+
 @dataclass
 class Paired:
     """capsa on the paired containerd, and the reference pods on the same containerd."""
@@ -101,16 +126,25 @@ class Paired:
     cri: CriClient
     reference: ReferencePods
 
+    def processes(self, with_capsa: bool) -> dict[str, int]:
+        """The pids whose CPU a round of one side uses: containerd, and capsa for its side."""
+        pids = {"containerd": self.runtime.containerd.process.pid or 0}
+        if with_capsa:
+            pids["capsa"] = self.capsa.pid
+        return pids
+
 
 class Session:
     """The run's workspace, event loop (for capsa's async runtime and CRI code) and instances."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, trace: bool = False) -> None:
         self.plan = plan
         self.loop = asyncio.new_event_loop()
         self._cleanups = contextlib.ExitStack()
         self.workspace = Workspace()
         self._cleanups.callback(self.workspace.remove)
+        # Where the paired capsa writes its call trace (bench.tracing), when asked to.
+        self.trace_path = self.workspace.root / "paired-trace.jsonl" if trace else None
         self._paired: Paired | None = None
         self._paired_cleanups: contextlib.ExitStack | None = None
 
@@ -138,7 +172,9 @@ class Session:
             runtime = PairedRuntime(settings)
             stack.callback(runtime.forget_reference)
             self.run(runtime.start())
-            capsa = CapsaUp(settings, {"CAPSA_CONTAINERD_SOCKET": runtime.cri_socket})
+            capsa = CapsaUp(
+                settings, {"CAPSA_CONTAINERD_SOCKET": runtime.cri_socket}, self.trace_path
+            )
             stack.callback(capsa.stop)
             # The reference pods (and any stragglers) go while capsa's CNI daemon still answers
             # their sandboxes' DEL, after capsa's own capsules (whose sandboxes it would remake).

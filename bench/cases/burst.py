@@ -16,7 +16,7 @@ from bench.host import token
 from bench.instance import CapsaUp
 from bench.reference import capsule_template
 from bench.report import CaseResult, Target, compared
-from bench.suite import Session, interleave
+from bench.suite import Session, cpu_medians, interleave, metered
 
 T = TypeVar("T")
 
@@ -60,9 +60,16 @@ def run(session: Session) -> CaseResult:
             return {"burst": finished - began}
 
         samples = interleave(
-            {"capsa": capsa_round, "reference": reference_round}, plan.burst_rounds, plan.warmup
+            {
+                "capsa": metered(capsa_round, paired.processes(with_capsa=True)),
+                "reference": metered(reference_round, paired.processes(with_capsa=False)),
+            },
+            plan.burst_rounds,
+            plan.warmup,
         )
     result.samples = samples
+    # Both sides' rounds include their teardown.
+    result.details["cpu_ms_per_round"] = cpu_medians(samples)
     result.rows = [
         compared(
             "burst",

@@ -10,12 +10,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import phases
+from bench import phases, stats, tracing
 from bench.api_client import ApiClient, is_gone, is_running
 from bench.host import token
 from bench.reference import capsule_template
 from bench.report import CaseResult, Target, compared
-from bench.suite import Paired, Session, interleave
+from bench.suite import Paired, Session, cpu_medians, interleave, metered
 
 START_TARGET = Target("ratio", "<=", 1.15, "ratio <= 1.15")
 TEARDOWN_TARGET = Target("ratio", "<=", 1.15, "ratio <= 1.15")
@@ -35,6 +35,7 @@ def run(session: Session) -> CaseResult:
     )
     walls: dict[str, dict[str, float]] = {}
     with paired.capsa.client() as api, anchored(session, paired, api):
+        paired.reference.call_seconds.clear()
 
         def capsa_round() -> dict[str, float]:
             created_wall = time.time()
@@ -63,11 +64,16 @@ def run(session: Session) -> CaseResult:
             return {"start": running - began, "teardown": gone - running}
 
         samples = interleave(
-            {"capsa": capsa_round, "reference": reference_round},
+            {
+                "capsa": metered(capsa_round, paired.processes(with_capsa=True)),
+                "reference": metered(reference_round, paired.processes(with_capsa=False)),
+            },
             plan.start_rounds,
             plan.warmup,
         )
     result.samples = samples
+    # Both sides' rounds include their teardown.
+    result.details["cpu_ms_per_round"] = cpu_medians(samples)
     result.rows = [
         compared(
             "start",
@@ -84,7 +90,15 @@ def run(session: Session) -> CaseResult:
             TEARDOWN_TARGET,
         ),
     ]
-    result.details = step_breakdown(paired.capsa.log_path, walls, plan.warmup)
+    result.details.update(step_breakdown(paired.capsa.log_path, walls, plan.warmup))
+    result.details["reference_calls_median_ms"] = {
+        # One call of each per round: the warm-up rounds' come first.
+        method: round(stats.median(seconds[plan.warmup :]) * 1000, 1)
+        for method, seconds in paired.reference.call_seconds.items()
+    }
+    if session.trace_path is not None:
+        measured = list(walls.values())[plan.warmup :]
+        result.details["trace"] = tracing.analyse(session.trace_path, measured)
     result.notes = [
         "capsa: Zun template POSTed to capsa's API, then GET /v1/capsules/<uuid> every "
         f"{plan.poll_interval * 1000:g} ms on a kept-alive connection until it says Running; "
