@@ -53,9 +53,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+# Signals received: a case whose clean-up fails after an interrupt must not let the run go on.
+_SIGNALLED: list[str] = []
+
+
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    # SIGTERM unwinds like Ctrl-C, so that everything is removed on the way out.
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    # SIGINT and SIGTERM unwind the same way, so that everything is removed on the way out.
+    _SIGNALLED.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt(_SIGNALLED[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         plan = plan.with_rounds(args.rounds)
     selected = [c for c in CASES if not args.only or c in args.only]
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     started = datetime.now(UTC)
     header: dict[str, Any] = {
@@ -87,14 +93,18 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = RUNNERS[name](session)
             except Exception:
+                if _SIGNALLED:
+                    raise KeyboardInterrupt(_SIGNALLED[-1]) from None
                 result = CaseResult(name, error=traceback.format_exc())
                 print(result.error, file=sys.stderr)
             result.seconds = round(time.monotonic() - began, 1)
             results.append(result)
             if name in PAIRED_CASES and not any(c in PAIRED_CASES for c in _after(selected, name)):
                 session.close_paired()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         interrupted = True
+        cut_short = selected[len(results)] if len(results) < len(selected) else "clean-up"
+        results.append(CaseResult(cut_short, error=f"interrupted ({exc or 'SIGINT'})"))
         print("interrupted: stopping and removing what the run made", file=sys.stderr)
     finally:
         # A second Ctrl-C must not cut the clean-up short.

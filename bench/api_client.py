@@ -60,6 +60,10 @@ class ApiClient:
                 self.close()
                 if attempt == 2:
                     raise
+            except BaseException:
+                # A request cut short (a timeout, an interrupt) leaves the connection unusable.
+                self.close()
+                raise
         raise AssertionError("unreachable")
 
     def json(

@@ -156,7 +156,7 @@ def table(results: list[CaseResult]) -> str:
             reason = result.error.strip().splitlines()[-1]
             lines.append([result.name, f"FAILED: {reason}"] + [""] * 9)
         lines.extend(_cells(row) for row in result.rows)
-    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(_COLUMNS)]
+    widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(_COLUMNS)]
 
     def render(cells: list[str] | tuple[str, ...]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
