@@ -105,7 +105,8 @@ def run(session: Session) -> CaseResult:
         "DELETE, then GET until 404.",
         "reference: RunPodSandbox, CreateContainer, StartContainer (and StopContainer, "
         "RemoveContainer, StopPodSandbox, RemovePodSandbox) with capsa's CriClient on the same "
-        "containerd, runtime handler with the reference bridge + host-local CNI conf dir.",
+        "containerd as capsa, under a runtime handler of its own whose cni_conf_dir (containerd "
+        "1.6's per-handler CNI conf dir) holds the reference bridge + host-local conflist.",
         "An anchor capsule and an anchor reference pod run throughout, so that both networks' "
         "bridges exist, as on a host that already runs pods.",
     ]
