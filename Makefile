@@ -16,8 +16,8 @@ test: $(VENV)/.test-deps
 setup: host-packages $(VENV)/.deps
 
 lint: $(VENV)/.test-deps
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
 # The benchmark suite (bench/README.md); BENCH_ARGS=--smoke for tiny counts.
