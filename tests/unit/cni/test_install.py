@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import os
+import py_compile
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -40,17 +43,18 @@ def cfg(tmp_path: Path) -> Config:
     )
 
 
-def test_launcher_runs_plugin_source_under_the_real_interpreter(
+def test_launcher_runs_the_plugin_module_under_the_real_interpreter(
     cfg: Config, install: Callable[[Config], None]
 ) -> None:
     install(cfg)
     launcher = cfg.cni_bin_dir / "capsa-cni"
-    shebang, source = launcher.read_text().split("\n", 1)
-    assert shebang == f"#!{os.path.realpath(sys.executable)} -IS"
+    shebang = launcher.read_text().split("\n", 1)[0]
+    assert shebang == f"#!{os.path.realpath(sys.executable)} -ISB"
     interpreter = Path(shebang[2:].split()[0])
     assert interpreter.is_absolute()
     assert not interpreter.is_symlink()
-    assert source == Path(plugin.__file__).read_text()
+    module = cfg.cni_bin_dir / "capsa-cni.lib" / "capsa_cni_plugin.py"
+    assert module.read_text() == Path(plugin.__file__).read_text()
     assert launcher.stat().st_mode & 0o777 == 0o755
 
 
@@ -65,6 +69,69 @@ def test_launcher_executes(cfg: Config, install: Callable[[Config], None]) -> No
         check=True,
     )
     assert json.loads(run.stdout)["cniVersion"] == "0.3.1"
+
+
+def run_launcher_verbosely(cfg: Config, *flags: str) -> str:
+    """Runs the installed launcher as its shebang does, with ``flags``; returns its stderr."""
+    launcher = cfg.cni_bin_dir / "capsa-cni"
+    interpreter, options = launcher.read_text().split("\n", 1)[0][2:].split()
+    run = subprocess.run(
+        [interpreter, options, *flags, str(launcher)],
+        env={"CNI_COMMAND": "VERSION"},
+        input=b'{"cniVersion": "1.0.0"}',
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    return run.stderr.decode()
+
+
+def test_launcher_runs_the_plugin_from_its_cached_bytecode(
+    cfg: Config, install: Callable[[Config], None]
+) -> None:
+    install(cfg)
+    module = cfg.cni_bin_dir / "capsa-cni.lib" / "capsa_cni_plugin.py"
+    bytecode = importlib.util.cache_from_source(str(module))
+    loaded = run_launcher_verbosely(cfg, "-v")
+    assert f"# code object from '{bytecode}'" in loaded
+    assert f"# code object from {module}" not in loaded
+
+
+def test_launcher_imports_only_builtin_modules_and_the_plugin(
+    cfg: Config, install: Callable[[Config], None]
+) -> None:
+    # Start-up time is the plugin's cost: the launcher must not import json, socket, re or os.
+    install(cfg)
+    imports = run_launcher_verbosely(cfg, "-X", "importtime").splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in imports if "|" in line}
+    bare = subprocess.run(
+        [os.path.realpath(sys.executable), "-ISB", "-X", "importtime", "-c", "pass"],
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    at_start = {line.rsplit("|", 1)[1].strip() for line in bare.stderr.decode().splitlines()}
+    assert "capsa_cni_plugin" in imported
+    assert imported - at_start <= {"capsa_cni_plugin", "_json", "_socket"}, imported - at_start
+
+
+def test_launcher_without_its_module_answers_a_cni_error(
+    cfg: Config, install: Callable[[Config], None]
+) -> None:
+    install(cfg)
+    shutil.rmtree(cfg.cni_bin_dir / "capsa-cni.lib")
+    run = subprocess.run(
+        [str(cfg.cni_bin_dir / "capsa-cni")],
+        env={"CNI_COMMAND": "ADD"},
+        input=b"{}",
+        capture_output=True,
+        timeout=30,
+    )
+    assert run.returncode == 1
+    error = json.loads(run.stdout)
+    assert error["code"] == 999
+    assert str(cfg.cni_bin_dir / "capsa-cni.lib") in error["msg"]
+    assert "capsa up" in error["details"]
 
 
 def test_conflist(cfg: Config, install: Callable[[Config], None]) -> None:
@@ -87,8 +154,10 @@ def test_conflist(cfg: Config, install: Callable[[Config], None]) -> None:
 def test_install_rewrites_only_what_changed(cfg: Config, install: Callable[[Config], None]) -> None:
     install(cfg)
     launcher = cfg.cni_bin_dir / "capsa-cni"
+    module = cfg.cni_bin_dir / "capsa-cni.lib" / "capsa_cni_plugin.py"
+    bytecode = Path(importlib.util.cache_from_source(str(module)))
     conflist = cfg.cni_conf_dir / "10-capsa.conflist"
-    before = {p: p.stat().st_ino for p in (launcher, conflist)}
+    before = {p: p.stat().st_ino for p in (launcher, module, bytecode, conflist)}
     install(cfg)
     assert {p: p.stat().st_ino for p in before} == before
 
@@ -98,6 +167,28 @@ def test_install_rewrites_only_what_changed(cfg: Config, install: Callable[[Conf
     assert json.loads(conflist.read_text())["plugins"][0]["daemon"] == "unix:/x"
     assert launcher.stat().st_ino == before[launcher]
     assert sorted(p.name for p in cfg.cni_conf_dir.iterdir()) == ["10-capsa.conflist"]
+
+
+def test_install_replaces_bytecode_that_does_not_match_the_module(
+    cfg: Config, install: Callable[[Config], None]
+) -> None:
+    install(cfg)
+    module = cfg.cni_bin_dir / "capsa-cni.lib" / "capsa_cni_plugin.py"
+    bytecode = Path(importlib.util.cache_from_source(str(module)))
+    # Bytecode of another source, as an older capsa would have left it.
+    other = cfg.cni_bin_dir / "other.py"
+    other.write_text("def main() -> int:\n    return 3\n")
+    py_compile.compile(
+        str(other),
+        cfile=str(bytecode),
+        invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+    )
+    stale = bytecode.stat().st_ino
+
+    install(cfg)
+
+    assert bytecode.stat().st_ino != stale
+    assert f"# code object from '{bytecode}'" in run_launcher_verbosely(cfg, "-v")
 
 
 def test_install_restores_the_launcher_mode(cfg: Config, install: Callable[[Config], None]) -> None:
@@ -111,7 +202,7 @@ def test_install_restores_the_launcher_mode(cfg: Config, install: Callable[[Conf
 @pytest.mark.parametrize("interpreter", ["python3", "/opt/my python/bin/python3", "/x" * 200])
 def test_launcher_refuses_unusable_interpreters(interpreter: str) -> None:
     with pytest.raises(ValueError, match=r"interpreter|shebang"):
-        launcher_source(interpreter)
+        launcher_source(interpreter, Path("/var/lib/capsa/cni/bin/capsa-cni.lib"))
 
 
 def test_loopback_is_linked_from_the_reference_plugins(cfg: Config, plugin_dir: Path) -> None:
