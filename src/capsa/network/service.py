@@ -68,13 +68,10 @@ class NetworkService:
     # ---- PortSource, for the CNI daemon ----
 
     async def find_port(self, pod_name: str) -> PortBinding | None:
-        port = await self._store.ports.find_by_device(pod_name)
-        if port is None:
+        found = await self._store.ports.find_with_network(pod_name)
+        if found is None:
             return None
-        network = await self._store.ports.get_network(port.network_id)
-        subnet = await self._store.ports.get_subnet(port.subnet_id)
-        if network is None or subnet is None:
-            return None
+        port, network, subnet = found
         return PortBinding(
             port_id=port.id,
             network_id=network.id,

@@ -101,6 +101,46 @@ class PortStore:
             row = (await conn.execute(select(p_t).where(p_t.c.device_id == device_id))).first()
         return _port(row) if row else None
 
+    async def find_with_network(self, device_id: str) -> tuple[Port, Network, Subnet] | None:
+        """The device's port with its network and subnet, read in one query: the CNI daemon
+        needs all three for every ADD."""
+        query = (
+            select(
+                p_t,
+                n_t.c.name.label("network_name"),
+                n_t.c.project_id.label("network_project_id"),
+                n_t.c.shared.label("network_shared"),
+                n_t.c.is_default.label("network_is_default"),
+                n_t.c.mtu.label("network_mtu"),
+                s_t.c.project_id.label("subnet_project_id"),
+                s_t.c.cidr.label("subnet_cidr"),
+                s_t.c.gateway_ip.label("subnet_gateway_ip"),
+            )
+            .join(n_t, n_t.c.id == p_t.c.network_id)
+            .join(s_t, s_t.c.id == p_t.c.subnet_id)
+            .where(p_t.c.device_id == device_id)
+        )
+        async with self._db.read() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        network = Network(
+            id=row.network_id,
+            name=row.network_name,
+            project_id=row.network_project_id,
+            shared=row.network_shared,
+            is_default=row.network_is_default,
+            mtu=row.network_mtu,
+        )
+        subnet = Subnet(
+            id=row.subnet_id,
+            network_id=row.network_id,
+            project_id=row.subnet_project_id,
+            cidr=ipaddress.IPv4Network(row.subnet_cidr),
+            gateway_ip=ipaddress.IPv4Address(row.subnet_gateway_ip),
+        )
+        return _port(row), network, subnet
+
     async def create(
         self,
         *,

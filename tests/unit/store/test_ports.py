@@ -71,3 +71,17 @@ async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> Non
     unbound = await store.ports.find_by_device("a")
     assert unbound is not None and unbound.binding_container_id is None
     assert unbound.status == "DOWN"
+
+
+async def test_find_with_network_reads_the_port_its_network_and_subnet(store: Store) -> None:
+    network_service = NetworkService(store, "10.4.0.0/24", 1450, "admin")
+    port = await network_service.allocate_port("capsule-a", "p1", "h1")
+    await store.ports.set_binding(port.id, "sandbox-1", "capsaabc")
+    network, subnet = await network_service.default_network()
+
+    found = await store.ports.find_with_network("capsule-a")
+
+    bound = await store.ports.find_by_device("capsule-a")
+    assert found == (bound, network, subnet)
+    assert found is not None and found[0].binding_container_id == "sandbox-1"
+    assert await store.ports.find_with_network("no-such-capsule") is None
