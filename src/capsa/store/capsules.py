@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from capsa.model.capsule import (
     Address,
@@ -31,7 +30,7 @@ from capsa.model.capsule import (
 )
 from capsa.model.clock import utcnow
 from capsa.store import notify, schema
-from capsa.store.db import Database
+from capsa.store.db import Database, Statements
 
 c_t = schema.capsules
 k_t = schema.containers
@@ -150,7 +149,7 @@ class CapsuleStore:
                 marker = (await conn.execute(marker_query)).first()
                 if marker is None:
                     raise MarkerNotFound(page.marker)
-                value, marker_uuid = marker
+                value, marker_uuid = marker[0], marker[1]
                 after = (
                     or_(column < value, and_(column == value, c_t.c.uuid < marker_uuid))
                     if descending
@@ -370,7 +369,7 @@ _KINDS = {k.value: k for k in ContainerKind}
 _PULL_POLICIES = {p.value: p for p in PullPolicy}
 
 
-async def _load(conn: AsyncConnection, rows: Sequence[Row[Any]]) -> list[Capsule]:
+async def _load(conn: Statements, rows: Sequence[Row[Any]]) -> list[Capsule]:
     """Turns capsule rows into capsules with their containers and addresses (three queries)."""
     if not rows:
         return []
