@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 
 from capsa.model.capsule import DesiredState, Status, TaskState
 from capsa.model.clock import utcnow
@@ -46,10 +46,11 @@ class HostStore:
             "heartbeat_at": now,
             "updated_at": now,
         }
-        async with self._db.write() as conn:
-            result = await conn.execute(update(h_t).where(h_t.c.name == name).values(**values))
+
+        def upsert(conn: Connection) -> Row[Any]:
+            result = conn.execute(update(h_t).where(h_t.c.name == name).values(**values))
             if not result.rowcount:
-                await conn.execute(
+                conn.execute(
                     h_t.insert().values(
                         name=name,
                         uuid=str(uuidlib.uuid4()),
@@ -60,21 +61,21 @@ class HostStore:
                         **values,
                     )
                 )
-            row = (await conn.execute(select(h_t).where(h_t.c.name == name))).one()
+            return conn.execute(select(h_t).where(h_t.c.name == name)).one()
+
+        row = await self._db.run_write(upsert)
         # A new or returning host may fit capsules that are waiting.
         self._hub.publish(notify.SCHEDULER)
         return _host(row)
 
     async def heartbeat(self, name: str) -> None:
         now = utcnow()
-        async with self._db.write() as conn:
-            await conn.execute(
-                update(h_t).where(h_t.c.name == name).values(heartbeat_at=now, updated_at=now)
-            )
+        statement = update(h_t).where(h_t.c.name == name).values(heartbeat_at=now, updated_at=now)
+        await self._db.run_write(lambda conn: conn.execute(statement))
 
     async def get(self, name: str) -> Host | None:
-        async with self._db.read() as conn:
-            row = (await conn.execute(select(h_t).where(h_t.c.name == name))).first()
+        query = select(h_t).where(h_t.c.name == name)
+        row = await self._db.run_read(lambda conn: conn.execute(query).first())
         return _host(row) if row else None
 
     async def all(self, alive_since: datetime | None = None) -> list[Host]:
@@ -82,8 +83,7 @@ class HostStore:
         query = select(h_t).order_by(h_t.c.name)
         if alive_since is not None:
             query = query.where(h_t.c.heartbeat_at >= alive_since)
-        async with self._db.read() as conn:
-            return [_host(r) for r in await conn.execute(query)]
+        return await self._db.run_read(lambda conn: [_host(r) for r in conn.execute(query)])
 
     async def claim(self, capsule_uuid: str, host: str, cpu_millis: int, memory_mb: int) -> bool:
         """Places a capsule on ``host`` if the host still has room, atomically.
@@ -93,35 +93,36 @@ class HostStore:
         overcommit a host or place one capsule twice. Returns False when either condition failed.
         """
         now = utcnow()
+        take = (
+            update(h_t)
+            .where(
+                h_t.c.name == host,
+                h_t.c.disabled.is_(False),
+                h_t.c.cpu_millis_used + cpu_millis <= h_t.c.cpu_millis,
+                h_t.c.memory_mb_used + memory_mb <= h_t.c.memory_mb,
+            )
+            .values(
+                cpu_millis_used=h_t.c.cpu_millis_used + cpu_millis,
+                memory_mb_used=h_t.c.memory_mb_used + memory_mb,
+                updated_at=now,
+            )
+        )
+        place = (
+            update(c_t)
+            .where(
+                c_t.c.uuid == capsule_uuid,
+                c_t.c.host.is_(None),
+                c_t.c.desired_state == DesiredState.RUNNING,
+            )
+            .values(host=host, task_state=TaskState.NETWORK_ATTACHING, updated_at=now)
+        )
+
+        def claim(conn: Connection) -> None:
+            if not conn.execute(take).rowcount or not conn.execute(place).rowcount:
+                raise _PlacementLost
+
         try:
-            async with self._db.write() as conn:
-                taken = await conn.execute(
-                    update(h_t)
-                    .where(
-                        h_t.c.name == host,
-                        h_t.c.disabled.is_(False),
-                        h_t.c.cpu_millis_used + cpu_millis <= h_t.c.cpu_millis,
-                        h_t.c.memory_mb_used + memory_mb <= h_t.c.memory_mb,
-                    )
-                    .values(
-                        cpu_millis_used=h_t.c.cpu_millis_used + cpu_millis,
-                        memory_mb_used=h_t.c.memory_mb_used + memory_mb,
-                        updated_at=now,
-                    )
-                )
-                if not taken.rowcount:
-                    raise _PlacementLost
-                placed = await conn.execute(
-                    update(c_t)
-                    .where(
-                        c_t.c.uuid == capsule_uuid,
-                        c_t.c.host.is_(None),
-                        c_t.c.desired_state == DesiredState.RUNNING,
-                    )
-                    .values(host=host, task_state=TaskState.NETWORK_ATTACHING, updated_at=now)
-                )
-                if not placed.rowcount:
-                    raise _PlacementLost
+            await self._db.run_write(claim)
         except _PlacementLost:
             return False
         self._hub.publish(notify.host_topic(host))
@@ -129,19 +130,16 @@ class HostStore:
 
     async def fail_placement(self, capsule_uuid: str, reason: str) -> bool:
         """Marks an unplaceable capsule as Error, unless it was placed or deleted meanwhile."""
-        async with self._db.write() as conn:
-            result = await conn.execute(
-                update(c_t)
-                .where(
-                    c_t.c.uuid == capsule_uuid,
-                    c_t.c.host.is_(None),
-                    c_t.c.desired_state == DesiredState.RUNNING,
-                )
-                .values(
-                    status=Status.ERROR, status_reason=reason, task_state=None, updated_at=utcnow()
-                )
+        statement = (
+            update(c_t)
+            .where(
+                c_t.c.uuid == capsule_uuid,
+                c_t.c.host.is_(None),
+                c_t.c.desired_state == DesiredState.RUNNING,
             )
-        return bool(result.rowcount)
+            .values(status=Status.ERROR, status_reason=reason, task_state=None, updated_at=utcnow())
+        )
+        return await self._db.run_write(lambda conn: bool(conn.execute(statement).rowcount))
 
 
 def _host(row: Row[Any]) -> Host:
