@@ -29,6 +29,7 @@ from capsa.model.capsule import (
     TaskState,
 )
 from capsa.model.clock import utcnow
+from capsa.model.host import PlacementRequest
 from capsa.store import notify, schema
 from capsa.store.db import Database
 
@@ -169,10 +170,10 @@ class CapsuleStore:
 
         return await self._db.run_read(list_page)
 
-    async def list_unscheduled(self) -> list[Capsule]:
-        """Capsules waiting for a host, oldest first."""
+    async def pending_placements(self) -> list[PlacementRequest]:
+        """Capsules waiting for a host, oldest first: only what placing them needs."""
         query = (
-            select(c_t)
+            select(c_t.c.uuid, c_t.c.cpu_millis, c_t.c.memory_mb, c_t.c.runtime)
             .where(
                 c_t.c.host.is_(None),
                 c_t.c.desired_state == DesiredState.RUNNING,
@@ -180,7 +181,8 @@ class CapsuleStore:
             )
             .order_by(c_t.c.created_at)
         )
-        return await self._db.run_read(lambda conn: _load(conn, conn.execute(query).all()))
+        rows = await self._db.run_read(lambda conn: conn.execute(query).all())
+        return [PlacementRequest(*row) for row in rows]
 
     async def list_for_host(self, host: str) -> list[Capsule]:
         query = select(c_t).where(c_t.c.host == host)
