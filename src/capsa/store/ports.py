@@ -12,7 +12,7 @@ import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -27,6 +27,33 @@ p_t = schema.ports
 
 # Given the subnet and the addresses in use (as integers), the address for a new port, or None.
 AddressPicker = Callable[[Subnet, set[int]], int | None]
+
+
+# The CNI daemon's statements, built once (see capsa.store.capsules).
+_PORT_OF = select(p_t).where(p_t.c.device_id == bindparam("device"))
+_PORT_WITH_NETWORK = (
+    select(
+        p_t,
+        n_t.c.name.label("network_name"),
+        n_t.c.project_id.label("network_project_id"),
+        n_t.c.shared.label("network_shared"),
+        n_t.c.is_default.label("network_is_default"),
+        n_t.c.mtu.label("network_mtu"),
+        s_t.c.project_id.label("subnet_project_id"),
+        s_t.c.cidr.label("subnet_cidr"),
+        s_t.c.gateway_ip.label("subnet_gateway_ip"),
+    )
+    .join(n_t, n_t.c.id == p_t.c.network_id)
+    .join(s_t, s_t.c.id == p_t.c.subnet_id)
+    .where(p_t.c.device_id == bindparam("device"))
+)
+_SET_BINDING = update(p_t).where(p_t.c.id == bindparam("where_id"))
+_CLEAR_BINDING = (
+    update(p_t)
+    .where(p_t.c.id == bindparam("where_id"))
+    .where(p_t.c.binding_container_id == bindparam("where_container"))
+    .values(status="DOWN", binding_container_id=None, binding_host_ifname=None)
+)
 
 
 class SubnetFull(Exception):
@@ -103,30 +130,15 @@ class PortStore:
         return _subnet(row) if row else None
 
     async def find_by_device(self, device_id: str) -> Port | None:
-        query = select(p_t).where(p_t.c.device_id == device_id)
-        row = await self._db.run_read(lambda conn: conn.execute(query).first())
+        params = {"device": device_id}
+        row = await self._db.run_read(lambda conn: conn.execute(_PORT_OF, params).first())
         return _port(row) if row else None
 
     async def find_with_network(self, device_id: str) -> tuple[Port, Network, Subnet] | None:
         """The device's port with its network and subnet, read in one query: the CNI daemon
         needs all three for every ADD."""
-        query = (
-            select(
-                p_t,
-                n_t.c.name.label("network_name"),
-                n_t.c.project_id.label("network_project_id"),
-                n_t.c.shared.label("network_shared"),
-                n_t.c.is_default.label("network_is_default"),
-                n_t.c.mtu.label("network_mtu"),
-                s_t.c.project_id.label("subnet_project_id"),
-                s_t.c.cidr.label("subnet_cidr"),
-                s_t.c.gateway_ip.label("subnet_gateway_ip"),
-            )
-            .join(n_t, n_t.c.id == p_t.c.network_id)
-            .join(s_t, s_t.c.id == p_t.c.subnet_id)
-            .where(p_t.c.device_id == device_id)
-        )
-        row = await self._db.run_read(lambda conn: conn.execute(query).first())
+        params = {"device": device_id}
+        row = await self._db.run_read(lambda conn: conn.execute(_PORT_WITH_NETWORK, params).first())
         if row is None:
             return None
         network = Network(
@@ -195,31 +207,19 @@ class PortStore:
         raise SubnetFull(subnet)
 
     async def set_binding(self, port_id: str, container_id: str, host_ifname: str) -> None:
-        statement = (
-            update(p_t)
-            .where(p_t.c.id == port_id)
-            .values(
-                status="ACTIVE",
-                binding_container_id=container_id,
-                binding_host_ifname=host_ifname,
-                updated_at=utcnow(),
-            )
-        )
-        await self._db.run_write(lambda conn: conn.execute(statement))
+        params = {
+            "where_id": port_id,
+            "status": "ACTIVE",
+            "binding_container_id": container_id,
+            "binding_host_ifname": host_ifname,
+            "updated_at": utcnow(),
+        }
+        await self._db.run_write(lambda conn: conn.execute(_SET_BINDING, params))
 
     async def clear_binding(self, port_id: str, container_id: str) -> None:
         """Forgets a binding, unless the port was bound again for a newer sandbox meanwhile."""
-        statement = (
-            update(p_t)
-            .where(p_t.c.id == port_id, p_t.c.binding_container_id == container_id)
-            .values(
-                status="DOWN",
-                binding_container_id=None,
-                binding_host_ifname=None,
-                updated_at=utcnow(),
-            )
-        )
-        await self._db.run_write(lambda conn: conn.execute(statement))
+        params = {"where_id": port_id, "where_container": container_id, "updated_at": utcnow()}
+        await self._db.run_write(lambda conn: conn.execute(_CLEAR_BINDING, params))
 
     async def delete_for_device(self, device_id: str) -> None:
         statement = delete(p_t).where(p_t.c.device_id == device_id)
@@ -227,7 +227,9 @@ class PortStore:
 
     async def list_for_subnet(self, subnet_id: str) -> list[Port]:
         query = select(p_t).where(p_t.c.subnet_id == subnet_id)
-        return await self._db.run_read(lambda conn: [_port(r) for r in conn.execute(query)])
+        return await self._db.run_read(
+            lambda conn: [_port(r) for r in conn.execute(query)], long=True
+        )
 
 
 def _network(row: Row[Any]) -> Network:
