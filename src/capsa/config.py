@@ -103,6 +103,16 @@ class CapsuleConfig:
 
 
 @dataclass(frozen=True)
+class QuotaConfig:
+    # Zun's defaults for every project; -1 is unlimited. The "default" quota class, which admins
+    # set through the API, overrides them; a project's own quota overrides both.
+    containers: int = 40
+    cpu: int = 20
+    memory: int = 51200
+    disk: int = 100
+
+
+@dataclass(frozen=True)
 class ContainerdConfig:
     # An existing CRI socket to use instead of starting capsa's own containerd.
     socket: str = ""
@@ -157,6 +167,7 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)

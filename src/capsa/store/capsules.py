@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from capsa.model.capsule import (
@@ -29,7 +29,8 @@ from capsa.model.capsule import (
     TaskState,
 )
 from capsa.model.clock import utcnow
-from capsa.store import notify, schema
+from capsa.model.quota import NO_LIMITS, QuotaLimits, QuotaUsage
+from capsa.store import notify, quotas, schema
 from capsa.store.db import Database, Statements
 
 c_t = schema.capsules
@@ -78,18 +79,24 @@ class CapsuleStore:
         self._db = db
         self._hub = hub
 
-    async def create(self, capsule: Capsule) -> Capsule:
-        """Stores a new capsule and its containers; the scheduler is woken to place it."""
+    async def create(self, capsule: Capsule, quota_defaults: QuotaLimits = NO_LIMITS) -> Capsule:
+        """Stores a new capsule and its containers if its project's quota allows (OverQuota
+        otherwise), in one transaction; the scheduler is woken to place it."""
         now = utcnow()
         capsule.created_at = capsule.updated_at = now
         for container in capsule.all_containers():
             container.created_at = container.updated_at = now
+        request = QuotaUsage(
+            containers=1, cpu_millis=capsule.spec.cpu_millis, memory_mb=capsule.spec.memory_mb
+        )
+
+        def insert(conn: Connection) -> None:
+            quotas.enforce(conn, capsule.project_id, request, quota_defaults)
+            conn.execute(c_t.insert().values(**_capsule_row(capsule)))
+            conn.execute(k_t.insert(), [_container_row(c) for c in capsule.all_containers()])
+
         try:
-            async with self._db.write() as conn:
-                await conn.execute(c_t.insert().values(**_capsule_row(capsule)))
-                await conn.execute(
-                    k_t.insert(), [_container_row(c) for c in capsule.all_containers()]
-                )
+            await self._db.run_write(insert)
         except IntegrityError as exc:
             if "uq_capsules_project_name" in str(exc) or "capsules.name" in str(exc):
                 raise NameConflict(capsule.name) from exc
