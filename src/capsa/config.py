@@ -133,6 +133,14 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
+class CredentialsConfig:
+    # The key that encrypts private registries' passwords in the database; empty means
+    # <state_dir>/credentials.key, made on first use. Every host that runs an API or an agent of
+    # one database needs the same file.
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
 class ImagesConfig:
     # Built OCI layouts are kept here and reused across state dirs; empty means <state_dir>/images.
     cache_dir: str = ""
@@ -170,6 +178,7 @@ class Config:
     quota: QuotaConfig = field(default_factory=QuotaConfig)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     cni: CniConfig = field(default_factory=CniConfig)
@@ -224,6 +233,14 @@ class Config:
     @property
     def registry_dir(self) -> Path:
         return self.state_dir / "registry"
+
+    @property
+    def credentials_key_path(self) -> Path:
+        return (
+            Path(self.credentials.key_file)
+            if self.credentials.key_file
+            else self.state_dir / "credentials.key"
+        )
 
     @property
     def image_cache_dir(self) -> Path:

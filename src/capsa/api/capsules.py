@@ -29,7 +29,8 @@ from capsa.api.views import CapsuleFormatter, json_response
 from capsa.log import get_logger
 from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
 from capsa.store import Store
-from capsa.store.capsules import SORT_KEYS, AmbiguousName, MarkerNotFound, NameConflict, Page
+from capsa.store.capsules import SORT_KEYS, AmbiguousName, NameConflict
+from capsa.store.paging import MarkerNotFound, Page
 from capsa.store.quotas import OverQuota
 
 log = get_logger(__name__)

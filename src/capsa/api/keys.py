@@ -1,5 +1,5 @@
 """What handlers find on the application: configuration, store, agent client, the defaults of
-templates and quotas."""
+templates and quotas, the key of stored secrets."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from capsa.api.agent_client import AgentClient
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
 from capsa.model.quota import QuotaLimits
+from capsa.secrets import SecretBox
 from capsa.store import Store
 
 CONFIG = web.AppKey("config", Config)
@@ -16,3 +17,4 @@ STORE = web.AppKey("store", Store)
 AGENTS = web.AppKey("agents", AgentClient)
 TEMPLATE_DEFAULTS = web.AppKey("template_defaults", TemplateDefaults)
 QUOTA_DEFAULTS = web.AppKey("quota_defaults", QuotaLimits)
+SECRETS = web.AppKey("secrets", SecretBox)

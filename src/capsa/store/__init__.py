@@ -8,6 +8,7 @@ from capsa.store.hosts import HostStore
 from capsa.store.notify import ChangeHub
 from capsa.store.ports import PortStore
 from capsa.store.quotas import QuotaStore
+from capsa.store.registries import RegistryStore
 
 
 class Store:
@@ -20,6 +21,7 @@ class Store:
         self.hosts = HostStore(self.db, self.hub)
         self.ports = PortStore(self.db)
         self.quotas = QuotaStore(self.db)
+        self.registries = RegistryStore(self.db)
 
     async def open(self) -> None:
         await self.db.initialize()

@@ -7,10 +7,9 @@ observed a capsule a moment ago can never turn a capsule being deleted back into
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -30,8 +29,9 @@ from capsa.model.capsule import (
 )
 from capsa.model.clock import utcnow
 from capsa.model.quota import NO_LIMITS, QuotaLimits, QuotaUsage
-from capsa.store import notify, quotas, schema
+from capsa.store import notify, paging, quotas, schema
 from capsa.store.db import Database, Statements
+from capsa.store.paging import MarkerNotFound, Page
 
 c_t = schema.capsules
 k_t = schema.containers
@@ -54,24 +54,10 @@ class NameConflict(Exception):
         self.name = name
 
 
-class MarkerNotFound(Exception):
-    def __init__(self, marker: str) -> None:
-        super().__init__(f"marker {marker!r} is not a capsule of this project")
-        self.marker = marker
-
-
 class AmbiguousName(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(f"several capsules are named {name!r}; use the uuid instead")
         self.name = name
-
-
-@dataclass(frozen=True)
-class Page:
-    limit: int
-    marker: str | None = None
-    sort_key: str = "created_at"
-    sort_dir: str = "asc"
 
 
 class CapsuleStore:
@@ -144,7 +130,6 @@ class CapsuleStore:
     async def list_page(self, project_id: str | None, page: Page) -> list[Capsule]:
         """One page of capsules, ordered by ``page.sort_key`` then uuid (keyset paging)."""
         column = SORT_KEYS[page.sort_key]
-        descending = page.sort_dir == "desc"
         query = select(c_t)
         if project_id is not None:
             query = query.where(c_t.c.project_id == project_id)
@@ -156,14 +141,10 @@ class CapsuleStore:
                 marker = (await conn.execute(marker_query)).first()
                 if marker is None:
                     raise MarkerNotFound(page.marker)
-                value, marker_uuid = marker[0], marker[1]
-                after = (
-                    or_(column < value, and_(column == value, c_t.c.uuid < marker_uuid))
-                    if descending
-                    else or_(column > value, and_(column == value, c_t.c.uuid > marker_uuid))
+                query = query.where(
+                    paging.after(column, c_t.c.uuid, marker[0], marker[1], page.descending)
                 )
-                query = query.where(after)
-            order = (column.desc(), c_t.c.uuid.desc()) if descending else (column, c_t.c.uuid)
+            order = paging.ordering(column, c_t.c.uuid, page.descending)
             rows = (await conn.execute(query.order_by(*order).limit(page.limit))).all()
             return await _load(conn, rows)
 

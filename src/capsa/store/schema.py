@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # Bump whenever a table changes (with a migration in store/db.py once capsa has users).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class Timestamp(TypeDecorator[datetime]):
@@ -212,3 +212,21 @@ quota_locks = Table(
     metadata,
     Column("project_id", String(255), primary_key=True),
 )
+
+# Private registries (Zun's /v1/registries); the password only as capsa.secrets encrypted it.
+registries = Table(
+    "registries",
+    metadata,
+    Column("uuid", UUID, primary_key=True),
+    Column("project_id", String(255), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("name", String(255)),
+    Column("domain", String(255), nullable=False),
+    Column("username", String(255)),
+    Column("password_token", Text),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    # Names are optional; those given are unique in a project, so that templates can use them.
+    UniqueConstraint("project_id", "name", name="uq_registries_project_name"),
+)
+Index("ix_registries_project_created", registries.c.project_id, registries.c.created_at)
