@@ -299,6 +299,7 @@ def _container_row(container: Container) -> dict[str, Any]:
             "tty": spec.tty,
             "stdin": spec.stdin,
             "ports": [[p.container_port, p.protocol, p.host_port, p.name] for p in spec.ports],
+            "registry_id": spec.registry_id,
         },
         "status": container.status,
         "status_reason": container.status_reason,
@@ -328,6 +329,7 @@ def _container(row: Row[Any]) -> Container:
         tty=doc["tty"],
         stdin=doc["stdin"],
         ports=tuple(PortSpec(*p) for p in doc["ports"]),
+        registry_id=doc.get("registry_id"),
     )
     return Container(
         uuid=row.uuid,

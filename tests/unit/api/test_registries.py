@@ -148,3 +148,105 @@ async def test_bad_bodies_are_400(client: Client, body: Any, fragment: str) -> N
     await assert_error(response, 400, "container.invalid", fragment)
     response = await client.get("/v1/registries", headers=ALICE)
     assert (await response.json())["registries"] == []
+
+
+def capsule(*containers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "capsule",
+        "metadata": {"name": "app"},
+        "spec": {"containers": list(containers)},
+    }
+
+
+async def test_a_zun_container_names_its_registry_and_pulls_from_its_domain(
+    client: Client, store: Store
+) -> None:
+    registry = await create(client, name="private", domain="reg.example.com:5000")
+    template = capsule(
+        {"name": "a", "image": "team/app:1", "registry": "private"},
+        {"name": "b", "image": "reg.example.com:5000/team/app:2", "registry": registry["uuid"]},
+        {"name": "c", "image": "busybox"},
+    )
+    response = await client.post("/v1/capsules", json={"template": template}, headers=ALICE)
+    assert response.status == 202, await response.text()
+    containers = (await response.json())["containers"]
+    assert [(c["image"], c["registry_id"]) for c in containers] == [
+        ("reg.example.com:5000/team/app:1", registry["uuid"]),
+        ("reg.example.com:5000/team/app:2", registry["uuid"]),
+        ("busybox", None),
+    ]
+    stored = await store.capsules.find("app", "p1")
+    assert stored is not None
+    assert [c.spec.registry_id for c in stored.containers] == [registry["uuid"]] * 2 + [None]
+
+
+async def test_an_image_on_a_registrys_domain_uses_it_unnamed(client: Client) -> None:
+    first = await create(client, name="first", domain="reg.example.com")
+    await create(client, name="second", domain="reg.example.com")
+    await create(client, BOB, name="bobs", domain="other.example.com")
+    template = capsule(
+        {"name": "a", "image": "reg.example.com/app"}, {"name": "b", "image": "other.example.com/x"}
+    )
+    response = await client.post("/v1/capsules", json={"template": template}, headers=ALICE)
+    containers = (await response.json())["containers"]
+    # The oldest of the project's registries for the domain; another project's is never used.
+    assert [c["registry_id"] for c in containers] == [first["uuid"], None]
+
+
+async def test_a_pods_image_pull_secrets_choose_among_registries_of_a_domain(
+    client: Client,
+) -> None:
+    await create(client, name="first", domain="reg.example.com")
+    chosen = await create(client, name="second", domain="reg.example.com")
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "pod"},
+        "spec": {
+            "imagePullSecrets": [{"name": "second"}],
+            "containers": [{"name": "a", "image": "reg.example.com/app"}],
+        },
+    }
+    response = await client.post("/v1/capsules", json={"template": pod}, headers=ALICE)
+    assert response.status == 202, await response.text()
+    assert (await response.json())["containers"][0]["registry_id"] == chosen["uuid"]
+
+
+@pytest.mark.parametrize(
+    ("container", "pull_secrets", "fragment"),
+    [
+        (
+            {"image": "app", "registry": "nope"},
+            None,
+            "template.spec.containers[0].registry: there is no registry 'nope' in this project",
+        ),
+        (
+            {"image": "elsewhere.io/app", "registry": "private"},
+            None,
+            "template.spec.containers[0].image: image 'elsewhere.io/app' is on elsewhere.io, "
+            "not on the domain reg.example.com",
+        ),
+        (
+            {"image": "app"},
+            [{"name": "bobs"}],
+            "template.spec.imagePullSecrets[0].name: there is no registry 'bobs'",
+        ),
+    ],
+)
+async def test_a_registry_that_cannot_serve_is_400_and_stores_nothing(
+    client: Client, store: Store, container: Any, pull_secrets: Any, fragment: str
+) -> None:
+    await create(client, name="private", domain="reg.example.com")
+    await create(client, BOB, name="bobs", domain="reg.example.com")
+    if pull_secrets is None:
+        template = capsule({"name": "a", **container})
+    else:
+        template = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "pod"},
+            "spec": {"imagePullSecrets": pull_secrets, "containers": [{"name": "a", **container}]},
+        }
+    response = await client.post("/v1/capsules", json={"template": template}, headers=ALICE)
+    await assert_error(response, 400, "container.invalid-capsule-template", fragment)
+    assert await store.capsules.count(None) == 0
