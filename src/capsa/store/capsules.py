@@ -32,7 +32,7 @@ from capsa.model.host import PlacementRequest
 from capsa.model.quota import NO_LIMITS, QuotaLimits, QuotaUsage
 from capsa.store import notify, paging, quotas, schema
 from capsa.store.db import Database
-from capsa.store.paging import MarkerNotFound, Page
+from capsa.store.paging import Page
 
 c_t = schema.capsules
 k_t = schema.containers
@@ -139,21 +139,10 @@ class CapsuleStore:
         query = select(c_t)
         if project_id is not None:
             query = query.where(c_t.c.project_id == project_id)
-        order = paging.ordering(column, c_t.c.uuid, page.descending)
 
         def list_page(conn: Connection) -> list[Capsule]:
-            paged = query
-            if page.marker is not None:
-                marker_query = select(column, c_t.c.uuid).where(c_t.c.uuid == page.marker)
-                if project_id is not None:
-                    marker_query = marker_query.where(c_t.c.project_id == project_id)
-                marker = conn.execute(marker_query).first()
-                if marker is None:
-                    raise MarkerNotFound(page.marker)
-                paged = paged.where(
-                    paging.after(column, c_t.c.uuid, marker[0], marker[1], page.descending)
-                )
-            return _load(conn, conn.execute(paged.order_by(*order).limit(page.limit)).all())
+            paged = paging.one_page(conn, query, c_t, column, page, project_id)
+            return _load(conn, conn.execute(paged).all())
 
         return await self._db.run_read(list_page)
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, or_
+from sqlalchemy import Select, Table, and_, or_, select
+from sqlalchemy.engine import Connection
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,29 @@ class MarkerNotFound(Exception):
         self.marker = marker
 
 
-def after(
-    column: Any, uuid_column: Any, value: Any, marker_uuid: str, descending: bool
-) -> ColumnElement[bool]:
-    """Rows that come after the marker's (``value``, ``marker_uuid``) in the page's order."""
-    if descending:
-        return or_(column < value, and_(column == value, uuid_column < marker_uuid))
-    return or_(column > value, and_(column == value, uuid_column > marker_uuid))
-
-
-def ordering(column: Any, uuid_column: Any, descending: bool) -> tuple[Any, Any]:
-    return (column.desc(), uuid_column.desc()) if descending else (column, uuid_column)
+def one_page(
+    conn: Connection,
+    query: Select[Any],
+    table: Table,
+    column: Any,
+    page: Page,
+    project_id: str | None,
+) -> Select[Any]:
+    """``query`` (rows of ``table``, already limited to ``project_id`` if given) narrowed to the
+    page: after the marker, ordered by ``column`` then uuid, at most ``page.limit`` rows."""
+    uuid = table.c.uuid
+    if page.marker is not None:
+        marker_query = select(column, uuid).where(uuid == page.marker)
+        if project_id is not None:
+            marker_query = marker_query.where(table.c.project_id == project_id)
+        marker = conn.execute(marker_query).first()
+        if marker is None:
+            raise MarkerNotFound(page.marker)
+        value, marker_uuid = marker[0], marker[1]
+        query = query.where(
+            or_(column < value, and_(column == value, uuid < marker_uuid))
+            if page.descending
+            else or_(column > value, and_(column == value, uuid > marker_uuid))
+        )
+    order = (column.desc(), uuid.desc()) if page.descending else (column, uuid)
+    return query.order_by(*order).limit(page.limit)

@@ -13,7 +13,7 @@ from capsa.model.clock import utcnow
 from capsa.model.registry import Registry
 from capsa.store import paging, schema
 from capsa.store.db import Database
-from capsa.store.paging import MarkerNotFound, Page
+from capsa.store.paging import Page
 
 r_t = schema.registries
 
@@ -89,19 +89,7 @@ class RegistryStore:
             query = query.where(r_t.c.project_id == project_id)
 
         def read(conn: Connection) -> list[Registry]:
-            paged = query
-            if page.marker is not None:
-                marker_query = select(column, r_t.c.uuid).where(r_t.c.uuid == page.marker)
-                if project_id is not None:
-                    marker_query = marker_query.where(r_t.c.project_id == project_id)
-                marker = conn.execute(marker_query).first()
-                if marker is None:
-                    raise MarkerNotFound(page.marker)
-                paged = paged.where(
-                    paging.after(column, r_t.c.uuid, marker[0], marker[1], page.descending)
-                )
-            order = paging.ordering(column, r_t.c.uuid, page.descending)
-            rows = conn.execute(paged.order_by(*order).limit(page.limit))
+            rows = conn.execute(paging.one_page(conn, query, r_t, column, page, project_id))
             return [_registry(r._mapping) for r in rows]
 
         return await self._db.run_read(read)
