@@ -103,6 +103,16 @@ class CapsuleConfig:
 
 
 @dataclass(frozen=True)
+class QuotaConfig:
+    # Zun's defaults for every project; -1 is unlimited. The "default" quota class, which admins
+    # set through the API, overrides them; a project's own quota overrides both.
+    containers: int = 40
+    cpu: int = 20
+    memory: int = 51200
+    disk: int = 100
+
+
+@dataclass(frozen=True)
 class ContainerdConfig:
     # An existing CRI socket to use instead of starting capsa's own containerd.
     socket: str = ""
@@ -120,6 +130,14 @@ class RegistryConfig:
     binary: str = "docker-registry"
     mirror_of: tuple[str, ...] = ("docker.io",)
     start_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class CredentialsConfig:
+    # The key that encrypts private registries' passwords in the database; empty means
+    # <state_dir>/credentials.key, made on first use. Every host that runs an API or an agent of
+    # one database needs the same file.
+    key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,8 +175,10 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     cni: CniConfig = field(default_factory=CniConfig)
@@ -213,6 +233,14 @@ class Config:
     @property
     def registry_dir(self) -> Path:
         return self.state_dir / "registry"
+
+    @property
+    def credentials_key_path(self) -> Path:
+        return (
+            Path(self.credentials.key_file)
+            if self.credentials.key_file
+            else self.state_dir / "credentials.key"
+        )
 
     @property
     def image_cache_dir(self) -> Path:

@@ -308,8 +308,8 @@ class CapsaInstance:
         assert status == 202, body
         return dict(body)
 
-    def get(self, ident: str) -> dict[str, Any] | None:
-        status, body = self.request("GET", f"/v1/capsules/{ident}")
+    def get(self, ident: str, headers: dict[str, str] | None = None) -> dict[str, Any] | None:
+        status, body = self.request("GET", f"/v1/capsules/{ident}", headers=headers)
         if status == 404:
             return None
         assert status == 200, body
@@ -323,12 +323,16 @@ class CapsaInstance:
         return list(body["capsules"])
 
     def wait_status(
-        self, ident: str, statuses: tuple[str, ...], timeout: float = 90.0
+        self,
+        ident: str,
+        statuses: tuple[str, ...],
+        timeout: float = 90.0,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         capsule = None
         while time.monotonic() < deadline:
-            capsule = self.get(ident)
+            capsule = self.get(ident, headers)
             if capsule is not None and capsule["status"] in statuses:
                 return capsule
             time.sleep(0.2)
@@ -340,10 +344,12 @@ class CapsaInstance:
         status, body = self.request("DELETE", f"/v1/capsules/{ident}")
         assert status in (204, 404), body
 
-    def wait_gone(self, ident: str, timeout: float = 60.0) -> None:
+    def wait_gone(
+        self, ident: str, timeout: float = 60.0, headers: dict[str, str] | None = None
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.get(ident) is None:
+            if self.get(ident, headers) is None:
                 return
             time.sleep(0.2)
         raise AssertionError(f"capsule {ident} still exists after {timeout}s\n{self.log_tail()}")

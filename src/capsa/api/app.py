@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from capsa.api import capsules, containers, hosts, versions
+from capsa.api import capsules, containers, hosts, quotas, registries, versions
 from capsa.api.agent_client import AgentClient
-from capsa.api.keys import AGENTS, CONFIG, STORE, TEMPLATE_DEFAULTS
+from capsa.api.keys import AGENTS, CONFIG, QUOTA_DEFAULTS, SECRETS, STORE, TEMPLATE_DEFAULTS
 from capsa.api.middleware import add_response_headers, api_middleware
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
+from capsa.model.quota import QuotaLimits
+from capsa.secrets import SecretBox
 from capsa.store import Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,6 +31,17 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/containers/{container_uuid}/logs", containers.container_logs),
     ("GET", "/v1/hosts", hosts.list_hosts),
     ("GET", "/v1/hosts/{ident}", hosts.show_host),
+    ("GET", "/v1/quotas/{project_id}", quotas.show_quota),
+    ("PUT", "/v1/quotas/{project_id}", quotas.update_quota),
+    ("DELETE", "/v1/quotas/{project_id}", quotas.reset_quota),
+    ("GET", "/v1/quotas/{project_id}/defaults", quotas.show_defaults),
+    ("GET", "/v1/quota_classes/{class_name}", quotas.show_quota_class),
+    ("PUT", "/v1/quota_classes/{class_name}", quotas.update_quota_class),
+    ("GET", "/v1/registries", registries.list_registries),
+    ("POST", "/v1/registries", registries.create_registry),
+    ("GET", "/v1/registries/{ident}", registries.show_registry),
+    ("PATCH", "/v1/registries/{ident}", registries.update_registry),
+    ("DELETE", "/v1/registries/{ident}", registries.delete_registry),
 )
 
 
@@ -47,6 +60,8 @@ def create_app(cfg: Config, store: Store) -> web.Application:
         memory_mb=cfg.capsule.default_memory_mb,
         max_containers=cfg.capsule.max_containers,
     )
+    app[QUOTA_DEFAULTS] = QuotaLimits(**vars(cfg.quota))
+    app[SECRETS] = SecretBox.load_or_create(cfg.credentials_key_path)
     app.on_response_prepare.append(add_response_headers)
     app.cleanup_ctx.append(_close_agent_client)
     for method, path, handler in _ROUTES:

@@ -20,15 +20,19 @@ from capsa.api.errors import (
     InvalidCapsuleTemplate,
     InvalidValue,
 )
-from capsa.api.keys import CONFIG, STORE, TEMPLATE_DEFAULTS
+from capsa.api.keys import CONFIG, QUOTA_DEFAULTS, STORE, TEMPLATE_DEFAULTS
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json
+from capsa.api.quotas import over_quota
 from capsa.api.schemas import TemplateError, parse_create_body
 from capsa.api.views import CapsuleFormatter, json_response
 from capsa.log import get_logger
 from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
+from capsa.model.registry import RegistryDirectory
 from capsa.store import Store
-from capsa.store.capsules import SORT_KEYS, AmbiguousName, MarkerNotFound, NameConflict, Page
+from capsa.store.capsules import SORT_KEYS, AmbiguousName, NameConflict
+from capsa.store.paging import MarkerNotFound, Page
+from capsa.store.quotas import OverQuota
 
 log = get_logger(__name__)
 
@@ -48,19 +52,27 @@ async def create_capsule(request: web.Request) -> web.Response:
     config = request.app[CONFIG]
     body = await read_json(request, config.api.max_body_bytes)
     capsule_uuid = str(uuid.uuid4())
+    store = request.app[STORE]
+    registries = RegistryDirectory(tuple(await store.registries.of_project(context.project_id)))
     try:
         spec = parse_create_body(
-            body, request.app[TEMPLATE_DEFAULTS], fallback_name=f"capsule-{capsule_uuid[:13]}"
+            body,
+            request.app[TEMPLATE_DEFAULTS],
+            fallback_name=f"capsule-{capsule_uuid[:13]}",
+            registries=registries,
         )
     except TemplateError as exc:
         raise InvalidCapsuleTemplate(f"Invalid capsule template: {exc}") from None
     capsule = _new_capsule(capsule_uuid, spec, context)
     try:
-        await request.app[STORE].capsules.create(capsule)
+        await store.capsules.create(capsule, request.app[QUOTA_DEFAULTS])
     except NameConflict:
         raise CapsuleAlreadyExists(
             f"A capsule with name {spec.name} already exists in project {context.project_id}."
         ) from None
+    except OverQuota as exc:
+        log.info("capsule refused: over quota", name=spec.name, project=context.project_id)
+        raise over_quota(exc) from None
     log.info("capsule accepted", capsule=capsule.uuid, name=spec.name, project=context.project_id)
     return json_response(
         formatter(request).capsule(capsule),

@@ -63,6 +63,12 @@ class PolicyNotAuthorized(NotAuthorized):
     pass
 
 
+class OverQuota(ApiError):
+    """A create that would take a project past one of its quotas (Zun's OverQuota)."""
+
+    status = 403
+
+
 class NotFound(ApiError):
     """A path that names no resource of this API."""
 

@@ -1,4 +1,5 @@
-"""What handlers find on the application: configuration, store, agent client, template defaults."""
+"""What handlers find on the application: configuration, store, agent client, the defaults of
+templates and quotas, the key of stored secrets."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ from aiohttp import web
 from capsa.api.agent_client import AgentClient
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
+from capsa.model.quota import QuotaLimits
+from capsa.secrets import SecretBox
 from capsa.store import Store
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 AGENTS = web.AppKey("agents", AgentClient)
 TEMPLATE_DEFAULTS = web.AppKey("template_defaults", TemplateDefaults)
+QUOTA_DEFAULTS = web.AppKey("quota_defaults", QuotaLimits)
+SECRETS = web.AppKey("secrets", SecretBox)

@@ -24,7 +24,7 @@ from typing import Any
 from capsa.compute import labels
 from capsa.compute.driver import CapsuleDriver, DriverSettings, Superseded
 from capsa.compute.host import schedulable_capacity
-from capsa.compute.images import ImagePuller
+from capsa.compute.images import ImagePuller, RegistryCredentials
 from capsa.config import Config
 from capsa.cri import types as cri
 from capsa.cri.client import CriClient, CriError
@@ -32,6 +32,7 @@ from capsa.log import get_logger
 from capsa.model.capsule import Capsule, DesiredState, Status
 from capsa.network.service import NetworkService
 from capsa.runtime.shims import stop_lost_shims
+from capsa.secrets import SecretBox
 from capsa.store import Store, notify
 
 log = get_logger(__name__)
@@ -58,7 +59,10 @@ class ComputeAgent:
             store,
             cri_client,
             network,
-            ImagePuller(cri_client),
+            ImagePuller(
+                cri_client,
+                RegistryCredentials(store, SecretBox.load_or_create(cfg.credentials_key_path)),
+            ),
             self.kick_later,
         )
         self._slots = asyncio.Semaphore(cfg.agent.max_parallel)

@@ -168,9 +168,12 @@ class CapsuleDriver:
 
     async def _pull_images(self, capsule: Capsule, containers: list[Container]) -> None:
         await self._set_capsule(capsule, task_state=TaskState.IMAGE_PULLING)
-        policies = {(c.spec.image, c.spec.image_pull_policy) for c in containers}
+        pulls = {(c.spec.image, c.spec.image_pull_policy, c.spec.registry_id) for c in containers}
         results = await asyncio.gather(
-            *(self._images.ensure(image, policy, capsule.uuid) for image, policy in policies),
+            *(
+                self._images.ensure(image, policy, capsule.uuid, registry_id)
+                for image, policy, registry_id in pulls
+            ),
             return_exceptions=True,
         )
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -331,8 +334,9 @@ class CapsuleDriver:
         exited: cri.ContainerStatus,
     ) -> str:
         """Restarts an exited container as a new attempt (CRI containers are not restartable)."""
+        spec = container.spec
         await self._images.ensure(
-            container.spec.image, container.spec.image_pull_policy, capsule.uuid
+            spec.image, spec.image_pull_policy, capsule.uuid, spec.registry_id
         )
         await self._cri_do(
             f"removing exited container {container.spec.name!r}",

@@ -7,6 +7,8 @@ from capsa.store.db import Database
 from capsa.store.hosts import HostStore
 from capsa.store.notify import ChangeHub
 from capsa.store.ports import PortStore
+from capsa.store.quotas import QuotaStore
+from capsa.store.registries import RegistryStore
 
 
 class Store:
@@ -18,6 +20,8 @@ class Store:
         self.capsules = CapsuleStore(self.db, self.hub)
         self.hosts = HostStore(self.db, self.hub)
         self.ports = PortStore(self.db)
+        self.quotas = QuotaStore(self.db)
+        self.registries = RegistryStore(self.db)
 
     async def open(self) -> None:
         await self.db.initialize()

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # Bump whenever a table changes (with a migration in store/db.py once capsa has users).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 
 class Timestamp(TypeDecorator[datetime]):
@@ -185,3 +185,48 @@ ports = Table(
     # The database, not a lock, makes concurrent allocations on one subnet distinct.
     UniqueConstraint("subnet_id", "ip_address", name="uq_ports_subnet_ip"),
 )
+
+# A project's own limits, one row per resource it overrides (Zun's quotas table).
+quotas = Table(
+    "quotas",
+    metadata,
+    Column("project_id", String(255), primary_key=True),
+    Column("resource", String(32), primary_key=True),
+    Column("hard_limit", Integer, nullable=False),
+)
+
+# Limits of a quota class per resource; the "default" class backs every project's limits.
+quota_classes = Table(
+    "quota_classes",
+    metadata,
+    Column("class_name", String(255), primary_key=True),
+    Column("resource", String(32), primary_key=True),
+    Column("hard_limit", Integer, nullable=False),
+)
+
+# One row per project that has created something: the row a create locks (SELECT ... FOR
+# UPDATE) on databases whose write transactions run side by side, so that the quota check and the
+# insert of one create cannot interleave with another's. SQLite's BEGIN IMMEDIATE already does it.
+quota_locks = Table(
+    "quota_locks",
+    metadata,
+    Column("project_id", String(255), primary_key=True),
+)
+
+# Private registries (Zun's /v1/registries); the password only as capsa.secrets encrypted it.
+registries = Table(
+    "registries",
+    metadata,
+    Column("uuid", UUID, primary_key=True),
+    Column("project_id", String(255), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("name", String(255)),
+    Column("domain", String(255), nullable=False),
+    Column("username", String(255)),
+    Column("password_token", Text),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    # Names are optional; those given are unique in a project, so that templates can use them.
+    UniqueConstraint("project_id", "name", name="uq_registries_project_name"),
+)
+Index("ix_registries_project_created", registries.c.project_id, registries.c.created_at)
