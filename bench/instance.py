@@ -90,6 +90,8 @@ class InstanceSettings:
             "CAPSA_CNI_NETWORK_NAME": self.network_name,
             "CAPSA_IMAGES_CACHE_DIR": str(workspace.image_cache),
             "CAPSA_LOG_LEVEL": "INFO",
+            # Until capsa up bootstraps identity, the benchmark's instances trust its headers.
+            "CAPSA_AUTH_MODE": "noauth",
         }
 
     @property

@@ -211,6 +211,8 @@ class CapsaInstance:
             "CAPSA_AGENT_CGROUP_PARENT": f"/{self.state_dir.name}",
             "CAPSA_AGENT_STOP_GRACE_PERIOD": "2",
             "CAPSA_LOG_LEVEL": "DEBUG",
+            # Until capsa up bootstraps identity, these instances trust the test's headers.
+            "CAPSA_AUTH_MODE": "noauth",
         }
         self.log_path = self.state_dir / "capsa-up.log"
         self.process: subprocess.Popen[bytes] | None = None

@@ -6,15 +6,20 @@ Every path answers with and without a trailing slash, as clients send both.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 
 from aiohttp import web
 
-from capsa.api import capsules, containers, hosts, versions
+from capsa.api import capsules, containers, hosts, identity, versions
 from capsa.api.agent_client import AgentClient
-from capsa.api.keys import AGENTS, CONFIG, STORE, TEMPLATE_DEFAULTS
+from capsa.api.auth import Authenticator
+from capsa.api.keys import AGENTS, AUTHENTICATOR, CONFIG, IDENTITY, STORE, TEMPLATE_DEFAULTS
 from capsa.api.middleware import add_response_headers, api_middleware
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
+from capsa.identity.keystone import KeystoneValidator
+from capsa.identity.service import IdentityService, TokenValidator
+from capsa.identity.tokens import TokenSigner, load_or_create_key
 from capsa.store import Store
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -29,6 +34,11 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/containers/{container_uuid}/logs", containers.container_logs),
     ("GET", "/v1/hosts", hosts.list_hosts),
     ("GET", "/v1/hosts/{ident}", hosts.show_host),
+    ("GET", "/v3", identity.version),
+    ("POST", "/v3/auth/tokens", identity.issue_token),
+    ("GET", "/v3/auth/tokens", identity.validate_token),
+    ("HEAD", "/v3/auth/tokens", identity.validate_token),
+    ("DELETE", "/v3/auth/tokens", identity.revoke_token),
 )
 
 
@@ -36,11 +46,18 @@ def create_app(cfg: Config, store: Store) -> web.Application:
     """The API over ``store``."""
     # Bodies are size-checked by the handlers, which answer Zun's 400 naming the limit; aiohttp's
     # own limit only stops a body far beyond it.
+    validator = _token_validator(cfg, store)
+    authenticator = Authenticator(cfg, validator)
     app = web.Application(
-        middlewares=[api_middleware(cfg.api)], client_max_size=cfg.api.max_body_bytes + 1
+        middlewares=[api_middleware(authenticator)], client_max_size=cfg.api.max_body_bytes + 1
     )
     app[CONFIG] = cfg
     app[STORE] = store
+    app[AUTHENTICATOR] = authenticator
+    if isinstance(validator, IdentityService):
+        app[IDENTITY] = validator
+    if isinstance(validator, KeystoneValidator):
+        app.on_cleanup.append(lambda _app: validator.close())
     app[AGENTS] = AgentClient(timeout=cfg.api.agent_timeout)
     app[TEMPLATE_DEFAULTS] = TemplateDefaults(
         cpu_millis=round(cfg.capsule.default_cpu * 1000),
@@ -54,6 +71,20 @@ def create_app(cfg: Config, store: Store) -> web.Application:
         if path != "/":
             app.router.add_route(method, path + "/", handler)
     return app
+
+
+def _token_validator(cfg: Config, store: Store) -> TokenValidator | None:
+    """Who checks tokens in this ``auth.mode``: capsa's identity service, an external Keystone,
+    or nobody (noauth)."""
+    if cfg.auth.mode == "local":
+        return IdentityService(
+            store.identity,
+            TokenSigner(load_or_create_key(cfg.token_key_path)),
+            timedelta(seconds=cfg.auth.token_ttl),
+        )
+    if cfg.auth.mode == "keystone":
+        return KeystoneValidator(cfg.auth)
+    return None
 
 
 async def _close_agent_client(app: web.Application) -> AsyncIterator[None]:

@@ -31,10 +31,11 @@ _SINCE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:,(\d{1,3}))?"
 
 async def container_logs(request: web.Request) -> web.StreamResponse:
     context = request[CONTEXT]
+    context.authorize("container_get", "container:logs")
     store = request.app[STORE]
     options = log_options(request.query)
     container_uuid = request.match_info["container_uuid"]
-    scope = None if context.is_admin else context.project_id
+    scope = None if context.can("capsule_all_projects") else context.project_id
     found = await store.capsules.find_container(container_uuid, scope)
     if found is None:
         raise ContainerNotFound(container_uuid)

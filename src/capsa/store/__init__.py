@@ -5,6 +5,7 @@ from __future__ import annotations
 from capsa.store.capsules import CapsuleStore
 from capsa.store.db import Database
 from capsa.store.hosts import HostStore
+from capsa.store.identity import IdentityStore
 from capsa.store.notify import ChangeHub
 from capsa.store.ports import PortStore
 
@@ -18,6 +19,7 @@ class Store:
         self.capsules = CapsuleStore(self.db, self.hub)
         self.hosts = HostStore(self.db, self.hub)
         self.ports = PortStore(self.db)
+        self.identity = IdentityStore(self.db)
 
     async def open(self) -> None:
         await self.db.initialize()
