@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from capsa.identity.passwords import hash_password, verify_password
+from capsa.identity.passwords import verify_password
 from capsa.identity.tokens import TokenSigner
 from capsa.log import get_logger
-from capsa.model.identity import ROLES, Principal, Project, User
+from capsa.model.identity import Principal, User
 from capsa.store.identity import IdentityStore
 
 log = get_logger(__name__)
@@ -91,30 +91,3 @@ class IdentityService:
     async def revoke(self, info: TokenInfo) -> None:
         await self.store.revoke(info.audit_id, info.expires_at)
         log.info("token revoked", user=info.principal.user_id, audit_id=info.audit_id)
-
-    # ---- management (the capsa CLI, the bootstrap) ----
-
-    async def create_user(
-        self, name: str, password: str, project: Project | None = None, role: str | None = None
-    ) -> User:
-        """A new user; with ``project`` it is the user's default project, and ``role`` is given
-        there."""
-        user = await self.store.create_user(
-            name, await hash_password(password), project.id if project else None
-        )
-        if project is not None and role is not None:
-            await self.grant(user, project, role)
-        log.info("user created", user=user.id, name=name)
-        return user
-
-    async def set_password(self, user: User, password: str) -> None:
-        await self.store.update_user(user.id, password_hash=await hash_password(password))
-        log.info("password changed", user=user.id)
-
-    async def grant(self, user: User, project: Project, role: str) -> bool:
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
-        added = await self.store.add_role(user.id, project.id, role)
-        if added:
-            log.info("role granted", user=user.id, project=project.id, role=role)
-        return added

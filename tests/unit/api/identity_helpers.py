@@ -18,6 +18,7 @@ from capsa.api.app import create_app
 from capsa.api.keys import IDENTITY
 from capsa.config import AuthConfig, PolicyConfig
 from capsa.identity import passwords
+from capsa.identity.admin import IdentityAdmin
 from capsa.identity.service import IdentityService
 from capsa.model.identity import Project, User
 from capsa.store import Store
@@ -46,7 +47,8 @@ class Cloud:
         return found or await self.identity.store.create_project(name)
 
     async def user(self, name: str, project: str, role: str = "member") -> User:
-        return await self.identity.create_user(name, PASSWORD, await self.project(project), role)
+        admin = IdentityAdmin(self.identity.store)
+        return await admin.create_user(name, PASSWORD, await self.project(project), role)
 
     async def login(
         self, user: str, project: str | None = None, password: str = PASSWORD

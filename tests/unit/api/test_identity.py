@@ -18,6 +18,7 @@ from tests.unit.api.identity_helpers import (
     token_headers,
 )
 
+from capsa.identity.admin import IdentityAdmin
 from capsa.identity.tokens import TokenSigner, load_or_create_key
 
 __all__ = ["cheap_password_hashes", "cloud", "make_cloud"]
@@ -212,7 +213,7 @@ async def test_the_token_method_changes_project(cloud: Cloud) -> None:
     user = await cloud.identity.store.find_user("mo")
     project = await cloud.project("team-n")
     assert user is not None
-    await cloud.identity.grant(user, project, "reader")
+    await IdentityAdmin(cloud.identity.store).grant(user, project, "reader")
     body = {
         "auth": {
             "identity": {"methods": ["token"], "token": {"id": token}},
