@@ -161,7 +161,7 @@ def measure(
     latencies_by_client: list[list[float]] = [[] for _ in range(clients)]
 
     def client(number: int) -> None:
-        with ApiClient(capsa.api_url) as api:
+        with capsa.client() as api:
             for _ in range(_WARMUP_REQUESTS):
                 _get(api, next_path())
             release.wait()
