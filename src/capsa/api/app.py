@@ -31,6 +31,7 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/capsules", capsules.create_capsule),
     ("GET", "/v1/capsules/{ident}", capsules.show_capsule),
     ("DELETE", "/v1/capsules/{ident}", capsules.delete_capsule),
+    ("GET", "/v1/containers", containers.list_containers),
     ("GET", "/v1/containers/{container_uuid}/logs", containers.container_logs),
     ("GET", "/v1/hosts", hosts.list_hosts),
     ("GET", "/v1/hosts/{ident}", hosts.show_host),
