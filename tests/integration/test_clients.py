@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 BIN = Path(sys.executable).parent
 
 
