@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from capsa.model.clock import utcnow
@@ -43,12 +43,13 @@ class PortStore:
         self, project_id: str, cidr: ipaddress.IPv4Network, mtu: int
     ) -> tuple[Network, Subnet]:
         """The network every capsule joins, created on first use (the gateway is the first host)."""
-        async with self._db.write() as conn:
-            row = (await conn.execute(select(n_t).where(n_t.c.is_default.is_(True)))).first()
+
+        def ensure(conn: Connection) -> tuple[Row[Any], Row[Any] | None]:
+            row = conn.execute(select(n_t).where(n_t.c.is_default.is_(True))).first()
             if row is None:
                 now = utcnow()
                 network_id = str(uuidlib.uuid4())
-                await conn.execute(
+                conn.execute(
                     n_t.insert().values(
                         id=network_id,
                         name="default",
@@ -60,7 +61,7 @@ class PortStore:
                         updated_at=now,
                     )
                 )
-                await conn.execute(
+                conn.execute(
                     s_t.insert().values(
                         id=str(uuidlib.uuid4()),
                         network_id=network_id,
@@ -71,34 +72,39 @@ class PortStore:
                         updated_at=now,
                     )
                 )
-                row = (await conn.execute(select(n_t).where(n_t.c.id == network_id))).one()
-            subnet = (await conn.execute(select(s_t).where(s_t.c.network_id == row.id))).first()
+                row = conn.execute(select(n_t).where(n_t.c.id == network_id)).one()
+            return row, conn.execute(select(s_t).where(s_t.c.network_id == row.id)).first()
+
+        row, subnet = await self._db.run_write(ensure)
         if subnet is None:
             raise LookupError(f"the default network {row.id} has no subnet")
         return _network(row), _subnet(subnet)
 
     async def default_network(self) -> tuple[Network, Subnet] | None:
         """The default network and its subnet, if they were created."""
-        async with self._db.read() as conn:
-            network = (await conn.execute(select(n_t).where(n_t.c.is_default.is_(True)))).first()
+
+        def read(conn: Connection) -> tuple[Network, Subnet] | None:
+            network = conn.execute(select(n_t).where(n_t.c.is_default.is_(True))).first()
             if network is None:
                 return None
-            subnet = (await conn.execute(select(s_t).where(s_t.c.network_id == network.id))).first()
-        return (_network(network), _subnet(subnet)) if subnet else None
+            subnet = conn.execute(select(s_t).where(s_t.c.network_id == network.id)).first()
+            return (_network(network), _subnet(subnet)) if subnet else None
+
+        return await self._db.run_read(read)
 
     async def get_network(self, network_id: str) -> Network | None:
-        async with self._db.read() as conn:
-            row = (await conn.execute(select(n_t).where(n_t.c.id == network_id))).first()
+        query = select(n_t).where(n_t.c.id == network_id)
+        row = await self._db.run_read(lambda conn: conn.execute(query).first())
         return _network(row) if row else None
 
     async def get_subnet(self, subnet_id: str) -> Subnet | None:
-        async with self._db.read() as conn:
-            row = (await conn.execute(select(s_t).where(s_t.c.id == subnet_id))).first()
+        query = select(s_t).where(s_t.c.id == subnet_id)
+        row = await self._db.run_read(lambda conn: conn.execute(query).first())
         return _subnet(row) if row else None
 
     async def find_by_device(self, device_id: str) -> Port | None:
-        async with self._db.read() as conn:
-            row = (await conn.execute(select(p_t).where(p_t.c.device_id == device_id))).first()
+        query = select(p_t).where(p_t.c.device_id == device_id)
+        row = await self._db.run_read(lambda conn: conn.execute(query).first())
         return _port(row) if row else None
 
     async def find_with_network(self, device_id: str) -> tuple[Port, Network, Subnet] | None:
@@ -120,8 +126,7 @@ class PortStore:
             .join(s_t, s_t.c.id == p_t.c.subnet_id)
             .where(p_t.c.device_id == device_id)
         )
-        async with self._db.read() as conn:
-            row = (await conn.execute(query)).first()
+        row = await self._db.run_read(lambda conn: conn.execute(query).first())
         if row is None:
             return None
         network = Network(
@@ -154,80 +159,75 @@ class PortStore:
         attempts: int = 8,
     ) -> Port:
         """A new port on ``subnet`` with an address from ``pick_address``; raises SubnetFull."""
+        used_query = select(p_t.c.ip_address).where(p_t.c.subnet_id == subnet.id)
+
+        def allocate(conn: Connection) -> Row[Any]:
+            used = {int(ipaddress.IPv4Address(ip)) for (ip,) in conn.execute(used_query)}
+            address = pick_address(subnet, used)
+            if address is None:
+                raise SubnetFull(subnet)
+            now = utcnow()
+            port_id = str(uuidlib.uuid4())
+            conn.execute(
+                p_t.insert().values(
+                    id=port_id,
+                    network_id=subnet.network_id,
+                    subnet_id=subnet.id,
+                    project_id=project_id,
+                    ip_address=str(ipaddress.IPv4Address(address)),
+                    mac_address=mac_address(),
+                    device_id=device_id,
+                    device_owner=device_owner,
+                    status="DOWN",
+                    host=host,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            return conn.execute(select(p_t).where(p_t.c.id == port_id)).one()
+
         for _ in range(attempts):
             try:
-                async with self._db.write() as conn:
-                    used = {
-                        int(ipaddress.IPv4Address(ip))
-                        for (ip,) in await conn.execute(
-                            select(p_t.c.ip_address).where(p_t.c.subnet_id == subnet.id)
-                        )
-                    }
-                    address = pick_address(subnet, used)
-                    if address is None:
-                        raise SubnetFull(subnet)
-                    now = utcnow()
-                    port_id = str(uuidlib.uuid4())
-                    await conn.execute(
-                        p_t.insert().values(
-                            id=port_id,
-                            network_id=subnet.network_id,
-                            subnet_id=subnet.id,
-                            project_id=project_id,
-                            ip_address=str(ipaddress.IPv4Address(address)),
-                            mac_address=mac_address(),
-                            device_id=device_id,
-                            device_owner=device_owner,
-                            status="DOWN",
-                            host=host,
-                            created_at=now,
-                            updated_at=now,
-                        )
-                    )
-                    row = (await conn.execute(select(p_t).where(p_t.c.id == port_id))).one()
-                return _port(row)
+                return _port(await self._db.run_write(allocate))
             except IntegrityError:
                 # Another allocation took the address or the MAC first: choose again.
                 continue
         raise SubnetFull(subnet)
 
     async def set_binding(self, port_id: str, container_id: str, host_ifname: str) -> None:
-        async with self._db.write() as conn:
-            await conn.execute(
-                update(p_t)
-                .where(p_t.c.id == port_id)
-                .values(
-                    status="ACTIVE",
-                    binding_container_id=container_id,
-                    binding_host_ifname=host_ifname,
-                    updated_at=utcnow(),
-                )
+        statement = (
+            update(p_t)
+            .where(p_t.c.id == port_id)
+            .values(
+                status="ACTIVE",
+                binding_container_id=container_id,
+                binding_host_ifname=host_ifname,
+                updated_at=utcnow(),
             )
+        )
+        await self._db.run_write(lambda conn: conn.execute(statement))
 
     async def clear_binding(self, port_id: str, container_id: str) -> None:
         """Forgets a binding, unless the port was bound again for a newer sandbox meanwhile."""
-        async with self._db.write() as conn:
-            await conn.execute(
-                update(p_t)
-                .where(p_t.c.id == port_id, p_t.c.binding_container_id == container_id)
-                .values(
-                    status="DOWN",
-                    binding_container_id=None,
-                    binding_host_ifname=None,
-                    updated_at=utcnow(),
-                )
+        statement = (
+            update(p_t)
+            .where(p_t.c.id == port_id, p_t.c.binding_container_id == container_id)
+            .values(
+                status="DOWN",
+                binding_container_id=None,
+                binding_host_ifname=None,
+                updated_at=utcnow(),
             )
+        )
+        await self._db.run_write(lambda conn: conn.execute(statement))
 
     async def delete_for_device(self, device_id: str) -> None:
-        async with self._db.write() as conn:
-            await conn.execute(delete(p_t).where(p_t.c.device_id == device_id))
+        statement = delete(p_t).where(p_t.c.device_id == device_id)
+        await self._db.run_write(lambda conn: conn.execute(statement))
 
     async def list_for_subnet(self, subnet_id: str) -> list[Port]:
-        async with self._db.read() as conn:
-            return [
-                _port(r)
-                for r in await conn.execute(select(p_t).where(p_t.c.subnet_id == subnet_id))
-            ]
+        query = select(p_t).where(p_t.c.subnet_id == subnet_id)
+        return await self._db.run_read(lambda conn: [_port(r) for r in conn.execute(query)])
 
 
 def _network(row: Row[Any]) -> Network:
