@@ -50,11 +50,10 @@ async def capsa_on(tmp_path: Path) -> AsyncIterator[CapsaFactory]:
         }
         state_dir = tmp_path / f"capsa-{len(started)}"
         state_dir.mkdir()
-        store = Store(f"sqlite+aiosqlite:///{state_dir / 'capsa.db'}")
+        cfg = config_for(state_dir, auth=AuthConfig(**settings))
+        store = Store(cfg.database_url)
         await store.open()
-        client: Client = TestClient(
-            TestServer(create_app(config_for(state_dir, auth=AuthConfig(**settings)), store))
-        )
+        client: Client = TestClient(TestServer(create_app(cfg, store)))
         await client.start_server()
         started.append((client, store))
         return client
