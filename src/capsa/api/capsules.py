@@ -84,7 +84,7 @@ async def list_capsules(request: web.Request) -> web.Response:
     context.authorize("capsule_get", "capsule:get_all")
     query = request.query
     all_projects = boolean(query, "all_projects", False)
-    scope = context.project_scope(all_projects)
+    scope = context.project_scope(all_projects, "capsule:get_all_all_projects")
     page = Page(
         limit=positive_limit(query.get("limit"), config.api.max_limit),
         marker=query.get("marker") or None,
@@ -118,7 +118,7 @@ async def delete_capsule(request: web.Request) -> web.Response:
     context.authorize("capsule_delete")
     store = request.app[STORE]
     all_projects = boolean(request.query, "all_projects", False)
-    scope = context.project_scope(all_projects)
+    scope = context.project_scope(all_projects, "capsule:delete_all_projects")
     capsule = await find_capsule(store, context, request.match_info["ident"], scope)
     await store.capsules.request_delete(capsule.uuid)
     log.info("capsule deletion requested", capsule=capsule.uuid, project=capsule.project_id)

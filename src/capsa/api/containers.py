@@ -38,7 +38,7 @@ async def list_containers(request: web.Request) -> web.Response:
     context = request[CONTEXT]
     context.authorize("container_get", "container:get_all")
     query = request.query
-    context.project_scope(boolean(query, "all_projects", False))
+    context.project_scope(boolean(query, "all_projects", False), "container:get_all_all_projects")
     positive_limit(query.get("limit"), request.app[CONFIG].api.max_limit)
     return json_response({"containers": [], "next": None})
 

@@ -44,12 +44,14 @@ class RequestContext:
                 f"of the roles {roles} in the project."
             )
 
-    def project_scope(self, all_projects: bool, rule: str = "capsule_all_projects") -> str | None:
-        """The project a query is limited to; None (every project) only when ``rule`` allows
-        it and the caller asks for it."""
+    def project_scope(
+        self, all_projects: bool, action: str = "capsule:get_all_all_projects"
+    ) -> str | None:
+        """The project a query is limited to; None (every project) only when the caller asks
+        for it and the ``capsule_all_projects`` rule allows it (``action`` names it in a 403)."""
         if not all_projects:
             return self.project_id
-        self.authorize(rule)
+        self.authorize("capsule_all_projects", action)
         return None
 
 

@@ -32,11 +32,15 @@ _VERSION_HEADERS = web.RequestKey("version_headers", dict[str, str])
 
 
 # The version documents clients read before they authenticate.
-_PUBLIC_V1 = frozenset({"/v1", "/v1/"})
+_PUBLIC = frozenset({"/v1", "/v1/", "/networking", "/networking/"})
 
 
 def _is_v1(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
+
+
+def _is_networking(path: str) -> bool:
+    return path == "/networking" or path.startswith("/networking/")
 
 
 def api_middleware(authenticator: Authenticator) -> Middleware:
@@ -50,8 +54,11 @@ def api_middleware(authenticator: Authenticator) -> Middleware:
                 request[_VERSION_HEADERS] = microversion.response_headers(microversion.MIN_VERSION)
                 version = microversion.negotiate(request.headers.get(microversion.HEADER))
                 request[_VERSION_HEADERS] = microversion.response_headers(version)
-                if request.path not in _PUBLIC_V1:
+                if request.path not in _PUBLIC:
                     request[CONTEXT] = await authenticator.context(request, version)
+            elif _is_networking(request.path) and request.path not in _PUBLIC:
+                # The network service (Neutron's API) has no microversions.
+                request[CONTEXT] = await authenticator.context(request, microversion.MIN_VERSION)
             return await handler(request)
         except ApiError as exc:
             return error_response(exc, request_id)

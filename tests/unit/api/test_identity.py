@@ -18,6 +18,7 @@ from tests.unit.api.identity_helpers import (
     token_headers,
 )
 
+from capsa.api.middleware import CONTEXT
 from capsa.identity.admin import IdentityAdmin
 from capsa.identity.tokens import TokenSigner, load_or_create_key
 
@@ -247,3 +248,21 @@ async def test_passwords_are_never_logged(cloud: Cloud, caplog: pytest.LogCaptur
     await cloud.login("oscar", "team-p", password="a wrong one")
     assert "issued" in caplog.text and "refused" in caplog.text
     assert PASSWORD not in caplog.text and "a wrong one" not in caplog.text
+
+
+async def test_the_network_service_runs_with_the_tokens_caller(make_cloud: CloudFactory) -> None:
+    async def networks(request: web.Request) -> web.Response:
+        context = request[CONTEXT]
+        return web.json_response({"project": context.project_id, "roles": sorted(context.roles)})
+
+    cloud = await make_cloud(routes=[web.get("/networking/v2.0/networks", networks)])
+    response = await cloud.client.get("/networking/v2.0/networks")
+    assert response.status == 401
+    token = await cloud.token("pat", "team-q", role="reader")
+    project = await cloud.identity.store.find_project("team-q")
+    assert project is not None
+    response = await cloud.client.get(
+        "/networking/v2.0/networks", headers={"X-Auth-Token": token, "X-Project-Id": "other"}
+    )
+    assert response.status == 200
+    assert await response.json() == {"project": project.id, "roles": ["reader"]}
