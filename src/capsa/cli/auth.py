@@ -104,17 +104,25 @@ def login(credentials: Credentials, timeout: float = 30.0) -> str:
     return str(token)
 
 
+# clouds.yaml's auth keys; each is also an OS_<KEY> variable of openrc files.
+_AUTH_KEYS = (
+    "auth_url",
+    "username",
+    "password",
+    "project_name",
+    "project_id",
+    "user_domain_name",
+    "project_domain_name",
+)
+
+
 def _from_environment(environ: Mapping[str, str]) -> Credentials | None:
-    if not all(environ.get(k) for k in ("OS_AUTH_URL", "OS_USERNAME", "OS_PASSWORD")):
+    auth = {
+        key: environ[f"OS_{key.upper()}"] for key in _AUTH_KEYS if environ.get(f"OS_{key.upper()}")
+    }
+    if not {"auth_url", "username", "password"} <= set(auth):
         return None
-    return Credentials(
-        auth_url=environ["OS_AUTH_URL"],
-        username=environ["OS_USERNAME"],
-        password=environ["OS_PASSWORD"],
-        project=environ.get("OS_PROJECT_NAME") or environ.get("OS_PROJECT_ID"),
-        user_domain=environ.get("OS_USER_DOMAIN_NAME", "Default"),
-        project_domain=environ.get("OS_PROJECT_DOMAIN_NAME", "Default"),
-    )
+    return _credentials(auth)
 
 
 def _from_clouds(name: str, files: list[Path], required: bool) -> Credentials | None:
@@ -128,16 +136,8 @@ def _from_clouds(name: str, files: list[Path], required: bool) -> Credentials | 
         cloud = ((yaml.safe_load(text) or {}).get("clouds") or {}).get(name)
         if cloud is None:
             continue
-        auth = cloud.get("auth") or {}
         try:
-            return Credentials(
-                auth_url=auth["auth_url"],
-                username=auth["username"],
-                password=auth["password"],
-                project=auth.get("project_name") or auth.get("project_id"),
-                user_domain=auth.get("user_domain_name", "Default"),
-                project_domain=auth.get("project_domain_name", "Default"),
-            )
+            return _credentials(cloud.get("auth") or {})
         except KeyError as exc:
             raise CliError(
                 f"cloud {name!r} in {path} has no auth.{exc.args[0]}", ExitCode.USAGE
@@ -148,6 +148,18 @@ def _from_clouds(name: str, files: list[Path], required: bool) -> Credentials | 
             f"no clouds.yaml lists the cloud {name!r} (searched {searched})", ExitCode.USAGE
         )
     return None
+
+
+def _credentials(auth: Mapping[str, str]) -> Credentials:
+    """Credentials from clouds.yaml's auth keys; KeyError names a missing one."""
+    return Credentials(
+        auth_url=auth["auth_url"],
+        username=auth["username"],
+        password=auth["password"],
+        project=auth.get("project_name") or auth.get("project_id"),
+        user_domain=auth.get("user_domain_name", "Default"),
+        project_domain=auth.get("project_domain_name", "Default"),
+    )
 
 
 def _keystone_message(raw: bytes) -> str:

@@ -38,6 +38,14 @@ class IdentityStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    async def _insert_named(self, table: Table, what: str, **values: Any) -> None:
+        """Inserts a row whose name is unique; IdentityConflict when the name is taken."""
+        insert = table.insert().values(**values)
+        try:
+            await self._db.run_write(lambda conn: conn.execute(insert))
+        except IntegrityError:
+            raise IdentityConflict(f"a {what} named {values['name']!r} exists already") from None
+
     # ---- projects ----
 
     async def create_project(self, name: str, description: str = "") -> Project:
@@ -45,7 +53,9 @@ class IdentityStore:
         project = Project(
             id=new_id(), name=name, description=description, enabled=True, created_at=now
         )
-        insert = p_t.insert().values(
+        await self._insert_named(
+            p_t,
+            "project",
             id=project.id,
             name=name,
             description=description,
@@ -53,10 +63,6 @@ class IdentityStore:
             created_at=now,
             updated_at=now,
         )
-        try:
-            await self._db.run_write(lambda conn: conn.execute(insert))
-        except IntegrityError:
-            raise IdentityConflict(f"a project named {name!r} exists already") from None
         return project
 
     async def find_project(self, ident: str) -> Project | None:
@@ -100,7 +106,9 @@ class IdentityStore:
             default_project_id=default_project_id,
             created_at=now,
         )
-        insert = u_t.insert().values(
+        await self._insert_named(
+            u_t,
+            "user",
             id=user.id,
             name=name,
             password_hash=password_hash,
@@ -109,10 +117,6 @@ class IdentityStore:
             created_at=now,
             updated_at=now,
         )
-        try:
-            await self._db.run_write(lambda conn: conn.execute(insert))
-        except IntegrityError:
-            raise IdentityConflict(f"a user named {name!r} exists already") from None
         return user
 
     async def find_user(self, ident: str) -> User | None:
