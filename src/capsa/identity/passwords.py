@@ -7,13 +7,19 @@ event loop. A password is never logged and never leaves this module except as it
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import argon2
 
 # argon2-cffi's defaults: RFC 9106's low-memory profile (t=3, m=64 MiB, p=4).
 HASHER = argon2.PasswordHasher()
-# Verified when a user does not exist, so that such a request takes as long as a wrong password.
-_ABSENT_USER_HASH = HASHER.hash("no such user")
+
+
+@functools.cache
+def _absent_user_hash() -> str:
+    """Verified when a user does not exist, so that such a request takes as long as a wrong
+    password; made on first need, not at import."""
+    return HASHER.hash("no such user")
 
 
 async def hash_password(password: str) -> str:
@@ -23,7 +29,9 @@ async def hash_password(password: str) -> str:
 async def verify_password(password_hash: str | None, password: str) -> bool:
     """Whether ``password`` matches ``password_hash``; None stands for an unknown user."""
     try:
-        return await asyncio.to_thread(HASHER.verify, password_hash or _ABSENT_USER_HASH, password)
+        return await asyncio.to_thread(
+            HASHER.verify, password_hash or _absent_user_hash(), password
+        )
     except argon2.exceptions.VerificationError:
         return False
     except argon2.exceptions.InvalidHashError:
