@@ -6,15 +6,29 @@ Every path answers with and without a trailing slash, as clients send both.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 
 from aiohttp import web
 
-from capsa.api import capsules, containers, hosts, quotas, registries, versions
+from capsa.api import capsules, containers, hosts, identity, quotas, registries, versions
 from capsa.api.agent_client import AgentClient
-from capsa.api.keys import AGENTS, CONFIG, QUOTA_DEFAULTS, SECRETS, STORE, TEMPLATE_DEFAULTS
+from capsa.api.auth import Authenticator
+from capsa.api.keys import (
+    AGENTS,
+    AUTHENTICATOR,
+    CONFIG,
+    IDENTITY,
+    QUOTA_DEFAULTS,
+    SECRETS,
+    STORE,
+    TEMPLATE_DEFAULTS,
+)
 from capsa.api.middleware import add_response_headers, api_middleware
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
+from capsa.identity.keystone import KeystoneValidator
+from capsa.identity.service import IdentityService, TokenValidator
+from capsa.identity.tokens import TokenSigner, load_or_create_key
 from capsa.model.quota import QuotaLimits
 from capsa.secrets import SecretBox
 from capsa.store import Store
@@ -28,6 +42,7 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/capsules", capsules.create_capsule),
     ("GET", "/v1/capsules/{ident}", capsules.show_capsule),
     ("DELETE", "/v1/capsules/{ident}", capsules.delete_capsule),
+    ("GET", "/v1/containers", containers.list_containers),
     ("GET", "/v1/containers/{container_uuid}/logs", containers.container_logs),
     ("GET", "/v1/hosts", hosts.list_hosts),
     ("GET", "/v1/hosts/{ident}", hosts.show_host),
@@ -42,6 +57,11 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/registries/{ident}", registries.show_registry),
     ("PATCH", "/v1/registries/{ident}", registries.update_registry),
     ("DELETE", "/v1/registries/{ident}", registries.delete_registry),
+    ("GET", "/v3", identity.version),
+    ("POST", "/v3/auth/tokens", identity.issue_token),
+    ("GET", "/v3/auth/tokens", identity.validate_token),
+    ("HEAD", "/v3/auth/tokens", identity.validate_token),
+    ("DELETE", "/v3/auth/tokens", identity.revoke_token),
 )
 
 
@@ -49,11 +69,18 @@ def create_app(cfg: Config, store: Store) -> web.Application:
     """The API over ``store``."""
     # Bodies are size-checked by the handlers, which answer Zun's 400 naming the limit; aiohttp's
     # own limit only stops a body far beyond it.
+    validator = _token_validator(cfg, store)
+    authenticator = Authenticator(cfg, validator)
     app = web.Application(
-        middlewares=[api_middleware(cfg.api)], client_max_size=cfg.api.max_body_bytes + 1
+        middlewares=[api_middleware(authenticator)], client_max_size=cfg.api.max_body_bytes + 1
     )
     app[CONFIG] = cfg
     app[STORE] = store
+    app[AUTHENTICATOR] = authenticator
+    if isinstance(validator, IdentityService):
+        app[IDENTITY] = validator
+    if isinstance(validator, KeystoneValidator):
+        app.on_cleanup.append(lambda _app: validator.close())
     app[AGENTS] = AgentClient(timeout=cfg.api.agent_timeout)
     app[TEMPLATE_DEFAULTS] = TemplateDefaults(
         cpu_millis=round(cfg.capsule.default_cpu * 1000),
@@ -69,6 +96,20 @@ def create_app(cfg: Config, store: Store) -> web.Application:
         if path != "/":
             app.router.add_route(method, path + "/", handler)
     return app
+
+
+def _token_validator(cfg: Config, store: Store) -> TokenValidator | None:
+    """Who checks tokens in this ``auth.mode``: capsa's identity service, an external Keystone,
+    or nobody (noauth)."""
+    if cfg.auth.mode == "local":
+        return IdentityService(
+            store.identity,
+            TokenSigner(load_or_create_key(cfg.token_key_path)),
+            timedelta(seconds=cfg.auth.token_ttl),
+        )
+    if cfg.auth.mode == "keystone":
+        return KeystoneValidator(cfg.auth)
+    return None
 
 
 async def _close_agent_client(app: web.Application) -> AsyncIterator[None]:

@@ -27,7 +27,14 @@ from capsa.api.quotas import over_quota
 from capsa.api.schemas import TemplateError, parse_create_body
 from capsa.api.views import CapsuleFormatter, json_response
 from capsa.log import get_logger
-from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
+from capsa.model.capsule import (
+    Capsule,
+    CapsuleSpec,
+    Container,
+    ContainerKind,
+    ContainerSpec,
+    PullPolicy,
+)
 from capsa.model.registry import RegistryDirectory
 from capsa.store import Store
 from capsa.store.capsules import SORT_KEYS, AmbiguousName, NameConflict
@@ -43,12 +50,13 @@ _DEFAULT_SORT_KEY = "created_at"
 def formatter(request: web.Request) -> CapsuleFormatter:
     context = request[CONTEXT]
     return CapsuleFormatter(
-        request.app[CONFIG].api_url, context.version, show_host=context.is_admin
+        request.app[CONFIG].api_url, context.version, show_host=context.can("capsule_host")
     )
 
 
 async def create_capsule(request: web.Request) -> web.Response:
     context = request[CONTEXT]
+    context.authorize("capsule_create")
     config = request.app[CONFIG]
     body = await read_json(request, config.api.max_body_bytes)
     capsule_uuid = str(uuid.uuid4())
@@ -63,6 +71,7 @@ async def create_capsule(request: web.Request) -> web.Response:
         )
     except TemplateError as exc:
         raise InvalidCapsuleTemplate(f"Invalid capsule template: {exc}") from None
+    _authorize_fields(context, spec)
     capsule = _new_capsule(capsule_uuid, spec, context)
     try:
         await store.capsules.create(capsule, request.app[QUOTA_DEFAULTS])
@@ -84,6 +93,7 @@ async def create_capsule(request: web.Request) -> web.Response:
 async def list_capsules(request: web.Request) -> web.Response:
     context = request[CONTEXT]
     config = request.app[CONFIG]
+    context.authorize("capsule_get", "capsule:get_all")
     query = request.query
     all_projects = boolean(query, "all_projects", False)
     scope = context.project_scope(all_projects, "capsule:get_all_all_projects")
@@ -108,6 +118,7 @@ async def list_capsules(request: web.Request) -> web.Response:
 
 async def show_capsule(request: web.Request) -> web.Response:
     context = request[CONTEXT]
+    context.authorize("capsule_get")
     capsule = await find_capsule(
         request.app[STORE], context, request.match_info["ident"], context.project_id
     )
@@ -116,6 +127,7 @@ async def show_capsule(request: web.Request) -> web.Response:
 
 async def delete_capsule(request: web.Request) -> web.Response:
     context = request[CONTEXT]
+    context.authorize("capsule_delete")
     store = request.app[STORE]
     all_projects = boolean(request.query, "all_projects", False)
     scope = context.project_scope(all_projects, "capsule:delete_all_projects")
@@ -128,8 +140,10 @@ async def delete_capsule(request: web.Request) -> web.Response:
 async def find_capsule(
     store: Store, context: RequestContext, ident: str, scope: str | None
 ) -> Capsule:
-    """The capsule named by uuid or name in ``scope``; admins also reach other projects."""
-    scopes = [scope, None] if scope is not None and context.is_admin else [scope]
+    """The capsule named by uuid or name in ``scope``; those who may reach every project (admins)
+    also find other projects' capsules by name or uuid, as in Zun."""
+    reach_all = context.can("capsule_all_projects")
+    scopes = [scope, None] if scope is not None and reach_all else [scope]
     for project_id in scopes:
         try:
             capsule = await store.capsules.find(ident, project_id)
@@ -140,6 +154,15 @@ async def find_capsule(
         if capsule is not None:
             return capsule
     raise CapsuleNotFound(ident)
+
+
+def _authorize_fields(context: RequestContext, spec: CapsuleSpec) -> None:
+    """Zun's per-field rules: naming a runtime, or a pull policy other than the default."""
+    if spec.runtime is not None:
+        context.authorize("capsule_runtime", "capsule:create:runtime")
+    containers = (*spec.init_containers, *spec.containers)
+    if any(c.image_pull_policy is not PullPolicy.IF_NOT_PRESENT for c in containers):
+        context.authorize("capsule_image_pull_policy", "capsule:create:image_pull_policy")
 
 
 def _new_capsule(capsule_uuid: str, spec: CapsuleSpec, context: RequestContext) -> Capsule:

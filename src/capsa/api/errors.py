@@ -55,6 +55,12 @@ class RequestBodyTooLarge(Invalid):
     pass
 
 
+class NotAuthenticated(ApiError):
+    """No token, or one that proves nothing (any more)."""
+
+    status = 401
+
+
 class NotAuthorized(ApiError):
     status = 403
 
@@ -130,6 +136,12 @@ class ComputeAgentError(ApiError):
 
 class ContainerHostNotUp(ApiError):
     """The agent of a host could not be reached."""
+
+    status = 503
+
+
+class IdentityUnavailable(ApiError):
+    """The external Keystone that checks tokens could not be asked."""
 
     status = 503
 

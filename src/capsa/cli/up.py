@@ -22,6 +22,7 @@ from capsa.compute.agent import ComputeAgent
 from capsa.compute.server import AgentServer
 from capsa.config import Config
 from capsa.cri.client import CriClient
+from capsa.identity.admin import IdentityAdmin
 from capsa.log import get_logger, setup_logging
 from capsa.network.service import NetworkService
 from capsa.runtime.host import HostRuntime
@@ -75,6 +76,10 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     store = Store(cfg.database_url)
     stack.push_async_callback(store.close)
     await store.open()
+    if cfg.auth.mode == "local" and cfg.auth.bootstrap:
+        # Printed, never logged: the one time a generated password is shown.
+        for announcement in await IdentityAdmin(store.identity).bootstrap(cfg):
+            print(announcement, flush=True)
 
     network = NetworkService(
         store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 from capsa.store.capsules import CapsuleStore
 from capsa.store.db import Database
 from capsa.store.hosts import HostStore
+from capsa.store.identity import IdentityStore
 from capsa.store.notify import ChangeHub
 from capsa.store.ports import PortStore
 from capsa.store.quotas import QuotaStore
@@ -22,6 +23,7 @@ class Store:
         self.ports = PortStore(self.db)
         self.quotas = QuotaStore(self.db)
         self.registries = RegistryStore(self.db)
+        self.identity = IdentityStore(self.db)
 
     async def open(self) -> None:
         await self.db.initialize()

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # Bump whenever a table changes (with a migration in store/db.py once capsa has users).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class Timestamp(TypeDecorator[datetime]):
@@ -230,3 +230,47 @@ registries = Table(
     UniqueConstraint("project_id", "name", name="uq_registries_project_name"),
 )
 Index("ix_registries_project_created", registries.c.project_id, registries.c.created_at)
+# Identity (the local identity service; with an external Keystone these stay empty).
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("description", Text, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    # argon2id, with its parameters and salt; never leaves the identity service.
+    Column("password_hash", String(255), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("default_project_id", String(64), ForeignKey("projects.id", ondelete="SET NULL")),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+role_assignments = Table(
+    "role_assignments",
+    metadata,
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column(
+        "project_id", String(64), ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("role", String(64), primary_key=True),
+    Index("ix_role_assignments_project", "project_id"),
+)
+
+# Tokens revoked before they expire; a row can go once its token has expired anyway.
+revoked_tokens = Table(
+    "revoked_tokens",
+    metadata,
+    Column("audit_id", String(64), primary_key=True),
+    Column("expires_at", Timestamp, nullable=False, index=True),
+)
