@@ -56,6 +56,7 @@ class ComputeAgent:
                 stop_grace_period=cfg.agent.stop_grace_period,
                 restart_backoff_base=cfg.agent.restart_backoff_base,
                 restart_backoff_max=cfg.agent.restart_backoff_max,
+                max_sandbox_calls=cfg.agent.max_parallel,
             ),
             store,
             cri_client,
@@ -66,7 +67,6 @@ class ComputeAgent:
             ),
             self.kick_later,
         )
-        self._slots = asyncio.Semaphore(cfg.agent.max_parallel)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._converging: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -151,8 +151,7 @@ class ComputeAgent:
         try:
             while True:
                 self._again.discard(capsule_uuid)
-                async with self._slots:
-                    await self._work_once(capsule_uuid)
+                await self._work_once(capsule_uuid)
                 if capsule_uuid not in self._again:
                     return
         except Exception:
