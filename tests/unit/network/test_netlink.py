@@ -346,3 +346,22 @@ def test_a_link_is_named_by_name_or_index_not_both(pair: tuple[Rtnetlink, Kernel
         client.delete_link(name="a", index=2)
     with pytest.raises(ValueError):
         client.get_link()
+
+
+def test_the_pool_lends_one_client_per_caller_and_keeps_them() -> None:
+    # Real sockets of this netns: reading links needs no privilege.
+    pool = netlink.SocketPool()
+    try:
+        with pool.client() as first, pool.client() as second:
+            assert first is not second
+            assert first.get_link(index=1).ifname == second.get_link(index=1).ifname
+        with pool.client() as again:
+            assert again in (first, second)
+    finally:
+        pool.close()
+    with pytest.raises(OSError):
+        first.get_link(index=1)
+    with pool.client() as fresh:
+        assert fresh not in (first, second)
+        assert fresh.get_link(index=1).index == 1
+    pool.close()
