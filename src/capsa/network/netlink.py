@@ -274,15 +274,20 @@ def parse_messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
         offset += (length + 3) & ~3
 
 
-def parse_attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """The attributes from ``offset`` to the end of ``data``, by type (flags masked off)."""
+def parse_attributes(
+    data: bytes, offset: int = 0, wanted: frozenset[int] | None = None
+) -> dict[int, bytes]:
+    """The attributes from ``offset`` to the end of ``data`` by type (flags masked off), only
+    those of the ``wanted`` types if given."""
     found: dict[int, bytes] = {}
     end = len(data)
     while offset + _ATTR.size <= end:
         length, kind = _ATTR.unpack_from(data, offset)
         if length < _ATTR.size or offset + length > end:
             raise NetlinkError(errno.EBADMSG, f"malformed netlink attribute {kind}")
-        found[kind & _NLA_TYPE_MASK] = data[offset + _ATTR.size : offset + length]
+        kind &= _NLA_TYPE_MASK
+        if wanted is None or kind in wanted:
+            found[kind] = data[offset + _ATTR.size : offset + length]
         offset += (length + 3) & ~3
     return found
 
@@ -305,9 +310,15 @@ def _ip(value: bytes | None) -> str | None:
     return socket.inet_ntop(socket.AF_INET if len(value) == 4 else socket.AF_INET6, value)
 
 
+# A link comes with some 40 attributes; copying only these halves the time to decode it.
+_LINK_ATTRIBUTES = frozenset(
+    (IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS)
+)
+
+
 def decode_link(payload: bytes) -> Link:
     _, _, index, flags, _ = _IFINFOMSG.unpack_from(payload)
-    attributes = parse_attributes(payload, _IFINFOMSG.size)
+    attributes = parse_attributes(payload, _IFINFOMSG.size, _LINK_ATTRIBUTES)
     kind = vxlan_id = None
     if IFLA_LINKINFO in attributes:
         info = parse_attributes(attributes[IFLA_LINKINFO])

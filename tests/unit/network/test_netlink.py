@@ -365,3 +365,8 @@ def test_the_pool_lends_one_client_per_caller_and_keeps_them() -> None:
         assert fresh not in (first, second)
         assert fresh.get_link(index=1).index == 1
     pool.close()
+
+
+def test_only_the_wanted_attributes_are_kept() -> None:
+    data = attribute(IFLA_IFNAME, b"a\0") + nested(IFLA_LINKINFO, attribute(IFLA_INFO_KIND, b"x"))
+    assert parse_attributes(data, 0, frozenset({IFLA_LINKINFO})).keys() == {IFLA_LINKINFO}
