@@ -108,6 +108,16 @@ class PolicyConfig:
     capsule_image_pull_policy: tuple[str, ...] = ("admin", "member")
     container_get: tuple[str, ...] = ("admin", "member", "reader")
     host_get: tuple[str, ...] = ("admin",)
+    # Quotas: reading the caller's project's own (and the defaults); reading any project's and
+    # the quota classes; setting and resetting them.
+    quota_get: tuple[str, ...] = ("admin", "member", "reader")
+    quota_all_projects: tuple[str, ...] = ("admin",)
+    quota_change: tuple[str, ...] = ("admin",)
+    # Private registries: listing and showing the project's; creating, updating and deleting
+    # them; reaching every project's (all_projects, by name or uuid).
+    registry_get: tuple[str, ...] = ("admin", "member", "reader")
+    registry_change: tuple[str, ...] = ("admin", "member")
+    registry_all_projects: tuple[str, ...] = ("admin",)
     # The network service: reading, and changing, networks, subnets and ports.
     network_get: tuple[str, ...] = ("admin", "member", "reader")
     network_change: tuple[str, ...] = ("admin", "member")

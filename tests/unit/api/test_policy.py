@@ -128,3 +128,120 @@ async def test_operator_rules_replace_the_defaults(make_cloud: CloudFactory) -> 
     # A member with the defaults' IfNotPresent is not concerned by the rule.
     await create(cloud, member, zun_template("plain"))
     assert await names(cloud, member) == {"sandboxed", "pull", "plain"}
+
+
+async def registries(cloud: Cloud, token: str, query: str = "") -> set[str]:
+    response = await cloud.client.get(f"/v1/registries{query}", headers=token_headers(token))
+    assert response.status == 200, await response.text()
+    return {r["name"] for r in (await response.json())["registries"]}
+
+
+async def test_readers_see_registries_but_cannot_create_update_or_delete_them(
+    cloud: Cloud,
+) -> None:
+    member = await cloud.token("mia", "team-r")
+    reader = await cloud.token("rex", "team-r", role="reader")
+    body = {"registry": {"name": "private", "domain": "registry.example.com", "username": "u"}}
+    response = await cloud.client.post("/v1/registries", json=body, headers=token_headers(member))
+    assert response.status == 201, await response.text()
+    made = (await response.json())["registry"]
+    assert await registries(cloud, reader) == {"private"}
+    response = await cloud.client.get("/v1/registries/private", headers=token_headers(reader))
+    assert response.status == 200
+    other = {"registry": {"name": "mine", "domain": "registry.example.com"}}
+    response = await cloud.client.post("/v1/registries", json=other, headers=token_headers(reader))
+    await assert_error(
+        response, 403, "container.policy-not-authorized", "registry:create", "admin, member"
+    )
+    response = await cloud.client.patch(
+        f"/v1/registries/{made['uuid']}",
+        json={"registry": {"username": "changed"}},
+        headers=token_headers(reader),
+    )
+    await assert_error(response, 403, "container.policy-not-authorized", "registry:update")
+    response = await cloud.client.delete(
+        f"/v1/registries/{made['uuid']}", headers=token_headers(reader)
+    )
+    await assert_error(response, 403, "container.policy-not-authorized", "registry:delete")
+    # Nothing changed.
+    response = await cloud.client.get("/v1/registries/private", headers=token_headers(member))
+    assert (await response.json())["registry"]["username"] == "u"
+    assert await registries(cloud, member) == {"private"}
+
+
+async def test_another_projects_registry_is_404_and_unlisted_but_admins_reach_it(
+    cloud: Cloud,
+) -> None:
+    alice = await cloud.token("alice", "team-a")
+    bob = await cloud.token("bob", "team-b")
+    admin = await cloud.token("root", "admins", role="admin")
+    body = {"registry": {"name": "alices", "domain": "registry.example.com"}}
+    response = await cloud.client.post("/v1/registries", json=body, headers=token_headers(alice))
+    assert response.status == 201
+    uuid = (await response.json())["registry"]["uuid"]
+    assert await registries(cloud, bob) == set()
+    for ident in (uuid, "alices"):
+        for method in ("GET", "DELETE"):
+            response = await cloud.client.request(
+                method, f"/v1/registries/{ident}", headers=token_headers(bob)
+            )
+            await assert_error(response, 404, "container.registry-not-found", ident)
+    response = await cloud.client.get("/v1/registries?all_projects=1", headers=token_headers(bob))
+    await assert_error(
+        response, 403, "container.policy-not-authorized", "registry:get_all_all_projects"
+    )
+    assert await registries(cloud, admin) == set()
+    assert await registries(cloud, admin, "?all_projects=1") == {"alices"}
+    response = await cloud.client.get(f"/v1/registries/{uuid}", headers=token_headers(admin))
+    assert response.status == 200
+
+
+async def test_quotas_a_project_reads_its_own_and_admins_change_them(cloud: Cloud) -> None:
+    member = await cloud.token("mia", "team-q")
+    reader = await cloud.token("rex", "team-q", role="reader")
+    admin = await cloud.token("root", "admins", role="admin")
+    team_q = (await cloud.project("team-q")).id
+    team_b = (await cloud.project("team-b")).id
+    for token in (member, reader):
+        for path in (f"/v1/quotas/{team_q}?usages=true", f"/v1/quotas/{team_q}/defaults"):
+            response = await cloud.client.get(path, headers=token_headers(token))
+            assert response.status == 200, await response.text()
+    response = await cloud.client.get(f"/v1/quotas/{team_b}", headers=token_headers(member))
+    await assert_error(
+        response, 403, "container.policy-not-authorized", "another project's quotas", "admin"
+    )
+    for method, path, body in (
+        ("PUT", f"/v1/quotas/{team_q}", {"containers": 100}),
+        ("DELETE", f"/v1/quotas/{team_q}", None),
+        ("GET", "/v1/quota_classes/default", None),
+        ("PUT", "/v1/quota_classes/default", {"containers": 100}),
+    ):
+        response = await cloud.client.request(
+            method, path, json=body, headers=token_headers(member)
+        )
+        await assert_error(response, 403, "container.policy-not-authorized", "quota")
+    response = await cloud.client.get(f"/v1/quotas/{team_q}", headers=token_headers(member))
+    assert (await response.json())["containers"] != 100
+    response = await cloud.client.put(
+        f"/v1/quotas/{team_q}", json={"containers": 7}, headers=token_headers(admin)
+    )
+    assert response.status == 200, await response.text()
+    response = await cloud.client.get(f"/v1/quotas/{team_q}", headers=token_headers(reader))
+    assert (await response.json())["containers"] == 7
+    response = await cloud.client.get("/v1/quota_classes/default", headers=token_headers(admin))
+    assert response.status == 200
+
+
+async def test_operator_rules_for_registries_and_quotas(make_cloud: CloudFactory) -> None:
+    cloud = await make_cloud(
+        policy=PolicyConfig(registry_change=("admin",), quota_change=("admin", "member"))
+    )
+    member = await cloud.token("mia", "team-r")
+    body = {"registry": {"name": "private", "domain": "registry.example.com"}}
+    response = await cloud.client.post("/v1/registries", json=body, headers=token_headers(member))
+    await assert_error(response, 403, "container.policy-not-authorized", "registry:create")
+    team_r = (await cloud.project("team-r")).id
+    response = await cloud.client.put(
+        f"/v1/quotas/{team_r}", json={"containers": 3}, headers=token_headers(member)
+    )
+    assert response.status == 200, await response.text()
