@@ -103,9 +103,11 @@ class PolicyConfig:
     capsule_all_projects: tuple[str, ...] = ("admin",)
     # Seeing which host runs a capsule or container.
     capsule_host: tuple[str, ...] = ("admin",)
-    # Naming a runtime handler (a Pod's runtimeClassName) or an image pull policy.
+    # Naming a runtime handler (a Pod's runtimeClassName), an image pull policy, or privileged
+    # containers (these only in projects an admin allowed); each also shows the field.
     capsule_runtime: tuple[str, ...] = ("admin", "member")
     capsule_image_pull_policy: tuple[str, ...] = ("admin", "member")
+    capsule_privileged: tuple[str, ...] = ("admin", "member")
     container_get: tuple[str, ...] = ("admin", "member", "reader")
     host_get: tuple[str, ...] = ("admin",)
     # Quotas: reading the caller's project's own (and the defaults); reading any project's and

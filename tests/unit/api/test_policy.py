@@ -16,6 +16,7 @@ from tests.unit.api.identity_helpers import (
 )
 
 from capsa.config import PolicyConfig
+from capsa.store import Store
 
 __all__ = ["cheap_password_hashes", "cloud", "make_cloud"]
 
@@ -245,3 +246,85 @@ async def test_operator_rules_for_registries_and_quotas(make_cloud: CloudFactory
         f"/v1/quotas/{team_r}", json={"containers": 3}, headers=token_headers(member)
     )
     assert response.status == 200, await response.text()
+
+
+def privileged_template(name: str) -> dict[str, Any]:
+    template = zun_template(name)
+    template["spec"]["containers"].append({"image": "busybox", "privileged": True})
+    return template
+
+
+async def test_privileged_capsules_are_refused_until_an_admin_allows_the_project(
+    cloud: Cloud, store: Store
+) -> None:
+    member = await cloud.token("mia", "team-p")
+    admin = await cloud.token("root", "team-p", role="admin")
+    other = await cloud.token("olga", "team-o")
+    team_p = (await cloud.project("team-p")).id
+    for token in (member, admin):
+        response = await cloud.client.post(
+            "/v1/capsules",
+            json={"template": privileged_template("priv")},
+            headers=token_headers(token),
+        )
+        await assert_error(
+            response,
+            403,
+            "container.policy-not-authorized",
+            "capsule:create:privileged",
+            f"project {team_p} may not run privileged containers",
+            f"capsa project set {team_p} --allow-privileged",
+        )
+    assert await names(cloud, member) == set()
+
+    assert await store.privileged.set_allowed(team_p, True)
+    made = await create(cloud, member, privileged_template("priv"))
+    assert [c["privileged"] for c in made["containers"]] == [False, True]
+    response = await cloud.client.get(f"/v1/capsules/{made['uuid']}", headers=token_headers(member))
+    assert [c["privileged"] for c in (await response.json())["containers"]] == [False, True]
+    # Another project is not concerned.
+    response = await cloud.client.post(
+        "/v1/capsules", json={"template": privileged_template("x")}, headers=token_headers(other)
+    )
+    await assert_error(response, 403, "container.policy-not-authorized", "privileged")
+    # Forbidden again: new ones are refused, the one made stays.
+    assert await store.privileged.set_allowed(team_p, False)
+    response = await cloud.client.post(
+        "/v1/capsules",
+        json={"template": privileged_template("again")},
+        headers=token_headers(member),
+    )
+    await assert_error(response, 403, "container.policy-not-authorized", "privileged")
+    assert await names(cloud, member) == {"priv"}
+
+
+async def test_operator_rules_for_privileged_containers_and_admin_only_fields(
+    make_cloud: CloudFactory, store: Store
+) -> None:
+    cloud = await make_cloud(
+        policy=PolicyConfig(
+            capsule_privileged=("admin",),
+            capsule_runtime=("admin",),
+            capsule_image_pull_policy=("admin",),
+        )
+    )
+    member = await cloud.token("mia", "team-p")
+    admin = await cloud.token("root", "team-p", role="admin")
+    await store.privileged.set_allowed((await cloud.project("team-p")).id, True)
+    response = await cloud.client.post(
+        "/v1/capsules", json={"template": privileged_template("m")}, headers=token_headers(member)
+    )
+    await assert_error(
+        response, 403, "container.policy-not-authorized", "capsule:create:privileged", "admin"
+    )
+    made = await create(cloud, admin, privileged_template("a"))
+    hidden = {"privileged", "runtime", "image_pull_policy"}
+    assert all(hidden <= set(c) for c in made["containers"])
+    # Members see neither these fields nor hosts, as in Zun.
+    response = await cloud.client.get(f"/v1/capsules/{made['uuid']}", headers=token_headers(member))
+    shown = await response.json()
+    assert "host" not in shown
+    assert all(not (hidden | {"host"}) & set(c) for c in shown["containers"])
+    response = await cloud.client.get("/v1/capsules", headers=token_headers(member))
+    [listed] = (await response.json())["capsules"]
+    assert all(not hidden & set(c) for c in listed["containers"])
