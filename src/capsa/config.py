@@ -156,7 +156,8 @@ class AgentConfig:
     # A container that keeps exiting is restarted after base, 2*base, 4*base... up to max seconds.
     restart_backoff_base: float = 1.0
     restart_backoff_max: float = 60.0
-    # Most capsules worked on at once.
+    # Most sandboxes started or stopped at once (the runtime's heaviest calls); capsules waiting
+    # for an image, an init container or a back-off hold no slot.
     max_parallel: int = 16
 
 

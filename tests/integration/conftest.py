@@ -269,11 +269,6 @@ class CapsaInstance:
         self.add_user(user, password, project, role)
         return {"X-Auth-Token": self.login(user, password, project)}
 
-    def project_id(self, name: str) -> str:
-        run = self.capsa_cli("--json", "project", "list")
-        assert run.returncode == 0, run.stderr
-        return str(next(p["id"] for p in json.loads(run.stdout) if p["name"] == name))
-
     @property
     def cri_socket(self) -> str:
         return str(self.state_dir / "containerd" / "containerd.sock")

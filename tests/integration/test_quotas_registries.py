@@ -41,12 +41,20 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
+def member_of_new_project(capsa: CapsaInstance, prefix: str) -> tuple[str, dict[str, str]]:
+    """A new project with a member in it: the project's id and the member's token header."""
+    member = capsa.token_headers(unique(prefix))
+    token = member["X-Auth-Token"]
+    status, body = capsa.request(
+        "GET", "/v3/auth/tokens", headers={**member, "X-Subject-Token": token}
+    )
+    assert status == 200, body
+    return str(body["token"]["project"]["id"]), member
+
+
 def test_twenty_concurrent_creates_against_a_quota_of_five(capsa: CapsaInstance) -> None:
-    project = unique("quota")
-    member = capsa.token_headers(project)
-    project_id = capsa.project_id(project)
-    # capsa.request is the admin's unless given a token.
-    status, body = capsa.request("PUT", f"/v1/quotas/{project_id}", {"containers": 5})
+    project, member = member_of_new_project(capsa, "quota")
+    status, body = capsa.request("PUT", f"/v1/quotas/{project}", {"containers": 5})
     assert status == 200, body
 
     def create(i: int) -> tuple[int, Any]:
@@ -62,7 +70,7 @@ def test_twenty_concurrent_creates_against_a_quota_of_five(capsa: CapsaInstance)
         [error] = body["errors"]
         assert (error["status"], error["code"]) == (403, "container.over-quota")
         assert error["detail"].startswith("Quota exceeded for resources: containers")
-    status, usage = capsa.request("GET", f"/v1/quotas/{project_id}?usages=true", headers=member)
+    status, usage = capsa.request("GET", f"/v1/quotas/{project}?usages=true", headers=member)
     assert usage["containers"] == {"limit": 5, "in_use": 5}
 
     # A capsule being deleted still counts; once it is gone, its usage is back.
@@ -71,7 +79,7 @@ def test_twenty_concurrent_creates_against_a_quota_of_five(capsa: CapsaInstance)
     gone = created[0]["uuid"]
     assert capsa.request("DELETE", f"/v1/capsules/{gone}", headers=member)[0] == 204
     capsa.wait_gone(gone, headers=member)
-    status, usage = capsa.request("GET", f"/v1/quotas/{project_id}?usages=true", headers=member)
+    status, usage = capsa.request("GET", f"/v1/quotas/{project}?usages=true", headers=member)
     assert usage["containers"] == {"limit": 5, "in_use": 4}
     status, body = capsa.request("POST", "/v1/capsules", {"template": sleeper("again")}, member)
     assert status == 202, body
@@ -157,7 +165,7 @@ def test_capsules_pull_from_a_private_registry_with_its_credentials(
     capsa: CapsaInstance, private_registry: PrivateRegistry
 ) -> None:
     reg = private_registry
-    member = capsa.token_headers(unique("private"))
+    _, member = member_of_new_project(capsa, "private")
     _registry(capsa, member, name="wrong", domain=reg.host, username=reg.username, password="no")
     _registry(capsa, member, name="right", domain=reg.host, username=reg.username, password="x")
     # The right password arrives by update, as a tenant would fix a typo.
@@ -174,7 +182,7 @@ def test_capsules_pull_from_a_private_registry_with_its_credentials(
 
     # Refusals first, while the image is not on the host yet; Always pulls regardless.
     refused = run("refused", member, image="private/busybox:1", registry="wrong")
-    stranger = run("stranger", capsa.token_headers(unique("nobody")), image=reg.image)
+    stranger = run("stranger", member_of_new_project(capsa, "nobody")[1], image=reg.image)
     pulled = run("pulled", member, image="private/busybox:1", registry="right")
 
     failed = capsa.wait_status(refused["uuid"], ("Error", "Running"))

@@ -9,6 +9,7 @@ their own sessions: if capsa is killed, they keep running and the next ``capsa u
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
@@ -54,6 +55,10 @@ async def _up(cfg: Config) -> int:
     try:
         async with AsyncExitStack() as stack:
             await _start(cfg, stack)
+            # What start-up made lives as long as capsa: out of the collector's sight, a full
+            # collection walks only what requests make (it was 22 ms per list page).
+            gc.collect()
+            gc.freeze()
             log.info("capsa is up", api=cfg.api_url, host=cfg.resolved_host_name)
             await asyncio.Event().wait()
     except asyncio.CancelledError:

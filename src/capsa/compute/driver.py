@@ -65,6 +65,7 @@ class DriverSettings:
     stop_grace_period: int
     restart_backoff_base: float
     restart_backoff_max: float
+    max_sandbox_calls: int
 
 
 class CapsuleDriver:
@@ -84,6 +85,9 @@ class CapsuleDriver:
         self._images = images
         # Asks the agent to look at a capsule again after a delay (back-off, retries).
         self._retry_at = retry_at
+        # Bounds the runtime's heaviest calls (a shim, a netns and a CNI run each), not whole
+        # capsules: a capsule waiting for an init container must not hold up a burst of others.
+        self._sandbox_slots = asyncio.Semaphore(settings.max_sandbox_calls)
 
     # ---- converge ----
 
@@ -144,9 +148,10 @@ class CapsuleDriver:
             sandbox_spec = self._sandbox_spec(capsule, attempt)
             await self._set_capsule(capsule, task_state=TaskState.CONTAINER_CREATING)
             Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
-            sandbox_id = await self._cri_do(
-                "starting the capsule's sandbox", self._cri.run_pod_sandbox(sandbox_spec)
-            )
+            async with self._sandbox_slots:
+                sandbox_id = await self._cri_do(
+                    "starting the capsule's sandbox", self._cri.run_pod_sandbox(sandbox_spec)
+                )
             log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
             await self._set_capsule(capsule, sandbox_id=sandbox_id)
         else:
@@ -463,8 +468,9 @@ class CapsuleDriver:
 
     async def _remove_sandbox(self, sandbox_id: str) -> None:
         # StopPodSandbox runs the CNI DEL; RemovePodSandbox removes the sandbox's containers too.
-        await self._cri.stop_pod_sandbox(sandbox_id)
-        await self._cri.remove_pod_sandbox(sandbox_id)
+        async with self._sandbox_slots:
+            await self._cri.stop_pod_sandbox(sandbox_id)
+            await self._cri.remove_pod_sandbox(sandbox_id)
 
     # ---- specs ----
 

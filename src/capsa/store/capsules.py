@@ -226,7 +226,7 @@ class CapsuleStore:
 
         host = await self._db.run_write(request_delete)
         if host is not None:
-            self._hub.publish(notify.host_topic(host))
+            self._hub.publish(notify.host_topic(host), subject=uuid)
 
     async def update_status(
         self,
