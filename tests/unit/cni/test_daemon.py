@@ -81,11 +81,11 @@ class FakeDataplane(Dataplane):
 
     @property
     def plugged(self) -> dict[tuple[str, str], str]:
-        """(container id, port id) -> bridge of every attachment."""
+        """(container id, port id) -> bridge of every attachment on the network (not detached)."""
         return {
             (a.tag.container_id, a.tag.port_id): a.bridge or ""
-            for a in self.links.values()
-            if a.tag
+            for name, a in self.links.items()
+            if a.tag and name not in self.detached
         }
 
     def plug(
