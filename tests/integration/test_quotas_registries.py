@@ -202,6 +202,8 @@ def test_capsules_pull_from_a_private_registry_with_its_credentials(
     status, right = capsa.request("GET", "/v1/registries/right", headers=member)
     assert container["registry_id"] == right["registry"]["uuid"]
 
-    # The password is nowhere in the database's files as written.
-    for path in capsa.state_dir.glob("capsa.db*"):
+    # The password is nowhere in the database's files as written, nor in capsa's or containerd's
+    # logs (capsa logs at DEBUG here).
+    logs = [capsa.log_path, capsa.state_dir / "containerd" / "containerd.log"]
+    for path in [*capsa.state_dir.glob("capsa.db*"), *logs]:
         assert reg.password.encode() not in path.read_bytes(), path
