@@ -54,6 +54,17 @@ class Timestamp(TypeDecorator[datetime]):
             return datetime.fromisoformat(value)
         return value  # type: ignore[no-any-return]
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        # A page of capsules reads thousands of timestamps: on SQLite, straight to the C parser
+        # rather than through TypeDecorator's layers of calls.
+        if dialect.name == "sqlite":
+            return _from_iso
+        return super().result_processor(dialect, coltype)
+
+
+def _from_iso(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
+
 
 metadata = MetaData()
 
