@@ -80,10 +80,13 @@ class IdentityStore:
         await self._db.run_write(lambda conn: conn.execute(statement))
 
     async def delete_project(self, project_id: str) -> None:
-        """Removes the project and every role in it (its tokens stop working with it)."""
+        """Removes the project, every role in it (its tokens stop working with it) and its
+        allowance of privileged containers."""
 
         def remove(conn: Connection) -> None:
             conn.execute(delete(r_t).where(r_t.c.project_id == project_id))
+            privileged = schema.privileged_projects
+            conn.execute(delete(privileged).where(privileged.c.project_id == project_id))
             conn.execute(
                 update(u_t)
                 .where(u_t.c.default_project_id == project_id)
