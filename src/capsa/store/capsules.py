@@ -328,6 +328,7 @@ def _container_row(container: Container) -> dict[str, Any]:
             "stdin": spec.stdin,
             "ports": [[p.container_port, p.protocol, p.host_port, p.name] for p in spec.ports],
             "registry_id": spec.registry_id,
+            "privileged": spec.privileged,
         },
         "status": container.status,
         "status_reason": container.status_reason,
@@ -358,6 +359,7 @@ def _container(row: Row[Any]) -> Container:
         stdin=doc["stdin"],
         ports=tuple(PortSpec(*p) for p in doc["ports"]),
         registry_id=doc.get("registry_id"),
+        privileged=doc["privileged"],
     )
     return Container(
         uuid=row.uuid,

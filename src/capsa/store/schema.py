@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # Bump whenever a table changes (with a migration in store/db.py once capsa has users).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class Timestamp(TypeDecorator[datetime]):
@@ -241,6 +241,15 @@ registries = Table(
     UniqueConstraint("project_id", "name", name="uq_registries_project_name"),
 )
 Index("ix_registries_project_created", registries.c.project_id, registries.c.created_at)
+# Projects whose capsules may run privileged containers, as an admin allowed (any auth.mode:
+# the id is the token's project id, local or Keystone's).
+privileged_projects = Table(
+    "privileged_projects",
+    metadata,
+    Column("project_id", String(255), primary_key=True),
+    Column("created_at", Timestamp, nullable=False),
+)
+
 # Identity (the local identity service; with an external Keystone these stay empty).
 
 projects = Table(
