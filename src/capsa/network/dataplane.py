@@ -89,9 +89,8 @@ class AttachmentTag:
     def alias(self) -> str:
         # Words without spaces (a CNI container id has none); a container id too long for the
         # kernel's limit is cut, which only costs its binding's cleanup on GC.
-        return f"{ALIAS_MARK} {self.owner} {self.port_id} {self.container_id}"[
-            : netlink.IFALIAS_MAX
-        ]
+        alias = f"{ALIAS_MARK} {self.owner} {self.port_id} {self.container_id}"
+        return alias[: netlink.IFALIAS_MAX]
 
     @classmethod
     def parse(cls, alias: str | None) -> AttachmentTag | None:
