@@ -5,10 +5,12 @@ tests/integration/test_netlink.py runs every request against the real kernel."""
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
 
 import pytest
 
@@ -370,3 +372,14 @@ def test_the_pool_lends_one_client_per_caller_and_keeps_them() -> None:
 def test_only_the_wanted_attributes_are_kept() -> None:
     data = attribute(IFLA_IFNAME, b"a\0") + nested(IFLA_LINKINFO, attribute(IFLA_INFO_KIND, b"x"))
     assert parse_attributes(data, 0, frozenset({IFLA_LINKINFO})).keys() == {IFLA_LINKINFO}
+
+
+def test_a_file_that_is_no_netns_cannot_be_entered(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-netns"
+    path.write_text("")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="cannot enter the netns"):
+            netlink.open_in_netns(fd)
+    finally:
+        os.close(fd)
