@@ -97,7 +97,7 @@ async def fill(capsa: CapsaUp, count: int) -> list[str]:
     await store.open()
     try:
         network = NetworkService(
-            store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
+            store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen
         )
         names = []
         for number in range(count):

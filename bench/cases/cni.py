@@ -180,7 +180,7 @@ def capsa_ports(session: Session, paired: Paired) -> Iterator[Any]:
     store = Store(cfg.database_url)
     session.run(store.open())
     network = NetworkService(
-        store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
+        store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen
     )
     made: list[str] = []
 

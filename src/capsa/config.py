@@ -130,8 +130,10 @@ class ImagesConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    # Subnet of the default network that capsules join.
+    # The pool that each project's default network takes its subnet from.
     default_cidr: str = "10.217.0.0/16"
+    # Prefix length of a project's default subnet (the whole pool when that is no larger).
+    default_prefixlen: int = 24
     mtu: int = 1500
 
 

@@ -77,9 +77,8 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     await store.open()
 
     network = NetworkService(
-        store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
+        store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen
     )
-    await network.default_network()
     cni_daemon = CniDaemon(network, cfg.cni_daemon_address)
     await _listening(
         cni_daemon.start(), "the CNI daemon", cfg.cni_daemon_address, "cni.daemon_listen"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from capsa.store.capsules import CapsuleStore
 from capsa.store.db import Database
 from capsa.store.hosts import HostStore
+from capsa.store.networks import NetworkStore
 from capsa.store.notify import ChangeHub
 from capsa.store.ports import PortStore
 
@@ -17,7 +18,8 @@ class Store:
         self.hub = hub or ChangeHub()
         self.capsules = CapsuleStore(self.db, self.hub)
         self.hosts = HostStore(self.db, self.hub)
-        self.ports = PortStore(self.db)
+        self.networks = NetworkStore(self.db, self.hub)
+        self.ports = PortStore(self.db, self.hub)
 
     async def open(self) -> None:
         await self.db.initialize()

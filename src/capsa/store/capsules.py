@@ -261,8 +261,8 @@ class CapsuleStore:
             await conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
             await conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
             await conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
-        # Freed resources may let the scheduler place a waiting capsule.
-        self._hub.publish(notify.SCHEDULER)
+        # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
+        self._hub.publish(notify.SCHEDULER, notify.NETWORK)
         return True
 
 
