@@ -13,6 +13,8 @@ from capsa.api import capsules, containers, hosts, versions
 from capsa.api.agent_client import AgentClient
 from capsa.api.keys import AGENTS, CONFIG, STORE, TEMPLATE_DEFAULTS
 from capsa.api.middleware import add_response_headers, api_middleware
+from capsa.api.neutron.errors import neutron_errors
+from capsa.api.neutron.handlers import ROUTES as NEUTRON_ROUTES
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
 from capsa.store import Store
@@ -29,6 +31,7 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/containers/{container_uuid}/logs", containers.container_logs),
     ("GET", "/v1/hosts", hosts.list_hosts),
     ("GET", "/v1/hosts/{ident}", hosts.show_host),
+    *NEUTRON_ROUTES,
 )
 
 
@@ -37,7 +40,8 @@ def create_app(cfg: Config, store: Store) -> web.Application:
     # Bodies are size-checked by the handlers, which answer Zun's 400 naming the limit; aiohttp's
     # own limit only stops a body far beyond it.
     app = web.Application(
-        middlewares=[api_middleware(cfg.api)], client_max_size=cfg.api.max_body_bytes + 1
+        middlewares=[api_middleware(cfg.api), neutron_errors()],
+        client_max_size=cfg.api.max_body_bytes + 1,
     )
     app[CONFIG] = cfg
     app[STORE] = store

@@ -35,6 +35,10 @@ def _is_v1(path: str) -> bool:
     return path == "/v1" or path.startswith("/v1/")
 
 
+def _is_networking(path: str) -> bool:
+    return path == "/networking" or path.startswith("/networking/")
+
+
 def api_middleware(api: ApiConfig) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -47,6 +51,11 @@ def api_middleware(api: ApiConfig) -> Middleware:
                 version = microversion.negotiate(request.headers.get(microversion.HEADER))
                 request[_VERSION_HEADERS] = microversion.response_headers(version)
                 request[CONTEXT] = context_from_headers(request.headers, api, version)
+            elif _is_networking(request.path):
+                # The Neutron API has no microversions.
+                request[CONTEXT] = context_from_headers(
+                    request.headers, api, microversion.MIN_VERSION
+                )
             return await handler(request)
         except ApiError as exc:
             return error_response(exc, request_id)

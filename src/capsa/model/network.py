@@ -138,6 +138,8 @@ class EtherType(enum.StrEnum):
 PROTOCOL_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "sctp": 132, "ipv6-icmp": 58, "icmpv6": 58}
 # Protocols whose rules may carry a port range.
 PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "6", "17", "132"})
+# Protocols whose rules may carry an ICMP type (port_range_min) and code (port_range_max).
+ICMP_PROTOCOLS = frozenset({"icmp", "1", "ipv6-icmp", "icmpv6", "58"})
 
 
 @dataclass(frozen=True)
