@@ -27,8 +27,10 @@ from capsa.api.schemas import TemplateError, parse_create_body
 from capsa.api.views import CapsuleFormatter, json_response
 from capsa.log import get_logger
 from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
+from capsa.model.network import NETWORK_ANNOTATION, SECURITY_GROUPS_ANNOTATION, Attachment
 from capsa.store import Store
 from capsa.store.capsules import SORT_KEYS, AmbiguousName, MarkerNotFound, NameConflict, Page
+from capsa.store.networks import Ambiguous, NotFound
 
 log = get_logger(__name__)
 
@@ -54,6 +56,7 @@ async def create_capsule(request: web.Request) -> web.Response:
         )
     except TemplateError as exc:
         raise InvalidCapsuleTemplate(f"Invalid capsule template: {exc}") from None
+    await _check_attachment(request.app[STORE], context.project_id, spec.annotations)
     capsule = _new_capsule(capsule_uuid, spec, context)
     try:
         await request.app[STORE].capsules.create(capsule)
@@ -67,6 +70,21 @@ async def create_capsule(request: web.Request) -> web.Response:
         status=202,
         headers={"Location": f"{config.api_url}/v1/capsules/{capsule.uuid}"},
     )
+
+
+async def _check_attachment(store: Store, project_id: str, annotations: dict[str, str]) -> None:
+    """The network and security groups the annotations name must be the project's to use (the
+    agent resolves them again when it allocates the port)."""
+    attachment = Attachment.from_annotations(annotations)
+    try:
+        if attachment.network is not None:
+            await store.networks.resolve_network(project_id, attachment.network)
+        await store.networks.resolve_security_groups(project_id, attachment.security_groups)
+    except (NotFound, Ambiguous) as exc:
+        raise InvalidCapsuleTemplate(
+            f"Invalid capsule template: annotations {NETWORK_ANNOTATION} and "
+            f"{SECURITY_GROUPS_ANNOTATION}: {exc}"
+        ) from None
 
 
 async def list_capsules(request: web.Request) -> web.Response:
