@@ -135,6 +135,9 @@ class NetworkConfig:
     # Prefix length of a project's default subnet (the whole pool when that is no larger).
     default_prefixlen: int = 24
     mtu: int = 1500
+    # This host's address for the VXLAN overlay between hosts; empty: no overlay.
+    tunnel_ip: str = ""
+    vxlan_port: int = 4789
 
 
 @dataclass(frozen=True)

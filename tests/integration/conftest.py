@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -48,6 +49,7 @@ import pytest
 
 from capsa.config import AgentConfig, Config, ImagesConfig, RegistryConfig
 from capsa.cri.client import CriClient
+from capsa.network import firewall
 from capsa.runtime.host import HostRuntime
 from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim
 
@@ -379,15 +381,21 @@ class CapsaInstance:
         remove_cgroup_parent(self.env["CAPSA_AGENT_CGROUP_PARENT"])
         for link in bridges_for(self.cidr):
             subprocess.run(["ip", "link", "del", link], check=False, timeout=10)
+        table = firewall.table_name(str(self.state_dir))
+        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
 
 
 def bridges_for(cidr: str) -> list[str]:
-    """Bridges that hold an address of ``cidr`` (the gateway of an instance's default network)."""
+    """Bridges that hold an address of ``cidr`` (the gateways of an instance's networks)."""
     out = subprocess.run(
         ["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10, check=True
     ).stdout
-    prefix = cidr.rsplit(".", 1)[0] + "."
-    return [line.split()[1] for line in out.splitlines() if f" {prefix}" in line]
+    pool = ipaddress.ip_network(cidr)
+    return [
+        line.split()[1]
+        for line in out.splitlines()
+        if ipaddress.ip_interface(line.split()[3]).ip in pool
+    ]
 
 
 @pytest.fixture(scope="session")

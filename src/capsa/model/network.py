@@ -172,3 +172,35 @@ class SecurityGroup:
     rules: tuple[SecurityGroupRule, ...] = field(default=())
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LocalPort:
+    """A port bound (or to be bound) on this host, with what its firewall and bridge need."""
+
+    port: Port
+    network: Network
+    subnet: Subnet
+
+
+@dataclass(frozen=True)
+class RemotePort:
+    """A port of another host, on a network this host has ports on: where the overlay sends
+    frames for its MAC."""
+
+    network_id: str
+    host: str
+    tunnel_ip: str
+    mac_address: str
+
+
+@dataclass(frozen=True)
+class HostNetworkView:
+    """What a host's network agent enforces, read in one transaction."""
+
+    ports: tuple[LocalPort, ...]
+    # Rules of the groups the local ports are in, by group id.
+    rules: dict[str, tuple[SecurityGroupRule, ...]]
+    # For each group that a rule names as remote: its members' (network id, address).
+    members: dict[str, tuple[tuple[str, ipaddress.IPv4Address], ...]]
+    remote_ports: tuple[RemotePort, ...]

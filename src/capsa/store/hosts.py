@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 
 from capsa.model.capsule import DesiredState, Status, TaskState
 from capsa.model.clock import utcnow
@@ -64,6 +64,15 @@ class HostStore:
         # A new or returning host may fit capsules that are waiting.
         self._hub.publish(notify.SCHEDULER)
         return _host(row)
+
+    async def set_tunnel_ip(self, name: str, tunnel_ip: str | None) -> None:
+        """Where other hosts send this host's share of the networks' overlay (None: nowhere)."""
+
+        def work(conn: Connection) -> None:
+            conn.execute(update(h_t).where(h_t.c.name == name).values(tunnel_ip=tunnel_ip))
+
+        await self._db.run_write(work)
+        self._hub.publish(notify.NETWORK)
 
     async def heartbeat(self, name: str) -> None:
         now = utcnow()

@@ -17,16 +17,26 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from capsa.model.clock import utcnow
-from capsa.model.network import Network, Port, Subnet
+from capsa.model.network import (
+    HostNetworkView,
+    LocalPort,
+    Network,
+    Port,
+    RemotePort,
+    SecurityGroupRule,
+    Subnet,
+)
 from capsa.store import notify, schema
 from capsa.store.db import Database
-from capsa.store.networks import NotFound, network_from_row, subnet_from_row
+from capsa.store.networks import NotFound, network_from_row, rule_from_row, subnet_from_row
 from capsa.store.notify import ChangeHub
 
 n_t = schema.networks
 s_t = schema.subnets
 p_t = schema.ports
 pg_t = schema.port_security_groups
+r_t = schema.security_group_rules
+h_t = schema.hosts
 
 T = TypeVar("T")
 
@@ -259,6 +269,74 @@ class PortStore:
     async def list_for_subnet(self, subnet_id: str) -> list[Port]:
         query = select(p_t).where(p_t.c.subnet_id == subnet_id)
         return await self._db.run_read(lambda conn: _ports(conn, query))
+
+    async def host_view(self, host: str) -> HostNetworkView:
+        """The host's ports with their networks, subnets, groups' rules and remote groups'
+        members, and the other hosts' ports on the same networks (for the overlay)."""
+
+        def work(conn: Connection) -> HostNetworkView:
+            rows = conn.execute(
+                select(
+                    p_t.c.id,
+                    *(c.label(f"n__{c.name}") for c in n_t.c),
+                    *(c.label(f"s__{c.name}") for c in s_t.c),
+                )
+                .join(n_t, n_t.c.id == p_t.c.network_id)
+                .join(s_t, s_t.c.id == p_t.c.subnet_id)
+                .where(p_t.c.host == host)
+                .order_by(p_t.c.created_at, p_t.c.id)
+            ).all()
+            ports = {p.id: p for p in _ports(conn, select(p_t).where(p_t.c.host == host))}
+            local = tuple(
+                LocalPort(
+                    ports[row.id],
+                    network_from_row(_Prefixed(row, "n__")),  # type: ignore[arg-type]
+                    subnet_from_row(_Prefixed(row, "s__")),  # type: ignore[arg-type]
+                )
+                for row in rows
+            )
+            group_ids = {g for p in ports.values() for g in p.security_group_ids}
+            rules: dict[str, list[SecurityGroupRule]] = {g: [] for g in group_ids}
+            for row in conn.execute(
+                select(r_t)
+                .where(r_t.c.security_group_id.in_(group_ids))
+                .order_by(r_t.c.created_at, r_t.c.id)
+            ):
+                rules[row.security_group_id].append(rule_from_row(row))
+            remote_groups = {
+                r.remote_group_id for rs in rules.values() for r in rs if r.remote_group_id
+            }
+            members: dict[str, list[tuple[str, ipaddress.IPv4Address]]] = {
+                g: [] for g in remote_groups
+            }
+            for group_id, network_id, ip in conn.execute(
+                select(pg_t.c.security_group_id, p_t.c.network_id, p_t.c.ip_address)
+                .join(p_t, p_t.c.id == pg_t.c.port_id)
+                .where(pg_t.c.security_group_id.in_(remote_groups))
+                .order_by(p_t.c.ip_address)
+            ):
+                members[group_id].append((network_id, ipaddress.IPv4Address(ip)))
+            remote = tuple(
+                RemotePort(network_id, other, tunnel_ip, mac)
+                for network_id, other, tunnel_ip, mac in conn.execute(
+                    select(p_t.c.network_id, p_t.c.host, h_t.c.tunnel_ip, p_t.c.mac_address)
+                    .join(h_t, h_t.c.name == p_t.c.host)
+                    .where(
+                        p_t.c.host != host,
+                        h_t.c.tunnel_ip.is_not(None),
+                        p_t.c.network_id.in_({lp.network.id for lp in local}),
+                    )
+                    .order_by(p_t.c.host, p_t.c.mac_address)
+                )
+            )
+            return HostNetworkView(
+                ports=local,
+                rules={g: tuple(rs) for g, rs in rules.items()},
+                members={g: tuple(ms) for g, ms in members.items()},
+                remote_ports=remote,
+            )
+
+        return await self._db.run_read(work)
 
 
 class _Prefixed:
