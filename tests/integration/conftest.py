@@ -216,6 +216,8 @@ class CapsaInstance:
         }
         self.log_path = self.state_dir / "capsa-up.log"
         self.process: subprocess.Popen[bytes] | None = None
+        # Runs capsa in another network namespace (a "host" of its own): nsenter --net=PATH.
+        self.netns: str | None = None
 
     @property
     def cri_socket(self) -> str:
@@ -227,8 +229,9 @@ class CapsaInstance:
 
     def start(self, timeout: float = 120.0) -> None:
         with self.log_path.open("ab") as log_file:
+            enter = ["nsenter", f"--net={self.netns}"] if self.netns else []
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "capsa", "up"],
+                [*enter, sys.executable, "-m", "capsa", "up"],
                 env=self.env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
