@@ -26,7 +26,7 @@ _HOST_MEMORY_MB = 256_000
 def run(session: Session) -> CaseResult:
     plan = session.plan
     directory = session.workspace.new_dir("scheduler")
-    store = Store(f"sqlite+aiosqlite:///{directory / 'capsa.db'}")
+    store = Store(f"sqlite:///{directory / 'capsa.db'}")
     result = CaseResult(
         "scheduler",
         parameters={"hosts": plan.scheduler_hosts, "placements": plan.scheduler_placements},

@@ -41,7 +41,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     # SQLAlchemy URL; empty means SQLite at <state_dir>/capsa.db.
-    # PostgreSQL: postgresql+asyncpg://user:password@host/capsa
+    # PostgreSQL: postgresql+psycopg://user:password@host/capsa (a synchronous driver)
     url: str = ""
 
 
@@ -176,7 +176,7 @@ class Config:
 
     @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite+aiosqlite:///{self.state_dir / 'capsa.db'}"
+        return self.database.url or f"sqlite:///{self.state_dir / 'capsa.db'}"
 
     @property
     def api_url(self) -> str:

@@ -225,7 +225,7 @@ class CapsaInstance:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite+aiosqlite:///{self.state_dir / 'capsa.db'}"
+        return f"sqlite:///{self.state_dir / 'capsa.db'}"
 
     def start(self, timeout: float = 120.0) -> None:
         with self.log_path.open("ab") as log_file:

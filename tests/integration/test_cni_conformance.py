@@ -501,7 +501,7 @@ class StoreNetwork:
 
 @pytest.fixture
 async def store_network(work_dir: Path) -> AsyncIterator[StoreNetwork]:
-    store = Store(f"sqlite+aiosqlite:///{work_dir / 'capsa.db'}")
+    store = Store(f"sqlite:///{work_dir / 'capsa.db'}")
     await store.open()
     service = NetworkService(store, str(free_subnet()), 1400)
     network = (await service.project_defaults("project-ct")).network

@@ -96,7 +96,7 @@ def test_a_network_spans_two_hosts_over_vxlan_and_others_stay_apart(
     underlay: Underlay, new_capsa: Callable[..., CapsaInstance]
 ) -> None:
     shared = Path(tempfile.mkdtemp(prefix="capsa-it-shared-", dir="/tmp"))
-    database_url = f"sqlite+aiosqlite:///{shared / 'capsa.db'}"
+    database_url = f"sqlite:///{shared / 'capsa.db'}"
     pool = free_pool()
     hosts = []
     for netns, address in zip(underlay.netns, underlay.addresses, strict=True):

@@ -16,7 +16,7 @@ CapsuleFactory = Callable[..., Capsule]
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = Store(f"sqlite+aiosqlite:///{tmp_path / 'capsa.db'}")
+    s = Store(f"sqlite:///{tmp_path / 'capsa.db'}")
     await s.open()
     try:
         yield s

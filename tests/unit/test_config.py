@@ -14,7 +14,7 @@ def test_defaults_with_an_empty_file_and_no_environment(tmp_path: Path) -> None:
     assert cfg.api.listen == "127.0.0.1:9517"
     assert cfg.agent.runtimes == ("runc",)
     assert cfg.cri_socket == "/var/lib/capsa/containerd/containerd.sock"
-    assert cfg.database_url == "sqlite+aiosqlite:////var/lib/capsa/capsa.db"
+    assert cfg.database_url == "sqlite:////var/lib/capsa/capsa.db"
     # Only root reaches the CNI daemon unless an operator says otherwise.
     assert cfg.cni_daemon_address == "unix:/var/lib/capsa/run/cni-daemon.sock"
 

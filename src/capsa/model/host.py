@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from enum import Enum
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,32 @@ class Host:
     @property
     def memory_mb_free(self) -> int:
         return self.memory_mb - self.memory_mb_used
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """What the scheduler needs of a capsule that waits for a host."""
+
+    capsule_uuid: str
+    cpu_millis: int
+    memory_mb: int
+    # None: any host, on its default runtime.
+    runtime: str | None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A capsule's resources taken on a host."""
+
+    capsule_uuid: str
+    host: str
+    cpu_millis: int
+    memory_mb: int
+
+
+class ClaimOutcome(Enum):
+    PLACED = "placed"
+    # The host's free room (as the database has it) is smaller than the claim.
+    NO_ROOM = "no room"
+    # The capsule was placed elsewhere or deleted meanwhile.
+    CAPSULE_GONE = "capsule gone"

@@ -6,21 +6,14 @@ the hosts between claims) and testable without a database.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import replace
 
-from capsa.model.host import Host
-
-
-@dataclass(frozen=True)
-class Request:
-    cpu_millis: int
-    memory_mb: int
-    # None: any host, on its default runtime.
-    runtime: str | None
+from capsa.model.host import Host, PlacementRequest
 
 
-def fits(host: Host, request: Request) -> bool:
+def fits(host: Host, request: PlacementRequest) -> bool:
     return (
         not host.disabled
         and (request.runtime in host.runtimes if request.runtime else bool(host.runtimes))
@@ -36,12 +29,56 @@ def weight(host: Host) -> float:
     return min(cpu_share, memory_share)
 
 
-def rank(hosts: Iterable[Host], request: Request) -> list[Host]:
-    """Hosts that fit ``request``, best first."""
-    return sorted((h for h in hosts if fits(h, request)), key=weight, reverse=True)
+class HostChooser:
+    """The scheduler's view of the hosts during a pass: the best host that fits a request, and
+    the room each choice takes, without sorting every host for every capsule.
+
+    A heap keyed on the weight holds each host once; taking room changes a host's weight, so the
+    chosen host goes back with its new weight. Hosts that do not fit one request are set aside
+    and come back for the next.
+    """
+
+    def __init__(self, hosts: Iterable[Host]) -> None:
+        self.hosts = {h.name: h for h in hosts}
+        self._heap = [(-weight(h), h.name) for h in self.hosts.values()]
+        heapq.heapify(self._heap)
+
+    def take(self, request: PlacementRequest) -> Host | None:
+        """The best host for ``request``, with the request's room already taken from it."""
+        passed_over = []
+        chosen = None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            host = self.hosts[entry[1]]
+            if fits(host, request):
+                chosen = host
+                break
+            passed_over.append(entry)
+        for entry in passed_over:
+            heapq.heappush(self._heap, entry)
+        if chosen is None:
+            return None
+        self._account(chosen.name, request.cpu_millis, request.memory_mb)
+        return chosen
+
+    def give_back(self, host_name: str, request: PlacementRequest) -> None:
+        """Undoes a :meth:`take` whose claim did not happen."""
+        self._heap = [e for e in self._heap if e[1] != host_name]
+        heapq.heapify(self._heap)
+        self._account(host_name, -request.cpu_millis, -request.memory_mb)
+
+    def _account(self, host_name: str, cpu_millis: int, memory_mb: int) -> None:
+        host = self.hosts[host_name]
+        host = replace(
+            host,
+            cpu_millis_used=host.cpu_millis_used + cpu_millis,
+            memory_mb_used=host.memory_mb_used + memory_mb,
+        )
+        self.hosts[host_name] = host
+        heapq.heappush(self._heap, (-weight(host), host_name))
 
 
-def explain_no_fit(hosts: list[Host], request: Request) -> str:
+def explain_no_fit(hosts: list[Host], request: PlacementRequest) -> str:
     """Why no host fits, in terms a tenant or an operator can act on."""
     wanted = f"{request.cpu_millis / 1000:g} cpu and {request.memory_mb} MiB"
     runtime = request.runtime or "the default runtime"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from capsa.model.capsule import (
@@ -29,8 +29,9 @@ from capsa.model.capsule import (
     TaskState,
 )
 from capsa.model.clock import utcnow
+from capsa.model.host import PlacementRequest
 from capsa.store import notify, schema
-from capsa.store.db import Database, Statements
+from capsa.store.db import Database
 
 c_t = schema.capsules
 k_t = schema.containers
@@ -84,12 +85,15 @@ class CapsuleStore:
         capsule.created_at = capsule.updated_at = now
         for container in capsule.all_containers():
             container.created_at = container.updated_at = now
+        capsule_row = _capsule_row(capsule)
+        container_rows = [_container_row(c) for c in capsule.all_containers()]
+
+        def insert(conn: Connection) -> None:
+            conn.execute(c_t.insert(), capsule_row)
+            conn.execute(k_t.insert(), container_rows)
+
         try:
-            async with self._db.write() as conn:
-                await conn.execute(c_t.insert().values(**_capsule_row(capsule)))
-                await conn.execute(
-                    k_t.insert(), [_container_row(c) for c in capsule.all_containers()]
-                )
+            await self._db.run_write(insert)
         except IntegrityError as exc:
             if "uq_capsules_project_name" in str(exc) or "capsules.name" in str(exc):
                 raise NameConflict(capsule.name) from exc
@@ -98,21 +102,23 @@ class CapsuleStore:
         return capsule
 
     async def get(self, uuid: str) -> Capsule | None:
-        async with self._db.read() as conn:
-            rows = (await conn.execute(select(c_t).where(c_t.c.uuid == uuid))).all()
-            capsules = await _load(conn, rows)
+        query = select(c_t).where(c_t.c.uuid == uuid)
+        capsules = await self._db.run_read(lambda conn: _load(conn, conn.execute(query).all()))
         return capsules[0] if capsules else None
 
     async def find(self, ident: str, project_id: str | None) -> Capsule | None:
         """A capsule by uuid or name, within ``project_id`` (None: in every project)."""
         scope = [] if project_id is None else [c_t.c.project_id == project_id]
-        async with self._db.read() as conn:
-            rows = (await conn.execute(select(c_t).where(c_t.c.uuid == ident, *scope))).all() or (
-                await conn.execute(select(c_t).where(c_t.c.name == ident, *scope).limit(2))
-            ).all()
+        by_uuid = select(c_t).where(c_t.c.uuid == ident, *scope)
+        by_name = select(c_t).where(c_t.c.name == ident, *scope).limit(2)
+
+        def find(conn: Connection) -> list[Capsule]:
+            rows = conn.execute(by_uuid).all() or conn.execute(by_name).all()
             if len(rows) > 1:
                 raise AmbiguousName(ident)
-            capsules = await _load(conn, rows)
+            return _load(conn, rows)
+
+        capsules = await self._db.run_read(find)
         return capsules[0] if capsules else None
 
     async def find_container(
@@ -122,13 +128,14 @@ class CapsuleStore:
         query = select(k_t.c.capsule_uuid).where(k_t.c.uuid == container_uuid)
         if project_id is not None:
             query = query.where(k_t.c.project_id == project_id)
-        async with self._db.read() as conn:
-            owner = (await conn.execute(query)).scalar_one_or_none()
+
+        def find(conn: Connection) -> list[Capsule]:
+            owner = conn.execute(query).scalar_one_or_none()
             if owner is None:
-                return None
-            rows = (await conn.execute(select(c_t).where(c_t.c.uuid == owner))).all()
-            capsules = await _load(conn, rows)
-        for capsule in capsules:
+                return []
+            return _load(conn, conn.execute(select(c_t).where(c_t.c.uuid == owner)).all())
+
+        for capsule in await self._db.run_read(find):
             for container in capsule.all_containers():
                 if container.uuid == container_uuid:
                     return capsule, container
@@ -141,12 +148,15 @@ class CapsuleStore:
         query = select(c_t)
         if project_id is not None:
             query = query.where(c_t.c.project_id == project_id)
-        async with self._db.read() as conn:
+        order = (column.desc(), c_t.c.uuid.desc()) if descending else (column, c_t.c.uuid)
+
+        def list_page(conn: Connection) -> list[Capsule]:
+            paged = query
             if page.marker is not None:
                 marker_query = select(column, c_t.c.uuid).where(c_t.c.uuid == page.marker)
                 if project_id is not None:
                     marker_query = marker_query.where(c_t.c.project_id == project_id)
-                marker = (await conn.execute(marker_query)).first()
+                marker = conn.execute(marker_query).first()
                 if marker is None:
                     raise MarkerNotFound(page.marker)
                 value, marker_uuid = marker[0], marker[1]
@@ -155,60 +165,63 @@ class CapsuleStore:
                     if descending
                     else or_(column > value, and_(column == value, c_t.c.uuid > marker_uuid))
                 )
-                query = query.where(after)
-            order = (column.desc(), c_t.c.uuid.desc()) if descending else (column, c_t.c.uuid)
-            rows = (await conn.execute(query.order_by(*order).limit(page.limit))).all()
-            return await _load(conn, rows)
+                paged = paged.where(after)
+            return _load(conn, conn.execute(paged.order_by(*order).limit(page.limit)).all())
 
-    async def list_unscheduled(self) -> list[Capsule]:
-        """Capsules waiting for a host, oldest first."""
-        async with self._db.read() as conn:
-            rows = (
-                await conn.execute(
-                    select(c_t)
-                    .where(
-                        c_t.c.host.is_(None),
-                        c_t.c.desired_state == DesiredState.RUNNING,
-                        c_t.c.status == Status.CREATING,
-                    )
-                    .order_by(c_t.c.created_at)
-                )
-            ).all()
-            return await _load(conn, rows)
+        return await self._db.run_read(list_page)
+
+    async def pending_placements(self) -> list[PlacementRequest]:
+        """Capsules waiting for a host, oldest first: only what placing them needs."""
+        query = (
+            select(c_t.c.uuid, c_t.c.cpu_millis, c_t.c.memory_mb, c_t.c.runtime)
+            .where(
+                c_t.c.host.is_(None),
+                c_t.c.desired_state == DesiredState.RUNNING,
+                c_t.c.status == Status.CREATING,
+            )
+            .order_by(c_t.c.created_at)
+        )
+        rows = await self._db.run_read(lambda conn: conn.execute(query).all())
+        return [PlacementRequest(*row) for row in rows]
 
     async def list_for_host(self, host: str) -> list[Capsule]:
-        async with self._db.read() as conn:
-            rows = (await conn.execute(select(c_t).where(c_t.c.host == host))).all()
-            return await _load(conn, rows)
+        query = select(c_t).where(c_t.c.host == host)
+        return await self._db.run_read(lambda conn: _load(conn, conn.execute(query).all()))
 
     async def count(self, project_id: str | None) -> int:
         query = select(func.count()).select_from(c_t)
         if project_id is not None:
             query = query.where(c_t.c.project_id == project_id)
-        async with self._db.read() as conn:
-            return int((await conn.execute(query)).scalar_one())
+        return await self._db.run_read(lambda conn: int(conn.execute(query).scalar_one()))
 
     async def request_delete(self, uuid: str) -> None:
         """Deletes a capsule that has no host at once; otherwise asks its agent to tear it down."""
-        async with self._db.write() as conn:
-            row = (await conn.execute(select(c_t.c.host).where(c_t.c.uuid == uuid))).first()
-            if row is None:
-                return
-            if row.host is None:
-                await conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
-                return
-            await conn.execute(
-                update(c_t)
-                .where(c_t.c.uuid == uuid)
-                .values(
-                    desired_state=DesiredState.DELETED,
-                    status=Status.DELETING,
-                    task_state=TaskState.CONTAINER_DELETING,
-                    status_reason=None,
-                    updated_at=utcnow(),
-                )
+        mark_deleted = (
+            update(c_t)
+            .where(c_t.c.uuid == uuid)
+            .values(
+                desired_state=DesiredState.DELETED,
+                status=Status.DELETING,
+                task_state=TaskState.CONTAINER_DELETING,
+                status_reason=None,
+                updated_at=utcnow(),
             )
-        self._hub.publish(notify.host_topic(row.host))
+        )
+
+        def request_delete(conn: Connection) -> str | None:
+            """The host to wake, if any."""
+            row = conn.execute(select(c_t.c.host).where(c_t.c.uuid == uuid)).first()
+            if row is None:
+                return None
+            if row.host is None:
+                conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
+                return None
+            conn.execute(mark_deleted)
+            return str(row.host)
+
+        host = await self._db.run_write(request_delete)
+        if host is not None:
+            self._hub.publish(notify.host_topic(host))
 
     async def update_status(
         self,
@@ -222,35 +235,31 @@ class CapsuleStore:
         Returns False when the capsule is gone or the tenant changed their mind meanwhile.
         """
         values["updated_at"] = utcnow()
-        async with self._db.write() as conn:
-            result = await conn.execute(
-                update(c_t)
-                .where(c_t.c.uuid == uuid, c_t.c.desired_state == expect)
-                .values(**values)
-            )
-        return bool(result.rowcount)
+        statement = (
+            update(c_t).where(c_t.c.uuid == uuid, c_t.c.desired_state == expect).values(**values)
+        )
+        return await self._db.run_write(lambda conn: bool(conn.execute(statement).rowcount))
 
     async def update_container(self, uuid: str, **values: Any) -> None:
         values["updated_at"] = utcnow()
-        async with self._db.write() as conn:
-            await conn.execute(update(k_t).where(k_t.c.uuid == uuid).values(**values))
+        statement = update(k_t).where(k_t.c.uuid == uuid).values(**values)
+        await self._db.run_write(lambda conn: conn.execute(statement))
 
     async def remove(self, uuid: str) -> bool:
         """Removes a torn-down capsule with its containers and ports, and releases its claim.
 
         One transaction, so a crash leaves either all of it or none; repeating it is harmless.
         """
-        async with self._db.write() as conn:
-            row = (
-                await conn.execute(
-                    select(c_t.c.host, c_t.c.cpu_millis, c_t.c.memory_mb).where(c_t.c.uuid == uuid)
-                )
+
+        def remove(conn: Connection) -> bool:
+            row = conn.execute(
+                select(c_t.c.host, c_t.c.cpu_millis, c_t.c.memory_mb).where(c_t.c.uuid == uuid)
             ).first()
             if row is None:
                 return False
             if row.host is not None:
                 h_t = schema.hosts
-                await conn.execute(
+                conn.execute(
                     update(h_t)
                     .where(h_t.c.name == row.host)
                     .values(
@@ -258,9 +267,13 @@ class CapsuleStore:
                         memory_mb_used=h_t.c.memory_mb_used - row.memory_mb,
                     )
                 )
-            await conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
-            await conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
-            await conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
+            conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
+            conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
+            conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
+            return True
+
+        if not await self._db.run_write(remove):
+            return False
         # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
         self._hub.publish(notify.SCHEDULER, notify.NETWORK)
         return True
@@ -369,21 +382,21 @@ _KINDS = {k.value: k for k in ContainerKind}
 _PULL_POLICIES = {p.value: p for p in PullPolicy}
 
 
-async def _load(conn: Statements, rows: Sequence[Row[Any]]) -> list[Capsule]:
+def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
     """Turns capsule rows into capsules with their containers and addresses (three queries)."""
     if not rows:
         return []
     uuids = [r.uuid for r in rows]
     containers: dict[str, list[Container]] = {u: [] for u in uuids}
     for chunk in _chunks(uuids):
-        for row in await conn.execute(
+        for row in conn.execute(
             select(k_t).where(k_t.c.capsule_uuid.in_(chunk)).order_by(k_t.c.position)
         ):
             containers[row.capsule_uuid].append(_container(row))
     addresses: dict[str, list[Address]] = {u: [] for u in uuids}
     p_t = schema.ports
     for chunk in _chunks(uuids):
-        for row in await conn.execute(select(p_t).where(p_t.c.device_id.in_(chunk))):
+        for row in conn.execute(select(p_t).where(p_t.c.device_id.in_(chunk))):
             addresses[row.device_id].append(
                 Address(
                     network_id=row.network_id,

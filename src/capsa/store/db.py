@@ -23,22 +23,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import create_engine, event, select
-from sqlalchemy.engine import Connection, CursorResult, Engine, make_url
-from sqlalchemy.sql import Executable
+from sqlalchemy.engine import Connection, Engine, make_url
 
 from capsa.store import schema
 
 T = TypeVar("T")
 
 _BEGIN_OPTION = "capsa_sqlite_begin"
-# Asyncio drivers of the URLs capsa has always written, and the driver that runs in threads.
-_SYNC_DRIVERS = {"sqlite+aiosqlite": "sqlite+pysqlite"}
 # Threads that run transactions; in one process only one of them writes at a time.
 _THREADS = 4
 
@@ -50,24 +46,19 @@ class SchemaVersionError(RuntimeError):
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
-        sync_url = make_url(url)
-        driver = _SYNC_DRIVERS.get(sync_url.drivername, sync_url.drivername)
-        sync_url = sync_url.set(drivername=driver)
-        self.is_sqlite = sync_url.get_backend_name() == "sqlite"
+        self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         # JSON documents (container specs, labels) are decoded for every row read: orjson is
         # several times faster than the json module at it.
         kwargs: dict[str, Any] = {
             "json_serializer": lambda value: orjson.dumps(value).decode(),
             "json_deserializer": orjson.loads,
-            # A connection is never waited for: a transaction that holds one may be waiting for
-            # a thread (see read()), and threads waiting for connections would never free one.
+            # One connection per database thread: a transaction never waits for a connection.
             "pool_size": _THREADS,
-            "max_overflow": -1,
         }
         if self.is_sqlite:
-            # Transactions of one connection may run on different threads, never at once.
+            # A pooled connection serves whichever database thread takes it next.
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
-        self.engine: Engine = create_engine(sync_url, **kwargs)
+        self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
         self._threads = concurrent.futures.ThreadPoolExecutor(
@@ -104,53 +95,17 @@ class Database:
         release = await self._write_turn()
         return await self._in_thread(functools.partial(self._transaction, work, True), then=release)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[Statements]:
-        """A read transaction driven statement by statement from the event loop (one hand-off
-        per statement); :meth:`run_read` runs a whole transaction in one."""
-        async with self._statements(write=False) as statements:
-            yield statements
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[Statements]:
-        """A write transaction driven statement by statement; see :meth:`run_write`."""
-        async with self._statements(write=True) as statements:
-            yield statements
-
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._threads.shutdown)
         self.engine.dispose()
 
-    # ---- threads ----
-
-    def _begin(self, write: bool) -> Connection:
-        conn = self.engine.connect()
-        try:
+    def _transaction(self, work: Callable[[Connection], T], write: bool) -> T:
+        """On a database thread: ``work`` in one transaction, committed unless it raises."""
+        with self.engine.connect() as conn:
             if write and self.is_sqlite:
                 conn.execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"})
-            conn.begin()
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _transaction(self, work: Callable[[Connection], T], write: bool) -> T:
-        conn = self._begin(write)
-        try:
-            result = work(conn)
-        except BaseException:
-            self._end(conn, commit=False)
-            raise
-        self._end(conn, commit=True)
-        return result
-
-    @staticmethod
-    def _end(conn: Connection, commit: bool) -> None:
-        with conn:
-            if commit:
-                conn.commit()
-            else:
-                conn.rollback()
+            with conn.begin():
+                return work(conn)
 
     async def _write_turn(self) -> Callable[[], None] | None:
         """Waits for this process's turn to write; returns what ends the turn."""
@@ -165,63 +120,6 @@ class Database:
         future = asyncio.get_running_loop().run_in_executor(self._threads, call)
         future.add_done_callback(functools.partial(_finished, then))
         return await asyncio.shield(future)
-
-    @asynccontextmanager
-    async def _statements(self, write: bool) -> AsyncIterator[Statements]:
-        release = await self._write_turn() if write else None
-        loop = asyncio.get_running_loop()
-        began = loop.run_in_executor(self._threads, self._begin, write)
-        try:
-            conn = await asyncio.shield(began)
-        except BaseException:
-            # Whatever the thread began must still end, or it would hold its locks for ever.
-            began.add_done_callback(functools.partial(self._end_abandoned, loop, release))
-            raise
-        try:
-            yield Statements(self, conn)
-        except BaseException:
-            await self._in_thread(functools.partial(self._end, conn, False), then=release)
-            raise
-        await self._in_thread(functools.partial(self._end, conn, True), then=release)
-
-    def _end_abandoned(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        release: Callable[[], None] | None,
-        began: asyncio.Future[Connection],
-    ) -> None:
-        if began.cancelled() or began.exception() is not None:
-            if release is not None:
-                release()
-            return
-        ending = loop.run_in_executor(self._threads, self._end, began.result(), False)
-        ending.add_done_callback(functools.partial(_finished, release))
-
-
-class Statements:
-    """A transaction open on one of the database's threads, one statement at a time."""
-
-    def __init__(self, db: Database, conn: Connection) -> None:
-        self._db = db
-        self._conn = conn
-
-    async def execute(
-        self, statement: Executable, parameters: Any = None
-    ) -> CursorResult[*tuple[Any, ...]]:
-        """The statement's result, its rows already fetched."""
-        return await self._db._in_thread(
-            functools.partial(_execute_buffered, self._conn, statement, parameters)
-        )
-
-
-def _execute_buffered(
-    conn: Connection, statement: Executable, parameters: Any
-) -> CursorResult[*tuple[Any, ...]]:
-    result = conn.execute(statement, parameters)
-    if result.returns_rows:
-        # Fetched here, on the thread that owns the connection: the rows outlive it.
-        return cast("CursorResult[*tuple[Any, ...]]", result.freeze()())
-    return result
 
 
 def _finished(then: Callable[[], None] | None, future: asyncio.Future[Any]) -> None:

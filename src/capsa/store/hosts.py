@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import uuid as uuidlib
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.engine import Connection, Row
 
 from capsa.model.capsule import DesiredState, Status, TaskState
 from capsa.model.clock import utcnow
-from capsa.model.host import Host
+from capsa.model.host import Claim, ClaimOutcome, Host
 from capsa.store import notify, schema
 from capsa.store.db import Database
 
@@ -19,8 +20,40 @@ h_t = schema.hosts
 c_t = schema.capsules
 
 
-class _PlacementLost(Exception):
-    """Rolls back a claim whose capsule was placed or deleted meanwhile."""
+# A claim's statements, built once: a scheduling pass runs them thousands of times.
+_TAKE_ROOM = (
+    update(h_t)
+    .where(
+        h_t.c.name == bindparam("host"),
+        h_t.c.disabled.is_(False),
+        h_t.c.cpu_millis_used + bindparam("cpu") <= h_t.c.cpu_millis,
+        h_t.c.memory_mb_used + bindparam("memory") <= h_t.c.memory_mb,
+    )
+    .values(
+        cpu_millis_used=h_t.c.cpu_millis_used + bindparam("cpu"),
+        memory_mb_used=h_t.c.memory_mb_used + bindparam("memory"),
+        updated_at=bindparam("now"),
+    )
+)
+_GIVE_BACK_ROOM = (
+    update(h_t)
+    .where(h_t.c.name == bindparam("host"))
+    .values(
+        cpu_millis_used=h_t.c.cpu_millis_used - bindparam("cpu"),
+        memory_mb_used=h_t.c.memory_mb_used - bindparam("memory"),
+    )
+)
+_PLACE = (
+    update(c_t)
+    .where(
+        c_t.c.uuid == bindparam("capsule"),
+        c_t.c.host.is_(None),
+        c_t.c.desired_state == DesiredState.RUNNING,
+    )
+    .values(
+        host=bindparam("host"), task_state=TaskState.NETWORK_ATTACHING, updated_at=bindparam("now")
+    )
+)
 
 
 class HostStore:
@@ -46,10 +79,11 @@ class HostStore:
             "heartbeat_at": now,
             "updated_at": now,
         }
-        async with self._db.write() as conn:
-            result = await conn.execute(update(h_t).where(h_t.c.name == name).values(**values))
+
+        def upsert(conn: Connection) -> Row[Any]:
+            result = conn.execute(update(h_t).where(h_t.c.name == name).values(**values))
             if not result.rowcount:
-                await conn.execute(
+                conn.execute(
                     h_t.insert().values(
                         name=name,
                         uuid=str(uuidlib.uuid4()),
@@ -60,7 +94,9 @@ class HostStore:
                         **values,
                     )
                 )
-            row = (await conn.execute(select(h_t).where(h_t.c.name == name))).one()
+            return conn.execute(select(h_t).where(h_t.c.name == name)).one()
+
+        row = await self._db.run_write(upsert)
         # A new or returning host may fit capsules that are waiting.
         self._hub.publish(notify.SCHEDULER)
         return _host(row)
@@ -88,14 +124,12 @@ class HostStore:
 
     async def heartbeat(self, name: str) -> None:
         now = utcnow()
-        async with self._db.write() as conn:
-            await conn.execute(
-                update(h_t).where(h_t.c.name == name).values(heartbeat_at=now, updated_at=now)
-            )
+        statement = update(h_t).where(h_t.c.name == name).values(heartbeat_at=now, updated_at=now)
+        await self._db.run_write(lambda conn: conn.execute(statement))
 
     async def get(self, name: str) -> Host | None:
-        async with self._db.read() as conn:
-            row = (await conn.execute(select(h_t).where(h_t.c.name == name))).first()
+        query = select(h_t).where(h_t.c.name == name)
+        row = await self._db.run_read(lambda conn: conn.execute(query).first())
         return _host(row) if row else None
 
     async def all(self, alive_since: datetime | None = None) -> list[Host]:
@@ -103,66 +137,67 @@ class HostStore:
         query = select(h_t).order_by(h_t.c.name)
         if alive_since is not None:
             query = query.where(h_t.c.heartbeat_at >= alive_since)
-        async with self._db.read() as conn:
-            return [_host(r) for r in await conn.execute(query)]
+        return await self._db.run_read(lambda conn: [_host(r) for r in conn.execute(query)])
 
     async def claim(self, capsule_uuid: str, host: str, cpu_millis: int, memory_mb: int) -> bool:
-        """Places a capsule on ``host`` if the host still has room, atomically.
+        """Places one capsule on ``host`` if the host still has room; see :meth:`claim_many`."""
+        outcomes = await self.claim_many([Claim(capsule_uuid, host, cpu_millis, memory_mb)])
+        return outcomes[0] is ClaimOutcome.PLACED
 
-        The resources and the placement are written in one transaction, and each only under a
-        condition (room left; capsule still unplaced and wanted), so two schedulers can never
-        overcommit a host or place one capsule twice. Returns False when either condition failed.
+    async def claim_many(self, claims: Sequence[Claim]) -> list[ClaimOutcome]:
+        """Places capsules on hosts, each only if its host still has room and the capsule is
+        still unplaced and wanted; one transaction for all, an outcome per claim.
+
+        Each claim's two conditional updates are atomic together (a claim whose capsule is gone
+        gives its host's room back in the same transaction), so schedulers running side by side
+        can never overcommit a host or place one capsule twice.
         """
         now = utcnow()
-        try:
-            async with self._db.write() as conn:
-                taken = await conn.execute(
-                    update(h_t)
-                    .where(
-                        h_t.c.name == host,
-                        h_t.c.disabled.is_(False),
-                        h_t.c.cpu_millis_used + cpu_millis <= h_t.c.cpu_millis,
-                        h_t.c.memory_mb_used + memory_mb <= h_t.c.memory_mb,
-                    )
-                    .values(
-                        cpu_millis_used=h_t.c.cpu_millis_used + cpu_millis,
-                        memory_mb_used=h_t.c.memory_mb_used + memory_mb,
-                        updated_at=now,
-                    )
-                )
-                if not taken.rowcount:
-                    raise _PlacementLost
-                placed = await conn.execute(
-                    update(c_t)
-                    .where(
-                        c_t.c.uuid == capsule_uuid,
-                        c_t.c.host.is_(None),
-                        c_t.c.desired_state == DesiredState.RUNNING,
-                    )
-                    .values(host=host, task_state=TaskState.NETWORK_ATTACHING, updated_at=now)
-                )
-                if not placed.rowcount:
-                    raise _PlacementLost
-        except _PlacementLost:
-            return False
-        self._hub.publish(notify.host_topic(host))
-        return True
+        params = [
+            {
+                "capsule": c.capsule_uuid,
+                "host": c.host,
+                "cpu": c.cpu_millis,
+                "memory": c.memory_mb,
+                "now": now,
+            }
+            for c in claims
+        ]
+
+        def claim_all(conn: Connection) -> list[ClaimOutcome]:
+            outcomes = []
+            for values in params:
+                if not conn.execute(_TAKE_ROOM, values).rowcount:
+                    outcomes.append(ClaimOutcome.NO_ROOM)
+                elif not conn.execute(_PLACE, values).rowcount:
+                    conn.execute(_GIVE_BACK_ROOM, values)
+                    outcomes.append(ClaimOutcome.CAPSULE_GONE)
+                else:
+                    outcomes.append(ClaimOutcome.PLACED)
+            return outcomes
+
+        outcomes = await self._db.run_write(claim_all)
+        self._hub.publish(
+            *{
+                notify.host_topic(c.host)
+                for c, outcome in zip(claims, outcomes, strict=True)
+                if outcome is ClaimOutcome.PLACED
+            }
+        )
+        return outcomes
 
     async def fail_placement(self, capsule_uuid: str, reason: str) -> bool:
         """Marks an unplaceable capsule as Error, unless it was placed or deleted meanwhile."""
-        async with self._db.write() as conn:
-            result = await conn.execute(
-                update(c_t)
-                .where(
-                    c_t.c.uuid == capsule_uuid,
-                    c_t.c.host.is_(None),
-                    c_t.c.desired_state == DesiredState.RUNNING,
-                )
-                .values(
-                    status=Status.ERROR, status_reason=reason, task_state=None, updated_at=utcnow()
-                )
+        statement = (
+            update(c_t)
+            .where(
+                c_t.c.uuid == capsule_uuid,
+                c_t.c.host.is_(None),
+                c_t.c.desired_state == DesiredState.RUNNING,
             )
-        return bool(result.rowcount)
+            .values(status=Status.ERROR, status_reason=reason, task_state=None, updated_at=utcnow())
+        )
+        return await self._db.run_write(lambda conn: bool(conn.execute(statement).rowcount))
 
 
 def _host(row: Row[Any]) -> Host:

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
-from capsa.model.host import Host
-from capsa.scheduler.placement import Request, explain_no_fit, fits, rank
+from capsa.model.host import Host, PlacementRequest
+from capsa.scheduler.placement import HostChooser, explain_no_fit, fits
+
+
+def Request(cpu_millis: int, memory_mb: int, runtime: str | None) -> PlacementRequest:  # noqa: N802
+    return PlacementRequest("capsule", cpu_millis, memory_mb, runtime)
 
 
 def _host(
@@ -36,16 +40,38 @@ def test_fits_checks_room_runtime_and_disabled() -> None:
     assert not fits(_host("a"), Request(1, 1, "crun"))
 
 
-def test_rank_prefers_the_host_with_the_most_free_share_of_its_scarcer_resource() -> None:
-    hosts = [
-        _host("cpu-rich-mem-poor", cpu_free=2000, mem_free=200),
-        _host("balanced", cpu_free=1200, mem_free=1200),
-        _host("full", cpu_free=0, mem_free=0),
-    ]
-    assert [h.name for h in rank(hosts, Request(100, 100, None))] == [
-        "balanced",
-        "cpu-rich-mem-poor",
-    ]
+def test_the_chooser_takes_the_host_with_the_most_free_share_of_its_scarcer_resource() -> None:
+    chooser = HostChooser(
+        [
+            _host("cpu-rich-mem-poor", cpu_free=2000, mem_free=200),
+            _host("balanced", cpu_free=1200, mem_free=1200),
+            _host("full", cpu_free=0, mem_free=0),
+        ]
+    )
+    taken = chooser.take(Request(100, 100, None))
+    assert taken is not None and taken.name == "balanced"
+    assert chooser.hosts["balanced"].cpu_millis_free == 1100
+
+
+def test_the_chooser_spreads_as_room_is_taken_and_gets_it_back() -> None:
+    chooser = HostChooser([_host("a", cpu_free=1000), _host("b", cpu_free=900)])
+    names = [h.name for h in (chooser.take(Request(300, 10, None)) for _ in range(5)) if h]
+    # a (1000) -> b (900) -> a (700) -> b (600) -> a (400); then nothing has 300 left twice.
+    assert names == ["a", "b", "a", "b", "a"]
+    assert chooser.take(Request(300, 10, None)) is not None  # b: 300 left
+    assert chooser.take(Request(300, 10, None)) is None
+    chooser.give_back("a", Request(300, 10, None))
+    taken = chooser.take(Request(300, 10, None))
+    assert taken is not None and taken.name == "a"
+
+
+def test_the_chooser_passes_over_hosts_that_do_not_fit_and_keeps_them() -> None:
+    chooser = HostChooser([_host("roomy"), _host("crun-only", runtimes=("crun",), cpu_free=500)])
+    first = chooser.take(Request(100, 10, "crun"))
+    assert first is not None and first.name == "crun-only"
+    second = chooser.take(Request(100, 10, None))
+    assert second is not None and second.name == "roomy"
+    assert chooser.take(Request(900, 10, "crun")) is None
 
 
 def test_reasons_say_what_is_missing() -> None:

@@ -11,13 +11,14 @@ from capsa.store.notify import ChangeHub
 
 
 async def test_a_database_of_another_schema_version_is_refused(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'capsa.db'}"
+    url = f"sqlite:///{tmp_path / 'capsa.db'}"
     first = Store(url)
     await first.open()
-    async with first.db.write() as conn:
-        await conn.execute(
+    await first.db.run_write(
+        lambda conn: conn.execute(
             update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="999")
         )
+    )
     await first.close()
 
     second = Store(url)
@@ -27,7 +28,7 @@ async def test_a_database_of_another_schema_version_is_refused(tmp_path: Path) -
 
 
 async def test_opening_twice_keeps_the_data(tmp_path: Path) -> None:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'capsa.db'}"
+    url = f"sqlite:///{tmp_path / 'capsa.db'}"
     for expected in (0, 1):
         s = Store(url)
         await s.open()

@@ -4,7 +4,8 @@ import asyncio
 from collections.abc import Callable
 
 from capsa.model.capsule import Capsule
-from capsa.store import Store
+from capsa.model.host import Claim, ClaimOutcome
+from capsa.store import Store, notify
 
 CapsuleFactory = Callable[..., Capsule]
 
@@ -68,6 +69,28 @@ async def test_a_deleted_capsule_cannot_be_claimed(
     assert not await store.hosts.claim(capsule.uuid, "h1", 100, 64)
     host = await store.hosts.get("h1")
     assert host is not None and host.cpu_millis_used == 0
+
+
+async def test_a_batch_of_claims_has_an_outcome_each_and_only_placed_ones_hold_room(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://a", 250, 1000, ("runc",))
+    placed, gone, no_room = [await store.capsules.create(make_capsule()) for _ in range(3)]
+    await store.capsules.request_delete(gone.uuid)
+    woken = store.hub.subscribe(notify.host_topic("h1"))
+
+    outcomes = await store.hosts.claim_many(
+        [
+            Claim(c.uuid, "h1", 200, 64) if c is no_room else Claim(c.uuid, "h1", 100, 64)
+            for c in (placed, gone, no_room)
+        ]
+    )
+
+    assert outcomes == [ClaimOutcome.PLACED, ClaimOutcome.CAPSULE_GONE, ClaimOutcome.NO_ROOM]
+    host = await store.hosts.get("h1")
+    assert host is not None and (host.cpu_millis_used, host.memory_mb_used) == (100, 64)
+    assert [c.uuid for c in await store.capsules.list_for_host("h1")] == [placed.uuid]
+    assert await woken.wait(0.1)
 
 
 async def test_failed_placement_records_the_reason(
