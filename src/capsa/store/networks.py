@@ -74,7 +74,9 @@ class ProjectDefaults:
     security_group: SecurityGroup
 
 
-class NetworkStore:
+class EnforcedStore:
+    """A store of what the hosts' network agents enforce: every write wakes them."""
+
     def __init__(self, db: Database, hub: ChangeHub) -> None:
         self._db = db
         self._hub = hub
@@ -85,6 +87,8 @@ class NetworkStore:
         self._hub.publish(notify.NETWORK)
         return result
 
+
+class NetworkStore(EnforcedStore):
     # ---- networks ----
 
     async def create_network(

@@ -26,10 +26,14 @@ from capsa.model.network import (
     SecurityGroupRule,
     Subnet,
 )
-from capsa.store import notify, schema
-from capsa.store.db import Database
-from capsa.store.networks import NotFound, network_from_row, rule_from_row, subnet_from_row
-from capsa.store.notify import ChangeHub
+from capsa.store import schema
+from capsa.store.networks import (
+    EnforcedStore,
+    NotFound,
+    network_from_row,
+    rule_from_row,
+    subnet_from_row,
+)
 
 n_t = schema.networks
 s_t = schema.subnets
@@ -61,17 +65,7 @@ class InvalidAddress(Exception):
     """An address asked for that the network's subnets cannot give."""
 
 
-class PortStore:
-    def __init__(self, db: Database, hub: ChangeHub) -> None:
-        self._db = db
-        self._hub = hub
-
-    async def _write(self, work: Callable[[Connection], T]) -> T:
-        """Runs a write transaction, then wakes the network agents: what they enforce changed."""
-        result = await self._db.run_write(work)
-        self._hub.publish(notify.NETWORK)
-        return result
-
+class PortStore(EnforcedStore):
     async def create(
         self,
         *,

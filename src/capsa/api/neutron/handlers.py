@@ -7,7 +7,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -72,6 +72,31 @@ def _no_content() -> web.Response:
     return web.Response(status=204)
 
 
+class _Owned(Protocol):
+    @property
+    def project_id(self) -> str: ...
+
+
+OwnedT = TypeVar("OwnedT", bound=_Owned)
+
+
+async def _visible(
+    request: web.Request,
+    get: Callable[[str], Awaitable[OwnedT]],
+    kind: str,
+    ident: str,
+    shared: Callable[[OwnedT], bool] = lambda _: False,
+) -> OwnedT:
+    """The resource, if the caller may see it; Neutron's 404 otherwise, as if it did not exist."""
+    try:
+        item = await get(ident)
+    except NotFound:
+        raise not_found(kind, ident) from None
+    if not policy.may_see(_context(request), item.project_id, shared(item)):
+        raise not_found(kind, ident)
+    return item
+
+
 # ---- versions ----
 
 
@@ -108,13 +133,12 @@ async def resources(request: web.Request) -> web.Response:
 
 
 async def _visible_network(request: web.Request, network_id: str) -> Network:
-    try:
-        item = await _store(request).networks.get_network(network_id)
-    except NotFound:
-        raise not_found("Network", network_id) from None
-    if not policy.may_see(_context(request), item.project_id, item.shared):
-        raise not_found("Network", network_id)
-    return item
+    def shared(network: Network) -> bool:
+        return network.shared
+
+    return await _visible(
+        request, _store(request).networks.get_network, "Network", network_id, shared
+    )
 
 
 def _changeable(context: RequestContext, owner: str, kind: str, ident: str, action: str) -> None:
@@ -304,13 +328,7 @@ async def delete_subnet(request: web.Request) -> web.Response:
 
 
 async def _visible_port(request: web.Request, port_id: str) -> Port:
-    try:
-        item = await _store(request).ports.get(port_id)
-    except NotFound:
-        raise not_found("Port", port_id) from None
-    if not policy.may_see(_context(request), item.project_id):
-        raise not_found("Port", port_id)
-    return item
+    return await _visible(request, _store(request).ports.get, "Port", port_id)
 
 
 async def _groups_of(request: web.Request, owner: str, refs: list[str] | None) -> list[str]:
@@ -411,13 +429,9 @@ async def delete_port(request: web.Request) -> web.Response:
 
 
 async def _visible_group(request: web.Request, group_id: str) -> SecurityGroup:
-    try:
-        item = await _store(request).networks.get_security_group(group_id)
-    except NotFound:
-        raise not_found("SecurityGroup", group_id) from None
-    if not policy.may_see(_context(request), item.project_id):
-        raise not_found("SecurityGroup", group_id)
-    return item
+    return await _visible(
+        request, _store(request).networks.get_security_group, "SecurityGroup", group_id
+    )
 
 
 async def list_security_groups(request: web.Request) -> web.Response:
@@ -495,13 +509,7 @@ async def delete_security_group(request: web.Request) -> web.Response:
 
 
 async def _visible_rule(request: web.Request, rule_id: str) -> SecurityGroupRule:
-    try:
-        item = await _store(request).networks.get_rule(rule_id)
-    except NotFound:
-        raise not_found("SecurityGroupRule", rule_id) from None
-    if not policy.may_see(_context(request), item.project_id):
-        raise not_found("SecurityGroupRule", rule_id)
-    return item
+    return await _visible(request, _store(request).networks.get_rule, "SecurityGroupRule", rule_id)
 
 
 async def list_rules(request: web.Request) -> web.Response:
