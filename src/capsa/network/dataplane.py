@@ -242,7 +242,8 @@ class Dataplane:
             attached = [link.get("ifname") for link in ipr.link("dump", master=bridge["index"])]
             if any(link != overlay_name(name) for link in attached):
                 return False
-            _delete_link(ipr, overlay_name(name))
+            if attached:
+                _delete_link(ipr, overlay_name(name))
             _delete_link(ipr, name)
         log.info("bridge removed: its last port left", bridge=name)
         return True
@@ -293,7 +294,8 @@ class Dataplane:
     def remove_overlay(self, bridge: str) -> None:
         """Deletes the VXLAN device of the network of ``bridge``, if it has one."""
         with self._bridge_lock(bridge), IPRoute() as ipr:
-            _delete_link(ipr, overlay_name(bridge))
+            if _find_link(ipr, overlay_name(bridge)) is not None:
+                _delete_link(ipr, overlay_name(bridge))
 
     def check(self, container_id: str, netns: str, ifname: str, port: PortBinding) -> None:
         """Raises DataplaneError naming what differs from what plug made for ``port``."""
