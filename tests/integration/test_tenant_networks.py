@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tests.integration.conftest import CapsaInstance
+from tests.integration.conftest import CapsaInstance, bridges_for
 
 from capsa.network import firewall
 
@@ -130,14 +130,6 @@ def host_address() -> str:
     pytest.skip("this host has no global IPv4 address for a hostPort to answer on")
 
 
-def capsa_links(prefix: str) -> set[str]:
-    return {
-        link["ifname"]
-        for link in json.loads(sh("ip", "-j", "link", "show").stdout)
-        if link["ifname"].startswith(prefix)
-    }
-
-
 def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and_go(
     new_capsa: Callable[..., CapsaInstance],
 ) -> None:
@@ -149,7 +141,6 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
     suffix = uuid.uuid4().hex[:6]
     alice, bob = f"alice-{suffix}", f"bob-{suffix}"
     host_port = random.randint(20000, 29999)
-    bridges_before = capsa_links("cbr-")
 
     capsa.create(web("a1", host_port), **{"X-Project-Id": alice})
     capsa.create(web("a2"), **{"X-Project-Id": alice})
@@ -164,7 +155,7 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
     assert alice_net != bob_net and ipaddress.ip_address(a2) in alice_net
     assert ipaddress.ip_address(b2) in bob_net
     # Two networks, two bridges; the host routes between them.
-    assert len(capsa_links("cbr-") - bridges_before) == 2
+    assert len(bridges_for(pool)) == 2
     assert sh("sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
 
     # Within a project (its default network and group): ICMP and TCP.
@@ -212,7 +203,7 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
     eventually(
         lambda: sh("nft", "list", "table", "inet", table, check=False).returncode != 0, "table gone"
     )
-    assert capsa_links("cbr-") == bridges_before
+    assert bridges_for(pool) == []
     ports = (
         neutron(capsa, "GET", "/ports", alice)["ports"]
         + neutron(capsa, "GET", "/ports", bob)["ports"]
