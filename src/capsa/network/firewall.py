@@ -23,8 +23,9 @@ leaves by; routed traffic between networks enters by one bridge and leaves by an
 - hostPort mappings: a connection to any local address (loopback excepted) on the host port is
   DNATed to the pod.
 
-IPv6 is passed through untouched: ports have IPv4 addresses only, and a rule of ethertype IPv6
-has nothing to match.
+IPv6 to and from pods is dropped: ports have IPv4 addresses only, so no rule could admit it (a
+rule of ethertype IPv6 has nothing to match), and link-local IPv6 would otherwise let pods of one
+network talk whatever their groups say.
 """
 
 from __future__ import annotations
@@ -119,13 +120,13 @@ def render(
     ]
     lines += [
         "  chain pod_egress {",
-        "    meta nfproto ipv6 return",
+        "    meta nfproto ipv6 drop",
         f"    iifname . ip saddr vmap {{ {', '.join(egress_map)} }}",
         *(f'    iifname "{b}" ip saddr {cidr} return' for b, cidr in subnet_of_bridge),
         "    drop",
         "  }",
         "  chain pod_ingress {",
-        "    meta nfproto ipv6 return",
+        "    meta nfproto ipv6 drop",
         f"    oifname . ip daddr vmap {{ {', '.join(ingress_map)} }}",
         *(f'    oifname "{b}" ip daddr {cidr} return' for b, cidr in subnet_of_bridge),
         "    drop",

@@ -62,6 +62,8 @@ async def test_versions_and_resources_are_discoverable(client: Client) -> None:
         "security-groups",
         "security-group-rules",
     }
+    extensions = await ok(await client.get(f"{V2}/extensions", headers=who()))
+    assert "security-group" in {e["alias"] for e in extensions["extensions"]}
 
 
 async def test_network_lifecycle_in_neutrons_shape(client: Client) -> None:

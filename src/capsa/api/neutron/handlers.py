@@ -129,6 +129,27 @@ async def resources(request: web.Request) -> web.Response:
     )
 
 
+# The Neutron extensions whose attributes capsa's resources carry, for clients that check.
+_EXTENSIONS = (
+    ("security-group", "Security groups", "Security groups and their rules."),
+    ("binding", "Port binding", "binding:host_id and binding:vif_type of ports."),
+    ("provider", "Provider network", "provider:network_type and segmentation_id (the VNI)."),
+    ("project-id", "Project id", "project_id beside tenant_id."),
+    ("standard-attr-description", "Descriptions", "description of every resource."),
+    ("standard-attr-timestamp", "Timestamps", "created_at and updated_at of every resource."),
+    ("net-mtu", "Network MTU", "mtu of networks."),
+    ("port-security", "Port security", "port_security_enabled, always true."),
+)
+
+
+async def list_extensions(request: web.Request) -> web.Response:
+    extensions = [
+        {"alias": alias, "name": name, "description": description, "links": [], "updated": ""}
+        for alias, name, description in _EXTENSIONS
+    ]
+    return _many("extensions", extensions, request)
+
+
 # ---- networks ----
 
 
@@ -626,6 +647,7 @@ def _crud(
 ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", PREFIX, versions),
     ("GET", V2, resources),
+    ("GET", f"{V2}/extensions", list_extensions),
     *_crud("networks", list_networks, show_network, create_network, update_network, delete_network),
     *_crud("subnets", list_subnets, show_subnet, create_subnet, update_subnet, delete_subnet),
     *_crud("ports", list_ports, show_port, create_port, update_port, delete_port),
