@@ -34,7 +34,9 @@ from capsa.store import Store
 ADD_TARGET = Target("ratio", "<=", 1.0, "ratio <= 1.0")
 DEL_TARGET = Target("ratio", "<=", 0.5, "ratio <= 0.5")
 _TIMEOUT = 30.0
-_PROJECT = "bench"
+# The project of the capsules the other cases make through the API: an instance's /24 pool holds
+# one project's default network.
+_PROJECT = "default"
 
 
 class PluginError(RuntimeError):
