@@ -385,7 +385,10 @@ class CapsaInstance:
         for link in bridges_for(self.cidr):
             subprocess.run(["ip", "link", "del", link], check=False, timeout=10)
         table = firewall.table_name(str(self.state_dir))
-        subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True, check=False)
+        for family in ("inet", "bridge"):
+            subprocess.run(
+                ["nft", "delete", "table", family, table], capture_output=True, check=False
+            )
 
 
 def bridges_for(cidr: str) -> list[str]:

@@ -164,6 +164,28 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
     # Across projects: nothing, either way.
     never(lambda: reaches(a2, b1) or reaches(a2, b1, 80), "a2 reached b1")
     never(lambda: reaches(b2, a1) or reaches(b2, a1, 80), "b2 reached a1")
+
+    # A pod cannot pass for another address of its network: the bridge table holds every bound
+    # port's MAC and address, and a packet from elsewhere goes nowhere.
+    def bound_ports_guarded() -> bool:
+        guarded = sh("nft", "list", "table", "bridge", table, check=False).stdout
+        ports = neutron(capsa, "GET", "/ports", alice)["ports"]
+        return all(
+            f"ether saddr != {p['mac_address']}" in guarded
+            and f"ip saddr != {p['fixed_ips'][0]['ip_address']}" in guarded
+            for p in ports
+        )
+
+    eventually(bound_ports_guarded, "every bound port is guarded against spoofing")
+    spoofed = str(alice_net.network_address + 250)
+    netns = f"--net={netns_of(a2)}"
+    sh("nsenter", netns, "ip", "addr", "add", f"{spoofed}/24", "dev", "eth0")
+    ping = ("busybox", "ping", "-c", "1", "-W", "1", "-I", spoofed, a1)
+    never(
+        lambda: sh("nsenter", netns, *ping, check=False).returncode == 0,
+        "a2 reached a1 from an address that is not its own",
+    )
+    sh("nsenter", netns, "ip", "addr", "del", f"{spoofed}/24", "dev", "eth0")
     # Nor the other network's gateway on the host.
     never(lambda: reaches(b2, str(alice_net.network_address + 1)), "b2 reached alice's gateway")
 
@@ -200,9 +222,7 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
     assert http_from_host(address, host_port) is None
 
     # Nothing is left: bridges, veths, capsa's table, addresses.
-    eventually(
-        lambda: sh("nft", "list", "table", "inet", table, check=False).returncode != 0, "table gone"
-    )
+    eventually(lambda: table not in sh("nft", "list", "tables").stdout, "capsa's tables gone")
     assert bridges_for(pool) == []
     ports = (
         neutron(capsa, "GET", "/ports", alice)["ports"]

@@ -1,9 +1,10 @@
 """The nftables ruleset that isolates a host's networks and enforces its ports' security groups.
 
-capsa owns one table, ``inet capsa_<id>`` (one per capsa instance on a machine), and nothing
-else: the whole table is rendered from the database and replaced in one ``nft -f`` transaction,
-so a rule is never half applied and no other table is touched. With no local port left the table
-is deleted.
+capsa owns two tables, ``inet capsa_<id>`` and ``bridge capsa_<id>`` (one pair per capsa
+instance on a machine), and nothing else: both are rendered from the database and replaced in one
+``nft -f`` transaction, so a rule is never half applied and no other table is touched. With no
+local port left they are deleted. The bridge table only stops spoofing: a bound port's frames
+must carry its MAC and address.
 
 Bridged traffic between pods of one network goes through the IP hooks too
 (``net.bridge.bridge-nf-call-iptables``), where the bridge is the interface a packet enters or
@@ -81,7 +82,10 @@ def render(
     """The ``nft -f`` script that makes ``table`` enforce ``view``; ``bridge_of`` maps a network
     id to its bridge. With no port the script only deletes the table."""
     # Declaring the table first makes the delete succeed whether it existed or not.
-    head = f"table inet {table} {{}}\ndelete table inet {table}\n"
+    head = "".join(
+        f"table {family} {table} {{}}\ndelete table {family} {table}\n"
+        for family in ("inet", "bridge")
+    )
     if not view.ports:
         return head
     lines: list[str] = [f"table inet {table} {{"]
@@ -171,7 +175,36 @@ def render(
             "  }",
         ]
     lines.append("}")
+    lines += _anti_spoofing(table, view)
     return head + "\n".join(line for line in lines if line) + "\n"
+
+
+def _anti_spoofing(table: str, view: HostNetworkView) -> list[str]:
+    """A bridge table that drops what a bound port sends from another MAC or address (ARP
+    included), where the frame enters the bridge: a pod cannot pass for another."""
+    bound = [p for p in view.ports if p.port.binding_host_ifname]
+    if not bound:
+        return []
+    jumps = ", ".join(f'"{p.port.binding_host_ifname}" : jump {_chain(p, "s")}' for p in bound)
+    lines = [
+        f"table bridge {table} {{",
+        "  chain prerouting {",
+        "    type filter hook prerouting priority filter; policy accept;",
+        f"    iifname vmap {{ {jumps} }}",
+        "  }",
+    ]
+    for local in bound:
+        port = local.port
+        lines += [
+            f"  chain {_chain(local, 's')} {{",
+            f"    ether saddr != {port.mac_address} drop",
+            f"    ip saddr != {port.ip_address} drop",
+            f"    arp saddr ip != {port.ip_address} drop",
+            "    ether type ip6 drop",
+            "  }",
+        ]
+    lines.append("}")
+    return lines
 
 
 def _chain(local: LocalPort, suffix: str) -> str:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from capsa.model.capsule import Capsule, PortSpec
-from capsa.model.network import Direction, EtherType
+from capsa.model.network import Direction, EtherType, HostNetworkView
 from capsa.network import agent as agent_module
 from capsa.network import firewall
 from capsa.network.agent import NetworkAgent
@@ -16,6 +16,7 @@ from capsa.network.service import NetworkService
 from capsa.store import Store
 
 CapsuleFactory = Callable[..., Capsule]
+_NOTHING = HostNetworkView(ports=(), rules={}, members={}, remote_ports=())
 
 
 class Applied(list[str]):
@@ -52,7 +53,7 @@ async def test_the_agent_follows_ports_rules_and_host_ports(
     agent = NetworkAgent(store, "h1", "capsa_t", Dataplane(), resync_interval=3600)
     await agent.start()
     try:
-        assert applied == ["table inet capsa_t {}\ndelete table inet capsa_t\n"]
+        assert applied == [firewall.render("capsa_t", _NOTHING, {})]
 
         capsule = make_capsule()
         web = replace(capsule.containers[0].spec, ports=(PortSpec(80, "TCP", 8080),))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from capsa.model.network import (
     Direction,
@@ -75,21 +76,22 @@ def view() -> HostNetworkView:
     )
 
 
+NO_TABLES = (
+    "table inet capsa_t {}\ndelete table inet capsa_t\n"
+    "table bridge capsa_t {}\ndelete table bridge capsa_t\n"
+)
+
+
 def test_the_table_is_replaced_whole_in_one_script() -> None:
     script = firewall.render("capsa_t", view(), BRIDGES)
-    assert script.startswith(
-        "table inet capsa_t {}\ndelete table inet capsa_t\ntable inet capsa_t {"
-    )
+    assert script.startswith(NO_TABLES + "table inet capsa_t {")
     assert script.count("table inet capsa_t") == 3
     assert "ct state established,related accept" in script
 
 
 def test_no_port_left_deletes_the_table() -> None:
     empty = HostNetworkView(ports=(), rules={}, members={}, remote_ports=())
-    assert (
-        firewall.render("capsa_t", empty, {})
-        == "table inet capsa_t {}\ndelete table inet capsa_t\n"
-    )
+    assert firewall.render("capsa_t", empty, {}) == NO_TABLES
 
 
 def test_rules_become_matches_per_port() -> None:
@@ -123,6 +125,21 @@ def test_host_ports_are_dnated_to_their_pod() -> None:
     assert "9090" not in script
     assert "type nat hook prerouting" in script and "type nat hook output" in script
     assert "dnat ip to" not in firewall.render("capsa_t", view(), BRIDGES)
+
+
+def test_bound_ports_cannot_send_from_another_mac_or_address() -> None:
+    unbound = view()
+    assert "table bridge capsa_t {\n" not in firewall.render("capsa_t", unbound, BRIDGES)
+    first = unbound.ports[0]
+    bound_port = replace(first.port, binding_host_ifname="capsa0123456789")
+    bound = replace(unbound, ports=(replace(first, port=bound_port), *unbound.ports[1:]))
+    script = firewall.render("capsa_t", bound, BRIDGES)
+    bridge_table = script.split("table bridge capsa_t {\n")[1]
+    assert '"capsa0123456789" : jump port_333333333333_s' in bridge_table
+    chain = bridge_table.split("chain port_333333333333_s {")[1].split("}")[0]
+    assert "ether saddr != fa:16:3e:00:00:01 drop" in chain
+    assert "ip saddr != 10.60.0.2 drop" in chain and "arp saddr ip != 10.60.0.2 drop" in chain
+    assert "port_444444444444_s" not in script
 
 
 def test_table_names_differ_per_instance() -> None:
