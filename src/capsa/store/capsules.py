@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -46,6 +46,28 @@ SORT_KEYS: dict[str, Any] = {
     "cpu": c_t.c.cpu_millis,
     "memory": c_t.c.memory_mb,
 }
+
+
+# The statements of the hot paths (an agent's steps, the API's lookups), built once: building
+# a statement costs more than SQLite takes to run it.
+_BY_UUID = select(c_t).where(c_t.c.uuid == bindparam("ident"))
+_BY_NAME = select(c_t).where(c_t.c.name == bindparam("ident")).limit(2)
+_IN_PROJECT = c_t.c.project_id == bindparam("project")
+_BY_UUID_IN_PROJECT = _BY_UUID.where(_IN_PROJECT)
+_BY_NAME_IN_PROJECT = _BY_NAME.where(_IN_PROJECT)
+_CONTAINERS_OF = (
+    select(k_t)
+    .where(k_t.c.capsule_uuid.in_(bindparam("uuids", expanding=True)))
+    .order_by(k_t.c.position)
+)
+_PORTS_OF = select(schema.ports).where(
+    schema.ports.c.device_id.in_(bindparam("uuids", expanding=True))
+)
+# Column values come with the parameters; the WHERE's names cannot clash with a column's.
+_SET_CAPSULE = update(c_t).where(
+    c_t.c.uuid == bindparam("where_uuid"), c_t.c.desired_state == bindparam("where_desired")
+)
+_SET_CONTAINER = update(k_t).where(k_t.c.uuid == bindparam("where_uuid"))
 
 
 class NameConflict(Exception):
@@ -102,18 +124,23 @@ class CapsuleStore:
         return capsule
 
     async def get(self, uuid: str) -> Capsule | None:
-        query = select(c_t).where(c_t.c.uuid == uuid)
-        capsules = await self._db.run_read(lambda conn: _load(conn, conn.execute(query).all()))
+        params = {"ident": uuid}
+        capsules = await self._db.run_read(
+            lambda conn: _load(conn, conn.execute(_BY_UUID, params).all())
+        )
         return capsules[0] if capsules else None
 
     async def find(self, ident: str, project_id: str | None) -> Capsule | None:
         """A capsule by uuid or name, within ``project_id`` (None: in every project)."""
-        scope = [] if project_id is None else [c_t.c.project_id == project_id]
-        by_uuid = select(c_t).where(c_t.c.uuid == ident, *scope)
-        by_name = select(c_t).where(c_t.c.name == ident, *scope).limit(2)
+        params = {"ident": ident, "project": project_id}
+        by_uuid, by_name = (
+            (_BY_UUID, _BY_NAME)
+            if project_id is None
+            else (_BY_UUID_IN_PROJECT, _BY_NAME_IN_PROJECT)
+        )
 
         def find(conn: Connection) -> list[Capsule]:
-            rows = conn.execute(by_uuid).all() or conn.execute(by_name).all()
+            rows = conn.execute(by_uuid, params).all() or conn.execute(by_name, params).all()
             if len(rows) > 1:
                 raise AmbiguousName(ident)
             return _load(conn, rows)
@@ -133,7 +160,7 @@ class CapsuleStore:
             owner = conn.execute(query).scalar_one_or_none()
             if owner is None:
                 return []
-            return _load(conn, conn.execute(select(c_t).where(c_t.c.uuid == owner)).all())
+            return _load(conn, conn.execute(_BY_UUID, {"ident": owner}).all())
 
         for capsule in await self._db.run_read(find):
             for container in capsule.all_containers():
@@ -168,7 +195,7 @@ class CapsuleStore:
                 paged = paged.where(after)
             return _load(conn, conn.execute(paged.order_by(*order).limit(page.limit)).all())
 
-        return await self._db.run_read(list_page)
+        return await self._db.run_read(list_page, long=True)
 
     async def pending_placements(self) -> list[PlacementRequest]:
         """Capsules waiting for a host, oldest first: only what placing them needs."""
@@ -181,12 +208,14 @@ class CapsuleStore:
             )
             .order_by(c_t.c.created_at)
         )
-        rows = await self._db.run_read(lambda conn: conn.execute(query).all())
+        rows = await self._db.run_read(lambda conn: conn.execute(query).all(), long=True)
         return [PlacementRequest(*row) for row in rows]
 
     async def list_for_host(self, host: str) -> list[Capsule]:
         query = select(c_t).where(c_t.c.host == host)
-        return await self._db.run_read(lambda conn: _load(conn, conn.execute(query).all()))
+        return await self._db.run_read(
+            lambda conn: _load(conn, conn.execute(query).all()), long=True
+        )
 
     async def count(self, project_id: str | None) -> int:
         query = select(func.count()).select_from(c_t)
@@ -234,16 +263,14 @@ class CapsuleStore:
 
         Returns False when the capsule is gone or the tenant changed their mind meanwhile.
         """
-        values["updated_at"] = utcnow()
-        statement = (
-            update(c_t).where(c_t.c.uuid == uuid, c_t.c.desired_state == expect).values(**values)
+        params = {**values, "updated_at": utcnow(), "where_uuid": uuid, "where_desired": expect}
+        return await self._db.run_write(
+            lambda conn: bool(conn.execute(_SET_CAPSULE, params).rowcount)
         )
-        return await self._db.run_write(lambda conn: bool(conn.execute(statement).rowcount))
 
     async def update_container(self, uuid: str, **values: Any) -> None:
-        values["updated_at"] = utcnow()
-        statement = update(k_t).where(k_t.c.uuid == uuid).values(**values)
-        await self._db.run_write(lambda conn: conn.execute(statement))
+        params = {**values, "updated_at": utcnow(), "where_uuid": uuid}
+        await self._db.run_write(lambda conn: conn.execute(_SET_CONTAINER, params))
 
     async def remove(self, uuid: str) -> bool:
         """Removes a torn-down capsule with its containers and ports, and releases its claim.
@@ -389,14 +416,11 @@ def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
     uuids = [r.uuid for r in rows]
     containers: dict[str, list[Container]] = {u: [] for u in uuids}
     for chunk in _chunks(uuids):
-        for row in conn.execute(
-            select(k_t).where(k_t.c.capsule_uuid.in_(chunk)).order_by(k_t.c.position)
-        ):
+        for row in conn.execute(_CONTAINERS_OF, {"uuids": chunk}):
             containers[row.capsule_uuid].append(_container(row))
     addresses: dict[str, list[Address]] = {u: [] for u in uuids}
-    p_t = schema.ports
     for chunk in _chunks(uuids):
-        for row in conn.execute(select(p_t).where(p_t.c.device_id.in_(chunk))):
+        for row in conn.execute(_PORTS_OF, {"uuids": chunk}):
             addresses[row.device_id].append(
                 Address(
                     network_id=row.network_id,

@@ -137,7 +137,9 @@ class HostStore:
         query = select(h_t).order_by(h_t.c.name)
         if alive_since is not None:
             query = query.where(h_t.c.heartbeat_at >= alive_since)
-        return await self._db.run_read(lambda conn: [_host(r) for r in conn.execute(query)])
+        return await self._db.run_read(
+            lambda conn: [_host(r) for r in conn.execute(query)], long=True
+        )
 
     async def claim(self, capsule_uuid: str, host: str, cpu_millis: int, memory_mb: int) -> bool:
         """Places one capsule on ``host`` if the host still has room; see :meth:`claim_many`."""

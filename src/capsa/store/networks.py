@@ -130,7 +130,7 @@ class NetworkStore(EnforcedStore):
         def work(conn: Connection) -> list[Network]:
             return [network_from_row(row) for row in conn.execute(query)]
 
-        return await self._db.run_read(work)
+        return await self._db.run_read(work, long=True)
 
     async def update_network(self, network_id: str, **values: Any) -> Network:
         return await self._update(n_t, "network", network_id, values, _get_network)
@@ -196,7 +196,7 @@ class NetworkStore(EnforcedStore):
         def work(conn: Connection) -> list[Subnet]:
             return [subnet_from_row(row) for row in conn.execute(query)]
 
-        return await self._db.run_read(work)
+        return await self._db.run_read(work, long=True)
 
     async def update_subnet(self, subnet_id: str, **values: Any) -> Subnet:
         if "allocation_pools" in values:
@@ -246,7 +246,7 @@ class NetworkStore(EnforcedStore):
                 by_group.setdefault(row.security_group_id, []).append(rule_from_row(row))
             return [_group(row, by_group.get(row.id, [])) for row in conn.execute(query)]
 
-        return await self._db.run_read(work)
+        return await self._db.run_read(work, long=True)
 
     async def update_security_group(self, group_id: str, **values: Any) -> SecurityGroup:
         return await self._update(g_t, "security group", group_id, values, _get_group)
@@ -356,7 +356,7 @@ class NetworkStore(EnforcedStore):
         def work(conn: Connection) -> list[SecurityGroupRule]:
             return [rule_from_row(row) for row in conn.execute(query)]
 
-        return await self._db.run_read(work)
+        return await self._db.run_read(work, long=True)
 
     async def delete_rule(self, rule_id: str) -> None:
         def work(conn: Connection) -> None:

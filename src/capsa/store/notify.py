@@ -34,7 +34,10 @@ class Subscription:
     async def wait(self, timeout: float) -> bool:
         """Waits for a wake-up or the timeout; True when woken. Wake-ups before the call count."""
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            # Not wait_for: on Python 3.11 it swallows a cancellation that arrives as the event
+            # is set, and a reconciler being stopped would then wait a whole resync interval.
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
         except TimeoutError:
             return False
         finally:

@@ -12,7 +12,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -46,6 +46,27 @@ T = TypeVar("T")
 
 # Given the subnet and the addresses in use (as integers), the address for a new port, or None.
 AddressPicker = Callable[[Subnet, set[int]], int | None]
+
+
+# The CNI daemon's statements, built once (see capsa.store.capsules).
+_PORT_WITH_NETWORK = (
+    select(
+        p_t,
+        *(c.label(f"n__{c.name}") for c in n_t.c),
+        *(c.label(f"s__{c.name}") for c in s_t.c),
+    )
+    .join(n_t, n_t.c.id == p_t.c.network_id)
+    .join(s_t, s_t.c.id == p_t.c.subnet_id)
+    .where(p_t.c.device_id == bindparam("device"))
+    .order_by(p_t.c.created_at)
+)
+_SET_BINDING = update(p_t).where(p_t.c.id == bindparam("where_id"))
+_CLEAR_BINDING = (
+    update(p_t)
+    .where(p_t.c.id == bindparam("where_id"))
+    .where(p_t.c.binding_container_id == bindparam("where_container"))
+    .values(status="DOWN", binding_container_id=None, binding_host_ifname=None)
+)
 
 
 class SubnetFull(Exception):
@@ -163,7 +184,7 @@ class PortStore(EnforcedStore):
         query = select(p_t).order_by(p_t.c.created_at, p_t.c.id)
         if project_id is not None:
             query = query.where(p_t.c.project_id == project_id)
-        return await self._db.run_read(lambda conn: _ports(conn, query))
+        return await self._db.run_read(lambda conn: _ports(conn, query), long=True)
 
     async def update(
         self, port_id: str, *, security_group_ids: Sequence[str] | None = None, **values: Any
@@ -199,20 +220,10 @@ class PortStore(EnforcedStore):
     async def find_with_network(self, device_id: str) -> tuple[Port, Network, Subnet] | None:
         """The device's port with its network and subnet, read in one query: the CNI daemon
         needs all three for every ADD."""
-        query = (
-            select(
-                p_t,
-                *(c.label(f"n__{c.name}") for c in n_t.c),
-                *(c.label(f"s__{c.name}") for c in s_t.c),
-            )
-            .join(n_t, n_t.c.id == p_t.c.network_id)
-            .join(s_t, s_t.c.id == p_t.c.subnet_id)
-            .where(p_t.c.device_id == device_id)
-            .order_by(p_t.c.created_at)
-        )
+        params = {"device": device_id}
 
         def work(conn: Connection) -> tuple[Port, Network, Subnet] | None:
-            row = conn.execute(query).first()
+            row = conn.execute(_PORT_WITH_NETWORK, params).first()
             if row is None:
                 return None
             return (
@@ -224,36 +235,19 @@ class PortStore(EnforcedStore):
         return await self._db.run_read(work)
 
     async def set_binding(self, port_id: str, container_id: str, host_ifname: str) -> None:
-        def work(conn: Connection) -> None:
-            conn.execute(
-                update(p_t)
-                .where(p_t.c.id == port_id)
-                .values(
-                    status="ACTIVE",
-                    binding_container_id=container_id,
-                    binding_host_ifname=host_ifname,
-                    updated_at=utcnow(),
-                )
-            )
-
-        await self._write(work)
+        params = {
+            "where_id": port_id,
+            "status": "ACTIVE",
+            "binding_container_id": container_id,
+            "binding_host_ifname": host_ifname,
+            "updated_at": utcnow(),
+        }
+        await self._write(lambda conn: conn.execute(_SET_BINDING, params))
 
     async def clear_binding(self, port_id: str, container_id: str) -> None:
         """Forgets a binding, unless the port was bound again for a newer sandbox meanwhile."""
-
-        def work(conn: Connection) -> None:
-            conn.execute(
-                update(p_t)
-                .where(p_t.c.id == port_id, p_t.c.binding_container_id == container_id)
-                .values(
-                    status="DOWN",
-                    binding_container_id=None,
-                    binding_host_ifname=None,
-                    updated_at=utcnow(),
-                )
-            )
-
-        await self._write(work)
+        params = {"where_id": port_id, "where_container": container_id, "updated_at": utcnow()}
+        await self._write(lambda conn: conn.execute(_CLEAR_BINDING, params))
 
     async def delete_for_device(self, device_id: str) -> None:
         await self._write(
@@ -262,7 +256,7 @@ class PortStore(EnforcedStore):
 
     async def list_for_subnet(self, subnet_id: str) -> list[Port]:
         query = select(p_t).where(p_t.c.subnet_id == subnet_id)
-        return await self._db.run_read(lambda conn: _ports(conn, query))
+        return await self._db.run_read(lambda conn: _ports(conn, query), long=True)
 
     async def host_view(self, host: str) -> HostNetworkView:
         """The host's ports with their networks, subnets, groups' rules and remote groups'
@@ -330,7 +324,7 @@ class PortStore(EnforcedStore):
                 remote_ports=remote,
             )
 
-        return await self._db.run_read(work)
+        return await self._db.run_read(work, long=True)
 
 
 class _Prefixed:

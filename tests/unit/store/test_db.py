@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,20 @@ async def test_wakeups_reach_only_their_topic_and_are_not_lost_before_waiting() 
     a.close()
     hub.publish("a")
     assert not await a.wait(0.01)
+
+
+async def test_a_reconciler_stopped_as_it_is_woken_stops() -> None:
+    hub = ChangeHub()
+    wakeups = hub.subscribe("a")
+
+    async def reconcile_forever() -> None:
+        while True:
+            await wakeups.wait(3600)
+
+    task = asyncio.create_task(reconcile_forever())
+    await asyncio.sleep(0)
+    hub.publish("a")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(2):
+            await task
