@@ -101,6 +101,26 @@ async def test_network_lifecycle_in_neutrons_shape(client: Client) -> None:
     )
 
 
+async def test_lists_sort_and_page_as_neutron_does(client: Client) -> None:
+    for name in ("b", "c", "a"):
+        await make_network(client, name)
+    first = await ok(
+        await client.get(f"{V2}/networks?sort_key=name&sort_dir=asc&limit=2", headers=who())
+    )
+    assert [n["name"] for n in first["networks"]] == ["a", "b"]
+    [link] = first["networks_links"]
+    assert link["rel"] == "next" and "limit=2" in link["href"]
+    second = await ok(await client.get(link["href"].split(":9517", 1)[1], headers=who()))
+    assert [n["name"] for n in second["networks"]] == ["c"]
+    assert "networks_links" not in second
+    descending = await ok(
+        await client.get(f"{V2}/networks?sort_key=name&sort_dir=desc", headers=who())
+    )
+    assert [n["name"] for n in descending["networks"]] == ["c", "b", "a"]
+    bad = await client.get(f"{V2}/networks?marker=nope", headers=who())
+    await neutron_error(bad, 400, "HTTPBadRequest", "Marker nope")
+
+
 async def test_another_projects_network_is_not_found_and_shared_is_admin_only(
     client: Client,
 ) -> None:

@@ -8,6 +8,7 @@ import ipaddress
 import itertools
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlencode
 
 from aiohttp import web
 
@@ -64,8 +65,16 @@ def _one(
 
 
 def _many(collection: str, items: list[dict[str, Any]], request: web.Request) -> web.Response:
-    chosen = views.filtered(items, request.query)
-    return json_response({collection: [views.only_fields(i, request.query) for i in chosen]})
+    """A list as Neutron answers it: filtered, sorted, paged (with a ``next`` link while more
+    items follow) and cut to ``fields``."""
+    page, next_marker = views.sorted_page(views.filtered(items, request.query), request.query)
+    body: dict[str, Any] = {collection: [views.only_fields(i, request.query) for i in page]}
+    if next_marker is not None:
+        query = [(k, v) for k, v in request.query.items() if k != "marker"]
+        query.append(("marker", next_marker))
+        href = f"{request.app[CONFIG].api_url}{request.path}?{urlencode(query)}"
+        body[f"{collection}_links"] = [{"rel": "next", "href": href}]
+    return json_response(body)
 
 
 def _no_content() -> web.Response:

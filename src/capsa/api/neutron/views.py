@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -143,6 +144,44 @@ def filtered(items: list[dict[str, Any]], query: MultiMapping[str]) -> list[dict
         if unknown:
             raise bad_request(f"{', '.join(unknown)} is invalid attribute for filtering")
     return [item for item in items if all(_matches(item[k], v) for k, v in filters.items())]
+
+
+def sorted_page(
+    items: list[dict[str, Any]], query: MultiMapping[str]
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Neutron's ``sort_key``/``sort_dir`` (pairs, repeatable), then ``marker`` (the id after
+    which the page starts) and ``limit``; returns the page and the marker of the next one, if
+    more items follow."""
+    keys = query.getall("sort_key", [])
+    directions = query.getall("sort_dir", [])
+    if len(directions) > len(keys):
+        raise bad_request("The number of sort_keys and sort_dirs must be same")
+    for key, direction in reversed(list(itertools.zip_longest(keys, directions))):
+        if items and key not in items[0]:
+            raise bad_request(f"{key} is invalid attribute for sort_key")
+        if direction not in (None, "asc", "desc"):
+            raise bad_request(f"{direction} is invalid value for sort_dir")
+        items = sorted(items, key=lambda i: _sort_key(i[key]), reverse=direction == "desc")
+    marker = query.get("marker")
+    if marker is not None:
+        ids = [i.get("id") for i in items]
+        if marker not in ids:
+            raise bad_request(f"Marker {marker} could not be found")
+        items = items[ids.index(marker) + 1 :]
+    limit = query.get("limit")
+    if limit is None:
+        return items, None
+    if not limit.isdigit():
+        raise bad_request(f"Invalid limit {limit!r}: it must be an integer of 0 or more")
+    if int(limit) == 0 or len(items) <= int(limit):
+        return items, None
+    page = items[: int(limit)]
+    return page, str(page[-1]["id"])
+
+
+def _sort_key(value: Any) -> tuple[bool, str]:
+    # None sorts first, as in SQL's ascending order on most databases.
+    return (value is not None, _text(value))
 
 
 def _matches(value: Any, wanted: list[str]) -> bool:
