@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 HEADERS = {
     "Content-Type": "application/json",
     "OpenStack-API-Version": "container 1.40",
-    "X-Auth-Token": "bench",
 }
 
 
@@ -23,13 +22,14 @@ class ApiError(RuntimeError):
 class ApiClient:
     """One kept-alive connection; use one client per thread."""
 
-    def __init__(self, base_url: str, timeout: float = 60.0) -> None:
+    def __init__(self, base_url: str, token: str, timeout: float = 60.0) -> None:
         parts = urlsplit(base_url)
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"expected http://HOST:PORT, got {base_url!r}")
         self._host = parts.hostname
         self._port = parts.port
         self._timeout = timeout
+        self._headers = {**HEADERS, "X-Auth-Token": token}
         self._conn: http.client.HTTPConnection | None = None
 
     def close(self) -> None:
@@ -52,7 +52,9 @@ class ApiClient:
             if self._conn is None:
                 self._conn = http.client.HTTPConnection(self._host, self._port, self._timeout)
             try:
-                self._conn.request(method, path, body=data, headers={**HEADERS, **(headers or {})})
+                self._conn.request(
+                    method, path, body=data, headers={**self._headers, **(headers or {})}
+                )
                 response = self._conn.getresponse()
                 return response.status, response.read()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):

@@ -29,6 +29,7 @@ from typing import Any
 
 from bench import host
 from bench.api_client import ApiClient
+from capsa.cli.auth import Credentials, login
 from capsa.cni.install import REFERENCE_PLUGIN_DIRS
 from capsa.config import Config, load_config
 from capsa.cri.client import CriClient, CriError
@@ -90,6 +91,8 @@ class InstanceSettings:
             "CAPSA_CNI_NETWORK_NAME": self.network_name,
             "CAPSA_IMAGES_CACHE_DIR": str(workspace.image_cache),
             "CAPSA_LOG_LEVEL": "INFO",
+            # The instance's clouds.yaml stays in its state dir, out of /etc/openstack.
+            "CAPSA_AUTH_CLOUDS_YAML": "",
         }
 
     @property
@@ -118,10 +121,20 @@ class CapsaUp:
         )
         self.log_path = settings.state_dir / "capsa-up.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._token: str | None = None
 
     @property
     def config(self) -> Config:
         return load_config(environ=self.env)
+
+    def token(self) -> str:
+        """A token of the admin that capsa up bootstrapped, as a tenant's tool would get one."""
+        if self._token is None:
+            identity_dir = self.config.identity_dir
+            password = (identity_dir / "admin.password").read_text().strip()
+            credentials = Credentials(f"{self.api_url}/v3", "admin", password, "admin")
+            self._token = login(credentials)
+        return self._token
 
     @property
     def api_url(self) -> str:
@@ -134,7 +147,7 @@ class CapsaUp:
         return self.process.pid
 
     def client(self) -> ApiClient:
-        return ApiClient(self.api_url)
+        return ApiClient(self.api_url, self.token())
 
     def start(self) -> None:
         with self.log_path.open("ab") as log_file:

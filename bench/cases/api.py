@@ -34,7 +34,8 @@ from capsa.network.service import NetworkService
 from capsa.store import Store
 
 LIST_TARGET = Target("p99", "<", 0.1, "p99 < 100 ms at 1 client")
-_PROJECT = "default"
+# The project of capsa.client()'s token: the admin's, which capsa up bootstraps.
+_PROJECT = "admin"
 _ELSEWHERE = "bench-api-elsewhere"
 _WARMUP_REQUESTS = 5
 
@@ -91,26 +92,30 @@ def _rows(measure: str, samples: list[float], rate: float, target: Target | None
 
 
 async def fill(capsa: CapsaUp, count: int) -> list[str]:
-    """Stores ``count`` running capsules of two containers and a port each; returns their names."""
+    """Stores ``count`` running capsules of two containers and a port each, in the project of
+    the benchmark's client; returns their names."""
     cfg = capsa.config
     store = Store(cfg.database_url)
     await store.open()
     try:
+        project = await store.identity.find_project(_PROJECT)
+        if project is None:
+            raise RuntimeError(f"capsa up did not bootstrap the project {_PROJECT!r}")
         network = NetworkService(
             store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen
         )
         names = []
         for number in range(count):
-            capsule = _capsule(f"bench-api-{number:05d}")
+            capsule = _capsule(f"bench-api-{number:05d}", project.id)
             await store.capsules.create(capsule)
-            await network.allocate_port(capsule.uuid, _PROJECT, _ELSEWHERE)
+            await network.allocate_port(capsule.uuid, project.id, _ELSEWHERE)
             names.append(capsule.name)
         return names
     finally:
         await store.close()
 
 
-def _capsule(name: str) -> Capsule:
+def _capsule(name: str, project_id: str) -> Capsule:
     capsule_uuid = str(uuid.uuid4())
     specs = (
         ContainerSpec(
@@ -128,7 +133,7 @@ def _capsule(name: str) -> Capsule:
     )
     capsule = Capsule(
         uuid=capsule_uuid,
-        project_id=_PROJECT,
+        project_id=project_id,
         user_id="bench",
         spec=CapsuleSpec(name=name, containers=specs, labels={"app": "bench"}),
         status=Status.RUNNING,
@@ -139,7 +144,7 @@ def _capsule(name: str) -> Capsule:
         Container(
             uuid=str(uuid.uuid4()),
             capsule_uuid=capsule_uuid,
-            project_id=_PROJECT,
+            project_id=project_id,
             user_id="bench",
             kind=ContainerKind.APP,
             position=position,
@@ -161,7 +166,7 @@ def measure(
     latencies_by_client: list[list[float]] = [[] for _ in range(clients)]
 
     def client(number: int) -> None:
-        with ApiClient(capsa.api_url) as api:
+        with capsa.client() as api:
             for _ in range(_WARMUP_REQUESTS):
                 _get(api, next_path())
             release.wait()

@@ -54,9 +54,67 @@ class ApiConfig:
     max_limit: int = 1000
     # Bound on each call to a compute agent (logs); a followed log stream is not bounded.
     agent_timeout: float = 30.0
-    # Until identity lands, the project and user of callers that send no X-Project-Id / X-User-Id.
+    # With auth.mode = "noauth" only: the project and user of callers that send no X-Project-Id /
+    # X-User-Id; also the owner of the default network.
     default_project_id: str = "default"
     default_user_id: str = "default"
+
+
+AUTH_MODES = ("local", "keystone", "noauth")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # "local": capsa's own identity service (/v3) issues and checks tokens; "keystone": tokens are
+    # checked against an external Keystone; "noauth" (UNSAFE, development only): whoever calls is
+    # believed, the project and roles come from the X-Project-Id and X-Roles headers.
+    mode: str = "local"
+    # How long a token issued by the local identity service is valid, in seconds.
+    token_ttl: int = 3600
+    # The HMAC key that signs tokens; empty means <state_dir>/identity/token.key, made on first use.
+    token_key_file: str = ""
+    # capsa up makes the admin and demo projects and users when they are missing (local mode).
+    bootstrap: bool = True
+    # Where capsa up also writes the clouds.yaml of those users (a copy is always in the state
+    # dir); empty writes only the state dir's.
+    clouds_yaml: str = "/etc/openstack/clouds.yaml"
+    # mode = "keystone": the external Keystone's v3 URL and capsa's service user there.
+    keystone_url: str = ""
+    service_user: str = ""
+    service_password: str = ""
+    service_project: str = "service"
+    service_domain: str = "Default"
+    # How long a token the external Keystone confirmed is believed without asking again.
+    cache_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Who may do what: each rule lists the roles that allow it (any one is enough).
+
+    Every rule applies within the caller's own project; another project's resources are never
+    found, whatever the roles, except through the all_projects rules.
+    """
+
+    capsule_create: tuple[str, ...] = ("admin", "member")
+    capsule_get: tuple[str, ...] = ("admin", "member", "reader")
+    capsule_delete: tuple[str, ...] = ("admin", "member")
+    # Listing, finding and deleting the capsules of every project.
+    capsule_all_projects: tuple[str, ...] = ("admin",)
+    # Seeing which host runs a capsule or container.
+    capsule_host: tuple[str, ...] = ("admin",)
+    # Naming a runtime handler (a Pod's runtimeClassName) or an image pull policy.
+    capsule_runtime: tuple[str, ...] = ("admin", "member")
+    capsule_image_pull_policy: tuple[str, ...] = ("admin", "member")
+    container_get: tuple[str, ...] = ("admin", "member", "reader")
+    host_get: tuple[str, ...] = ("admin",)
+    # The network service: reading, and changing, networks, subnets, ports and security groups.
+    network_get: tuple[str, ...] = ("admin", "member", "reader")
+    network_change: tuple[str, ...] = ("admin", "member")
+    # Seeing and changing every project's network resources, and making them for another project.
+    network_all_projects: tuple[str, ...] = ("admin",)
+    # Making a network shared with every project.
+    network_shared: tuple[str, ...] = ("admin",)
 
 
 @dataclass(frozen=True)
@@ -90,7 +148,8 @@ class AgentConfig:
     # A container that keeps exiting is restarted after base, 2*base, 4*base... up to max seconds.
     restart_backoff_base: float = 1.0
     restart_backoff_max: float = 60.0
-    # Most capsules worked on at once.
+    # Most sandboxes started or stopped at once (the runtime's heaviest calls); capsules waiting
+    # for an image, an init container or a back-off hold no slot.
     max_parallel: int = 16
 
 
@@ -100,6 +159,16 @@ class CapsuleConfig:
     default_cpu: float = 0.1
     default_memory_mb: int = 64
     max_containers: int = 32
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    # Zun's defaults for every project; -1 is unlimited. The "default" quota class, which admins
+    # set through the API, overrides them; a project's own quota overrides both.
+    containers: int = 40
+    cpu: int = 20
+    memory: int = 51200
+    disk: int = 100
 
 
 @dataclass(frozen=True)
@@ -120,6 +189,14 @@ class RegistryConfig:
     binary: str = "docker-registry"
     mirror_of: tuple[str, ...] = ("docker.io",)
     start_timeout: float = 15.0
+
+
+@dataclass(frozen=True)
+class CredentialsConfig:
+    # The key that encrypts private registries' passwords in the database; empty means
+    # <state_dir>/credentials.key, made on first use. Every host that runs an API or an agent of
+    # one database needs the same file.
+    key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -159,11 +236,15 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     capsule: CapsuleConfig = field(default_factory=CapsuleConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
     containerd: ContainerdConfig = field(default_factory=ContainerdConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    credentials: CredentialsConfig = field(default_factory=CredentialsConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     cni: CniConfig = field(default_factory=CniConfig)
@@ -181,6 +262,17 @@ class Config:
     @property
     def api_url(self) -> str:
         return (self.api.public_url or f"http://{self.api.listen}").rstrip("/")
+
+    @property
+    def identity_dir(self) -> Path:
+        """The token signing key, the bootstrap passwords and clouds.yaml: root only."""
+        return self.state_dir / "identity"
+
+    @property
+    def token_key_path(self) -> Path:
+        if self.auth.token_key_file:
+            return Path(self.auth.token_key_file)
+        return self.identity_dir / "token.key"
 
     @property
     def agent_url(self) -> str:
@@ -220,6 +312,14 @@ class Config:
         return self.state_dir / "registry"
 
     @property
+    def credentials_key_path(self) -> Path:
+        return (
+            Path(self.credentials.key_file)
+            if self.credentials.key_file
+            else self.state_dir / "credentials.key"
+        )
+
+    @property
     def image_cache_dir(self) -> Path:
         return Path(self.images.cache_dir) if self.images.cache_dir else self.state_dir / "images"
 
@@ -245,7 +345,22 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
         config = _apply_mapping(config, data, str(file_path), prefix="")
-    return _apply_env(config, env)
+    return _checked(_apply_env(config, env))
+
+
+def _checked(config: Config) -> Config:
+    """Refuses settings that are each well typed but cannot be used as they are."""
+    auth = config.auth
+    if auth.mode not in AUTH_MODES:
+        raise ConfigError(f"auth.mode={auth.mode!r}: use one of {', '.join(AUTH_MODES)}")
+    if auth.mode == "keystone" and not (
+        auth.keystone_url and auth.service_user and auth.service_password
+    ):
+        raise ConfigError(
+            "auth.mode='keystone' needs auth.keystone_url, auth.service_user and "
+            "auth.service_password (CAPSA_AUTH_KEYSTONE_URL, ...)"
+        )
+    return config
 
 
 def _apply_mapping(obj: Any, data: dict[str, Any], origin: str, prefix: str) -> Any:

@@ -47,6 +47,7 @@ from typing import Any
 
 import pytest
 
+from capsa.cli.auth import Credentials, login
 from capsa.config import AgentConfig, Config, ImagesConfig, RegistryConfig
 from capsa.cri.client import CriClient
 from capsa.network import firewall
@@ -213,11 +214,58 @@ class CapsaInstance:
             "CAPSA_AGENT_CGROUP_PARENT": f"/{self.state_dir.name}",
             "CAPSA_AGENT_STOP_GRACE_PERIOD": "2",
             "CAPSA_LOG_LEVEL": "DEBUG",
+            # The instance's clouds.yaml stays in its state dir, out of /etc/openstack.
+            "CAPSA_AUTH_CLOUDS_YAML": "",
         }
         self.log_path = self.state_dir / "capsa-up.log"
         self.process: subprocess.Popen[bytes] | None = None
         # Runs capsa in another network namespace (a "host" of its own): nsenter --net=PATH.
         self.netns: str | None = None
+        self._admin_token: str | None = None
+
+    # -- identity: the accounts capsa up bootstraps, and more made with `capsa user create` --
+
+    @property
+    def clouds_yaml(self) -> Path:
+        return self.state_dir / "identity" / "clouds.yaml"
+
+    @property
+    def cli_env(self) -> dict[str, str]:
+        """The environment of a client that authenticates as this instance's admin (the cloud
+        ``capsa`` of its clouds.yaml), whatever clouds.yaml the machine has."""
+        return {**self.env, "OS_CLIENT_CONFIG_FILE": str(self.clouds_yaml), "OS_CLOUD": "capsa"}
+
+    def password(self, user: str) -> str:
+        return (self.state_dir / "identity" / f"{user}.password").read_text().strip()
+
+    def login(self, user: str, password: str, project: str) -> str:
+        """A token from the instance's /v3, as any Keystone client gets one."""
+        return login(Credentials(f"{self.api_url}/v3", user, password, project))
+
+    def admin_token(self, renew: bool = False) -> str:
+        if renew or self._admin_token is None:
+            self._admin_token = self.login("admin", self.password("admin"), "admin")
+        return self._admin_token
+
+    def capsa_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``capsa ARGS`` as the instance's admin."""
+        return subprocess.run(
+            [sys.executable, "-m", "capsa", *args],
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    def add_user(self, user: str, password: str, project: str, role: str = "member") -> None:
+        """A user with ``role`` in ``project`` (made if missing), through `capsa user create`."""
+        if self.capsa_cli("project", "create", project).returncode not in (0, 1):
+            raise AssertionError(f"capsa project create {project} failed")
+        run = self.capsa_cli(
+            "user", "create", user, "--project", project, "--role", role, "--password", password
+        )
+        assert run.returncode == 0, run.stderr
 
     @property
     def cri_socket(self) -> str:
@@ -289,6 +337,23 @@ class CapsaInstance:
         headers: dict[str, str] | None = None,
         timeout: float = 30.0,
     ) -> tuple[int, Any]:
+        """The API's answer; as the instance's admin unless ``headers`` bring another token."""
+        for renew in (False, True):
+            status, answer = self._exchange(method, path, body, headers, timeout, renew)
+            # The admin's token may have expired during a long session: once more with a new one.
+            if status != 401 or (headers and "X-Auth-Token" in headers):
+                break
+        return status, answer
+
+    def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        headers: dict[str, str] | None,
+        timeout: float,
+        renew: bool,
+    ) -> tuple[int, Any]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
             self.api_url + path,
@@ -297,7 +362,11 @@ class CapsaInstance:
             headers={
                 "Content-Type": "application/json",
                 "OpenStack-API-Version": "container 1.40",
-                "X-Auth-Token": "test",
+                **(
+                    {}
+                    if headers and "X-Auth-Token" in headers
+                    else {"X-Auth-Token": self.admin_token(renew)}
+                ),
                 **(headers or {}),
             },
         )
@@ -313,27 +382,29 @@ class CapsaInstance:
         assert status == 202, body
         return dict(body)
 
-    def get(self, ident: str) -> dict[str, Any] | None:
-        status, body = self.request("GET", f"/v1/capsules/{ident}")
+    def get(self, ident: str, headers: dict[str, str] | None = None) -> dict[str, Any] | None:
+        status, body = self.request("GET", f"/v1/capsules/{ident}", headers=headers)
         if status == 404:
             return None
         assert status == 200, body
         return dict(body)
 
     def capsules(self) -> list[dict[str, Any]]:
-        status, body = self.request(
-            "GET", "/v1/capsules?all_projects=true&limit=1000", headers={"X-Roles": "admin"}
-        )
+        status, body = self.request("GET", "/v1/capsules?all_projects=true&limit=1000")
         assert status == 200, body
         return list(body["capsules"])
 
     def wait_status(
-        self, ident: str, statuses: tuple[str, ...], timeout: float = 90.0
+        self,
+        ident: str,
+        statuses: tuple[str, ...],
+        timeout: float = 90.0,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         capsule = None
         while time.monotonic() < deadline:
-            capsule = self.get(ident)
+            capsule = self.get(ident, headers)
             if capsule is not None and capsule["status"] in statuses:
                 return capsule
             time.sleep(0.2)
@@ -345,10 +416,12 @@ class CapsaInstance:
         status, body = self.request("DELETE", f"/v1/capsules/{ident}")
         assert status in (204, 404), body
 
-    def wait_gone(self, ident: str, timeout: float = 60.0) -> None:
+    def wait_gone(
+        self, ident: str, timeout: float = 60.0, headers: dict[str, str] | None = None
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.get(ident) is None:
+            if self.get(ident, headers) is None:
                 return
             time.sleep(0.2)
         raise AssertionError(f"capsule {ident} still exists after {timeout}s\n{self.log_tail()}")
@@ -356,11 +429,8 @@ class CapsaInstance:
     def delete_all(self) -> None:
         capsules = self.capsules()
         for capsule in capsules:
-            status, body = self.request(
-                "DELETE",
-                f"/v1/capsules/{capsule['uuid']}",
-                headers={"X-Project-Id": capsule["project_id"]},
-            )
+            # The admin reaches every project's capsules by uuid.
+            status, body = self.request("DELETE", f"/v1/capsules/{capsule['uuid']}")
             assert status in (204, 404), body
         for capsule in capsules:
             deadline = time.monotonic() + 60

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def cli(capsa: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "capsa", "--url", capsa.api_url, *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    """``capsa`` as the instance's admin, authenticated through the instance's clouds.yaml."""
+    result: subprocess.CompletedProcess[str] = capsa.capsa_cli("--url", capsa.api_url, *args)
+    return result
 
 
 def ip_of(shown: dict[str, Any]) -> str:
@@ -68,12 +63,6 @@ def test_the_walkthrough_creates_shows_reaches_reads_and_deletes(
 
 
 def test_an_unreachable_api_exits_3(capsa: Any) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", "capsa", "--url", "http://127.0.0.1:9", "capsule", "list"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    run = capsa.capsa_cli("--url", "http://127.0.0.1:9", "capsule", "list")
     assert run.returncode == 3
     assert "127.0.0.1:9" in run.stderr

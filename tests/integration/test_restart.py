@@ -100,6 +100,8 @@ def test_sigkill_while_creating_then_restart_recovers_everything(private_capsa: 
             break
         time.sleep(0.02)
     statuses_at_kill = [capsa.get(n)["status"] for n in creating]
+    identity_files = {f: f.read_bytes() for f in (capsa.state_dir / "identity").iterdir()}
+    token_before = capsa.admin_token()
     capsa.kill()
     assert "Creating" in statuses_at_kill, "the kill did not land while capsules were created"
 
@@ -108,6 +110,13 @@ def test_sigkill_while_creating_then_restart_recovers_everything(private_capsa: 
     orphan = start_orphan_sandbox(capsa.cri_socket, capsa.state_dir / "orphan-logs")
 
     capsa.start()
+
+    # The second start bootstraps nothing: same key, passwords and clouds.yaml, passwords printed
+    # once (at the first start), and a token from before the crash still valid.
+    assert {f: f.read_bytes() for f in (capsa.state_dir / "identity").iterdir()} == identity_files
+    assert capsa.log_path.read_text().count("has the password") == 2
+    status, _ = capsa.request("GET", "/v1/capsules", headers={"X-Auth-Token": token_before})
+    assert status == 200
 
     everyone = running + creating
     final = [capsa.wait_status(n, ("Running", "Error")) for n in everyone]

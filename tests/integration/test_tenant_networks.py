@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import secrets
 import subprocess
 import sys
 import time
@@ -105,8 +106,21 @@ def never(check: Callable[[], bool], what: str, tries: int = 3) -> None:
         assert not check(), what
 
 
-def neutron(capsa: CapsaInstance, method: str, path: str, project: str, body: Any = None) -> Any:
-    status, answer = capsa.request(method, NEUTRON + path, body, {"X-Project-Id": project})
+# The headers of a member of a project: its token.
+Headers = dict[str, str]
+
+
+def member_of(capsa: CapsaInstance, project: str) -> Headers:
+    """A token of a new member of ``project`` (made if missing)."""
+    password = secrets.token_urlsafe(16)
+    capsa.add_user(project, password, project)
+    return {"X-Auth-Token": capsa.login(project, password, project)}
+
+
+def neutron(
+    capsa: CapsaInstance, method: str, path: str, project: Headers, body: Any = None
+) -> Any:
+    status, answer = capsa.request(method, NEUTRON + path, body, project)
     assert status < 300, (status, answer)
     return answer
 
@@ -139,13 +153,13 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
     capsa.start()
     table = firewall.table_name(str(capsa.state_dir))
     suffix = uuid.uuid4().hex[:6]
-    alice, bob = f"alice-{suffix}", f"bob-{suffix}"
+    alice, bob = member_of(capsa, f"alice-{suffix}"), member_of(capsa, f"bob-{suffix}")
     host_port = random.randint(20000, 29999)
 
-    capsa.create(web("a1", host_port), **{"X-Project-Id": alice})
-    capsa.create(web("a2"), **{"X-Project-Id": alice})
-    capsa.create(web("b1"), **{"X-Project-Id": bob})
-    capsa.create(web("b2"), **{"X-Project-Id": bob})
+    capsa.create(web("a1", host_port), **alice)
+    capsa.create(web("a2"), **alice)
+    capsa.create(web("b1"), **bob)
+    capsa.create(web("b2"), **bob)
     a1, a2, b1, b2 = (
         ip_of(wait_running(capsa, name, project))
         for name, project in (("a1", alice), ("a2", alice), ("b1", bob), ("b2", bob))
@@ -213,9 +227,7 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
         "the hostPort answers",
     )
     for name, project in (("a1", alice), ("a2", alice), ("b1", bob), ("b2", bob)):
-        status, body = capsa.request(
-            "DELETE", f"/v1/capsules/{name}", None, {"X-Project-Id": project}
-        )
+        status, body = capsa.request("DELETE", f"/v1/capsules/{name}", None, project)
         assert status == 204, body
     for name, project in (("a1", alice), ("a2", alice), ("b1", bob), ("b2", bob)):
         wait_gone(capsa, name, project)
@@ -235,14 +247,12 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
 
 
 def wait_running(
-    capsa: CapsaInstance, name: str, project: str, timeout: float = 90
+    capsa: CapsaInstance, name: str, project: Headers, timeout: float = 90
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     capsule = None
     while time.monotonic() < deadline:
-        status, capsule = capsa.request(
-            "GET", f"/v1/capsules/{name}", None, {"X-Project-Id": project}
-        )
+        status, capsule = capsa.request("GET", f"/v1/capsules/{name}", None, project)
         if status == 200 and capsule["status"] == "Running":
             return dict(capsule)
         assert status == 200 and capsule["status"] != "Error", capsule
@@ -250,10 +260,10 @@ def wait_running(
     raise AssertionError(f"{name} not running: {capsule}\n{capsa.log_tail()}")
 
 
-def wait_gone(capsa: CapsaInstance, name: str, project: str, timeout: float = 60) -> None:
+def wait_gone(capsa: CapsaInstance, name: str, project: Headers, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status, _ = capsa.request("GET", f"/v1/capsules/{name}", None, {"X-Project-Id": project})
+        status, _ = capsa.request("GET", f"/v1/capsules/{name}", None, project)
         if status == 404:
             return
         time.sleep(0.3)

@@ -20,17 +20,28 @@ from capsa.api.errors import (
     InvalidCapsuleTemplate,
     InvalidValue,
 )
-from capsa.api.keys import CONFIG, STORE, TEMPLATE_DEFAULTS
+from capsa.api.keys import CONFIG, QUOTA_DEFAULTS, STORE, TEMPLATE_DEFAULTS
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json
+from capsa.api.quotas import over_quota
 from capsa.api.schemas import TemplateError, parse_create_body
 from capsa.api.views import CapsuleFormatter, json_response
 from capsa.log import get_logger
-from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
+from capsa.model.capsule import (
+    Capsule,
+    CapsuleSpec,
+    Container,
+    ContainerKind,
+    ContainerSpec,
+    PullPolicy,
+)
 from capsa.model.network import NETWORK_ANNOTATION, SECURITY_GROUPS_ANNOTATION, Attachment
+from capsa.model.registry import RegistryDirectory
 from capsa.store import Store
-from capsa.store.capsules import SORT_KEYS, AmbiguousName, MarkerNotFound, NameConflict, Page
+from capsa.store.capsules import SORT_KEYS, AmbiguousName, NameConflict
 from capsa.store.networks import Ambiguous, NotFound
+from capsa.store.paging import MarkerNotFound, Page
+from capsa.store.quotas import OverQuota
 
 log = get_logger(__name__)
 
@@ -41,29 +52,39 @@ _DEFAULT_SORT_KEY = "created_at"
 def formatter(request: web.Request) -> CapsuleFormatter:
     context = request[CONTEXT]
     return CapsuleFormatter(
-        request.app[CONFIG].api_url, context.version, show_host=context.is_admin
+        request.app[CONFIG].api_url, context.version, show_host=context.can("capsule_host")
     )
 
 
 async def create_capsule(request: web.Request) -> web.Response:
     context = request[CONTEXT]
+    context.authorize("capsule_create")
     config = request.app[CONFIG]
     body = await read_json(request, config.api.max_body_bytes)
     capsule_uuid = str(uuid.uuid4())
+    store = request.app[STORE]
+    registries = RegistryDirectory(tuple(await store.registries.of_project(context.project_id)))
     try:
         spec = parse_create_body(
-            body, request.app[TEMPLATE_DEFAULTS], fallback_name=f"capsule-{capsule_uuid[:13]}"
+            body,
+            request.app[TEMPLATE_DEFAULTS],
+            fallback_name=f"capsule-{capsule_uuid[:13]}",
+            registries=registries,
         )
     except TemplateError as exc:
         raise InvalidCapsuleTemplate(f"Invalid capsule template: {exc}") from None
-    await _check_attachment(request.app[STORE], context.project_id, spec.annotations)
+    _authorize_fields(context, spec)
+    await _check_attachment(store, context.project_id, spec.annotations)
     capsule = _new_capsule(capsule_uuid, spec, context)
     try:
-        await request.app[STORE].capsules.create(capsule)
+        await store.capsules.create(capsule, request.app[QUOTA_DEFAULTS])
     except NameConflict:
         raise CapsuleAlreadyExists(
             f"A capsule with name {spec.name} already exists in project {context.project_id}."
         ) from None
+    except OverQuota as exc:
+        log.info("capsule refused: over quota", name=spec.name, project=context.project_id)
+        raise over_quota(exc) from None
     log.info("capsule accepted", capsule=capsule.uuid, name=spec.name, project=context.project_id)
     return json_response(
         formatter(request).capsule(capsule),
@@ -90,6 +111,7 @@ async def _check_attachment(store: Store, project_id: str, annotations: dict[str
 async def list_capsules(request: web.Request) -> web.Response:
     context = request[CONTEXT]
     config = request.app[CONFIG]
+    context.authorize("capsule_get", "capsule:get_all")
     query = request.query
     all_projects = boolean(query, "all_projects", False)
     scope = context.project_scope(all_projects, "capsule:get_all_all_projects")
@@ -114,6 +136,7 @@ async def list_capsules(request: web.Request) -> web.Response:
 
 async def show_capsule(request: web.Request) -> web.Response:
     context = request[CONTEXT]
+    context.authorize("capsule_get")
     capsule = await find_capsule(
         request.app[STORE], context, request.match_info["ident"], context.project_id
     )
@@ -122,6 +145,7 @@ async def show_capsule(request: web.Request) -> web.Response:
 
 async def delete_capsule(request: web.Request) -> web.Response:
     context = request[CONTEXT]
+    context.authorize("capsule_delete")
     store = request.app[STORE]
     all_projects = boolean(request.query, "all_projects", False)
     scope = context.project_scope(all_projects, "capsule:delete_all_projects")
@@ -134,8 +158,10 @@ async def delete_capsule(request: web.Request) -> web.Response:
 async def find_capsule(
     store: Store, context: RequestContext, ident: str, scope: str | None
 ) -> Capsule:
-    """The capsule named by uuid or name in ``scope``; admins also reach other projects."""
-    scopes = [scope, None] if scope is not None and context.is_admin else [scope]
+    """The capsule named by uuid or name in ``scope``; those who may reach every project (admins)
+    also find other projects' capsules by name or uuid, as in Zun."""
+    reach_all = context.can("capsule_all_projects")
+    scopes = [scope, None] if scope is not None and reach_all else [scope]
     for project_id in scopes:
         try:
             capsule = await store.capsules.find(ident, project_id)
@@ -146,6 +172,15 @@ async def find_capsule(
         if capsule is not None:
             return capsule
     raise CapsuleNotFound(ident)
+
+
+def _authorize_fields(context: RequestContext, spec: CapsuleSpec) -> None:
+    """Zun's per-field rules: naming a runtime, or a pull policy other than the default."""
+    if spec.runtime is not None:
+        context.authorize("capsule_runtime", "capsule:create:runtime")
+    containers = (*spec.init_containers, *spec.containers)
+    if any(c.image_pull_policy is not PullPolicy.IF_NOT_PRESENT for c in containers):
+        context.authorize("capsule_image_pull_policy", "capsule:create:image_pull_policy")
 
 
 def _new_capsule(capsule_uuid: str, spec: CapsuleSpec, context: RequestContext) -> Capsule:

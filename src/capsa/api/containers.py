@@ -1,9 +1,14 @@
-"""``/v1/containers/{uuid}/logs``: the logs of a capsule's container, read from its host's agent.
+"""``/v1/containers``: Zun's container list, and the logs of a capsule's container.
 
-The API never reads runtime state itself: it asks the agent of the host that runs the capsule (see
-agent_client for the contract). Zun answers the logs as a JSON string; ``follow=true`` is capsa's
-extension (for ``capsa logs --follow``) and streams text/plain until the container stops or the
-client goes away.
+The list answers Zun's shape for Zun's content: it lists standalone containers (``zun run``), and
+Zun keeps a capsule's containers out of it (they are reached through their capsule). capsa runs
+capsules only, so the list holds no container; ``openstack appcontainer list`` and ``zun list``
+work and show that, with Zun's policy (``all_projects`` for admins).
+
+The logs come from the host: the API never reads runtime state itself, it asks the agent of the
+host that runs the capsule (see agent_client for the contract). Zun answers the logs as a JSON
+string; ``follow=true`` is capsa's extension (for ``capsa logs --follow``) and streams text/plain
+until the container stops or the client goes away.
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from aiohttp import web
 
 from capsa.api.agent_client import LogOptions
 from capsa.api.errors import ContainerHostNotUp, ContainerNotFound, InvalidState, InvalidValue
-from capsa.api.keys import AGENTS, STORE
+from capsa.api.keys import AGENTS, CONFIG, STORE
 from capsa.api.middleware import CONTEXT
-from capsa.api.params import boolean, refuse_unknown
+from capsa.api.params import boolean, positive_limit, refuse_unknown
 from capsa.api.views import json_response
 from capsa.log import get_logger
 
@@ -29,12 +34,22 @@ _LOG_PARAMETERS = frozenset({"stdout", "stderr", "timestamps", "tail", "since", 
 _SINCE_TIME = re.compile(r"(\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2})(?:,(\d{1,3}))?")
 
 
+async def list_containers(request: web.Request) -> web.Response:
+    context = request[CONTEXT]
+    context.authorize("container_get", "container:get_all")
+    query = request.query
+    context.project_scope(boolean(query, "all_projects", False), "container:get_all_all_projects")
+    positive_limit(query.get("limit"), request.app[CONFIG].api.max_limit)
+    return json_response({"containers": [], "next": None})
+
+
 async def container_logs(request: web.Request) -> web.StreamResponse:
     context = request[CONTEXT]
+    context.authorize("container_get", "container:logs")
     store = request.app[STORE]
     options = log_options(request.query)
     container_uuid = request.match_info["container_uuid"]
-    scope = None if context.is_admin else context.project_id
+    scope = None if context.can("capsule_all_projects") else context.project_id
     found = await store.capsules.find_container(container_uuid, scope)
     if found is None:
         raise ContainerNotFound(container_uuid)

@@ -55,12 +55,24 @@ class RequestBodyTooLarge(Invalid):
     pass
 
 
+class NotAuthenticated(ApiError):
+    """No token, or one that proves nothing (any more)."""
+
+    status = 401
+
+
 class NotAuthorized(ApiError):
     status = 403
 
 
 class PolicyNotAuthorized(NotAuthorized):
     pass
+
+
+class OverQuota(ApiError):
+    """A create that would take a project past one of its quotas (Zun's OverQuota)."""
+
+    status = 403
 
 
 class NotFound(ApiError):
@@ -124,6 +136,12 @@ class ComputeAgentError(ApiError):
 
 class ContainerHostNotUp(ApiError):
     """The agent of a host could not be reached."""
+
+    status = 503
+
+
+class IdentityUnavailable(ApiError):
+    """The external Keystone that checks tokens could not be asked."""
 
     status = 503
 

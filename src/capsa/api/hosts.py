@@ -6,7 +6,7 @@ from aiohttp import web
 
 from capsa.api import microversion
 from capsa.api.context import RequestContext
-from capsa.api.errors import HostNotFound, PolicyNotAuthorized
+from capsa.api.errors import HostNotFound
 from capsa.api.keys import CONFIG, STORE
 from capsa.api.middleware import CONTEXT
 from capsa.api.views import format_host, json_response
@@ -14,8 +14,7 @@ from capsa.api.views import format_host, json_response
 
 def _authorize(context: RequestContext, action: str) -> None:
     microversion.require(context.version, microversion.HOSTS_API)
-    if not context.is_admin:
-        raise PolicyNotAuthorized(f"Policy doesn't allow {action} to be performed.")
+    context.authorize("host_get", action)
 
 
 async def list_hosts(request: web.Request) -> web.Response:

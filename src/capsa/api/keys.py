@@ -1,15 +1,25 @@
-"""What handlers find on the application: configuration, store, agent client, template defaults."""
+"""What handlers find on the application: configuration, store, agent client, the defaults of
+templates and quotas, the key of stored secrets, who checks tokens, and the local identity service
+(local mode only)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from capsa.api.agent_client import AgentClient
+from capsa.api.auth import Authenticator
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
+from capsa.identity.service import IdentityService
+from capsa.model.quota import QuotaLimits
+from capsa.secrets import SecretBox
 from capsa.store import Store
 
 CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 AGENTS = web.AppKey("agents", AgentClient)
 TEMPLATE_DEFAULTS = web.AppKey("template_defaults", TemplateDefaults)
+QUOTA_DEFAULTS = web.AppKey("quota_defaults", QuotaLimits)
+SECRETS = web.AppKey("secrets", SecretBox)
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+IDENTITY = web.AppKey("identity", IdentityService)

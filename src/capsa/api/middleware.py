@@ -12,7 +12,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from capsa.api import microversion
-from capsa.api.context import RequestContext, context_from_headers
+from capsa.api.auth import Authenticator
+from capsa.api.context import RequestContext
 from capsa.api.errors import (
     ApiError,
     HttpError,
@@ -21,7 +22,6 @@ from capsa.api.errors import (
     NotFound,
     error_response,
 )
-from capsa.config import ApiConfig
 from capsa.log import get_logger
 
 log = get_logger(__name__)
@@ -29,6 +29,10 @@ log = get_logger(__name__)
 CONTEXT = web.RequestKey("context", RequestContext)
 _REQUEST_ID = web.RequestKey("request_id", str)
 _VERSION_HEADERS = web.RequestKey("version_headers", dict[str, str])
+
+
+# The version documents clients read before they authenticate.
+_PUBLIC = frozenset({"/v1", "/v1/", "/networking", "/networking/"})
 
 
 def _is_v1(path: str) -> bool:
@@ -39,7 +43,7 @@ def _is_networking(path: str) -> bool:
     return path == "/networking" or path.startswith("/networking/")
 
 
-def api_middleware(api: ApiConfig) -> Middleware:
+def api_middleware(authenticator: Authenticator) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         request_id = f"req-{uuid.uuid4()}"
@@ -50,12 +54,11 @@ def api_middleware(api: ApiConfig) -> Middleware:
                 request[_VERSION_HEADERS] = microversion.response_headers(microversion.MIN_VERSION)
                 version = microversion.negotiate(request.headers.get(microversion.HEADER))
                 request[_VERSION_HEADERS] = microversion.response_headers(version)
-                request[CONTEXT] = context_from_headers(request.headers, api, version)
-            elif _is_networking(request.path):
-                # The Neutron API has no microversions.
-                request[CONTEXT] = context_from_headers(
-                    request.headers, api, microversion.MIN_VERSION
-                )
+                if request.path not in _PUBLIC:
+                    request[CONTEXT] = await authenticator.context(request, version)
+            elif _is_networking(request.path) and request.path not in _PUBLIC:
+                # The network service (Neutron's API) has no microversions.
+                request[CONTEXT] = await authenticator.context(request, microversion.MIN_VERSION)
             return await handler(request)
         except ApiError as exc:
             return error_response(exc, request_id)

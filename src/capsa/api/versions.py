@@ -14,7 +14,7 @@ from capsa.api.microversion import MAX_VERSION, MIN_VERSION
 from capsa.api.views import json_response
 
 # The collections of v1 that capsa serves.
-_COLLECTIONS = ("capsules", "containers", "hosts")
+_COLLECTIONS = ("capsules", "containers", "hosts", "quotas", "quota_classes", "registries")
 
 
 def _version(base_url: str) -> dict[str, Any]:

@@ -178,7 +178,7 @@ class CapsuleFormatter:
             "disk": 0,
             "healthcheck": {},
             "cpu_policy": "shared",
-            "registry_id": None,
+            "registry_id": spec.registry_id,
             "created_at": timestamp(container.created_at),
             "updated_at": timestamp(container.updated_at),
         }

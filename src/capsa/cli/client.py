@@ -1,7 +1,8 @@
 """A small client of capsa's API on the standard library's HTTP, so that ``capsa`` starts fast.
 
-It talks to the API as any Zun client does: microversion 1.40, the project in ``X-Project-Id``,
-Zun's error body turned into a :class:`CliError` that carries the API's reason.
+It talks to the API as any Zun client does: microversion 1.40, a token in ``X-Auth-Token`` (and,
+for an API in noauth mode, the project in ``X-Project-Id``), Zun's error body turned into a
+:class:`CliError` that carries the API's reason.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ class Response:
 class ApiClient:
     """Calls the API at ``base_url`` (with or without a trailing ``/v1``)."""
 
-    def __init__(self, base_url: str, project: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        project: str | None = None,
+        timeout: float = 30.0,
+        token: str | None = None,
+    ) -> None:
         parts = urlsplit(base_url.rstrip("/").removesuffix("/v1"))
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CliError(f"{base_url!r} is not an http(s) URL of the API", ExitCode.USAGE)
@@ -41,6 +48,7 @@ class ApiClient:
         self._parts = parts
         self._project = project
         self._timeout = timeout
+        self._token = token
 
     def get(self, path: str, query: dict[str, str] | None = None) -> Any:
         return self._expect(self.request("GET", path, query=query), 200).json()
@@ -94,6 +102,8 @@ class ApiClient:
         headers = {"Accept": "application/json", "OpenStack-API-Version": API_VERSION}
         if self._project:
             headers["X-Project-Id"] = self._project
+        if self._token:
+            headers["X-Auth-Token"] = self._token
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()

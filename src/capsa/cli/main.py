@@ -1,7 +1,8 @@
-"""``capsa``: run capsa (``up``) and use its API like any client (capsules and their logs).
+"""``capsa``: run capsa (``up``), use its API like any client (capsules and their logs), and
+manage the local identity service's projects, users and roles.
 
 The client commands import only the standard library and capsa's configuration, so that they start
-fast; ``up`` loads the whole of capsa when it is asked for.
+fast; ``up`` and the identity commands load what they need when they are asked for.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from capsa.cli.errors import EXIT_CODES_HELP, CliError, ExitCode
 from capsa.cli.output import Output
 from capsa.config import Config, ConfigError, load_config
+from capsa.model.identity import ROLES
 
 DEFAULT_WAIT_TIMEOUT = 300.0
 
@@ -39,13 +41,23 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         from capsa.cli.up import run_up
 
         return run_up(_config(args))
+    if args.command in ("project", "user", "role"):
+        from capsa.cli import identity
+
+        command = getattr(identity, f"{args.command}_command")
+        return int(command(_config(args), out, args.action, args))
 
     # Loaded here so that the parser above (and --help) needs neither.
-    from capsa.cli import capsules, logs
+    from capsa.cli import auth, capsules, logs
     from capsa.cli.client import ApiClient
 
-    url = args.url or os.environ.get("CAPSA_URL") or _config(args).api_url
-    client = ApiClient(url, project=args.project)
+    cfg = _config(args)
+    url = args.url or os.environ.get("CAPSA_URL") or cfg.api_url
+    credentials = auth.find_credentials(
+        os.environ, args.os_cloud, args.project, auth.clouds_files(os.environ, cfg.state_dir)
+    )
+    token = auth.login(credentials) if credentials else None
+    client = ApiClient(url, project=args.project, token=token)
     if args.command == "logs":
         return logs.logs(
             client, out, args.capsule, args.container, args.follow, args.tail, args.timestamps
@@ -80,7 +92,16 @@ def _common_options(parser: argparse.ArgumentParser, top: bool) -> None:
         default=default,
         help="the API's base URL (default: $CAPSA_URL, else api_url of the configuration)",
     )
-    parser.add_argument("--project", default=default, help="act in this project (X-Project-Id)")
+    parser.add_argument(
+        "--os-cloud",
+        metavar="CLOUD",
+        default=default,
+        help="authenticate as this cloud of clouds.yaml (default: $OS_CLOUD, else the OS_* "
+        "variables, else the cloud 'capsa' that capsa up writes)",
+    )
+    parser.add_argument(
+        "--project", default=default, help="act in this project (the token's scope, by name)"
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -169,6 +190,8 @@ def _parser() -> argparse.ArgumentParser:
             help=f"give up waiting after S seconds (default {DEFAULT_WAIT_TIMEOUT:g})",
         )
 
+    _identity_commands(commands, command)
+
     logs = command(commands, "logs", "print the logs of a capsule's container")
     logs.add_argument("capsule", help="name or uuid of the capsule")
     logs.add_argument(
@@ -178,6 +201,53 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--tail", type=_lines, metavar="N", help="only the last N lines")
     logs.add_argument("--timestamps", action="store_true", help="prefix lines with their time")
     return parser
+
+
+def _identity_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    command: Callable[..., argparse.ArgumentParser],
+) -> None:
+    """project, user and role: they write the database directly (see capsa.cli.identity)."""
+    local = " (the local identity service's database, directly)"
+    project = commands.add_parser("project", help="create, list, enable or delete projects" + local)
+    actions = project.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = command(actions, "create", "create a project")
+    create.add_argument("name")
+    create.add_argument("--description", default="")
+    command(actions, "list", "list the projects")
+    enable = command(actions, "set", "enable or disable a project (its tokens stop at once)")
+    enable.add_argument("name", help="name or id")
+    switch = enable.add_mutually_exclusive_group(required=True)
+    switch.add_argument("--enable", dest="enabled", action="store_true", default=None)
+    switch.add_argument("--disable", dest="enabled", action="store_false")
+    delete = command(actions, "delete", "delete a project and its role assignments")
+    delete.add_argument("name", help="name or id")
+
+    user = commands.add_parser("user", help="create, list, change or delete users" + local)
+    actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = command(actions, "create", "create a user")
+    create.add_argument("name")
+    create.add_argument("--role", choices=ROLES, help="its role in --project (its default project)")
+    change = command(actions, "set", "change a user's password, or enable or disable it")
+    change.add_argument("name", help="name or id")
+    switch = change.add_mutually_exclusive_group()
+    switch.add_argument("--enable", dest="enabled", action="store_true", default=None)
+    switch.add_argument("--disable", dest="enabled", action="store_false")
+    for sub in (create, change):
+        sub.add_argument("--password", help="the password (visible to other users in ps)")
+        sub.add_argument("--password-prompt", action="store_true", help="ask for the password")
+    command(actions, "list", "list the users")
+    delete = command(actions, "delete", "delete a user")
+    delete.add_argument("name", help="name or id")
+
+    role = commands.add_parser("role", help="give, take and list roles in projects" + local)
+    actions = role.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help in (("add", "give a user a role in a project"), ("remove", "take it away")):
+        sub = command(actions, name, help)
+        sub.add_argument("role", choices=ROLES)
+        sub.add_argument("--user", required=True, help="name or id")
+    listing = command(actions, "list", "list role assignments (--project: only in that one)")
+    listing.add_argument("--user", help="only this user's")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ their own sessions: if capsa is killed, they keep running and the next ``capsa u
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Awaitable
 from contextlib import AsyncExitStack
@@ -22,6 +23,7 @@ from capsa.compute.agent import ComputeAgent
 from capsa.compute.server import AgentServer
 from capsa.config import Config
 from capsa.cri.client import CriClient
+from capsa.identity.admin import IdentityAdmin
 from capsa.log import get_logger, setup_logging
 from capsa.network import firewall
 from capsa.network.agent import NetworkAgent, OverlaySettings
@@ -56,6 +58,10 @@ async def _up(cfg: Config) -> int:
     try:
         async with AsyncExitStack() as stack:
             await _start(cfg, stack)
+            # What start-up made lives as long as capsa: out of the collector's sight, a full
+            # collection walks only what requests make (it was 22 ms per list page).
+            gc.collect()
+            gc.freeze()
             log.info("capsa is up", api=cfg.api_url, host=cfg.resolved_host_name)
             await asyncio.Event().wait()
     except asyncio.CancelledError:
@@ -78,6 +84,10 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     store = Store(cfg.database_url)
     stack.push_async_callback(store.close)
     await store.open()
+    if cfg.auth.mode == "local" and cfg.auth.bootstrap:
+        # Printed, never logged: the one time a generated password is shown.
+        for announcement in await IdentityAdmin(store.identity).bootstrap(cfg):
+            print(announcement, flush=True)
 
     network = NetworkService(
         store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen

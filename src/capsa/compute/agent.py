@@ -3,7 +3,8 @@
 Three things start work on a capsule, and each only *kicks* it; a kick runs one worker per capsule
 (a second kick while it works makes it run once more), so two steps never race on one capsule:
 
-- a wake-up from the store (a capsule was placed here, or is to be deleted): immediate;
+- a wake-up from the store (a capsule was placed here, or is to be deleted): immediate, and about
+  that capsule only;
 - the container watcher: a container of ours exited or vanished (restart policy, init progress);
 - the periodic resync, which compares the database with everything the runtime holds, kicks every
   capsule that is not as it should be, removes sandboxes that belong to no capsule of this host,
@@ -24,7 +25,7 @@ from typing import Any
 from capsa.compute import labels
 from capsa.compute.driver import CapsuleDriver, DriverSettings, Superseded
 from capsa.compute.host import schedulable_capacity
-from capsa.compute.images import ImagePuller
+from capsa.compute.images import ImagePuller, RegistryCredentials
 from capsa.config import Config
 from capsa.cri import types as cri
 from capsa.cri.client import CriClient, CriError
@@ -32,6 +33,7 @@ from capsa.log import get_logger
 from capsa.model.capsule import Capsule, DesiredState, Status
 from capsa.network.service import NetworkService
 from capsa.runtime.shims import stop_lost_shims
+from capsa.secrets import SecretBox
 from capsa.store import Store, notify
 
 log = get_logger(__name__)
@@ -54,14 +56,17 @@ class ComputeAgent:
                 stop_grace_period=cfg.agent.stop_grace_period,
                 restart_backoff_base=cfg.agent.restart_backoff_base,
                 restart_backoff_max=cfg.agent.restart_backoff_max,
+                max_sandbox_calls=cfg.agent.max_parallel,
             ),
             store,
             cri_client,
             network,
-            ImagePuller(cri_client),
+            ImagePuller(
+                cri_client,
+                RegistryCredentials(store, SecretBox.load_or_create(cfg.credentials_key_path)),
+            ),
             self.kick_later,
         )
-        self._slots = asyncio.Semaphore(cfg.agent.max_parallel)
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._converging: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -146,8 +151,7 @@ class ComputeAgent:
         try:
             while True:
                 self._again.discard(capsule_uuid)
-                async with self._slots:
-                    await self._work_once(capsule_uuid)
+                await self._work_once(capsule_uuid)
                 if capsule_uuid not in self._again:
                     return
         except Exception:
@@ -189,11 +193,15 @@ class ComputeAgent:
         try:
             while True:
                 woken = await wakeups.wait(self._cfg.agent.resync_interval)
+                capsule_uuids = wakeups.take_subjects()
                 try:
-                    if woken:
+                    if not woken:
+                        await self.resync()
+                    elif capsule_uuids is None:
                         await self._kick_pending()
                     else:
-                        await self.resync()
+                        for capsule_uuid in capsule_uuids:
+                            await self._kick_changed(capsule_uuid)
                 except Exception:
                     log.exception("agent pass failed; retrying at the next one", host=self.host)
         finally:
@@ -207,6 +215,15 @@ class ComputeAgent:
                 self.kick(capsule.uuid)
             elif capsule.status is Status.CREATING and capsule.uuid not in self._workers:
                 self.kick(capsule.uuid)
+
+    async def _kick_changed(self, capsule_uuid: str) -> None:
+        """After a wake-up about one capsule (placed here, or to be deleted)."""
+        if capsule_uuid in self._converging:
+            # Being started: only a delete can be the news, which must stop the start.
+            capsule = await self._store.capsules.get(capsule_uuid)
+            if capsule is None or capsule.desired_state is DesiredState.DELETED:
+                self._preempt(capsule_uuid)
+        self.kick(capsule_uuid)
 
     async def resync(self) -> None:
         """Compares the database with the runtime; kicks what differs, removes orphan sandboxes."""

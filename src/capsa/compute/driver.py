@@ -68,6 +68,7 @@ class DriverSettings:
     stop_grace_period: int
     restart_backoff_base: float
     restart_backoff_max: float
+    max_sandbox_calls: int
 
 
 class CapsuleDriver:
@@ -87,6 +88,9 @@ class CapsuleDriver:
         self._images = images
         # Asks the agent to look at a capsule again after a delay (back-off, retries).
         self._retry_at = retry_at
+        # Bounds the runtime's heaviest calls (a shim, a netns and a CNI run each), not whole
+        # capsules: a capsule waiting for an init container must not hold up a burst of others.
+        self._sandbox_slots = asyncio.Semaphore(settings.max_sandbox_calls)
 
     # ---- converge ----
 
@@ -147,9 +151,10 @@ class CapsuleDriver:
             sandbox_spec = self._sandbox_spec(capsule, attempt)
             await self._set_capsule(capsule, task_state=TaskState.CONTAINER_CREATING)
             Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
-            sandbox_id = await self._cri_do(
-                "starting the capsule's sandbox", self._cri.run_pod_sandbox(sandbox_spec)
-            )
+            async with self._sandbox_slots:
+                sandbox_id = await self._cri_do(
+                    "starting the capsule's sandbox", self._cri.run_pod_sandbox(sandbox_spec)
+                )
             log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
             await self._set_capsule(capsule, sandbox_id=sandbox_id)
         else:
@@ -171,9 +176,12 @@ class CapsuleDriver:
 
     async def _pull_images(self, capsule: Capsule, containers: list[Container]) -> None:
         await self._set_capsule(capsule, task_state=TaskState.IMAGE_PULLING)
-        policies = {(c.spec.image, c.spec.image_pull_policy) for c in containers}
+        pulls = {(c.spec.image, c.spec.image_pull_policy, c.spec.registry_id) for c in containers}
         results = await asyncio.gather(
-            *(self._images.ensure(image, policy, capsule.uuid) for image, policy in policies),
+            *(
+                self._images.ensure(image, policy, capsule.uuid, registry_id)
+                for image, policy, registry_id in pulls
+            ),
             return_exceptions=True,
         )
         failures = [r for r in results if isinstance(r, BaseException)]
@@ -334,8 +342,9 @@ class CapsuleDriver:
         exited: cri.ContainerStatus,
     ) -> str:
         """Restarts an exited container as a new attempt (CRI containers are not restartable)."""
+        spec = container.spec
         await self._images.ensure(
-            container.spec.image, container.spec.image_pull_policy, capsule.uuid
+            spec.image, spec.image_pull_policy, capsule.uuid, spec.registry_id
         )
         await self._cri_do(
             f"removing exited container {container.spec.name!r}",
@@ -462,8 +471,9 @@ class CapsuleDriver:
 
     async def _remove_sandbox(self, sandbox_id: str) -> None:
         # StopPodSandbox runs the CNI DEL; RemovePodSandbox removes the sandbox's containers too.
-        await self._cri.stop_pod_sandbox(sandbox_id)
-        await self._cri.remove_pod_sandbox(sandbox_id)
+        async with self._sandbox_slots:
+            await self._cri.stop_pod_sandbox(sandbox_id)
+            await self._cri.remove_pod_sandbox(sandbox_id)
 
     # ---- specs ----
 

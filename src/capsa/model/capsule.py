@@ -91,6 +91,8 @@ class ContainerSpec:
     tty: bool = False
     stdin: bool = False
     ports: tuple[PortSpec, ...] = ()
+    # The private registry whose credentials pull the image (capsa.model.registry), if any.
+    registry_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -60,10 +60,9 @@ def parse_image_reference(text: str) -> ImageReference:
     if len(name) > _MAX_NAME:
         raise InvalidImageReference(f"the image name is longer than {_MAX_NAME} characters")
     parts = name.split("/")
-    first = parts[0]
-    if len(parts) > 1 and ("." in first or ":" in first or first == "localhost"):
-        registry, path = first, parts[1:]
-        if not _DOMAIN.fullmatch(registry):
+    if _names_host(parts):
+        registry, path = parts[0], parts[1:]
+        if not is_registry_host(registry):
             raise InvalidImageReference(f"{registry!r} is not a valid registry host")
     else:
         registry, path = DEFAULT_REGISTRY, parts
@@ -78,3 +77,19 @@ def parse_image_reference(text: str) -> ImageReference:
     if tag is None and not digest:
         tag = DEFAULT_TAG
     return ImageReference(registry, "/".join(path), tag, digest or None)
+
+
+def explicit_registry(text: str) -> str | None:
+    """The registry host that an image name spells out, or None (``busybox``, ``library/x``)."""
+    parts = text.partition("@")[0].split("/")
+    return parts[0] if _names_host(parts) else None
+
+
+def is_registry_host(text: str) -> bool:
+    """Whether ``text`` is a registry host as image names write it: ``name[.name...][:port]``."""
+    return _DOMAIN.fullmatch(text) is not None
+
+
+def _names_host(parts: list[str]) -> bool:
+    first = parts[0]
+    return len(parts) > 1 and ("." in first or ":" in first or first == "localhost")

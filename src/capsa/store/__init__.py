@@ -5,9 +5,12 @@ from __future__ import annotations
 from capsa.store.capsules import CapsuleStore
 from capsa.store.db import Database
 from capsa.store.hosts import HostStore
+from capsa.store.identity import IdentityStore
 from capsa.store.networks import NetworkStore
 from capsa.store.notify import ChangeHub
 from capsa.store.ports import PortStore
+from capsa.store.quotas import QuotaStore
+from capsa.store.registries import RegistryStore
 
 
 class Store:
@@ -20,6 +23,9 @@ class Store:
         self.hosts = HostStore(self.db, self.hub)
         self.networks = NetworkStore(self.db, self.hub)
         self.ports = PortStore(self.db, self.hub)
+        self.quotas = QuotaStore(self.db)
+        self.registries = RegistryStore(self.db)
+        self.identity = IdentityStore(self.db)
 
     async def open(self) -> None:
         await self.db.initialize()

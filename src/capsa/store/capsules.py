@@ -7,10 +7,9 @@ observed a capsule a moment ago can never turn a capsule being deleted back into
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -30,8 +29,10 @@ from capsa.model.capsule import (
 )
 from capsa.model.clock import utcnow
 from capsa.model.host import PlacementRequest
-from capsa.store import notify, schema
+from capsa.model.quota import NO_LIMITS, QuotaLimits, QuotaUsage
+from capsa.store import notify, paging, quotas, schema
 from capsa.store.db import Database
+from capsa.store.paging import Page
 
 c_t = schema.capsules
 k_t = schema.containers
@@ -76,24 +77,10 @@ class NameConflict(Exception):
         self.name = name
 
 
-class MarkerNotFound(Exception):
-    def __init__(self, marker: str) -> None:
-        super().__init__(f"marker {marker!r} is not a capsule of this project")
-        self.marker = marker
-
-
 class AmbiguousName(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(f"several capsules are named {name!r}; use the uuid instead")
         self.name = name
-
-
-@dataclass(frozen=True)
-class Page:
-    limit: int
-    marker: str | None = None
-    sort_key: str = "created_at"
-    sort_dir: str = "asc"
 
 
 class CapsuleStore:
@@ -101,16 +88,21 @@ class CapsuleStore:
         self._db = db
         self._hub = hub
 
-    async def create(self, capsule: Capsule) -> Capsule:
-        """Stores a new capsule and its containers; the scheduler is woken to place it."""
+    async def create(self, capsule: Capsule, quota_defaults: QuotaLimits = NO_LIMITS) -> Capsule:
+        """Stores a new capsule and its containers if its project's quota allows (OverQuota
+        otherwise), in one transaction; the scheduler is woken to place it."""
         now = utcnow()
         capsule.created_at = capsule.updated_at = now
         for container in capsule.all_containers():
             container.created_at = container.updated_at = now
         capsule_row = _capsule_row(capsule)
         container_rows = [_container_row(c) for c in capsule.all_containers()]
+        request = QuotaUsage(
+            containers=1, cpu_millis=capsule.spec.cpu_millis, memory_mb=capsule.spec.memory_mb
+        )
 
         def insert(conn: Connection) -> None:
+            quotas.enforce(conn, capsule.project_id, request, quota_defaults)
             conn.execute(c_t.insert(), capsule_row)
             conn.execute(k_t.insert(), container_rows)
 
@@ -171,29 +163,13 @@ class CapsuleStore:
     async def list_page(self, project_id: str | None, page: Page) -> list[Capsule]:
         """One page of capsules, ordered by ``page.sort_key`` then uuid (keyset paging)."""
         column = SORT_KEYS[page.sort_key]
-        descending = page.sort_dir == "desc"
         query = select(c_t)
         if project_id is not None:
             query = query.where(c_t.c.project_id == project_id)
-        order = (column.desc(), c_t.c.uuid.desc()) if descending else (column, c_t.c.uuid)
 
         def list_page(conn: Connection) -> list[Capsule]:
-            paged = query
-            if page.marker is not None:
-                marker_query = select(column, c_t.c.uuid).where(c_t.c.uuid == page.marker)
-                if project_id is not None:
-                    marker_query = marker_query.where(c_t.c.project_id == project_id)
-                marker = conn.execute(marker_query).first()
-                if marker is None:
-                    raise MarkerNotFound(page.marker)
-                value, marker_uuid = marker[0], marker[1]
-                after = (
-                    or_(column < value, and_(column == value, c_t.c.uuid < marker_uuid))
-                    if descending
-                    else or_(column > value, and_(column == value, c_t.c.uuid > marker_uuid))
-                )
-                paged = paged.where(after)
-            return _load(conn, conn.execute(paged.order_by(*order).limit(page.limit)).all())
+            paged = paging.one_page(conn, query, c_t, column, page, project_id)
+            return _load(conn, conn.execute(paged).all())
 
         return await self._db.run_read(list_page, long=True)
 
@@ -250,7 +226,7 @@ class CapsuleStore:
 
         host = await self._db.run_write(request_delete)
         if host is not None:
-            self._hub.publish(notify.host_topic(host))
+            self._hub.publish(notify.host_topic(host), subject=uuid)
 
     async def update_status(
         self,
@@ -351,6 +327,7 @@ def _container_row(container: Container) -> dict[str, Any]:
             "tty": spec.tty,
             "stdin": spec.stdin,
             "ports": [[p.container_port, p.protocol, p.host_port, p.name] for p in spec.ports],
+            "registry_id": spec.registry_id,
         },
         "status": container.status,
         "status_reason": container.status_reason,
@@ -380,6 +357,7 @@ def _container(row: Row[Any]) -> Container:
         tty=doc["tty"],
         stdin=doc["stdin"],
         ports=tuple(PortSpec(*p) for p in doc["ports"]),
+        registry_id=doc.get("registry_id"),
     )
     return Container(
         uuid=row.uuid,

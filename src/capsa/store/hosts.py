@@ -179,13 +179,9 @@ class HostStore:
             return outcomes
 
         outcomes = await self._db.run_write(claim_all)
-        self._hub.publish(
-            *{
-                notify.host_topic(c.host)
-                for c, outcome in zip(claims, outcomes, strict=True)
-                if outcome is ClaimOutcome.PLACED
-            }
-        )
+        for claim, outcome in zip(claims, outcomes, strict=True):
+            if outcome is ClaimOutcome.PLACED:
+                self._hub.publish(notify.host_topic(claim.host), subject=claim.capsule_uuid)
         return outcomes
 
     async def fail_placement(self, capsule_uuid: str, reason: str) -> bool:

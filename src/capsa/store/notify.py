@@ -1,10 +1,12 @@
 """Wake-ups after a change in the database, so reconcilers act at once instead of at their resync.
 
-A wake-up carries no data: the woken reconciler reads the database, which stays the only truth, and
-a lost wake-up only delays work until the next periodic resync. The store publishes after each
-commit that gives someone work: the scheduler (a capsule to place) or a host's agent (a capsule to
-start or delete). This hub works within one process (all-in-one); several processes sharing a
-database fall back on their resync interval until a cross-process channel is added.
+A wake-up carries no state: the woken reconciler reads the database, which stays the only truth,
+and a lost wake-up only delays work until the next periodic resync. It may name its *subject* (the
+capsule that changed), so that the reconciler looks at that capsule instead of at everything. The
+store publishes after each commit that gives someone work: the scheduler (a capsule to place) or a
+host's agent (a capsule to start or delete). This hub works within one process (all-in-one);
+several processes sharing a database fall back on their resync interval until a cross-process
+channel is added.
 """
 
 from __future__ import annotations
@@ -27,9 +29,20 @@ class Subscription:
         self._hub = hub
         self.topic = topic
         self._event = asyncio.Event()
+        self._subjects: set[str] | None = set()
 
-    def _wake(self) -> None:
+    def _wake(self, subject: str | None) -> None:
+        if subject is None:
+            self._subjects = None
+        elif self._subjects is not None:
+            self._subjects.add(subject)
         self._event.set()
+
+    def take_subjects(self) -> set[str] | None:
+        """What the wake-ups since the last call named; None when one of them named nothing,
+        so that only a look at everything is enough."""
+        subjects, self._subjects = self._subjects, set()
+        return subjects
 
     async def wait(self, timeout: float) -> bool:
         """Waits for a wake-up or the timeout; True when woken. Wake-ups before the call count."""
@@ -57,10 +70,10 @@ class ChangeHub:
         self._subscriptions.setdefault(topic, set()).add(sub)
         return sub
 
-    def publish(self, *topics: str) -> None:
+    def publish(self, *topics: str, subject: str | None = None) -> None:
         for topic in topics:
             for sub in self._subscriptions.get(topic, ()):
-                sub._wake()
+                sub._wake(subject)
 
     def _unsubscribe(self, sub: Subscription) -> None:
         subs = self._subscriptions.get(sub.topic)

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # Bump whenever a table changes (with a migration in store/db.py once capsa has users).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 6
 
 
 class Timestamp(TypeDecorator[datetime]):
@@ -246,4 +246,93 @@ port_security_groups = Table(
     Column("port_id", UUID, ForeignKey("ports.id", ondelete="CASCADE"), primary_key=True),
     Column("security_group_id", UUID, ForeignKey("security_groups.id"), primary_key=True),
     Index("ix_port_security_groups_group", "security_group_id"),
+)
+
+# A project's own limits, one row per resource it overrides (Zun's quotas table).
+quotas = Table(
+    "quotas",
+    metadata,
+    Column("project_id", String(255), primary_key=True),
+    Column("resource", String(32), primary_key=True),
+    Column("hard_limit", Integer, nullable=False),
+)
+
+# Limits of a quota class per resource; the "default" class backs every project's limits.
+quota_classes = Table(
+    "quota_classes",
+    metadata,
+    Column("class_name", String(255), primary_key=True),
+    Column("resource", String(32), primary_key=True),
+    Column("hard_limit", Integer, nullable=False),
+)
+
+# One row per project that has created something: the row a create locks (SELECT ... FOR
+# UPDATE) on databases whose write transactions run side by side, so that the quota check and the
+# insert of one create cannot interleave with another's. SQLite's BEGIN IMMEDIATE already does it.
+quota_locks = Table(
+    "quota_locks",
+    metadata,
+    Column("project_id", String(255), primary_key=True),
+)
+
+# Private registries (Zun's /v1/registries); the password only as capsa.secrets encrypted it.
+registries = Table(
+    "registries",
+    metadata,
+    Column("uuid", UUID, primary_key=True),
+    Column("project_id", String(255), nullable=False),
+    Column("user_id", String(255), nullable=False),
+    Column("name", String(255)),
+    Column("domain", String(255), nullable=False),
+    Column("username", String(255)),
+    Column("password_token", Text),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+    # Names are optional; those given are unique in a project, so that templates can use them.
+    UniqueConstraint("project_id", "name", name="uq_registries_project_name"),
+)
+Index("ix_registries_project_created", registries.c.project_id, registries.c.created_at)
+# Identity (the local identity service; with an external Keystone these stay empty).
+
+projects = Table(
+    "projects",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    Column("description", Text, nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, unique=True),
+    # argon2id, with its parameters and salt; never leaves the identity service.
+    Column("password_hash", String(255), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("default_project_id", String(64), ForeignKey("projects.id", ondelete="SET NULL")),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+role_assignments = Table(
+    "role_assignments",
+    metadata,
+    Column("user_id", String(64), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column(
+        "project_id", String(64), ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("role", String(64), primary_key=True),
+    Index("ix_role_assignments_project", "project_id"),
+)
+
+# Tokens revoked before they expire; a row can go once its token has expired anyway.
+revoked_tokens = Table(
+    "revoked_tokens",
+    metadata,
+    Column("audit_id", String(64), primary_key=True),
+    Column("expires_at", Timestamp, nullable=False, index=True),
 )

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from capsa.config import ApiConfig, CapsuleConfig, Config
+from capsa.config import ApiConfig, AuthConfig, CapsuleConfig, Config
 
 BASE_URL = "http://capsa.test:9517"
 
@@ -46,10 +46,13 @@ def zun_template(name: str | None = "web", **spec: Any) -> dict[str, Any]:
     }
 
 
-def config_for(tmp_path: Path, **api: Any) -> Config:
+def config_for(tmp_path: Path, auth: AuthConfig | None = None, **api: Any) -> Config:
+    """Settings of a test API; by default in noauth mode, where the X-Project-Id and X-Roles
+    headers of :func:`api_headers` say who calls (tests/unit/api/test_identity.py covers tokens)."""
     return Config(
         state_dir=tmp_path,
         api=ApiConfig(public_url=BASE_URL, **api),
+        auth=auth or AuthConfig(mode="noauth"),
         capsule=CapsuleConfig(default_cpu=0.25, default_memory_mb=96, max_containers=4),
     )
 

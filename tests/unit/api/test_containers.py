@@ -175,3 +175,20 @@ async def test_a_follower_that_goes_away_ends_the_stream_quietly(
     # The API keeps serving.
     response = await client.get(f"/v1/containers/{container}/logs", headers=api_headers())
     assert response.status == 200
+
+
+async def test_the_container_list_has_zuns_shape_and_leaves_capsule_containers_out(
+    client: Client,
+) -> None:
+    await create(client, zun_template("listed"))
+    response = await client.get("/v1/containers", headers=api_headers())
+    assert response.status == 200
+    assert await response.json() == {"containers": [], "next": None}
+    response = await client.get("/v1/containers/?all_projects=true", headers=ADMIN)
+    assert response.status == 200
+    response = await client.get("/v1/containers?all_projects=true", headers=api_headers())
+    await assert_error(response, 403, "container.policy-not-authorized", "all_projects")
+    response = await client.get("/v1/containers?limit=0", headers=api_headers())
+    await assert_error(response, 400, "container.invalid-value", "limit")
+    reader = api_headers(roles="reader")
+    assert (await client.get("/v1/containers", headers=reader)).status == 200

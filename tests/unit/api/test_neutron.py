@@ -148,7 +148,7 @@ async def test_readers_cannot_write(client: Client) -> None:
     response = await client.post(
         f"{V2}/networks", json={"network": {"name": "x"}}, headers=who(roles="reader")
     )
-    await neutron_error(response, 403, "PolicyNotAuthorized", "reader")
+    await neutron_error(response, 403, "PolicyNotAuthorized", "network_change")
     await ok(await client.get(f"{V2}/networks", headers=who(roles="reader")))
 
 

@@ -35,7 +35,7 @@ async def test_v1_document_links_each_collection(client: Client, path: str) -> N
     body = await response.json()
     assert body["id"] == "v1"
     assert body["media_types"][0]["base"] == "application/json"
-    for collection in ("capsules", "containers", "hosts"):
+    for collection in ("capsules", "containers", "hosts", "quotas", "quota_classes", "registries"):
         assert {"href": f"{BASE_URL}/v1/{collection}/", "rel": "self"} in body[collection]
     for header in VERSION_HEADERS:
         assert header in response.headers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,10 +13,19 @@ from tests.unit.api.api_helpers import agent, config_for
 from tests.unit.cli.cli_helpers import CliRunner, Run
 
 from capsa.api.app import create_app
+from capsa.cli import auth
 from capsa.cli.main import main
 from capsa.store import Store
 
 __all__ = ["agent"]
+
+
+@pytest.fixture(autouse=True)
+def no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The machine's clouds.yaml and OS_* variables (after a `make up`) are not the test's."""
+    for name in [n for n in os.environ if n.startswith("OS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(auth, "clouds_files", lambda environ, state_dir: [])
 
 
 @pytest.fixture

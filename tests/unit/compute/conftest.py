@@ -248,6 +248,7 @@ def settings(tmp_path: Path) -> DriverSettings:
         stop_grace_period=1,
         restart_backoff_base=0.0,
         restart_backoff_max=0.0,
+        max_sandbox_calls=2,
     )
 
 

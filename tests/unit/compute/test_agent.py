@@ -5,6 +5,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from capsa.compute.agent import ComputeAgent
 from capsa.config import AgentConfig, Config, ContainerdConfig
 from capsa.cri import types as cri
@@ -112,12 +114,14 @@ async def test_a_kick_during_work_runs_the_capsule_once_more(
     assert passes == 2, "kicks during a pass must fold into exactly one more pass"
 
 
+@pytest.mark.parametrize("wakeup", ["about the capsule", "about nothing in particular"])
 async def test_deleting_a_capsule_that_is_being_started_tears_it_down(
     tmp_path: Path,
     store: Store,
     fake_cri: Any,
     network: NetworkService,
     make_capsule: CapsuleFactory,
+    wakeup: str,
 ) -> None:
     agent = agent_for(tmp_path, store, fake_cri, network)
     capsule = make_capsule()
@@ -136,7 +140,10 @@ async def test_deleting_a_capsule_that_is_being_started_tears_it_down(
     await asyncio.wait_for(pulling.wait(), 5)
 
     await store.capsules.request_delete(capsule.uuid)
-    await agent._kick_pending()
+    if wakeup == "about the capsule":
+        await agent._kick_changed(capsule.uuid)
+    else:
+        await agent._kick_pending()
     await asyncio.wait_for(agent.idle(), 5)
 
     assert await store.capsules.get(capsule.uuid) is None

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from collections.abc import Callable
 from dataclasses import replace
@@ -367,3 +368,26 @@ async def test_teardown_with_the_runtime_down_keeps_the_records_and_retries(
 )
 def test_hostnames_are_dns_labels(name: str, hostname: str) -> None:
     assert hostname_for(name) == hostname
+
+
+async def test_sandbox_starts_are_bounded_but_the_rest_of_a_start_is_not(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    # The fixture's driver allows 2 sandbox calls at once.
+    capsules = [await placed(store, make_capsule) for _ in range(5)]
+    run_pod_sandbox = fake_cri.run_pod_sandbox
+    in_flight, most = 0, 0
+
+    async def slow_run_pod_sandbox(spec: cri.SandboxSpec) -> str:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.05)
+        in_flight -= 1
+        return str(await run_pod_sandbox(spec))
+
+    fake_cri.run_pod_sandbox = slow_run_pod_sandbox
+    await asyncio.gather(*(driver.converge(c) for c in capsules))
+
+    assert most == 2
+    assert [(await reload(store, c)).status for c in capsules] == [Status.RUNNING] * 5

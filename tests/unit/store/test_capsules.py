@@ -8,7 +8,8 @@ import pytest
 from capsa.model.capsule import Capsule, DesiredState, Status, TaskState
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
-from capsa.store.capsules import MarkerNotFound, NameConflict, Page
+from capsa.store.capsules import NameConflict
+from capsa.store.paging import MarkerNotFound, Page
 
 CapsuleFactory = Callable[..., Capsule]
 

@@ -65,3 +65,18 @@ async def test_a_reconciler_stopped_as_it_is_woken_stops() -> None:
     with pytest.raises(asyncio.CancelledError):
         async with asyncio.timeout(2):
             await task
+
+
+async def test_wakeups_name_their_subjects_until_one_names_none() -> None:
+    hub = ChangeHub()
+    wakeups = hub.subscribe("host:h1")
+    hub.publish("host:h1", subject="c1")
+    hub.publish("host:h1", subject="c2")
+    assert await wakeups.wait(0.05)
+    assert wakeups.take_subjects() == {"c1", "c2"}
+    assert wakeups.take_subjects() == set()
+
+    hub.publish("host:h1", subject="c3")
+    hub.publish("host:h1")
+    assert await wakeups.wait(0.05)
+    assert wakeups.take_subjects() is None, "a wake-up about nothing asks for a look at all"

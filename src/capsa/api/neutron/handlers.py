@@ -47,7 +47,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _context(request: web.Request) -> RequestContext:
-    return request[CONTEXT]
+    """The caller, who may use the network service at all (every request reads)."""
+    context = request[CONTEXT]
+    policy.check_read(context, f"{request.method} {request.path}")
+    return context
 
 
 def _store(request: web.Request) -> Store:
@@ -524,7 +527,7 @@ async def delete_security_group(request: web.Request) -> web.Response:
     context = _context(request)
     item = await _visible_group(request, request.match_info["ident"])
     _changeable(context, item.project_id, "security group", item.id, "delete_security_group")
-    if item.is_default and not context.is_admin:
+    if item.is_default and not policy.may_remove_default_group(context):
         raise conflict(
             "SecurityGroupCannotRemoveDefault", "Removing default security group not allowed."
         )

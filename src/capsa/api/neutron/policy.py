@@ -1,10 +1,14 @@
-"""Who may do what with network resources: every check of the Neutron API, in one place, so that
-it can move to capsa's policy module.
+"""Who may do what with network resources, on capsa's policy rules (:mod:`capsa.api.policy`):
 
-- A project sees its own resources, and shared networks with their subnets; an admin sees all.
-  A resource the caller may not see answers 404, as if it did not exist.
-- A project changes only its own resources; a caller with only the ``reader`` role changes none.
-- Only an admin sets ``shared``, or makes a resource for another project.
+- ``network_get``: every request of the network service (lists, shows);
+- ``network_change``: creating, updating and deleting in the caller's project;
+- ``network_all_projects``: seeing and changing every project's resources, and making them for
+  another project;
+- ``network_shared``: setting a network's ``shared``.
+
+A project sees its own resources, and shared networks with their subnets. A resource the caller
+may not see answers 404, as if it did not exist; one it sees but may not change (another
+project's shared network) answers 403. The errors are Neutron's.
 """
 
 from __future__ import annotations
@@ -12,44 +16,47 @@ from __future__ import annotations
 from capsa.api.context import RequestContext
 from capsa.api.neutron.errors import forbidden
 
-READER_ROLE = "reader"
-# Roles that may change resources of their project.
-_WRITER_ROLES = frozenset({"admin", "member", "_member_"})
+
+def _require(context: RequestContext, rule: str, action: str, why: str) -> None:
+    if not context.can(rule):
+        raise forbidden(f"rule:{action} is disallowed by policy ({rule}): {why}")
+
+
+def check_read(context: RequestContext, action: str) -> None:
+    _require(context, "network_get", action, "the caller's roles may not read networks")
+
+
+def check_write(context: RequestContext, action: str) -> None:
+    _require(context, "network_change", action, "the caller's roles may not change networks")
 
 
 def may_see(context: RequestContext, owner: str, shared: bool = False) -> bool:
-    return context.is_admin or shared or owner == context.project_id
+    return shared or owner == context.project_id or context.can("network_all_projects")
 
 
 def list_scope(context: RequestContext) -> str | None:
     """The project whose resources a list shows (with the shared ones); None: every project."""
-    return None if context.is_admin else context.project_id
-
-
-def check_write(context: RequestContext, action: str) -> None:
-    """A caller with only reader roles cannot write."""
-    if READER_ROLE in context.roles and not context.roles & _WRITER_ROLES:
-        raise forbidden(f"rule:{action} is disallowed by policy: the caller is a reader")
+    return None if context.can("network_all_projects") else context.project_id
 
 
 def may_change(context: RequestContext, owner: str) -> bool:
     """Whether the caller may change a resource it can see (a shared network it does not own is
     visible, but not its to change)."""
-    return context.is_admin or owner == context.project_id
+    return owner == context.project_id or context.can("network_all_projects")
 
 
 def owner_for_create(context: RequestContext, asked: str | None, action: str) -> str:
-    """The project a new resource belongs to: the caller's, or any an admin names."""
+    """The project a new resource belongs to: the caller's, or any that an allowed caller
+    names."""
     if asked is None or asked == context.project_id:
         return context.project_id
-    if not context.is_admin:
-        raise forbidden(
-            f"rule:{action} is disallowed by policy: only an admin creates a resource for "
-            "another project"
-        )
+    _require(context, "network_all_projects", action, "only an admin creates for another project")
     return asked
 
 
 def check_shared(context: RequestContext, action: str) -> None:
-    if not context.is_admin:
-        raise forbidden(f"rule:{action}:shared is disallowed by policy: only an admin shares")
+    _require(context, "network_shared", f"{action}:shared", "only an admin shares a network")
+
+
+def may_remove_default_group(context: RequestContext) -> bool:
+    return context.can("network_all_projects")

@@ -121,6 +121,11 @@ class ContainerTemplate(TemplateModel):
         """The container's spec, named ``name``; ``path`` locates it in the template for errors."""
         raise NotImplementedError
 
+    @property
+    def registry_ref(self) -> str | None:
+        """The private registry the template names for this container (uuid or name), if any."""
+        return None
+
     def container_spec(
         self,
         name: str,

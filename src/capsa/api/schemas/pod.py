@@ -91,12 +91,19 @@ class PodContainer(ContainerTemplate):
         )
 
 
+class LocalObjectReference(TemplateModel):
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+
+
 class PodSpec(TemplateModel):
     containers: list[PodContainer]
     init_containers: list[PodContainer] | None = None
     restart_policy: RestartPolicyName | None = None
     runtime_class_name: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     volumes: NotSupportedYet = None
+    # Each names a private registry of the project (by name or uuid), as Kubernetes names a
+    # docker-registry Secret.
+    image_pull_secrets: list[LocalObjectReference] | None = None
 
 
 class PodMetadata(TemplateModel):
@@ -119,3 +126,7 @@ class PodManifest(TemplateModel):
     @property
     def runtime(self) -> str | None:
         return self.spec.runtime_class_name
+
+    @property
+    def pull_secrets(self) -> tuple[str, ...]:
+        return tuple(secret.name for secret in self.spec.image_pull_secrets or ())

@@ -9,7 +9,8 @@ body (``template.spec.containers[0].image``), and lists every problem found, not
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,14 +20,23 @@ from capsa.api.schemas.fields import ContainerTemplate, TemplateDefaults, Templa
 from capsa.api.schemas.pod import PodManifest
 from capsa.api.schemas.zun import ZunTemplate
 from capsa.model.capsule import CapsuleSpec, ContainerSpec
+from capsa.model.registry import Registry, RegistryChoiceError, RegistryDirectory
+
+NO_REGISTRIES = RegistryDirectory()
 
 
 class TemplateError(ValueError):
     """The body cannot become a capsule; the message says what to change."""
 
 
-def parse_create_body(body: Any, defaults: TemplateDefaults, fallback_name: str) -> CapsuleSpec:
-    """The capsule a create request asks for (named ``fallback_name`` if the template has none)."""
+def parse_create_body(
+    body: Any,
+    defaults: TemplateDefaults,
+    fallback_name: str,
+    registries: RegistryDirectory = NO_REGISTRIES,
+) -> CapsuleSpec:
+    """The capsule a create request asks for (named ``fallback_name`` if the template has none),
+    each container with the private registry it pulls from among ``registries``."""
     if not isinstance(body, dict):
         raise TemplateError('the request body must be a JSON object: {"template": ...}')
     unknown = sorted(set(body) - {"template"})
@@ -49,17 +59,31 @@ def parse_create_body(body: Any, defaults: TemplateDefaults, fallback_name: str)
     if not isinstance(template, dict):
         raise TemplateError("template: must be an object (or a JSON string of one)")
     try:
-        return _to_spec(template, defaults, fallback_name)
+        return _to_spec(template, defaults, fallback_name, registries)
     except ValidationError as exc:
         raise TemplateError("; ".join(_describe(e) for e in exc.errors())) from None
     except TemplateFieldError as exc:
         raise TemplateError(f"template.{exc.path}: {exc.message}") from None
 
 
-def _to_spec(template: dict[str, Any], defaults: TemplateDefaults, fallback: str) -> CapsuleSpec:
+def _to_spec(
+    template: dict[str, Any],
+    defaults: TemplateDefaults,
+    fallback: str,
+    registries: RegistryDirectory,
+) -> CapsuleSpec:
     parsed = _validate(template)
+    pull_secrets = [
+        _registry(registries, name, f"spec.imagePullSecrets[{index}].name")
+        for index, name in enumerate(parsed.pull_secrets)
+    ]
     containers, init_containers = _container_specs(
-        parsed.spec.containers, parsed.spec.init_containers or [], defaults
+        parsed.spec.containers,
+        parsed.spec.init_containers or [],
+        defaults,
+        lambda spec, container, path: _with_registry(
+            spec, container, path, registries, pull_secrets
+        ),
     )
     return CapsuleSpec(
         name=parsed.metadata.name or fallback,
@@ -89,6 +113,7 @@ def _container_specs(
     containers: Sequence[ContainerTemplate],
     init_containers: Sequence[ContainerTemplate],
     defaults: TemplateDefaults,
+    finish: Callable[[ContainerSpec, ContainerTemplate, str], ContainerSpec],
 ) -> tuple[tuple[ContainerSpec, ...], tuple[ContainerSpec, ...]]:
     """Specs of the containers and init containers, with names that are unique in the capsule."""
     if not containers:
@@ -117,10 +142,38 @@ def _container_specs(
         built = []
         for index, container in enumerate(group):
             name = container.name or _free_name(prefix, index, taken)
-            built.append(container.to_spec(name, defaults, f"{prefix}[{index}]"))
+            path = f"{prefix}[{index}]"
+            built.append(finish(container.to_spec(name, defaults, path), container, path))
         specs.append(tuple(built))
     init_specs, app_specs = specs
     return app_specs, init_specs
+
+
+def _with_registry(
+    spec: ContainerSpec,
+    container: ContainerTemplate,
+    path: str,
+    registries: RegistryDirectory,
+    pull_secrets: Sequence[Registry],
+) -> ContainerSpec:
+    """The spec with the image to pull and the registry that pulls it (capsa.model.registry)."""
+    named = None
+    if container.registry_ref is not None:
+        named = _registry(registries, container.registry_ref, f"{path}.registry")
+    try:
+        image, registry = registries.choose(spec.image, named, pull_secrets)
+    except RegistryChoiceError as exc:
+        raise TemplateFieldError(f"{path}.image", str(exc)) from None
+    if registry is None:
+        return spec
+    return replace(spec, image=image, registry_id=registry.uuid)
+
+
+def _registry(registries: RegistryDirectory, ident: str, path: str) -> Registry:
+    try:
+        return registries.find(ident)
+    except RegistryChoiceError as exc:
+        raise TemplateFieldError(path, f"{exc} (see /v1/registries)") from None
 
 
 def _free_name(prefix: str, index: int, taken: dict[str, str]) -> str:

@@ -82,6 +82,12 @@ class ZunContainer(ContainerTemplate):
     image_pull_policy: ZunPullPolicy | None = None
     stdin: ZunBoolean | None = None
     tty: ZunBoolean | None = None
+    # capsa's extension, after Zun's container field (1.31): the private registry to pull from.
+    registry: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+
+    @property
+    def registry_ref(self) -> str | None:
+        return self.registry
 
     def to_spec(self, name: str, defaults: TemplateDefaults, path: str) -> ContainerSpec:
         requests = self.resources.requests if self.resources else None
@@ -129,3 +135,8 @@ class ZunTemplate(TemplateModel):
     def runtime(self) -> str | None:
         """Zun templates cannot name a runtime: the host's default runs them."""
         return None
+
+    @property
+    def pull_secrets(self) -> tuple[str, ...]:
+        """Zun templates name registries per container instead."""
+        return ()

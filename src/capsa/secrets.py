@@ -1,0 +1,59 @@
+"""Secrets that capsa keeps in its database, encrypted at rest: private registries' passwords.
+
+A secret is encrypted with Fernet (AES-128-CBC and HMAC-SHA256, from ``cryptography``) under one
+key per deployment, kept in a file that only root can read (``credentials.key_file``). The API
+encrypts what tenants send; the agent that pulls an image decrypts it just before the pull; the
+database, its backups and its logs only ever hold the token. The key is made on first use; a key
+that another process made at the same moment wins, so every process of a host uses one key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken
+
+
+class SecretKeyMismatch(Exception):
+    """A secret was encrypted under another key than this host's."""
+
+
+class SecretBox:
+    def __init__(self, key: bytes, path: Path | None = None) -> None:
+        self._fernet = Fernet(key)
+        self.path = path
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> SecretBox:
+        """The key in ``path``, made (mode 0600, in a 0700 directory) when there is none."""
+        if not path.exists():
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            candidate = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(Fernet.generate_key())
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                # A link fails if the key exists: a key another process made first is kept.
+                os.link(candidate, path)
+            except FileExistsError:
+                pass
+            finally:
+                candidate.unlink()
+        return cls(path.read_bytes().strip(), path)
+
+    def encrypt(self, secret: str) -> str:
+        return self._fernet.encrypt(secret.encode()).decode()
+
+    def decrypt(self, token: str) -> str:
+        try:
+            return self._fernet.decrypt(token.encode()).decode()
+        except InvalidToken:
+            where = f" ({self.path})" if self.path else ""
+            raise SecretKeyMismatch(
+                f"a secret in the database was encrypted under another key than this host's"
+                f"{where}: every API and agent of one database needs the same "
+                "credentials.key_file"
+            ) from None

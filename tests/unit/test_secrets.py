@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from capsa.secrets import SecretBox, SecretKeyMismatch
+
+
+def test_a_key_is_made_once_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "credentials.key"
+    box = SecretBox.load_or_create(path)
+    token = box.encrypt("pw")
+    assert token != "pw" and "pw" not in token
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert SecretBox.load_or_create(path).decrypt(token) == "pw"
+    assert [p.name for p in path.parent.iterdir()] == ["credentials.key"]
+
+
+def test_a_token_of_another_key_names_the_setting(tmp_path: Path) -> None:
+    token = SecretBox.load_or_create(tmp_path / "a.key").encrypt("pw")
+    with pytest.raises(SecretKeyMismatch, match=r"b\.key.*credentials\.key_file"):
+        SecretBox.load_or_create(tmp_path / "b.key").decrypt(token)
