@@ -133,7 +133,7 @@ class NetworkStore(EnforcedStore):
         return await self._db.run_read(work, long=True)
 
     async def update_network(self, network_id: str, **values: Any) -> Network:
-        return await self._update(n_t, "network", network_id, values, _get_network)
+        return await self._update(n_t, network_id, values, _get_network)
 
     async def delete_network(self, network_id: str) -> None:
         """Deletes the network and its subnets; refuses while it has ports."""
@@ -205,7 +205,7 @@ class NetworkStore(EnforcedStore):
             values["dns_nameservers"] = list(values["dns_nameservers"])
         if "gateway_ip" in values:
             values["gateway_ip"] = str(values["gateway_ip"])
-        return await self._update(s_t, "subnet", subnet_id, values, _get_subnet)
+        return await self._update(s_t, subnet_id, values, _get_subnet)
 
     async def delete_subnet(self, subnet_id: str) -> None:
         def work(conn: Connection) -> None:
@@ -249,7 +249,7 @@ class NetworkStore(EnforcedStore):
         return await self._db.run_read(work, long=True)
 
     async def update_security_group(self, group_id: str, **values: Any) -> SecurityGroup:
-        return await self._update(g_t, "security group", group_id, values, _get_group)
+        return await self._update(g_t, group_id, values, _get_group)
 
     async def delete_security_group(self, group_id: str) -> None:
         def work(conn: Connection) -> None:
@@ -436,13 +436,10 @@ class NetworkStore(EnforcedStore):
         raise AssertionError("unreachable")
 
     async def _update(
-        self,
-        table: Any,
-        kind: str,
-        ident: str,
-        values: dict[str, Any],
-        get: Callable[[Connection, str], T],
+        self, table: Any, ident: str, values: dict[str, Any], get: Callable[[Connection, str], T]
     ) -> T:
+        """Sets ``values`` on the row ``ident`` (NotFound, through ``get``, if there is none)."""
+
         def work(conn: Connection) -> T:
             get(conn, ident)
             if values:
