@@ -28,8 +28,6 @@ from tests.integration.conftest import CapsaInstance, free_port
 
 pytestmark = pytest.mark.integration
 
-ADMIN = {"X-Roles": "admin"}
-
 
 def sleeper(name: str, image: str = "busybox", **container: Any) -> dict[str, Any]:
     return {
@@ -43,10 +41,21 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(4)}"
 
 
+def member_of_new_project(capsa: CapsaInstance, prefix: str) -> tuple[str, dict[str, str]]:
+    """A new project with a member in it: the project's id and the member's token header."""
+    project, user, password = unique(prefix), unique("user"), secrets.token_hex(12)
+    capsa.add_user(user, password, project)
+    token = capsa.login(user, password, project)
+    status, body = capsa.request(
+        "GET", "/v3/auth/tokens", headers={"X-Auth-Token": token, "X-Subject-Token": token}
+    )
+    assert status == 200, body
+    return str(body["token"]["project"]["id"]), {"X-Auth-Token": token}
+
+
 def test_twenty_concurrent_creates_against_a_quota_of_five(capsa: CapsaInstance) -> None:
-    project = unique("quota")
-    member = {"X-Project-Id": project}
-    status, body = capsa.request("PUT", f"/v1/quotas/{project}", {"containers": 5}, ADMIN)
+    project, member = member_of_new_project(capsa, "quota")
+    status, body = capsa.request("PUT", f"/v1/quotas/{project}", {"containers": 5})
     assert status == 200, body
 
     def create(i: int) -> tuple[int, Any]:
@@ -146,10 +155,8 @@ def private_registry(capsa: CapsaInstance) -> Iterator[PrivateRegistry]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _registry(capsa: CapsaInstance, project: str, **fields: str) -> dict[str, Any]:
-    status, body = capsa.request(
-        "POST", "/v1/registries", {"registry": fields}, {"X-Project-Id": project}
-    )
+def _registry(capsa: CapsaInstance, member: dict[str, str], **fields: str) -> dict[str, Any]:
+    status, body = capsa.request("POST", "/v1/registries", {"registry": fields}, member)
     assert status == 201, body
     assert body["registry"]["password"] == "***"
     return dict(body["registry"])
@@ -159,10 +166,9 @@ def test_capsules_pull_from_a_private_registry_with_its_credentials(
     capsa: CapsaInstance, private_registry: PrivateRegistry
 ) -> None:
     reg = private_registry
-    project = unique("private")
-    member = {"X-Project-Id": project}
-    _registry(capsa, project, name="wrong", domain=reg.host, username=reg.username, password="no")
-    _registry(capsa, project, name="right", domain=reg.host, username=reg.username, password="x")
+    _, member = member_of_new_project(capsa, "private")
+    _registry(capsa, member, name="wrong", domain=reg.host, username=reg.username, password="no")
+    _registry(capsa, member, name="right", domain=reg.host, username=reg.username, password="x")
     # The right password arrives by update, as a tenant would fix a typo.
     status, body = capsa.request(
         "PATCH", "/v1/registries/right", {"registry": {"password": reg.password}}, member
@@ -177,20 +183,20 @@ def test_capsules_pull_from_a_private_registry_with_its_credentials(
 
     # Refusals first, while the image is not on the host yet; Always pulls regardless.
     refused = run("refused", member, image="private/busybox:1", registry="wrong")
-    stranger = run("stranger", {"X-Project-Id": unique("nobody")}, image=reg.image)
+    stranger = run("stranger", member_of_new_project(capsa, "nobody")[1], image=reg.image)
     pulled = run("pulled", member, image="private/busybox:1", registry="right")
 
-    failed = capsa.wait_status(refused["uuid"], ("Error", "Running"), headers=ADMIN)
+    failed = capsa.wait_status(refused["uuid"], ("Error", "Running"))
     assert failed["status"] == "Error"
     assert (
         f"registry {reg.host} refused the credentials of private registry 'wrong'"
         in (failed["status_reason"])
     )
-    failed = capsa.wait_status(stranger["uuid"], ("Error", "Running"), headers=ADMIN)
+    failed = capsa.wait_status(stranger["uuid"], ("Error", "Running"))
     assert failed["status"] == "Error"
     assert "the registry requires credentials" in failed["status_reason"]
 
-    running = capsa.wait_status(pulled["uuid"], ("Running", "Error"), headers=ADMIN)
+    running = capsa.wait_status(pulled["uuid"], ("Running", "Error"))
     assert running["status"] == "Running", running["status_reason"]
     [container] = running["containers"]
     assert container["image"] == reg.image

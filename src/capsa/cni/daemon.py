@@ -12,6 +12,9 @@
 - DEL undoes an ADD and is always safe: repeated, without netns or prevResult, for a sandbox never
   seen, or for an old sandbox of a capsule that has a new one (the host veth's name derives from
   the container id, and the store forgets a binding only for the container id that holds it).
+  It answers once the pod is off the network (its veth detached from the bridge and down) and the
+  binding forgotten; the veth itself is deleted right after the answer, unless an ADD of the same
+  attachment took it back meanwhile (the kernel's veth deletion is most of a DEL's time otherwise).
 - CHECK compares ``prevResult``, the port and the kernel.
 - GC (CNI 1.1.0) removes this daemon's attachments that are not in ``cni.dev/valid-attachments``.
 - STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
@@ -37,7 +40,7 @@ import functools
 import ipaddress
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -150,6 +153,7 @@ class _CniService:
         self._dataplane = dataplane
         self._executor = executor
         self._pod_locks = _KeyedLocks()
+        self._background: set[asyncio.Task[None]] = set()
         self.metrics = DaemonMetrics()
         self.not_ready_reason = _lacks_net_admin()
         self._commands: dict[
@@ -251,9 +255,10 @@ class _CniService:
 
     async def _delete(self, request: CniRequest, fields: LogFields) -> None:
         pod = request.pod_name
-        async with self._pod_locks.hold(pod or request.container_id):
+        lock_key = pod or request.container_id
+        async with self._pod_locks.hold(lock_key):
             removed = await self._netlink(
-                request, self._dataplane.unplug, request.container_id, request.ifname
+                request, self._dataplane.detach, request.container_id, request.ifname
             )
             port_id = removed.tag.port_id if removed and removed.tag else None
             if port_id is None and pod:
@@ -269,6 +274,29 @@ class _CniService:
             if removed is not None and removed.bridge:
                 await self._remove_bridge_if_unused(request, removed.bridge)
         log.info("port unplugged" if removed is not None else "nothing to unplug", **fields)
+        if removed is not None:
+            self._after_answer(self._remove_detached(request, lock_key, fields))
+
+    async def _remove_detached(self, request: CniRequest, lock_key: str, fields: LogFields) -> None:
+        """After a DEL has answered: the detached veth goes, unless an ADD took it back."""
+        async with self._pod_locks.hold(lock_key):
+            try:
+                await self._netlink(
+                    request, self._dataplane.remove_detached, request.container_id, request.ifname
+                )
+            except CniError as exc:
+                # Its netns going removes it too; GC removes it if neither happened.
+                log.warning("cannot remove a detached veth", error=exc.msg, **fields)
+
+    def _after_answer(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def finish_background(self) -> None:
+        """Waits for the work that calls left to do after they answered."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _check(self, request: CniRequest, fields: LogFields) -> None:
         pod = _pod_name(request)
@@ -470,6 +498,7 @@ def create_app(
     app.router.add_get("/metrics", service.metrics_page)
 
     async def stop_executor(_: web.Application) -> None:
+        await service.finish_background()
         await asyncio.to_thread(executor.shutdown)
 
     app.on_cleanup.append(stop_executor)

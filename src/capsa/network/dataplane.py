@@ -220,6 +220,39 @@ class Dataplane:
         """
         return self.remove_attachment(host_ifname(container_id, ifname))
 
+    def detach(self, container_id: str, ifname: str) -> Attachment | None:
+        """Takes the veth of (container id, ifname) off the network: off its bridge and down, so
+        that nothing reaches the pod or leaves it any more. Returns what it was, if anything.
+
+        This is what a DEL waits for. Deleting the veth waits for the kernel far longer (15-20 ms
+        on this kernel, for the network's grace period), and the veth goes anyway when its netns
+        does, which the runtime deletes after the DEL: :meth:`remove_detached` follows later.
+        """
+        host_name = host_ifname(container_id, ifname)
+        with IPRoute() as ipr:
+            link = _find_link(ipr, host_name)
+            if link is None or not _is_host_end(link):
+                return None
+            attachment = _attachment(ipr, link)
+            if link.get("master") or link.get("state") != "down":
+                try:
+                    ipr.link("set", index=link["index"], master=0, state="down")
+                except NetlinkError as exc:
+                    if exc.code != errno.ENODEV:
+                        raise
+        return attachment
+
+    def remove_detached(self, container_id: str, ifname: str) -> bool:
+        """Deletes the veth of (container id, ifname) if it is still detached (an ADD of the same
+        attachment since has put it back); True if it did."""
+        host_name = host_ifname(container_id, ifname)
+        with IPRoute() as ipr:
+            link = _find_link(ipr, host_name)
+            if link is None or not _is_host_end(link) or link.get("master"):
+                return False
+            _delete_link(ipr, host_name)
+        return True
+
     def remove_attachment(self, host_name: str) -> Attachment | None:
         """Removes the attachment whose host end is ``host_name``, if that is one of capsa's
         veths; returns what it removed."""

@@ -70,6 +70,7 @@ class FakeDataplane(Dataplane):
         super().__init__()
         # By host end name, as the kernel would hold them.
         self.links: dict[str, Attachment] = {}
+        self.detached: set[str] = set()
         self.removed_bridges: list[str] = []
         self.plug_error: Exception | None = None
         self.remove_errors: dict[str, Exception] = {}
@@ -80,11 +81,11 @@ class FakeDataplane(Dataplane):
 
     @property
     def plugged(self) -> dict[tuple[str, str], str]:
-        """(container id, port id) -> bridge of every attachment."""
+        """(container id, port id) -> bridge of every attachment on the network (not detached)."""
         return {
             (a.tag.container_id, a.tag.port_id): a.bridge or ""
-            for a in self.links.values()
-            if a.tag
+            for name, a in self.links.items()
+            if a.tag and name not in self.detached
         }
 
     def plug(
@@ -111,6 +112,7 @@ class FakeDataplane(Dataplane):
                 replaced = replaces
             tag = AttachmentTag(owner, port.port_id, container_id)
             self.links[name] = Attachment(name, port.bridge, tag)
+            self.detached.discard(name)
             return PluggedPort(
                 bridge=Link(port.bridge, "02:00:00:00:00:01"),
                 host_end=Link(name, "02:00:00:00:00:02"),
@@ -128,7 +130,27 @@ class FakeDataplane(Dataplane):
     def remove_attachment(self, host_name: str) -> Attachment | None:
         if host_name in self.remove_errors:
             raise self.remove_errors[host_name]
+        self.detached.discard(host_name)
         return self.links.pop(host_name, None)
+
+    def detach(self, container_id: str, ifname: str) -> Attachment | None:
+        name = host_ifname(container_id, ifname)
+        if name in self.remove_errors:
+            raise self.remove_errors[name]
+        attachment = self.links.get(name)
+        if attachment is None:
+            return None
+        self.links[name] = Attachment(name, None, attachment.tag)
+        self.detached.add(name)
+        return attachment
+
+    def remove_detached(self, container_id: str, ifname: str) -> bool:
+        name = host_ifname(container_id, ifname)
+        if name not in self.detached:
+            return False
+        self.detached.discard(name)
+        del self.links[name]
+        return True
 
     def attachments(self) -> list[Attachment]:
         return list(self.links.values())
@@ -375,6 +397,54 @@ async def test_del_unbinds_and_removes_the_unused_bridge(
     assert dataplane.plugged == {}
     assert ports.bound == {}
     assert dataplane.removed_bridges == ["capsa0"]
+
+
+def holding_removals(dataplane: FakeDataplane) -> tuple[threading.Event, threading.Event]:
+    """Makes the data plane's deletion of a detached veth wait for the first event; the second
+    is set once it has run."""
+    may_remove, removal_ran = threading.Event(), threading.Event()
+    remove_detached = dataplane.remove_detached
+
+    def held(container_id: str, ifname: str) -> bool:
+        may_remove.wait(5)
+        try:
+            return remove_detached(container_id, ifname)
+        finally:
+            removal_ran.set()
+
+    dataplane.remove_detached = held  # type: ignore[method-assign]
+    return may_remove, removal_ran
+
+
+async def test_del_answers_once_the_pod_is_off_the_network_and_removes_the_veth_after(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    may_remove, removal_ran = holding_removals(dataplane)
+    name = host_ifname("c1", "eth0")
+
+    assert await call(client, "del", envelope()) == (200, None)
+
+    assert dataplane.links[name].bridge is None, "answered before the veth left its bridge"
+    assert ports.bound == {}
+    may_remove.set()
+    assert await asyncio.to_thread(removal_ran.wait, 5)
+    assert name not in dataplane.links
+
+
+async def test_an_add_right_after_a_del_ends_plugged(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    may_remove, removal_ran = holding_removals(dataplane)
+    assert await call(client, "del", envelope()) == (200, None)
+
+    adding = asyncio.create_task(added(client, envelope()))
+    may_remove.set()
+    await adding
+    assert await asyncio.to_thread(removal_ran.wait, 5)
+
+    assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
 
 
 async def test_del_without_pod_name_finds_the_port_on_the_veth(
