@@ -21,6 +21,7 @@ leaves by; routed traffic between networks enters by one bridge and leaves by an
   connections that a hostPort mapping made (``ct status dnat``) are admitted. A packet for an
   address of the subnet that is no local port is for another host over the overlay.
 - Pods cannot reach other networks' gateway addresses on the host.
+- A port or network whose ``admin_state_up`` is false passes nothing.
 - hostPort mappings: a connection to any local address (loopback excepted) on the host port is
   DNATed to the pod.
 
@@ -101,6 +102,7 @@ def render(
     lines += [
         "  chain forward {",
         "    type filter hook forward priority filter; policy accept;",
+        *_admin_down(view, bridge_of),
         "    ct state established,related accept",
         f"    iifname {bridge_set} jump pod_egress",
         f"    oifname {bridge_set} jump pod_ingress",
@@ -205,6 +207,21 @@ def _anti_spoofing(table: str, view: HostNetworkView) -> list[str]:
         ]
     lines.append("}")
     return lines
+
+
+def _admin_down(view: HostNetworkView, bridge_of: dict[str, str]) -> list[str]:
+    """Ports (or networks) set administratively down pass nothing, established traffic included."""
+    down = [
+        f'"{bridge_of[p.network.id]}" . {p.port.ip_address}'
+        for p in view.ports
+        if not (p.port.admin_state_up and p.network.admin_state_up)
+    ]
+    if not down:
+        return []
+    return [
+        f"    iifname . ip saddr {_set_literal(down)} drop",
+        f"    oifname . ip daddr {_set_literal(down)} drop",
+    ]
 
 
 def _chain(local: LocalPort, suffix: str) -> str:

@@ -142,6 +142,19 @@ def test_bound_ports_cannot_send_from_another_mac_or_address() -> None:
     assert "port_444444444444_s" not in script
 
 
+def test_a_port_set_down_passes_nothing_not_even_established_traffic() -> None:
+    assert "ct state established,related accept" in firewall.render("capsa_t", view(), BRIDGES)
+    first, second = view().ports
+    down = replace(first, port=replace(first.port, admin_state_up=False))
+    script = firewall.render("capsa_t", replace(view(), ports=(down, second)), BRIDGES)
+    forward = script.split("chain forward {")[1].split("chain input {")[0]
+    bridge = BRIDGES[NET_A.id]
+    drop_in = f'oifname . ip daddr {{ "{bridge}" . 10.60.0.2 }} drop'
+    assert f'iifname . ip saddr {{ "{bridge}" . 10.60.0.2 }} drop' in forward
+    assert forward.index(drop_in) < forward.index("ct state established,related accept")
+    assert "10.60.1.2 }" not in forward
+
+
 def test_table_names_differ_per_instance() -> None:
     first, second = firewall.table_name("/var/lib/capsa"), firewall.table_name("/srv/capsa")
     assert first != second and first.startswith("capsa_")
