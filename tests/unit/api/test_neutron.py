@@ -306,6 +306,12 @@ async def test_security_groups_and_rules(client: Client) -> None:
         "ethertype",
     )
     await neutron_error(await rule(direction="sideways"), 400, "HTTPBadRequest", "direction")
+    await neutron_error(
+        await rule(direction="ingress", protocol="icmp", port_range_min=300),
+        400,
+        "HTTPBadRequest",
+        "ICMP type",
+    )
 
     shown = await ok(await client.get(f"{V2}/security-groups/{web['id']}", headers=who()))
     assert http["id"] in {r["id"] for r in shown["security_group"]["security_group_rules"]}

@@ -579,6 +579,11 @@ def _checked_protocol(body: schemas.RuleCreate) -> tuple[str | None, int | None,
     elif text in ICMP_PROTOCOLS:
         if low is None and high is not None:
             raise bad_request("ICMP code (port_range_max) is given without an ICMP type")
+        if any(value is not None and value > 255 for value in (low, high)):
+            raise bad_request(
+                "Invalid ICMP type or code: port_range_min (type) and port_range_max (code) "
+                "must be between 0 and 255"
+            )
     elif low is not None or high is not None:
         raise bad_request(f"Port ranges are only supported with tcp, udp, sctp and icmp: {text}")
     return text, low, high
