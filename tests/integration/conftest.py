@@ -68,6 +68,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_pool(prefixlen: int, first_octet2: int = 64) -> str:
+    """A random 10.x.y.0/``prefixlen`` (x from ``first_octet2`` to 249) that no address or route
+    of this host overlaps, so that instances running side by side never share addresses."""
+    out = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    routes = subprocess.run(
+        ["ip", "-j", "-4", "route", "show"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    used = [
+        ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
+        for link in json.loads(out)
+        for a in link.get("addr_info", [])
+    ] + [
+        ipaddress.ip_network(r["dst"])
+        for r in json.loads(routes)
+        if r.get("dst", "default") != "default"
+    ]
+    size = 2 ** (32 - prefixlen)
+    for _ in range(200):
+        second = first_octet2 + secrets.randbelow(250 - first_octet2)
+        offset = secrets.randbelow(2**16 // size) * size
+        pool = ipaddress.ip_network(f"10.{second}.{offset // 256}.{offset % 256}/{prefixlen}")
+        if not any(pool.overlaps(u) for u in used):
+            return str(pool)
+    raise RuntimeError(f"no free /{prefixlen} in 10.{first_octet2}-249.x.x on this host")
+
+
 def new_state_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="capsa-it-", dir="/tmp"))
 
@@ -200,7 +228,8 @@ class CapsaInstance:
         self.state_dir = state_dir or new_state_dir()
         suffix = self.state_dir.name.removeprefix("capsa-it-")
         self.api_url = f"http://127.0.0.1:{free_port()}"
-        self.cidr = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24"
+        # Room for 16 projects' default networks (a /25 each), clear of this host's addresses.
+        self.cidr = free_pool(21, first_octet2=200)
         self.host_name = f"it-{suffix}"
         self.env = {
             **os.environ,
@@ -211,6 +240,7 @@ class CapsaInstance:
             "CAPSA_AGENT_LISTEN": f"127.0.0.1:{free_port()}",
             "CAPSA_REGISTRY_LISTEN": f"127.0.0.1:{free_port()}",
             "CAPSA_NETWORK_DEFAULT_CIDR": self.cidr,
+            "CAPSA_NETWORK_DEFAULT_PREFIXLEN": "25",
             "CAPSA_AGENT_CGROUP_PARENT": f"/{self.state_dir.name}",
             "CAPSA_AGENT_STOP_GRACE_PERIOD": "2",
             "CAPSA_LOG_LEVEL": "DEBUG",

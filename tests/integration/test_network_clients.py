@@ -7,15 +7,15 @@ import uuid
 from typing import Any
 
 import pytest
+from tests.integration.conftest import free_pool
 from tests.integration.test_clients import Client
-from tests.integration.test_tenant_networks import free_pool
 
 pytestmark = pytest.mark.integration
 
 
 def test_openstack_manages_networks_subnets_ports_and_security_groups(capsa: Any) -> None:
     name = f"net-{uuid.uuid4().hex[:8]}"
-    cidr = free_pool().replace("/23", "/24")
+    cidr = free_pool(23).replace("/23", "/24")
     password = uuid.uuid4().hex
     capsa.add_user(name, password, name)
     client = Client(capsa, name, password, name)

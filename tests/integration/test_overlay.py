@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.integration.conftest import CapsaInstance, free_port
+from tests.integration.conftest import CapsaInstance, free_pool, free_port
 from tests.integration.test_tenant_networks import (
     eventually,
-    free_pool,
     ip_of,
     member_of,
     never,
@@ -48,7 +47,7 @@ class Underlay:
 def underlay() -> Iterator[Underlay]:
     """Two netns on a bridge of the root netns: 10.U.V.2 and .3 (.1 is the root's)."""
     tag = secrets.token_hex(3)
-    prefix = free_pool().rsplit(".", 1)[0]  # "10.U.V" of a free /23
+    prefix = free_pool(23).rsplit(".", 1)[0]  # "10.U.V" of a free /23
     bridge = f"cul-{tag}"
     netns = (f"capsa-ha-{tag}", f"capsa-hb-{tag}")
     addresses = (f"{prefix}.2", f"{prefix}.3")
@@ -98,7 +97,7 @@ def test_a_network_spans_two_hosts_over_vxlan_and_others_stay_apart(
 ) -> None:
     shared = Path(tempfile.mkdtemp(prefix="capsa-it-shared-", dir="/tmp"))
     database_url = f"sqlite:///{shared / 'capsa.db'}"
-    pool = free_pool()
+    pool = free_pool(23)
     hosts = []
     for netns, address in zip(underlay.netns, underlay.addresses, strict=True):
         instance = new_capsa(

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tests.integration.conftest import CapsaInstance, bridges_for
+from tests.integration.conftest import CapsaInstance, bridges_for, free_pool
 
 from capsa.network import firewall
 
@@ -37,22 +37,6 @@ WEB_COMMAND = [
 
 def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=30, check=check)
-
-
-def free_pool() -> str:
-    """A random 10.x.y.0/23 that no address or route of this host overlaps."""
-    used = [
-        ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
-        for link in json.loads(sh("ip", "-j", "-4", "addr", "show").stdout)
-        for a in link.get("addr_info", [])
-    ]
-    for _ in range(100):
-        pool = ipaddress.ip_network(
-            f"10.{random.randint(64, 199)}.{random.randrange(0, 256, 2)}.0/23"
-        )
-        if not any(pool.overlaps(u) for u in used):
-            return str(pool)
-    raise RuntimeError("no free /23")
 
 
 def web(name: str, host_port: int | None = None) -> dict[str, Any]:
@@ -147,7 +131,7 @@ def host_address() -> str:
 def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and_go(
     new_capsa: Callable[..., CapsaInstance],
 ) -> None:
-    pool = free_pool()
+    pool = free_pool(23)
     capsa = new_capsa(CAPSA_NETWORK_DEFAULT_CIDR=pool, CAPSA_NETWORK_DEFAULT_PREFIXLEN="24")
     capsa.cidr = pool
     capsa.start()

@@ -39,7 +39,7 @@ from capsa.model.clock import utcnow
 from capsa.model.network import Attachment
 from capsa.network.service import NetworkService
 from capsa.store import Store
-from capsa.store.networks import Ambiguous, NotFound
+from capsa.store.networks import Ambiguous, NoFreeCidr, NotFound
 from capsa.store.ports import SubnetFull
 
 log = get_logger(__name__)
@@ -488,7 +488,7 @@ class CapsuleDriver:
                 self._settings.host,
                 Attachment.from_annotations(capsule.spec.annotations),
             )
-        except (NotFound, Ambiguous, SubnetFull) as exc:
+        except (NotFound, Ambiguous, SubnetFull, NoFreeCidr) as exc:
             raise CapsuleFailed(f"allocating the capsule's port: {exc}") from exc
 
     def _sandbox_spec(self, capsule: Capsule, attempt: int) -> cri.SandboxSpec:

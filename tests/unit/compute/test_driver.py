@@ -183,6 +183,22 @@ async def test_a_full_network_fails_the_capsule_with_the_reason_and_nothing_made
     assert [s.name for s in fake_cri.sandboxes.values()] == [first.uuid]
 
 
+async def test_a_project_without_room_for_its_default_network_fails_its_capsule(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    # The pool (10.9.0.0/24, see the network fixture) holds one project's default network.
+    first = await placed(store, make_capsule, project_id="p1")
+    second = await placed(store, make_capsule, project_id="p2")
+
+    await driver.converge(first)
+    await driver.converge(second)
+
+    assert (await reload(store, first)).status is Status.RUNNING
+    failed = await reload(store, second)
+    assert failed.status is Status.ERROR
+    assert failed.status_reason is not None and "network.default_cidr" in failed.status_reason
+
+
 async def test_a_capsule_naming_a_network_it_may_not_use_fails(
     driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
 ) -> None:
