@@ -93,6 +93,10 @@ class InstanceSettings:
             "CAPSA_LOG_LEVEL": "INFO",
             # The instance's clouds.yaml stays in its state dir, out of /etc/openstack.
             "CAPSA_AUTH_CLOUDS_YAML": "",
+            # The cases hold more capsules than a project's default quota allows.
+            "CAPSA_QUOTA_CONTAINERS": "-1",
+            "CAPSA_QUOTA_CPU": "-1",
+            "CAPSA_QUOTA_MEMORY": "-1",
         }
 
     @property

@@ -103,11 +103,23 @@ class PolicyConfig:
     capsule_all_projects: tuple[str, ...] = ("admin",)
     # Seeing which host runs a capsule or container.
     capsule_host: tuple[str, ...] = ("admin",)
-    # Naming a runtime handler (a Pod's runtimeClassName) or an image pull policy.
+    # Naming a runtime handler (a Pod's runtimeClassName), an image pull policy, or privileged
+    # containers (these only in projects an admin allowed); each also shows the field.
     capsule_runtime: tuple[str, ...] = ("admin", "member")
     capsule_image_pull_policy: tuple[str, ...] = ("admin", "member")
+    capsule_privileged: tuple[str, ...] = ("admin", "member")
     container_get: tuple[str, ...] = ("admin", "member", "reader")
     host_get: tuple[str, ...] = ("admin",)
+    # Quotas: reading the caller's project's own (and the defaults); reading any project's and
+    # the quota classes; setting and resetting them.
+    quota_get: tuple[str, ...] = ("admin", "member", "reader")
+    quota_all_projects: tuple[str, ...] = ("admin",)
+    quota_change: tuple[str, ...] = ("admin",)
+    # Private registries: listing and showing the project's; creating, updating and deleting
+    # them; reaching every project's (all_projects, by name or uuid).
+    registry_get: tuple[str, ...] = ("admin", "member", "reader")
+    registry_change: tuple[str, ...] = ("admin", "member")
+    registry_all_projects: tuple[str, ...] = ("admin",)
     # The network service: reading, and changing, networks, subnets, ports and security groups.
     network_get: tuple[str, ...] = ("admin", "member", "reader")
     network_change: tuple[str, ...] = ("admin", "member")

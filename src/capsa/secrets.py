@@ -9,10 +9,14 @@ that another process made at the same moment wins, so every process of a host us
 
 from __future__ import annotations
 
+import base64
 import os
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.fernet import Fernet, InvalidToken
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
 
 
 class SecretKeyMismatch(Exception):
@@ -21,8 +25,22 @@ class SecretKeyMismatch(Exception):
 
 class SecretBox:
     def __init__(self, key: bytes, path: Path | None = None) -> None:
-        self._fernet = Fernet(key)
+        try:
+            valid = len(base64.urlsafe_b64decode(key)) == 32
+        except ValueError:
+            valid = False
+        if not valid:
+            where = f" in {path}" if path else ""
+            raise ValueError(f"the secrets key{where} is not a Fernet key (32 bytes in base64)")
+        self._key = key
         self.path = path
+
+    @cached_property
+    def _fernet(self) -> Fernet:
+        # cryptography costs 7 MB of memory: a capsa whose tenants keep no secrets never loads it.
+        from cryptography.fernet import Fernet
+
+        return Fernet(self._key)
 
     @classmethod
     def load_or_create(cls, path: Path) -> SecretBox:
@@ -32,7 +50,8 @@ class SecretBox:
             candidate = path.with_name(f".{path.name}.{os.getpid()}")
             fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as f:
-                f.write(Fernet.generate_key())
+                # A Fernet key: 32 random bytes, URL-safe base64.
+                f.write(base64.urlsafe_b64encode(os.urandom(32)))
                 f.flush()
                 os.fsync(f.fileno())
             try:
@@ -48,6 +67,8 @@ class SecretBox:
         return self._fernet.encrypt(secret.encode()).decode()
 
     def decrypt(self, token: str) -> str:
+        from cryptography.fernet import InvalidToken
+
         try:
             return self._fernet.decrypt(token.encode()).decode()
         except InvalidToken:

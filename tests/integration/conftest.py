@@ -297,6 +297,12 @@ class CapsaInstance:
         )
         assert run.returncode == 0, run.stderr
 
+    def token_headers(self, project: str, role: str = "member") -> dict[str, str]:
+        """The headers of a new user with ``role`` in ``project`` (made if missing)."""
+        user, password = f"{project}-{role}-{secrets.token_hex(3)}", secrets.token_urlsafe(12)
+        self.add_user(user, password, project, role)
+        return {"X-Auth-Token": self.login(user, password, project)}
+
     @property
     def cri_socket(self) -> str:
         return str(self.state_dir / "containerd" / "containerd.sock")

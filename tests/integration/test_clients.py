@@ -125,11 +125,12 @@ def test_two_users_in_two_projects_neither_sees_nor_deletes_the_others(
     capsa: Any, tmp_path: Path
 ) -> None:
     suffix = uuid.uuid4().hex[:6]
-    users = {}
+    users, passwords = {}, []
     for who in ("alice", "bob"):
         user, project, password = f"{who}-{suffix}", f"team-{who}-{suffix}", uuid.uuid4().hex
         capsa.add_user(user, password, project)
         users[who] = Client(capsa, user, password, project)
+        passwords.append(password)
     alice, bob = users["alice"], users["bob"]
     name = unique("private")
     mine = alice.openstack_json("capsule", "create", "--file", str(template_file(tmp_path, name)))
@@ -154,6 +155,9 @@ def test_two_users_in_two_projects_neither_sees_nor_deletes_the_others(
     # Still there, and still alice's.
     shown = alice.openstack_json("capsule", "show", mine["uuid"])
     assert shown["uuid"] == mine["uuid"] and shown["status"] != "Deleting"
+    # The clients logged in with their passwords many times; capsa's log (DEBUG here) has none.
+    log = capsa.log_path.read_text()
+    assert all(password not in log for password in passwords)
 
 
 def ipv4_of(capsule: dict[str, Any]) -> str:

@@ -22,7 +22,6 @@ from tests.integration.conftest import CapsaInstance, free_pool, free_port
 from tests.integration.test_tenant_networks import (
     eventually,
     ip_of,
-    member_of,
     never,
     reaches,
     sh,
@@ -123,8 +122,8 @@ def test_a_network_spans_two_hosts_over_vxlan_and_others_stay_apart(
         # as hosts sharing a database must, or its bootstrap would give the admin a new password.
         shutil.copytree(first.state_dir / "identity", second.state_dir / "identity")
         second.start()
-        alice = member_of(first, f"alice-{secrets.token_hex(3)}")
-        bob = member_of(first, f"bob-{secrets.token_hex(3)}")
+        alice = first.token_headers(f"alice-{secrets.token_hex(3)}")
+        bob = first.token_headers(f"bob-{secrets.token_hex(3)}")
 
         # Alice's x1 on the first host; then x2 (Alice) and y (Bob) on the second.
         set_disabled(database_url, second.host_name, True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
-import secrets
 import subprocess
 import sys
 import time
@@ -94,13 +93,6 @@ def never(check: Callable[[], bool], what: str, tries: int = 3) -> None:
 Headers = dict[str, str]
 
 
-def member_of(capsa: CapsaInstance, project: str) -> Headers:
-    """A token of a new member of ``project`` (made if missing)."""
-    password = secrets.token_urlsafe(16)
-    capsa.add_user(project, password, project)
-    return {"X-Auth-Token": capsa.login(project, password, project)}
-
-
 def neutron(
     capsa: CapsaInstance, method: str, path: str, project: Headers, body: Any = None
 ) -> Any:
@@ -137,7 +129,7 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
     capsa.start()
     table = firewall.table_name(str(capsa.state_dir))
     suffix = uuid.uuid4().hex[:6]
-    alice, bob = member_of(capsa, f"alice-{suffix}"), member_of(capsa, f"bob-{suffix}")
+    alice, bob = capsa.token_headers(f"alice-{suffix}"), capsa.token_headers(f"bob-{suffix}")
     host_port = random.randint(20000, 29999)
 
     capsa.create(web("a1", host_port), **alice)

@@ -13,7 +13,8 @@ The contract, served by every agent at the URL it registered (``Host.agent_url``
     other: a failure, with a text/plain reason
 
 The API turns an unreachable agent into 503, a 404 into 409 (the container has no logs yet), and
-anything else into 502, each naming the host.
+anything else into 502. The error names the host and the agent's address only to callers who may
+see hosts (``name_host``); the API's log always does.
 """
 
 from __future__ import annotations
@@ -81,44 +82,54 @@ class AgentClient:
             )
         return self._session
 
-    async def logs(self, host: Host, container_uuid: str, options: LogOptions) -> str:
+    async def logs(
+        self, host: Host, container_uuid: str, options: LogOptions, name_host: bool
+    ) -> str:
         """The logs as one text; ``options.follow`` must be False."""
-        async with self._open(host, container_uuid, options) as response:
+        async with self._open(host, container_uuid, options, name_host) as response:
             try:
                 async with asyncio.timeout(self._timeout):
                     return await response.text(errors="replace")
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise _unreachable(host, exc) from exc
+                raise _unreachable(host, container_uuid, exc, name_host) from exc
 
     @asynccontextmanager
     async def stream_logs(
-        self, host: Host, container_uuid: str, options: LogOptions
+        self, host: Host, container_uuid: str, options: LogOptions, name_host: bool
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         """The logs in chunks as the agent sends them; the stream ends quietly if the agent goes."""
-        async with self._open(host, container_uuid, options) as response:
+        async with self._open(host, container_uuid, options, name_host) as response:
             yield _chunks(response, host, container_uuid)
 
     @asynccontextmanager
     async def _open(
-        self, host: Host, container_uuid: str, options: LogOptions
+        self, host: Host, container_uuid: str, options: LogOptions, name_host: bool
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         url = f"{host.agent_url.rstrip('/')}/v1/agent/containers/{container_uuid}/logs"
         try:
             async with asyncio.timeout(self._timeout):
                 response = await self._client().get(url, params=options.query())
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _unreachable(host, exc) from exc
+            raise _unreachable(host, container_uuid, exc, name_host) from exc
         try:
             if response.status == 200:
                 yield response
                 return
             reason = await self._reason(response)
+            where = _where(host, name_host)
             if response.status == 404:
                 raise InvalidState(
-                    f"Container {container_uuid} has no logs on host {host.name} yet: {reason}"
+                    f"Container {container_uuid} has no logs on {where} yet: {reason}"
                 )
+            log.warning(
+                "agent failed to read logs",
+                host=host.name,
+                container=container_uuid,
+                status=response.status,
+                reason=reason,
+            )
             raise ComputeAgentError(
-                f"The agent of host {host.name} failed to read the logs of container "
+                f"The agent of {where} failed to read the logs of container "
                 f"{container_uuid} (HTTP {response.status}): {reason}"
             )
         finally:
@@ -146,8 +157,26 @@ async def _chunks(
         )
 
 
-def _unreachable(host: Host, exc: BaseException) -> ContainerHostNotUp:
-    what = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-    return ContainerHostNotUp(
-        f"The agent of host {host.name} at {host.agent_url} cannot be reached: {what}"
+def _where(host: Host, name_host: bool) -> str:
+    return f"host {host.name}" if name_host else "the container's host"
+
+
+def _unreachable(
+    host: Host, container_uuid: str, exc: BaseException, name_host: bool
+) -> ContainerHostNotUp:
+    timed_out = isinstance(exc, TimeoutError)
+    detail = "timed out" if timed_out else str(exc) or type(exc).__name__
+    log.warning(
+        "agent unreachable",
+        host=host.name,
+        agent=host.agent_url,
+        container=container_uuid,
+        error=detail,
     )
+    if name_host:
+        return ContainerHostNotUp(
+            f"The agent of host {host.name} at {host.agent_url} cannot be reached: {detail}"
+        )
+    # The error's own text names the agent's address.
+    what = "timed out" if timed_out else "the connection failed"
+    return ContainerHostNotUp(f"The agent of {_where(host, False)} cannot be reached: {what}")

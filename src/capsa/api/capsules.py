@@ -19,13 +19,14 @@ from capsa.api.errors import (
     Conflict,
     InvalidCapsuleTemplate,
     InvalidValue,
+    PolicyNotAuthorized,
 )
 from capsa.api.keys import CONFIG, QUOTA_DEFAULTS, STORE, TEMPLATE_DEFAULTS
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json
 from capsa.api.quotas import over_quota
 from capsa.api.schemas import TemplateError, parse_create_body
-from capsa.api.views import CapsuleFormatter, json_response
+from capsa.api.views import FIELD_RULES, CapsuleFormatter, json_response
 from capsa.log import get_logger
 from capsa.model.capsule import (
     Capsule,
@@ -51,9 +52,8 @@ _DEFAULT_SORT_KEY = "created_at"
 
 def formatter(request: web.Request) -> CapsuleFormatter:
     context = request[CONTEXT]
-    return CapsuleFormatter(
-        request.app[CONFIG].api_url, context.version, show_host=context.can("capsule_host")
-    )
+    hidden = frozenset(field for field, rule in FIELD_RULES.items() if not context.can(rule))
+    return CapsuleFormatter(request.app[CONFIG].api_url, context.version, hidden)
 
 
 async def create_capsule(request: web.Request) -> web.Response:
@@ -73,7 +73,7 @@ async def create_capsule(request: web.Request) -> web.Response:
         )
     except TemplateError as exc:
         raise InvalidCapsuleTemplate(f"Invalid capsule template: {exc}") from None
-    _authorize_fields(context, spec)
+    await _authorize_fields(store, context, spec)
     await _check_attachment(store, context.project_id, spec.annotations)
     capsule = _new_capsule(capsule_uuid, spec, context)
     try:
@@ -85,7 +85,14 @@ async def create_capsule(request: web.Request) -> web.Response:
     except OverQuota as exc:
         log.info("capsule refused: over quota", name=spec.name, project=context.project_id)
         raise over_quota(exc) from None
-    log.info("capsule accepted", capsule=capsule.uuid, name=spec.name, project=context.project_id)
+    log.info(
+        "capsule accepted",
+        capsule=capsule.uuid,
+        name=spec.name,
+        project=context.project_id,
+        user=context.user_id,
+        privileged=spec.privileged,
+    )
     return json_response(
         formatter(request).capsule(capsule),
         status=202,
@@ -174,13 +181,23 @@ async def find_capsule(
     raise CapsuleNotFound(ident)
 
 
-def _authorize_fields(context: RequestContext, spec: CapsuleSpec) -> None:
-    """Zun's per-field rules: naming a runtime, or a pull policy other than the default."""
+async def _authorize_fields(store: Store, context: RequestContext, spec: CapsuleSpec) -> None:
+    """Zun's per-field rules: naming a runtime, a pull policy other than the default, or
+    privileged containers, which also need the project to be allowed them."""
     if spec.runtime is not None:
         context.authorize("capsule_runtime", "capsule:create:runtime")
     containers = (*spec.init_containers, *spec.containers)
     if any(c.image_pull_policy is not PullPolicy.IF_NOT_PRESENT for c in containers):
         context.authorize("capsule_image_pull_policy", "capsule:create:image_pull_policy")
+    if spec.privileged:
+        action = "capsule:create:privileged"
+        context.authorize("capsule_privileged", action)
+        if not await store.privileged.allowed(context.project_id):
+            raise PolicyNotAuthorized(
+                f"Policy doesn't allow {action} to be performed: project {context.project_id} "
+                "may not run privileged containers (an admin allows it with `capsa project set "
+                f"{context.project_id} --allow-privileged`)."
+            )
 
 
 def _new_capsule(capsule_uuid: str, spec: CapsuleSpec, context: RequestContext) -> Capsule:

@@ -60,15 +60,18 @@ async def container_logs(request: web.Request) -> web.StreamResponse:
             f"capsule {capsule.name} is not on a host yet (status {capsule.status}, "
             f"task_state {capsule.task_state})."
         )
+    # Hosts are for those who may see them, in errors too.
+    name_host = context.can("capsule_host")
     host = await store.hosts.get(capsule.host)
     if host is None:
+        where = f"Host {capsule.host}" if name_host else "The host"
         raise ContainerHostNotUp(
-            f"Host {capsule.host} of capsule {capsule.name} is not registered; its agent is gone."
+            f"{where} of capsule {capsule.name} is not registered; its agent is gone."
         )
     agents = request.app[AGENTS]
     if not options.follow:
-        return json_response(await agents.logs(host, container_uuid, options))
-    async with agents.stream_logs(host, container_uuid, options) as chunks:
+        return json_response(await agents.logs(host, container_uuid, options, name_host))
+    async with agents.stream_logs(host, container_uuid, options, name_host) as chunks:
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
         try:

@@ -13,9 +13,8 @@ from capsa.api.errors import PolicyNotAuthorized
 from capsa.api.microversion import APIVersion
 from capsa.api.policy import Policy, rule_name
 from capsa.config import ApiConfig
-from capsa.model.identity import ADMIN, MEMBER, Principal
+from capsa.model.identity import MEMBER, Principal
 
-ADMIN_ROLE = ADMIN
 _DEFAULT_POLICY = Policy()
 
 
@@ -26,10 +25,6 @@ class RequestContext:
     roles: frozenset[str]
     version: APIVersion
     policy: Policy = field(default=_DEFAULT_POLICY, compare=False)
-
-    @property
-    def is_admin(self) -> bool:
-        return ADMIN_ROLE in self.roles
 
     def can(self, rule: str) -> bool:
         return self.policy.allows(rule, self.roles)
@@ -45,13 +40,17 @@ class RequestContext:
             )
 
     def project_scope(
-        self, all_projects: bool, action: str = "capsule:get_all_all_projects"
+        self,
+        all_projects: bool,
+        action: str = "capsule:get_all_all_projects",
+        rule: str = "capsule_all_projects",
     ) -> str | None:
         """The project a query is limited to; None (every project) only when the caller asks
-        for it and the ``capsule_all_projects`` rule allows it (``action`` names it in a 403)."""
+        for it and ``rule`` (by default ``capsule_all_projects``) allows it (``action`` names it
+        in a 403)."""
         if not all_projects:
             return self.project_id
-        self.authorize("capsule_all_projects", action)
+        self.authorize(rule, action)
         return None
 
 

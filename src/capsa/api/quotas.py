@@ -2,9 +2,9 @@
 
 Bodies and answers are flat maps of Zun's four resources (``containers``, ``cpu`` in cores,
 ``memory`` in MiB, ``disk`` in GB; -1 unlimited); ``GET /v1/quotas/{p}?usages=true`` answers
-``{"<resource>": {"limit": L, "in_use": U}}``. Changing quotas and reading or changing quota
-classes is for admins; a project may read its own quotas. Zun added these APIs in 1.26 but serves
-them at every microversion, and so does capsa.
+``{"<resource>": {"limit": L, "in_use": U}}``. Who may do what is capsa.api.policy's: by default a
+project reads its own quotas, admins read every project's and the quota classes and change them.
+Zun added these APIs in 1.26 but serves them at every microversion, and so does capsa.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from capsa.api.context import RequestContext
-from capsa.api.errors import Invalid, OverQuota, PolicyNotAuthorized
+from capsa.api.errors import Invalid, OverQuota
 from capsa.api.keys import CONFIG, QUOTA_DEFAULTS, STORE
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, read_json, refuse_unknown
@@ -30,7 +30,7 @@ _MAX_NAME = 255
 
 
 async def show_quota(request: web.Request) -> web.Response:
-    project_id = _project(request, "quota:get", admin_only=False)
+    project_id = _readable_project(request, "quota:get")
     usages = boolean(request.query, "usages", False)
     refuse_unknown(request.query, frozenset({"usages"}))
     store = request.app[STORE]
@@ -41,7 +41,7 @@ async def show_quota(request: web.Request) -> web.Response:
 
 
 async def show_defaults(request: web.Request) -> web.Response:
-    _project(request, "quota:get_default", admin_only=False)
+    _readable_project(request, "quota:get_default")
     # A project's defaults are the ``default`` class's limits, else the configured ones.
     limits = await request.app[STORE].quotas.class_limits(
         DEFAULT_CLASS, request.app[QUOTA_DEFAULTS]
@@ -50,7 +50,8 @@ async def show_defaults(request: web.Request) -> web.Response:
 
 
 async def update_quota(request: web.Request) -> web.Response:
-    project_id = _project(request, "quota:update", admin_only=True)
+    request[CONTEXT].authorize("quota_change", "quota:update")
+    project_id = request.match_info["project_id"]
     limits = await _limits_body(request)
     updated = await request.app[STORE].quotas.set_project_limits(
         project_id, limits, request.app[QUOTA_DEFAULTS]
@@ -65,7 +66,8 @@ async def update_quota(request: web.Request) -> web.Response:
 
 
 async def reset_quota(request: web.Request) -> web.Response:
-    project_id = _project(request, "quota:delete", admin_only=True)
+    request[CONTEXT].authorize("quota_change", "quota:delete")
+    project_id = request.match_info["project_id"]
     await request.app[STORE].quotas.reset_project_limits(project_id)
     log.info("project quota reset to defaults", project=project_id, user=request[CONTEXT].user_id)
     # Zun's api-ref says 202, Zun itself answers 200; clients accept either.
@@ -73,13 +75,15 @@ async def reset_quota(request: web.Request) -> web.Response:
 
 
 async def show_quota_class(request: web.Request) -> web.Response:
-    class_name = _quota_class(request, "quota_class:get")
+    request[CONTEXT].authorize("quota_all_projects", "quota_class:get")
+    class_name = _quota_class(request)
     limits = await request.app[STORE].quotas.class_limits(class_name, request.app[QUOTA_DEFAULTS])
     return json_response(limits.as_dict())
 
 
 async def update_quota_class(request: web.Request) -> web.Response:
-    class_name = _quota_class(request, "quota_class:update")
+    request[CONTEXT].authorize("quota_change", "quota_class:update")
+    class_name = _quota_class(request)
     limits = await _limits_body(request)
     updated = await request.app[STORE].quotas.set_class_limits(
         class_name, limits, request.app[QUOTA_DEFAULTS]
@@ -106,22 +110,18 @@ def over_quota(exc: StoreOverQuota) -> OverQuota:
     )
 
 
-def _project(request: web.Request, action: str, *, admin_only: bool) -> str:
+def _readable_project(request: web.Request, action: str) -> str:
+    """The project of the path, once the caller may read its quotas: its own project's with
+    ``quota_get``, another's with ``quota_all_projects`` too."""
     context: RequestContext = request[CONTEXT]
     project_id = request.match_info["project_id"]
-    if not context.is_admin and (admin_only or project_id != context.project_id):
-        whose = "any project's" if admin_only else "another project's"
-        raise PolicyNotAuthorized(
-            f"Policy doesn't allow {action} to be performed: {whose} quotas are for admins."
-        )
+    context.authorize("quota_get", action)
+    if project_id != context.project_id:
+        context.authorize("quota_all_projects", f"{action} (another project's quotas)")
     return project_id
 
 
-def _quota_class(request: web.Request, action: str) -> str:
-    if not request[CONTEXT].is_admin:
-        raise PolicyNotAuthorized(
-            f"Policy doesn't allow {action} to be performed: quota classes are for admins."
-        )
+def _quota_class(request: web.Request) -> str:
     name = request.match_info["class_name"]
     if len(name) > _MAX_NAME:
         raise Invalid(f"A quota class name has at most {_MAX_NAME} characters.")

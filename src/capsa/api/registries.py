@@ -5,7 +5,9 @@ Bodies are ``{"registry": {"name", "domain", "username", "password"}}`` (``domai
 create), answers ``{"registry": {...}}`` with the password always shown as ``***``. The password
 is encrypted before it reaches the store (capsa.secrets) and never logged. A registry is found by
 uuid or name within the caller's project; another project's answers 404 (admins reach every
-project's, as in Zun).
+project's, as in Zun). The rules are capsa.api.policy's: ``registry_get`` to look,
+``registry_change`` to create, update and delete, ``registry_all_projects`` to reach every
+project's.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class _RegistryBody(BaseModel):
 
 async def create_registry(request: web.Request) -> web.Response:
     context = request[CONTEXT]
+    context.authorize("registry_change", "registry:create")
     fields = await _fields(request)
     if fields.domain is None:
         raise Invalid("registry.domain: required field is missing")
@@ -108,9 +111,12 @@ async def list_registries(request: web.Request) -> web.Response:
     context = request[CONTEXT]
     config = request.app[CONFIG]
     query = request.query
+    context.authorize("registry_get", "registry:get_all")
     refuse_unknown(query, _LIST_PARAMETERS)
     all_projects = boolean(query, "all_projects", False)
-    scope = context.project_scope(all_projects, "registry:get_all_all_projects")
+    scope = context.project_scope(
+        all_projects, "registry:get_all_all_projects", "registry_all_projects"
+    )
     page = Page(
         limit=positive_limit(query.get("limit"), config.api.max_limit),
         marker=query.get("marker") or None,
@@ -138,12 +144,14 @@ async def list_registries(request: web.Request) -> web.Response:
 
 
 async def show_registry(request: web.Request) -> web.Response:
+    request[CONTEXT].authorize("registry_get", "registry:get_one")
     registry = await _find(request)
     return json_response({"registry": format_registry(registry, request.app[CONFIG].api_url)})
 
 
 async def update_registry(request: web.Request) -> web.Response:
     context = request[CONTEXT]
+    context.authorize("registry_change", "registry:update")
     registry = await _find(request)
     fields = await _fields(request)
     values: dict[str, Any] = fields.model_dump(exclude_unset=True, exclude={"password"})
@@ -168,6 +176,7 @@ async def update_registry(request: web.Request) -> web.Response:
 
 
 async def delete_registry(request: web.Request) -> web.Response:
+    request[CONTEXT].authorize("registry_change", "registry:delete")
     registry = await _find(request)
     await request.app[STORE].registries.delete(registry.uuid)
     log.info(
@@ -194,11 +203,14 @@ def format_registry(registry: Registry, base_url: str) -> dict[str, Any]:
 
 
 async def _find(request: web.Request) -> Registry:
-    """The registry the path names, in the caller's project; admins also reach others."""
+    """The registry the path names, in the caller's project; those who may reach every
+    project's (``registry_all_projects``) also find others'."""
     context: RequestContext = request[CONTEXT]
     ident = request.match_info["ident"]
     store = request.app[STORE]
-    scopes: list[str | None] = [context.project_id] + ([None] if context.is_admin else [])
+    scopes: list[str | None] = [context.project_id]
+    if context.can("registry_all_projects"):
+        scopes.append(None)
     for scope in scopes:
         registry = await store.registries.find(ident, scope)
         if registry is not None:

@@ -4,7 +4,9 @@ The shapes follow Zun's views and what python-zunclient, gophercloud and Virtual
 timestamps are naive UTC ``"YYYY-MM-DD HH:MM:SS"``, ``memory`` is a string of MiB, ``cpu`` a number
 of cores, ``restart_policy`` a map of strings. From microversion 1.32 capsules carry ``name``,
 ``labels`` and ``restart_policy`` as a map; below it, Zun's legacy ``meta_name``, ``meta_labels``
-and a bare restart policy name. ``host`` is shown to admins only.
+and a bare restart policy name. Zun's admin-only fields (``host``, and the containers' ``runtime``,
+``image_pull_policy`` and ``privileged``) are left out for callers whom the policy rule of the field
+does not allow (:data:`FIELD_RULES`).
 
 A list page formats up to ``api.max_limit`` capsules, so the formatter computes what is the same
 for every row once and does no lookups per row.
@@ -85,13 +87,23 @@ _INIT_RESTART = {
 }
 
 
-class CapsuleFormatter:
-    """Formats capsules for one request: its base URL, microversion and whether to show hosts."""
+# The fields Zun shows to admins only, and the capsa.api.policy rule that shows each.
+FIELD_RULES = {
+    "host": "capsule_host",
+    "runtime": "capsule_runtime",
+    "image_pull_policy": "capsule_image_pull_policy",
+    "privileged": "capsule_privileged",
+}
 
-    def __init__(self, base_url: str, version: APIVersion, show_host: bool) -> None:
+
+class CapsuleFormatter:
+    """Formats capsules for one request: its base URL, microversion and the fields of
+    :data:`FIELD_RULES` that the caller may not see."""
+
+    def __init__(self, base_url: str, version: APIVersion, hidden: frozenset[str]) -> None:
         self._base_url = base_url
         self._legacy = version < CAPSULE_CURRENT_SHAPE
-        self._show_host = show_host
+        self._hidden = hidden
 
     def capsule(self, capsule: Capsule) -> dict[str, Any]:
         spec = capsule.spec
@@ -131,7 +143,7 @@ class CapsuleFormatter:
             body["name"] = spec.name
             body["labels"] = spec.labels
             body["restart_policy"] = policy
-        if self._show_host:
+        if "host" not in self._hidden:
             body["host"] = capsule.host
         return body
 
@@ -173,7 +185,7 @@ class CapsuleFormatter:
             "security_groups": [],
             "auto_remove": False,
             "auto_heal": False,
-            "privileged": False,
+            "privileged": spec.privileged,
             "runtime": capsule.spec.runtime,
             "disk": 0,
             "healthcheck": {},
@@ -182,8 +194,9 @@ class CapsuleFormatter:
             "created_at": timestamp(container.created_at),
             "updated_at": timestamp(container.updated_at),
         }
-        if self._show_host:
-            body["host"] = capsule.host
+        body["host"] = capsule.host
+        for field in self._hidden:
+            del body[field]
         return body
 
 

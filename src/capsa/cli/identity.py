@@ -1,9 +1,12 @@
-"""``capsa project|user|role ...``: the local identity service's projects, users and roles.
+"""``capsa project|user|role ...``: the local identity service's projects, users and roles, and
+which projects may run privileged containers.
 
 These commands are the operator's, on a host of capsa: like ``keystone-manage`` they write
 capsa's database directly (``database.url`` of the configuration), so they work before the API is
 up and need no token. A change takes effect at once: tokens are checked against these rows on
 every request, so disabling a user or deleting a project ends its tokens with the next request.
+``capsa project set ID --allow-privileged`` also works with an external Keystone (or noauth),
+whose projects capsa does not keep: the project is then named by its id.
 """
 
 from __future__ import annotations
@@ -17,28 +20,35 @@ from capsa.cli.errors import CliError, ExitCode
 from capsa.cli.output import Output, table, text
 from capsa.config import Config
 from capsa.identity.admin import IdentityAdmin
+from capsa.log import get_logger
 from capsa.model.identity import Project, User
 from capsa.store import Store
 from capsa.store.identity import IdentityConflict
 
 T = TypeVar("T")
 
+log = get_logger(__name__)
 
-def run(cfg: Config, work: Callable[[IdentityAdmin], Awaitable[T]]) -> T:
-    async def with_store() -> T:
-        store = Store(cfg.database_url)
-        await store.open()
-        try:
-            return await work(IdentityAdmin(store.identity))
-        finally:
-            await store.close()
 
+def run(cfg: Config, work: Callable[[IdentityAdmin, Store], Awaitable[T]]) -> T:
     if cfg.auth.mode != "local":
         raise CliError(
             f"auth.mode is {cfg.auth.mode!r}: capsa's identity service is off, so it has no "
             "users or projects to manage",
             ExitCode.USAGE,
         )
+    return run_on_store(cfg, work)
+
+
+def run_on_store(cfg: Config, work: Callable[[IdentityAdmin, Store], Awaitable[T]]) -> T:
+    async def with_store() -> T:
+        store = Store(cfg.database_url)
+        await store.open()
+        try:
+            return await work(IdentityAdmin(store.identity), store)
+        finally:
+            await store.close()
+
     try:
         return asyncio.run(with_store())
     except IdentityConflict as exc:
@@ -73,31 +83,77 @@ def read_password(password: str | None, prompt: bool) -> str:
 
 
 def project_command(cfg: Config, out: Output, action: str, args: Any) -> int:
-    async def work(admin: IdentityAdmin) -> int:
-        store = admin.store
+    if action == "set" and args.enabled is None and args.allow_privileged is None:
+        raise CliError(
+            "say what to change: --enable, --disable, --allow-privileged or --no-allow-privileged",
+            ExitCode.USAGE,
+        )
+
+    async def work(admin: IdentityAdmin, store: Store) -> int:
+        identity = admin.store
         if action == "create":
-            project = await store.create_project(args.name, args.description)
-            out.result(_project(project), f"project {project.name} created: {project.id}")
+            project = await identity.create_project(args.name, args.description)
+            out.result(
+                _project(project, privileged=False), f"project {project.name} created: {project.id}"
+            )
         elif action == "list":
-            projects = [_project(p) for p in await store.projects()]
+            privileged = await store.privileged.allowed_projects()
+            projects = [_project(p, p.id in privileged) for p in await identity.projects()]
             rows = [
-                [p["id"], p["name"], str(p["enabled"]), text(p["description"])] for p in projects
+                [
+                    p["id"],
+                    p["name"],
+                    str(p["enabled"]),
+                    str(p["allow_privileged"]),
+                    text(p["description"]),
+                ]
+                for p in projects
             ]
-            out.result(projects, table(("ID", "NAME", "ENABLED", "DESCRIPTION"), rows))
+            out.result(
+                projects, table(("ID", "NAME", "ENABLED", "PRIVILEGED", "DESCRIPTION"), rows)
+            )
         elif action == "set":
             project = await project_of(admin, args.name)
-            await store.set_project_enabled(project.id, args.enabled)
-            state = "enabled" if args.enabled else "disabled"
-            out.result(
-                {"id": project.id, "enabled": args.enabled}, f"project {project.name} {state}"
-            )
+            changes: dict[str, Any] = {"id": project.id}
+            said = []
+            if args.enabled is not None:
+                await identity.set_project_enabled(project.id, args.enabled)
+                changes["enabled"] = args.enabled
+                said.append("enabled" if args.enabled else "disabled")
+            if args.allow_privileged is not None:
+                said.append(await _set_privileged(store, project.id, args.allow_privileged))
+                changes["allow_privileged"] = args.allow_privileged
+            out.result(changes, f"project {project.name} {', '.join(said)}")
         elif action == "delete":
             project = await project_of(admin, args.name)
-            await store.delete_project(project.id)
+            await identity.delete_project(project.id)
             out.result({"id": project.id, "deleted": True}, f"project {project.name} deleted")
         return ExitCode.OK
 
+    if action == "set" and cfg.auth.mode != "local" and args.enabled is None:
+        return run_on_store(cfg, lambda _admin, store: _set_external(store, out, args))
     return run(cfg, work)
+
+
+async def _set_privileged(store: Store, project_id: str, allowed: bool) -> str:
+    changed = await store.privileged.set_allowed(project_id, allowed)
+    if changed:
+        log.info(
+            "privileged containers allowed" if allowed else "privileged containers forbidden",
+            project=project_id,
+        )
+    state = "allowed privileged containers" if allowed else "forbidden privileged containers"
+    return state if changed else f"already {state}"
+
+
+async def _set_external(store: Store, out: Output, args: Any) -> int:
+    """--allow-privileged for a project of an external Keystone (or noauth): capsa keeps no copy
+    of those projects, so the id is taken as given."""
+    said = await _set_privileged(store, args.name, args.allow_privileged)
+    out.result(
+        {"id": args.name, "allow_privileged": args.allow_privileged}, f"project {args.name} {said}"
+    )
+    return ExitCode.OK
 
 
 def user_command(cfg: Config, out: Output, action: str, args: Any) -> int:
@@ -105,7 +161,7 @@ def user_command(cfg: Config, out: Output, action: str, args: Any) -> int:
     if action == "create" or (action == "set" and (args.password or args.password_prompt)):
         password = read_password(args.password, args.password_prompt)
 
-    async def work(admin: IdentityAdmin) -> int:
+    async def work(admin: IdentityAdmin, _store: Store) -> int:
         store = admin.store
         if action == "create":
             project = await project_of(admin, args.project) if args.project else None
@@ -138,7 +194,7 @@ def user_command(cfg: Config, out: Output, action: str, args: Any) -> int:
 
 
 def role_command(cfg: Config, out: Output, action: str, args: Any) -> int:
-    async def work(admin: IdentityAdmin) -> int:
+    async def work(admin: IdentityAdmin, _store: Store) -> int:
         if action == "list":
             user = await user_of(admin, args.user) if args.user else None
             project = await project_of(admin, args.project) if args.project else None
@@ -177,12 +233,13 @@ def role_command(cfg: Config, out: Output, action: str, args: Any) -> int:
     return run(cfg, work)
 
 
-def _project(project: Project) -> dict[str, Any]:
+def _project(project: Project, privileged: bool) -> dict[str, Any]:
     return {
         "id": project.id,
         "name": project.name,
         "description": project.description,
         "enabled": project.enabled,
+        "allow_privileged": privileged,
     }
 
 

@@ -215,11 +215,24 @@ def _identity_commands(
     create.add_argument("name")
     create.add_argument("--description", default="")
     command(actions, "list", "list the projects")
-    enable = command(actions, "set", "enable or disable a project (its tokens stop at once)")
-    enable.add_argument("name", help="name or id")
-    switch = enable.add_mutually_exclusive_group(required=True)
+    change = command(
+        actions,
+        "set",
+        "enable or disable a project (its tokens stop at once), allow or forbid it privileged "
+        "containers",
+    )
+    change.add_argument(
+        "name", help="name or id (with auth.mode keystone or noauth: the project's id)"
+    )
+    switch = change.add_mutually_exclusive_group()
     switch.add_argument("--enable", dest="enabled", action="store_true", default=None)
     switch.add_argument("--disable", dest="enabled", action="store_false")
+    change.add_argument(
+        "--allow-privileged",
+        action=argparse.BooleanOptionalAction,
+        help="let the project's capsules run privileged containers (refused by default); "
+        "running ones keep running when forbidden again",
+    )
     delete = command(actions, "delete", "delete a project and its role assignments")
     delete.add_argument("name", help="name or id")
 

@@ -508,6 +508,7 @@ class CapsuleDriver:
             annotations=dict(capsule.spec.annotations),
             runtime_handler=capsule.spec.runtime or self._settings.default_runtime,
             cgroup_parent=self._settings.cgroup_parent,
+            privileged=capsule.spec.privileged,
             port_mappings=tuple(
                 cri.PortMapping(
                     container_port=p.container_port,
@@ -542,6 +543,7 @@ class CapsuleDriver:
             log_path=f"{spec.name}/{attempt}.log",
             tty=spec.tty,
             stdin=spec.stdin,
+            privileged=spec.privileged,
             cpu_period=_CPU_PERIOD_US,
             cpu_quota=spec.cpu_millis * _CPU_PERIOD_US // 1000,
             cpu_shares=max(2, spec.cpu_millis * 1024 // 1000),

@@ -47,6 +47,8 @@ def sandbox_config(spec: t.SandboxSpec) -> pb.PodSandboxConfig:
         config.dns_config.options.extend(spec.dns_options)
     if spec.host_network:
         config.linux.security_context.namespace_options.network = pb.NODE
+    if spec.privileged:
+        config.linux.security_context.privileged = True
     return config
 
 
@@ -77,6 +79,8 @@ def container_config(spec: t.ContainerSpec, sandbox: t.SandboxSpec) -> pb.Contai
     if sandbox.host_network:
         # The container must ask for the host network too, like the sandbox it joins.
         config.linux.security_context.namespace_options.network = pb.NODE
+    if spec.privileged:
+        config.linux.security_context.privileged = True
     return config
 
 

@@ -62,6 +62,8 @@ class SandboxSpec:
     runtime_handler: str = ""
     cgroup_parent: str = ""
     host_network: bool = False
+    # Needed by containerd for any privileged container in the sandbox.
+    privileged: bool = False
     port_mappings: tuple[PortMapping, ...] = ()
     dns_servers: tuple[str, ...] = ()
     dns_searches: tuple[str, ...] = ()
@@ -88,6 +90,8 @@ class ContainerSpec:
     log_path: str = ""
     tty: bool = False
     stdin: bool = False
+    # Every host device and capability, no seccomp or AppArmor profile.
+    privileged: bool = False
     # 0 leaves a limit unset.
     cpu_period: int = 0
     cpu_quota: int = 0

@@ -93,6 +93,9 @@ class ContainerSpec:
     ports: tuple[PortSpec, ...] = ()
     # The private registry whose credentials pull the image (capsa.model.registry), if any.
     registry_id: str | None = None
+    # All devices and capabilities of the host, no seccomp or AppArmor: only in projects an admin
+    # allowed (capsa project set --allow-privileged).
+    privileged: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,11 @@ class CapsuleSpec:
     def memory_mb(self) -> int:
         running = sum(c.memory_mb for c in self.containers)
         return max([running, *(c.memory_mb for c in self.init_containers)])
+
+    @property
+    def privileged(self) -> bool:
+        """Whether a container of the capsule is privileged (its sandbox must be too)."""
+        return any(c.privileged for c in (*self.init_containers, *self.containers))
 
 
 @dataclass

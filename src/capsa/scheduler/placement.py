@@ -79,7 +79,8 @@ class HostChooser:
 
 
 def explain_no_fit(hosts: list[Host], request: PlacementRequest) -> str:
-    """Why no host fits, in terms a tenant or an operator can act on."""
+    """Why no host fits, in terms a tenant or an operator can act on; it names no host, since
+    tenants read it and hosts are for admins."""
     wanted = f"{request.cpu_millis / 1000:g} cpu and {request.memory_mb} MiB"
     runtime = request.runtime or "the default runtime"
     prefix = f"no host can run this capsule: it needs {wanted} on {runtime}"
@@ -96,6 +97,6 @@ def explain_no_fit(hosts: list[Host], request: PlacementRequest) -> str:
         return f"{prefix}; the hosts offer the runtimes {', '.join(offered) or 'none'}"
     roomiest = max(with_runtime, key=lambda h: (h.cpu_millis_free, h.memory_mb_free))
     return (
-        f"{prefix}; the host with the most room ({roomiest.name}) has "
+        f"{prefix}; the host with the most room has "
         f"{roomiest.cpu_millis_free / 1000:g} cpu and {roomiest.memory_mb_free} MiB free"
     )

@@ -9,6 +9,7 @@ from capsa.store.identity import IdentityStore
 from capsa.store.networks import NetworkStore
 from capsa.store.notify import ChangeHub
 from capsa.store.ports import PortStore
+from capsa.store.privileged import PrivilegedProjectStore
 from capsa.store.quotas import QuotaStore
 from capsa.store.registries import RegistryStore
 
@@ -25,6 +26,7 @@ class Store:
         self.ports = PortStore(self.db, self.hub)
         self.quotas = QuotaStore(self.db)
         self.registries = RegistryStore(self.db)
+        self.privileged = PrivilegedProjectStore(self.db)
         self.identity = IdentityStore(self.db)
 
     async def open(self) -> None:

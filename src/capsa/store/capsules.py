@@ -328,6 +328,7 @@ def _container_row(container: Container) -> dict[str, Any]:
             "stdin": spec.stdin,
             "ports": [[p.container_port, p.protocol, p.host_port, p.name] for p in spec.ports],
             "registry_id": spec.registry_id,
+            "privileged": spec.privileged,
         },
         "status": container.status,
         "status_reason": container.status_reason,
@@ -358,6 +359,7 @@ def _container(row: Row[Any]) -> Container:
         stdin=doc["stdin"],
         ports=tuple(PortSpec(*p) for p in doc["ports"]),
         registry_id=doc.get("registry_id"),
+        privileged=doc["privileged"],
     )
     return Container(
         uuid=row.uuid,
@@ -385,6 +387,8 @@ _STATUSES = {s.value: s for s in Status}
 _TASK_STATES = {t.value: t for t in TaskState}
 _KINDS = {k.value: k for k in ContainerKind}
 _PULL_POLICIES = {p.value: p for p in PullPolicy}
+_RESTART_POLICIES = {p.value: p for p in RestartPolicy}
+_DESIRED_STATES = {d.value: d for d in DesiredState}
 
 
 def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
@@ -394,11 +398,11 @@ def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
     uuids = [r.uuid for r in rows]
     containers: dict[str, list[Container]] = {u: [] for u in uuids}
     for chunk in _chunks(uuids):
-        for row in conn.execute(_CONTAINERS_OF, {"uuids": chunk}):
+        for row in conn.execute(_CONTAINERS_OF, {"uuids": chunk}).all():
             containers[row.capsule_uuid].append(_container(row))
     addresses: dict[str, list[Address]] = {u: [] for u in uuids}
     for chunk in _chunks(uuids):
-        for row in conn.execute(_PORTS_OF, {"uuids": chunk}):
+        for row in conn.execute(_PORTS_OF, {"uuids": chunk}).all():
             addresses[row.device_id].append(
                 Address(
                     network_id=row.network_id,
@@ -411,14 +415,17 @@ def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
             )
     capsules = []
     for row in rows:
-        members = containers[row.uuid]
+        apps: list[Container] = []
+        inits: list[Container] = []
+        for member in containers[row.uuid]:
+            (apps if member.kind is ContainerKind.APP else inits).append(member)
         spec = CapsuleSpec(
             name=row.name,
-            containers=tuple(c.spec for c in members if c.kind is ContainerKind.APP),
-            init_containers=tuple(c.spec for c in members if c.kind is ContainerKind.INIT),
+            containers=tuple(c.spec for c in apps),
+            init_containers=tuple(c.spec for c in inits),
             labels=row.metadata["labels"],
             annotations=row.metadata["annotations"],
-            restart_policy=RestartPolicy(row.restart_policy),
+            restart_policy=_RESTART_POLICIES[row.restart_policy],
             runtime=row.runtime,
         )
         capsules.append(
@@ -430,11 +437,11 @@ def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
                 status=_STATUSES[row.status],
                 status_reason=row.status_reason,
                 task_state=_TASK_STATES[row.task_state] if row.task_state else None,
-                desired_state=DesiredState(row.desired_state),
+                desired_state=_DESIRED_STATES[row.desired_state],
                 host=row.host,
                 sandbox_id=row.sandbox_id,
-                containers=[c for c in members if c.kind is ContainerKind.APP],
-                init_containers=[c for c in members if c.kind is ContainerKind.INIT],
+                containers=apps,
+                init_containers=inits,
                 addresses=addresses[row.uuid],
                 created_at=row.created_at,
                 updated_at=row.updated_at,

@@ -27,7 +27,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import Table, create_engine, event, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from capsa.store import schema
@@ -129,6 +130,13 @@ class Database:
         future = asyncio.get_running_loop().run_in_executor(self._threads, call)
         future.add_done_callback(functools.partial(_finished, then))
         return await asyncio.shield(future)
+
+
+def dialect_insert(conn: Connection, table: Table) -> sqlite.Insert | postgresql.Insert:
+    """An INSERT that can say what to do on a conflict, in the database's own dialect."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
 
 
 def _finished(then: Callable[[], None] | None, future: asyncio.Future[Any]) -> None:

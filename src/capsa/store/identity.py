@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, delete, or_, select, update
+from sqlalchemy import Table, bindparam, delete, exists, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -23,6 +23,26 @@ p_t = schema.projects
 u_t = schema.users
 r_t = schema.role_assignments
 rev_t = schema.revoked_tokens
+
+# Every authenticated request asks it, so it is one statement, built once: the roles of an
+# enabled user in an enabled project, and whether the token was revoked.
+_PRINCIPAL = (
+    select(
+        u_t.c.name,
+        p_t.c.name,
+        r_t.c.role,
+        exists().where(rev_t.c.audit_id == bindparam("audit")).label("revoked"),
+    )
+    .select_from(r_t)
+    .join(u_t, u_t.c.id == r_t.c.user_id)
+    .join(p_t, p_t.c.id == r_t.c.project_id)
+    .where(
+        r_t.c.user_id == bindparam("user"),
+        r_t.c.project_id == bindparam("project"),
+        u_t.c.enabled.is_(True),
+        p_t.c.enabled.is_(True),
+    )
+)
 
 
 class IdentityConflict(Exception):
@@ -80,10 +100,13 @@ class IdentityStore:
         await self._db.run_write(lambda conn: conn.execute(statement))
 
     async def delete_project(self, project_id: str) -> None:
-        """Removes the project and every role in it (its tokens stop working with it)."""
+        """Removes the project, every role in it (its tokens stop working with it) and its
+        allowance of privileged containers."""
 
         def remove(conn: Connection) -> None:
             conn.execute(delete(r_t).where(r_t.c.project_id == project_id))
+            privileged = schema.privileged_projects
+            conn.execute(delete(privileged).where(privileged.c.project_id == project_id))
             conn.execute(
                 update(u_t)
                 .where(u_t.c.default_project_id == project_id)
@@ -220,27 +243,11 @@ class IdentityStore:
         or the project is gone or disabled, the user holds no role there any more, or the token
         (``audit_id``) was revoked."""
 
+        params = {"user": user_id, "project": project_id, "audit": audit_id}
+
         def read(conn: Connection) -> Principal | None:
-            if (
-                audit_id is not None
-                and conn.execute(
-                    select(rev_t.c.audit_id).where(rev_t.c.audit_id == audit_id)
-                ).first()
-            ):
-                return None
-            rows = conn.execute(
-                select(u_t.c.name, p_t.c.name, r_t.c.role)
-                .select_from(r_t)
-                .join(u_t, u_t.c.id == r_t.c.user_id)
-                .join(p_t, p_t.c.id == r_t.c.project_id)
-                .where(
-                    r_t.c.user_id == user_id,
-                    r_t.c.project_id == project_id,
-                    u_t.c.enabled.is_(True),
-                    p_t.c.enabled.is_(True),
-                )
-            ).all()
-            if not rows:
+            rows = conn.execute(_PRINCIPAL, params).all()
+            if not rows or rows[0].revoked:
                 return None
             return Principal(
                 user_id=user_id,

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from sqlalchemy import ColumnElement, Table, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from capsa.model.quota import (
@@ -25,7 +24,7 @@ from capsa.model.quota import (
     exceeded,
 )
 from capsa.store import schema
-from capsa.store.db import Database
+from capsa.store.db import Database, dialect_insert
 
 q_t = schema.quotas
 qc_t = schema.quota_classes
@@ -134,7 +133,7 @@ def _upsert(
     for resource, limit in limits.items():
         row = {**key, "resource": resource.value, "hard_limit": limit}
         conn.execute(
-            _insert(conn, table)
+            dialect_insert(conn, table)
             .values(**row)
             .on_conflict_do_update(index_elements=[*key, "resource"], set_={"hard_limit": limit})
         )
@@ -144,17 +143,12 @@ def _lock_project(conn: Connection, project_id: str) -> None:
     if conn.dialect.name == "sqlite":
         return  # the transaction already holds the database's write lock
     conn.execute(
-        _insert(conn, schema.quota_locks).values(project_id=project_id).on_conflict_do_nothing()
+        dialect_insert(conn, schema.quota_locks)
+        .values(project_id=project_id)
+        .on_conflict_do_nothing()
     )
     conn.execute(
         select(schema.quota_locks.c.project_id)
         .where(schema.quota_locks.c.project_id == project_id)
         .with_for_update()
     )
-
-
-def _insert(conn: Connection, table: Table) -> sqlite.Insert | postgresql.Insert:
-    """An INSERT that can say what to do on a conflict, in the database's own dialect."""
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)

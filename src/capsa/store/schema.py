@@ -54,6 +54,17 @@ class Timestamp(TypeDecorator[datetime]):
             return datetime.fromisoformat(value)
         return value  # type: ignore[no-any-return]
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        # A page of capsules reads thousands of timestamps: on SQLite, straight to the C parser
+        # rather than through TypeDecorator's layers of calls.
+        if dialect.name == "sqlite":
+            return _from_iso
+        return super().result_processor(dialect, coltype)
+
+
+def _from_iso(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value is not None else None
+
 
 metadata = MetaData()
 
@@ -292,6 +303,15 @@ registries = Table(
     UniqueConstraint("project_id", "name", name="uq_registries_project_name"),
 )
 Index("ix_registries_project_created", registries.c.project_id, registries.c.created_at)
+# Projects whose capsules may run privileged containers, as an admin allowed (any auth.mode:
+# the id is the token's project id, local or Keystone's).
+privileged_projects = Table(
+    "privileged_projects",
+    metadata,
+    Column("project_id", String(255), primary_key=True),
+    Column("created_at", Timestamp, nullable=False),
+)
+
 # Identity (the local identity service; with an external Keystone these stay empty).
 
 projects = Table(

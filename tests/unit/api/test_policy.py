@@ -16,6 +16,7 @@ from tests.unit.api.identity_helpers import (
 )
 
 from capsa.config import PolicyConfig
+from capsa.store import Store
 
 __all__ = ["cheap_password_hashes", "cloud", "make_cloud"]
 
@@ -128,3 +129,202 @@ async def test_operator_rules_replace_the_defaults(make_cloud: CloudFactory) -> 
     # A member with the defaults' IfNotPresent is not concerned by the rule.
     await create(cloud, member, zun_template("plain"))
     assert await names(cloud, member) == {"sandboxed", "pull", "plain"}
+
+
+async def registries(cloud: Cloud, token: str, query: str = "") -> set[str]:
+    response = await cloud.client.get(f"/v1/registries{query}", headers=token_headers(token))
+    assert response.status == 200, await response.text()
+    return {r["name"] for r in (await response.json())["registries"]}
+
+
+async def test_readers_see_registries_but_cannot_create_update_or_delete_them(
+    cloud: Cloud,
+) -> None:
+    member = await cloud.token("mia", "team-r")
+    reader = await cloud.token("rex", "team-r", role="reader")
+    body = {"registry": {"name": "private", "domain": "registry.example.com", "username": "u"}}
+    response = await cloud.client.post("/v1/registries", json=body, headers=token_headers(member))
+    assert response.status == 201, await response.text()
+    made = (await response.json())["registry"]
+    assert await registries(cloud, reader) == {"private"}
+    response = await cloud.client.get("/v1/registries/private", headers=token_headers(reader))
+    assert response.status == 200
+    other = {"registry": {"name": "mine", "domain": "registry.example.com"}}
+    response = await cloud.client.post("/v1/registries", json=other, headers=token_headers(reader))
+    await assert_error(
+        response, 403, "container.policy-not-authorized", "registry:create", "admin, member"
+    )
+    response = await cloud.client.patch(
+        f"/v1/registries/{made['uuid']}",
+        json={"registry": {"username": "changed"}},
+        headers=token_headers(reader),
+    )
+    await assert_error(response, 403, "container.policy-not-authorized", "registry:update")
+    response = await cloud.client.delete(
+        f"/v1/registries/{made['uuid']}", headers=token_headers(reader)
+    )
+    await assert_error(response, 403, "container.policy-not-authorized", "registry:delete")
+    # Nothing changed.
+    response = await cloud.client.get("/v1/registries/private", headers=token_headers(member))
+    assert (await response.json())["registry"]["username"] == "u"
+    assert await registries(cloud, member) == {"private"}
+
+
+async def test_another_projects_registry_is_404_and_unlisted_but_admins_reach_it(
+    cloud: Cloud,
+) -> None:
+    alice = await cloud.token("alice", "team-a")
+    bob = await cloud.token("bob", "team-b")
+    admin = await cloud.token("root", "admins", role="admin")
+    body = {"registry": {"name": "alices", "domain": "registry.example.com"}}
+    response = await cloud.client.post("/v1/registries", json=body, headers=token_headers(alice))
+    assert response.status == 201
+    uuid = (await response.json())["registry"]["uuid"]
+    assert await registries(cloud, bob) == set()
+    for ident in (uuid, "alices"):
+        for method in ("GET", "DELETE"):
+            response = await cloud.client.request(
+                method, f"/v1/registries/{ident}", headers=token_headers(bob)
+            )
+            await assert_error(response, 404, "container.registry-not-found", ident)
+    response = await cloud.client.get("/v1/registries?all_projects=1", headers=token_headers(bob))
+    await assert_error(
+        response, 403, "container.policy-not-authorized", "registry:get_all_all_projects"
+    )
+    assert await registries(cloud, admin) == set()
+    assert await registries(cloud, admin, "?all_projects=1") == {"alices"}
+    response = await cloud.client.get(f"/v1/registries/{uuid}", headers=token_headers(admin))
+    assert response.status == 200
+
+
+async def test_quotas_a_project_reads_its_own_and_admins_change_them(cloud: Cloud) -> None:
+    member = await cloud.token("mia", "team-q")
+    reader = await cloud.token("rex", "team-q", role="reader")
+    admin = await cloud.token("root", "admins", role="admin")
+    team_q = (await cloud.project("team-q")).id
+    team_b = (await cloud.project("team-b")).id
+    for token in (member, reader):
+        for path in (f"/v1/quotas/{team_q}?usages=true", f"/v1/quotas/{team_q}/defaults"):
+            response = await cloud.client.get(path, headers=token_headers(token))
+            assert response.status == 200, await response.text()
+    response = await cloud.client.get(f"/v1/quotas/{team_b}", headers=token_headers(member))
+    await assert_error(
+        response, 403, "container.policy-not-authorized", "another project's quotas", "admin"
+    )
+    for method, path, body in (
+        ("PUT", f"/v1/quotas/{team_q}", {"containers": 100}),
+        ("DELETE", f"/v1/quotas/{team_q}", None),
+        ("GET", "/v1/quota_classes/default", None),
+        ("PUT", "/v1/quota_classes/default", {"containers": 100}),
+    ):
+        response = await cloud.client.request(
+            method, path, json=body, headers=token_headers(member)
+        )
+        await assert_error(response, 403, "container.policy-not-authorized", "quota")
+    response = await cloud.client.get(f"/v1/quotas/{team_q}", headers=token_headers(member))
+    assert (await response.json())["containers"] != 100
+    response = await cloud.client.put(
+        f"/v1/quotas/{team_q}", json={"containers": 7}, headers=token_headers(admin)
+    )
+    assert response.status == 200, await response.text()
+    response = await cloud.client.get(f"/v1/quotas/{team_q}", headers=token_headers(reader))
+    assert (await response.json())["containers"] == 7
+    response = await cloud.client.get("/v1/quota_classes/default", headers=token_headers(admin))
+    assert response.status == 200
+
+
+async def test_operator_rules_for_registries_and_quotas(make_cloud: CloudFactory) -> None:
+    cloud = await make_cloud(
+        policy=PolicyConfig(registry_change=("admin",), quota_change=("admin", "member"))
+    )
+    member = await cloud.token("mia", "team-r")
+    body = {"registry": {"name": "private", "domain": "registry.example.com"}}
+    response = await cloud.client.post("/v1/registries", json=body, headers=token_headers(member))
+    await assert_error(response, 403, "container.policy-not-authorized", "registry:create")
+    team_r = (await cloud.project("team-r")).id
+    response = await cloud.client.put(
+        f"/v1/quotas/{team_r}", json={"containers": 3}, headers=token_headers(member)
+    )
+    assert response.status == 200, await response.text()
+
+
+def privileged_template(name: str) -> dict[str, Any]:
+    template = zun_template(name)
+    template["spec"]["containers"].append({"image": "busybox", "privileged": True})
+    return template
+
+
+async def test_privileged_capsules_are_refused_until_an_admin_allows_the_project(
+    cloud: Cloud, store: Store
+) -> None:
+    member = await cloud.token("mia", "team-p")
+    admin = await cloud.token("root", "team-p", role="admin")
+    other = await cloud.token("olga", "team-o")
+    team_p = (await cloud.project("team-p")).id
+    for token in (member, admin):
+        response = await cloud.client.post(
+            "/v1/capsules",
+            json={"template": privileged_template("priv")},
+            headers=token_headers(token),
+        )
+        await assert_error(
+            response,
+            403,
+            "container.policy-not-authorized",
+            "capsule:create:privileged",
+            f"project {team_p} may not run privileged containers",
+            f"capsa project set {team_p} --allow-privileged",
+        )
+    assert await names(cloud, member) == set()
+
+    assert await store.privileged.set_allowed(team_p, True)
+    made = await create(cloud, member, privileged_template("priv"))
+    assert [c["privileged"] for c in made["containers"]] == [False, True]
+    response = await cloud.client.get(f"/v1/capsules/{made['uuid']}", headers=token_headers(member))
+    assert [c["privileged"] for c in (await response.json())["containers"]] == [False, True]
+    # Another project is not concerned.
+    response = await cloud.client.post(
+        "/v1/capsules", json={"template": privileged_template("x")}, headers=token_headers(other)
+    )
+    await assert_error(response, 403, "container.policy-not-authorized", "privileged")
+    # Forbidden again: new ones are refused, the one made stays.
+    assert await store.privileged.set_allowed(team_p, False)
+    response = await cloud.client.post(
+        "/v1/capsules",
+        json={"template": privileged_template("again")},
+        headers=token_headers(member),
+    )
+    await assert_error(response, 403, "container.policy-not-authorized", "privileged")
+    assert await names(cloud, member) == {"priv"}
+
+
+async def test_operator_rules_for_privileged_containers_and_admin_only_fields(
+    make_cloud: CloudFactory, store: Store
+) -> None:
+    cloud = await make_cloud(
+        policy=PolicyConfig(
+            capsule_privileged=("admin",),
+            capsule_runtime=("admin",),
+            capsule_image_pull_policy=("admin",),
+        )
+    )
+    member = await cloud.token("mia", "team-p")
+    admin = await cloud.token("root", "team-p", role="admin")
+    await store.privileged.set_allowed((await cloud.project("team-p")).id, True)
+    response = await cloud.client.post(
+        "/v1/capsules", json={"template": privileged_template("m")}, headers=token_headers(member)
+    )
+    await assert_error(
+        response, 403, "container.policy-not-authorized", "capsule:create:privileged", "admin"
+    )
+    made = await create(cloud, admin, privileged_template("a"))
+    hidden = {"privileged", "runtime", "image_pull_policy"}
+    assert all(hidden <= set(c) for c in made["containers"])
+    # Members see neither these fields nor hosts, as in Zun.
+    response = await cloud.client.get(f"/v1/capsules/{made['uuid']}", headers=token_headers(member))
+    shown = await response.json()
+    assert "host" not in shown
+    assert all(not (hidden | {"host"}) & set(c) for c in shown["containers"])
+    response = await cloud.client.get("/v1/capsules", headers=token_headers(member))
+    [listed] = (await response.json())["capsules"]
+    assert all(not hidden & set(c) for c in listed["containers"])

@@ -129,6 +129,34 @@ def test_a_pod_manifest_becomes_a_capsule_spec() -> None:
     assert app.stdin and app.tty
 
 
+ZUN_PRIVILEGED = "spec.containers.0.privileged"
+POD_SECURITY = "spec.containers.0.securityContext"
+
+
+@pytest.mark.parametrize(
+    ("template", "path", "value", "privileged"),
+    [
+        (ZUN, ZUN_PRIVILEGED, True, True),
+        (ZUN, ZUN_PRIVILEGED, "true", True),
+        (ZUN, ZUN_PRIVILEGED, "False", False),
+        (POD, POD_SECURITY, {"privileged": True}, True),
+        (POD, POD_SECURITY, {"privileged": False}, False),
+        (POD, POD_SECURITY, {}, False),
+    ],
+)
+def test_privileged_containers(template: Any, path: str, value: Any, privileged: bool) -> None:
+    spec = parse(modified(template, path, value))
+    assert spec.containers[0].privileged is privileged
+    assert spec.privileged is privileged
+    assert not any(c.privileged for c in (*spec.init_containers, *spec.containers[1:]))
+    assert not parse(template).privileged
+
+
+def test_a_privileged_init_container_makes_the_capsule_privileged() -> None:
+    spec = parse(modified(ZUN, "spec.initContainers.0.privileged", True))
+    assert spec.init_containers[0].privileged and spec.privileged
+
+
 @pytest.mark.parametrize(
     ("cpu", "memory", "millis", "mebibytes"),
     [
@@ -218,6 +246,16 @@ BAD_TEMPLATES: list[tuple[str, Any, list[str]]] = [
         "unknown pod key",
         modified(POD, "spec.containers.0.env.0.valueFrom", {"secretKeyRef": {}}),
         ["template.spec.containers[0].env[0].valueFrom: unknown field"],
+    ),
+    (
+        "security settings capsa does not apply",
+        modified(POD, "spec.containers.0.securityContext", {"runAsUser": 0}),
+        ["template.spec.containers[0].securityContext.runAsUser: unknown field"],
+    ),
+    (
+        "privileged that is not a boolean",
+        modified(ZUN, "spec.containers.0.privileged", "yes please"),
+        ["template.spec.containers[0].privileged"],
     ),
     (
         "bad container name",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,34 @@ async def test_bootstrap_makes_the_accounts_once_and_a_clouds_yaml_the_cli_reads
     assert demo is not None and await store.capsules.find("demo1", demo.id) is not None
     run = await capsa("--os-cloud", "nowhere", "capsule", "list", url=local_api)
     assert run.code == 2 and "nowhere" in run.stderr
+
+
+async def test_an_admin_allows_a_project_privileged_containers(
+    capsa: CliRunner, store: Store, local_config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await capsa("project", "create", "team-p")
+    project = await store.identity.find_project("team-p")
+    assert project is not None
+    run = await capsa("project", "set", "team-p", "--allow-privileged")
+    assert run.code == 0, run.stderr
+    assert "project team-p allowed privileged containers" in run.stdout
+    assert await store.privileged.allowed(project.id)
+    run = await capsa("--json", "project", "list")
+    [listed] = json.loads(run.stdout)
+    assert listed["allow_privileged"] is True
+    run = await capsa("project", "set", project.id, "--allow-privileged")
+    assert run.code == 0 and "already allowed" in run.stdout
+    run = await capsa("project", "set", "team-p", "--no-allow-privileged", "--disable")
+    assert run.code == 0 and "disabled, forbidden privileged containers" in run.stdout
+    assert not await store.privileged.allowed(project.id)
+    assert (await store.identity.find_project("team-p")) == replace(project, enabled=False)
+    run = await capsa("project", "set", "team-p")
+    assert run.code == 2 and "--allow-privileged" in run.stderr
+
+    # With an external Keystone (or noauth) the project is named by its id, taken as given.
+    monkeypatch.setenv("CAPSA_AUTH_MODE", "noauth")
+    run = await capsa("project", "set", "0123abcd", "--allow-privileged")
+    assert run.code == 0, run.stderr
+    assert await store.privileged.allowed("0123abcd")
+    run = await capsa("project", "set", "0123abcd", "--disable")
+    assert run.code == 2 and "identity service is off" in run.stderr

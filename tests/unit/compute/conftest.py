@@ -35,6 +35,8 @@ class FakeCri:
     exits_at_start: dict[str, int] = field(default_factory=dict)
     pulls: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
+    # What each sandbox and container was made from, by id.
+    specs: dict[str, cri.SandboxSpec | cri.ContainerSpec] = field(default_factory=dict)
     unavailable: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -81,6 +83,7 @@ class FakeCri:
             annotations=dict(spec.annotations),
             runtime_handler=spec.runtime_handler,
         )
+        self.specs[sandbox_id] = spec
         return sandbox_id
 
     def add_sandbox(
@@ -139,6 +142,7 @@ class FakeCri:
             annotations={"command": " ".join(spec.command)},
         )  # fmt: skip
         self.container_sandbox[container_id] = sandbox_id
+        self.specs[container_id] = spec
         return container_id
 
     async def start_container(self, container_id: str) -> None:

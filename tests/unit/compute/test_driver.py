@@ -25,12 +25,16 @@ async def placed(
     init: tuple[str, ...] = (),
     apps: tuple[str, ...] = ("sleep",),
     policy: RestartPolicy = RestartPolicy.ALWAYS,
+    privileged: frozenset[str] = frozenset(),
     **kwargs: Any,
 ) -> Capsule:
-    """A capsule stored and claimed on host h1, its containers running ``init`` then ``apps``."""
+    """A capsule stored and claimed on host h1, its containers running ``init`` then ``apps``,
+    those named in ``privileged`` privileged."""
     capsule = make_capsule(init_containers=len(init), containers=len(apps), **kwargs)
     for container, command in zip(capsule.all_containers(), (*init, *apps), strict=True):
-        container.spec = replace(container.spec, command=(command,))
+        container.spec = replace(
+            container.spec, command=(command,), privileged=container.spec.name in privileged
+        )
     capsule.spec = replace(
         capsule.spec,
         init_containers=tuple(c.spec for c in capsule.init_containers),
@@ -85,6 +89,26 @@ async def test_a_new_capsule_gets_its_port_sandbox_init_then_containers_and_runs
     assert [c.status for c in capsule.init_containers] == [Status.STOPPED, Status.STOPPED]
     assert [c.status for c in capsule.containers] == [Status.RUNNING, Status.RUNNING]
     assert all(c.cri_container_id for c in capsule.all_containers())
+
+
+async def test_a_privileged_container_runs_privileged_in_a_privileged_sandbox(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await placed(
+        store, make_capsule, apps=("sleep", "sleep"), privileged=frozenset({"app0"})
+    )
+
+    await driver.converge(capsule)
+
+    (sandbox_id,) = fake_cri.sandboxes
+    assert fake_cri.specs[sandbox_id].privileged
+    privileged = {fake_cri.specs[c].name: fake_cri.specs[c].privileged for c in fake_cri.containers}
+    assert privileged == {"app0": True, "app1": False}
+    # Other capsules are not privileged at all.
+    other = await placed(store, make_capsule)
+    await driver.converge(other)
+    (other_sandbox,) = set(fake_cri.sandboxes) - {sandbox_id}
+    assert not fake_cri.specs[other_sandbox].privileged
 
 
 async def test_converging_again_changes_nothing(

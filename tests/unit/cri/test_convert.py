@@ -54,6 +54,20 @@ def test_host_network_sandbox_and_its_containers() -> None:
     assert container.linux.security_context.namespace_options.network == pb.NODE
 
 
+def test_privileged_sandbox_and_container() -> None:
+    sandbox = t.SandboxSpec(name="n", namespace="ns", uid="u", privileged=True)
+    config = convert.sandbox_config(sandbox)
+    assert config.linux.security_context.privileged
+    assert config.linux.security_context.namespace_options.network == pb.POD
+    container = convert.container_config(
+        t.ContainerSpec(name="c", image="busybox", privileged=True), sandbox
+    )
+    assert container.linux.security_context.privileged
+    plain = convert.container_config(t.ContainerSpec(name="d", image="busybox"), sandbox)
+    assert not plain.linux.security_context.privileged
+    assert not convert.sandbox_config(SANDBOX).linux.security_context.privileged
+
+
 def test_container_config() -> None:
     spec = t.ContainerSpec(
         name="app",

@@ -81,4 +81,6 @@ def test_reasons_say_what_is_missing() -> None:
     assert "offer the runtimes crun" in explain_no_fit([_host("a", runtimes=("crun",))], request)
     reason = explain_no_fit([_host("a", cpu_free=1000), _host("b", cpu_free=700)], request)
     assert "needs 1.5 cpu and 64 MiB on runc" in reason
-    assert "(a) has 1 cpu and 1000 MiB free" in reason
+    assert "the host with the most room has 1 cpu and 1000 MiB free" in reason
+    # Tenants read it: no host's name.
+    assert "(a)" not in reason and " a " not in reason

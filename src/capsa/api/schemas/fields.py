@@ -135,6 +135,7 @@ class ContainerTemplate(TemplateModel):
         workdir: str | None,
         env: dict[str, str],
         pull_policy: PullPolicy | None,
+        privileged: bool | None,
     ) -> ContainerSpec:
         return ContainerSpec(
             name=name,
@@ -150,6 +151,7 @@ class ContainerTemplate(TemplateModel):
             tty=bool(self.tty),
             stdin=bool(self.stdin),
             ports=tuple(p.to_spec() for p in self.ports or ()),
+            privileged=bool(privileged),
         )
 
 

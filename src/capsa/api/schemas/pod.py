@@ -68,12 +68,20 @@ class EnvVar(TemplateModel):
     value: str = ""
 
 
+class SecurityContext(TemplateModel):
+    """A container's securityContext: capsa takes ``privileged`` (only in projects an admin
+    allowed); other settings are refused rather than ignored."""
+
+    privileged: bool | None = None
+
+
 class PodContainer(ContainerTemplate):
     name: ObjectName
     working_dir: str | None = None
     env: list[EnvVar] | None = None
     resources: Resources | None = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    security_context: SecurityContext | None = None
 
     def to_spec(self, name: str, defaults: TemplateDefaults, path: str) -> ContainerSpec:
         cpu = memory = None
@@ -88,6 +96,7 @@ class PodContainer(ContainerTemplate):
             # Later entries win, as in Kubernetes.
             env={var.name: var.value for var in self.env or ()},
             pull_policy=PullPolicy(self.image_pull_policy) if self.image_pull_policy else None,
+            privileged=self.security_context.privileged if self.security_context else None,
         )
 
 

@@ -82,8 +82,10 @@ class ZunContainer(ContainerTemplate):
     image_pull_policy: ZunPullPolicy | None = None
     stdin: ZunBoolean | None = None
     tty: ZunBoolean | None = None
-    # capsa's extension, after Zun's container field (1.31): the private registry to pull from.
+    # capsa's extensions, after Zun's container fields: the private registry to pull from (1.31),
+    # and whether the container is privileged (1.21; only in projects an admin allowed).
     registry: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    privileged: ZunBoolean | None = None
 
     @property
     def registry_ref(self) -> str | None:
@@ -100,6 +102,7 @@ class ZunContainer(ContainerTemplate):
             workdir=self.work_dir,
             env=dict(self.env or {}),
             pull_policy=self.image_pull_policy,
+            privileged=self.privileged,
         )
 
 
