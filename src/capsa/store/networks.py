@@ -371,11 +371,15 @@ class NetworkStore(EnforcedStore):
         self, project_id: str, pool: ipaddress.IPv4Network, prefixlen: int, mtu: int
     ) -> ProjectDefaults:
         """The project's default network (with a subnet of ``prefixlen`` from ``pool``) and
-        default security group, made if missing; one transaction, safe to race."""
+        default security group, made if missing, safe to race. Once they exist (every capsule
+        but a project's first) this is one read, not a write that would queue behind others."""
+        existing = await self._db.run_read(lambda conn: _project_defaults(conn, project_id))
+        if existing is not None:
+            return existing
 
         def work(conn: Connection) -> ProjectDefaults:
-            network_row = conn.execute(select(n_t).where(n_t.c.default_for == project_id)).first()
-            if network_row is None:
+            network = select(n_t.c.id).where(n_t.c.default_for == project_id)
+            if conn.execute(network).first() is None:
                 network_id = _insert_network(
                     conn,
                     project_id=project_id,
@@ -395,20 +399,13 @@ class NetworkStore(EnforcedStore):
                     gateway_ip=cidr.network_address + 1,
                     name=DEFAULT_NAME,
                 )
-            else:
-                network_id = network_row.id
-            subnet_row = conn.execute(
-                select(s_t).where(s_t.c.network_id == network_id).order_by(s_t.c.created_at)
-            ).first()
-            if subnet_row is None:
-                raise NotFound("subnet of the default network", network_id)
-            group_row = conn.execute(select(g_t).where(g_t.c.default_for == project_id)).first()
-            group_id = group_row.id if group_row else _insert_default_group(conn, project_id)
-            return ProjectDefaults(
-                _get_network(conn, network_id),
-                subnet_from_row(subnet_row),
-                _get_group(conn, group_id),
-            )
+            group = select(g_t.c.id).where(g_t.c.default_for == project_id)
+            if conn.execute(group).first() is None:
+                _insert_default_group(conn, project_id)
+            made = _project_defaults(conn, project_id)
+            if made is None:
+                raise NotFound("subnet of the default network of project", project_id)
+            return made
 
         return await self._write_retrying(work)
 
@@ -462,6 +459,22 @@ class Duplicate(Exception):
 
 
 # ---- in a transaction ----
+
+
+def _project_defaults(conn: Connection, project_id: str) -> ProjectDefaults | None:
+    """The project's default network, its first subnet and default group, if all exist."""
+    network = conn.execute(select(n_t).where(n_t.c.default_for == project_id)).first()
+    group = conn.execute(select(g_t.c.id).where(g_t.c.default_for == project_id)).first()
+    if network is None or group is None:
+        return None
+    subnet = conn.execute(
+        select(s_t).where(s_t.c.network_id == network.id).order_by(s_t.c.created_at)
+    ).first()
+    if subnet is None:
+        return None
+    return ProjectDefaults(
+        network_from_row(network), subnet_from_row(subnet), _get_group(conn, group.id)
+    )
 
 
 def _count(conn: Connection, condition: Any, table: Any = p_t) -> int:
