@@ -266,16 +266,69 @@ class Dataplane:
             return [_attachment(ipr, link) for link in links]
 
     def remove_bridge_if_unused(self, name: str) -> bool:
-        """Deletes the bridge ``name`` if no interface is attached to it; True if it did."""
+        """Deletes the bridge ``name`` if no pod is attached to it (with its overlay device, if
+        it has one); True if it did."""
         with self._bridge_lock(name), IPRoute() as ipr:
             bridge = _find_link(ipr, name)
             if bridge is None or bridge.get(("linkinfo", "kind")) != "bridge":
                 return False
-            if tuple(ipr.link("dump", master=bridge["index"])):
+            attached = [link.get("ifname") for link in ipr.link("dump", master=bridge["index"])]
+            if any(link != overlay_name(name) for link in attached):
                 return False
+            if attached:
+                _delete_link(ipr, overlay_name(name))
             _delete_link(ipr, name)
         log.info("bridge removed: its last port left", bridge=name)
         return True
+
+    def sync_overlay(
+        self, bridge: str, *, vni: int, local_ip: str, port: int, mtu: int, macs: dict[str, str]
+    ) -> bool:
+        """Gives the network of ``bridge`` its VXLAN device on the bridge, with forwarding
+        entries exactly for ``macs`` (a remote port's MAC -> its host's tunnel address) and one
+        flood entry per remote host (broadcasts such as ARP reach every host, no multicast).
+
+        A bridge is the CNI daemon's to make: without it nothing is done (False). The device
+        does not learn: every entry comes from the database.
+        """
+        name = overlay_name(bridge)
+        with self._bridge_lock(bridge), IPRoute() as ipr:
+            link = _find_link(ipr, bridge)
+            if link is None:
+                return False
+            device = _find_link(ipr, name)
+            if device is not None and (
+                device.get(("linkinfo", "kind")) != "vxlan"
+                or _vxlan_id(device) != vni
+                or device.get("master") != link["index"]
+            ):
+                _delete_link(ipr, name)
+                device = None
+            try:
+                if device is None:
+                    ipr.link(
+                        "add",
+                        ifname=name,
+                        kind="vxlan",
+                        vxlan_id=vni,
+                        vxlan_local=local_ip,
+                        vxlan_port=port,
+                        vxlan_learning=0,
+                        mtu=mtu,
+                    )
+                    log.info("overlay device created", device=name, bridge=bridge, vni=vni)
+                index = _get_link(ipr, name)["index"]
+                ipr.link("set", index=index, master=link["index"], state="up")
+                _sync_fdb(ipr, index, macs)
+            except (NetlinkError, _NoSuchLink) as exc:
+                raise DataplaneError(f"cannot program overlay device {name}: {exc}") from exc
+        return True
+
+    def remove_overlay(self, bridge: str) -> None:
+        """Deletes the VXLAN device of the network of ``bridge``, if it has one."""
+        with self._bridge_lock(bridge), IPRoute() as ipr:
+            if _find_link(ipr, overlay_name(bridge)) is not None:
+                _delete_link(ipr, overlay_name(bridge))
 
     def check(self, container_id: str, netns: str, ifname: str, port: PortBinding) -> None:
         """Raises DataplaneError naming what differs from what plug made for ``port``."""
@@ -308,6 +361,33 @@ class Dataplane:
 
 class _NoSuchLink(Exception):
     pass
+
+
+# The MAC of a forwarding entry that floods broadcasts and unknown unicast to a remote host.
+_FLOOD_MAC = "00:00:00:00:00:00"
+
+
+def overlay_name(bridge: str) -> str:
+    """The VXLAN device of the network whose bridge is ``bridge`` (cbr-X -> cvx-X)."""
+    return "cvx-" + bridge.removeprefix("cbr-")
+
+
+def _vxlan_id(link: Any) -> int | None:
+    vni = link.get(("linkinfo", "data", "vxlan_id"))
+    return int(vni) if vni is not None else None
+
+
+def _sync_fdb(ipr: IPRoute, index: int, macs: dict[str, str]) -> None:
+    wanted = set(macs.items()) | {(_FLOOD_MAC, ip) for ip in set(macs.values())}
+    current = {
+        (entry.get("lladdr"), entry.get("dst"))
+        for entry in ipr.fdb("dump", ifindex=index)
+        if entry.get("ifindex") == index and entry.get("dst")
+    }
+    for mac, dst in current - wanted:
+        ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
+    for mac, dst in sorted(wanted - current):
+        ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst)
 
 
 def _get_link(ipr: IPRoute, name: str | None = None, index: int | None = None) -> Any:
