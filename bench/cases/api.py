@@ -102,7 +102,7 @@ async def fill(capsa: CapsaUp, count: int) -> list[str]:
         if project is None:
             raise RuntimeError(f"capsa up did not bootstrap the project {_PROJECT!r}")
         network = NetworkService(
-            store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
+            store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen
         )
         names = []
         for number in range(count):

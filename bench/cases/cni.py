@@ -34,7 +34,9 @@ from capsa.store import Store
 ADD_TARGET = Target("ratio", "<=", 1.0, "ratio <= 1.0")
 DEL_TARGET = Target("ratio", "<=", 0.5, "ratio <= 0.5")
 _TIMEOUT = 30.0
-_PROJECT = "bench"
+# The project of the capsules the other cases make through the API (the admin's, which capsa up
+# bootstraps): an instance's /24 pool holds one project's default network.
+_PROJECT = "admin"
 
 
 class PluginError(RuntimeError):
@@ -180,14 +182,17 @@ def capsa_ports(session: Session, paired: Paired) -> Iterator[Any]:
     store = Store(cfg.database_url)
     session.run(store.open())
     network = NetworkService(
-        store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
+        store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen
     )
+    project = session.run(store.identity.find_project(_PROJECT))
+    if project is None:
+        raise RuntimeError(f"capsa up did not bootstrap the project {_PROJECT!r}")
     made: list[str] = []
 
     def new_port() -> str:
         pod = str(uuid.uuid4())
         made.append(pod)
-        session.run(network.allocate_port(pod, _PROJECT, cfg.resolved_host_name))
+        session.run(network.allocate_port(pod, project.id, cfg.resolved_host_name))
         return pod
 
     try:

@@ -120,9 +120,13 @@ class PolicyConfig:
     registry_get: tuple[str, ...] = ("admin", "member", "reader")
     registry_change: tuple[str, ...] = ("admin", "member")
     registry_all_projects: tuple[str, ...] = ("admin",)
-    # The network service: reading, and changing, networks, subnets and ports.
+    # The network service: reading, and changing, networks, subnets, ports and security groups.
     network_get: tuple[str, ...] = ("admin", "member", "reader")
     network_change: tuple[str, ...] = ("admin", "member")
+    # Seeing and changing every project's network resources, and making them for another project.
+    network_all_projects: tuple[str, ...] = ("admin",)
+    # Making a network shared with every project.
+    network_shared: tuple[str, ...] = ("admin",)
 
 
 @dataclass(frozen=True)
@@ -215,9 +219,14 @@ class ImagesConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    # Subnet of the default network that capsules join.
+    # The pool that each project's default network takes its subnet from.
     default_cidr: str = "10.217.0.0/16"
+    # Prefix length of a project's default subnet (the whole pool when that is no larger).
+    default_prefixlen: int = 24
     mtu: int = 1500
+    # This host's address for the VXLAN overlay between hosts; empty: no overlay.
+    tunnel_ip: str = ""
+    vxlan_port: int = 4789
 
 
 @dataclass(frozen=True)

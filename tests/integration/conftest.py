@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -49,6 +50,7 @@ import pytest
 from capsa.cli.auth import Credentials, login
 from capsa.config import AgentConfig, Config, ImagesConfig, RegistryConfig
 from capsa.cri.client import CriClient
+from capsa.network import firewall
 from capsa.runtime.host import HostRuntime
 from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim
 
@@ -64,6 +66,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_pool(prefixlen: int, first_octet2: int = 64) -> str:
+    """A random 10.x.y.0/``prefixlen`` (x from ``first_octet2`` to 249) that no address or route
+    of this host overlaps, so that instances running side by side never share addresses."""
+    out = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    routes = subprocess.run(
+        ["ip", "-j", "-4", "route", "show"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    used = [
+        ipaddress.ip_network(f"{a['local']}/{a['prefixlen']}", strict=False)
+        for link in json.loads(out)
+        for a in link.get("addr_info", [])
+    ] + [
+        ipaddress.ip_network(r["dst"])
+        for r in json.loads(routes)
+        if r.get("dst", "default") != "default"
+    ]
+    size = 2 ** (32 - prefixlen)
+    for _ in range(200):
+        second = first_octet2 + secrets.randbelow(250 - first_octet2)
+        offset = secrets.randbelow(2**16 // size) * size
+        pool = ipaddress.ip_network(f"10.{second}.{offset // 256}.{offset % 256}/{prefixlen}")
+        if not any(pool.overlaps(u) for u in used):
+            return str(pool)
+    raise RuntimeError(f"no free /{prefixlen} in 10.{first_octet2}-249.x.x on this host")
 
 
 def new_state_dir() -> Path:
@@ -198,7 +228,8 @@ class CapsaInstance:
         self.state_dir = state_dir or new_state_dir()
         suffix = self.state_dir.name.removeprefix("capsa-it-")
         self.api_url = f"http://127.0.0.1:{free_port()}"
-        self.cidr = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(256)}.0/24"
+        # Room for 16 projects' default networks (a /25 each), clear of this host's addresses.
+        self.cidr = free_pool(21, first_octet2=200)
         self.host_name = f"it-{suffix}"
         self.env = {
             **os.environ,
@@ -209,6 +240,7 @@ class CapsaInstance:
             "CAPSA_AGENT_LISTEN": f"127.0.0.1:{free_port()}",
             "CAPSA_REGISTRY_LISTEN": f"127.0.0.1:{free_port()}",
             "CAPSA_NETWORK_DEFAULT_CIDR": self.cidr,
+            "CAPSA_NETWORK_DEFAULT_PREFIXLEN": "25",
             "CAPSA_AGENT_CGROUP_PARENT": f"/{self.state_dir.name}",
             "CAPSA_AGENT_STOP_GRACE_PERIOD": "2",
             "CAPSA_LOG_LEVEL": "DEBUG",
@@ -217,6 +249,8 @@ class CapsaInstance:
         }
         self.log_path = self.state_dir / "capsa-up.log"
         self.process: subprocess.Popen[bytes] | None = None
+        # Runs capsa in another network namespace (a "host" of its own): nsenter --net=PATH.
+        self.netns: str | None = None
         self._admin_token: str | None = None
 
     # -- identity: the accounts capsa up bootstraps, and more made with `capsa user create` --
@@ -279,8 +313,9 @@ class CapsaInstance:
 
     def start(self, timeout: float = 120.0) -> None:
         with self.log_path.open("ab") as log_file:
+            enter = ["nsenter", f"--net={self.netns}"] if self.netns else []
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "capsa", "up"],
+                [*enter, sys.executable, "-m", "capsa", "up"],
                 env=self.env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -455,15 +490,24 @@ class CapsaInstance:
         remove_cgroup_parent(self.env["CAPSA_AGENT_CGROUP_PARENT"])
         for link in bridges_for(self.cidr):
             subprocess.run(["ip", "link", "del", link], check=False, timeout=10)
+        table = firewall.table_name(str(self.state_dir))
+        for family in ("inet", "bridge"):
+            subprocess.run(
+                ["nft", "delete", "table", family, table], capture_output=True, check=False
+            )
 
 
 def bridges_for(cidr: str) -> list[str]:
-    """Bridges that hold an address of ``cidr`` (the gateway of an instance's default network)."""
+    """Bridges that hold an address of ``cidr`` (the gateways of an instance's networks)."""
     out = subprocess.run(
         ["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=10, check=True
     ).stdout
-    prefix = cidr.rsplit(".", 1)[0] + "."
-    return [line.split()[1] for line in out.splitlines() if f" {prefix}" in line]
+    pool = ipaddress.ip_network(cidr)
+    return [
+        line.split()[1]
+        for line in out.splitlines()
+        if ipaddress.ip_interface(line.split()[3]).ip in pool
+    ]
 
 
 @pytest.fixture(scope="session")

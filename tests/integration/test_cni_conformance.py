@@ -518,8 +518,8 @@ class StoreNetwork:
 async def store_network(work_dir: Path) -> AsyncIterator[StoreNetwork]:
     store = Store(f"sqlite:///{work_dir / 'capsa.db'}")
     await store.open()
-    service = NetworkService(store, str(free_subnet()), 1400, "admin-ct")
-    network, _ = await service.default_network()
+    service = NetworkService(store, str(free_subnet()), 1400)
+    network = (await service.project_defaults("project-ct")).network
     try:
         yield StoreNetwork(service, store, bridge_name(network.id))
     finally:

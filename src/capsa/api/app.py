@@ -24,6 +24,8 @@ from capsa.api.keys import (
     TEMPLATE_DEFAULTS,
 )
 from capsa.api.middleware import add_response_headers, api_middleware
+from capsa.api.neutron.errors import neutron_errors
+from capsa.api.neutron.handlers import ROUTES as NEUTRON_ROUTES
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
 from capsa.identity.keystone import KeystoneValidator
@@ -62,6 +64,7 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v3/auth/tokens", identity.validate_token),
     ("HEAD", "/v3/auth/tokens", identity.validate_token),
     ("DELETE", "/v3/auth/tokens", identity.revoke_token),
+    *NEUTRON_ROUTES,
 )
 
 
@@ -72,7 +75,8 @@ def create_app(cfg: Config, store: Store) -> web.Application:
     validator = _token_validator(cfg, store)
     authenticator = Authenticator(cfg, validator)
     app = web.Application(
-        middlewares=[api_middleware(authenticator)], client_max_size=cfg.api.max_body_bytes + 1
+        middlewares=[api_middleware(authenticator), neutron_errors()],
+        client_max_size=cfg.api.max_body_bytes + 1,
     )
     app[CONFIG] = cfg
     app[STORE] = store

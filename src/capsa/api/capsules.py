@@ -36,9 +36,11 @@ from capsa.model.capsule import (
     ContainerSpec,
     PullPolicy,
 )
+from capsa.model.network import NETWORK_ANNOTATION, SECURITY_GROUPS_ANNOTATION, Attachment
 from capsa.model.registry import RegistryDirectory
 from capsa.store import Store
 from capsa.store.capsules import SORT_KEYS, AmbiguousName, NameConflict
+from capsa.store.networks import Ambiguous, NotFound
 from capsa.store.paging import MarkerNotFound, Page
 from capsa.store.quotas import OverQuota
 
@@ -72,6 +74,7 @@ async def create_capsule(request: web.Request) -> web.Response:
     except TemplateError as exc:
         raise InvalidCapsuleTemplate(f"Invalid capsule template: {exc}") from None
     await _authorize_fields(store, context, spec)
+    await _check_attachment(store, context.project_id, spec.annotations)
     capsule = _new_capsule(capsule_uuid, spec, context)
     try:
         await store.capsules.create(capsule, request.app[QUOTA_DEFAULTS])
@@ -95,6 +98,21 @@ async def create_capsule(request: web.Request) -> web.Response:
         status=202,
         headers={"Location": f"{config.api_url}/v1/capsules/{capsule.uuid}"},
     )
+
+
+async def _check_attachment(store: Store, project_id: str, annotations: dict[str, str]) -> None:
+    """The network and security groups the annotations name must be the project's to use (the
+    agent resolves them again when it allocates the port)."""
+    attachment = Attachment.from_annotations(annotations)
+    try:
+        if attachment.network is not None:
+            await store.networks.resolve_network(project_id, attachment.network)
+        await store.networks.resolve_security_groups(project_id, attachment.security_groups)
+    except (NotFound, Ambiguous) as exc:
+        raise InvalidCapsuleTemplate(
+            f"Invalid capsule template: annotations {NETWORK_ANNOTATION} and "
+            f"{SECURITY_GROUPS_ANNOTATION}: {exc}"
+        ) from None
 
 
 async def list_capsules(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 from capsa.cli.client import ApiClient
 from capsa.cli.errors import CliError, ExitCode
 from capsa.cli.output import CAPSULE_COLUMNS, Output, capsule_details, capsule_row, table
+from capsa.model.network import NETWORK_ANNOTATION, SECURITY_GROUPS_ANNOTATION
 
 POLL_INTERVAL = 0.5
 # A capsule that reached one of these is done starting; Stopped means its containers completed.
@@ -26,8 +27,8 @@ _STARTED = frozenset({"Running", "Stopped"})
 _FAILED = frozenset({"Error", "Deleting"})
 
 
-def create(client: ApiClient, out: Output, file: str, wait: bool, timeout: float) -> int:
-    capsule = client.post("/v1/capsules", {"template": read_template(file)})
+def create(client: ApiClient, out: Output, template: Any, wait: bool, timeout: float) -> int:
+    capsule = client.post("/v1/capsules", {"template": template})
     if not wait:
         out.result(capsule, capsule_details(capsule))
         return ExitCode.OK
@@ -85,6 +86,26 @@ def delete(client: ApiClient, out: Output, ident: str, wait: bool, timeout: floa
 
 def capsule_path(ident: str) -> str:
     return f"/v1/capsules/{quote(ident, safe='')}"
+
+
+def with_attachment(template: Any, network: str | None, security_groups: list[str]) -> Any:
+    """The template with the network and security groups to join set as its annotations (which
+    a Zun template and a Pod manifest both keep in ``metadata.annotations``)."""
+    if network is None and not security_groups:
+        return template
+    if not isinstance(template, dict):
+        raise CliError("the template must be a JSON or YAML object", ExitCode.USAGE)
+    metadata = template.setdefault("metadata", {})
+    if not isinstance(metadata, dict):
+        raise CliError("the template's metadata must be an object", ExitCode.USAGE)
+    annotations = metadata.setdefault("annotations", {})
+    if not isinstance(annotations, dict):
+        raise CliError("the template's metadata.annotations must be an object", ExitCode.USAGE)
+    if network is not None:
+        annotations[NETWORK_ANNOTATION] = network
+    if security_groups:
+        annotations[SECURITY_GROUPS_ANNOTATION] = ",".join(security_groups)
+    return template
 
 
 def read_template(file: str) -> Any:

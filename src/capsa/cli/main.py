@@ -64,7 +64,10 @@ def _run(args: argparse.Namespace, out: Output) -> int:
         )
     match args.action:
         case "create":
-            return capsules.create(client, out, args.file, args.wait, args.timeout)
+            template = capsules.with_attachment(
+                capsules.read_template(args.file), args.network, args.security_groups
+            )
+            return capsules.create(client, out, template, args.wait, args.timeout)
         case "list":
             return capsules.list_all(client, out)
         case "show":
@@ -157,6 +160,20 @@ def _parser() -> argparse.ArgumentParser:
     create = command(actions, "create", "create a capsule from a template (Zun or Pod)")
     create.add_argument(
         "-f", "--file", required=True, help="the template: JSON (or YAML with PyYAML); - for stdin"
+    )
+    create.add_argument(
+        "--network",
+        help="the network to join, by name or id (the capsa.io/network annotation); "
+        "default: the project's default network",
+    )
+    create.add_argument(
+        "--security-group",
+        action="append",
+        default=[],
+        dest="security_groups",
+        metavar="GROUP",
+        help="a security group to join, by name or id; repeatable (the capsa.io/security-groups "
+        "annotation); default: the project's default group",
     )
     command(actions, "list", "list the project's capsules")
     show = command(actions, "show", "show a capsule and its containers")

@@ -25,6 +25,9 @@ from capsa.config import Config
 from capsa.cri.client import CriClient
 from capsa.identity.admin import IdentityAdmin
 from capsa.log import get_logger, setup_logging
+from capsa.network import firewall
+from capsa.network.agent import NetworkAgent, OverlaySettings
+from capsa.network.dataplane import Dataplane
 from capsa.network.service import NetworkService
 from capsa.runtime.host import HostRuntime
 from capsa.scheduler.service import Scheduler
@@ -87,10 +90,10 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
             print(announcement, flush=True)
 
     network = NetworkService(
-        store, cfg.network.default_cidr, cfg.network.mtu, cfg.api.default_project_id
+        store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen
     )
-    await network.default_network()
-    cni_daemon = CniDaemon(network, cfg.cni_daemon_address)
+    dataplane = Dataplane()
+    cni_daemon = CniDaemon(network, cfg.cni_daemon_address, dataplane=dataplane)
     await _listening(
         cni_daemon.start(), "the CNI daemon", cfg.cni_daemon_address, "cni.daemon_listen"
     )
@@ -106,6 +109,18 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     agent = ComputeAgent(cfg, store, cri_client, network)
     await agent.start()
     stack.push_async_callback(agent.stop)
+    network_agent = NetworkAgent(
+        store,
+        cfg.resolved_host_name,
+        firewall.table_name(str(cfg.state_dir)),
+        dataplane,
+        cfg.agent.resync_interval,
+        OverlaySettings(cfg.network.tunnel_ip, cfg.network.vxlan_port)
+        if cfg.network.tunnel_ip
+        else None,
+    )
+    await network_agent.start()
+    stack.push_async_callback(network_agent.stop)
 
     scheduler = Scheduler(store, cfg.scheduler.resync_interval, cfg.scheduler.host_timeout)
     await scheduler.start()

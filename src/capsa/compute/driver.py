@@ -36,8 +36,11 @@ from capsa.model.capsule import (
     TaskState,
 )
 from capsa.model.clock import utcnow
+from capsa.model.network import Attachment
 from capsa.network.service import NetworkService
 from capsa.store import Store
+from capsa.store.networks import Ambiguous, NoFreeCidr, NotFound
+from capsa.store.ports import SubnetFull
 
 log = get_logger(__name__)
 
@@ -114,7 +117,7 @@ class CapsuleDriver:
     async def _converge(self, capsule: Capsule) -> None:
         if not capsule.addresses:
             await self._set_capsule(capsule, task_state=TaskState.NETWORK_ATTACHING)
-        await self._network.allocate_port(capsule.uuid, capsule.project_id, self._settings.host)
+        await self._allocate_port(capsule)
 
         sandboxes = await self._cri_do(
             "listing the capsule's sandboxes",
@@ -476,6 +479,17 @@ class CapsuleDriver:
 
     def _log_directory(self, capsule_uuid: str) -> Path:
         return self._settings.pod_log_dir / capsule_uuid
+
+    async def _allocate_port(self, capsule: Capsule) -> None:
+        try:
+            await self._network.allocate_port(
+                capsule.uuid,
+                capsule.project_id,
+                self._settings.host,
+                Attachment.from_annotations(capsule.spec.annotations),
+            )
+        except (NotFound, Ambiguous, SubnetFull, NoFreeCidr) as exc:
+            raise CapsuleFailed(f"allocating the capsule's port: {exc}") from exc
 
     def _sandbox_spec(self, capsule: Capsule, attempt: int) -> cri.SandboxSpec:
         ours = {

@@ -1,10 +1,36 @@
-"""Networks, subnets and ports: a capsule's place on a network."""
+"""Tenant networks: networks, subnets, ports, security groups and their rules.
+
+Each is owned by a project. A network an admin made ``shared`` is usable by every project. A
+project gets its own default network and default security group the first time one of its
+capsules needs them.
+"""
 
 from __future__ import annotations
 
+import enum
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+
+# Annotations of a capsule (Zun template or Pod manifest) that choose where it is attached: a
+# network by name or id, and security groups by name or id, comma-separated. Without them a capsule
+# joins its project's default network and default security group.
+NETWORK_ANNOTATION = "capsa.io/network"
+SECURITY_GROUPS_ANNOTATION = "capsa.io/security-groups"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """Where a capsule asked to be attached; None and () mean its project's defaults."""
+
+    network: str | None = None
+    security_groups: tuple[str, ...] = ()
+
+    @classmethod
+    def from_annotations(cls, annotations: dict[str, str]) -> Attachment:
+        network = annotations.get(NETWORK_ANNOTATION, "").strip() or None
+        groups = annotations.get(SECURITY_GROUPS_ANNOTATION, "")
+        return cls(network, tuple(g.strip() for g in groups.split(",") if g.strip()))
 
 
 @dataclass(frozen=True)
@@ -13,9 +39,24 @@ class Network:
     name: str
     project_id: str
     shared: bool
-    # The network every capsule joins until tenant networks land.
+    # The project's default network: capsules that name none join it.
     is_default: bool
     mtu: int
+    # The VXLAN network identifier of the network's overlay between hosts (one per network).
+    segmentation_id: int = 0
+    admin_state_up: bool = True
+    description: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AllocationPool:
+    start: ipaddress.IPv4Address
+    end: ipaddress.IPv4Address
+
+    def __contains__(self, address: object) -> bool:
+        return isinstance(address, ipaddress.IPv4Address) and self.start <= address <= self.end
 
 
 @dataclass(frozen=True)
@@ -25,10 +66,38 @@ class Subnet:
     project_id: str
     cidr: ipaddress.IPv4Network
     gateway_ip: ipaddress.IPv4Address
+    name: str = ""
+    # Where ports get their addresses; empty means every host address but the gateway.
+    allocation_pools: tuple[AllocationPool, ...] = ()
+    dns_nameservers: tuple[str, ...] = ()
+    enable_dhcp: bool = True
+    description: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
 
-    def allocatable(self) -> range:
-        """Integer addresses a port may get: the subnet's hosts, except the gateway."""
-        return range(int(self.cidr.network_address) + 1, int(self.cidr.broadcast_address))
+    def pools(self) -> tuple[AllocationPool, ...]:
+        """The allocation pools, the default one when none was given."""
+        if self.allocation_pools:
+            return self.allocation_pools
+        return default_pools(self.cidr, self.gateway_ip)
+
+
+def default_pools(
+    cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address
+) -> tuple[AllocationPool, ...]:
+    """Every host address of ``cidr`` but ``gateway``, as Neutron chooses them."""
+    first = cidr.network_address + 1
+    last = cidr.broadcast_address - 1
+    if first > last:
+        return ()
+    if not first <= gateway <= last:
+        return (AllocationPool(first, last),)
+    pools = []
+    if first < gateway:
+        pools.append(AllocationPool(first, gateway - 1))
+    if gateway < last:
+        pools.append(AllocationPool(gateway + 1, last))
+    return tuple(pools)
 
 
 @dataclass(frozen=True)
@@ -39,7 +108,7 @@ class Port:
     project_id: str
     ip_address: ipaddress.IPv4Address
     mac_address: str
-    # The capsule (or container) that owns the port.
+    # The capsule (or container) that owns the port; "" for a port made through the API alone.
     device_id: str
     device_owner: str
     status: str
@@ -48,3 +117,90 @@ class Port:
     binding_container_id: str | None
     binding_host_ifname: str | None
     created_at: datetime | None
+    name: str = ""
+    admin_state_up: bool = True
+    security_group_ids: tuple[str, ...] = ()
+    description: str = ""
+    updated_at: datetime | None = None
+
+
+class Direction(enum.StrEnum):
+    INGRESS = "ingress"
+    EGRESS = "egress"
+
+
+class EtherType(enum.StrEnum):
+    IPV4 = "IPv4"
+    IPV6 = "IPv6"
+
+
+# Protocols a rule may name, as Neutron spells them; a rule may also give an IP protocol number.
+PROTOCOL_NUMBERS = {"icmp": 1, "tcp": 6, "udp": 17, "sctp": 132, "ipv6-icmp": 58, "icmpv6": 58}
+# Protocols whose rules may carry a port range.
+PORT_PROTOCOLS = frozenset({"tcp", "udp", "sctp", "6", "17", "132"})
+# Protocols whose rules may carry an ICMP type (port_range_min) and code (port_range_max).
+ICMP_PROTOCOLS = frozenset({"icmp", "1", "ipv6-icmp", "icmpv6", "58"})
+
+
+@dataclass(frozen=True)
+class SecurityGroupRule:
+    id: str
+    security_group_id: str
+    project_id: str
+    direction: Direction
+    ethertype: EtherType
+    # A name of PROTOCOL_NUMBERS, a number as a string, or None for any protocol.
+    protocol: str | None = None
+    # A port range for tcp/udp/sctp; for icmp, min is the type and max the code.
+    port_range_min: int | None = None
+    port_range_max: int | None = None
+    remote_ip_prefix: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    remote_group_id: str | None = None
+    description: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SecurityGroup:
+    id: str
+    name: str
+    project_id: str
+    description: str = ""
+    # The project's default group: what a capsule that names none joins.
+    is_default: bool = False
+    rules: tuple[SecurityGroupRule, ...] = field(default=())
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LocalPort:
+    """A port bound (or to be bound) on this host, with what its firewall and bridge need."""
+
+    port: Port
+    network: Network
+    subnet: Subnet
+
+
+@dataclass(frozen=True)
+class RemotePort:
+    """A port of another host, on a network this host has ports on: where the overlay sends
+    frames for its MAC."""
+
+    network_id: str
+    host: str
+    tunnel_ip: str
+    mac_address: str
+
+
+@dataclass(frozen=True)
+class HostNetworkView:
+    """What a host's network agent enforces, read in one transaction."""
+
+    ports: tuple[LocalPort, ...]
+    # Rules of the groups the local ports are in, by group id.
+    rules: dict[str, tuple[SecurityGroupRule, ...]]
+    # For each group that a rule names as remote: its members' (network id, address).
+    members: dict[str, tuple[tuple[str, ipaddress.IPv4Address], ...]]
+    remote_ports: tuple[RemotePort, ...]

@@ -276,16 +276,58 @@ class Dataplane:
             return [_attachment(host, link) for link in links]
 
     def remove_bridge_if_unused(self, name: str) -> bool:
-        """Deletes the bridge ``name`` if no interface is attached to it; True if it did."""
+        """Deletes the bridge ``name`` if no pod is attached to it (with its overlay device, if
+        it has one); True if it did."""
         with self._bridge_lock(name), self._host.client() as host:
             bridge = _find_link(host, name)
             if bridge is None or bridge.kind != "bridge":
                 return False
-            if host.links(master=bridge.index):
+            attached = [link.ifname for link in host.links(master=bridge.index)]
+            if any(link != overlay_name(name) for link in attached):
                 return False
+            if attached:
+                _delete_link(host, overlay_name(name))
             _delete_link(host, name)
         log.info("bridge removed: its last port left", bridge=name)
         return True
+
+    def sync_overlay(
+        self, bridge: str, *, vni: int, local_ip: str, port: int, mtu: int, macs: dict[str, str]
+    ) -> bool:
+        """Gives the network of ``bridge`` its VXLAN device on the bridge, with forwarding
+        entries exactly for ``macs`` (a remote port's MAC -> its host's tunnel address) and one
+        flood entry per remote host (broadcasts such as ARP reach every host, no multicast).
+
+        A bridge is the CNI daemon's to make: without it nothing is done (False). The device
+        does not learn: every entry comes from the database.
+        """
+        name = overlay_name(bridge)
+        with self._bridge_lock(bridge), self._host.client() as host:
+            link = _find_link(host, bridge)
+            if link is None:
+                return False
+            device = _find_link(host, name)
+            if device is not None and (
+                device.kind != "vxlan" or device.vxlan_id != vni or device.master != link.index
+            ):
+                _delete_link(host, name)
+                device = None
+            try:
+                if device is None:
+                    host.add_vxlan(name, vni=vni, local=local_ip, port=port, mtu=mtu)
+                    log.info("overlay device created", device=name, bridge=bridge, vni=vni)
+                index = _get_link(host, name).index
+                host.set_link(index=index, master=link.index, up=True)
+                _sync_fdb(host, index, macs)
+            except (NetlinkError, _NoSuchLink) as exc:
+                raise DataplaneError(f"cannot program overlay device {name}: {exc}") from exc
+        return True
+
+    def remove_overlay(self, bridge: str) -> None:
+        """Deletes the VXLAN device of the network of ``bridge``, if it has one."""
+        with self._bridge_lock(bridge), self._host.client() as host:
+            if _find_link(host, overlay_name(bridge)) is not None:
+                _delete_link(host, overlay_name(bridge))
 
     def check(self, container_id: str, netns: str, ifname: str, port: PortBinding) -> None:
         """Raises DataplaneError naming what differs from what plug made for ``port``."""
@@ -318,6 +360,28 @@ class Dataplane:
 
 class _NoSuchLink(Exception):
     pass
+
+
+# The MAC of a forwarding entry that floods broadcasts and unknown unicast to a remote host.
+_FLOOD_MAC = "00:00:00:00:00:00"
+
+
+def overlay_name(bridge: str) -> str:
+    """The VXLAN device of the network whose bridge is ``bridge`` (cbr-X -> cvx-X)."""
+    return "cvx-" + bridge.removeprefix("cbr-")
+
+
+def _sync_fdb(host: Rtnetlink, index: int, macs: dict[str, str]) -> None:
+    wanted = set(macs.items()) | {(_FLOOD_MAC, ip) for ip in set(macs.values())}
+    current = {
+        (entry.lladdr, entry.dst)
+        for entry in host.fdb_entries(index)
+        if entry.ifindex == index and entry.lladdr and entry.dst
+    }
+    for mac, dst in current - wanted:
+        host.delete_fdb(index, mac, dst)
+    for mac, dst in sorted(wanted - current):
+        host.append_fdb(index, mac, dst)
 
 
 def _get_link(nl: Rtnetlink, name: str | None = None, index: int | None = None) -> netlink.Link:

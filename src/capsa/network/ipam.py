@@ -11,11 +11,12 @@ MAC_PREFIX = "fa:16:3e"
 
 
 def lowest_free_address(subnet: Subnet, used: set[int]) -> int | None:
-    """The lowest allocatable address not in ``used``, skipping the gateway."""
+    """The lowest address of the subnet's allocation pools not in ``used``, never the gateway."""
     gateway = int(subnet.gateway_ip)
-    for address in subnet.allocatable():
-        if address != gateway and address not in used:
-            return address
+    for pool in subnet.pools():
+        for address in range(int(pool.start), int(pool.end) + 1):
+            if address != gateway and address not in used:
+                return address
     return None
 
 

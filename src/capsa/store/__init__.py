@@ -6,6 +6,7 @@ from capsa.store.capsules import CapsuleStore
 from capsa.store.db import Database
 from capsa.store.hosts import HostStore
 from capsa.store.identity import IdentityStore
+from capsa.store.networks import NetworkStore
 from capsa.store.notify import ChangeHub
 from capsa.store.ports import PortStore
 from capsa.store.privileged import PrivilegedProjectStore
@@ -21,7 +22,8 @@ class Store:
         self.hub = hub or ChangeHub()
         self.capsules = CapsuleStore(self.db, self.hub)
         self.hosts = HostStore(self.db, self.hub)
-        self.ports = PortStore(self.db)
+        self.networks = NetworkStore(self.db, self.hub)
+        self.ports = PortStore(self.db, self.hub)
         self.quotas = QuotaStore(self.db)
         self.registries = RegistryStore(self.db)
         self.privileged = PrivilegedProjectStore(self.db)

@@ -277,8 +277,8 @@ class CapsuleStore:
 
         if not await self._db.run_write(remove):
             return False
-        # Freed resources may let the scheduler place a waiting capsule.
-        self._hub.publish(notify.SCHEDULER)
+        # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
+        self._hub.publish(notify.SCHEDULER, notify.NETWORK)
         return True
 
 

@@ -101,6 +101,27 @@ class HostStore:
         self._hub.publish(notify.SCHEDULER)
         return _host(row)
 
+    async def set_disabled(self, name: str, disabled: bool) -> None:
+        """A disabled host gets no new capsules; those it runs stay."""
+
+        def work(conn: Connection) -> None:
+            conn.execute(
+                update(h_t).where(h_t.c.name == name).values(disabled=disabled, updated_at=utcnow())
+            )
+
+        await self._db.run_write(work)
+        if not disabled:
+            self._hub.publish(notify.SCHEDULER)
+
+    async def set_tunnel_ip(self, name: str, tunnel_ip: str | None) -> None:
+        """Where other hosts send this host's share of the networks' overlay (None: nowhere)."""
+
+        def work(conn: Connection) -> None:
+            conn.execute(update(h_t).where(h_t.c.name == name).values(tunnel_ip=tunnel_ip))
+
+        await self._db.run_write(work)
+        self._hub.publish(notify.NETWORK)
+
     async def heartbeat(self, name: str) -> None:
         now = utcnow()
         statement = update(h_t).where(h_t.c.name == name).values(heartbeat_at=now, updated_at=now)

@@ -16,6 +16,10 @@ import asyncio
 SCHEDULER = "scheduler"
 
 
+# Ports, security groups or rules changed: the hosts' network agents recompute their firewall.
+NETWORK = "network"
+
+
 def host_topic(host: str) -> str:
     return f"host:{host}"
 

@@ -1,51 +1,64 @@
-"""Networks, subnets and ports in the database.
+"""Ports in the database, with their addresses (IPAM) and security groups.
 
 An address is chosen and its port inserted in one write transaction, and the (subnet, ip) unique
 constraint backs that up on databases where transactions run side by side: two ports can never get
-one address.
+one address. A port is deleted with its security group memberships, and its address is free again.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import uuid as uuidlib
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from capsa.model.clock import utcnow
-from capsa.model.network import Network, Port, Subnet
+from capsa.model.network import (
+    HostNetworkView,
+    LocalPort,
+    Network,
+    Port,
+    RemotePort,
+    SecurityGroupRule,
+    Subnet,
+)
 from capsa.store import schema
-from capsa.store.db import Database
+from capsa.store.networks import (
+    EnforcedStore,
+    NotFound,
+    network_from_row,
+    rule_from_row,
+    subnet_from_row,
+)
 
 n_t = schema.networks
 s_t = schema.subnets
 p_t = schema.ports
+pg_t = schema.port_security_groups
+r_t = schema.security_group_rules
+h_t = schema.hosts
+
+T = TypeVar("T")
 
 # Given the subnet and the addresses in use (as integers), the address for a new port, or None.
 AddressPicker = Callable[[Subnet, set[int]], int | None]
 
 
 # The CNI daemon's statements, built once (see capsa.store.capsules).
-_PORT_OF = select(p_t).where(p_t.c.device_id == bindparam("device"))
 _PORT_WITH_NETWORK = (
     select(
         p_t,
-        n_t.c.name.label("network_name"),
-        n_t.c.project_id.label("network_project_id"),
-        n_t.c.shared.label("network_shared"),
-        n_t.c.is_default.label("network_is_default"),
-        n_t.c.mtu.label("network_mtu"),
-        s_t.c.project_id.label("subnet_project_id"),
-        s_t.c.cidr.label("subnet_cidr"),
-        s_t.c.gateway_ip.label("subnet_gateway_ip"),
+        *(c.label(f"n__{c.name}") for c in n_t.c),
+        *(c.label(f"s__{c.name}") for c in s_t.c),
     )
     .join(n_t, n_t.c.id == p_t.c.network_id)
     .join(s_t, s_t.c.id == p_t.c.subnet_id)
     .where(p_t.c.device_id == bindparam("device"))
+    .order_by(p_t.c.created_at)
 )
 _SET_BINDING = update(p_t).where(p_t.c.id == bindparam("where_id"))
 _CLEAR_BINDING = (
@@ -58,136 +71,91 @@ _CLEAR_BINDING = (
 
 class SubnetFull(Exception):
     def __init__(self, subnet: Subnet) -> None:
-        super().__init__(f"subnet {subnet.cidr} of network {subnet.network_id} has no free address")
+        super().__init__(
+            f"No more IP addresses available: subnet {subnet.cidr} of network "
+            f"{subnet.network_id} has no free address"
+        )
         self.subnet = subnet
 
 
-class PortStore:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+class AddressInUse(Exception):
+    """An address or MAC that a port asked for by name is another port's."""
 
-    async def ensure_default_network(
-        self, project_id: str, cidr: ipaddress.IPv4Network, mtu: int
-    ) -> tuple[Network, Subnet]:
-        """The network every capsule joins, created on first use (the gateway is the first host)."""
 
-        def ensure(conn: Connection) -> tuple[Row[Any], Row[Any] | None]:
-            row = conn.execute(select(n_t).where(n_t.c.is_default.is_(True))).first()
-            if row is None:
-                now = utcnow()
-                network_id = str(uuidlib.uuid4())
-                conn.execute(
-                    n_t.insert().values(
-                        id=network_id,
-                        name="default",
-                        project_id=project_id,
-                        shared=True,
-                        is_default=True,
-                        mtu=mtu,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                conn.execute(
-                    s_t.insert().values(
-                        id=str(uuidlib.uuid4()),
-                        network_id=network_id,
-                        project_id=project_id,
-                        cidr=str(cidr),
-                        gateway_ip=str(cidr.network_address + 1),
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                row = conn.execute(select(n_t).where(n_t.c.id == network_id)).one()
-            return row, conn.execute(select(s_t).where(s_t.c.network_id == row.id)).first()
+class InvalidAddress(Exception):
+    """An address asked for that the network's subnets cannot give."""
 
-        row, subnet = await self._db.run_write(ensure)
-        if subnet is None:
-            raise LookupError(f"the default network {row.id} has no subnet")
-        return _network(row), _subnet(subnet)
 
-    async def default_network(self) -> tuple[Network, Subnet] | None:
-        """The default network and its subnet, if they were created."""
-
-        def read(conn: Connection) -> tuple[Network, Subnet] | None:
-            network = conn.execute(select(n_t).where(n_t.c.is_default.is_(True))).first()
-            if network is None:
-                return None
-            subnet = conn.execute(select(s_t).where(s_t.c.network_id == network.id)).first()
-            return (_network(network), _subnet(subnet)) if subnet else None
-
-        return await self._db.run_read(read)
-
-    async def get_network(self, network_id: str) -> Network | None:
-        query = select(n_t).where(n_t.c.id == network_id)
-        row = await self._db.run_read(lambda conn: conn.execute(query).first())
-        return _network(row) if row else None
-
-    async def get_subnet(self, subnet_id: str) -> Subnet | None:
-        query = select(s_t).where(s_t.c.id == subnet_id)
-        row = await self._db.run_read(lambda conn: conn.execute(query).first())
-        return _subnet(row) if row else None
-
-    async def find_by_device(self, device_id: str) -> Port | None:
-        params = {"device": device_id}
-        row = await self._db.run_read(lambda conn: conn.execute(_PORT_OF, params).first())
-        return _port(row) if row else None
-
-    async def find_with_network(self, device_id: str) -> tuple[Port, Network, Subnet] | None:
-        """The device's port with its network and subnet, read in one query: the CNI daemon
-        needs all three for every ADD."""
-        params = {"device": device_id}
-        row = await self._db.run_read(lambda conn: conn.execute(_PORT_WITH_NETWORK, params).first())
-        if row is None:
-            return None
-        network = Network(
-            id=row.network_id,
-            name=row.network_name,
-            project_id=row.network_project_id,
-            shared=row.network_shared,
-            is_default=row.network_is_default,
-            mtu=row.network_mtu,
-        )
-        subnet = Subnet(
-            id=row.subnet_id,
-            network_id=row.network_id,
-            project_id=row.subnet_project_id,
-            cidr=ipaddress.IPv4Network(row.subnet_cidr),
-            gateway_ip=ipaddress.IPv4Address(row.subnet_gateway_ip),
-        )
-        return _port(row), network, subnet
-
+class PortStore(EnforcedStore):
     async def create(
         self,
         *,
-        subnet: Subnet,
+        network_id: str,
         project_id: str,
         device_id: str,
         device_owner: str,
         host: str | None,
         pick_address: AddressPicker,
         mac_address: Callable[[], str],
+        security_group_ids: Sequence[str] = (),
+        subnet_id: str | None = None,
+        ip_address: ipaddress.IPv4Address | None = None,
+        fixed_mac: str | None = None,
+        name: str = "",
+        description: str = "",
+        admin_state_up: bool = True,
         attempts: int = 8,
     ) -> Port:
-        """A new port on ``subnet`` with an address from ``pick_address``; raises SubnetFull."""
-        used_query = select(p_t.c.ip_address).where(p_t.c.subnet_id == subnet.id)
+        """A new port on the network with an address of one of its subnets (``subnet_id`` and
+        ``ip_address`` choose); raises SubnetFull when none has a free address."""
 
-        def allocate(conn: Connection) -> Row[Any]:
-            used = {int(ipaddress.IPv4Address(ip)) for (ip,) in conn.execute(used_query)}
-            address = pick_address(subnet, used)
-            if address is None:
-                raise SubnetFull(subnet)
+        def work(conn: Connection) -> Port:
+            subnets = _subnets_of(conn, network_id, subnet_id)
+            chosen: tuple[Subnet, int] | None = None
+            for subnet in subnets:
+                used = _used_addresses(conn, subnet.id)
+                if ip_address is not None:
+                    if ip_address not in subnet.cidr:
+                        continue
+                    if int(ip_address) in used or ip_address == subnet.gateway_ip:
+                        raise AddressInUse(
+                            f"Unable to complete operation for network {network_id}. The IP "
+                            f"address {ip_address} is in use."
+                        )
+                    chosen = (subnet, int(ip_address))
+                    break
+                address = pick_address(subnet, used)
+                if address is not None:
+                    chosen = (subnet, address)
+                    break
+            if chosen is None:
+                if ip_address is not None:
+                    raise InvalidAddress(
+                        f"IP address {ip_address} is not a valid IP for the specified subnet"
+                    )
+                raise SubnetFull(subnets[-1])
+            if (
+                fixed_mac is not None
+                and conn.execute(select(p_t.c.id).where(p_t.c.mac_address == fixed_mac)).first()
+            ):
+                raise AddressInUse(
+                    f"Unable to complete operation for network {network_id}. The mac address "
+                    f"{fixed_mac} is in use."
+                )
+            subnet, address = chosen
             now = utcnow()
             port_id = str(uuidlib.uuid4())
             conn.execute(
                 p_t.insert().values(
                     id=port_id,
-                    network_id=subnet.network_id,
+                    network_id=network_id,
                     subnet_id=subnet.id,
                     project_id=project_id,
+                    name=name,
+                    description=description,
+                    admin_state_up=admin_state_up,
                     ip_address=str(ipaddress.IPv4Address(address)),
-                    mac_address=mac_address(),
+                    mac_address=fixed_mac or mac_address(),
                     device_id=device_id,
                     device_owner=device_owner,
                     status="DOWN",
@@ -196,15 +164,75 @@ class PortStore:
                     updated_at=now,
                 )
             )
-            return conn.execute(select(p_t).where(p_t.c.id == port_id)).one()
+            _set_groups(conn, port_id, security_group_ids)
+            return _get(conn, port_id)
 
         for _ in range(attempts):
             try:
-                return _port(await self._db.run_write(allocate))
+                return await self._write(work)
             except IntegrityError:
                 # Another allocation took the address or the MAC first: choose again.
                 continue
+        subnet = await self._db.run_read(lambda conn: _subnets_of(conn, network_id, subnet_id)[-1])
         raise SubnetFull(subnet)
+
+    async def get(self, port_id: str) -> Port:
+        return await self._db.run_read(lambda conn: _get(conn, port_id))
+
+    async def list_ports(self, project_id: str | None) -> list[Port]:
+        """The project's ports (every port when None)."""
+        query = select(p_t).order_by(p_t.c.created_at, p_t.c.id)
+        if project_id is not None:
+            query = query.where(p_t.c.project_id == project_id)
+        return await self._db.run_read(lambda conn: _ports(conn, query), long=True)
+
+    async def update(
+        self, port_id: str, *, security_group_ids: Sequence[str] | None = None, **values: Any
+    ) -> Port:
+        def work(conn: Connection) -> Port:
+            _get(conn, port_id)
+            conn.execute(
+                update(p_t).where(p_t.c.id == port_id).values(**values, updated_at=utcnow())
+            )
+            if security_group_ids is not None:
+                conn.execute(delete(pg_t).where(pg_t.c.port_id == port_id))
+                _set_groups(conn, port_id, security_group_ids)
+            return _get(conn, port_id)
+
+        return await self._write(work)
+
+    async def delete(self, port_id: str) -> None:
+        def work(conn: Connection) -> None:
+            _get(conn, port_id)
+            conn.execute(delete(p_t).where(p_t.c.id == port_id))
+
+        await self._write(work)
+
+    async def find_by_device(self, device_id: str) -> Port | None:
+        query = select(p_t).where(p_t.c.device_id == device_id).order_by(p_t.c.created_at)
+
+        def work(conn: Connection) -> Port | None:
+            found = _ports(conn, query)
+            return found[0] if found else None
+
+        return await self._db.run_read(work)
+
+    async def find_with_network(self, device_id: str) -> tuple[Port, Network, Subnet] | None:
+        """The device's port with its network and subnet, read in one query: the CNI daemon
+        needs all three for every ADD."""
+        params = {"device": device_id}
+
+        def work(conn: Connection) -> tuple[Port, Network, Subnet] | None:
+            row = conn.execute(_PORT_WITH_NETWORK, params).first()
+            if row is None:
+                return None
+            return (
+                _port(row, ()),
+                network_from_row(_Prefixed(row, "n__")),  # type: ignore[arg-type]
+                subnet_from_row(_Prefixed(row, "s__")),  # type: ignore[arg-type]
+            )
+
+        return await self._db.run_read(work)
 
     async def set_binding(self, port_id: str, container_id: str, host_ifname: str) -> None:
         params = {
@@ -214,46 +242,149 @@ class PortStore:
             "binding_host_ifname": host_ifname,
             "updated_at": utcnow(),
         }
-        await self._db.run_write(lambda conn: conn.execute(_SET_BINDING, params))
+        await self._write(lambda conn: conn.execute(_SET_BINDING, params))
 
     async def clear_binding(self, port_id: str, container_id: str) -> None:
         """Forgets a binding, unless the port was bound again for a newer sandbox meanwhile."""
         params = {"where_id": port_id, "where_container": container_id, "updated_at": utcnow()}
-        await self._db.run_write(lambda conn: conn.execute(_CLEAR_BINDING, params))
+        await self._write(lambda conn: conn.execute(_CLEAR_BINDING, params))
 
     async def delete_for_device(self, device_id: str) -> None:
-        statement = delete(p_t).where(p_t.c.device_id == device_id)
-        await self._db.run_write(lambda conn: conn.execute(statement))
+        await self._write(
+            lambda conn: conn.execute(delete(p_t).where(p_t.c.device_id == device_id))
+        )
 
     async def list_for_subnet(self, subnet_id: str) -> list[Port]:
         query = select(p_t).where(p_t.c.subnet_id == subnet_id)
-        return await self._db.run_read(
-            lambda conn: [_port(r) for r in conn.execute(query)], long=True
+        return await self._db.run_read(lambda conn: _ports(conn, query), long=True)
+
+    async def host_view(self, host: str) -> HostNetworkView:
+        """The host's ports with their networks, subnets, groups' rules and remote groups'
+        members, and the other hosts' ports on the same networks (for the overlay)."""
+
+        def work(conn: Connection) -> HostNetworkView:
+            rows = conn.execute(
+                select(
+                    p_t.c.id,
+                    *(c.label(f"n__{c.name}") for c in n_t.c),
+                    *(c.label(f"s__{c.name}") for c in s_t.c),
+                )
+                .join(n_t, n_t.c.id == p_t.c.network_id)
+                .join(s_t, s_t.c.id == p_t.c.subnet_id)
+                .where(p_t.c.host == host)
+                .order_by(p_t.c.created_at, p_t.c.id)
+            ).all()
+            ports = {p.id: p for p in _ports(conn, select(p_t).where(p_t.c.host == host))}
+            local = tuple(
+                LocalPort(
+                    ports[row.id],
+                    network_from_row(_Prefixed(row, "n__")),  # type: ignore[arg-type]
+                    subnet_from_row(_Prefixed(row, "s__")),  # type: ignore[arg-type]
+                )
+                for row in rows
+            )
+            group_ids = {g for p in ports.values() for g in p.security_group_ids}
+            rules: dict[str, list[SecurityGroupRule]] = {g: [] for g in group_ids}
+            for row in conn.execute(
+                select(r_t)
+                .where(r_t.c.security_group_id.in_(group_ids))
+                .order_by(r_t.c.created_at, r_t.c.id)
+            ):
+                rules[row.security_group_id].append(rule_from_row(row))
+            remote_groups = {
+                r.remote_group_id for rs in rules.values() for r in rs if r.remote_group_id
+            }
+            members: dict[str, list[tuple[str, ipaddress.IPv4Address]]] = {
+                g: [] for g in remote_groups
+            }
+            for group_id, network_id, ip in conn.execute(
+                select(pg_t.c.security_group_id, p_t.c.network_id, p_t.c.ip_address)
+                .join(p_t, p_t.c.id == pg_t.c.port_id)
+                .where(pg_t.c.security_group_id.in_(remote_groups))
+                .order_by(p_t.c.ip_address)
+            ):
+                members[group_id].append((network_id, ipaddress.IPv4Address(ip)))
+            remote = tuple(
+                RemotePort(network_id, other, tunnel_ip, mac)
+                for network_id, other, tunnel_ip, mac in conn.execute(
+                    select(p_t.c.network_id, p_t.c.host, h_t.c.tunnel_ip, p_t.c.mac_address)
+                    .join(h_t, h_t.c.name == p_t.c.host)
+                    .where(
+                        p_t.c.host != host,
+                        h_t.c.tunnel_ip.is_not(None),
+                        p_t.c.network_id.in_({lp.network.id for lp in local}),
+                    )
+                    .order_by(p_t.c.host, p_t.c.mac_address)
+                )
+            )
+            return HostNetworkView(
+                ports=local,
+                rules={g: tuple(rs) for g, rs in rules.items()},
+                members={g: tuple(ms) for g, ms in members.items()},
+                remote_ports=remote,
+            )
+
+        return await self._db.run_read(work, long=True)
+
+
+class _Prefixed:
+    """The columns of a joined row that carry ``prefix``, under their own names."""
+
+    def __init__(self, row: Row[Any], prefix: str) -> None:
+        self._mapping = row._mapping
+        self._prefix = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        return self._mapping[self._prefix + name]
+
+
+def _subnets_of(conn: Connection, network_id: str, subnet_id: str | None) -> list[Subnet]:
+    query = select(s_t).where(s_t.c.network_id == network_id).order_by(s_t.c.created_at)
+    if subnet_id is not None:
+        query = query.where(s_t.c.id == subnet_id)
+    subnets = [subnet_from_row(row) for row in conn.execute(query)]
+    if not subnets:
+        raise NotFound(
+            "subnet of network" if subnet_id is None else "subnet", subnet_id or network_id
+        )
+    return subnets
+
+
+def _used_addresses(conn: Connection, subnet_id: str) -> set[int]:
+    return {
+        int(ipaddress.IPv4Address(ip))
+        for (ip,) in conn.execute(select(p_t.c.ip_address).where(p_t.c.subnet_id == subnet_id))
+    }
+
+
+def _set_groups(conn: Connection, port_id: str, group_ids: Sequence[str]) -> None:
+    if group_ids:
+        conn.execute(
+            pg_t.insert(),
+            [{"port_id": port_id, "security_group_id": g} for g in dict.fromkeys(group_ids)],
         )
 
 
-def _network(row: Row[Any]) -> Network:
-    return Network(
-        id=row.id,
-        name=row.name,
-        project_id=row.project_id,
-        shared=row.shared,
-        is_default=row.is_default,
-        mtu=row.mtu,
-    )
+def _get(conn: Connection, port_id: str) -> Port:
+    found = _ports(conn, select(p_t).where(p_t.c.id == port_id))
+    if not found:
+        raise NotFound("port", port_id)
+    return found[0]
 
 
-def _subnet(row: Row[Any]) -> Subnet:
-    return Subnet(
-        id=row.id,
-        network_id=row.network_id,
-        project_id=row.project_id,
-        cidr=ipaddress.IPv4Network(row.cidr),
-        gateway_ip=ipaddress.IPv4Address(row.gateway_ip),
-    )
+def _ports(conn: Connection, query: Any) -> list[Port]:
+    rows = conn.execute(query).all()
+    groups: dict[str, list[str]] = {}
+    if rows:
+        ids = [row.id for row in rows]
+        for port_id, group_id in conn.execute(
+            select(pg_t.c.port_id, pg_t.c.security_group_id).where(pg_t.c.port_id.in_(ids))
+        ):
+            groups.setdefault(port_id, []).append(group_id)
+    return [_port(row, groups.get(row.id, ())) for row in rows]
 
 
-def _port(row: Row[Any]) -> Port:
+def _port(row: Row[Any], group_ids: Sequence[str]) -> Port:
     return Port(
         id=row.id,
         network_id=row.network_id,
@@ -268,4 +399,9 @@ def _port(row: Row[Any]) -> Port:
         binding_container_id=row.binding_container_id,
         binding_host_ifname=row.binding_host_ifname,
         created_at=row.created_at,
+        name=row.name,
+        admin_state_up=row.admin_state_up,
+        security_group_ids=tuple(sorted(group_ids)),
+        description=row.description,
+        updated_at=row.updated_at,
     )

@@ -90,6 +90,8 @@ hosts = Table(
     Column("runtimes", JSON, nullable=False),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("heartbeat_at", Timestamp),
+    # The host's address on the underlay that carries the networks' VXLAN overlay; None: no overlay.
+    Column("tunnel_ip", String(64)),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
 )
@@ -156,10 +158,15 @@ networks = Table(
     metadata,
     Column("id", UUID, primary_key=True),
     Column("name", String(255), nullable=False),
-    Column("project_id", String(255), nullable=False),
+    Column("description", String(255), nullable=False, default=""),
+    Column("project_id", String(255), nullable=False, index=True),
     Column("shared", Boolean, nullable=False),
-    Column("is_default", Boolean, nullable=False),
+    Column("admin_state_up", Boolean, nullable=False, default=True),
+    # The project whose default network this is (unique: one default per project, race-free).
+    Column("default_for", String(255), unique=True),
     Column("mtu", Integer, nullable=False),
+    # The VNI of the network's VXLAN segment between hosts.
+    Column("segmentation_id", Integer, nullable=False, unique=True),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
 )
@@ -170,8 +177,14 @@ subnets = Table(
     Column("id", UUID, primary_key=True),
     Column("network_id", UUID, ForeignKey("networks.id", ondelete="CASCADE"), nullable=False),
     Column("project_id", String(255), nullable=False),
+    Column("name", String(255), nullable=False, default=""),
+    Column("description", String(255), nullable=False, default=""),
     Column("cidr", String(64), nullable=False),
     Column("gateway_ip", String(64), nullable=False),
+    # [[start, end], ...]; empty: every host address but the gateway.
+    Column("allocation_pools", JSON, nullable=False),
+    Column("dns_nameservers", JSON, nullable=False),
+    Column("enable_dhcp", Boolean, nullable=False, default=True),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
 )
@@ -183,18 +196,67 @@ ports = Table(
     Column("network_id", UUID, ForeignKey("networks.id"), nullable=False),
     Column("subnet_id", UUID, ForeignKey("subnets.id"), nullable=False),
     Column("project_id", String(255), nullable=False),
+    Column("name", String(255), nullable=False, default=""),
+    Column("description", String(255), nullable=False, default=""),
+    Column("admin_state_up", Boolean, nullable=False, default=True),
     Column("ip_address", String(64), nullable=False),
     Column("mac_address", String(17), nullable=False, unique=True),
     Column("device_id", String(255), nullable=False, index=True),
     Column("device_owner", String(64), nullable=False),
     Column("status", String(16), nullable=False),
-    Column("host", String(255)),
+    Column("host", String(255), index=True),
     Column("binding_container_id", String(128)),
     Column("binding_host_ifname", String(16)),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     # The database, not a lock, makes concurrent allocations on one subnet distinct.
     UniqueConstraint("subnet_id", "ip_address", name="uq_ports_subnet_ip"),
+)
+
+security_groups = Table(
+    "security_groups",
+    metadata,
+    Column("id", UUID, primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("description", String(255), nullable=False, default=""),
+    Column("project_id", String(255), nullable=False, index=True),
+    # The project whose default group this is (unique: one per project, race-free).
+    Column("default_for", String(255), unique=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+security_group_rules = Table(
+    "security_group_rules",
+    metadata,
+    Column("id", UUID, primary_key=True),
+    Column(
+        "security_group_id",
+        UUID,
+        ForeignKey("security_groups.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("project_id", String(255), nullable=False),
+    Column("description", String(255), nullable=False, default=""),
+    Column("direction", String(8), nullable=False),
+    Column("ethertype", String(4), nullable=False),
+    Column("protocol", String(16)),
+    Column("port_range_min", Integer),
+    Column("port_range_max", Integer),
+    Column("remote_ip_prefix", String(64)),
+    Column("remote_group_id", UUID, ForeignKey("security_groups.id", ondelete="CASCADE")),
+    Column("created_at", Timestamp, nullable=False),
+    Column("updated_at", Timestamp, nullable=False),
+)
+
+# Which security groups a port is in. A group that ports are in cannot be deleted.
+port_security_groups = Table(
+    "port_security_groups",
+    metadata,
+    Column("port_id", UUID, ForeignKey("ports.id", ondelete="CASCADE"), primary_key=True),
+    Column("security_group_id", UUID, ForeignKey("security_groups.id"), primary_key=True),
+    Index("ix_port_security_groups_group", "security_group_id"),
 )
 
 # A project's own limits, one row per resource it overrides (Zun's quotas table).

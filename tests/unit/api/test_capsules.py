@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from datetime import datetime
@@ -19,6 +18,7 @@ from tests.unit.api.api_helpers import (
 )
 
 from capsa.model.capsule import Status
+from capsa.network.service import NetworkService
 from capsa.store import Store
 
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
@@ -337,17 +337,8 @@ async def test_status_addresses_and_host_as_the_agent_reports_them(
     created = await create(client, zun_template())
     await store.hosts.register("h1", "http://127.0.0.1:1", 4000, 4096, ("runc",))
     assert await store.hosts.claim(created["uuid"], "h1", 250, 96)
-    _, subnet = await store.ports.ensure_default_network(
-        "admin", ipaddress.IPv4Network("10.9.0.0/24"), 1500
-    )
-    port = await store.ports.create(
-        subnet=subnet,
-        project_id="default",
-        device_id=created["uuid"],
-        device_owner="compute:capsule",
-        host="h1",
-        pick_address=lambda s, used: next(a for a in s.allocatable() if a not in used),
-        mac_address=lambda: "fa:16:3e:00:00:09",
+    port = await NetworkService(store, "10.9.0.0/24", 1500).allocate_port(
+        created["uuid"], "default", "h1"
     )
     await store.capsules.update_status(
         created["uuid"], status=Status.RUNNING, task_state=None, status_reason=None
@@ -366,7 +357,7 @@ async def test_status_addresses_and_host_as_the_agent_reports_them(
                 "addr": str(port.ip_address),
                 "version": 4,
                 "port": port.id,
-                "subnet_id": subnet.id,
+                "subnet_id": port.subnet_id,
                 "preserve_on_delete": False,
             }
         ]

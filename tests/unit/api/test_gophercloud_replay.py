@@ -6,7 +6,6 @@ only, Get 200 or 203, Delete 202 or 204, and a page's ``next`` ends the listing 
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from datetime import datetime
 from typing import Any
@@ -15,6 +14,7 @@ from urllib.parse import urlsplit
 from tests.unit.api.identity_helpers import Cloud, cheap_password_hashes, cloud, make_cloud
 
 from capsa.model.capsule import Status
+from capsa.network.service import NetworkService
 from capsa.store import Store
 
 __all__ = ["cheap_password_hashes", "cloud", "make_cloud"]
@@ -224,17 +224,8 @@ async def test_virtual_kubelet_creates_finds_lists_and_deletes_a_pod(
     assert project is not None
     await store.hosts.register("h1", "http://127.0.0.1:1", 4000, 4096, ("runc",))
     assert await store.hosts.claim(created["uuid"], "h1", 100, 64)
-    _, subnet = await store.ports.ensure_default_network(
-        "admin", ipaddress.IPv4Network("10.9.0.0/24"), 1500
-    )
-    port = await store.ports.create(
-        subnet=subnet,
-        project_id=project.id,
-        device_id=created["uuid"],
-        device_owner="compute:capsule",
-        host="h1",
-        pick_address=lambda s, used: next(a for a in s.allocatable() if a not in used),
-        mac_address=lambda: "fa:16:3e:00:00:0a",
+    port = await NetworkService(store, "10.9.0.0/24", 1500).allocate_port(
+        created["uuid"], project.id, "h1"
     )
     await store.capsules.update_status(
         created["uuid"], status=Status.RUNNING, task_state=None, status_reason=None

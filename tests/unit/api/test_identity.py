@@ -18,9 +18,9 @@ from tests.unit.api.identity_helpers import (
     token_headers,
 )
 
-from capsa.api.middleware import CONTEXT
 from capsa.identity.admin import IdentityAdmin
 from capsa.identity.tokens import TokenSigner, load_or_create_key
+from capsa.store import Store
 
 __all__ = ["cheap_password_hashes", "cloud", "make_cloud"]
 
@@ -47,10 +47,12 @@ async def test_password_auth_answers_201_with_the_token_and_keystone_body(cloud:
     assert t["methods"] == ["password"]
     assert t["expires_at"].endswith("Z") and t["expires_at"] > t["issued_at"]
     catalog = {service["type"]: service for service in t["catalog"]}
-    assert set(catalog) == {"container", "identity"}
+    assert set(catalog) == {"container", "identity", "network"}
     [public] = [e for e in catalog["container"]["endpoints"] if e["interface"] == "public"]
     assert public["url"] == f"{BASE_URL}/v1"
     assert {e["url"] for e in catalog["identity"]["endpoints"]} == {f"{BASE_URL}/v3"}
+    # Neutron clients add /v2.0 to the network endpoint themselves.
+    assert {e["url"] for e in catalog["network"]["endpoints"]} == {f"{BASE_URL}/networking"}
     # The body never carries the password, nor its hash.
     assert PASSWORD not in str(body) and "argon2" not in str(body)
 
@@ -250,19 +252,24 @@ async def test_passwords_are_never_logged(cloud: Cloud, caplog: pytest.LogCaptur
     assert PASSWORD not in caplog.text and "a wrong one" not in caplog.text
 
 
-async def test_the_network_service_runs_with_the_tokens_caller(make_cloud: CloudFactory) -> None:
-    async def networks(request: web.Request) -> web.Response:
-        context = request[CONTEXT]
-        return web.json_response({"project": context.project_id, "roles": sorted(context.roles)})
-
-    cloud = await make_cloud(routes=[web.get("/networking/v2.0/networks", networks)])
+async def test_the_network_service_runs_with_the_tokens_caller(
+    make_cloud: CloudFactory, store: Store
+) -> None:
+    cloud = await make_cloud()
     response = await cloud.client.get("/networking/v2.0/networks")
     assert response.status == 401
     token = await cloud.token("pat", "team-q", role="reader")
     project = await cloud.identity.store.find_project("team-q")
     assert project is not None
-    response = await cloud.client.get(
-        "/networking/v2.0/networks", headers={"X-Auth-Token": token, "X-Project-Id": "other"}
-    )
+    theirs = await store.networks.create_network(project_id=project.id, name="q-net", mtu=1500)
+    await store.networks.create_network(project_id="other", name="other-net", mtu=1500)
+    # The token decides who calls, whatever the headers say; a reader reads, and writes nothing.
+    headers = {"X-Auth-Token": token, "X-Project-Id": "other"}
+    response = await cloud.client.get("/networking/v2.0/networks", headers=headers)
     assert response.status == 200
-    assert await response.json() == {"project": project.id, "roles": ["reader"]}
+    assert [n["id"] for n in (await response.json())["networks"]] == [theirs.id]
+    response = await cloud.client.post(
+        "/networking/v2.0/networks", json={"network": {"name": "x"}}, headers=headers
+    )
+    assert response.status == 403
+    assert (await response.json())["NeutronError"]["type"] == "PolicyNotAuthorized"

@@ -72,6 +72,26 @@ async def test_a_refused_template_exits_1_with_the_api_reason(
     assert await store.capsules.count(None) == 0
 
 
+async def test_create_names_the_network_and_groups_to_join(
+    capsa: CliRunner, store: Store, tmp_path: Path
+) -> None:
+    network = await store.networks.create_network(project_id="default", name="back", mtu=1500)
+    await store.networks.create_security_group(project_id="default", name="web")
+    await store.networks.create_security_group(project_id="default", name="ssh")
+    file = template_file(tmp_path, zun_template())
+    args = ("capsule", "create", "-f", file, "--network", "back")
+    run = await capsa(*args, "--security-group", "web", "--security-group", "ssh")
+    assert run.code == 0, run.stderr
+    stored = await store.capsules.find("web", "default")
+    assert stored is not None
+    assert stored.spec.annotations["capsa.io/network"] == network.name
+    assert stored.spec.annotations["capsa.io/security-groups"] == "web,ssh"
+
+    refused = await capsa("capsule", "create", "-f", file, "--network", "nowhere")
+    assert refused.code == 1
+    assert "HTTP 400" in refused.stderr and "network nowhere could not be found" in refused.stderr
+
+
 async def test_a_yaml_pod_manifest_is_read(capsa: CliRunner, store: Store, tmp_path: Path) -> None:
     path = tmp_path / "pod.yaml"
     path.write_text(

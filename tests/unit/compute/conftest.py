@@ -239,7 +239,7 @@ def retries() -> Retries:
 
 @pytest.fixture
 def network(store: Store) -> NetworkService:
-    return NetworkService(store, "10.9.0.0/24", 1500, "admin")
+    return NetworkService(store, "10.9.0.0/24", 1500)
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -177,6 +178,65 @@ async def test_an_image_that_cannot_be_pulled_fails_the_capsule_before_any_sandb
     capsule = await reload(store, capsule)
     assert capsule.status is Status.ERROR and capsule.task_state is None
     assert capsule.status_reason is not None and image in capsule.status_reason
+    assert fake_cri.sandboxes == {}
+
+
+async def test_a_full_network_fails_the_capsule_with_the_reason_and_nothing_made(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    network = await store.networks.create_network(project_id="p1", name="tiny", mtu=1500)
+    await store.networks.create_subnet(
+        network_id=network.id,
+        project_id="p1",
+        cidr=ipaddress.IPv4Network("10.77.0.0/30"),
+        gateway_ip=ipaddress.IPv4Address("10.77.0.1"),
+    )
+    first = await placed(store, make_capsule)
+    second = await placed(store, make_capsule)
+    for capsule in (first, second):
+        capsule.spec = replace(capsule.spec, annotations={"capsa.io/network": "tiny"})
+
+    await driver.converge(first)
+    await driver.converge(second)
+
+    assert (await reload(store, first)).status is Status.RUNNING
+    failed = await reload(store, second)
+    assert failed.status is Status.ERROR
+    assert failed.status_reason is not None and "No more IP addresses" in failed.status_reason
+    assert await store.ports.find_by_device(second.uuid) is None
+    assert [s.name for s in fake_cri.sandboxes.values()] == [first.uuid]
+
+
+async def test_a_project_without_room_for_its_default_network_fails_its_capsule(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    # The pool (10.9.0.0/24, see the network fixture) holds one project's default network.
+    first = await placed(store, make_capsule, project_id="p1")
+    second = await placed(store, make_capsule, project_id="p2")
+
+    await driver.converge(first)
+    await driver.converge(second)
+
+    assert (await reload(store, first)).status is Status.RUNNING
+    failed = await reload(store, second)
+    assert failed.status is Status.ERROR
+    assert failed.status_reason is not None and "network.default_cidr" in failed.status_reason
+
+
+async def test_a_capsule_naming_a_network_it_may_not_use_fails(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    await store.networks.create_network(project_id="someone-else", name="theirs", mtu=1500)
+    capsule = await placed(store, make_capsule)
+    capsule.spec = replace(capsule.spec, annotations={"capsa.io/network": "theirs"})
+
+    await driver.converge(capsule)
+
+    failed = await reload(store, capsule)
+    assert failed.status is Status.ERROR
+    assert failed.status_reason is not None and "network theirs could not be found" in (
+        failed.status_reason
+    )
     assert fake_cri.sandboxes == {}
 
 

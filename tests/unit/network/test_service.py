@@ -9,7 +9,7 @@ from capsa.store import Store
 async def test_find_port_gives_the_daemon_what_to_bind_and_the_current_binding(
     store: Store,
 ) -> None:
-    network = NetworkService(store, "10.3.0.0/24", 1400, "admin")
+    network = NetworkService(store, "10.3.0.0/24", 1400)
     port = await network.allocate_port("capsule-a", "p1", "h1")
 
     binding = await network.find_port("capsule-a")

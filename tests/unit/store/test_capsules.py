@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Callable
 
 import pytest
 
 from capsa.model.capsule import Capsule, DesiredState, Status, TaskState
+from capsa.network.service import NetworkService
 from capsa.store import Store, notify
 from capsa.store.capsules import NameConflict
 from capsa.store.paging import MarkerNotFound, Page
@@ -112,18 +112,7 @@ async def test_remove_releases_the_claim_and_the_ports_in_one_go(
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
     capsule = await store.capsules.create(make_capsule(cpu_millis=300, memory_mb=200))
     assert await store.hosts.claim(capsule.uuid, "h1", 300, 200)
-    network, subnet = await store.ports.ensure_default_network(
-        "admin", ipaddress.IPv4Network("10.0.0.0/29"), 1500
-    )
-    await store.ports.create(
-        subnet=subnet,
-        project_id="p1",
-        device_id=capsule.uuid,
-        device_owner="compute:capsule",
-        host="h1",
-        pick_address=lambda s, used: next(a for a in s.allocatable() if a not in used),
-        mac_address=lambda: "fa:16:3e:00:00:01",
-    )
+    port = await NetworkService(store, "10.0.0.0/29", 1500).allocate_port(capsule.uuid, "p1", "h1")
 
     assert await store.capsules.remove(capsule.uuid)
     assert not await store.capsules.remove(capsule.uuid)
@@ -133,7 +122,7 @@ async def test_remove_releases_the_claim_and_the_ports_in_one_go(
     assert (host.cpu_millis_used, host.memory_mb_used) == (0, 0)
     assert await store.ports.find_by_device(capsule.uuid) is None
     assert await store.capsules.get(capsule.uuid) is None
-    assert network.is_default
+    assert await store.ports.list_for_subnet(port.subnet_id) == []
 
 
 async def test_concurrent_status_writes_all_land(

@@ -5,32 +5,34 @@ import ipaddress
 
 import pytest
 
+from capsa.model.network import AllocationPool, Attachment
 from capsa.network.service import NetworkService
 from capsa.store import Store
-from capsa.store.ports import SubnetFull
+from capsa.store.networks import NotFound
+from capsa.store.ports import AddressInUse, SubnetFull
 
 
 async def test_fifty_concurrent_allocations_get_distinct_addresses(store: Store) -> None:
-    network = NetworkService(store, "10.1.0.0/24", 1500, "admin")
+    network = NetworkService(store, "10.1.0.0/24", 1500)
     ports = await asyncio.gather(
         *(network.allocate_port(f"capsule-{i}", "p1", "h1") for i in range(50))
     )
     addresses = {p.ip_address for p in ports}
     assert len(addresses) == 50
     assert len({p.mac_address for p in ports}) == 50
-    _, subnet = await network.default_network()
+    subnet = (await network.project_defaults("p1")).subnet
     assert all(a in subnet.cidr and a != subnet.gateway_ip for a in addresses)
 
 
 async def test_allocation_is_idempotent_per_device(store: Store) -> None:
-    network = NetworkService(store, "10.1.0.0/24", 1500, "admin")
+    network = NetworkService(store, "10.1.0.0/24", 1500)
     first = await network.allocate_port("capsule-a", "p1", "h1")
     again = await network.allocate_port("capsule-a", "p1", "h1")
     assert first == again
 
 
 async def test_released_addresses_return_to_the_pool(store: Store) -> None:
-    network = NetworkService(store, "10.1.0.0/29", 1500, "admin")
+    network = NetworkService(store, "10.1.0.0/29", 1500)
     first = await network.allocate_port("a", "p1", "h1")
     await network.release_ports("a")
     again = await network.allocate_port("b", "p1", "h1")
@@ -39,29 +41,96 @@ async def test_released_addresses_return_to_the_pool(store: Store) -> None:
 
 async def test_a_full_subnet_is_a_clear_error_and_leaves_nothing(store: Store) -> None:
     # /29: 6 hosts, one is the gateway.
-    network = NetworkService(store, "10.1.0.0/29", 1500, "admin")
+    network = NetworkService(store, "10.1.0.0/29", 1500)
     for i in range(5):
         await network.allocate_port(f"c{i}", "p1", "h1")
-    with pytest.raises(SubnetFull, match=r"10\.1\.0\.0/29"):
+    with pytest.raises(SubnetFull, match=r"No more IP addresses available.*10\.1\.0\.0/29"):
         await network.allocate_port("one-too-many", "p1", "h1")
     assert await store.ports.find_by_device("one-too-many") is None
-    _, subnet = await network.default_network()
+    subnet = (await network.project_defaults("p1")).subnet
     assert len(await store.ports.list_for_subnet(subnet.id)) == 5
 
 
-async def test_default_network_is_created_once(store: Store) -> None:
-    assert await store.ports.default_network() is None
-    cidr = ipaddress.IPv4Network("10.2.0.0/24")
-    first = await store.ports.ensure_default_network("admin", cidr, 1400)
-    second = await store.ports.ensure_default_network("admin", cidr, 1400)
-    assert first == second == await store.ports.default_network()
-    network, subnet = first
-    assert network.mtu == 1400
-    assert subnet.gateway_ip == ipaddress.IPv4Address("10.2.0.1")
+async def test_each_project_gets_its_own_default_network_and_group_once(store: Store) -> None:
+    network = NetworkService(store, "10.2.0.0/23", 1400)
+    first, second = await asyncio.gather(
+        network.project_defaults("p1"), network.project_defaults("p1")
+    )
+    assert first == second
+    assert first.network.is_default and first.network.mtu == 1400
+    assert first.subnet.cidr == ipaddress.IPv4Network("10.2.0.0/24")
+    assert first.subnet.gateway_ip == ipaddress.IPv4Address("10.2.0.1")
+    other = await network.project_defaults("p2")
+    assert other.network.id != first.network.id
+    assert other.subnet.cidr == ipaddress.IPv4Network("10.2.1.0/24")
+    assert other.network.segmentation_id != first.network.segmentation_id
+    assert other.security_group.id != first.security_group.id
+    group = first.security_group
+    assert group.name == "default" and group.is_default
+    rules = {(r.direction.value, r.ethertype.value, r.remote_group_id) for r in group.rules}
+    assert rules == {
+        ("egress", "IPv4", None),
+        ("egress", "IPv6", None),
+        ("ingress", "IPv4", group.id),
+        ("ingress", "IPv6", group.id),
+    }
+
+
+async def test_a_capsule_port_is_in_the_projects_default_group(store: Store) -> None:
+    network = NetworkService(store, "10.2.0.0/24", 1500)
+    port = await network.allocate_port("a", "p1", "h1")
+    defaults = await network.project_defaults("p1")
+    assert port.security_group_ids == (defaults.security_group.id,)
+    assert port.network_id == defaults.network.id
+
+
+async def test_a_capsule_can_name_its_network_and_groups(store: Store) -> None:
+    service = NetworkService(store, "10.2.0.0/24", 1500)
+    net = await store.networks.create_network(project_id="p1", name="back", mtu=1450)
+    await store.networks.create_subnet(
+        network_id=net.id,
+        project_id="p1",
+        cidr=ipaddress.IPv4Network("10.3.0.0/24"),
+        gateway_ip=ipaddress.IPv4Address("10.3.0.1"),
+        allocation_pools=[
+            AllocationPool(ipaddress.IPv4Address("10.3.0.100"), ipaddress.IPv4Address("10.3.0.101"))
+        ],
+    )
+    web = await store.networks.create_security_group(project_id="p1", name="web")
+    port = await service.allocate_port("a", "p1", "h1", Attachment("back", ("web",)))
+    assert port.network_id == net.id
+    assert port.ip_address == ipaddress.IPv4Address("10.3.0.100")
+    assert port.security_group_ids == (web.id,)
+    # The pool has two addresses.
+    await service.allocate_port("b", "p1", "h1", Attachment("back", ("web",)))
+    with pytest.raises(SubnetFull):
+        await service.allocate_port("c", "p1", "h1", Attachment("back", ("web",)))
+    # Another project cannot use p1's network (it is not shared) nor its groups.
+    with pytest.raises(NotFound, match="network back"):
+        await service.allocate_port("d", "p2", "h1", Attachment("back"))
+    with pytest.raises(NotFound, match="security group web"):
+        await service.allocate_port("d", "p2", "h1", Attachment(None, ("web",)))
+    assert await store.ports.find_by_device("d") is None
+
+
+async def test_a_fixed_address_in_use_is_refused(store: Store) -> None:
+    service = NetworkService(store, "10.2.0.0/24", 1500)
+    port = await service.allocate_port("a", "p1", "h1")
+    with pytest.raises(AddressInUse, match=r"10\.2\.0\.2 is in use"):
+        await store.ports.create(
+            network_id=port.network_id,
+            project_id="p1",
+            device_id="",
+            device_owner="",
+            host=None,
+            pick_address=lambda s, used: None,
+            mac_address=lambda: "fa:16:3e:00:00:aa",
+            ip_address=port.ip_address,
+        )
 
 
 async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> None:
-    network = NetworkService(store, "10.1.0.0/24", 1500, "admin")
+    network = NetworkService(store, "10.1.0.0/24", 1500)
     port = await network.allocate_port("a", "p1", "h1")
     await store.ports.set_binding(port.id, "sandbox-new", "capabc")
     await store.ports.clear_binding(port.id, "sandbox-old")
@@ -74,14 +143,17 @@ async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> Non
 
 
 async def test_find_with_network_reads_the_port_its_network_and_subnet(store: Store) -> None:
-    network_service = NetworkService(store, "10.4.0.0/24", 1450, "admin")
+    network_service = NetworkService(store, "10.4.0.0/24", 1450)
     port = await network_service.allocate_port("capsule-a", "p1", "h1")
     await store.ports.set_binding(port.id, "sandbox-1", "capsaabc")
-    network, subnet = await network_service.default_network()
+    defaults = await network_service.project_defaults("p1")
 
     found = await store.ports.find_with_network("capsule-a")
 
     bound = await store.ports.find_by_device("capsule-a")
-    assert found == (bound, network, subnet)
-    assert found is not None and found[0].binding_container_id == "sandbox-1"
+    assert bound is not None
+    assert found is not None
+    assert found[0] == bound.__class__(**{**bound.__dict__, "security_group_ids": ()})
+    assert (found[1], found[2]) == (defaults.network, defaults.subnet)
+    assert found[0].binding_container_id == "sandbox-1"
     assert await store.ports.find_with_network("no-such-capsule") is None

@@ -1,0 +1,300 @@
+"""The nftables ruleset that isolates a host's networks and enforces its ports' security groups.
+
+capsa owns two tables, ``inet capsa_<id>`` and ``bridge capsa_<id>`` (one pair per capsa
+instance on a machine), and nothing else: both are rendered from the database and replaced in one
+``nft -f`` transaction, so a rule is never half applied and no other table is touched. With no
+local port left they are deleted. The bridge table only stops spoofing: a bound port's frames
+must carry its MAC and address.
+
+Bridged traffic between pods of one network goes through the IP hooks too
+(``net.bridge.bridge-nf-call-iptables``), where the bridge is the interface a packet enters or
+leaves by; routed traffic between networks enters by one bridge and leaves by another.
+
+- Every connection is checked once (conntrack: established and related packets pass).
+- Egress: a packet that enters from a local port's bridge with the port's address as source goes
+  through that port's egress rules; one from a source of the network's subnet that is no local
+  port comes from another host over the overlay, whose own firewall checked it; anything else
+  on a capsa bridge (a spoofed or unknown source) is dropped.
+- Ingress: a packet for a local port goes through its ingress rules: a remote-group rule admits
+  the group's members *on the same network* (so networks never reach each other, even though the
+  host routes and even within one group), a CIDR rule admits its prefix from any network, and
+  connections that a hostPort mapping made (``ct status dnat``) are admitted. A packet for an
+  address of the subnet that is no local port is for another host over the overlay.
+- Pods cannot reach other networks' gateway addresses on the host.
+- A port or network whose ``admin_state_up`` is false passes nothing.
+- hostPort mappings: a connection to any local address (loopback excepted) on the host port is
+  DNATed to the pod.
+
+IPv6 to and from pods is dropped: ports have IPv4 addresses only, so no rule could admit it (a
+rule of ethertype IPv6 has nothing to match), and link-local IPv6 would otherwise let pods of one
+network talk whatever their groups say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from capsa.log import get_logger
+from capsa.model.network import (
+    ICMP_PROTOCOLS,
+    PORT_PROTOCOLS,
+    PROTOCOL_NUMBERS,
+    Direction,
+    EtherType,
+    HostNetworkView,
+    LocalPort,
+    SecurityGroupRule,
+)
+
+log = get_logger(__name__)
+
+NFT = "nft"
+
+
+def table_name(instance: str) -> str:
+    """capsa's table for one instance (e.g. its state dir): distinct per instance."""
+    return "capsa_" + hashlib.sha256(instance.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class HostPortMapping:
+    """A container port published on the host: ``host_port`` on every local address."""
+
+    port_id: str
+    host_port: int
+    container_port: int
+    protocol: str  # tcp, udp or sctp
+
+
+class FirewallError(Exception):
+    pass
+
+
+def render(
+    table: str,
+    view: HostNetworkView,
+    bridge_of: dict[str, str],
+    mappings: Iterable[HostPortMapping] = (),
+) -> str:
+    """The ``nft -f`` script that makes ``table`` enforce ``view``; ``bridge_of`` maps a network
+    id to its bridge. With no port the script only deletes the table."""
+    # Declaring the table first makes the delete succeed whether it existed or not.
+    head = "".join(
+        f"table {family} {table} {{}}\ndelete table {family} {table}\n"
+        for family in ("inet", "bridge")
+    )
+    if not view.ports:
+        return head
+    lines: list[str] = [f"table inet {table} {{"]
+    bridges = sorted({bridge_of[p.network.id] for p in view.ports})
+    subnet_of_bridge = sorted({(bridge_of[p.network.id], str(p.subnet.cidr)) for p in view.ports})
+    gateways = sorted({(bridge_of[p.network.id], str(p.subnet.gateway_ip)) for p in view.ports})
+    sets = _member_sets(view)
+    for name, addresses in sorted(sets.items()):
+        elements = f" elements = {{ {', '.join(addresses)} }};" if addresses else ""
+        lines.append(f"  set {name} {{ type ipv4_addr;{elements} }}")
+    bridge_set = _set_literal(f'"{b}"' for b in bridges)
+
+    lines += [
+        "  chain forward {",
+        "    type filter hook forward priority filter; policy accept;",
+        *_admin_down(view, bridge_of),
+        "    ct state established,related accept",
+        f"    iifname {bridge_set} jump pod_egress",
+        f"    oifname {bridge_set} jump pod_ingress",
+        "  }",
+        "  chain input {",
+        "    type filter hook input priority filter; policy accept;",
+    ]
+    for bridge in bridges:
+        others = [gw for b, gw in gateways if b != bridge]
+        if others:
+            lines.append(f'    iifname "{bridge}" ip daddr {_set_literal(others)} drop')
+    lines.append("  }")
+
+    egress_map = [
+        f'"{bridge_of[p.network.id]}" . {p.port.ip_address} : jump {_chain(p, "e")}'
+        for p in view.ports
+    ]
+    ingress_map = [
+        f'"{bridge_of[p.network.id]}" . {p.port.ip_address} : jump {_chain(p, "i")}'
+        for p in view.ports
+    ]
+    lines += [
+        "  chain pod_egress {",
+        "    meta nfproto ipv6 drop",
+        f"    iifname . ip saddr vmap {{ {', '.join(egress_map)} }}",
+        *(f'    iifname "{b}" ip saddr {cidr} return' for b, cidr in subnet_of_bridge),
+        "    drop",
+        "  }",
+        "  chain pod_ingress {",
+        "    meta nfproto ipv6 drop",
+        f"    oifname . ip daddr vmap {{ {', '.join(ingress_map)} }}",
+        *(f'    oifname "{b}" ip daddr {cidr} return' for b, cidr in subnet_of_bridge),
+        "    drop",
+        "  }",
+    ]
+    for local in view.ports:
+        rules = [r for g in local.port.security_group_ids for r in view.rules.get(g, ())]
+        for direction, suffix, verdict in (
+            (Direction.EGRESS, "e", "return"),
+            (Direction.INGRESS, "i", "accept"),
+        ):
+            lines.append(f"  chain {_chain(local, suffix)} {{")
+            if direction is Direction.INGRESS:
+                lines.append("    ct status dnat accept")
+            for rule in rules:
+                if rule.direction is direction:
+                    match = _match(rule, local)
+                    if match is not None:
+                        lines.append(f"    {match} {verdict}" if match else f"    {verdict}")
+            lines += ["    drop", "  }"]
+
+    by_port = {p.port.id: p for p in view.ports}
+    dnat = [
+        f"    ip daddr != 127.0.0.0/8 meta l4proto {m.protocol} th dport {m.host_port} "
+        f"dnat ip to {by_port[m.port_id].port.ip_address}:{m.container_port}"
+        for m in sorted(mappings, key=lambda m: (m.protocol, m.host_port))
+        if m.port_id in by_port
+    ]
+    if dnat:
+        lines += [
+            "  chain host_ports {",
+            *dnat,
+            "  }",
+            "  chain prerouting {",
+            "    type nat hook prerouting priority dstnat; policy accept;",
+            "    fib daddr type local jump host_ports",
+            "  }",
+            "  chain output {",
+            # nft 1.0 names dstnat only for prerouting; -100 is the same priority.
+            "    type nat hook output priority -100; policy accept;",
+            "    fib daddr type local jump host_ports",
+            "  }",
+        ]
+    lines.append("}")
+    lines += _anti_spoofing(table, view)
+    return head + "\n".join(line for line in lines if line) + "\n"
+
+
+def _anti_spoofing(table: str, view: HostNetworkView) -> list[str]:
+    """A bridge table that drops what a bound port sends from another MAC or address (ARP
+    included), where the frame enters the bridge: a pod cannot pass for another."""
+    bound = [p for p in view.ports if p.port.binding_host_ifname]
+    if not bound:
+        return []
+    jumps = ", ".join(f'"{p.port.binding_host_ifname}" : jump {_chain(p, "s")}' for p in bound)
+    lines = [
+        f"table bridge {table} {{",
+        "  chain prerouting {",
+        "    type filter hook prerouting priority filter; policy accept;",
+        f"    iifname vmap {{ {jumps} }}",
+        "  }",
+    ]
+    for local in bound:
+        port = local.port
+        lines += [
+            f"  chain {_chain(local, 's')} {{",
+            f"    ether saddr != {port.mac_address} drop",
+            f"    ip saddr != {port.ip_address} drop",
+            f"    arp saddr ip != {port.ip_address} drop",
+            "    ether type ip6 drop",
+            "  }",
+        ]
+    lines.append("}")
+    return lines
+
+
+def _admin_down(view: HostNetworkView, bridge_of: dict[str, str]) -> list[str]:
+    """Ports (or networks) set administratively down pass nothing, established traffic included."""
+    down = [
+        f'"{bridge_of[p.network.id]}" . {p.port.ip_address}'
+        for p in view.ports
+        if not (p.port.admin_state_up and p.network.admin_state_up)
+    ]
+    if not down:
+        return []
+    return [
+        f"    iifname . ip saddr {_set_literal(down)} drop",
+        f"    oifname . ip daddr {_set_literal(down)} drop",
+    ]
+
+
+def _chain(local: LocalPort, suffix: str) -> str:
+    return f"port_{local.port.id.replace('-', '')[:12]}_{suffix}"
+
+
+def _set_name(group_id: str, network_id: str) -> str:
+    return f"members_{group_id.replace('-', '')[:12]}_{network_id.replace('-', '')[:12]}"
+
+
+def _member_sets(view: HostNetworkView) -> dict[str, list[str]]:
+    """One set per (remote group, network of a local port that a rule uses it on)."""
+    sets: dict[str, list[str]] = {}
+    for local in view.ports:
+        for group_id in local.port.security_group_ids:
+            for rule in view.rules.get(group_id, ()):
+                if rule.remote_group_id is None:
+                    continue
+                name = _set_name(rule.remote_group_id, local.network.id)
+                sets[name] = [
+                    str(ip)
+                    for network_id, ip in view.members.get(rule.remote_group_id, ())
+                    if network_id == local.network.id
+                ]
+    return sets
+
+
+def _match(rule: SecurityGroupRule, local: LocalPort) -> str | None:
+    """The nft match of ``rule`` for ``local``'s chain, or None when it can match nothing."""
+    if rule.ethertype is not EtherType.IPV4:
+        return None
+    peer = "saddr" if rule.direction is Direction.INGRESS else "daddr"
+    parts: list[str] = []
+    if rule.remote_ip_prefix is not None:
+        if not isinstance(rule.remote_ip_prefix, ipaddress.IPv4Network):
+            return None
+        parts.append(f"ip {peer} {rule.remote_ip_prefix}")
+    elif rule.remote_group_id is not None:
+        parts.append(f"ip {peer} @{_set_name(rule.remote_group_id, local.network.id)}")
+    if rule.protocol is not None:
+        number = PROTOCOL_NUMBERS.get(rule.protocol, None)
+        protocol = number if number is not None else int(rule.protocol)
+        parts.append(f"meta l4proto {protocol}")
+        low, high = rule.port_range_min, rule.port_range_max
+        if rule.protocol in PORT_PROTOCOLS and low is not None:
+            parts.append(f"th dport {low}" if high in (None, low) else f"th dport {low}-{high}")
+        elif rule.protocol in ICMP_PROTOCOLS and protocol == 1 and low is not None:
+            parts.append(f"icmp type {low}")
+            if high is not None:
+                parts.append(f"icmp code {high}")
+    return " ".join(parts)
+
+
+def _set_literal(items: Iterable[str]) -> str:
+    return "{ " + ", ".join(items) + " }"
+
+
+async def apply(script: str) -> None:
+    """Runs ``script`` as one nftables transaction; raises FirewallError with nft's words."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            NFT,
+            "-f",
+            "-",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError as exc:
+        raise FirewallError(
+            "nft is not installed (Debian: apt-get install nftables): capsa cannot isolate "
+            "networks or enforce security groups"
+        ) from exc
+    _, stderr = await process.communicate(script.encode())
+    if process.returncode != 0:
+        raise FirewallError(f"nft -f failed: {stderr.decode(errors='replace').strip()}")

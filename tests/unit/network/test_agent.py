@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from capsa.model.capsule import Capsule, PortSpec
+from capsa.model.network import Direction, EtherType, HostNetworkView
+from capsa.network import agent as agent_module
+from capsa.network import firewall
+from capsa.network.agent import NetworkAgent
+from capsa.network.dataplane import Dataplane
+from capsa.network.service import NetworkService
+from capsa.store import Store
+
+CapsuleFactory = Callable[..., Capsule]
+_NOTHING = HostNetworkView(ports=(), rules={}, members={}, remote_ports=())
+
+
+class Applied(list[str]):
+    """The scripts the agent hands to nft, in order (nft itself needs root)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changed = asyncio.Condition()
+
+    async def apply(self, script: str) -> None:
+        async with self.changed:
+            self.append(script)
+            self.changed.notify_all()
+
+    async def count(self, expected: int) -> None:
+        async with asyncio.timeout(10), self.changed:
+            await self.changed.wait_for(lambda: len(self) >= expected)
+        assert len(self) == expected, self
+
+
+@pytest.fixture
+def applied(monkeypatch: pytest.MonkeyPatch) -> Applied:
+    recorder = Applied()
+    monkeypatch.setattr(firewall, "apply", recorder.apply)
+    monkeypatch.setattr(agent_module, "_filter_bridged_traffic", lambda: None)
+    return recorder
+
+
+async def test_the_agent_follows_ports_rules_and_host_ports(
+    store: Store, make_capsule: CapsuleFactory, applied: Applied
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    network = NetworkService(store, "10.50.0.0/24", 1500)
+    agent = NetworkAgent(store, "h1", "capsa_t", Dataplane(), resync_interval=3600)
+    await agent.start()
+    try:
+        assert applied == [firewall.render("capsa_t", _NOTHING, {})]
+
+        capsule = make_capsule()
+        web = replace(capsule.containers[0].spec, ports=(PortSpec(80, "TCP", 8080),))
+        capsule.containers[0].spec = web
+        capsule.spec = replace(capsule.spec, containers=(web,))
+        await store.capsules.create(capsule)
+        assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+        port = await network.allocate_port(capsule.uuid, "p1", "h1")
+        await applied.count(2)
+        assert f"th dport 8080 dnat ip to {port.ip_address}:80" in applied[-1]
+        assert "@members_" in applied[-1] and "th dport 22" not in applied[-1]
+
+        # A rule change reaches the table; a pass that changes nothing does not call nft.
+        [group_id] = port.security_group_ids
+        await store.networks.create_rule(
+            security_group_id=group_id,
+            project_id="p1",
+            direction=Direction.INGRESS,
+            ethertype=EtherType.IPV4,
+            protocol="tcp",
+            port_range_min=22,
+            port_range_max=22,
+        )
+        await applied.count(3)
+        assert "meta l4proto 6 th dport 22 accept" in applied[-1]
+        await agent.sync()
+        assert len(applied) == 3
+
+        # The capsule's removal takes its port, its mapping and then the table.
+        assert await store.capsules.remove(capsule.uuid)
+        await applied.count(4)
+        assert applied[-1] == applied[0]
+    finally:
+        await agent.stop()

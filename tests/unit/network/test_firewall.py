@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+
+from capsa.model.network import (
+    Direction,
+    EtherType,
+    HostNetworkView,
+    LocalPort,
+    Network,
+    Port,
+    SecurityGroupRule,
+    Subnet,
+)
+from capsa.network import firewall
+from capsa.network.service import bridge_name
+
+NET_A = Network("11111111-1111-4111-8111-111111111111", "a", "p1", False, True, 1500, 1)
+NET_B = Network("22222222-2222-4222-8222-222222222222", "b", "p2", False, True, 1500, 2)
+SUB_A = Subnet(
+    "sa", NET_A.id, "p1", ipaddress.IPv4Network("10.60.0.0/24"), ipaddress.IPv4Address("10.60.0.1")
+)
+SUB_B = Subnet(
+    "sb", NET_B.id, "p2", ipaddress.IPv4Network("10.60.1.0/24"), ipaddress.IPv4Address("10.60.1.1")
+)
+GROUP_A = "aaaaaaaa-aaaa-4aaa-8aaa-aaaaaaaaaaaa"
+GROUP_B = "bbbbbbbb-bbbb-4bbb-8bbb-bbbbbbbbbbbb"
+BRIDGES = {NET_A.id: bridge_name(NET_A.id), NET_B.id: bridge_name(NET_B.id)}
+
+
+def local(port_id: str, network: Network, subnet: Subnet, ip: str, group: str) -> LocalPort:
+    port = Port(
+        port_id, network.id, subnet.id, network.project_id, ipaddress.IPv4Address(ip),
+        "fa:16:3e:00:00:01", f"capsule-{port_id}", "compute:capsule", "ACTIVE", "h1", None, None,
+        None, security_group_ids=(group,),
+    )  # fmt: skip
+    return LocalPort(port, network, subnet)
+
+
+def rule(group: str, direction: Direction, **fields: object) -> SecurityGroupRule:
+    ethertype = fields.pop("ethertype", EtherType.IPV4)
+    return SecurityGroupRule(f"r-{len(fields)}", group, "p", direction, ethertype, **fields)  # type: ignore[arg-type]
+
+
+def view() -> HostNetworkView:
+    a = local("33333333-3333-4333-8333-333333333333", NET_A, SUB_A, "10.60.0.2", GROUP_A)
+    b = local("44444444-4444-4444-8444-444444444444", NET_B, SUB_B, "10.60.1.2", GROUP_B)
+    return HostNetworkView(
+        ports=(a, b),
+        rules={
+            GROUP_A: (
+                rule(GROUP_A, Direction.EGRESS),
+                rule(GROUP_A, Direction.INGRESS, remote_group_id=GROUP_A),
+                rule(GROUP_A, Direction.INGRESS, remote_group_id=GROUP_A, ethertype=EtherType.IPV6),
+                rule(
+                    GROUP_A,
+                    Direction.INGRESS,
+                    protocol="tcp",
+                    port_range_min=80,
+                    port_range_max=81,
+                    remote_ip_prefix=ipaddress.IPv4Network("10.60.1.0/24"),
+                ),
+                rule(GROUP_A, Direction.INGRESS, protocol="icmp", port_range_min=8),
+            ),
+            GROUP_B: (rule(GROUP_B, Direction.EGRESS, protocol="udp", port_range_min=53),),
+        },
+        # A member of group A on network B must not open network A's pods to network B.
+        members={
+            GROUP_A: (
+                (NET_A.id, ipaddress.IPv4Address("10.60.0.2")),
+                (NET_B.id, ipaddress.IPv4Address("10.60.1.9")),
+            )
+        },
+        remote_ports=(),
+    )
+
+
+NO_TABLES = (
+    "table inet capsa_t {}\ndelete table inet capsa_t\n"
+    "table bridge capsa_t {}\ndelete table bridge capsa_t\n"
+)
+
+
+def test_the_table_is_replaced_whole_in_one_script() -> None:
+    script = firewall.render("capsa_t", view(), BRIDGES)
+    assert script.startswith(NO_TABLES + "table inet capsa_t {")
+    assert script.count("table inet capsa_t") == 3
+    assert "ct state established,related accept" in script
+
+
+def test_no_port_left_deletes_the_table() -> None:
+    empty = HostNetworkView(ports=(), rules={}, members={}, remote_ports=())
+    assert firewall.render("capsa_t", empty, {}) == NO_TABLES
+
+
+def test_rules_become_matches_per_port() -> None:
+    script = firewall.render("capsa_t", view(), BRIDGES)
+    chain_a_in = script.split("chain port_333333333333_i {")[1].split("}")[0]
+    assert "ct status dnat accept" in chain_a_in
+    set_name = "members_aaaaaaaaaaaa_111111111111"
+    assert f"ip saddr @{set_name} accept" in chain_a_in
+    assert "ip saddr 10.60.1.0/24 meta l4proto 6 th dport 80-81 accept" in chain_a_in
+    assert "meta l4proto 1 icmp type 8 accept" in chain_a_in
+    assert chain_a_in.strip().endswith("drop")
+    # Remote-group members count only on the port's own network.
+    members = script.split(f"set {set_name} {{")[1].split("}")[0]
+    assert "10.60.0.2" in members and "10.60.1.9" not in members
+    chain_b_out = script.split("chain port_444444444444_e {")[1].split("}")[0]
+    assert "meta l4proto 17 th dport 53 return" in chain_b_out
+    assert "ip6" not in script
+
+
+def test_networks_cannot_reach_each_others_gateways() -> None:
+    script = firewall.render("capsa_t", view(), BRIDGES)
+    assert f'iifname "{BRIDGES[NET_A.id]}" ip daddr {{ 10.60.1.1 }} drop' in script
+    assert f'iifname "{BRIDGES[NET_B.id]}" ip daddr {{ 10.60.0.1 }} drop' in script
+
+
+def test_host_ports_are_dnated_to_their_pod() -> None:
+    mapping = firewall.HostPortMapping("33333333-3333-4333-8333-333333333333", 8080, 80, "tcp")
+    gone = firewall.HostPortMapping("no-such-port", 9090, 90, "tcp")
+    script = firewall.render("capsa_t", view(), BRIDGES, [mapping, gone])
+    assert "meta l4proto tcp th dport 8080 dnat ip to 10.60.0.2:80" in script
+    assert "9090" not in script
+    assert "type nat hook prerouting" in script and "type nat hook output" in script
+    assert "dnat ip to" not in firewall.render("capsa_t", view(), BRIDGES)
+
+
+def test_bound_ports_cannot_send_from_another_mac_or_address() -> None:
+    unbound = view()
+    assert "table bridge capsa_t {\n" not in firewall.render("capsa_t", unbound, BRIDGES)
+    first = unbound.ports[0]
+    bound_port = replace(first.port, binding_host_ifname="capsa0123456789")
+    bound = replace(unbound, ports=(replace(first, port=bound_port), *unbound.ports[1:]))
+    script = firewall.render("capsa_t", bound, BRIDGES)
+    bridge_table = script.split("table bridge capsa_t {\n")[1]
+    assert '"capsa0123456789" : jump port_333333333333_s' in bridge_table
+    chain = bridge_table.split("chain port_333333333333_s {")[1].split("}")[0]
+    assert "ether saddr != fa:16:3e:00:00:01 drop" in chain
+    assert "ip saddr != 10.60.0.2 drop" in chain and "arp saddr ip != 10.60.0.2 drop" in chain
+    assert "port_444444444444_s" not in script
+
+
+def test_a_port_set_down_passes_nothing_not_even_established_traffic() -> None:
+    assert "ct state established,related accept" in firewall.render("capsa_t", view(), BRIDGES)
+    first, second = view().ports
+    down = replace(first, port=replace(first.port, admin_state_up=False))
+    script = firewall.render("capsa_t", replace(view(), ports=(down, second)), BRIDGES)
+    forward = script.split("chain forward {")[1].split("chain input {")[0]
+    bridge = BRIDGES[NET_A.id]
+    drop_in = f'oifname . ip daddr {{ "{bridge}" . 10.60.0.2 }} drop'
+    assert f'iifname . ip saddr {{ "{bridge}" . 10.60.0.2 }} drop' in forward
+    assert forward.index(drop_in) < forward.index("ct state established,related accept")
+    assert "10.60.1.2 }" not in forward
+
+
+def test_table_names_differ_per_instance() -> None:
+    first, second = firewall.table_name("/var/lib/capsa"), firewall.table_name("/srv/capsa")
+    assert first != second and first.startswith("capsa_")
