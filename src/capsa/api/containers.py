@@ -185,7 +185,7 @@ async def _attachment(
             annotations[NETWORK_ANNOTATION] = found.id
         if security_groups:
             ids = await store.networks.resolve_security_groups(project_id, security_groups)
-            annotations[SECURITY_GROUPS_ANNOTATION] = ",".join(ids)
+            annotations[SECURITY_GROUPS_ANNOTATION] = ",".join(dict.fromkeys(ids))
     except NotFound as exc:
         raise InvalidValue(f"Invalid container: {exc}") from None
     except Ambiguous as exc:

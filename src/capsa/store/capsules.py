@@ -256,7 +256,7 @@ class CapsuleStore:
             select(c_t.c.uuid, c_t.c.cpu_millis, c_t.c.memory_mb, c_t.c.runtime)
             .where(
                 c_t.c.host.is_(None),
-                c_t.c.desired_state == DesiredState.RUNNING,
+                c_t.c.desired_state != DesiredState.DELETED,
                 c_t.c.status == Status.CREATING,
             )
             .order_by(c_t.c.created_at)
