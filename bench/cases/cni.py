@@ -166,7 +166,7 @@ def run(session: Session) -> CaseResult:
     ]
     result.notes = [
         "capsa: the installed capsa-cni launcher -> the paired capsa up's CNI daemon (unix "
-        "socket) -> its database and pyroute2; reference: bridge + host-local from "
+        "socket) -> its database and capsa.network.netlink; reference: bridge + host-local from "
         "containernetworking-plugins, host-local's dataDir in the instance's state dir.",
         "An anchor pod stays plugged on each side throughout, so that neither ADD creates "
         "its bridge nor DEL removes it.",

@@ -115,5 +115,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Library chatter that says nothing about capsules.
-    for noisy in ("aiohttp.access", "asyncio", "pyroute2"):
+    for noisy in ("aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

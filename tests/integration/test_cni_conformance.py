@@ -27,6 +27,7 @@ capsa-cni-daemon on a file-backed port source and can stop at STEP of an ADD, to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import json
@@ -1323,9 +1324,12 @@ async def test_failed_plug_leaves_nothing_behind(
     netns = make_netns()
     container_id = secrets.token_hex(32)
 
-    with pytest.raises(DataplaneError, match="cannot configure eth0"):
+    with (
+        contextlib.closing(Dataplane()) as dataplane,
+        pytest.raises(DataplaneError, match="cannot configure eth0"),
+    ):
         await asyncio.to_thread(
-            Dataplane().plug, container_id, netns_path(netns), "eth0", unroutable, "owner"
+            dataplane.plug, container_id, netns_path(netns), "eth0", unroutable, "owner"
         )
 
     assert not link_exists(host_ifname(container_id, "eth0"))
@@ -1341,7 +1345,8 @@ def test_bridge_creation_races_all_succeed(network: Network) -> None:
     def ensure() -> None:
         barrier.wait()
         try:
-            outcomes.append(Dataplane().ensure_bridge(network.bridge, gateway, 1400))
+            with contextlib.closing(Dataplane()) as dataplane:
+                outcomes.append(dataplane.ensure_bridge(network.bridge, gateway, 1400))
         except Exception as exc:
             outcomes.append(exc)
 
@@ -1355,7 +1360,8 @@ def test_bridge_creation_races_all_succeed(network: Network) -> None:
     assert all(not isinstance(o, Exception) for o in outcomes), outcomes
     assert len({o.mac for o in outcomes}) == 1  # type: ignore[attr-defined]
     assert bridge_addresses(network.bridge) == [str(gateway)]
-    assert Dataplane().remove_bridge_if_unused(network.bridge)
+    with contextlib.closing(Dataplane()) as dataplane:
+        assert dataplane.remove_bridge_if_unused(network.bridge)
     assert not link_exists(network.bridge)
 
 

@@ -487,9 +487,10 @@ def _lacks_net_admin() -> str:
 def create_app(
     ports: PortSource, dataplane: Dataplane | None = None, *, workers: int = DEFAULT_WORKERS
 ) -> web.Application:
-    """The daemon's HTTP app; its netlink thread pool ends with the app's cleanup."""
+    """The daemon's HTTP app; its netlink threads and sockets end with the app's cleanup."""
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsa-cni-netlink")
-    service = _CniService(ports, dataplane or Dataplane(), executor)
+    dataplane = dataplane or Dataplane()
+    service = _CniService(ports, dataplane, executor)
     app = web.Application()
     for command in COMMANDS:
         app.router.add_post(f"/cni/{command.lower()}", functools.partial(service.handle, command))
@@ -500,6 +501,7 @@ def create_app(
     async def stop_executor(_: web.Application) -> None:
         await service.finish_background()
         await asyncio.to_thread(executor.shutdown)
+        dataplane.close()
 
     app.on_cleanup.append(stop_executor)
     return app

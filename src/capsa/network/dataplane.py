@@ -20,15 +20,16 @@ that a GC can find the attachments a runtime no longer knows.
 that name whose pod end is unconfigured is configured, one whose pod end is elsewhere is replaced,
 a bridge without its address gets it.
 
-Every method blocks on netlink: call them from worker threads, never from an event loop's thread
-(pyroute2 0.9 runs its own event loop per socket). Creating a bridge, attaching a veth to it and
+Every method blocks on netlink (:mod:`capsa.network.netlink`): call them from worker threads,
+never from an event loop's thread. Each call borrows a socket of the host's netns from a pool
+(one per concurrent call, kept for the next) and opens one in the pod's netns when it needs it;
+:meth:`Dataplane.close` closes the idle ones. Creating a bridge, attaching a veth to it and
 removing it are serialised per bridge, so that a pod never joins a bridge being removed; nothing
 else is locked here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import functools
 import hashlib
@@ -40,12 +41,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
-from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from capsa.log import get_logger
+from capsa.network import netlink
+from capsa.network.netlink import NetlinkError, Rtnetlink
 from capsa.network.types import Link, PluggedPort, PortBinding
 
 log = get_logger(__name__)
@@ -53,14 +52,8 @@ log = get_logger(__name__)
 HOST_IFNAME_PREFIX = "capsa"
 # First word of the host end's alias: the veth is one of capsa's attachments.
 ALIAS_MARK = "capsa-cni"
-# The kernel keeps at most IFALIASZ - 1 bytes of an alias.
-_ALIAS_MAX = 255
-_IFF_UP = 0x1
 # The kernel gives lo this index in every netns (LOOPBACK_IFINDEX).
 _LOOPBACK_INDEX = 1
-_CLONE_NEWNET = 0x40000000
-_NETLINK_ROUTE = 0
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class DataplaneError(Exception):
@@ -96,7 +89,8 @@ class AttachmentTag:
     def alias(self) -> str:
         # Words without spaces (a CNI container id has none); a container id too long for the
         # kernel's limit is cut, which only costs its binding's cleanup on GC.
-        return f"{ALIAS_MARK} {self.owner} {self.port_id} {self.container_id}"[:_ALIAS_MAX]
+        alias = f"{ALIAS_MARK} {self.owner} {self.port_id} {self.container_id}"
+        return alias[: netlink.IFALIAS_MAX]
 
     @classmethod
     def parse(cls, alias: str | None) -> AttachmentTag | None:
@@ -120,11 +114,16 @@ class Dataplane:
     def __init__(self) -> None:
         self._bridge_locks: dict[str, threading.Lock] = {}
         self._bridge_locks_guard = threading.Lock()
+        self._host = netlink.SocketPool()
+
+    def close(self) -> None:
+        """Closes the netlink sockets kept for reuse (a later call opens new ones)."""
+        self._host.close()
 
     def ensure_bridge(self, name: str, gateway: IPv4Interface, mtu: int) -> Link:
         """The bridge ``name``, created if missing, with ``gateway`` as an address, up."""
-        with self._bridge_lock(name), IPRoute() as ipr:
-            _, bridge = _ensure_bridge(ipr, name, gateway, mtu)
+        with self._bridge_lock(name), self._host.client() as host:
+            _, bridge = _ensure_bridge(host, name, gateway, mtu)
         return bridge
 
     def plug(
@@ -149,7 +148,7 @@ class Dataplane:
         with (
             _open_netns(netns) as netns_fd,
             _netlink_in_netns(netns_fd, netns) as pod,
-            IPRoute() as host,
+            self._host.client() as host,
         ):
             pod_end = _find_link(pod, ifname)
             # Only a pod end already there can be this attachment's own (a re-ADD, or an ADD
@@ -182,12 +181,23 @@ class Dataplane:
                         )
                         _delete_link(host, host_name)
                         create_veth(ifname, port)
-                    attach: dict[str, Any] = {}
+                    # Made on the bridge and up: it only lacks its tag.
+                    tag_and_attach = functools.partial(
+                        host.set_link, name=host_name, alias=tag.alias()
+                    )
                 else:
-                    host_mac = host_end.get("address")
-                    attach = {"master": bridge_index, "mtu": port.mtu, "state": "up"}
+                    host_mac = host_end.address or ""
+                    # An earlier ADD's veth, which a DEL may have detached since.
+                    tag_and_attach = functools.partial(
+                        host.set_link,
+                        index=host_end.index,
+                        alias=tag.alias(),
+                        master=bridge_index,
+                        mtu=port.mtu,
+                        up=True,
+                    )
                 try:
-                    host.link("set", ifname=host_name, ifalias=tag.alias(), **attach)
+                    tag_and_attach()
                 except NetlinkError as exc:
                     _remove_half_made(host, host_name)
                     raise DataplaneError(
@@ -229,16 +239,16 @@ class Dataplane:
         does, which the runtime deletes after the DEL: :meth:`remove_detached` follows later.
         """
         host_name = host_ifname(container_id, ifname)
-        with IPRoute() as ipr:
-            link = _find_link(ipr, host_name)
+        with self._host.client() as host:
+            link = _find_link(host, host_name)
             if link is None or not _is_host_end(link):
                 return None
-            attachment = _attachment(ipr, link)
-            if link.get("master") or link.get("state") != "down":
+            attachment = _attachment(host, link)
+            if link.master or link.up:
                 try:
-                    ipr.link("set", index=link["index"], master=0, state="down")
+                    host.set_link(index=link.index, master=0, up=False)
                 except NetlinkError as exc:
-                    if exc.code != errno.ENODEV:
+                    if exc.errno != errno.ENODEV:
                         raise
         return attachment
 
@@ -246,38 +256,38 @@ class Dataplane:
         """Deletes the veth of (container id, ifname) if it is still detached (an ADD of the same
         attachment since has put it back); True if it did."""
         host_name = host_ifname(container_id, ifname)
-        with IPRoute() as ipr:
-            link = _find_link(ipr, host_name)
-            if link is None or not _is_host_end(link) or link.get("master"):
+        with self._host.client() as host:
+            link = _find_link(host, host_name)
+            if link is None or not _is_host_end(link) or link.master:
                 return False
-            _delete_link(ipr, host_name)
+            _delete_link(host, host_name)
         return True
 
     def remove_attachment(self, host_name: str) -> Attachment | None:
         """Removes the attachment whose host end is ``host_name``, if that is one of capsa's
         veths; returns what it removed."""
-        with IPRoute() as ipr:
-            return _remove_host_end(ipr, host_name)
+        with self._host.client() as host:
+            return _remove_host_end(host, host_name)
 
     def attachments(self) -> list[Attachment]:
         """Every host end of capsa's on this host, of every owner."""
-        with IPRoute() as ipr:
-            links = [link for link in ipr.link("dump") if _is_host_end(link)]
-            return [_attachment(ipr, link) for link in links]
+        with self._host.client() as host:
+            links = [link for link in host.links() if _is_host_end(link)]
+            return [_attachment(host, link) for link in links]
 
     def remove_bridge_if_unused(self, name: str) -> bool:
         """Deletes the bridge ``name`` if no pod is attached to it (with its overlay device, if
         it has one); True if it did."""
-        with self._bridge_lock(name), IPRoute() as ipr:
-            bridge = _find_link(ipr, name)
-            if bridge is None or bridge.get(("linkinfo", "kind")) != "bridge":
+        with self._bridge_lock(name), self._host.client() as host:
+            bridge = _find_link(host, name)
+            if bridge is None or bridge.kind != "bridge":
                 return False
-            attached = [link.get("ifname") for link in ipr.link("dump", master=bridge["index"])]
+            attached = [link.ifname for link in host.links(master=bridge.index)]
             if any(link != overlay_name(name) for link in attached):
                 return False
             if attached:
-                _delete_link(ipr, overlay_name(name))
-            _delete_link(ipr, name)
+                _delete_link(host, overlay_name(name))
+            _delete_link(host, name)
         log.info("bridge removed: its last port left", bridge=name)
         return True
 
@@ -292,43 +302,32 @@ class Dataplane:
         does not learn: every entry comes from the database.
         """
         name = overlay_name(bridge)
-        with self._bridge_lock(bridge), IPRoute() as ipr:
-            link = _find_link(ipr, bridge)
+        with self._bridge_lock(bridge), self._host.client() as host:
+            link = _find_link(host, bridge)
             if link is None:
                 return False
-            device = _find_link(ipr, name)
+            device = _find_link(host, name)
             if device is not None and (
-                device.get(("linkinfo", "kind")) != "vxlan"
-                or _vxlan_id(device) != vni
-                or device.get("master") != link["index"]
+                device.kind != "vxlan" or device.vxlan_id != vni or device.master != link.index
             ):
-                _delete_link(ipr, name)
+                _delete_link(host, name)
                 device = None
             try:
                 if device is None:
-                    ipr.link(
-                        "add",
-                        ifname=name,
-                        kind="vxlan",
-                        vxlan_id=vni,
-                        vxlan_local=local_ip,
-                        vxlan_port=port,
-                        vxlan_learning=0,
-                        mtu=mtu,
-                    )
+                    host.add_vxlan(name, vni=vni, local=local_ip, port=port, mtu=mtu)
                     log.info("overlay device created", device=name, bridge=bridge, vni=vni)
-                index = _get_link(ipr, name)["index"]
-                ipr.link("set", index=index, master=link["index"], state="up")
-                _sync_fdb(ipr, index, macs)
+                index = _get_link(host, name).index
+                host.set_link(index=index, master=link.index, up=True)
+                _sync_fdb(host, index, macs)
             except (NetlinkError, _NoSuchLink) as exc:
                 raise DataplaneError(f"cannot program overlay device {name}: {exc}") from exc
         return True
 
     def remove_overlay(self, bridge: str) -> None:
         """Deletes the VXLAN device of the network of ``bridge``, if it has one."""
-        with self._bridge_lock(bridge), IPRoute() as ipr:
-            if _find_link(ipr, overlay_name(bridge)) is not None:
-                _delete_link(ipr, overlay_name(bridge))
+        with self._bridge_lock(bridge), self._host.client() as host:
+            if _find_link(host, overlay_name(bridge)) is not None:
+                _delete_link(host, overlay_name(bridge))
 
     def check(self, container_id: str, netns: str, ifname: str, port: PortBinding) -> None:
         """Raises DataplaneError naming what differs from what plug made for ``port``."""
@@ -337,7 +336,7 @@ class Dataplane:
         with (
             _open_netns(netns) as netns_fd,
             _netlink_in_netns(netns_fd, netns) as pod,
-            IPRoute() as host,
+            self._host.client() as host,
         ):
             host_end = _find_link(host, host_name)
             pod_end = _find_link(pod, ifname)
@@ -372,170 +371,157 @@ def overlay_name(bridge: str) -> str:
     return "cvx-" + bridge.removeprefix("cbr-")
 
 
-def _vxlan_id(link: Any) -> int | None:
-    vni = link.get(("linkinfo", "data", "vxlan_id"))
-    return int(vni) if vni is not None else None
-
-
-def _sync_fdb(ipr: IPRoute, index: int, macs: dict[str, str]) -> None:
+def _sync_fdb(host: Rtnetlink, index: int, macs: dict[str, str]) -> None:
     wanted = set(macs.items()) | {(_FLOOD_MAC, ip) for ip in set(macs.values())}
     current = {
-        (entry.get("lladdr"), entry.get("dst"))
-        for entry in ipr.fdb("dump", ifindex=index)
-        if entry.get("ifindex") == index and entry.get("dst")
+        (entry.lladdr, entry.dst)
+        for entry in host.fdb_entries(index)
+        if entry.ifindex == index and entry.lladdr and entry.dst
     }
     for mac, dst in current - wanted:
-        ipr.fdb("del", ifindex=index, lladdr=mac, dst=dst)
+        host.delete_fdb(index, mac, dst)
     for mac, dst in sorted(wanted - current):
-        ipr.fdb("append", ifindex=index, lladdr=mac, dst=dst)
+        host.append_fdb(index, mac, dst)
 
 
-def _get_link(ipr: IPRoute, name: str | None = None, index: int | None = None) -> Any:
+def _get_link(nl: Rtnetlink, name: str | None = None, index: int | None = None) -> netlink.Link:
     try:
-        if name is not None:
-            (link,) = ipr.link("get", ifname=name)
-        else:
-            (link,) = ipr.link("get", index=index)
+        return nl.get_link(name=name, index=index)
     except NetlinkError as exc:
-        if exc.code == errno.ENODEV:
+        if exc.errno == errno.ENODEV:
             raise _NoSuchLink(name or index) from None
         raise
-    return link
 
 
-def _find_link(ipr: IPRoute, name: str) -> Any:
+def _find_link(nl: Rtnetlink, name: str) -> netlink.Link | None:
     """The link ``name``, or None."""
     try:
-        return _get_link(ipr, name)
+        return _get_link(nl, name)
     except _NoSuchLink:
         return None
 
 
-def _remove_host_end(ipr: IPRoute, host_name: str) -> Attachment | None:
-    link = _find_link(ipr, host_name)
+def _remove_host_end(host: Rtnetlink, host_name: str) -> Attachment | None:
+    link = _find_link(host, host_name)
     if link is None or not _is_host_end(link):
         return None
-    attachment = _attachment(ipr, link)
-    _delete_link(ipr, host_name)
+    attachment = _attachment(host, link)
+    _delete_link(host, host_name)
     return attachment
 
 
-def _is_host_end(link: Any) -> bool:
-    return bool(
-        link.get("ifname", "").startswith(HOST_IFNAME_PREFIX)
-        and link.get(("linkinfo", "kind")) == "veth"
-    )
+def _is_host_end(link: netlink.Link) -> bool:
+    return link.ifname.startswith(HOST_IFNAME_PREFIX) and link.kind == "veth"
 
 
-def _are_peers(host_end: Any, pod_end: Any) -> bool:
+def _are_peers(host_end: netlink.Link | None, pod_end: netlink.Link | None) -> bool:
     """Whether two veth ends, seen from their own netns, point at each other."""
-    return bool(
+    return (
         host_end is not None
         and pod_end is not None
-        and pod_end.get(("linkinfo", "kind")) == "veth"
-        and pod_end.get("link") == host_end["index"]
-        and host_end.get("link") == pod_end["index"]
+        and pod_end.kind == "veth"
+        and pod_end.link == host_end.index
+        and host_end.link == pod_end.index
     )
 
 
-def _attachment(ipr: IPRoute, link: Any) -> Attachment:
-    bridge = None
-    master = link.get("master")
-    if master:
-        try:
-            bridge = _get_link(ipr, index=master).get("ifname")
-        except _NoSuchLink:
-            bridge = None
-    return Attachment(link.get("ifname"), bridge, AttachmentTag.parse(link.get("ifalias")))
-
-
-def _host_end_problems(host: IPRoute, host_end: Any, port: PortBinding) -> list[str]:
-    name = host_end.get("ifname")
-    problems = []
-    master = host_end.get("master")
+def _bridge_of(host: Rtnetlink, link: netlink.Link) -> str | None:
+    """The name of the bridge ``link`` is attached to, if any."""
+    if not link.master:
+        return None
     try:
-        on = _get_link(host, index=master).get("ifname") if master else None
+        return _get_link(host, index=link.master).ifname
     except _NoSuchLink:
-        on = None
+        return None
+
+
+def _attachment(host: Rtnetlink, link: netlink.Link) -> Attachment:
+    return Attachment(link.ifname, _bridge_of(host, link), AttachmentTag.parse(link.ifalias))
+
+
+def _host_end_problems(host: Rtnetlink, host_end: netlink.Link, port: PortBinding) -> list[str]:
+    name = host_end.ifname
+    problems = []
+    on = _bridge_of(host, host_end)
     if on != port.bridge:
         problems.append(f"host end {name} is on {on}, not {port.bridge}")
-    if not host_end["flags"] & _IFF_UP:
+    if not host_end.up:
         problems.append(f"host end {name} is down")
     bridge = _find_link(host, port.bridge)
-    if bridge is not None and port.gateway_interface not in _addresses(host, bridge["index"]):
+    if bridge is not None and port.gateway_interface not in _addresses(host, bridge.index):
         problems.append(f"bridge {port.bridge} lacks the gateway address {port.gateway_interface}")
     return problems
 
 
-def _pod_end_problems(pod: IPRoute, pod_end: Any, ifname: str, port: PortBinding) -> list[str]:
+def _pod_end_problems(
+    pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: PortBinding
+) -> list[str]:
     problems = []
-    if pod_end.get("address") != port.mac:
-        problems.append(f"{ifname} has MAC {pod_end.get('address')}, not {port.mac}")
-    if not pod_end["flags"] & _IFF_UP:
+    if pod_end.address != port.mac:
+        problems.append(f"{ifname} has MAC {pod_end.address}, not {port.mac}")
+    if not pod_end.up:
         problems.append(f"{ifname} is down")
-    if port.ip not in _addresses(pod, pod_end["index"]):
+    if port.ip not in _addresses(pod, pod_end.index):
         problems.append(f"{ifname} lacks {port.ip}")
-    default_routes = pod.route("dump", family=socket.AF_INET, dst_len=0)
     if not any(
-        r.get("oif") == pod_end["index"] and r.get("gateway") == str(port.gateway)
-        for r in default_routes
+        r.oif == pod_end.index and r.gateway == str(port.gateway)
+        for r in pod.routes(socket.AF_INET, dst_len=0)
     ):
         problems.append(f"{ifname} has no default route via {port.gateway}")
     return problems
 
 
-def _addresses(ipr: IPRoute, index: int) -> set[IPv4Interface]:
+def _addresses(nl: Rtnetlink, index: int) -> set[IPv4Interface]:
     return {
-        IPv4Interface(f"{a.get('address')}/{a['prefixlen']}")
-        for a in ipr.addr("dump", index=index, family=socket.AF_INET)
+        IPv4Interface(f"{a.address}/{a.prefixlen}") for a in nl.addresses(index, socket.AF_INET)
     }
 
 
-def _delete_link(ipr: IPRoute, name: str) -> None:
+def _delete_link(nl: Rtnetlink, name: str) -> None:
     try:
-        ipr.link("del", ifname=name)
+        nl.delete_link(name=name)
     except NetlinkError as exc:
-        if exc.code != errno.ENODEV:
+        if exc.errno != errno.ENODEV:
             raise
 
 
-def _remove_half_made(ipr: IPRoute, name: str) -> None:
+def _remove_half_made(host: Rtnetlink, name: str) -> None:
     # The caller raises the original failure; this one only needs to be known.
     try:
-        _delete_link(ipr, name)
+        _delete_link(host, name)
     except NetlinkError as exc:
         log.warning("cannot remove a half-made veth", veth=name, error=str(exc))
 
 
-def _ensure_bridge(ipr: IPRoute, name: str, gateway: IPv4Interface, mtu: int) -> tuple[int, Link]:
-    link = _find_link(ipr, name)
+def _ensure_bridge(
+    host: Rtnetlink, name: str, gateway: IPv4Interface, mtu: int
+) -> tuple[int, Link]:
+    link = _find_link(host, name)
     if link is None:
         try:
             # An explicit MAC keeps the gateway's MAC stable: a bridge with a random one adopts
             # the lowest MAC of its ports, which changes as pods come and go.
-            ipr.link("add", ifname=name, kind="bridge", mtu=mtu, address=_random_local_mac())
+            host.add_bridge(name, mtu=mtu, address=_random_local_mac())
             log.info("bridge created", bridge=name, gateway=str(gateway), mtu=mtu)
         except NetlinkError as exc:
             # Another process made it first.
-            if exc.code != errno.EEXIST:
+            if exc.errno != errno.EEXIST:
                 raise DataplaneError(f"cannot create bridge {name}: {exc}") from exc
-        link = _get_link(ipr, name)
-    kind = link.get(("linkinfo", "kind"))
-    if kind != "bridge":
+        link = _get_link(host, name)
+    if link.kind != "bridge":
         raise DataplaneError(
-            f"interface {name} exists but is a {kind or 'non-bridge'} interface: "
+            f"interface {name} exists but is a {link.kind or 'non-bridge'} interface: "
             "the network's bridge name must be free for capsa"
         )
-    index: int = link["index"]
     # Also completes a bridge that a killed ADD left without its address.
     try:
-        ipr.addr("add", index=index, address=str(gateway.ip), prefixlen=gateway.network.prefixlen)
+        host.add_address(link.index, gateway)
     except NetlinkError as exc:
-        if exc.code != errno.EEXIST:
+        if exc.errno != errno.EEXIST:
             raise DataplaneError(f"cannot give bridge {name} the address {gateway}: {exc}") from exc
-    if link.get("mtu") != mtu or not link["flags"] & _IFF_UP:
-        ipr.link("set", index=index, mtu=mtu, state="up")
-    return index, Link(name, link.get("address"))
+    if link.mtu != mtu or not link.up:
+        host.set_link(index=link.index, mtu=mtu, up=True)
+    return link.index, Link(name, link.address or "")
 
 
 class _HostEndExists(Exception):
@@ -543,7 +529,7 @@ class _HostEndExists(Exception):
 
 
 def _create_veth(
-    host: IPRoute,
+    host: Rtnetlink,
     host_name: str,
     host_mac: str,
     bridge_index: int,
@@ -555,18 +541,19 @@ def _create_veth(
     """Creates the veth on the bridge, up, its peer in the pod's netns. Raises _HostEndExists if a
     link named ``host_name`` is in the way."""
     try:
-        host.link(
-            "add",
-            ifname=host_name,
+        host.add_veth(
+            host_name,
             address=host_mac,
-            kind="veth",
             mtu=port.mtu,
             master=bridge_index,
-            state="up",
-            peer={"ifname": ifname, "net_ns_fd": netns_fd, "address": port.mac, "mtu": port.mtu},
+            up=True,
+            peer=ifname,
+            peer_netns_fd=netns_fd,
+            peer_address=port.mac,
+            peer_mtu=port.mtu,
         )
     except NetlinkError as exc:
-        if exc.code != errno.EEXIST:
+        if exc.errno != errno.EEXIST:
             raise DataplaneError(
                 f"cannot create veth {host_name} into netns {netns}: {exc}"
             ) from exc
@@ -579,31 +566,29 @@ def _create_veth(
         ) from exc
 
 
-def _reset_pod_end(pod: IPRoute, pod_end: Any, ifname: str, port: PortBinding) -> None:
+def _reset_pod_end(pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: PortBinding) -> None:
     """Gives a pod end that an earlier ADD made the port's MAC and MTU, if it lacks them."""
-    if pod_end.get("address") == port.mac and pod_end.get("mtu") == port.mtu:
+    if pod_end.address == port.mac and pod_end.mtu == port.mtu:
         return
     try:
-        pod.link("set", index=pod_end["index"], state="down")
-        pod.link("set", index=pod_end["index"], address=port.mac, mtu=port.mtu)
+        pod.set_link(index=pod_end.index, up=False)
+        pod.set_link(index=pod_end.index, address=port.mac, mtu=port.mtu)
     except NetlinkError as exc:
         raise DataplaneError(f"cannot reset {ifname} in the pod's netns: {exc}") from exc
 
 
-def _configure_pod_end(pod: IPRoute, ifname: str, port: PortBinding) -> None:
+def _configure_pod_end(pod: Rtnetlink, ifname: str, port: PortBinding) -> None:
     """Gives the pod end its address, state and default route; each step may be done already."""
     try:
-        index = _get_link(pod, ifname)["index"]
+        index = _get_link(pod, ifname).index
         try:
-            pod.addr(
-                "add", index=index, address=str(port.ip.ip), prefixlen=port.ip.network.prefixlen
-            )
+            pod.add_address(index, port.ip)
         except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
+            if exc.errno != errno.EEXIST:
                 raise
-        pod.link("set", index=index, state="up")
-        pod.link("set", index=_LOOPBACK_INDEX, state="up")
-        pod.route("replace", dst="0.0.0.0/0", gateway=str(port.gateway), oif=index)
+        pod.set_link(index=index, up=True)
+        pod.set_link(index=_LOOPBACK_INDEX, up=True)
+        pod.replace_default_route(port.gateway, index)
     except (NetlinkError, _NoSuchLink) as exc:
         raise DataplaneError(f"cannot configure {ifname} in the pod's netns: {exc}") from exc
 
@@ -621,37 +606,14 @@ def _open_netns(path: str) -> Iterator[int]:
 
 
 @contextmanager
-def _netlink_in_netns(netns_fd: int, netns: str) -> Iterator[IPRoute]:
-    """An IPRoute whose socket lives in the netns of ``netns_fd``.
-
-    A socket stays in the netns it was created in, and setns() of a network namespace moves only
-    the calling thread. So a short-lived thread enters the netns, creates the socket and ends,
-    which costs about 0.1 ms (``IPRoute(netns=...)`` forks a process for it: about 7 ms) and
-    leaves no thread of ours in a pod's netns.
-    """
-    created: list[socket.socket] = []
-    failure: list[OSError] = []
-
-    def create() -> None:
-        if _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            failure.append(OSError(code, f"cannot enter netns {netns}: {os.strerror(code)}"))
-            return
-        try:
-            created.append(socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_ROUTE))
-        except OSError as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=create, name="capsa-netns-socket")
-    thread.start()
-    thread.join()
-    if failure:
-        raise DataplaneError(str(failure[0])) from failure[0]
-    ipr = IPRoute(fileno=created[0].detach())
+def _netlink_in_netns(netns_fd: int, netns: str) -> Iterator[Rtnetlink]:
+    """A netlink client in the netns of ``netns_fd`` (path ``netns``), closed afterwards."""
     try:
-        yield ipr
-    finally:
-        ipr.close()
+        pod = netlink.open_in_netns(netns_fd)
+    except OSError as exc:
+        raise DataplaneError(f"netns {netns}: {exc}") from exc
+    with pod:
+        yield pod
 
 
 def _random_local_mac() -> str:

@@ -1,0 +1,294 @@
+"""capsa's rtnetlink client on the real kernel: every request the data plane makes, in two network
+namespaces of the test's own (a "host" and a "pod"), checked through iproute2 where the kernel's
+own view matters. Deleting the namespaces at the end removes whatever a test made in them."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any
+
+import pytest
+
+from capsa.network import netlink
+from capsa.network.netlink import NetlinkError, Rtnetlink
+
+pytestmark = pytest.mark.integration
+
+
+def ip_json(netns: str, *args: str) -> list[dict[str, Any]]:
+    run = subprocess.run(
+        ["ip", "-j", "-n", netns, *args], capture_output=True, text=True, timeout=30, check=True
+    )
+    result: list[dict[str, Any]] = json.loads(run.stdout or "[]")
+    return result
+
+
+@dataclass
+class Netns:
+    name: str
+    fd: int
+    nl: Rtnetlink
+
+
+@pytest.fixture
+def make_netns() -> Iterator[Any]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    made: list[Netns] = []
+
+    def make() -> Netns:
+        name = f"capsa-nl-{secrets.token_hex(5)}"
+        subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        made.append(Netns(name, fd, netlink.open_in_netns(fd)))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for netns in made:
+            netns.nl.close()
+            os.close(netns.fd)
+            subprocess.run(["ip", "netns", "del", netns.name], check=False, timeout=30)
+
+
+@pytest.fixture
+def host(make_netns: Any) -> Netns:
+    result: Netns = make_netns()
+    return result
+
+
+@pytest.fixture
+def pod(make_netns: Any) -> Netns:
+    result: Netns = make_netns()
+    return result
+
+
+def errno_of(call: Any) -> int | None:
+    try:
+        call()
+    except NetlinkError as exc:
+        return exc.errno
+    return None
+
+
+def test_the_socket_lives_in_its_netns(host: Netns) -> None:
+    # A fresh netns holds lo only, down.
+    (lo,) = host.nl.links()
+    assert (lo.index, lo.ifname, lo.up) == (1, "lo", False)
+    assert host.nl.get_link(index=1) == lo
+    assert host.nl.get_link(name="lo") == lo
+
+
+def test_a_missing_link_is_enodev(host: Netns) -> None:
+    assert errno_of(lambda: host.nl.get_link(name="nothing")) == errno.ENODEV
+    assert errno_of(lambda: host.nl.get_link(index=4242)) == errno.ENODEV
+    assert errno_of(lambda: host.nl.set_link(name="nothing", up=True)) == errno.ENODEV
+    assert errno_of(lambda: host.nl.delete_link(name="nothing")) == errno.ENODEV
+    assert errno_of(lambda: host.nl.delete_link(index=4242)) == errno.ENODEV
+
+
+def test_bridge_is_made_once_with_its_mtu_and_address(host: Netns) -> None:
+    host.nl.add_bridge("cbr-t", mtu=1400, address="02:00:00:00:0a:01")
+    assert errno_of(lambda: host.nl.add_bridge("cbr-t", mtu=1400)) == errno.EEXIST
+    bridge = host.nl.get_link(name="cbr-t")
+    assert (bridge.kind, bridge.mtu, bridge.address, bridge.up) == (
+        "bridge",
+        1400,
+        "02:00:00:00:0a:01",
+        False,
+    )
+    (seen,) = ip_json(host.name, "-d", "link", "show", "dev", "cbr-t")
+    assert seen["linkinfo"]["info_kind"] == "bridge"
+    assert seen["address"] == "02:00:00:00:0a:01"
+
+
+def test_link_settings_change_and_read_back(host: Netns) -> None:
+    host.nl.add_bridge("cbr-t", mtu=1500)
+    bridge = host.nl.get_link(name="cbr-t")
+    alias = "capsa-cni " + "x" * (netlink.IFALIAS_MAX - len("capsa-cni "))
+    host.nl.set_link(
+        index=bridge.index, up=True, mtu=1300, address="02:00:00:00:0b:01", alias=alias
+    )
+    changed = host.nl.get_link(index=bridge.index)
+    assert (changed.up, changed.mtu, changed.address, changed.ifalias) == (
+        True,
+        1300,
+        "02:00:00:00:0b:01",
+        alias,
+    )
+    (seen,) = ip_json(host.name, "link", "show", "dev", "cbr-t")
+    assert seen["ifalias"] == alias
+    assert "UP" in seen["flags"]
+    host.nl.set_link(name="cbr-t", up=False, alias="")
+    changed = host.nl.get_link(index=bridge.index)
+    assert (changed.up, changed.ifalias) == (False, None)
+
+
+def test_veth_peer_is_made_in_the_other_netns(host: Netns, pod: Netns) -> None:
+    host.nl.add_bridge("cbr-t", mtu=1400)
+    bridge = host.nl.get_link(name="cbr-t")
+    host.nl.add_veth(
+        "capsa-t0",
+        peer="eth0",
+        peer_netns_fd=pod.fd,
+        peer_address="02:00:00:00:0c:02",
+        peer_mtu=1400,
+        address="02:00:00:00:0c:01",
+        mtu=1400,
+        master=bridge.index,
+        up=True,
+    )
+    host_end = host.nl.get_link(name="capsa-t0")
+    pod_end = pod.nl.get_link(name="eth0")
+    assert (host_end.kind, host_end.master, host_end.up, host_end.mtu, host_end.address) == (
+        "veth",
+        bridge.index,
+        True,
+        1400,
+        "02:00:00:00:0c:01",
+    )
+    assert (pod_end.kind, pod_end.up, pod_end.mtu, pod_end.address) == (
+        "veth",
+        False,
+        1400,
+        "02:00:00:00:0c:02",
+    )
+    # Each end names the other's index, in the other's netns.
+    assert (host_end.link, pod_end.link) == (pod_end.index, host_end.index)
+    assert [link.ifname for link in host.nl.links(master=bridge.index)] == ["capsa-t0"]
+    assert [link["ifname"] for link in ip_json(host.name, "link", "show", "master", "cbr-t")] == [
+        "capsa-t0"
+    ]
+    assert not any(link.ifname == "eth0" for link in host.nl.links())
+
+    assert (
+        errno_of(lambda: host.nl.add_veth("capsa-t0", peer="eth1", peer_netns_fd=pod.fd))
+        == errno.EEXIST
+    )
+    # Off the bridge and down, then gone with its peer.
+    host.nl.set_link(index=host_end.index, master=0, up=False)
+    detached = host.nl.get_link(index=host_end.index)
+    assert (detached.master, detached.up) == (None, False)
+    assert host.nl.links(master=bridge.index) == []
+    host.nl.delete_link(name="capsa-t0")
+    assert errno_of(lambda: pod.nl.get_link(name="eth0")) == errno.ENODEV
+
+
+def test_veth_into_a_netns_that_already_has_the_name_is_eexist(host: Netns, pod: Netns) -> None:
+    host.nl.add_veth("capsa-t1", peer="eth0", peer_netns_fd=pod.fd)
+    assert (
+        errno_of(lambda: host.nl.add_veth("capsa-t2", peer="eth0", peer_netns_fd=pod.fd))
+        == errno.EEXIST
+    )
+    assert errno_of(lambda: host.nl.get_link(name="capsa-t2")) == errno.ENODEV
+
+
+def test_addresses_are_added_once_and_dumped_per_link(host: Netns) -> None:
+    host.nl.add_bridge("cbr-a", mtu=1500)
+    host.nl.add_bridge("cbr-b", mtu=1500)
+    a = host.nl.get_link(name="cbr-a")
+    b = host.nl.get_link(name="cbr-b")
+    host.nl.add_address(a.index, IPv4Interface("10.71.0.1/24"))
+    host.nl.add_address(b.index, IPv4Interface("10.72.0.1/16"))
+    assert (
+        errno_of(lambda: host.nl.add_address(a.index, IPv4Interface("10.71.0.1/24")))
+        == errno.EEXIST
+    )
+    assert host.nl.addresses(a.index) == [
+        netlink.Address(index=a.index, family=socket.AF_INET, address="10.71.0.1", prefixlen=24)
+    ]
+    assert [(x.address, x.prefixlen) for x in host.nl.addresses(b.index)] == [("10.72.0.1", 16)]
+    assert host.nl.addresses(a.index, socket.AF_INET6) == []
+    (seen,) = ip_json(host.name, "-4", "addr", "show", "dev", "cbr-a")
+    assert [(x["local"], x["prefixlen"]) for x in seen["addr_info"]] == [("10.71.0.1", 24)]
+
+
+def test_default_route_is_replaced_and_dumped(host: Netns) -> None:
+    host.nl.add_bridge("cbr-r", mtu=1500)
+    bridge = host.nl.get_link(name="cbr-r")
+    host.nl.add_address(bridge.index, IPv4Interface("10.73.0.2/24"))
+    host.nl.set_link(index=bridge.index, up=True)
+    host.nl.replace_default_route(IPv4Address("10.73.0.1"), bridge.index)
+    host.nl.replace_default_route(IPv4Address("10.73.0.254"), bridge.index)
+    (default,) = host.nl.routes(socket.AF_INET, dst_len=0)
+    assert (default.gateway, default.oif, default.dst, default.table) == (
+        "10.73.0.254",
+        bridge.index,
+        None,
+        netlink.RT_TABLE_MAIN,
+    )
+    assert any(r.dst == "10.73.0.0" and r.dst_len == 24 for r in host.nl.routes(socket.AF_INET))
+    (seen,) = ip_json(host.name, "route", "show", "default")
+    assert (seen["gateway"], seen["dev"]) == ("10.73.0.254", "cbr-r")
+
+
+def test_vxlan_device_and_its_forwarding_entries(host: Netns) -> None:
+    host.nl.add_bridge("cbr-v", mtu=1450)
+    bridge = host.nl.get_link(name="cbr-v")
+    host.nl.add_vxlan("cvx-v", vni=4242, local="192.0.2.10", port=4789, mtu=1450)
+    assert (
+        errno_of(
+            lambda: host.nl.add_vxlan("cvx-v", vni=4242, local="192.0.2.10", port=4789, mtu=1450)
+        )
+        == errno.EEXIST
+    )
+    device = host.nl.get_link(name="cvx-v")
+    assert (device.kind, device.vxlan_id, device.mtu) == ("vxlan", 4242, 1450)
+    (seen,) = ip_json(host.name, "-d", "link", "show", "dev", "cvx-v")
+    data = seen["linkinfo"]["info_data"]
+    assert (data["id"], data["local"], data["port"], data["learning"]) == (
+        4242,
+        "192.0.2.10",
+        4789,
+        False,
+    )
+    host.nl.set_link(index=device.index, master=bridge.index, up=True)
+
+    host.nl.append_fdb(device.index, "00:00:00:00:00:00", "192.0.2.11")
+    host.nl.append_fdb(device.index, "00:00:00:00:00:00", "192.0.2.12")
+    host.nl.append_fdb(device.index, "02:00:00:00:0d:01", IPv4Address("192.0.2.12"))
+    remote = {(e.lladdr, e.dst) for e in host.nl.fdb_entries(device.index) if e.dst}
+    assert remote == {
+        ("00:00:00:00:00:00", "192.0.2.11"),
+        ("00:00:00:00:00:00", "192.0.2.12"),
+        ("02:00:00:00:0d:01", "192.0.2.12"),
+    }
+    assert all(e.ifindex == device.index for e in host.nl.fdb_entries(device.index))
+    # The bridge's own entries are not the device's.
+    assert not any(e.dst for e in host.nl.fdb_entries(bridge.index))
+    host.nl.delete_fdb(device.index, "02:00:00:00:0d:01", "192.0.2.12")
+    assert (
+        errno_of(lambda: host.nl.delete_fdb(device.index, "02:00:00:00:0d:01", "192.0.2.12"))
+        == errno.ENOENT
+    )
+    shown = subprocess.run(
+        ["bridge", "-n", host.name, "-j", "fdb", "show", "dev", "cvx-v"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert sorted((e["mac"], e["dst"]) for e in json.loads(shown.stdout) if "dst" in e) == [
+        ("00:00:00:00:00:00", "192.0.2.11"),
+        ("00:00:00:00:00:00", "192.0.2.12"),
+    ]
+
+    host.nl.delete_link(index=device.index)
+    host.nl.delete_link(index=bridge.index)
+    assert [link.ifname for link in host.nl.links()] == ["lo"]
+
+
+def test_the_kernels_own_message_comes_with_the_errno(host: Netns) -> None:
+    with pytest.raises(NetlinkError) as caught:
+        host.nl.add_vxlan("cvx-big", vni=1 << 24, local="192.0.2.10", port=4789, mtu=1450)
+    assert caught.value.errno == errno.ERANGE
+    assert "VXLAN ID" in str(caught.value)
