@@ -17,6 +17,7 @@ from capsa.api.errors import (
     CapsuleAlreadyExists,
     CapsuleNotFound,
     Conflict,
+    ContainerAlreadyExists,
     ContainerNotFound,
     InvalidCapsuleTemplate,
     InvalidValue,
@@ -78,27 +79,37 @@ async def create_capsule(request: web.Request) -> web.Response:
     await authorize_fields(store, context, spec)
     await _check_attachment(store, context.project_id, spec.annotations)
     capsule = new_capsule(capsule_uuid, spec, context)
-    try:
-        await store.capsules.create(capsule, request.app[QUOTA_DEFAULTS])
-    except NameConflict:
-        raise CapsuleAlreadyExists(
-            f"A capsule with name {spec.name} already exists in project {context.project_id}."
-        ) from None
-    except OverQuota as exc:
-        log.info("capsule refused: over quota", name=spec.name, project=context.project_id)
-        raise over_quota(exc) from None
-    log.info(
-        "capsule accepted",
-        capsule=capsule.uuid,
-        name=spec.name,
-        project=context.project_id,
-        user=context.user_id,
-        privileged=spec.privileged,
-    )
+    await store_new(request, capsule, privileged=spec.privileged)
     return json_response(
         formatter(request).capsule(capsule),
         status=202,
         headers={"Location": f"{config.api_url}/v1/capsules/{capsule.uuid}"},
+    )
+
+
+async def store_new(request: web.Request, capsule: Capsule, **log_fields: object) -> None:
+    """Stores a new capsule (or single container) if its project's quota allows: Zun's 409 for
+    a name the project already uses, its 403 past a quota; nothing is stored then."""
+    context = request[CONTEXT]
+    spec = capsule.spec
+    kind = spec.kind
+    try:
+        await request.app[STORE].capsules.create(capsule, request.app[QUOTA_DEFAULTS])
+    except NameConflict:
+        exists = CapsuleAlreadyExists if kind is CapsuleKind.CAPSULE else ContainerAlreadyExists
+        raise exists(
+            f"A {kind} with name {spec.name} already exists in project {context.project_id}."
+        ) from None
+    except OverQuota as exc:
+        log.info(f"{kind} refused: over quota", name=spec.name, project=context.project_id)
+        raise over_quota(exc) from None
+    log.info(
+        f"{kind} accepted",
+        **{kind.value: capsule.uuid},
+        name=spec.name,
+        project=context.project_id,
+        user=context.user_id,
+        **log_fields,
     )
 
 

@@ -39,6 +39,7 @@ from capsa.api.capsules import (
     formatter,
     new_capsule,
     next_url,
+    store_new,
 )
 from capsa.api.context import RequestContext
 from capsa.api.errors import (
@@ -50,11 +51,10 @@ from capsa.api.errors import (
     InvalidValue,
     OperationNotSupported,
 )
-from capsa.api.keys import AGENTS, CONFIG, QUOTA_DEFAULTS, STORE, TEMPLATE_DEFAULTS
+from capsa.api.keys import AGENTS, CONFIG, STORE, TEMPLATE_DEFAULTS
 from capsa.api.microversion import APIVersion
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json, refuse_unknown
-from capsa.api.quotas import over_quota
 from capsa.api.schemas.container import parse_container_body
 from capsa.api.schemas.template import TemplateError
 from capsa.api.views import json_response
@@ -66,7 +66,6 @@ from capsa.store import Store
 from capsa.store.capsules import SORT_KEYS, Action, ListFilters, NameConflict, WrongState
 from capsa.store.networks import Ambiguous, NotFound
 from capsa.store.paging import MarkerNotFound, Page
-from capsa.store.quotas import OverQuota
 
 log = get_logger(__name__)
 
@@ -149,23 +148,7 @@ async def create_container(request: web.Request) -> web.Response:
     await authorize_fields(store, context, spec)
     capsule = new_capsule(container_uuid, spec, context)
     capsule.desired_state = DesiredState.RUNNING if run else DesiredState.STOPPED
-    try:
-        await store.capsules.create(capsule, request.app[QUOTA_DEFAULTS])
-    except NameConflict:
-        raise ContainerAlreadyExists(
-            f"A container with name {spec.name} already exists in project {context.project_id}."
-        ) from None
-    except OverQuota as exc:
-        log.info("container refused: over quota", name=spec.name, project=context.project_id)
-        raise over_quota(exc) from None
-    log.info(
-        "container accepted",
-        container=capsule.uuid,
-        name=spec.name,
-        project=context.project_id,
-        user=context.user_id,
-        run=run,
-    )
+    await store_new(request, capsule, run=run)
     return json_response(
         formatter(request).single_container(capsule),
         status=202,
