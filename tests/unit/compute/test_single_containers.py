@@ -13,6 +13,7 @@ import pytest
 from tests.unit.compute.conftest import FakeCri
 
 from capsa.compute import labels
+from capsa.compute.agent import _needs_work
 from capsa.compute.driver import CapsuleDriver, settled
 from capsa.cri import types as cri
 from capsa.model.capsule import (
@@ -231,3 +232,33 @@ async def test_on_failure_restarts_at_most_maximum_retry_count_times(
     ended = await reload(store, capsule)
     assert ended.status is Status.STOPPED
     assert ended.containers[0].restart_count == 2
+
+
+def test_the_resync_looks_again_at_pending_actions_and_older_generations(
+    make_capsule: CapsuleFactory,
+) -> None:
+    capsule = make_capsule()
+    capsule.status, capsule.task_state, capsule.generation = Status.RUNNING, None, 1
+    (member,) = capsule.containers
+    member.status = Status.RUNNING
+    sandbox = cri.PodSandbox(
+        "s1", capsule.uuid, "p1", capsule.uuid, 0, cri.SandboxState.READY, 1,
+        {labels.CAPSULE: capsule.uuid}, {}, "runc",
+    )  # fmt: skip
+
+    def running(generation: str) -> list[cri.Container]:
+        return [
+            cri.Container(
+                "c1", "s1", "app0", 0, "busybox", "busybox", cri.ContainerState.RUNNING, 1,
+                {labels.CONTAINER: member.uuid, labels.GENERATION: generation}, {},
+            )
+        ]  # fmt: skip
+
+    assert not _needs_work(capsule, [sandbox], running("1"))
+    # A reboot whose wake-up was lost: the container runs for the generation before.
+    assert _needs_work(capsule, [sandbox], running("0"))
+    # Stopped as asked: nothing to do, until a signal or an action is pending.
+    capsule.desired_state, capsule.status = DesiredState.STOPPED, Status.STOPPED
+    assert not _needs_work(capsule, [sandbox], [])
+    capsule.task_state = TaskState.CONTAINER_STARTING
+    assert _needs_work(capsule, [sandbox], [])
