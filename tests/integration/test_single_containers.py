@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import secrets
 import time
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.integration
 def instance() -> Iterator[CapsaInstance]:
     """capsa of this module's own, on a /22 of its own: /24 default networks, and room for a
     named network's subnet."""
+    if os.geteuid() != 0:
+        pytest.skip("integration tests need root")
     capsa = CapsaInstance()
     pool = free_pool(22)
     capsa.env.update(CAPSA_NETWORK_DEFAULT_CIDR=pool, CAPSA_NETWORK_DEFAULT_PREFIXLEN="24")
