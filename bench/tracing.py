@@ -35,6 +35,8 @@ _TRACED: tuple[tuple[str, str], ...] = (
     ("capsa.compute.images", "ImagePuller"),
     ("capsa.cni.daemon", "_CniService"),
     ("capsa.scheduler.service", "Scheduler"),
+    ("capsa.network.agent", "NetworkAgent"),
+    ("capsa.store.networks", "NetworkStore"),
 )
 _TRACED_FUNCTIONS: tuple[tuple[str, str], ...] = (
     ("capsa.api.capsules", "create_capsule"),

@@ -3,7 +3,7 @@ says, level-triggered like the compute agent.
 
 A wake-up (a port, group or rule changed: :data:`capsa.store.notify.NETWORK`) or the periodic
 resync reads the host's view in one transaction, renders capsa's nftables tables and replaces them
-in one ``nft -f`` transaction when they changed, and programs the VXLAN overlay of each network
+in one nftables transaction when they changed, and programs the VXLAN overlay of each network
 that has a port here. None of it runs on the CNI daemon's ADD/DEL path: the port of a capsule is
 allocated (and enforced here) before its sandbox exists, so its rules are in place by the time it
 is plugged. Wake-ups that arrive while a pass runs are coalesced into one more pass.
