@@ -131,7 +131,8 @@ class NetworkAgent:
     async def _host_port_mappings(self, view: HostNetworkView) -> list[firewall.HostPortMapping]:
         if not view.ports:
             return []
-        port_of = {p.port.device_id: p.port.id for p in view.ports}
+        # A capsule's host ports lead to its first interface.
+        port_of = {p.port.device_id: p.port.id for p in view.ports if not p.port.interface_index}
         mappings = []
         for capsule in await self._store.capsules.list_for_host(self._host):
             if capsule.desired_state is not DesiredState.RUNNING or capsule.uuid not in port_of:

@@ -61,8 +61,10 @@ _CONTAINERS_OF = (
     .where(k_t.c.capsule_uuid.in_(bindparam("uuids", expanding=True)))
     .order_by(k_t.c.position)
 )
-_PORTS_OF = select(schema.ports).where(
-    schema.ports.c.device_id.in_(bindparam("uuids", expanding=True))
+_PORTS_OF = (
+    select(schema.ports)
+    .where(schema.ports.c.device_id.in_(bindparam("uuids", expanding=True)))
+    .order_by(schema.ports.c.interface_index)
 )
 # Column values come with the parameters; the WHERE's names cannot clash with a column's.
 _SET_CAPSULE = update(c_t).where(

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -284,21 +284,24 @@ class NetworkStore(EnforcedStore):
 
         return await self._db.run_read(work)
 
-    async def resolve_network(self, project_id: str, ref: str) -> Network:
-        """The network named (by id or name) by ``ref`` that the project may use."""
+    async def resolve_networks(self, project_id: str, refs: Sequence[str]) -> list[Network]:
+        """The networks named (each by id or name) by ``refs`` that the project may use, in
+        their order; NotFound or Ambiguous for the first that names none or several."""
+        query = select(n_t).where(
+            or_(n_t.c.project_id == project_id, n_t.c.shared.is_(True)),
+            or_(n_t.c.id == bindparam("ref"), n_t.c.name == bindparam("ref")),
+        )
 
-        def work(conn: Connection) -> Network:
-            rows = conn.execute(
-                select(n_t).where(
-                    or_(n_t.c.project_id == project_id, n_t.c.shared.is_(True)),
-                    or_(n_t.c.id == ref, n_t.c.name == ref),
-                )
-            ).all()
-            if not rows:
-                raise NotFound("network", ref)
-            if len(rows) > 1:
-                raise Ambiguous(f"several networks the project may use are named {ref!r}")
-            return network_from_row(rows[0])
+        def work(conn: Connection) -> list[Network]:
+            networks = []
+            for ref in refs:
+                rows = conn.execute(query, {"ref": ref}).all()
+                if not rows:
+                    raise NotFound("network", ref)
+                if len(rows) > 1:
+                    raise Ambiguous(f"several networks the project may use are named {ref!r}")
+                networks.append(network_from_row(rows[0]))
+            return networks
 
         return await self._db.run_read(work)
 

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # Bump whenever a table changes (with a migration in store/db.py once capsa has users).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class Timestamp(TypeDecorator[datetime]):
@@ -203,6 +203,9 @@ ports = Table(
     Column("mac_address", String(17), nullable=False, unique=True),
     Column("device_id", String(255), nullable=False, index=True),
     Column("device_owner", String(64), nullable=False),
+    # The port's place among its capsule's ports: 0 is the pod's first interface (CNI_IFNAME,
+    # with the default route), 1 the next (eth1)...; 0 for a port made through the API.
+    Column("interface_index", Integer, nullable=False, default=0),
     Column("status", String(16), nullable=False),
     Column("host", String(255), index=True),
     Column("binding_container_id", String(128)),

@@ -61,7 +61,7 @@ async def test_the_agent_follows_ports_rules_and_host_ports(
         capsule.spec = replace(capsule.spec, containers=(web,))
         await store.capsules.create(capsule)
         assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
-        port = await network.allocate_port(capsule.uuid, "p1", "h1")
+        [port] = await network.allocate_ports(capsule.uuid, "p1", "h1")
         await applied.count(2)
         assert f"th dport 8080 dnat ip to {port.ip_address}:80" in applied[-1]
         assert "@members_" in applied[-1] and "th dport 22" not in applied[-1]
