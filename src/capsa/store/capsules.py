@@ -86,9 +86,8 @@ class AmbiguousName(Exception):
 
 
 class CapsuleStore:
-    def __init__(self, db: Database, hub: notify.ChangeHub) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._hub = hub
 
     async def create(self, capsule: Capsule, quota_defaults: QuotaLimits = NO_LIMITS) -> Capsule:
         """Stores a new capsule and its containers if its project's quota allows (OverQuota
@@ -107,6 +106,7 @@ class CapsuleStore:
             quotas.enforce(conn, capsule.project_id, request, quota_defaults)
             conn.execute(c_t.insert(), capsule_row)
             conn.execute(k_t.insert(), container_rows)
+            notify.wake(conn, notify.SCHEDULER)
 
         try:
             await self._db.run_write(insert)
@@ -114,7 +114,6 @@ class CapsuleStore:
             if "uq_capsules_project_name" in str(exc) or "capsules.name" in str(exc):
                 raise NameConflict(capsule.name) from exc
             raise
-        self._hub.publish(notify.SCHEDULER)
         return capsule
 
     async def get(self, uuid: str) -> Capsule | None:
@@ -215,20 +214,17 @@ class CapsuleStore:
             )
         )
 
-        def request_delete(conn: Connection) -> str | None:
-            """The host to wake, if any."""
+        def request_delete(conn: Connection) -> None:
             row = conn.execute(select(c_t.c.host).where(c_t.c.uuid == uuid)).first()
             if row is None:
-                return None
+                return
             if row.host is None:
                 conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
-                return None
+                return
             conn.execute(mark_deleted)
-            return str(row.host)
+            notify.wake(conn, notify.host_topic(row.host), subject=uuid)
 
-        host = await self._db.run_write(request_delete)
-        if host is not None:
-            self._hub.publish(notify.host_topic(host), subject=uuid)
+        await self._db.run_write(request_delete)
 
     async def update_status(
         self,
@@ -275,13 +271,11 @@ class CapsuleStore:
             conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
             conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
             conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
+            # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
+            notify.wake(conn, notify.SCHEDULER, notify.NETWORK)
             return True
 
-        if not await self._db.run_write(remove):
-            return False
-        # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
-        self._hub.publish(notify.SCHEDULER, notify.NETWORK)
-        return True
+        return await self._db.run_write(remove)
 
 
 def _capsule_row(capsule: Capsule) -> dict[str, Any]:

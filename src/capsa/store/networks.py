@@ -32,7 +32,6 @@ from capsa.model.network import (
 )
 from capsa.store import notify, schema
 from capsa.store.db import Database
-from capsa.store.notify import ChangeHub
 
 n_t = schema.networks
 s_t = schema.subnets
@@ -77,15 +76,18 @@ class ProjectDefaults:
 class EnforcedStore:
     """A store of what the hosts' network agents enforce: every write wakes them."""
 
-    def __init__(self, db: Database, hub: ChangeHub) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._hub = hub
 
     async def _write(self, work: Callable[[Connection], T]) -> T:
-        """Runs a write transaction, then wakes the network agents: what they enforce changed."""
-        result = await self._db.run_write(work)
-        self._hub.publish(notify.NETWORK)
-        return result
+        """Runs a write transaction that wakes the network agents: what they enforce changed."""
+
+        def and_wake(conn: Connection) -> T:
+            result = work(conn)
+            notify.wake(conn, notify.NETWORK)
+            return result
+
+        return await self._db.run_write(and_wake)
 
 
 class NetworkStore(EnforcedStore):

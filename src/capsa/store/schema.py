@@ -352,6 +352,21 @@ role_assignments = Table(
     Index("ix_role_assignments_project", "project_id"),
 )
 
+# Wake-ups for the other processes of the database (capsa.store.wakefeed): one row per wake-up,
+# written by the transaction of its change, read in order of seq and deleted after a while.
+wakeups = Table(
+    "wakeups",
+    metadata,
+    # Never reused (AUTOINCREMENT on SQLite), even once every row is pruned: followers compare it.
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("topic", String(300), nullable=False),
+    Column("subject", String(255)),
+    # The process that made the change, and woke its own reconcilers already.
+    Column("origin", String(32), nullable=False),
+    Column("created_at", Timestamp, nullable=False, index=True),
+    sqlite_autoincrement=True,
+)
+
 # Tokens revoked before they expire; a row can go once its token has expired anyway.
 revoked_tokens = Table(
     "revoked_tokens",
