@@ -87,6 +87,8 @@ class InstanceSettings:
             "CAPSA_AGENT_LISTEN": f"127.0.0.1:{host.free_port()}",
             "CAPSA_REGISTRY_LISTEN": f"127.0.0.1:{host.free_port()}",
             "CAPSA_NETWORK_DEFAULT_CIDR": str(self.subnet),
+            # The whole pool is the benchmark project's default network.
+            "CAPSA_NETWORK_DEFAULT_PREFIXLEN": str(cidr_prefix),
             "CAPSA_AGENT_CGROUP_PARENT": self.cgroup_parent,
             "CAPSA_CNI_NETWORK_NAME": self.network_name,
             "CAPSA_IMAGES_CACHE_DIR": str(workspace.image_cache),

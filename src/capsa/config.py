@@ -119,6 +119,13 @@ class PolicyConfig:
     capsule_image_pull_policy: tuple[str, ...] = ("admin", "member")
     capsule_privileged: tuple[str, ...] = ("admin", "member")
     container_get: tuple[str, ...] = ("admin", "member", "reader")
+    # Single containers (/v1/containers): running them; deleting them (with force: also a
+    # running one, admin-only as in Zun); renaming them; start, stop, reboot and kill.
+    container_create: tuple[str, ...] = ("admin", "member")
+    container_delete: tuple[str, ...] = ("admin", "member")
+    container_delete_force: tuple[str, ...] = ("admin",)
+    container_update: tuple[str, ...] = ("admin", "member")
+    container_action: tuple[str, ...] = ("admin", "member")
     host_get: tuple[str, ...] = ("admin",)
     # Quotas: reading the caller's project's own (and the defaults); reading any project's and
     # the quota classes; setting and resetting them.

@@ -462,7 +462,20 @@ class CapsaInstance:
             time.sleep(0.2)
         raise AssertionError(f"capsule {ident} still exists after {timeout}s\n{self.log_tail()}")
 
+    def containers(self) -> list[dict[str, Any]]:
+        """Every project's single containers (/v1/containers)."""
+        status, body = self.request("GET", "/v1/containers?all_projects=true&limit=1000")
+        assert status == 200, body
+        return list(body["containers"])
+
     def delete_all(self) -> None:
+        for container in self.containers():
+            # The admin may force: whatever their status, they go.
+            status, body = self.request("DELETE", f"/v1/containers/{container['uuid']}?force=1")
+            assert status in (204, 404), body
+        deadline = time.monotonic() + 60
+        while self.containers() and time.monotonic() < deadline:
+            time.sleep(0.2)
         capsules = self.capsules()
         for capsule in capsules:
             # The admin reaches every project's capsules by uuid.

@@ -45,7 +45,29 @@ _ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/capsules/{ident}", capsules.show_capsule),
     ("DELETE", "/v1/capsules/{ident}", capsules.delete_capsule),
     ("GET", "/v1/containers", containers.list_containers),
-    ("GET", "/v1/containers/{container_uuid}/logs", containers.container_logs),
+    ("POST", "/v1/containers", containers.create_container),
+    ("GET", "/v1/containers/{ident}", containers.show_container),
+    ("PATCH", "/v1/containers/{ident}", containers.update_container),
+    ("DELETE", "/v1/containers/{ident}", containers.delete_container),
+    ("GET", "/v1/containers/{ident}/logs", containers.container_logs),
+    ("POST", "/v1/containers/{ident}/start", containers.start_container),
+    ("POST", "/v1/containers/{ident}/stop", containers.stop_container),
+    ("POST", "/v1/containers/{ident}/reboot", containers.reboot_container),
+    ("POST", "/v1/containers/{ident}/kill", containers.kill_container),
+    ("POST", "/v1/containers/{ident}/rename", containers.rename_container),
+    (
+        "GET",
+        "/v1/containers/{ident}/{action:attach|top|stats|get_archive|network_list|"
+        "container_actions}",
+        containers.unsupported_action,
+    ),
+    (
+        "POST",
+        "/v1/containers/{ident}/{action:pause|unpause|execute|execute_resize|resize|"
+        "commit|put_archive|rebuild|resize_container|network_attach|network_detach|"
+        "add_security_group|remove_security_group}",
+        containers.unsupported_action,
+    ),
     ("GET", "/v1/hosts", hosts.list_hosts),
     ("GET", "/v1/hosts/{ident}", hosts.show_host),
     ("GET", "/v1/quotas/{project_id}", quotas.show_quota),

@@ -17,6 +17,8 @@ from capsa.api.errors import (
     CapsuleAlreadyExists,
     CapsuleNotFound,
     Conflict,
+    ContainerAlreadyExists,
+    ContainerNotFound,
     InvalidCapsuleTemplate,
     InvalidValue,
     PolicyNotAuthorized,
@@ -30,6 +32,7 @@ from capsa.api.views import FIELD_RULES, CapsuleFormatter, json_response
 from capsa.log import get_logger
 from capsa.model.capsule import (
     Capsule,
+    CapsuleKind,
     CapsuleSpec,
     Container,
     ContainerKind,
@@ -45,14 +48,14 @@ from capsa.model.network import (
 from capsa.model.registry import RegistryDirectory
 from capsa.store import Store
 from capsa.store.capsules import SORT_KEYS, AmbiguousName, NameConflict
-from capsa.store.networks import Ambiguous, NotFound
+from capsa.store.networks import Ambiguous, NotFound, RepeatedNetwork
 from capsa.store.paging import MarkerNotFound, Page
 from capsa.store.quotas import OverQuota
 
 log = get_logger(__name__)
 
-_SORT_DIRS = ("asc", "desc")
-_DEFAULT_SORT_KEY = "created_at"
+SORT_DIRS = ("asc", "desc")
+DEFAULT_SORT_KEY = "created_at"
 
 
 def formatter(request: web.Request) -> CapsuleFormatter:
@@ -78,30 +81,40 @@ async def create_capsule(request: web.Request) -> web.Response:
         )
     except TemplateError as exc:
         raise InvalidCapsuleTemplate(f"Invalid capsule template: {exc}") from None
-    await _authorize_fields(store, context, spec)
+    await authorize_fields(store, context, spec)
     await _check_attachment(store, context.project_id, spec.annotations)
-    capsule = _new_capsule(capsule_uuid, spec, context)
-    try:
-        await store.capsules.create(capsule, request.app[QUOTA_DEFAULTS])
-    except NameConflict:
-        raise CapsuleAlreadyExists(
-            f"A capsule with name {spec.name} already exists in project {context.project_id}."
-        ) from None
-    except OverQuota as exc:
-        log.info("capsule refused: over quota", name=spec.name, project=context.project_id)
-        raise over_quota(exc) from None
-    log.info(
-        "capsule accepted",
-        capsule=capsule.uuid,
-        name=spec.name,
-        project=context.project_id,
-        user=context.user_id,
-        privileged=spec.privileged,
-    )
+    capsule = new_capsule(capsule_uuid, spec, context)
+    await store_new(request, capsule, privileged=spec.privileged)
     return json_response(
         formatter(request).capsule(capsule),
         status=202,
         headers={"Location": f"{config.api_url}/v1/capsules/{capsule.uuid}"},
+    )
+
+
+async def store_new(request: web.Request, capsule: Capsule, **log_fields: object) -> None:
+    """Stores a new capsule (or single container) if its project's quota allows: Zun's 409 for
+    a name the project already uses, its 403 past a quota; nothing is stored then."""
+    context = request[CONTEXT]
+    spec = capsule.spec
+    kind = spec.kind
+    try:
+        await request.app[STORE].capsules.create(capsule, request.app[QUOTA_DEFAULTS])
+    except NameConflict:
+        exists = CapsuleAlreadyExists if kind is CapsuleKind.CAPSULE else ContainerAlreadyExists
+        raise exists(
+            f"A {kind} with name {spec.name} already exists in project {context.project_id}."
+        ) from None
+    except OverQuota as exc:
+        log.info(f"{kind} refused: over quota", name=spec.name, project=context.project_id)
+        raise over_quota(exc) from None
+    log.info(
+        f"{kind} accepted",
+        **{kind.value: capsule.uuid},
+        name=spec.name,
+        project=context.project_id,
+        user=context.user_id,
+        **log_fields,
     )
 
 
@@ -115,14 +128,10 @@ async def _check_attachment(store: Store, project_id: str, annotations: dict[str
             f"not {len(attachment.networks)}"
         )
     try:
-        networks = await store.networks.resolve_networks(project_id, attachment.networks)
+        await store.networks.resolve_networks(project_id, attachment.networks)
         await store.networks.resolve_security_groups(project_id, attachment.security_groups)
-    except (NotFound, Ambiguous) as exc:
+    except (NotFound, Ambiguous, RepeatedNetwork) as exc:
         raise _invalid_attachment(str(exc)) from None
-    ids = [n.id for n in networks]
-    repeated = sorted({i for i in ids if ids.count(i) > 1})
-    if repeated:
-        raise _invalid_attachment(f"network {repeated[0]} is named more than once")
 
 
 def _invalid_attachment(reason: str) -> InvalidCapsuleTemplate:
@@ -142,8 +151,8 @@ async def list_capsules(request: web.Request) -> web.Response:
     page = Page(
         limit=positive_limit(query.get("limit"), config.api.max_limit),
         marker=query.get("marker") or None,
-        sort_key=one_of(query, "sort_key", tuple(SORT_KEYS), _DEFAULT_SORT_KEY),
-        sort_dir=one_of(query, "sort_dir", _SORT_DIRS, "asc"),
+        sort_key=one_of(query, "sort_key", tuple(SORT_KEYS), DEFAULT_SORT_KEY),
+        sort_dir=one_of(query, "sort_dir", SORT_DIRS, "asc"),
     )
     try:
         capsules = await request.app[STORE].capsules.list_page(scope, page)
@@ -153,7 +162,7 @@ async def list_capsules(request: web.Request) -> web.Response:
     return json_response(
         {
             "capsules": [view.capsule(c) for c in capsules],
-            "next": _next_url(config.api_url, page, capsules, all_projects),
+            "next": next_url(config.api_url, page, capsules, all_projects),
         }
     )
 
@@ -180,34 +189,38 @@ async def delete_capsule(request: web.Request) -> web.Response:
 
 
 async def find_capsule(
-    store: Store, context: RequestContext, ident: str, scope: str | None
+    store: Store,
+    context: RequestContext,
+    ident: str,
+    scope: str | None,
+    kind: CapsuleKind = CapsuleKind.CAPSULE,
 ) -> Capsule:
-    """The capsule named by uuid or name in ``scope``; those who may reach every project (admins)
-    also find other projects' capsules by name or uuid, as in Zun."""
+    """The capsule (or single container, by ``kind``) named by uuid or name in ``scope``; those
+    who may reach every project (admins) also find other projects' by name or uuid, as in Zun."""
     reach_all = context.can("capsule_all_projects")
     scopes = [scope, None] if scope is not None and reach_all else [scope]
     for project_id in scopes:
         try:
-            capsule = await store.capsules.find(ident, project_id)
+            capsule = await store.capsules.find(ident, project_id, kind)
         except AmbiguousName:
             raise Conflict(
-                f"Multiple capsules exist with name {ident}. Please use the capsule uuid instead."
+                f"Multiple {kind}s exist with name {ident}. Please use the {kind} uuid instead."
             ) from None
         if capsule is not None:
             return capsule
-    raise CapsuleNotFound(ident)
+    raise CapsuleNotFound(ident) if kind is CapsuleKind.CAPSULE else ContainerNotFound(ident)
 
 
-async def _authorize_fields(store: Store, context: RequestContext, spec: CapsuleSpec) -> None:
+async def authorize_fields(store: Store, context: RequestContext, spec: CapsuleSpec) -> None:
     """Zun's per-field rules: naming a runtime, a pull policy other than the default, or
     privileged containers, which also need the project to be allowed them."""
     if spec.runtime is not None:
-        context.authorize("capsule_runtime", "capsule:create:runtime")
+        context.authorize("capsule_runtime", f"{spec.kind}:create:runtime")
     containers = (*spec.init_containers, *spec.containers)
     if any(c.image_pull_policy is not PullPolicy.IF_NOT_PRESENT for c in containers):
-        context.authorize("capsule_image_pull_policy", "capsule:create:image_pull_policy")
+        context.authorize("capsule_image_pull_policy", f"{spec.kind}:create:image_pull_policy")
     if spec.privileged:
-        action = "capsule:create:privileged"
+        action = f"{spec.kind}:create:privileged"
         context.authorize("capsule_privileged", action)
         if not await store.privileged.allowed(context.project_id):
             raise PolicyNotAuthorized(
@@ -217,13 +230,16 @@ async def _authorize_fields(store: Store, context: RequestContext, spec: Capsule
             )
 
 
-def _new_capsule(capsule_uuid: str, spec: CapsuleSpec, context: RequestContext) -> Capsule:
+def new_capsule(capsule_uuid: str, spec: CapsuleSpec, context: RequestContext) -> Capsule:
+    """The records of a new capsule of ``spec``; a single container's container has the uuid of
+    its capsule, so that the container's uuid is one in every path (logs included)."""
+
     def containers(
         kind: ContainerKind, first: int, specs: tuple[ContainerSpec, ...]
     ) -> list[Container]:
         return [
             Container(
-                uuid=str(uuid.uuid4()),
+                uuid=capsule_uuid if spec.kind is CapsuleKind.CONTAINER else str(uuid.uuid4()),
                 capsule_uuid=capsule_uuid,
                 project_id=context.project_id,
                 user_id=context.user_id,
@@ -243,12 +259,19 @@ def _new_capsule(capsule_uuid: str, spec: CapsuleSpec, context: RequestContext) 
     return capsule
 
 
-def _next_url(base_url: str, page: Page, capsules: list[Capsule], all_projects: bool) -> str | None:
+def next_url(
+    base_url: str,
+    page: Page,
+    capsules: list[Capsule],
+    all_projects: bool,
+    collection: str = "capsules",
+    filters: tuple[tuple[str, str], ...] = (),
+) -> str | None:
     """Zun's ``next``: the same query from after the last capsule, when the page was full."""
     if not capsules or len(capsules) < page.limit:
         return None
-    params = [("sort_key", page.sort_key), ("sort_dir", page.sort_dir)]
+    params = [*filters, ("sort_key", page.sort_key), ("sort_dir", page.sort_dir)]
     if all_projects:
         params.append(("all_projects", "true"))
     params += [("limit", str(page.limit)), ("marker", capsules[-1].uuid)]
-    return f"{base_url}/v1/capsules/?{urlencode(params)}"
+    return f"{base_url}/v1/{collection}/?{urlencode(params)}"

@@ -124,6 +124,16 @@ class InvalidState(Conflict):
     pass
 
 
+class ContainerAlreadyExists(Conflict):
+    pass
+
+
+class OperationNotSupported(ApiError):
+    """An action of Zun's API that capsa's runtime (CRI) cannot carry out."""
+
+    status = 501
+
+
 class InternalServerError(ApiError):
     status = 500
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from capsa.api.microversion import CAPSULE_CURRENT_SHAPE, APIVersion
 from capsa.model.capsule import Address, Capsule, Container, RestartPolicy, Status
 from capsa.model.host import Host
+from capsa.model.network import SECURITY_GROUPS_ANNOTATION
 
 
 def json_response(
@@ -197,6 +198,33 @@ class CapsuleFormatter:
         body["host"] = capsule.host
         for field in self._hidden:
             del body[field]
+        return body
+
+    def single_container(self, capsule: Capsule) -> dict[str, Any]:
+        """A capsule of kind container as Zun's container: the container's fields, with the
+        status, task_state and settings of its capsule."""
+        spec = capsule.spec
+        (container,) = capsule.containers
+        body = self._container(
+            container, capsule, restart_policy(spec.restart_policy), addresses(capsule.addresses)
+        )
+        body["restart_policy"]["MaximumRetryCount"] = str(spec.max_retries)
+        groups = spec.annotations.get(SECURITY_GROUPS_ANNOTATION, "")
+        body.update(
+            links=links(self._base_url, "containers", capsule.uuid),
+            name=spec.name,
+            status=capsule.status,
+            status_reason=capsule.status_reason or container.status_reason,
+            task_state=capsule.task_state,
+            # Docker's command is the CRI args, Docker's entrypoint the CRI command.
+            command=list(container.spec.args),
+            entrypoint=list(container.spec.command) or None,
+            hostname=spec.sandbox_hostname,
+            labels=spec.labels,
+            security_groups=[g for g in groups.split(",") if g],
+            auto_remove=spec.auto_remove,
+            updated_at=timestamp(capsule.updated_at),
+        )
         return body
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from capsa.compute import labels
-from capsa.compute.driver import CapsuleDriver, DriverSettings, Superseded
+from capsa.compute.driver import CapsuleDriver, DriverSettings, Superseded, settled
 from capsa.compute.host import schedulable_capacity
 from capsa.compute.images import ImagePuller, RegistryCredentials
 from capsa.config import Config
@@ -292,7 +292,12 @@ def _needs_work(
 ) -> bool:
     if capsule.desired_state is DesiredState.DELETED or capsule.status is Status.CREATING:
         return True
-    if capsule.status in (Status.ERROR, Status.STOPPED):
+    if settled(capsule):
+        return False
+    if capsule.task_state is not None or capsule.pending_signal is not None:
+        # An action the tenant asked for (its wake-up may have been lost), or a step under way.
+        return True
+    if capsule.desired_state is DesiredState.STOPPED:
         return False
     ready = [
         s
@@ -307,8 +312,11 @@ def _needs_work(
             uuid = c.labels.get(labels.CONTAINER, "")
             if uuid not in states or c.attempt > states[uuid].attempt:
                 states[uuid] = c
+    generation = str(capsule.generation)
     return any(
-        c.uuid not in states or states[c.uuid].state is not cri.ContainerState.RUNNING
+        c.uuid not in states
+        or states[c.uuid].state is not cri.ContainerState.RUNNING
+        or states[c.uuid].labels.get(labels.GENERATION, "0") != generation
         for c in capsule.containers
         if c.status is not Status.STOPPED
     )

@@ -14,8 +14,10 @@ that running a step twice, or after a crash at any point, neither loses nor dupl
 from __future__ import annotations
 
 import asyncio
-import re
+import contextlib
+import os
 import shutil
+import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,7 +32,9 @@ from capsa.cri.client import CriClient, CriError
 from capsa.log import get_logger
 from capsa.model.capsule import (
     Capsule,
+    CapsuleKind,
     Container,
+    DesiredState,
     RestartPolicy,
     Status,
     TaskState,
@@ -39,7 +43,7 @@ from capsa.model.clock import utcnow
 from capsa.model.network import Attachment
 from capsa.network.service import NetworkService
 from capsa.store import Store
-from capsa.store.networks import Ambiguous, NoFreeCidr, NotFound
+from capsa.store.networks import Ambiguous, NoFreeCidr, NotFound, RepeatedNetwork
 from capsa.store.ports import SubnetFull
 
 log = get_logger(__name__)
@@ -96,7 +100,7 @@ class CapsuleDriver:
 
     async def converge(self, capsule: Capsule) -> None:
         """Brings the runtime to what ``capsule`` asks; safe to repeat at any point."""
-        if capsule.status in (Status.ERROR, Status.STOPPED):
+        if settled(capsule):
             return
         try:
             try:
@@ -162,6 +166,13 @@ class CapsuleDriver:
             sandbox_spec = self._sandbox_spec(capsule, current.attempt)
             await self._set_capsule(capsule, sandbox_id=sandbox_id)
 
+        if capsule.desired_state is DesiredState.STOPPED:
+            for container in capsule.containers:
+                await self._ensure_stopped(
+                    capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
+                )
+            await self._summarize(capsule)
+            return
         for container in capsule.init_containers:
             done = await self._run_init(
                 capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
@@ -172,6 +183,8 @@ class CapsuleDriver:
             await self._ensure_running(
                 capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
             )
+        if capsule.pending_signal is not None:
+            await self._send_signal(capsule, capsule.pending_signal)
         await self._summarize(capsule)
 
     async def _pull_images(self, capsule: Capsule, containers: list[Container]) -> None:
@@ -236,6 +249,15 @@ class CapsuleDriver:
         found: cri.Container | None,
     ) -> None:
         status = await self._status(found.id if found else None)
+        if status is not None and _generation(status) < capsule.generation:
+            # Started before the tenant's latest start or reboot: stopped if it runs, replaced
+            # once exited, whatever the restart policy (one that never ran is just started).
+            if status.state is cri.ContainerState.RUNNING:
+                status = await self._stop(capsule, container, status)
+            if status is not None and status.state is cri.ContainerState.EXITED:
+                await self._record_exit(container, status)
+                await self._replace(capsule, container, sandbox_id, sandbox_spec, status, True)
+                return
         if status is None:
             container_id = await self._create(capsule, container, sandbox_id, sandbox_spec, 0)
             await self._start(capsule, container, container_id)
@@ -245,16 +267,83 @@ class CapsuleDriver:
             await self._record_running(container, status)
         elif status.state is cri.ContainerState.EXITED:
             await self._record_exit(container, status)
-            if capsule.spec.restart_policy.restarts(status.exit_code) and await self._restart_due(
-                capsule, container
+            if capsule.spec.restarts(status.exit_code, container.restart_count) and (
+                await self._restart_due(capsule, container)
             ):
                 await self._replace(capsule, container, sandbox_id, sandbox_spec, status)
         else:
             raise RetryLater(f"container {container.spec.name!r} is in an unknown state")
 
+    async def _ensure_stopped(
+        self,
+        capsule: Capsule,
+        container: Container,
+        sandbox_id: str,
+        sandbox_spec: cri.SandboxSpec,
+        found: cri.Container | None,
+    ) -> None:
+        """A single container created but not started, or stopped: what the tenant asked."""
+        status = await self._status(found.id if found else None)
+        if status is None:
+            await self._create(capsule, container, sandbox_id, sandbox_spec, 0)
+            return
+        if status.state is cri.ContainerState.RUNNING:
+            status = await self._stop(capsule, container, status)
+        if status is None or status.state is cri.ContainerState.EXITED:
+            if status is not None:
+                await self._record_exit(container, status)
+        elif status.state is cri.ContainerState.CREATED:
+            await self._record(container, cri_container_id=status.id, status=Status.CREATED)
+        else:
+            raise RetryLater(f"container {container.spec.name!r} is in an unknown state")
+
+    async def _stop(
+        self, capsule: Capsule, container: Container, status: cri.ContainerStatus
+    ) -> cri.ContainerStatus | None:
+        """Stops a running container within the stop timeout; its status afterwards."""
+        timeout = capsule.stop_timeout
+        if timeout is None:
+            timeout = self._settings.stop_grace_period
+        await self._cri_do(
+            f"stopping container {container.spec.name!r}",
+            self._cri.stop_container(status.id, timeout),
+        )
+        log.info("container stopped", capsule=capsule.uuid, container=container.uuid)
+        return await self._status(status.id)
+
+    async def _send_signal(self, capsule: Capsule, name: str) -> None:
+        """Sends the signal the tenant asked for (kill) to the containers' processes. CRI has no
+        call for it: the runtime's verbose status names the process, which the agent signals."""
+        for container in capsule.containers:
+            if container.cri_container_id is None or container.status is not Status.RUNNING:
+                continue
+            pid = await self._cri_do(
+                f"finding the process of container {container.spec.name!r}",
+                self._cri.container_pid(container.cri_container_id),
+            )
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.Signals[name])
+            log.info("signal sent", capsule=capsule.uuid, container=container.uuid, signal=name)
+        await self._store.capsules.signal_sent(capsule.uuid, name)
+
     async def _summarize(self, capsule: Capsule) -> None:
         """The capsule's status from its containers' statuses."""
         containers = capsule.containers
+        if capsule.spec.kind is CapsuleKind.CONTAINER:
+            # A single container's status is its container's, as Zun shows it.
+            (container,) = containers
+            await self._set_capsule(
+                capsule,
+                status=container.status,
+                status_reason=container.status_reason,
+                task_state=None,
+            )
+            if capsule.spec.auto_remove and container.status is Status.STOPPED:
+                log.info("container exited: removing it (auto_remove)", capsule=capsule.uuid)
+                await self._store.capsules.request_delete(capsule.uuid)
+            return
         failed = next((c for c in containers if c.status is Status.ERROR), None)
         if failed is not None:
             await self._set_capsule(
@@ -340,8 +429,10 @@ class CapsuleDriver:
         sandbox_id: str,
         sandbox_spec: cri.SandboxSpec,
         exited: cri.ContainerStatus,
+        asked: bool = False,
     ) -> str:
-        """Restarts an exited container as a new attempt (CRI containers are not restartable)."""
+        """Restarts an exited container as a new attempt (CRI containers are not restartable);
+        ``asked``: by the tenant (start, reboot), which begins a new count of restarts."""
         spec = container.spec
         await self._images.ensure(
             spec.image, spec.image_pull_policy, capsule.uuid, spec.registry_id
@@ -350,7 +441,7 @@ class CapsuleDriver:
             f"removing exited container {container.spec.name!r}",
             self._cri.remove_container(exited.id),
         )
-        restarts = container.restart_count + 1
+        restarts = 0 if asked else container.restart_count + 1
         container_id = await self._create(
             capsule, container, sandbox_id, sandbox_spec, exited.attempt + 1
         )
@@ -425,7 +516,9 @@ class CapsuleDriver:
         changed = {k: v for k, v in values.items() if getattr(capsule, k) != v}
         if not changed:
             return
-        if not await self._store.capsules.update_status(capsule.uuid, **changed):
+        if not await self._store.capsules.update_status(
+            capsule.uuid, expect=capsule.desired_state, **changed
+        ):
             raise Superseded(capsule.uuid)
         for key, value in changed.items():
             setattr(capsule, key, value)
@@ -488,7 +581,7 @@ class CapsuleDriver:
                 self._settings.host,
                 Attachment.from_annotations(capsule.spec.annotations),
             )
-        except (NotFound, Ambiguous, SubnetFull, NoFreeCidr) as exc:
+        except (NotFound, Ambiguous, RepeatedNetwork, SubnetFull, NoFreeCidr) as exc:
             raise CapsuleFailed(f"allocating the capsule's ports: {exc}") from exc
 
     def _sandbox_spec(self, capsule: Capsule, attempt: int) -> cri.SandboxSpec:
@@ -502,7 +595,7 @@ class CapsuleDriver:
             namespace=capsule.project_id,
             uid=capsule.uuid,
             attempt=attempt,
-            hostname=hostname_for(capsule.name),
+            hostname=capsule.spec.sandbox_hostname,
             log_directory=str(self._log_directory(capsule.uuid)),
             labels={**capsule.spec.labels, **ours},
             annotations=dict(capsule.spec.annotations),
@@ -539,6 +632,7 @@ class CapsuleDriver:
                 labels.CAPSULE: capsule.uuid,
                 labels.CONTAINER: container.uuid,
                 labels.KIND: container.kind.value,
+                labels.GENERATION: str(capsule.generation),
             },
             log_path=f"{spec.name}/{attempt}.log",
             tty=spec.tty,
@@ -558,10 +652,20 @@ class CapsuleDriver:
             raise classify(exc, doing) from exc
 
 
-def hostname_for(name: str) -> str:
-    """A DNS label from a capsule name (lowercase letters, digits and '-', at most 63)."""
-    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
-    return label or "capsule"
+def settled(capsule: Capsule) -> bool:
+    """Whether the capsule waits for nothing but the tenant: it ended (Error, or Stopped for
+    good), or it is a single container created or stopped as asked, and no action is pending."""
+    if capsule.task_state is not None or capsule.pending_signal is not None:
+        return False
+    if capsule.status in (Status.ERROR, Status.STOPPED):
+        return True
+    return capsule.desired_state is DesiredState.STOPPED and capsule.status is Status.CREATED
+
+
+def _generation(status: cri.ContainerStatus) -> int:
+    """The capsule generation a container was started for (0: before generations)."""
+    value = status.labels.get(labels.GENERATION, "0")
+    return int(value) if value.isdigit() else 0
 
 
 def _time(ns: int) -> datetime | None:

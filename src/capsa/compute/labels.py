@@ -11,6 +11,8 @@ CAPSULE = "io.capsa.capsule"
 CONTAINER = "io.capsa.container"
 PROJECT = "io.capsa.project"
 KIND = "io.capsa.kind"
+# The capsule generation (start or reboot asked by the tenant) a container was started for.
+GENERATION = "io.capsa.generation"
 
 MANAGED_SELECTOR = {MANAGED: "true"}
 

@@ -284,6 +284,18 @@ class CriClient:
         )
         return convert.container_status(resp.status)
 
+    async def container_pid(self, container_id: str) -> int | None:
+        """The host pid of the container's process, from the runtime's verbose status (containerd's
+        ``info``); None when it runs no process or the runtime does not say."""
+        resp: pb.ContainerStatusResponse = await self._call(
+            "ContainerStatus",
+            self._runtime.ContainerStatus,
+            pb.ContainerStatusRequest(container_id=container_id, verbose=True),
+            self.timeout,
+            f"asking the process of container {container_id}",
+        )
+        return convert.pid_from_info(resp.info)
+
     async def exec_sync(self, container_id: str, cmd: list[str], timeout_s: int) -> t.ExecResult:
         """Runs ``cmd`` in the container and waits for it, at most ``timeout_s`` seconds."""
         resp: pb.ExecSyncResponse = await self._call(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from capsa.cri import types as t
@@ -184,6 +185,15 @@ def container_status(msg: pb.ContainerStatus) -> t.ContainerStatus:
         labels=dict(msg.labels),
         annotations=dict(msg.annotations),
     )
+
+
+def pid_from_info(info: Mapping[str, str]) -> int | None:
+    """The ``pid`` of a verbose status' ``info`` document (containerd's JSON), if positive."""
+    try:
+        pid = json.loads(info.get("info", "{}")).get("pid")
+    except (ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) and pid > 0 else None
 
 
 def container_stats(msg: pb.ContainerStats) -> t.ContainerStats:

@@ -7,6 +7,7 @@ the status that the compute agent observes on the runtime.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -34,12 +35,19 @@ class TaskState(StrEnum):
     CONTAINER_CREATING = "container_creating"
     CONTAINER_STARTING = "container_starting"
     CONTAINER_DELETING = "container_deleting"
+    # What a single container's actions ask of the agent (POST /v1/containers/{id}/<action>).
+    CONTAINER_STOPPING = "container_stopping"
+    CONTAINER_REBOOTING = "container_rebooting"
+    CONTAINER_KILLING = "container_killing"
 
 
 class DesiredState(StrEnum):
     """What the tenant wants; the scheduler and agents converge the runtime towards it."""
 
     RUNNING = "running"
+    # A single container created without running it, or stopped: its sandbox (and so its
+    # address) stays, its container is created but not running.
+    STOPPED = "stopped"
     DELETED = "deleted"
 
 
@@ -49,10 +57,12 @@ class RestartPolicy(StrEnum):
     ALWAYS = "always"
     ON_FAILURE = "on-failure"
     NEVER = "no"
+    # Docker's and Zun's; a stop is desired state here, which no restart undoes: as always.
+    UNLESS_STOPPED = "unless-stopped"
 
     def restarts(self, exit_code: int) -> bool:
         """Whether a container that exited with ``exit_code`` is started again."""
-        if self is RestartPolicy.ALWAYS:
+        if self in (RestartPolicy.ALWAYS, RestartPolicy.UNLESS_STOPPED):
             return True
         return self is RestartPolicy.ON_FAILURE and exit_code != 0
 
@@ -61,6 +71,14 @@ class PullPolicy(StrEnum):
     ALWAYS = "Always"
     IF_NOT_PRESENT = "IfNotPresent"
     NEVER = "Never"
+
+
+class CapsuleKind(StrEnum):
+    """A capsule of ``/v1/capsules``, or a single container of ``/v1/containers``: a capsule of
+    one container, run the way Zun's CRI integration runs one (a sandbox holding it)."""
+
+    CAPSULE = "capsule"
+    CONTAINER = "container"
 
 
 class ContainerKind(StrEnum):
@@ -108,6 +126,13 @@ class CapsuleSpec:
     restart_policy: RestartPolicy = RestartPolicy.ALWAYS
     # CRI runtime handler; None means the host's default.
     runtime: str | None = None
+    kind: CapsuleKind = CapsuleKind.CAPSULE
+    # The sandbox's hostname; None: one made from the name.
+    hostname: str | None = None
+    # Restarts on-failure allows at most (Zun's MaximumRetryCount); 0: no limit.
+    max_retries: int = 0
+    # Deleted once it has exited for good (Zun's auto_remove).
+    auto_remove: bool = False
 
     @property
     def cpu_millis(self) -> int:
@@ -119,6 +144,23 @@ class CapsuleSpec:
     def memory_mb(self) -> int:
         running = sum(c.memory_mb for c in self.containers)
         return max([running, *(c.memory_mb for c in self.init_containers)])
+
+    def restarts(self, exit_code: int, restart_count: int) -> bool:
+        """Whether a container that exited with ``exit_code`` after ``restart_count`` restarts is
+        started again: as the restart policy says, on-failure at most ``max_retries`` times."""
+        if not self.restart_policy.restarts(exit_code):
+            return False
+        limited = self.restart_policy is RestartPolicy.ON_FAILURE and self.max_retries > 0
+        return not limited or restart_count < self.max_retries
+
+    @property
+    def sandbox_hostname(self) -> str:
+        """The hostname of its sandbox: the one asked for, else a DNS label made from the name
+        (lowercase letters, digits and '-', at most 63)."""
+        if self.hostname:
+            return self.hostname
+        label = re.sub(r"[^a-z0-9-]+", "-", self.name.lower()).strip("-")[:63].strip("-")
+        return label or "capsule"
 
     @property
     def privileged(self) -> bool:
@@ -171,6 +213,13 @@ class Capsule:
     desired_state: DesiredState = DesiredState.RUNNING
     host: str | None = None
     sandbox_id: str | None = None
+    # Raised by each start and reboot the tenant asks for: containers the agent started for an
+    # older one are replaced (stopped first if they run).
+    generation: int = 0
+    # Seconds a stop or reboot gives the container before SIGKILL; None: agent.stop_grace_period.
+    stop_timeout: int | None = None
+    # A signal the tenant asked to send (kill), until the agent has sent it.
+    pending_signal: str | None = None
     containers: list[Container] = field(default_factory=list)
     init_containers: list[Container] = field(default_factory=list)
     addresses: list[Address] = field(default_factory=list)

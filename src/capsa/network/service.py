@@ -47,7 +47,8 @@ class NetworkService:
         first call (all in one transaction); later calls return the same ports.
 
         Raises capsa.store.networks.NotFound or Ambiguous for a network or group it cannot use,
-        capsa.store.ports.SubnetFull when a network has no free address (nothing is made).
+        RepeatedNetwork for a network named twice, capsa.store.ports.SubnetFull when a network
+        has no free address (nothing is made).
         """
         existing = await self._store.ports.list_for_device(device_id)
         if existing:
@@ -73,8 +74,7 @@ class NetworkService:
             assert defaults is not None
             groups = [defaults.security_group.id]
         ports = await self._store.ports.create_for_device(
-            # Two names of one network (renamed since the API checked them) give one port.
-            network_ids=list(dict.fromkeys(network_ids)),
+            network_ids=network_ids,
             project_id=project_id,
             device_id=device_id,
             device_owner=DEVICE_OWNER_CAPSULE,

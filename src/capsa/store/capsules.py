@@ -7,15 +7,17 @@ observed a capsule a moment ago can never turn a capsule being deleted back into
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from capsa.model.capsule import (
     Address,
     Capsule,
+    CapsuleKind,
     CapsuleSpec,
     Container,
     ContainerKind,
@@ -52,9 +54,11 @@ SORT_KEYS: dict[str, Any] = {
 # The statements of the hot paths (an agent's steps, the API's lookups), built once: building
 # a statement costs more than SQLite takes to run it.
 _BY_UUID = select(c_t).where(c_t.c.uuid == bindparam("ident"))
-_BY_NAME = select(c_t).where(c_t.c.name == bindparam("ident")).limit(2)
+_OF_KIND = c_t.c.kind == bindparam("kind")
+_BY_UUID_OF_KIND = _BY_UUID.where(_OF_KIND)
+_BY_NAME = select(c_t).where(c_t.c.name == bindparam("ident"), _OF_KIND).limit(2)
 _IN_PROJECT = c_t.c.project_id == bindparam("project")
-_BY_UUID_IN_PROJECT = _BY_UUID.where(_IN_PROJECT)
+_BY_UUID_IN_PROJECT = _BY_UUID_OF_KIND.where(_IN_PROJECT)
 _BY_NAME_IN_PROJECT = _BY_NAME.where(_IN_PROJECT)
 _CONTAINERS_OF = (
     select(k_t)
@@ -83,6 +87,69 @@ class AmbiguousName(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(f"several capsules are named {name!r}; use the uuid instead")
         self.name = name
+
+
+class WrongState(Exception):
+    """An action asked of a capsule whose status does not allow it (or that is being deleted)."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(f"the capsule is {status}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ListFilters:
+    """What a list keeps, besides the project: Zun's container list filters (None: any)."""
+
+    name: str | None = None
+    image: str | None = None
+    user_id: str | None = None
+    memory_mb: int | None = None
+    host: str | None = None
+    task_state: str | None = None
+    status: str | None = None
+    auto_remove: bool | None = None
+
+    def clauses(self) -> list[Any]:
+        clauses = [
+            column == value
+            for column, value in (
+                (c_t.c.name, self.name),
+                (c_t.c.user_id, self.user_id),
+                (c_t.c.memory_mb, self.memory_mb),
+                (c_t.c.host, self.host),
+                (c_t.c.task_state, self.task_state),
+                (c_t.c.status, self.status),
+            )
+            if value is not None
+        ]
+        if self.image is not None:
+            clauses.append(
+                c_t.c.uuid.in_(
+                    select(k_t.c.capsule_uuid).where(k_t.c.spec["image"].as_string() == self.image)
+                )
+            )
+        if self.auto_remove is not None:
+            flag = c_t.c.metadata["auto_remove"].as_boolean()
+            clauses.append(flag.is_(True) if self.auto_remove else or_(flag.is_(None), ~flag))
+        return clauses
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a tenant asks of a single container, written as desired state for its agent.
+
+    ``allowed``: the statuses it may be asked in (Zun's); the other fields are written as given
+    (None leaves a field alone), and ``new_generation`` raises the generation.
+    """
+
+    allowed: frozenset[Status]
+    task_state: TaskState
+    desired_state: DesiredState | None = None
+    new_generation: bool = False
+    status: Status | None = None
+    stop_timeout: int | None = None
+    pending_signal: str | None = None
 
 
 class CapsuleStore:
@@ -123,11 +190,14 @@ class CapsuleStore:
         )
         return capsules[0] if capsules else None
 
-    async def find(self, ident: str, project_id: str | None) -> Capsule | None:
-        """A capsule by uuid or name, within ``project_id`` (None: in every project)."""
-        params = {"ident": ident, "project": project_id}
+    async def find(
+        self, ident: str, project_id: str | None, kind: CapsuleKind = CapsuleKind.CAPSULE
+    ) -> Capsule | None:
+        """A capsule (or single container) by uuid or name, within ``project_id`` (None: in
+        every project)."""
+        params = {"ident": ident, "project": project_id, "kind": kind}
         by_uuid, by_name = (
-            (_BY_UUID, _BY_NAME)
+            (_BY_UUID_OF_KIND, _BY_NAME)
             if project_id is None
             else (_BY_UUID_IN_PROJECT, _BY_NAME_IN_PROJECT)
         )
@@ -161,10 +231,17 @@ class CapsuleStore:
                     return capsule, container
         return None
 
-    async def list_page(self, project_id: str | None, page: Page) -> list[Capsule]:
-        """One page of capsules, ordered by ``page.sort_key`` then uuid (keyset paging)."""
+    async def list_page(
+        self,
+        project_id: str | None,
+        page: Page,
+        kind: CapsuleKind = CapsuleKind.CAPSULE,
+        filters: ListFilters = ListFilters(),
+    ) -> list[Capsule]:
+        """One page of capsules (or single containers), ordered by ``page.sort_key`` then uuid
+        (keyset paging)."""
         column = SORT_KEYS[page.sort_key]
-        query = select(c_t)
+        query = select(c_t).where(c_t.c.kind == kind, *filters.clauses())
         if project_id is not None:
             query = query.where(c_t.c.project_id == project_id)
 
@@ -180,7 +257,7 @@ class CapsuleStore:
             select(c_t.c.uuid, c_t.c.cpu_millis, c_t.c.memory_mb, c_t.c.runtime)
             .where(
                 c_t.c.host.is_(None),
-                c_t.c.desired_state == DesiredState.RUNNING,
+                c_t.c.desired_state != DesiredState.DELETED,
                 c_t.c.status == Status.CREATING,
             )
             .order_by(c_t.c.created_at)
@@ -225,6 +302,59 @@ class CapsuleStore:
             notify.wake(conn, notify.host_topic(row.host), subject=uuid)
 
         await self._db.run_write(request_delete)
+
+    async def request_action(self, uuid: str, action: Action) -> None:
+        """Writes what ``action`` asks, if the capsule's status allows it (WrongState otherwise),
+        and wakes its agent. The check and the write are one transaction."""
+        values: dict[str, Any] = {"task_state": action.task_state, "status_reason": None}
+        for field in ("desired_state", "status", "stop_timeout", "pending_signal"):
+            if getattr(action, field) is not None:
+                values[field] = getattr(action, field)
+        if action.new_generation:
+            values["generation"] = c_t.c.generation + 1
+        values["updated_at"] = utcnow()
+
+        def request(conn: Connection) -> None:
+            row = conn.execute(
+                select(c_t.c.status, c_t.c.desired_state, c_t.c.host).where(c_t.c.uuid == uuid)
+            ).first()
+            if row is None or row.desired_state == DesiredState.DELETED:
+                raise WrongState(Status.DELETING)
+            if row.status not in action.allowed:
+                raise WrongState(_STATUSES[row.status])
+            conn.execute(update(c_t).where(c_t.c.uuid == uuid).values(**values))
+            if row.host is not None:
+                notify.wake(conn, notify.host_topic(row.host), subject=uuid)
+
+        await self._db.run_write(request)
+
+    async def rename(self, uuid: str, name: str) -> None:
+        """Renames a capsule (and, for a single container, its container); NameConflict when
+        the name is taken."""
+
+        def rename(conn: Connection) -> None:
+            now = utcnow()
+            row = conn.execute(select(c_t.c.kind).where(c_t.c.uuid == uuid)).first()
+            conn.execute(update(c_t).where(c_t.c.uuid == uuid).values(name=name, updated_at=now))
+            if row is not None and row.kind == CapsuleKind.CONTAINER:
+                conn.execute(
+                    update(k_t).where(k_t.c.capsule_uuid == uuid).values(name=name, updated_at=now)
+                )
+
+        try:
+            await self._db.run_write(rename)
+        except IntegrityError as exc:
+            raise NameConflict(name) from exc
+
+    async def signal_sent(self, uuid: str, signal: str) -> None:
+        """Forgets a pending signal once sent, unless the tenant asked for another meanwhile."""
+        await self._db.run_write(
+            lambda conn: conn.execute(
+                update(c_t)
+                .where(c_t.c.uuid == uuid, c_t.c.pending_signal == signal)
+                .values(pending_signal=None)
+            )
+        )
 
     async def update_status(
         self,
@@ -282,6 +412,7 @@ def _capsule_row(capsule: Capsule) -> dict[str, Any]:
     spec = capsule.spec
     return {
         "uuid": capsule.uuid,
+        "kind": spec.kind,
         "name": spec.name,
         "project_id": capsule.project_id,
         "user_id": capsule.user_id,
@@ -291,11 +422,20 @@ def _capsule_row(capsule: Capsule) -> dict[str, Any]:
         "task_state": capsule.task_state,
         "restart_policy": spec.restart_policy,
         "runtime": spec.runtime,
-        "metadata": {"labels": spec.labels, "annotations": spec.annotations},
+        "metadata": {
+            "labels": spec.labels,
+            "annotations": spec.annotations,
+            "hostname": spec.hostname,
+            "max_retries": spec.max_retries,
+            "auto_remove": spec.auto_remove,
+        },
         "cpu_millis": spec.cpu_millis,
         "memory_mb": spec.memory_mb,
         "host": capsule.host,
         "sandbox_id": capsule.sandbox_id,
+        "generation": capsule.generation,
+        "stop_timeout": capsule.stop_timeout,
+        "pending_signal": capsule.pending_signal,
         "created_at": capsule.created_at,
         "updated_at": capsule.updated_at,
     }
@@ -385,6 +525,7 @@ _KINDS = {k.value: k for k in ContainerKind}
 _PULL_POLICIES = {p.value: p for p in PullPolicy}
 _RESTART_POLICIES = {p.value: p for p in RestartPolicy}
 _DESIRED_STATES = {d.value: d for d in DesiredState}
+_CAPSULE_KINDS = {k.value: k for k in CapsuleKind}
 
 
 def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
@@ -423,6 +564,10 @@ def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
             annotations=row.metadata["annotations"],
             restart_policy=_RESTART_POLICIES[row.restart_policy],
             runtime=row.runtime,
+            kind=_CAPSULE_KINDS[row.kind],
+            hostname=row.metadata["hostname"],
+            max_retries=row.metadata["max_retries"],
+            auto_remove=row.metadata["auto_remove"],
         )
         capsules.append(
             Capsule(
@@ -436,6 +581,9 @@ def _load(conn: Connection, rows: Sequence[Row[Any]]) -> list[Capsule]:
                 desired_state=_DESIRED_STATES[row.desired_state],
                 host=row.host,
                 sandbox_id=row.sandbox_id,
+                generation=row.generation,
+                stop_timeout=row.stop_timeout,
+                pending_signal=row.pending_signal,
                 containers=apps,
                 init_containers=inits,
                 addresses=addresses[row.uuid],

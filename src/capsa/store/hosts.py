@@ -48,7 +48,8 @@ _PLACE = (
     .where(
         c_t.c.uuid == bindparam("capsule"),
         c_t.c.host.is_(None),
-        c_t.c.desired_state == DesiredState.RUNNING,
+        # Wanted: running, or (a single container) created but not running.
+        c_t.c.desired_state != DesiredState.DELETED,
     )
     .values(
         host=bindparam("host"), task_state=TaskState.NETWORK_ATTACHING, updated_at=bindparam("now")
@@ -186,7 +187,7 @@ class HostStore:
             .where(
                 c_t.c.uuid == capsule_uuid,
                 c_t.c.host.is_(None),
-                c_t.c.desired_state == DesiredState.RUNNING,
+                c_t.c.desired_state != DesiredState.DELETED,
             )
             .values(status=Status.ERROR, status_reason=reason, task_state=None, updated_at=utcnow())
         )

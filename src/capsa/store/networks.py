@@ -288,21 +288,25 @@ class NetworkStore(EnforcedStore):
 
     async def resolve_networks(self, project_id: str, refs: Sequence[str]) -> list[Network]:
         """The networks named (each by id or name) by ``refs`` that the project may use, in
-        their order; NotFound or Ambiguous for the first that names none or several."""
+        their order; NotFound or Ambiguous for the first that names none or several,
+        RepeatedNetwork when two name the same one."""
         query = select(n_t).where(
             or_(n_t.c.project_id == project_id, n_t.c.shared.is_(True)),
             or_(n_t.c.id == bindparam("ref"), n_t.c.name == bindparam("ref")),
         )
 
         def work(conn: Connection) -> list[Network]:
-            networks = []
+            networks: list[Network] = []
             for ref in refs:
                 rows = conn.execute(query, {"ref": ref}).all()
                 if not rows:
                     raise NotFound("network", ref)
                 if len(rows) > 1:
                     raise Ambiguous(f"several networks the project may use are named {ref!r}")
-                networks.append(network_from_row(rows[0]))
+                network = network_from_row(rows[0])
+                if any(n.id == network.id for n in networks):
+                    raise RepeatedNetwork(f"network {network.id} is named more than once")
+                networks.append(network)
             return networks
 
         return await self._db.run_read(work)
@@ -455,6 +459,10 @@ class NetworkStore(EnforcedStore):
 
 class Ambiguous(Exception):
     pass
+
+
+class RepeatedNetwork(Exception):
+    """A list of networks that names one network twice: a capsule has one port per network."""
 
 
 class Duplicate(Exception):

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # Bump whenever a table changes (with a migration in store/db.py once capsa has users).
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 class Timestamp(TypeDecorator[datetime]):
@@ -100,6 +100,8 @@ capsules = Table(
     "capsules",
     metadata,
     Column("uuid", UUID, primary_key=True),
+    # "capsule" (/v1/capsules) or "container" (a single container of /v1/containers).
+    Column("kind", String(16), nullable=False, default="capsule"),
     Column("name", String(255), nullable=False),
     Column("project_id", String(255), nullable=False),
     Column("user_id", String(255), nullable=False),
@@ -109,18 +111,25 @@ capsules = Table(
     Column("task_state", String(32)),
     Column("restart_policy", String(16), nullable=False),
     Column("runtime", String(64)),
-    # {"labels": {...}, "annotations": {...}}
+    # {"labels": {...}, "annotations": {...}}, and a single container's "hostname",
+    # "max_retries" and "auto_remove"
     Column("metadata", JSON, nullable=False),
     # What the capsule claims on its host; released in the same transaction that removes it.
     Column("cpu_millis", Integer, nullable=False),
     Column("memory_mb", Integer, nullable=False),
     Column("host", String(255), index=True),
     Column("sandbox_id", String(128)),
+    # What a single container's actions ask of the agent: each start and reboot raises the
+    # generation; a stop or reboot's timeout; a signal to send (kill) until it is sent.
+    Column("generation", Integer, nullable=False, default=0),
+    Column("stop_timeout", Integer),
+    Column("pending_signal", String(16)),
     Column("created_at", Timestamp, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
-    UniqueConstraint("project_id", "name", name="uq_capsules_project_name"),
+    # A capsule and a container may share a name; two capsules (or containers) of a project not.
+    UniqueConstraint("project_id", "kind", "name", name="uq_capsules_project_name"),
 )
-Index("ix_capsules_project_created", capsules.c.project_id, capsules.c.created_at)
+Index("ix_capsules_project_created", capsules.c.project_id, capsules.c.kind, capsules.c.created_at)
 
 containers = Table(
     "containers",

@@ -37,6 +37,10 @@ class FakeCri:
     calls: list[str] = field(default_factory=list)
     # What each sandbox and container was made from, by id.
     specs: dict[str, cri.SandboxSpec | cri.ContainerSpec] = field(default_factory=dict)
+    # The host process of a container, by id (what a verbose status names).
+    pids: dict[str, int] = field(default_factory=dict)
+    # Timeouts StopContainer was given, in order.
+    stop_timeouts: list[int] = field(default_factory=list)
     unavailable: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -167,6 +171,7 @@ class FakeCri:
 
     async def stop_container(self, container_id: str, timeout_s: int) -> None:
         self._call("StopContainer")
+        self.stop_timeouts.append(timeout_s)
         if container_id in self.containers:
             self.exit(container_id, 143)
 
@@ -191,6 +196,10 @@ class FakeCri:
         if container_id not in self.containers:
             raise CriNotFound("ContainerStatus", "NOT_FOUND", f"container {container_id} not found")
         return self.containers[container_id]
+
+    async def container_pid(self, container_id: str) -> int | None:
+        self._call("ContainerStatus")
+        return self.pids.get(container_id)
 
     def by_name(self, name: str) -> list[cri.ContainerStatus]:
         return sorted(

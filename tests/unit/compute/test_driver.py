@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from capsa.compute.driver import CapsuleDriver, Superseded, hostname_for
+from capsa.compute.driver import CapsuleDriver, Superseded
 from capsa.cri import types as cri
-from capsa.model.capsule import Capsule, RestartPolicy, Status, TaskState
+from capsa.model.capsule import Capsule, CapsuleSpec, RestartPolicy, Status, TaskState
 from capsa.store import Store
 
 CapsuleFactory = Callable[..., Capsule]
@@ -407,7 +407,9 @@ async def test_teardown_with_the_runtime_down_keeps_the_records_and_retries(
     [("Web_Server 1", "web-server-1"), ("-x-", "x"), ("***", "capsule"), ("a" * 80, "a" * 63)],
 )
 def test_hostnames_are_dns_labels(name: str, hostname: str) -> None:
-    assert hostname_for(name) == hostname
+    spec = CapsuleSpec(name=name, containers=())
+    assert spec.sandbox_hostname == hostname
+    assert replace(spec, hostname="chosen").sandbox_hostname == "chosen"
 
 
 async def test_sandbox_starts_are_bounded_but_the_rest_of_a_start_is_not(

@@ -61,7 +61,9 @@ def parse_create_body(
     try:
         return _to_spec(template, defaults, fallback_name, registries)
     except ValidationError as exc:
-        raise TemplateError("; ".join(_describe(e) for e in exc.errors())) from None
+        raise TemplateError(
+            "; ".join(describe_error(e, "template") for e in exc.errors())
+        ) from None
     except TemplateFieldError as exc:
         raise TemplateError(f"template.{exc.path}: {exc.message}") from None
 
@@ -81,8 +83,8 @@ def _to_spec(
         parsed.spec.containers,
         parsed.spec.init_containers or [],
         defaults,
-        lambda spec, container, path: _with_registry(
-            spec, container, path, registries, pull_secrets
+        lambda spec, container, path: with_registry(
+            spec, container.registry_ref, path, registries, pull_secrets
         ),
     )
     return CapsuleSpec(
@@ -149,17 +151,19 @@ def _container_specs(
     return app_specs, init_specs
 
 
-def _with_registry(
+def with_registry(
     spec: ContainerSpec,
-    container: ContainerTemplate,
+    registry_ref: str | None,
     path: str,
     registries: RegistryDirectory,
-    pull_secrets: Sequence[Registry],
+    pull_secrets: Sequence[Registry] = (),
 ) -> ContainerSpec:
-    """The spec with the image to pull and the registry that pulls it (capsa.model.registry)."""
+    """The spec with the image to pull and the registry that pulls it (capsa.model.registry):
+    the one ``registry_ref`` names (uuid or name; ``path`` locates it for errors), else one of
+    ``pull_secrets`` or ``registries`` on the image's domain."""
     named = None
-    if container.registry_ref is not None:
-        named = _registry(registries, container.registry_ref, f"{path}.registry")
+    if registry_ref is not None:
+        named = _registry(registries, registry_ref, f"{path}.registry")
     try:
         image, registry = registries.choose(spec.image, named, pull_secrets)
     except RegistryChoiceError as exc:
@@ -187,8 +191,9 @@ def _free_name(prefix: str, index: int, taken: dict[str, str]) -> str:
     return name
 
 
-def _describe(error: ErrorDetails) -> str:
-    path = _path(error["loc"])
+def describe_error(error: ErrorDetails, root: str) -> str:
+    """A pydantic error as ``path: message``, the path starting at ``root`` (none: "")."""
+    path = _path(error["loc"], root)
     kind = error["type"]
     if kind == "extra_forbidden":
         message = "unknown field"
@@ -201,8 +206,8 @@ def _describe(error: ErrorDetails) -> str:
     return f"{path}: {message}"
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    path = "template"
+def _path(loc: tuple[int | str, ...], root: str) -> str:
+    path = root
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
+    return path.removeprefix(".")
