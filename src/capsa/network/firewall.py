@@ -233,20 +233,23 @@ def _set_name(group_id: str, network_id: str) -> str:
 
 
 def _member_sets(view: HostNetworkView) -> dict[str, list[str]]:
-    """One set per (remote group, network of a local port that a rule uses it on)."""
-    sets: dict[str, list[str]] = {}
-    for local in view.ports:
-        for group_id in local.port.security_group_ids:
-            for rule in view.rules.get(group_id, ()):
-                if rule.remote_group_id is None:
-                    continue
-                name = _set_name(rule.remote_group_id, local.network.id)
-                sets[name] = [
-                    str(ip)
-                    for network_id, ip in view.members.get(rule.remote_group_id, ())
-                    if network_id == local.network.id
-                ]
-    return sets
+    """One set per (remote group, network of a local port that a rule uses it on), each filled
+    once however many local ports use it (a host's ports are mostly in one group)."""
+    wanted = {
+        (rule.remote_group_id, local.network.id)
+        for local in view.ports
+        for group_id in local.port.security_group_ids
+        for rule in view.rules.get(group_id, ())
+        if rule.remote_group_id is not None
+    }
+    return {
+        _set_name(group_id, network): [
+            str(ip)
+            for member_network, ip in view.members.get(group_id, ())
+            if member_network == network
+        ]
+        for group_id, network in wanted
+    }
 
 
 def _match(rule: SecurityGroupRule, local: LocalPort) -> str | None:
