@@ -208,6 +208,17 @@ class RemotePort:
 
 
 @dataclass(frozen=True)
+class HostPortMapping:
+    """A container port published on the host: ``host_port`` on every local address, to the
+    capsule's first port."""
+
+    port_id: str
+    host_port: int
+    container_port: int
+    protocol: str  # tcp, udp or sctp
+
+
+@dataclass(frozen=True)
 class HostNetworkView:
     """What a host's network agent enforces, read in one transaction."""
 
@@ -217,3 +228,5 @@ class HostNetworkView:
     # For each group that a rule names as remote: its members' (network id, address).
     members: dict[str, tuple[tuple[str, ipaddress.IPv4Address], ...]]
     remote_ports: tuple[RemotePort, ...]
+    # The host ports of the capsules that should run here.
+    host_ports: tuple[HostPortMapping, ...] = ()

@@ -36,7 +36,6 @@ import asyncio
 import hashlib
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from capsa.log import get_logger
 from capsa.model.network import (
@@ -60,16 +59,6 @@ def table_name(instance: str) -> str:
     return "capsa_" + hashlib.sha256(instance.encode()).hexdigest()[:10]
 
 
-@dataclass(frozen=True)
-class HostPortMapping:
-    """A container port published on the host: ``host_port`` on every local address."""
-
-    port_id: str
-    host_port: int
-    container_port: int
-    protocol: str  # tcp, udp or sctp
-
-
 class FirewallError(Exception):
     pass
 
@@ -78,10 +67,10 @@ def render(
     table: str,
     view: HostNetworkView,
     bridge_of: dict[str, str],
-    mappings: Iterable[HostPortMapping] = (),
 ) -> str:
-    """The ``nft -f`` script that makes ``table`` enforce ``view``; ``bridge_of`` maps a network
-    id to its bridge. With no port the script only deletes the table."""
+    """The ``nft -f`` script that makes ``table`` enforce ``view`` (its host ports included);
+    ``bridge_of`` maps a network id to its bridge. With no port the script only deletes the
+    table."""
     # Declaring the table first makes the delete succeed whether it existed or not.
     head = "".join(
         f"table {family} {table} {{}}\ndelete table {family} {table}\n"
@@ -158,7 +147,7 @@ def render(
     dnat = [
         f"    ip daddr != 127.0.0.0/8 meta l4proto {m.protocol} th dport {m.host_port} "
         f"dnat ip to {by_port[m.port_id].port.ip_address}:{m.container_port}"
-        for m in sorted(mappings, key=lambda m: (m.protocol, m.host_port))
+        for m in sorted(view.host_ports, key=lambda m: (m.protocol, m.host_port))
         if m.port_id in by_port
     ]
     if dnat:

@@ -70,6 +70,13 @@ _PORTS_OF = (
     .where(schema.ports.c.device_id.in_(bindparam("uuids", expanding=True)))
     .order_by(schema.ports.c.interface_index)
 )
+# The ports of the containers that should run on a host: only their specs' "ports".
+_PORTS_TO_RUN_ON = (
+    select(k_t.c.capsule_uuid, k_t.c.spec["ports"].label("ports"))
+    .join(c_t, c_t.c.uuid == k_t.c.capsule_uuid)
+    .where(c_t.c.host == bindparam("host"), c_t.c.desired_state == DesiredState.RUNNING)
+    .order_by(k_t.c.capsule_uuid, k_t.c.position)
+)
 # Column values come with the parameters; the WHERE's names cannot clash with a column's.
 _SET_CAPSULE = update(c_t).where(
     c_t.c.uuid == bindparam("where_uuid"), c_t.c.desired_state == bindparam("where_desired")
@@ -406,6 +413,16 @@ class CapsuleStore:
             return True
 
         return await self._db.run_write(remove)
+
+
+def ports_to_run(conn: Connection, host: str) -> list[tuple[str, PortSpec]]:
+    """The container ports of the capsules that should run on ``host``, each with its capsule's
+    uuid; reads the ports of the containers' specs, nothing else."""
+    return [
+        (capsule_uuid, PortSpec(*port))
+        for capsule_uuid, ports in conn.execute(_PORTS_TO_RUN_ON, {"host": host})
+        for port in ports
+    ]
 
 
 def _capsule_row(capsule: Capsule) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from capsa.model.clock import utcnow
 from capsa.model.network import (
     HostNetworkView,
+    HostPortMapping,
     LocalPort,
     Network,
     Port,
@@ -26,7 +27,7 @@ from capsa.model.network import (
     SecurityGroupRule,
     Subnet,
 )
-from capsa.store import schema
+from capsa.store import capsules, schema
 from capsa.store.networks import (
     EnforcedStore,
     NotFound,
@@ -278,7 +279,8 @@ class PortStore(EnforcedStore):
 
     async def host_view(self, host: str) -> HostNetworkView:
         """The host's ports with their networks, subnets, groups' rules and remote groups'
-        members, and the other hosts' ports on the same networks (for the overlay)."""
+        members, the other hosts' ports on the same networks (for the overlay), and the host
+        ports of its capsules."""
 
         def work(conn: Connection) -> HostNetworkView:
             rows = conn.execute(
@@ -335,11 +337,26 @@ class PortStore(EnforcedStore):
                     .order_by(p_t.c.host, p_t.c.mac_address)
                 )
             )
+            # A capsule's host ports lead to its first interface.
+            first_port = {
+                lp.port.device_id: lp.port.id for lp in local if not lp.port.interface_index
+            }
+            host_ports = tuple(
+                HostPortMapping(
+                    first_port[capsule_uuid],
+                    spec.host_port,
+                    spec.container_port,
+                    spec.protocol.lower(),
+                )
+                for capsule_uuid, spec in capsules.ports_to_run(conn, host)
+                if capsule_uuid in first_port and spec.host_port
+            )
             return HostNetworkView(
                 ports=local,
                 rules={g: tuple(rs) for g, rs in rules.items()},
                 members={g: tuple(ms) for g, ms in members.items()},
                 remote_ports=remote,
+                host_ports=host_ports,
             )
 
         return await self._db.run_read(work, long=True)
