@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
 from datetime import datetime
@@ -17,6 +16,7 @@ from tests.unit.api.api_helpers import (
     create,
     zun_template,
 )
+from tests.unit.conftest import network_with_subnet
 
 from capsa.model.capsule import Status
 from capsa.model.network import Attachment
@@ -372,23 +372,11 @@ async def test_status_addresses_and_host_as_the_agent_reports_them(
     assert "host" not in await member.json()
 
 
-async def _network(store: Store, name: str, cidr: str) -> str:
-    network = await store.networks.create_network(project_id="default", name=name, mtu=1500)
-    subnet = ipaddress.IPv4Network(cidr)
-    await store.networks.create_subnet(
-        network_id=network.id,
-        project_id="default",
-        cidr=subnet,
-        gateway_ip=subnet.network_address + 1,
-    )
-    return network.id
-
-
 async def test_a_capsule_on_several_networks_lists_an_address_on_each_in_its_order(
     client: Client, store: Store
 ) -> None:
-    front = await _network(store, "front", "10.31.0.0/24")
-    back = await _network(store, "back", "10.32.0.0/24")
+    front = await network_with_subnet(store, "default", "front", "10.31.0.0/24")
+    back = await network_with_subnet(store, "default", "back", "10.32.0.0/24")
     template = zun_template()
     template["metadata"]["annotations"] = {"capsa.io/network": f"back, {front}"}
     created = await create(client, template)
@@ -420,8 +408,8 @@ async def test_a_capsule_on_several_networks_lists_an_address_on_each_in_its_ord
 async def test_networks_a_capsule_cannot_join_are_refused_and_nothing_is_stored(
     client: Client, store: Store, networks: str, fragment: str
 ) -> None:
-    await _network(store, "front", "10.31.0.0/24")
-    await _network(store, "back", "10.32.0.0/24")
+    await network_with_subnet(store, "default", "front", "10.31.0.0/24")
+    await network_with_subnet(store, "default", "back", "10.32.0.0/24")
     template = zun_template()
     template["metadata"]["annotations"] = {"capsa.io/network": networks}
 

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from tests.unit.conftest import network_with_subnet
 
 from capsa.model.capsule import Capsule, PortSpec
 from capsa.model.network import (
@@ -102,13 +102,7 @@ async def test_host_ports_lead_to_the_capsules_first_interface(
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
     network = NetworkService(store, "10.50.0.0/24", 1500)
-    back = await store.networks.create_network(project_id="p1", name="back", mtu=1500)
-    await store.networks.create_subnet(
-        network_id=back.id,
-        project_id="p1",
-        cidr=ipaddress.IPv4Network("10.51.0.0/24"),
-        gateway_ip=ipaddress.IPv4Address("10.51.0.1"),
-    )
+    back = await network_with_subnet(store, "p1", "back", "10.51.0.0/24")
     default = (await network.project_defaults("p1")).network
     capsule = make_capsule()
     web = replace(capsule.containers[0].spec, ports=(PortSpec(80, "TCP", 8080), PortSpec(81)))
@@ -123,8 +117,8 @@ async def test_host_ports_lead_to_the_capsules_first_interface(
     view = await store.ports.host_view("h1")
 
     assert view.host_ports == (HostPortMapping(first.id, 8080, 80, "tcp"),)
-    assert first.network_id == back.id and second.network_id == default.id
-    script = firewall.render("capsa_t", view, {back.id: "cbr-b", default.id: "cbr-d"})
+    assert first.network_id == back and second.network_id == default.id
+    script = firewall.render("capsa_t", view, {back: "cbr-b", default.id: "cbr-d"})
     assert f"th dport 8080 dnat ip to {first.ip_address}:80" in script
     assert str(second.ip_address) + ":80" not in script
     # A capsule being deleted publishes nothing any more.

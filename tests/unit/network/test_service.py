@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from tests.unit.conftest import network_with_subnet
+
 from capsa.model.network import Attachment
 from capsa.network.service import NetworkService, bridge_name
 from capsa.store import Store
@@ -38,14 +40,7 @@ async def test_find_ports_gives_the_daemon_what_to_bind_and_the_current_bindings
 
 async def test_find_ports_of_a_capsule_on_two_networks_follows_its_order(store: Store) -> None:
     service = NetworkService(store, "10.3.0.0/24", 1400)
-    other = await store.networks.create_network(project_id="p1", name="other", mtu=1300)
-    await store.networks.create_subnet(
-        network_id=other.id,
-        project_id="p1",
-        cidr=ipaddress.IPv4Network("10.8.0.0/24"),
-        gateway_ip=ipaddress.IPv4Address("10.8.0.1"),
-        allocation_pools=[],
-    )
+    other = await network_with_subnet(store, "p1", "other", "10.8.0.0/24", mtu=1300)
     default = (await service.project_defaults("p1")).network
     ports = await service.allocate_ports("capsule-a", "p1", "h1", Attachment(("other", default.id)))
 
@@ -53,7 +48,7 @@ async def test_find_ports_of_a_capsule_on_two_networks_follows_its_order(store: 
 
     assert [b.port_id for b in bindings] == [p.id for p in ports]
     assert [(b.bridge, b.mtu, str(b.gateway)) for b in bindings] == [
-        (bridge_name(other.id), 1300, "10.8.0.1"),
+        (bridge_name(other), 1300, "10.8.0.1"),
         (bridge_name(default.id), 1400, "10.3.0.1"),
     ]
     await service.ports_bound("sandbox-1", {ports[0].id: "capsa0", ports[1].id: "capsa1"})

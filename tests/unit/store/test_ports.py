@@ -5,6 +5,7 @@ import dataclasses
 import ipaddress
 
 import pytest
+from tests.unit.conftest import network_with_subnet
 
 from capsa.model.network import AllocationPool, Attachment
 from capsa.network.service import NetworkService
@@ -164,29 +165,12 @@ async def test_find_with_networks_reads_the_ports_their_networks_and_subnets(
     assert await store.ports.find_with_networks("no-such-capsule") == []
 
 
-async def _network_with_pool(
-    store: Store, name: str, cidr: str, pool: tuple[str, str] | None = None
-) -> str:
-    network = await store.networks.create_network(project_id="p1", name=name, mtu=1500)
-    cidr_net = ipaddress.IPv4Network(cidr)
-    await store.networks.create_subnet(
-        network_id=network.id,
-        project_id="p1",
-        cidr=cidr_net,
-        gateway_ip=cidr_net.network_address + 1,
-        allocation_pools=[]
-        if pool is None
-        else [AllocationPool(ipaddress.IPv4Address(pool[0]), ipaddress.IPv4Address(pool[1]))],
-    )
-    return network.id
-
-
 async def test_a_capsule_on_several_networks_gets_a_port_on_each_in_its_order(
     store: Store,
 ) -> None:
     service = NetworkService(store, "10.2.0.0/24", 1500)
-    front = await _network_with_pool(store, "front", "10.5.0.0/24")
-    back = await _network_with_pool(store, "back", "10.6.0.0/24")
+    front = await network_with_subnet(store, "p1", "front", "10.5.0.0/24")
+    back = await network_with_subnet(store, "p1", "back", "10.6.0.0/24")
     web = await store.networks.create_security_group(project_id="p1", name="web")
 
     ports = await service.allocate_ports("a", "p1", "h1", Attachment(("back", front), ("web",)))
@@ -203,8 +187,8 @@ async def test_a_capsule_on_several_networks_gets_a_port_on_each_in_its_order(
 
 async def test_a_capsule_whose_second_network_is_full_gets_no_port_at_all(store: Store) -> None:
     service = NetworkService(store, "10.2.0.0/24", 1500)
-    await _network_with_pool(store, "front", "10.5.0.0/24")
-    await _network_with_pool(store, "tiny", "10.7.0.0/24", ("10.7.0.10", "10.7.0.10"))
+    await network_with_subnet(store, "p1", "front", "10.5.0.0/24")
+    await network_with_subnet(store, "p1", "tiny", "10.7.0.0/24", ("10.7.0.10", "10.7.0.10"))
     await service.allocate_ports("a", "p1", "h1", Attachment(("tiny",)))
 
     with pytest.raises(SubnetFull, match=r"10\.7\.0\.0/24"):
