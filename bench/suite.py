@@ -45,6 +45,8 @@ class Plan:
     cni_rounds: int = 50
     api_capsules: int = 5000
     api_list_requests: int = 200
+    # Lists after every capsule changed (nothing of the last list can be reused).
+    api_cold_list_requests: int = 20
     api_get_requests: int = 2000
     api_clients: tuple[int, ...] = (1, 8)
     scheduler_hosts: int = 1000
@@ -64,6 +66,7 @@ class Plan:
             cni_rounds=3,
             api_capsules=60,
             api_list_requests=5,
+            api_cold_list_requests=2,
             api_get_requests=20,
             scheduler_hosts=20,
             scheduler_placements=100,

@@ -10,12 +10,16 @@ capsa's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy import update
+from sqlalchemy.engine import Connection
 
 from bench.api_client import ApiClient, ApiError
 from bench.instance import CapsaUp
@@ -30,8 +34,9 @@ from capsa.model.capsule import (
     PortSpec,
     Status,
 )
+from capsa.model.clock import utcnow
 from capsa.network.service import NetworkService
-from capsa.store import Store
+from capsa.store import Store, schema
 
 LIST_TARGET = Target("p99", "<", 0.1, "p99 < 100 ms at 1 client")
 # The project of capsa.client()'s token: the admin's, which capsa up bootstraps.
@@ -67,6 +72,11 @@ def run(session: Session) -> CaseResult:
             samples, rate = measure(capsa, clients, plan.api_list_requests, lambda: list_path)
             result.samples[f"list.{clients}"] = samples
             result.rows += _rows(f"GET list limit=1000, {clients} client(s)", samples, rate, target)
+        cold = session.run(measure_cold_lists(capsa, plan.api_cold_list_requests, list_path))
+        result.samples["list.cold"] = cold
+        result.rows.append(
+            latencies("api", "GET list limit=1000, every capsule changed since, 1 client", cold)
+        )
         for clients in plan.api_clients:
             samples, rate = measure(
                 capsa,
@@ -185,6 +195,28 @@ def measure(
         elapsed = time.perf_counter() - began
     samples = [s for client_samples in latencies_by_client for s in client_samples]
     return samples, len(samples) / elapsed
+
+
+async def measure_cold_lists(capsa: CapsaUp, requests: int, path: str) -> list[float]:
+    """Lists that find every capsule changed since the list before (the worst case for capsa's
+    reuse of encoded capsules): each request follows a store write that touches them all."""
+    store = Store(capsa.config.database_url)
+    await store.open()
+    samples = []
+    try:
+        with capsa.client() as api:
+            for _ in range(requests):
+                await store.db.run_write(_touch_every_capsule)
+                began = time.perf_counter()
+                await asyncio.to_thread(_get, api, path)
+                samples.append(time.perf_counter() - began)
+    finally:
+        await store.close()
+    return samples
+
+
+def _touch_every_capsule(conn: Connection) -> None:
+    conn.execute(update(schema.capsules).values(updated_at=utcnow()))
 
 
 def _get(api: ApiClient, path: str) -> None:

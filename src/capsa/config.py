@@ -62,6 +62,8 @@ class ApiConfig:
     public_url: str = ""
     max_body_bytes: int = 1024 * 1024
     max_limit: int = 1000
+    # Encoded capsules that list pages keep for reuse while their capsules do not change.
+    cached_capsule_bodies: int = 5000
     # Bound on each call to a compute agent (logs); a followed log stream is not bounded.
     agent_timeout: float = 30.0
     # With auth.mode = "noauth" only: the project and user of callers that send no X-Project-Id /

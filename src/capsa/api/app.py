@@ -13,9 +13,11 @@ from aiohttp import web
 from capsa.api import capsules, containers, hosts, identity, quotas, registries, versions
 from capsa.api.agent_client import AgentClient
 from capsa.api.auth import Authenticator
+from capsa.api.body_cache import BodyCache
 from capsa.api.keys import (
     AGENTS,
     AUTHENTICATOR,
+    CAPSULE_BODIES,
     CONFIG,
     IDENTITY,
     QUOTA_DEFAULTS,
@@ -108,6 +110,7 @@ def create_app(cfg: Config, store: Store) -> web.Application:
     if isinstance(validator, KeystoneValidator):
         app.on_cleanup.append(lambda _app: validator.close())
     app[AGENTS] = AgentClient(timeout=cfg.api.agent_timeout)
+    app[CAPSULE_BODIES] = BodyCache(cfg.api.cached_capsule_bodies)
     app[TEMPLATE_DEFAULTS] = TemplateDefaults(
         cpu_millis=round(cfg.capsule.default_cpu * 1000),
         memory_mb=cfg.capsule.default_memory_mb,

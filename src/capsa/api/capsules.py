@@ -8,8 +8,10 @@ project finds it too, as in Zun. Deletion is asynchronous: 204 at once, then 404
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from urllib.parse import urlencode
 
+import orjson
 from aiohttp import web
 
 from capsa.api.context import RequestContext
@@ -23,12 +25,12 @@ from capsa.api.errors import (
     InvalidValue,
     PolicyNotAuthorized,
 )
-from capsa.api.keys import CONFIG, QUOTA_DEFAULTS, STORE, TEMPLATE_DEFAULTS
+from capsa.api.keys import CAPSULE_BODIES, CONFIG, QUOTA_DEFAULTS, STORE, TEMPLATE_DEFAULTS
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json
 from capsa.api.quotas import over_quota
 from capsa.api.schemas import TemplateError, parse_create_body
-from capsa.api.views import FIELD_RULES, CapsuleFormatter, json_response
+from capsa.api.views import FIELD_RULES, CapsuleFormatter, encoded_list_response, json_response
 from capsa.log import get_logger
 from capsa.model.capsule import (
     Capsule,
@@ -154,17 +156,33 @@ async def list_capsules(request: web.Request) -> web.Response:
         sort_key=one_of(query, "sort_key", tuple(SORT_KEYS), DEFAULT_SORT_KEY),
         sort_dir=one_of(query, "sort_dir", SORT_DIRS, "asc"),
     )
+    store = request.app[STORE]
     try:
-        capsules = await request.app[STORE].capsules.list_page(scope, page)
+        versions = await store.capsules.list_page_versions(scope, page)
     except MarkerNotFound as exc:
         raise InvalidValue(f"Invalid marker: {exc}") from None
     view = formatter(request)
-    return json_response(
-        {
-            "capsules": [view.capsule(c) for c in capsules],
-            "next": next_url(config.api_url, page, capsules, all_projects),
-        }
+    bodies = request.app[CAPSULE_BODIES]
+    found = {
+        capsule_uuid: bodies.get(view.shape, capsule_uuid, version)
+        for capsule_uuid, version in versions
+    }
+    missing = [capsule_uuid for capsule_uuid, body in found.items() if body is None]
+    loaded = await store.capsules.get_many(missing) if missing else {}
+    encoded = []
+    for capsule_uuid, version in versions:
+        body = found[capsule_uuid]
+        if body is None:
+            capsule = loaded.get(capsule_uuid)
+            if capsule is None:
+                continue  # deleted since its version was read
+            body = orjson.dumps(view.capsule(capsule))
+            bodies.put(view.shape, capsule_uuid, version, body)
+        encoded.append(body)
+    next_page = next_url(
+        config.api_url, page, [capsule_uuid for capsule_uuid, _ in versions], all_projects
     )
+    return encoded_list_response("capsules", encoded, next_page)
 
 
 async def show_capsule(request: web.Request) -> web.Response:
@@ -262,16 +280,16 @@ def new_capsule(capsule_uuid: str, spec: CapsuleSpec, context: RequestContext) -
 def next_url(
     base_url: str,
     page: Page,
-    capsules: list[Capsule],
+    uuids: Sequence[str],
     all_projects: bool,
     collection: str = "capsules",
     filters: tuple[tuple[str, str], ...] = (),
 ) -> str | None:
     """Zun's ``next``: the same query from after the last capsule, when the page was full."""
-    if not capsules or len(capsules) < page.limit:
+    if not uuids or len(uuids) < page.limit:
         return None
     params = [*filters, ("sort_key", page.sort_key), ("sort_dir", page.sort_dir)]
     if all_projects:
         params.append(("all_projects", "true"))
-    params += [("limit", str(page.limit)), ("marker", capsules[-1].uuid)]
+    params += [("limit", str(page.limit)), ("marker", uuids[-1])]
     return f"{base_url}/v1/{collection}/?{urlencode(params)}"

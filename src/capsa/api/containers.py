@@ -206,7 +206,14 @@ async def list_containers(request: web.Request) -> web.Response:
     return json_response(
         {
             "containers": [view.single_container(c) for c in containers],
-            "next": next_url(config.api_url, page, containers, all_projects, "containers", given),
+            "next": next_url(
+                config.api_url,
+                page,
+                [c.uuid for c in containers],
+                all_projects,
+                "containers",
+                given,
+            ),
         }
     )
 

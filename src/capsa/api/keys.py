@@ -1,6 +1,6 @@
 """What handlers find on the application: configuration, store, agent client, the defaults of
-templates and quotas, the key of stored secrets, who checks tokens, and the local identity service
-(local mode only)."""
+templates and quotas, the key of stored secrets, who checks tokens, the local identity service
+(local mode only), and the capsule bodies that list pages reuse."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from aiohttp import web
 
 from capsa.api.agent_client import AgentClient
 from capsa.api.auth import Authenticator
+from capsa.api.body_cache import BodyCache
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
 from capsa.identity.service import IdentityService
@@ -19,6 +20,7 @@ CONFIG = web.AppKey("config", Config)
 STORE = web.AppKey("store", Store)
 AGENTS = web.AppKey("agents", AgentClient)
 TEMPLATE_DEFAULTS = web.AppKey("template_defaults", TemplateDefaults)
+CAPSULE_BODIES = web.AppKey("capsule_bodies", BodyCache)
 QUOTA_DEFAULTS = web.AppKey("quota_defaults", QuotaLimits)
 SECRETS = web.AppKey("secrets", SecretBox)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)

@@ -35,6 +35,24 @@ def json_response(
     )
 
 
+def encoded_list_response(
+    collection: str, items: list[bytes], next_url: str | None
+) -> web.Response:
+    """Zun's list body ``{collection: [...], "next": ...}`` from items encoded already."""
+    body = b"".join(
+        (
+            b'{"',
+            collection.encode(),
+            b'":[',
+            b",".join(items),
+            b'],"next":',
+            orjson.dumps(next_url),
+            b"}",
+        )
+    )
+    return web.Response(body=body, content_type="application/json")
+
+
 def timestamp(value: datetime | None) -> str | None:
     return value.isoformat(" ", "seconds") if value else None
 
@@ -105,6 +123,8 @@ class CapsuleFormatter:
         self._base_url = base_url
         self._legacy = version < CAPSULE_CURRENT_SHAPE
         self._hidden = hidden
+        # Everything the body of a capsule depends on besides the capsule.
+        self.shape = (base_url, self._legacy, hidden)
 
     def capsule(self, capsule: Capsule) -> dict[str, Any]:
         spec = capsule.spec

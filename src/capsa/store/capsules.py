@@ -60,6 +60,17 @@ _BY_NAME = select(c_t).where(c_t.c.name == bindparam("ident"), _OF_KIND).limit(2
 _IN_PROJECT = c_t.c.project_id == bindparam("project")
 _BY_UUID_IN_PROJECT = _BY_UUID_OF_KIND.where(_IN_PROJECT)
 _BY_NAME_IN_PROJECT = _BY_NAME.where(_IN_PROJECT)
+_BY_UUIDS = select(c_t).where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
+# What a capsule's version is made of: its own last update, its containers' last update, and
+# how many ports it has and their last update.
+_VERSION_COLUMNS = (
+    c_t.c.updated_at,
+    select(func.max(k_t.c.updated_at)).where(k_t.c.capsule_uuid == c_t.c.uuid).scalar_subquery(),
+    select(func.count()).where(schema.ports.c.device_id == c_t.c.uuid).scalar_subquery(),
+    select(func.max(schema.ports.c.updated_at))
+    .where(schema.ports.c.device_id == c_t.c.uuid)
+    .scalar_subquery(),
+)
 _CONTAINERS_OF = (
     select(k_t)
     .where(k_t.c.capsule_uuid.in_(bindparam("uuids", expanding=True)))
@@ -257,6 +268,39 @@ class CapsuleStore:
             return _load(conn, conn.execute(paged).all())
 
         return await self._db.run_read(list_page, long=True)
+
+    async def list_page_versions(
+        self,
+        project_id: str | None,
+        page: Page,
+        kind: CapsuleKind = CapsuleKind.CAPSULE,
+        filters: ListFilters = ListFilters(),
+    ) -> list[tuple[str, str]]:
+        """The uuids of the page :meth:`list_page` would load, each with a version that changes
+        whenever anything of the capsule does (its row, its containers' rows, its ports), so that
+        what was made of a capsule can be reused as long as its version holds. One query: the
+        containers and ports are not read, only their newest timestamps."""
+        column = SORT_KEYS[page.sort_key]
+        query = select(c_t.c.uuid, *_VERSION_COLUMNS).where(c_t.c.kind == kind, *filters.clauses())
+        if project_id is not None:
+            query = query.where(c_t.c.project_id == project_id)
+
+        def versions(conn: Connection) -> list[tuple[str, str]]:
+            paged = paging.one_page(conn, query, c_t, column, page, project_id)
+            return [(row[0], "|".join(map(str, row[1:]))) for row in conn.execute(paged)]
+
+        return await self._db.run_read(versions)
+
+    async def get_many(self, uuids: list[str]) -> dict[str, Capsule]:
+        """The capsules of ``uuids`` that exist, by uuid."""
+
+        def load(conn: Connection) -> list[Capsule]:
+            capsules: list[Capsule] = []
+            for chunk in _chunks(uuids):
+                capsules += _load(conn, conn.execute(_BY_UUIDS, {"uuids": chunk}).all())
+            return capsules
+
+        return {c.uuid: c for c in await self._db.run_read(load, long=len(uuids) > 20)}
 
     async def pending_placements(self) -> list[PlacementRequest]:
         """Capsules waiting for a host, oldest first: only what placing them needs."""

@@ -417,3 +417,40 @@ async def test_networks_a_capsule_cannot_join_are_refused_and_nothing_is_stored(
 
     await assert_error(response, 400, "container.invalid-capsule-template", fragment)
     assert await count(store) == 0
+
+
+async def test_a_list_shows_what_changed_since_the_last_list_and_each_caller_its_own_fields(
+    client: Client, store: Store
+) -> None:
+    created = await create(client, zun_template(name="watched"))
+    await create(client, zun_template(name="still"))
+
+    async def listed(headers: dict[str, str]) -> dict[str, dict[str, Any]]:
+        response = await client.get("/v1/capsules", headers=headers)
+        assert response.status == 200
+        return {c["name"]: c for c in (await response.json())["capsules"]}
+
+    first = await listed(ADMIN)
+    assert first["watched"]["status"] == "Creating"
+    assert "host" in first["watched"]
+    await store.hosts.register("h1", "http://h1", 1000, 1024, ("runc",))
+    assert await store.hosts.claim(created["uuid"], "h1", 250, 96)
+    assert await store.capsules.update_status(created["uuid"], status=Status.RUNNING)
+    capsule = await store.capsules.get(created["uuid"])
+    assert capsule is not None
+    await store.capsules.update_container(capsule.containers[0].uuid, status=Status.RUNNING)
+
+    second = await listed(ADMIN)
+    assert second["watched"]["status"] == "Running"
+    assert second["watched"]["host"] == "h1"
+    assert second["watched"]["containers"][0]["status"] == "Running"
+    assert second["still"] == first["still"]
+    # A change to a container alone shows too.
+    await store.capsules.update_container(capsule.containers[0].uuid, status=Status.STOPPED)
+    third = await listed(ADMIN)
+    assert third["watched"]["containers"][0]["status"] == "Stopped"
+    assert third["watched"]["status"] == "Running"
+    # A member lists the same capsules in the shape its policy allows: no hosts.
+    member = await listed(api_headers())
+    assert set(member) == {"watched", "still"}
+    assert "host" not in member["watched"]

@@ -155,3 +155,37 @@ async def test_a_container_is_found_with_its_capsule_within_its_project_only(
     assert await store.capsules.find_container(wanted.uuid, None) is not None
     assert await store.capsules.find_container(wanted.uuid, "p2") is None
     assert await store.capsules.find_container("no-such-container", None) is None
+
+
+async def test_a_capsules_version_changes_with_its_row_its_containers_and_its_ports(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await store.capsules.create(make_capsule())
+    other = await store.capsules.create(make_capsule())
+    network = NetworkService(store, "10.0.0.0/29", 1500)
+
+    async def versions() -> dict[str, str]:
+        return dict(await store.capsules.list_page_versions("p1", Page(limit=10)))
+
+    seen = [await versions()]
+    assert list(seen[0]) == [capsule.uuid, other.uuid]
+    assert await versions() == seen[0], "nothing changed, nor may the versions"
+
+    changes = [
+        store.capsules.update_status(capsule.uuid, status=Status.RUNNING),
+        store.capsules.update_container(capsule.containers[0].uuid, exit_code=3),
+        network.allocate_ports(capsule.uuid, "p1", "h1"),
+        network.release_ports(capsule.uuid),
+    ]
+    for change in changes:
+        await change
+        now = await versions()
+        assert now[capsule.uuid] != seen[-1][capsule.uuid]
+        assert now[other.uuid] == seen[0][other.uuid]
+        seen.append(now)
+    # Without its port the capsule shows again what it showed before it had one.
+    assert seen[-1][capsule.uuid] == seen[2][capsule.uuid]
+
+    loaded = await store.capsules.get_many([capsule.uuid, "no-such-capsule"])
+    assert list(loaded) == [capsule.uuid]
+    assert loaded[capsule.uuid].containers[0].exit_code == 3
