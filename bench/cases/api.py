@@ -118,7 +118,7 @@ async def fill(capsa: CapsaUp, count: int) -> list[str]:
         for number in range(count):
             capsule = _capsule(f"bench-api-{number:05d}", project.id)
             await store.capsules.create(capsule)
-            await network.allocate_port(capsule.uuid, project.id, _ELSEWHERE)
+            await network.allocate_ports(capsule.uuid, project.id, _ELSEWHERE)
             names.append(capsule.name)
         return names
     finally:

@@ -192,7 +192,7 @@ def capsa_ports(session: Session, paired: Paired) -> Iterator[Any]:
     def new_port() -> str:
         pod = str(uuid.uuid4())
         made.append(pod)
-        session.run(network.allocate_port(pod, project.id, cfg.resolved_host_name))
+        session.run(network.allocate_ports(pod, project.id, cfg.resolved_host_name))
         return pod
 
     try:

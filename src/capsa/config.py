@@ -38,11 +38,21 @@ class LogConfig:
     format: str = "text"
 
 
+WAKEUP_CHANNELS = ("auto", "database", "process")
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
     # SQLAlchemy URL; empty means SQLite at <state_dir>/capsa.db.
     # PostgreSQL: postgresql+psycopg://user:password@host/capsa (a synchronous driver)
     url: str = ""
+    # How a change wakes the reconcilers of the other processes of the database (other hosts):
+    # "database" writes its wake-ups there and every process follows them; "process" keeps them
+    # within the process (all-in-one), the others see the change at their resync; "auto" is
+    # "database" on PostgreSQL and "process" on SQLite. The same on every process.
+    wakeups: str = "auto"
+    # With "database": how often each process reads the others' wake-ups, in seconds.
+    wakeup_poll_interval: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -281,6 +291,15 @@ class Config:
         return self.database.url or f"sqlite:///{self.state_dir / 'capsa.db'}"
 
     @property
+    def wakeup_poll_interval(self) -> float | None:
+        """How often this process reads other processes' wake-ups from the database; None when
+        wake-ups stay within the process (``database.wakeups``)."""
+        channel = self.database.wakeups
+        if channel == "auto":
+            channel = "process" if self.database_url.startswith("sqlite") else "database"
+        return self.database.wakeup_poll_interval if channel == "database" else None
+
+    @property
     def api_url(self) -> str:
         return (self.api.public_url or f"http://{self.api.listen}").rstrip("/")
 
@@ -371,6 +390,15 @@ def load_config(
 
 def _checked(config: Config) -> Config:
     """Refuses settings that are each well typed but cannot be used as they are."""
+    database = config.database
+    if database.wakeups not in WAKEUP_CHANNELS:
+        raise ConfigError(
+            f"database.wakeups={database.wakeups!r}: use one of {', '.join(WAKEUP_CHANNELS)}"
+        )
+    if database.wakeup_poll_interval <= 0:
+        raise ConfigError(
+            f"database.wakeup_poll_interval={database.wakeup_poll_interval!r}: must be positive"
+        )
     auth = config.auth
     if auth.mode not in AUTH_MODES:
         raise ConfigError(f"auth.mode={auth.mode!r}: use one of {', '.join(AUTH_MODES)}")

@@ -17,6 +17,7 @@ capsa's own promises, section by section:
 10. A daemon killed in the middle of an ADD; leftovers of killed ADDs
 11. 20 pods started at once through containerd
 12. The data plane on its own
+13. A capsule on two networks: one ADD plugs both, CHECK, DEL and GC handle both
 
 Every test uses its own bridge, 10.x.y.0/24 subnet, netns, daemon socket and CNI network name,
 and removes them in teardown, so runs side by side never meet. Run as a script, this file is the
@@ -41,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -58,7 +59,7 @@ from capsa.cri import types as cri_types
 from capsa.cri.client import CriClient
 from capsa.files import atomic_write
 from capsa.network import dataplane as dataplane_module
-from capsa.network.dataplane import Dataplane, DataplaneError, host_ifname
+from capsa.network.dataplane import Dataplane, DataplaneError, host_ifname, pod_ifnames
 from capsa.network.service import NetworkService, bridge_name
 from capsa.network.types import PortBinding, PortSource
 from capsa.runtime.host import HostRuntime
@@ -171,10 +172,10 @@ async def reachable(address: IPv4Address) -> bool:
 
 class FilePorts:
     """A PortSource kept in a JSON file: a daemon in another process, and its successor after a
-    kill, see the same ports and bindings as the test. port_unbound forgets only its own
-    container's binding, as the store does.
+    kill, see the same ports and bindings as the test. ports_unbound forgets only its own
+    container's bindings, as the store does.
 
-    ``pause_at`` names a step ("find_port" or "port_bound") at which the source writes the step
+    ``pause_at`` names a step ("find_ports" or "ports_bound") at which the source writes the step
     to ``marker`` and then never returns: the daemon is to be killed there.
     """
 
@@ -185,13 +186,13 @@ class FilePorts:
         if not path.exists():
             self._save({"ports": {}, "bound": {}})
 
-    def add(self, pod: str, port: PortBinding) -> None:
+    def add(self, pod: str, *ports: PortBinding) -> None:
+        """The pod's ports, in its interface order."""
         state = self._load()
-        state["ports"][pod] = {
-            **dataclasses.asdict(port),
-            "ip": str(port.ip),
-            "gateway": str(port.gateway),
-        }
+        state["ports"][pod] = [
+            {**dataclasses.asdict(port), "ip": str(port.ip), "gateway": str(port.gateway)}
+            for port in ports
+        ]
         self._save(state)
 
     @property
@@ -199,34 +200,38 @@ class FilePorts:
         """Port id -> the container id bound to it."""
         return {port_id: cid for port_id, (cid, _) in self._load()["bound"].items()}
 
-    async def find_port(self, pod_name: str) -> PortBinding | None:
-        await self._pause("find_port")
+    async def find_ports(self, pod_name: str) -> list[PortBinding]:
+        await self._pause("find_ports")
         state = self._load()
-        fields = state["ports"].get(pod_name)
-        if fields is None:
-            return None
-        container_id, host_name = state["bound"].get(fields["port_id"], (None, None))
-        return PortBinding(
-            **{
-                **fields,
-                "ip": IPv4Interface(fields["ip"]),
-                "gateway": IPv4Address(fields["gateway"]),
-                "bound_container_id": container_id,
-                "bound_host_ifname": host_name,
-            }
-        )
+        found = []
+        for fields in state["ports"].get(pod_name, []):
+            container_id, host_name = state["bound"].get(fields["port_id"], (None, None))
+            found.append(
+                PortBinding(
+                    **{
+                        **fields,
+                        "ip": IPv4Interface(fields["ip"]),
+                        "gateway": IPv4Address(fields["gateway"]),
+                        "bound_container_id": container_id,
+                        "bound_host_ifname": host_name,
+                    }
+                )
+            )
+        return found
 
-    async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:
-        await self._pause("port_bound")
+    async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        await self._pause("ports_bound")
         state = self._load()
-        state["bound"][port_id] = [container_id, host_ifname]
+        for port_id, host_name in host_ifnames.items():
+            state["bound"][port_id] = [container_id, host_name]
         self._save(state)
 
-    async def port_unbound(self, port_id: str, container_id: str) -> None:
+    async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
         state = self._load()
-        if state["bound"].get(port_id, [None])[0] == container_id:
-            del state["bound"][port_id]
-            self._save(state)
+        for port_id in port_ids:
+            if state["bound"].get(port_id, [None])[0] == container_id:
+                del state["bound"][port_id]
+        self._save(state)
 
     async def _pause(self, step: str) -> None:
         if step == self.pause_at and self.marker is not None:
@@ -256,10 +261,16 @@ class Network:
         return self.subnet.network_address + 1
 
     def add_pod(self) -> tuple[str, PortBinding]:
-        self.pods += 1
         pod = str(uuid.uuid4())
-        port = PortBinding(
-            port_id=f"port-{pod}",
+        port = self.new_port()
+        self.ports.add(pod, port)
+        return pod, port
+
+    def new_port(self) -> PortBinding:
+        """A port on this network, for a pod to be added to ``ports``."""
+        self.pods += 1
+        return PortBinding(
+            port_id=f"port-{uuid.uuid4()}",
             network_id="net-test",
             mac=f"fa:16:3e:{secrets.token_hex(1)}:{secrets.token_hex(1)}:{self.pods:02x}",
             ip=IPv4Interface(f"{self.subnet.network_address + 10 + self.pods}/24"),
@@ -267,8 +278,6 @@ class Network:
             bridge=self.bridge,
             mtu=self.mtu,
         )
-        self.ports.add(pod, port)
-        return pod, port
 
 
 # ---- the runtime side: the installed launcher, run as libcni runs it ----
@@ -401,7 +410,8 @@ class Cni:
 
     def remove_veths(self) -> None:
         for container_id in self.container_ids:
-            sh("ip", "link", "del", host_ifname(container_id, "eth0"), check=False)
+            for name in pod_ifnames("eth0", 2):
+                sh("ip", "link", "del", host_ifname(container_id, name), check=False)
 
 
 def install(directory: Path, daemon_address: str) -> Cni:
@@ -436,6 +446,21 @@ def network(work_dir: Path) -> Iterator[Network]:
         bridge=f"capsat{secrets.token_hex(4)}",
         subnet=free_subnet(),
         ports=FilePorts(work_dir / "ports.json"),
+    )
+    try:
+        yield net
+    finally:
+        sh("ip", "link", "del", net.bridge, check=False)
+
+
+@pytest.fixture
+def second_network(network: Network) -> Iterator[Network]:
+    """Another network whose ports the same source keeps: a capsule may join both."""
+    subnet = free_subnet()
+    while subnet == network.subnet:
+        subnet = free_subnet()
+    net = Network(
+        bridge=f"capsat{secrets.token_hex(4)}", subnet=subnet, ports=network.ports, mtu=1300
     )
     try:
         yield net
@@ -503,14 +528,12 @@ class StoreNetwork:
 
     async def add_pod(self) -> tuple[str, PortBinding]:
         pod = str(uuid.uuid4())
-        await self.service.allocate_port(pod, "project-ct", "host-ct")
-        port = await self.service.find_port(pod)
-        assert port is not None
+        await self.service.allocate_ports(pod, "project-ct", "host-ct")
+        [port] = await self.service.find_ports(pod)
         return pod, port
 
     async def binding(self, pod: str) -> str | None:
-        port = await self.store.ports.find_by_device(pod)
-        assert port is not None
+        [port] = await self.store.ports.list_for_device(pod)
         return port.binding_container_id
 
 
@@ -1137,11 +1160,11 @@ async def wait_for(path: Path, timeout: float = COMMAND_TIMEOUT) -> None:
     ("step", "retry"),
     [
         # Before any kernel work: a slow port lookup.
-        ("find_port", "same sandbox"),
+        ("find_ports", "same sandbox"),
         # The veth exists and is on the bridge; the pod end has no address or route yet.
         ("configure_pod_end", "same sandbox"),
         # All plugged; the binding is not recorded.
-        ("port_bound", "same sandbox"),
+        ("ports_bound", "same sandbox"),
         # containerd's way: DEL of the failed sandbox, then a new sandbox.
         ("configure_pod_end", "new sandbox"),
     ],
@@ -1164,7 +1187,7 @@ async def test_daemon_killed_in_the_middle_of_an_add_recovers_on_restart(
         outcome = await add
 
         assert outcome.error["code"] == 11
-        if step != "find_port":
+        if step != "find_ports":
             # The half-done ADD left a veth of the deterministic name.
             assert link_exists(host_ifname(container_id, "eth0"))
         daemon.start()
@@ -1329,7 +1352,7 @@ async def test_failed_plug_leaves_nothing_behind(
         pytest.raises(DataplaneError, match="cannot configure eth0"),
     ):
         await asyncio.to_thread(
-            dataplane.plug, container_id, netns_path(netns), "eth0", unroutable, "owner"
+            dataplane.plug, container_id, netns_path(netns), [("eth0", unroutable)], "owner"
         )
 
     assert not link_exists(host_ifname(container_id, "eth0"))
@@ -1363,6 +1386,149 @@ def test_bridge_creation_races_all_succeed(network: Network) -> None:
     with contextlib.closing(Dataplane()) as dataplane:
         assert dataplane.remove_bridge_if_unused(network.bridge)
     assert not link_exists(network.bridge)
+
+
+# ==== 13. A capsule on two networks ====
+
+
+def pod_on_two_networks(first: Network, second: Network) -> tuple[str, PortBinding, PortBinding]:
+    pod = str(uuid.uuid4())
+    ports = first.new_port(), second.new_port()
+    first.ports.add(pod, *ports)
+    return pod, *ports
+
+
+def pod_routes(netns: str) -> list[tuple[str, str | None, str]]:
+    return [
+        (r["dst"], r.get("gateway"), r["dev"]) for r in ip_json("-n", netns, "-4", "route", "show")
+    ]
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+async def test_one_add_plugs_every_network_of_the_capsule_and_check_sees_them_all(
+    cni: Cni,
+    network: Network,
+    second_network: Network,
+    make_netns: Callable[[], str],
+    version: str,
+) -> None:
+    pod, first, second = pod_on_two_networks(network, second_network)
+    netns = make_netns()
+    container_id = secrets.token_hex(32)
+
+    result = await cni.add(container_id, netns_path(netns), pod, cniVersion=version)
+
+    names = [i["name"] for i in result["interfaces"]]
+    assert names == [
+        network.bridge,
+        host_ifname(container_id, "eth0"),
+        "eth0",
+        second_network.bridge,
+        host_ifname(container_id, "eth1"),
+        "eth1",
+    ]
+    assert [(names[ip["interface"]], ip["address"]) for ip in result["ips"]] == [
+        ("eth0", str(first.ip)),
+        ("eth1", str(second.ip)),
+    ]
+    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": str(network.gateway)}]
+    # The first network has the default route, the second only its subnet.
+    assert sorted(pod_routes(netns)) == sorted(
+        [
+            ("default", str(network.gateway), "eth0"),
+            (str(network.subnet), None, "eth0"),
+            (str(second_network.subnet), None, "eth1"),
+        ]
+    )
+    second_end = pod_state(netns, "eth1")
+    assert (second_end["mac"], second_end["mtu"], second_end["addresses"]) == (
+        second.mac,
+        second_network.mtu,
+        [str(second.ip)],
+    )
+    assert ports_of(second_network.bridge) == [host_ifname(container_id, "eth1")]
+    assert network.ports.bound == {first.port_id: container_id, second.port_id: container_id}
+    assert await reachable(first.ip.ip) and await reachable(second.ip.ip)
+    if version != "0.3.1":
+        assert await cni.check(container_id, netns_path(netns), pod, result) == Outcome(0, None)
+        sh("ip", "-n", netns, "addr", "flush", "dev", "eth1")
+        outcome = await cni.check(container_id, netns_path(netns), pod, result)
+        assert "eth1 lacks" in outcome.error["msg"]
+
+
+async def test_add_fails_when_a_second_interface_name_is_taken_and_leaves_nothing(
+    cni: Cni, network: Network, second_network: Network, make_netns: Callable[[], str]
+) -> None:
+    pod, _, _ = pod_on_two_networks(network, second_network)
+    netns = make_netns()
+    sh("ip", "-n", netns, "link", "add", "eth1", "type", "bridge")
+    container_id = secrets.token_hex(32)
+
+    outcome = await cni.run("ADD", container_id, netns_path(netns), pod)
+
+    assert outcome.error["code"] == 4
+    assert "eth1 already exists" in outcome.error["msg"]
+    assert not link_exists(host_ifname(container_id, "eth0"))
+    assert not link_exists("eth0", netns)
+    assert network.ports.bound == {}
+
+
+async def test_del_unplugs_every_network_of_the_capsule_and_stays_safe(
+    cni: Cni, network: Network, second_network: Network, make_netns: Callable[[], str]
+) -> None:
+    pod, _, _ = pod_on_two_networks(network, second_network)
+    netns = make_netns()
+    container_id = secrets.token_hex(32)
+    await cni.add(container_id, netns_path(netns), pod)
+
+    await cni.delete(container_id, netns_path(netns), pod)
+
+    for name in ("eth0", "eth1"):
+        (host_end,) = ip_json("link", "show", "dev", host_ifname(container_id, name)) or [{}]
+        assert "master" not in host_end and "UP" not in host_end.get("flags", [])
+    assert not link_exists(network.bridge) and not link_exists(second_network.bridge)
+    assert network.ports.bound == {}
+    # Again, without K8S_POD_NAME, and once the netns is gone.
+    await cni.delete(container_id, netns_path(netns), "")
+    sh("ip", "netns", "del", netns)
+    await cni.delete(container_id, "", pod)
+    for name in ("eth0", "eth1"):
+        assert not link_exists(host_ifname(container_id, name))
+
+
+async def test_a_new_sandbox_takes_every_port_and_a_stale_del_leaves_it(
+    cni: Cni, network: Network, second_network: Network, make_netns: Callable[[], str]
+) -> None:
+    pod, first, second = pod_on_two_networks(network, second_network)
+    old_netns, new_netns = make_netns(), make_netns()
+    old, new = secrets.token_hex(32), secrets.token_hex(32)
+    await cni.add(old, netns_path(old_netns), pod)
+
+    await cni.add(new, netns_path(new_netns), pod)
+    await cni.delete(old, netns_path(old_netns), pod)
+
+    assert ports_of(network.bridge) == [host_ifname(new, "eth0")]
+    assert ports_of(second_network.bridge) == [host_ifname(new, "eth1")]
+    assert not link_exists("eth1", old_netns)
+    assert network.ports.bound == {first.port_id: new, second.port_id: new}
+    assert await reachable(first.ip.ip) and await reachable(second.ip.ip)
+
+
+async def test_gc_keeps_or_removes_every_interface_of_an_attachment(
+    cni: Cni, network: Network, second_network: Network, make_netns: Callable[[], str]
+) -> None:
+    kept_pod, kept_first, kept_second = pod_on_two_networks(network, second_network)
+    stale_pod, _, _ = pod_on_two_networks(network, second_network)
+    kept, stale = secrets.token_hex(32), secrets.token_hex(32)
+    await cni.add(kept, netns_path(make_netns()), kept_pod)
+    await cni.add(stale, netns_path(make_netns()), stale_pod)
+
+    assert await cni.gc((kept, "eth0")) == Outcome(0, None)
+
+    assert ports_of(network.bridge) == [host_ifname(kept, "eth0")]
+    assert ports_of(second_network.bridge) == [host_ifname(kept, "eth1")]
+    assert network.ports.bound == {kept_first.port_id: kept, kept_second.port_id: kept}
+    assert await reachable(kept_second.ip.ip)
 
 
 # ---- the daemon of section 10, run as a separate process ----

@@ -91,81 +91,142 @@ def set_disabled(database_url: str, host: str, disabled: bool) -> None:
     asyncio.run(run())
 
 
-def test_a_network_spans_two_hosts_over_vxlan_and_others_stay_apart(
+@dataclass
+class TwoHosts:
+    database_url: str
+    first: CapsaInstance
+    second: CapsaInstance
+
+
+@pytest.fixture
+def two_hosts(
     underlay: Underlay, new_capsa: Callable[..., CapsaInstance]
-) -> None:
+) -> Iterator[Callable[..., TwoHosts]]:
+    """Starts a `capsa up` in each netns of the underlay, on one database and one default pool
+    (``environment`` adds to both); stops them and removes what they shared afterwards."""
     shared = Path(tempfile.mkdtemp(prefix="capsa-it-shared-", dir="/tmp"))
     database_url = f"sqlite:///{shared / 'capsa.db'}"
     pool = free_pool(23)
-    hosts = []
-    for netns, address in zip(underlay.netns, underlay.addresses, strict=True):
-        instance = new_capsa(
-            CAPSA_DATABASE_URL=database_url,
-            CAPSA_NETWORK_DEFAULT_CIDR=pool,
-            CAPSA_NETWORK_DEFAULT_PREFIXLEN="24",
-            CAPSA_NETWORK_TUNNEL_IP=address,
-            # The overlay's 50 bytes of headers fit in the underlay's 1500.
-            CAPSA_NETWORK_MTU="1450",
-            CAPSA_AGENT_RESYNC_INTERVAL="1",
-            CAPSA_SCHEDULER_RESYNC_INTERVAL="1",
-            CAPSA_API_LISTEN=f"{address}:{free_port()}",
-            CAPSA_IMAGES_CACHE_DIR=str(shared / "images"),
-        )
-        instance.netns = f"/run/netns/{netns}"
-        instance.api_url = f"http://{instance.env['CAPSA_API_LISTEN']}"
-        instance.cidr = pool
-        hosts.append(instance)
-    first, second = hosts
-    try:
+    hosts: list[CapsaInstance] = []
+
+    def start(**environment: str) -> TwoHosts:
+        for netns, address in zip(underlay.netns, underlay.addresses, strict=True):
+            instance = new_capsa(
+                CAPSA_DATABASE_URL=database_url,
+                CAPSA_NETWORK_DEFAULT_CIDR=pool,
+                CAPSA_NETWORK_DEFAULT_PREFIXLEN="24",
+                CAPSA_NETWORK_TUNNEL_IP=address,
+                # The overlay's 50 bytes of headers fit in the underlay's 1500.
+                CAPSA_NETWORK_MTU="1450",
+                CAPSA_API_LISTEN=f"{address}:{free_port()}",
+                CAPSA_IMAGES_CACHE_DIR=str(shared / "images"),
+                **environment,
+            )
+            instance.netns = f"/run/netns/{netns}"
+            instance.api_url = f"http://{instance.env['CAPSA_API_LISTEN']}"
+            instance.cidr = pool
+            hosts.append(instance)
+        first, second = hosts
         first.start()
-        # One cloud on two hosts: the second shares the first's identity (token key, passwords),
-        # as hosts sharing a database must, or its bootstrap would give the admin a new password.
+        # One cloud on two hosts: the second shares the first's identity (token key,
+        # passwords), as hosts sharing a database must, or its bootstrap would give the admin a
+        # new password.
         shutil.copytree(first.state_dir / "identity", second.state_dir / "identity")
         second.start()
-        alice = first.token_headers(f"alice-{secrets.token_hex(3)}")
-        bob = first.token_headers(f"bob-{secrets.token_hex(3)}")
+        return TwoHosts(database_url, first, second)
 
-        # Alice's x1 on the first host; then x2 (Alice) and y (Bob) on the second.
-        set_disabled(database_url, second.host_name, True)
-        first.create(web("x1"), **alice)
-        x1 = ip_of(wait_running(first, "x1", alice))
-        set_disabled(database_url, second.host_name, False)
-        set_disabled(database_url, first.host_name, True)
-        first.create(web("x2"), **alice)
-        first.create(web("y"), **bob)
-        x2 = ip_of(wait_running(first, "x2", alice))
-        y = ip_of(wait_running(first, "y", bob))
-        placed = {c["name"]: c["host"] for c in first.capsules()}
-        assert placed == {"x1": first.host_name, "x2": second.host_name, "y": second.host_name}
-
-        # One network on two hosts: ICMP and TCP both ways, through the VXLAN devices.
-        eventually(lambda: reaches(x1, x2) and reaches(x1, x2, 80), "x1 reaches x2")
-        eventually(lambda: reaches(x2, x1) and reaches(x2, x1, 80), "x2 reaches x1")
-        # A VXLAN device per network with a port on the host: Alice's on both, Bob's on one.
-        first_overlays, second_overlays = (links_in(netns, "cvx-") for netns in underlay.netns)
-        assert len(first_overlays) == 1 and len(second_overlays) == 2
-        assert first_overlays < second_overlays
-        # Bob's network does not: not to Alice's pod on its own host, nor on the other.
-        never(lambda: reaches(y, x2) or reaches(y, x2, 80), "y reached x2 on its host")
-        never(lambda: reaches(y, x1) or reaches(y, x1, 80), "y reached x1 over the overlay")
-
-        for name, project in (("x1", alice), ("x2", alice), ("y", bob)):
-            status, body = first.request("DELETE", f"/v1/capsules/{name}", None, project)
-            assert status == 204, body
-        for name, project in (("x1", alice), ("x2", alice), ("y", bob)):
-            wait_gone(first, name, project)
-
-        # Nothing left on either host: bridges, veths, VXLAN devices, capsa's tables; no port.
-        for netns in underlay.netns:
-            eventually(
-                lambda netns=netns: in_netns(netns, "nft", "list", "tables").stdout == "",
-                f"capsa's tables gone on {netns}",
-            )
-            assert links_in(netns, "cbr-") == links_in(netns, "cvx-") == set()
-            assert links_in(netns, "capsa") == set()
-        status, body = first.request("GET", "/networking/v2.0/ports")
-        assert status == 200 and body["ports"] == [], body
+    try:
+        yield start
     finally:
         for instance in hosts:
             instance.cleanup()
         sh("rm", "-rf", str(shared))
+
+
+def test_a_network_spans_two_hosts_over_vxlan_and_others_stay_apart(
+    underlay: Underlay, two_hosts: Callable[..., TwoHosts]
+) -> None:
+    hosts = two_hosts(CAPSA_AGENT_RESYNC_INTERVAL="1", CAPSA_SCHEDULER_RESYNC_INTERVAL="1")
+    first, second, database_url = hosts.first, hosts.second, hosts.database_url
+    alice = first.token_headers(f"alice-{secrets.token_hex(3)}")
+    bob = first.token_headers(f"bob-{secrets.token_hex(3)}")
+
+    # Alice's x1 on the first host; then x2 (Alice) and y (Bob) on the second.
+    set_disabled(database_url, second.host_name, True)
+    first.create(web("x1"), **alice)
+    x1 = ip_of(wait_running(first, "x1", alice))
+    set_disabled(database_url, second.host_name, False)
+    set_disabled(database_url, first.host_name, True)
+    first.create(web("x2"), **alice)
+    first.create(web("y"), **bob)
+    x2 = ip_of(wait_running(first, "x2", alice))
+    y = ip_of(wait_running(first, "y", bob))
+    placed = {c["name"]: c["host"] for c in first.capsules()}
+    assert placed == {"x1": first.host_name, "x2": second.host_name, "y": second.host_name}
+
+    # One network on two hosts: ICMP and TCP both ways, through the VXLAN devices.
+    eventually(lambda: reaches(x1, x2) and reaches(x1, x2, 80), "x1 reaches x2")
+    eventually(lambda: reaches(x2, x1) and reaches(x2, x1, 80), "x2 reaches x1")
+    # A VXLAN device per network with a port on the host: Alice's on both, Bob's on one.
+    first_overlays, second_overlays = (links_in(netns, "cvx-") for netns in underlay.netns)
+    assert len(first_overlays) == 1 and len(second_overlays) == 2
+    assert first_overlays < second_overlays
+    # Bob's network does not: not to Alice's pod on its own host, nor on the other.
+    never(lambda: reaches(y, x2) or reaches(y, x2, 80), "y reached x2 on its host")
+    never(lambda: reaches(y, x1) or reaches(y, x1, 80), "y reached x1 over the overlay")
+
+    for name, project in (("x1", alice), ("x2", alice), ("y", bob)):
+        status, body = first.request("DELETE", f"/v1/capsules/{name}", None, project)
+        assert status == 204, body
+    for name, project in (("x1", alice), ("x2", alice), ("y", bob)):
+        wait_gone(first, name, project)
+
+    # Nothing left on either host: bridges, veths, VXLAN devices, capsa's tables; no port.
+    for netns in underlay.netns:
+        eventually(
+            lambda netns=netns: in_netns(netns, "nft", "list", "tables").stdout == "",
+            f"capsa's tables gone on {netns}",
+        )
+        assert links_in(netns, "cbr-") == links_in(netns, "cvx-") == set()
+        assert links_in(netns, "capsa") == set()
+    status, body = first.request("GET", "/networking/v2.0/ports")
+    assert status == 200 and body["ports"] == [], body
+
+
+def test_a_host_learns_of_another_hosts_new_pod_at_once_not_at_its_resync(
+    two_hosts: Callable[..., TwoHosts],
+) -> None:
+    # Resyncs far longer than the test: only a wake-up from the other process explains that a
+    # host acts. database.wakeups carries them through the shared database.
+    hosts = two_hosts(
+        CAPSA_DATABASE_WAKEUPS="database",
+        CAPSA_AGENT_RESYNC_INTERVAL="3600",
+        CAPSA_SCHEDULER_RESYNC_INTERVAL="3600",
+    )
+    first, second = hosts.first, hosts.second
+    alice = first.token_headers(f"alice-{secrets.token_hex(3)}")
+
+    # The second host's pod, placed there by the first host's scheduler: its agent is woken
+    # across processes.
+    set_disabled(hosts.database_url, first.host_name, True)
+    first.create(web("early"), **alice)
+    early = ip_of(wait_running(first, "early", alice))
+    # A new pod on the first host, placed by the second host's scheduler (the API that takes it
+    # wakes the scheduler of its own process).
+    set_disabled(hosts.database_url, first.host_name, False)
+    set_disabled(hosts.database_url, second.host_name, True)
+    second.create(web("late"), **alice)
+    late = ip_of(wait_running(second, "late", alice))
+    placed = {c["name"]: c["host"] for c in first.capsules()}
+    assert placed == {"early": second.host_name, "late": first.host_name}
+
+    # The second host's network agent learns of the new port (its MAC for the overlay's
+    # forwarding entries, the first host as a flood destination) from the wake-up.
+    eventually(lambda: reaches(early, late) and reaches(early, late, 80), "early reaches late")
+    eventually(lambda: reaches(late, early), "late reaches early")
+
+    for name in ("early", "late"):
+        status, body = first.request("DELETE", f"/v1/capsules/{name}", None, alice)
+        assert status == 204, body
+    for name in ("early", "late"):
+        wait_gone(first, name, alice)

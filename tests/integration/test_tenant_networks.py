@@ -222,6 +222,65 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
             netns_of(ip)
 
 
+def test_a_capsule_on_two_networks_reaches_both_and_a_third_network_reaches_neither(
+    new_capsa: Callable[..., CapsaInstance],
+) -> None:
+    capsa = new_capsa()
+    capsa.start()
+    alice = capsa.token_headers(f"alice-{uuid.uuid4().hex[:6]}")
+    # Three networks of Alice's from the top of the instance's pool (its cleanup covers them).
+    *_, cidr_a, cidr_b, cidr_c = ipaddress.ip_network(capsa.cidr).subnets(new_prefix=24)
+    network_ids = {}
+    for name, cidr in (("A", cidr_a), ("B", cidr_b), ("C", cidr_c)):
+        network = neutron(capsa, "POST", "/networks", alice, {"network": {"name": name}})
+        subnet = {"network_id": network["network"]["id"], "cidr": str(cidr), "ip_version": 4}
+        neutron(capsa, "POST", "/subnets", alice, {"subnet": subnet})
+        network_ids[name] = network["network"]["id"]
+
+    def on(networks: str, name: str) -> dict[str, Any]:
+        template = web(name)
+        template["metadata"]["annotations"] = {"capsa.io/network": networks}
+        return template
+
+    capsa.create(on("A,B", "ab"), **alice)
+    for name in ("a", "b", "c"):
+        capsa.create(on(name.upper(), name), **alice)
+    ab = wait_running(capsa, "ab", alice)
+    a, b, c = (ip_of(wait_running(capsa, name, alice)) for name in ("a", "b", "c"))
+
+    # An address on each network, in the order asked: eth0 on A (the default route), eth1 on B.
+    assert list(ab["addresses"]) == [network_ids["A"], network_ids["B"]]
+    ab_a, ab_b = (ab["addresses"][network_ids[n]][0]["addr"] for n in ("A", "B"))
+    assert ipaddress.ip_address(ab_a) in cidr_a and ipaddress.ip_address(ab_b) in cidr_b
+    pod = f"--net={netns_of(ab_a)}"
+    addresses = json.loads(sh("nsenter", pod, "ip", "-j", "-4", "addr", "show").stdout)
+    assert {(x["ifname"], i["local"]) for x in addresses for i in x["addr_info"]} >= {
+        ("eth0", ab_a),
+        ("eth1", ab_b),
+    }
+    default = json.loads(sh("nsenter", pod, "ip", "-j", "route", "show", "default").stdout)
+    assert [(r["dev"], r["gateway"]) for r in default] == [("eth0", str(cidr_a[1]))]
+
+    # The capsule reaches a pod on A and a pod on B, and they reach it, ICMP and TCP.
+    eventually(lambda: reaches(ab_a, a) and reaches(ab_a, a, 80), "ab reaches a on A")
+    eventually(lambda: reaches(ab_b, b) and reaches(ab_b, b, 80), "ab reaches b on B")
+    eventually(lambda: reaches(a, ab_a) and reaches(a, ab_a, 80), "a reaches ab on A")
+    eventually(lambda: reaches(b, ab_b) and reaches(b, ab_b, 80), "b reaches ab on B")
+    # A pod on C reaches neither of its addresses, nor the pods of A and B; the networks stay
+    # apart (B's pod does not reach the capsule's A address either).
+    for target in (ab_a, ab_b, a, b):
+        never(lambda t=target: reaches(c, t) or reaches(c, t, 80), f"c reached {target}")
+    never(lambda: reaches(b, ab_a) or reaches(b, a), "b reached network A")
+
+    for name in ("ab", "a", "b", "c"):
+        status, body = capsa.request("DELETE", f"/v1/capsules/{name}", None, alice)
+        assert status == 204, body
+    for name in ("ab", "a", "b", "c"):
+        wait_gone(capsa, name, alice)
+    assert neutron(capsa, "GET", "/ports", alice)["ports"] == []
+    assert bridges_for(capsa.cidr) == []
+
+
 def wait_running(
     capsa: CapsaInstance, name: str, project: Headers, timeout: float = 90
 ) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
+from capsa.model.network import AllocationPool
 from capsa.store import Store
 
 CapsuleFactory = Callable[..., Capsule]
@@ -66,3 +68,27 @@ def make_capsule() -> CapsuleFactory:
         return capsule
 
     return build
+
+
+async def network_with_subnet(
+    store: Store,
+    project_id: str,
+    name: str,
+    cidr: str,
+    pool: tuple[str, str] | None = None,
+    mtu: int = 1500,
+) -> str:
+    """A network of the project with one subnet (gateway .1; ``pool`` its only addresses, else
+    all); returns the network's id."""
+    network = await store.networks.create_network(project_id=project_id, name=name, mtu=mtu)
+    subnet = ipaddress.IPv4Network(cidr)
+    await store.networks.create_subnet(
+        network_id=network.id,
+        project_id=project_id,
+        cidr=subnet,
+        gateway_ip=subnet.network_address + 1,
+        allocation_pools=[]
+        if pool is None
+        else [AllocationPool(ipaddress.IPv4Address(pool[0]), ipaddress.IPv4Address(pool[1]))],
+    )
+    return network.id

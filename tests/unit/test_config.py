@@ -84,6 +84,34 @@ def _empty(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize(
+    ("environment", "interval"),
+    [
+        # All-in-one on SQLite: wake-ups stay within the process.
+        ({}, None),
+        ({"CAPSA_DATABASE_URL": "postgresql+psycopg://capsa@db/capsa"}, 0.2),
+        ({"CAPSA_DATABASE_WAKEUPS": "database", "CAPSA_DATABASE_WAKEUP_POLL_INTERVAL": "0.1"}, 0.1),
+        (
+            {"CAPSA_DATABASE_URL": "postgresql://db/capsa", "CAPSA_DATABASE_WAKEUPS": "process"},
+            None,
+        ),
+    ],
+)
+def test_wakeups_cross_processes_through_the_database_when_it_is_shared(
+    tmp_path: Path, environment: dict[str, str], interval: float | None
+) -> None:
+    assert load_config(_empty(tmp_path), environ=environment).wakeup_poll_interval == interval
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [{"CAPSA_DATABASE_WAKEUPS": "redis"}, {"CAPSA_DATABASE_WAKEUP_POLL_INTERVAL": "0"}],
+)
+def test_unusable_wakeup_settings_are_refused(tmp_path: Path, environment: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"database\.wakeup"):
+        load_config(_empty(tmp_path), environ=environment)
+
+
 def test_every_setting_is_documented_with_its_variable_and_default() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     rows = {

@@ -41,11 +41,16 @@ from capsa.model.capsule import (
     ContainerSpec,
     PullPolicy,
 )
-from capsa.model.network import NETWORK_ANNOTATION, SECURITY_GROUPS_ANNOTATION, Attachment
+from capsa.model.network import (
+    MAX_CAPSULE_NETWORKS,
+    NETWORK_ANNOTATION,
+    SECURITY_GROUPS_ANNOTATION,
+    Attachment,
+)
 from capsa.model.registry import RegistryDirectory
 from capsa.store import Store
 from capsa.store.capsules import SORT_KEYS, AmbiguousName, NameConflict
-from capsa.store.networks import Ambiguous, NotFound
+from capsa.store.networks import Ambiguous, NotFound, RepeatedNetwork
 from capsa.store.paging import MarkerNotFound, Page
 from capsa.store.quotas import OverQuota
 
@@ -116,18 +121,26 @@ async def store_new(request: web.Request, capsule: Capsule, **log_fields: object
 
 
 async def _check_attachment(store: Store, project_id: str, annotations: dict[str, str]) -> None:
-    """The network and security groups the annotations name must be the project's to use (the
-    agent resolves them again when it allocates the port)."""
+    """The networks and security groups the annotations name must be the project's to use (the
+    agent resolves them again when it allocates the ports), each network named once."""
     attachment = Attachment.from_annotations(annotations)
+    if len(attachment.networks) > MAX_CAPSULE_NETWORKS:
+        raise _invalid_attachment(
+            f"a capsule joins at most {MAX_CAPSULE_NETWORKS} networks, "
+            f"not {len(attachment.networks)}"
+        )
     try:
-        if attachment.network is not None:
-            await store.networks.resolve_network(project_id, attachment.network)
+        await store.networks.resolve_networks(project_id, attachment.networks)
         await store.networks.resolve_security_groups(project_id, attachment.security_groups)
-    except (NotFound, Ambiguous) as exc:
-        raise InvalidCapsuleTemplate(
-            f"Invalid capsule template: annotations {NETWORK_ANNOTATION} and "
-            f"{SECURITY_GROUPS_ANNOTATION}: {exc}"
-        ) from None
+    except (NotFound, Ambiguous, RepeatedNetwork) as exc:
+        raise _invalid_attachment(str(exc)) from None
+
+
+def _invalid_attachment(reason: str) -> InvalidCapsuleTemplate:
+    return InvalidCapsuleTemplate(
+        f"Invalid capsule template: annotations {NETWORK_ANNOTATION} and "
+        f"{SECURITY_GROUPS_ANNOTATION}: {reason}"
+    )
 
 
 async def list_capsules(request: web.Request) -> web.Response:

@@ -64,7 +64,7 @@ from capsa.model.network import NETWORK_ANNOTATION, SECURITY_GROUPS_ANNOTATION
 from capsa.model.registry import RegistryDirectory
 from capsa.store import Store
 from capsa.store.capsules import SORT_KEYS, Action, ListFilters, NameConflict, WrongState
-from capsa.store.networks import Ambiguous, NotFound
+from capsa.store.networks import Ambiguous, NotFound, RepeatedNetwork
 from capsa.store.paging import MarkerNotFound, Page
 
 log = get_logger(__name__)
@@ -142,7 +142,7 @@ async def create_container(request: web.Request) -> web.Response:
     spec = replace(
         asked.spec,
         annotations=await _attachment(
-            store, context.project_id, asked.network, asked.security_groups
+            store, context.project_id, asked.networks, asked.security_groups
         ),
     )
     await authorize_fields(store, context, spec)
@@ -157,19 +157,19 @@ async def create_container(request: web.Request) -> web.Response:
 
 
 async def _attachment(
-    store: Store, project_id: str, network: str | None, security_groups: tuple[str, ...]
+    store: Store, project_id: str, networks: tuple[str, ...], security_groups: tuple[str, ...]
 ) -> dict[str, str]:
     """The annotations that attach the container (capsa.model.network.Attachment), naming the
-    network and groups by id; Zun's errors for a name the project cannot use."""
+    networks and groups by id; Zun's errors for a name the project cannot use."""
     annotations = {}
     try:
-        if network is not None:
-            found = await store.networks.resolve_network(project_id, network)
-            annotations[NETWORK_ANNOTATION] = found.id
+        if networks:
+            found = await store.networks.resolve_networks(project_id, networks)
+            annotations[NETWORK_ANNOTATION] = ",".join(n.id for n in found)
         if security_groups:
             ids = await store.networks.resolve_security_groups(project_id, security_groups)
             annotations[SECURITY_GROUPS_ANNOTATION] = ",".join(dict.fromkeys(ids))
-    except NotFound as exc:
+    except (NotFound, RepeatedNetwork) as exc:
         raise InvalidValue(f"Invalid container: {exc}") from None
     except Ambiguous as exc:
         raise Conflict(f"{exc}; use an ID to be more specific.") from None

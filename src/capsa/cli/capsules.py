@@ -88,10 +88,10 @@ def capsule_path(ident: str) -> str:
     return f"/v1/capsules/{quote(ident, safe='')}"
 
 
-def with_attachment(template: Any, network: str | None, security_groups: list[str]) -> Any:
-    """The template with the network and security groups to join set as its annotations (which
+def with_attachment(template: Any, networks: list[str], security_groups: list[str]) -> Any:
+    """The template with the networks and security groups to join set as its annotations (which
     a Zun template and a Pod manifest both keep in ``metadata.annotations``)."""
-    if network is None and not security_groups:
+    if not networks and not security_groups:
         return template
     if not isinstance(template, dict):
         raise CliError("the template must be a JSON or YAML object", ExitCode.USAGE)
@@ -101,8 +101,8 @@ def with_attachment(template: Any, network: str | None, security_groups: list[st
     annotations = metadata.setdefault("annotations", {})
     if not isinstance(annotations, dict):
         raise CliError("the template's metadata.annotations must be an object", ExitCode.USAGE)
-    if network is not None:
-        annotations[NETWORK_ANNOTATION] = network
+    if networks:
+        annotations[NETWORK_ANNOTATION] = ",".join(networks)
     if security_groups:
         annotations[SECURITY_GROUPS_ANNOTATION] = ",".join(security_groups)
     return template

@@ -65,7 +65,7 @@ def _run(args: argparse.Namespace, out: Output) -> int:
     match args.action:
         case "create":
             template = capsules.with_attachment(
-                capsules.read_template(args.file), args.network, args.security_groups
+                capsules.read_template(args.file), args.networks, args.security_groups
             )
             return capsules.create(client, out, template, args.wait, args.timeout)
         case "list":
@@ -163,8 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument(
         "--network",
-        help="the network to join, by name or id (the capsa.io/network annotation); "
-        "default: the project's default network",
+        action="append",
+        default=[],
+        dest="networks",
+        metavar="NETWORK",
+        help="a network to join, by name or id; repeatable, the first one is the capsule's "
+        "first interface with the default route (the capsa.io/network annotation); default: "
+        "the project's default network",
     )
     create.add_argument(
         "--security-group",

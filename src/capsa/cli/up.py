@@ -81,7 +81,7 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
         await runtime.ensure_running()
         stack.push_async_callback(runtime.stop)
 
-    store = Store(cfg.database_url)
+    store = Store(cfg.database_url, wakeup_poll_interval=cfg.wakeup_poll_interval)
     stack.push_async_callback(store.close)
     await store.open()
     if cfg.auth.mode == "local" and cfg.auth.bootstrap:

@@ -3,18 +3,21 @@
 ``capsa-cni`` forwards each CNI call as ``POST /cni/<command>`` (add, del, check, gc, status; see
 :mod:`capsa.cni.protocol` for the body).
 
-- ADD finds the capsule's port by the sandbox name (``K8S_POD_NAME`` in CNI_ARGS, the capsule's
-  uuid), plugs it with the data plane, records the binding and answers the CNI result. If the port
-  is still bound to an older sandbox that is still plugged, that sandbox is being replaced: its
-  attachment is removed as the new one is made (not if the ADD fails its checks), so that the
-  port's address and MAC are never on the bridge twice.
-  ADD is idempotent for one (container id, ifname) and completes what a killed ADD left.
-- DEL undoes an ADD and is always safe: repeated, without netns or prevResult, for a sandbox never
-  seen, or for an old sandbox of a capsule that has a new one (the host veth's name derives from
-  the container id, and the store forgets a binding only for the container id that holds it).
-  It answers once the pod is off the network (its veth detached from the bridge and down) and the
-  binding forgotten; the veth itself is deleted right after the answer, unless an ADD of the same
-  attachment took it back meanwhile (the kernel's veth deletion is most of a DEL's time otherwise).
+- ADD finds the capsule's ports by the sandbox name (``K8S_POD_NAME`` in CNI_ARGS, the capsule's
+  uuid), one per network it joins, plugs them all with the data plane (the first as CNI_IFNAME
+  with the default route, the others as eth1, eth2...: :func:`pod_ifnames`), records the bindings
+  and answers one CNI result with every interface and address. If a port is still bound to an
+  older sandbox that is still plugged, that sandbox is being replaced: its attachment is removed
+  as the new one is made (not if the ADD fails its checks), so that the port's address and MAC
+  are never on the bridge twice. ADD is idempotent for one (container id, ifname) and completes
+  what a killed ADD left.
+- DEL undoes an ADD, every interface of it, and is always safe: repeated, without netns or
+  prevResult, for a sandbox never seen, or for an old sandbox of a capsule that has a new one (the
+  host veths' names derive from the container id, and the store forgets a binding only for the
+  container id that holds it). It answers once the pod is off the networks (its veths detached
+  from the bridges and down) and the bindings forgotten; the veths themselves are deleted right
+  after the answer, unless an ADD of the same attachment took them back meanwhile (the kernel's
+  veth deletion is most of a DEL's time otherwise).
 - CHECK compares ``prevResult``, the port and the kernel.
 - GC (CNI 1.1.0) removes this daemon's attachments that are not in ``cni.dev/valid-attachments``.
 - STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
@@ -69,6 +72,7 @@ from capsa.network.dataplane import (
     InterfaceExists,
     NetnsNotFound,
     host_ifname,
+    pod_ifnames,
 )
 from capsa.network.types import PortBinding, PortSource
 
@@ -199,58 +203,55 @@ class _CniService:
     async def _add(self, request: CniRequest, fields: LogFields) -> dict[str, Any]:
         pod = _pod_name(request)
         async with self._pod_locks.hold(pod):
-            port = await self._port_of(pod)
-            if port is None:
-                raise CniError(
-                    ErrorCode.UNKNOWN_CONTAINER,
-                    f"capsule {pod} has no port: the compute agent allocates a capsule's port "
-                    "before it runs the sandbox",
-                    "K8S_POD_NAME must be the uuid of a capsule scheduled on this host; a sandbox "
-                    "created outside capsa gets no network",
-                )
-            fields["port"] = port.port_id
+            interfaces = _interfaces(request, pod, await self._ports_of(pod))
+            fields["port"] = ",".join(port.port_id for _, port in interfaces)
+            # A capsule has one sandbox at a time: an older one that still holds a port is being
+            # replaced (its DEL may come late, or never when its runtime lost it), and two veths
+            # with the port's address and MAC on one bridge would make both flaky.
             plugged = await self._netlink(
                 request,
                 self._dataplane.plug,
                 request.container_id,
                 request.netns,
-                request.ifname,
-                port,
+                interfaces,
                 request.owner,
-                # A capsule has one sandbox at a time: an older one that still holds the port is
-                # being replaced (its DEL may come late, or never when its runtime lost it), and
-                # two veths with the port's address and MAC on one bridge would make both flaky.
-                port.bound_host_ifname,
             )
-            if plugged.replaced:
-                self.metrics.stale_removed.inc(reason="replaced_sandbox")
-                log.info(
-                    "unplugged the capsule's old sandbox: its new sandbox takes the port",
-                    **fields,
-                    old_container=port.bound_container_id or "",
-                    veth=plugged.replaced,
-                )
+            for (_, port), made in zip(interfaces, plugged, strict=True):
+                if made.replaced:
+                    self.metrics.stale_removed.inc(reason="replaced_sandbox")
+                    log.info(
+                        "unplugged the capsule's old sandbox: its new sandbox takes the port",
+                        **{**fields, "port": port.port_id},
+                        old_container=port.bound_container_id or "",
+                        veth=made.replaced,
+                    )
             try:
                 result = build_result(
                     request.cni_version, plugged, request.dns, request.prev_result
                 )
                 await self._record(
-                    "recording the binding of",
-                    self._ports.port_bound(
-                        port.port_id, request.container_id, plugged.host_end.name
+                    "recording the bindings of",
+                    self._ports.ports_bound(
+                        request.container_id,
+                        {
+                            port.port_id: made.host_end.name
+                            for (_, port), made in zip(interfaces, plugged, strict=True)
+                        },
                     ),
                 )
             except BaseException:
                 await self._undo_plug(request)
                 raise
-        log.info(
-            "port bound",
-            **fields,
-            ip=str(port.ip),
-            veth=plugged.host_end.name,
-            bridge=port.bridge,
-            netns=request.netns,
-        )
+        for (ifname, port), made in zip(interfaces, plugged, strict=True):
+            log.info(
+                "port bound",
+                **{**fields, "port": port.port_id},
+                ifname=ifname,
+                ip=str(port.ip),
+                veth=made.host_end.name,
+                bridge=port.bridge,
+                netns=request.netns,
+            )
         return result
 
     async def _delete(self, request: CniRequest, fields: LogFields) -> None:
@@ -260,30 +261,31 @@ class _CniService:
             removed = await self._netlink(
                 request, self._dataplane.detach, request.container_id, request.ifname
             )
-            port_id = removed.tag.port_id if removed and removed.tag else None
-            if port_id is None and pod:
-                port = await self._port_of(pod)
-                port_id = port.port_id if port else None
-            if port_id:
-                fields["port"] = port_id
-                # Only if this container holds the binding: a newer sandbox's stays.
+            port_ids = [a.tag.port_id for a in removed if a.tag is not None]
+            # A veth without its tag (an ADD killed early), or none left: the pod's name tells.
+            if pod and (not removed or len(port_ids) < len(removed)):
+                port_ids = [port.port_id for port in await self._ports_of(pod)]
+            if port_ids:
+                fields["port"] = ",".join(port_ids)
+                # Only where this container holds the binding: a newer sandbox's stays.
                 await self._record(
-                    "forgetting the binding of",
-                    self._ports.port_unbound(port_id, request.container_id),
+                    "forgetting the bindings of",
+                    self._ports.ports_unbound(port_ids, request.container_id),
                 )
-            if removed is not None and removed.bridge:
-                await self._remove_bridge_if_unused(request, removed.bridge)
-        log.info("port unplugged" if removed is not None else "nothing to unplug", **fields)
-        if removed is not None:
-            self._after_answer(self._remove_detached(request, lock_key, fields))
+            for bridge in dict.fromkeys(a.bridge for a in removed if a.bridge):
+                await self._remove_bridge_if_unused(request, bridge)
+        log.info("port unplugged" if removed else "nothing to unplug", **fields)
+        if removed:
+            host_names = [a.host_ifname for a in removed]
+            self._after_answer(self._remove_detached(request, lock_key, host_names, fields))
 
-    async def _remove_detached(self, request: CniRequest, lock_key: str, fields: LogFields) -> None:
-        """After a DEL has answered: the detached veth goes, unless an ADD took it back."""
+    async def _remove_detached(
+        self, request: CniRequest, lock_key: str, host_names: list[str], fields: LogFields
+    ) -> None:
+        """After a DEL has answered: the detached veths go, unless an ADD took them back."""
         async with self._pod_locks.hold(lock_key):
             try:
-                await self._netlink(
-                    request, self._dataplane.remove_detached, request.container_id, request.ifname
-                )
+                await self._netlink(request, self._dataplane.remove_detached, host_names)
             except CniError as exc:
                 # Its netns going removes it too; GC removes it if neither happened.
                 log.warning("cannot remove a detached veth", error=exc.msg, **fields)
@@ -307,29 +309,30 @@ class _CniService:
                 "CHECK needs prevResult: the runtime passes the result of the attachment's ADD",
             )
         async with self._pod_locks.hold(pod):
-            port = await self._port_of(pod)
-            if port is None:
-                raise CniError(ErrorCode.UNKNOWN_CONTAINER, f"capsule {pod} has no port")
-            fields["port"] = port.port_id
-            problems = prev_result_problems(prev_result, request.netns, request.ifname, port)
+            interfaces = _interfaces(request, pod, await self._ports_of(pod))
+            fields["port"] = ",".join(port.port_id for _, port in interfaces)
+            problems = [
+                problem
+                for ifname, port in interfaces
+                for problem in prev_result_problems(prev_result, request.netns, ifname, port)
+            ]
             if problems:
                 raise CniError(
                     ErrorCode.INTERNAL,
                     f"CHECK of {request.container_id}: " + "; ".join(problems),
                 )
             await self._netlink(
-                request,
-                self._dataplane.check,
-                request.container_id,
-                request.netns,
-                request.ifname,
-                port,
+                request, self._dataplane.check, request.container_id, request.netns, interfaces
             )
 
     async def _gc(self, request: CniRequest, fields: LogFields) -> None:
-        """Removes this owner's attachments that the runtime no longer lists, with their bindings;
-        carries on past failures and reports them all at the end."""
-        valid = {host_ifname(cid, ifname) for cid, ifname in request.valid_attachments}
+        """Removes this owner's attachments that the runtime no longer lists (every interface of
+        each), with their bindings; carries on past failures and reports them all at the end."""
+        valid = {
+            host_ifname(cid, name)
+            for cid, ifname in request.valid_attachments
+            for name in pod_ifnames(ifname)
+        }
         attachments = await self._netlink(request, self._dataplane.attachments)
         stale = [
             (a, a.tag)
@@ -368,7 +371,8 @@ class _CniService:
         """Removes one stale attachment and forgets its binding."""
         removed = await self._netlink(request, self._dataplane.remove_attachment, host_name)
         await self._record(
-            "forgetting the binding of", self._ports.port_unbound(tag.port_id, tag.container_id)
+            "forgetting the binding of",
+            self._ports.ports_unbound([tag.port_id], tag.container_id),
         )
         if removed is not None:
             self.metrics.stale_removed.inc(reason="gc")
@@ -405,8 +409,8 @@ class _CniService:
         except CniError as exc:
             log.warning("cannot remove an unused bridge", bridge=bridge, error=exc.msg)
 
-    async def _port_of(self, pod: str) -> PortBinding | None:
-        return await self._record("looking up the port of", self._ports.find_port(pod))
+    async def _ports_of(self, pod: str) -> list[PortBinding]:
+        return await self._record("looking up the ports of", self._ports.find_ports(pod))
 
     async def _record(self, doing: str, call: Awaitable[T]) -> T:
         """Awaits a PortSource call; its failures are transient for the runtime."""
@@ -447,6 +451,28 @@ class _CniService:
             body=self.metrics.registry.render().encode(),
             headers={"Content-Type": metrics.CONTENT_TYPE},
         )
+
+
+def _interfaces(
+    request: CniRequest, pod: str, ports: list[PortBinding]
+) -> list[tuple[str, PortBinding]]:
+    """The pod's interfaces, named from CNI_IFNAME, each with its port."""
+    if not ports:
+        raise CniError(
+            ErrorCode.UNKNOWN_CONTAINER,
+            f"capsule {pod} has no port: the compute agent allocates a capsule's ports "
+            "before it runs the sandbox",
+            "K8S_POD_NAME must be the uuid of a capsule scheduled on this host; a sandbox "
+            "created outside capsa gets no network",
+        )
+    ifnames = pod_ifnames(request.ifname, len(ports))
+    if len(ifnames) < len(ports):
+        raise CniError(
+            ErrorCode.INVALID_ENVIRONMENT,
+            f"CNI_IFNAME {request.ifname!r}: capsule {pod} joins {len(ports)} networks, and "
+            f"the names of its interfaces after {request.ifname} would pass 15 bytes",
+        )
+    return list(zip(ifnames, ports, strict=True))
 
 
 def _pod_name(request: CniRequest) -> str:

@@ -7,7 +7,8 @@
 
 :func:`parse_request` checks it against the spec (SPEC.md 1.1.0, sections 1, 2 and 5) and returns
 a :class:`CniRequest`; :class:`CniError` carries a spec error code; :func:`build_result` renders
-what was plugged in the conf's ``cniVersion``, appended to ``prevResult``;
+what was plugged (every interface of the pod) in the conf's ``cniVersion``, appended to
+``prevResult``;
 :func:`prev_result_problems` says where a CHECK's ``prevResult`` disagrees with the port. Nothing
 here touches the kernel or the network.
 """
@@ -15,7 +16,7 @@ here touches the kernel or the network.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -324,14 +325,16 @@ def _valid_attachments(config: Mapping[str, Any]) -> frozenset[tuple[str, str]]:
 
 def build_result(
     cni_version: str,
-    plugged: PluggedPort,
+    plugged: Sequence[PluggedPort],
     dns: Mapping[str, Any] | None = None,
     prev_result: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ADD result for ``plugged`` in ``cni_version``, appended to ``prev_result`` if given.
+    """The ADD result for the pod's ``plugged`` ports in ``cni_version``, appended to
+    ``prev_result`` if given.
 
-    Interfaces are the bridge, the host end and the pod end (with its netns as ``sandbox``); the
-    address points at the pod end; the route is the default route via the gateway. Versions
+    Each port gives three interfaces: its bridge, its host end and its pod end (with its netns as
+    ``sandbox``), and an address that points at the pod end; the only route is the default route
+    via the first port's gateway (the others' subnets are routed by their addresses). Versions
     before 1.0.0 also carry each address's IP ``version``; 1.1.0 adds the interfaces' ``mtu``.
     """
     if cni_version not in SUPPORTED_VERSIONS:
@@ -341,29 +344,30 @@ def build_result(
             "supported versions: " + ", ".join(SUPPORTED_VERSIONS),
         )
     prev = _prev_lists(prev_result)
-    interfaces: list[dict[str, Any]] = [
-        {"name": plugged.bridge.name, "mac": plugged.bridge.mac},
-        {"name": plugged.host_end.name, "mac": plugged.host_end.mac},
-        {"name": plugged.pod_end.name, "mac": plugged.pod_end.mac, "sandbox": plugged.netns},
-    ]
-    if version_tuple(cni_version) >= (1, 1, 0):
-        interfaces = [{**interface, "mtu": plugged.mtu} for interface in interfaces]
-    ip: dict[str, Any] = {
-        "address": str(plugged.address),
-        "gateway": str(plugged.gateway),
-        # The pod end, counted after the interfaces of prevResult.
-        "interface": len(prev["interfaces"]) + len(interfaces) - 1,
-    }
-    if version_tuple(cni_version) < (1, 0, 0):
-        ip = {"version": "4", **ip}
-    route = {"dst": "0.0.0.0/0", "gw": str(plugged.gateway)}
+    version = version_tuple(cni_version)
+    interfaces: list[dict[str, Any]] = list(prev["interfaces"])
+    ips: list[dict[str, Any]] = list(prev["ips"])
+    for port in plugged:
+        for interface in (
+            {"name": port.bridge.name, "mac": port.bridge.mac},
+            {"name": port.host_end.name, "mac": port.host_end.mac},
+            {"name": port.pod_end.name, "mac": port.pod_end.mac, "sandbox": port.netns},
+        ):
+            interfaces.append({**interface, "mtu": port.mtu} if version >= (1, 1, 0) else interface)
+        ip: dict[str, Any] = {
+            "address": str(port.address),
+            "gateway": str(port.gateway),
+            # The pod end just listed.
+            "interface": len(interfaces) - 1,
+        }
+        ips.append({"version": "4", **ip} if version < (1, 0, 0) else ip)
     own_dns = dict(dns or {})
     prev_dns = prev_result.get("dns") if prev_result else None
     return {
         "cniVersion": cni_version,
-        "interfaces": prev["interfaces"] + interfaces,
-        "ips": [*prev["ips"], ip],
-        "routes": [*prev["routes"], route],
+        "interfaces": interfaces,
+        "ips": ips,
+        "routes": [*prev["routes"], {"dst": "0.0.0.0/0", "gw": str(plugged[0].gateway)}],
         "dns": own_dns or (dict(prev_dns) if isinstance(prev_dns, Mapping) else {}),
     }
 

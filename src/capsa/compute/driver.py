@@ -43,7 +43,7 @@ from capsa.model.clock import utcnow
 from capsa.model.network import Attachment
 from capsa.network.service import NetworkService
 from capsa.store import Store
-from capsa.store.networks import Ambiguous, NoFreeCidr, NotFound
+from capsa.store.networks import Ambiguous, NoFreeCidr, NotFound, RepeatedNetwork
 from capsa.store.ports import SubnetFull
 
 log = get_logger(__name__)
@@ -121,7 +121,7 @@ class CapsuleDriver:
     async def _converge(self, capsule: Capsule) -> None:
         if not capsule.addresses:
             await self._set_capsule(capsule, task_state=TaskState.NETWORK_ATTACHING)
-        await self._allocate_port(capsule)
+        await self._allocate_ports(capsule)
 
         sandboxes = await self._cri_do(
             "listing the capsule's sandboxes",
@@ -573,16 +573,16 @@ class CapsuleDriver:
     def _log_directory(self, capsule_uuid: str) -> Path:
         return self._settings.pod_log_dir / capsule_uuid
 
-    async def _allocate_port(self, capsule: Capsule) -> None:
+    async def _allocate_ports(self, capsule: Capsule) -> None:
         try:
-            await self._network.allocate_port(
+            await self._network.allocate_ports(
                 capsule.uuid,
                 capsule.project_id,
                 self._settings.host,
                 Attachment.from_annotations(capsule.spec.annotations),
             )
-        except (NotFound, Ambiguous, SubnetFull, NoFreeCidr) as exc:
-            raise CapsuleFailed(f"allocating the capsule's port: {exc}") from exc
+        except (NotFound, Ambiguous, RepeatedNetwork, SubnetFull, NoFreeCidr) as exc:
+            raise CapsuleFailed(f"allocating the capsule's ports: {exc}") from exc
 
     def _sandbox_spec(self, capsule: Capsule, attempt: int) -> cri.SandboxSpec:
         ours = {

@@ -12,25 +12,36 @@ import ipaddress
 from dataclasses import dataclass, field
 from datetime import datetime
 
-# Annotations of a capsule (Zun template or Pod manifest) that choose where it is attached: a
-# network by name or id, and security groups by name or id, comma-separated. Without them a capsule
-# joins its project's default network and default security group.
+# Annotations of a capsule (Zun template or Pod manifest) that choose where it is attached:
+# networks by name or id, and security groups by name or id, each comma-separated. Without them a
+# capsule joins its project's default network and default security group.
 NETWORK_ANNOTATION = "capsa.io/network"
 SECURITY_GROUPS_ANNOTATION = "capsa.io/security-groups"
+# The most networks one capsule joins: each is an interface in its pod (eth0, eth1, ...).
+MAX_CAPSULE_NETWORKS = 8
 
 
 @dataclass(frozen=True)
 class Attachment:
-    """Where a capsule asked to be attached; None and () mean its project's defaults."""
+    """Where a capsule asked to be attached; () means its project's default network, or group.
 
-    network: str | None = None
+    The capsule gets a port on each network, in this order: the first is its pod's first
+    interface, with the default route; every port is in all the groups.
+    """
+
+    networks: tuple[str, ...] = ()
     security_groups: tuple[str, ...] = ()
 
     @classmethod
     def from_annotations(cls, annotations: dict[str, str]) -> Attachment:
-        network = annotations.get(NETWORK_ANNOTATION, "").strip() or None
-        groups = annotations.get(SECURITY_GROUPS_ANNOTATION, "")
-        return cls(network, tuple(g.strip() for g in groups.split(",") if g.strip()))
+        return cls(
+            _comma_separated(annotations.get(NETWORK_ANNOTATION, "")),
+            _comma_separated(annotations.get(SECURITY_GROUPS_ANNOTATION, "")),
+        )
+
+
+def _comma_separated(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 @dataclass(frozen=True)
@@ -122,6 +133,8 @@ class Port:
     security_group_ids: tuple[str, ...] = ()
     description: str = ""
     updated_at: datetime | None = None
+    # Its place among its capsule's ports: 0 is the pod's first interface, 1 the next...
+    interface_index: int = 0
 
 
 class Direction(enum.StrEnum):
@@ -195,6 +208,17 @@ class RemotePort:
 
 
 @dataclass(frozen=True)
+class HostPortMapping:
+    """A container port published on the host: ``host_port`` on every local address, to the
+    capsule's first port."""
+
+    port_id: str
+    host_port: int
+    container_port: int
+    protocol: str  # tcp, udp or sctp
+
+
+@dataclass(frozen=True)
 class HostNetworkView:
     """What a host's network agent enforces, read in one transaction."""
 
@@ -204,3 +228,5 @@ class HostNetworkView:
     # For each group that a rule names as remote: its members' (network id, address).
     members: dict[str, tuple[tuple[str, ipaddress.IPv4Address], ...]]
     remote_ports: tuple[RemotePort, ...]
+    # The host ports of the capsules that should run here.
+    host_ports: tuple[HostPortMapping, ...] = ()

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capsa.log import get_logger
-from capsa.model.capsule import DesiredState
 from capsa.model.network import HostNetworkView
 from capsa.network import firewall
 from capsa.network.dataplane import Dataplane, DataplaneError
@@ -112,9 +111,8 @@ class NetworkAgent:
     async def sync(self) -> None:
         """One pass: the firewall, then the overlay."""
         view = await self._store.ports.host_view(self._host)
-        mappings = await self._host_port_mappings(view)
         bridges = {p.network.id: bridge_name(p.network.id) for p in view.ports}
-        script = firewall.render(self._table, view, bridges, mappings)
+        script = firewall.render(self._table, view, bridges)
         if script != self._applied:
             await firewall.apply(script)
             self._applied = script
@@ -123,31 +121,10 @@ class NetworkAgent:
                 host=self._host,
                 table=self._table,
                 ports=len(view.ports),
-                host_ports=len(mappings),
+                host_ports=len(view.host_ports),
             )
         if self._overlay is not None:
             await asyncio.to_thread(self._sync_overlay, view, self._overlay)
-
-    async def _host_port_mappings(self, view: HostNetworkView) -> list[firewall.HostPortMapping]:
-        if not view.ports:
-            return []
-        port_of = {p.port.device_id: p.port.id for p in view.ports}
-        mappings = []
-        for capsule in await self._store.capsules.list_for_host(self._host):
-            if capsule.desired_state is not DesiredState.RUNNING or capsule.uuid not in port_of:
-                continue
-            for container in capsule.containers:
-                for spec in container.spec.ports:
-                    if spec.host_port:
-                        mappings.append(
-                            firewall.HostPortMapping(
-                                port_of[capsule.uuid],
-                                spec.host_port,
-                                spec.container_port,
-                                spec.protocol.lower(),
-                            )
-                        )
-        return mappings
 
     def _sync_overlay(self, view: HostNetworkView, overlay: OverlaySettings) -> None:
         networks = {p.network.id: p.network for p in view.ports}

@@ -1,20 +1,24 @@
-"""The kernel side of a capsule's port: a Linux bridge per network and a veth per pod.
+"""The kernel side of a capsule's ports: a Linux bridge per network and a veth per pod and network.
 
 ::
 
     dataplane = Dataplane()
-    plugged = dataplane.plug(container_id, "/run/netns/cni-1234", "eth0", port, owner)
+    plugged = dataplane.plug(container_id, "/run/netns/cni-1234", [("eth0", port)], owner)
     ...
-    removed = dataplane.unplug(container_id, "eth0")
-    if removed is not None and removed.bridge:
-        dataplane.remove_bridge_if_unused(removed.bridge)
+    for removed in dataplane.unplug(container_id, "eth0"):
+        if removed.bridge:
+            dataplane.remove_bridge_if_unused(removed.bridge)
 
-The pod end of the veth is created directly in the pod's netns (``IFLA_NET_NS_FD`` on the peer),
-named ``CNI_IFNAME``, with the port's MAC, address and MTU and a default route via the gateway.
-The host end is named after the CNI container id and ifname (:func:`host_ifname`), so that a DEL
-for an old sandbox of a capsule can never unplug its newer sandbox; it joins the network's bridge.
-Its alias tags it as capsa's (:class:`AttachmentTag`: who made it, for which port and sandbox), so
-that a GC can find the attachments a runtime no longer knows.
+A capsule on several networks has an interface in its pod per network: the first is named
+``CNI_IFNAME`` and carries the default route via its gateway, the next ones take the same name
+numbered on (:func:`pod_ifnames`: eth1, eth2...) and route only to their own subnets. Each pod end
+of a veth is created directly in the pod's netns (``IFLA_NET_NS_FD`` on the peer), with its
+port's MAC, address and MTU. The host end is named after the CNI container id and the pod end's
+name (:func:`host_ifname`), so that a DEL for an old sandbox of a capsule can never unplug its
+newer sandbox; it joins its network's bridge. Its alias tags it as capsa's (:class:`AttachmentTag`:
+who made it, for which port and sandbox), so that a GC can find the attachments a runtime no
+longer knows. What names a runtime's attachment (container id, CNI_IFNAME) finds all the
+capsule's interfaces: they are numbered from it, with no gap.
 
 ``plug`` is idempotent for one (container id, ifname) and repairs what a killed ADD left: a veth of
 that name whose pod end is unconfigured is configured, one whose pod end is elsewhere is replaced,
@@ -37,12 +41,13 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 
 from capsa.log import get_logger
+from capsa.model.network import MAX_CAPSULE_NETWORKS
 from capsa.network import netlink
 from capsa.network.netlink import NetlinkError, Rtnetlink
 from capsa.network.types import Link, PluggedPort, PortBinding
@@ -54,6 +59,8 @@ HOST_IFNAME_PREFIX = "capsa"
 ALIAS_MARK = "capsa-cni"
 # The kernel gives lo this index in every netns (LOOPBACK_IFINDEX).
 _LOOPBACK_INDEX = 1
+# Interface names: at most IFNAMSIZ - 1 bytes.
+_IFNAME_MAX = 15
 
 
 class DataplaneError(Exception):
@@ -66,6 +73,16 @@ class NetnsNotFound(DataplaneError):
 
 class InterfaceExists(DataplaneError):
     pass
+
+
+def pod_ifnames(ifname: str, count: int = MAX_CAPSULE_NETWORKS) -> list[str]:
+    """The names of a pod's first ``count`` interfaces when its runtime names the first
+    ``ifname``: eth0, eth1, eth2... (net, net1, net2...). Names past the kernel's 15 bytes are
+    left out, so fewer than ``count`` may come back."""
+    stem = ifname.rstrip("0123456789")
+    first = int(ifname[len(stem) :] or 0)
+    names = [ifname, *(f"{stem}{first + n}" for n in range(1, count))]
+    return [name for name in names if len(name.encode()) <= _IFNAME_MAX]
 
 
 def host_ifname(container_id: str, ifname: str) -> str:
@@ -130,138 +147,179 @@ class Dataplane:
         self,
         container_id: str,
         netns: str,
-        ifname: str,
-        port: PortBinding,
+        interfaces: Sequence[tuple[str, PortBinding]],
         owner: str,
-        replaces: str | None = None,
-    ) -> PluggedPort:
-        """Connects the netns at path ``netns`` to ``port.bridge`` through a veth.
+    ) -> list[PluggedPort]:
+        """Connects the netns at path ``netns`` to each port's bridge through a veth whose pod
+        end is named as the port is paired (the first one gets the default route).
 
-        Fails with InterfaceExists when ``ifname`` exists in the netns and is not this
+        Fails with InterfaceExists when one of the names exists in the netns and is not this
         attachment's own pod end. Plugging the same attachment again completes and returns it.
-        ``replaces`` names the host end of an older attachment of the port, removed once the new
-        one is sure to be made (a failed check leaves it). Whatever this call made is removed
-        again if a later step fails.
+        A port still bound to an older attachment (``bound_host_ifname``) has it removed once
+        the new one is sure to be made (a failed check leaves it). Whatever this call made is
+        removed again if a later step fails.
         """
-        host_name = host_ifname(container_id, ifname)
-        tag = AttachmentTag(owner, port.port_id, container_id)
         with (
             _open_netns(netns) as netns_fd,
             _netlink_in_netns(netns_fd, netns) as pod,
             self._host.client() as host,
         ):
-            pod_end = _find_link(pod, ifname)
             # Only a pod end already there can be this attachment's own (a re-ADD, or an ADD
             # killed before it configured it); a host end alone shows up when creating.
-            host_end = _find_link(host, host_name) if pod_end is not None else None
-            if pod_end is not None and not _are_peers(host_end, pod_end):
-                raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
-            replaced = None
-            if replaces and replaces != host_name and _remove_host_end(host, replaces):
-                replaced = replaces
-            with self._bridge_lock(port.bridge):
-                bridge_index, bridge = _ensure_bridge(
-                    host, port.bridge, port.gateway_interface, port.mtu
-                )
-                if host_end is None:
-                    host_mac = _random_local_mac()
-                    create_veth = functools.partial(
-                        _create_veth, host, host_name, host_mac, bridge_index, netns_fd, netns
-                    )
-                    try:
-                        create_veth(ifname, port)
-                    except _HostEndExists:
-                        # Its pod end is not in this netns: the leftover of an ADD that was killed,
-                        # or of a netns that went. It is replaced.
-                        log.info(
-                            "removing a leftover veth of an earlier ADD",
-                            veth=host_name,
-                            container=container_id,
-                            port=port.port_id,
-                        )
-                        _delete_link(host, host_name)
-                        create_veth(ifname, port)
-                    # Made on the bridge and up: it only lacks its tag.
-                    tag_and_attach = functools.partial(
-                        host.set_link, name=host_name, alias=tag.alias()
-                    )
-                else:
-                    host_mac = host_end.address or ""
-                    # An earlier ADD's veth, which a DEL may have detached since.
-                    tag_and_attach = functools.partial(
-                        host.set_link,
-                        index=host_end.index,
-                        alias=tag.alias(),
-                        master=bridge_index,
-                        mtu=port.mtu,
-                        up=True,
-                    )
-                try:
-                    tag_and_attach()
-                except NetlinkError as exc:
-                    _remove_half_made(host, host_name)
-                    raise DataplaneError(
-                        f"cannot tag and attach veth {host_name} to bridge {port.bridge}: {exc}"
-                    ) from exc
+            ends = []
+            for ifname, _ in interfaces:
+                pod_end = _find_link(pod, ifname)
+                host_name = host_ifname(container_id, ifname)
+                host_end = _find_link(host, host_name) if pod_end is not None else None
+                if pod_end is not None and not _are_peers(host_end, pod_end):
+                    raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
+                ends.append((pod_end, host_end))
+            plugged: list[PluggedPort] = []
             try:
-                if pod_end is not None:
-                    _reset_pod_end(pod, pod_end, ifname, port)
-                _configure_pod_end(pod, ifname, port)
+                for index, ((ifname, port), (pod_end, host_end)) in enumerate(
+                    zip(interfaces, ends, strict=True)
+                ):
+                    plugged.append(
+                        self._plug_one(
+                            host,
+                            pod,
+                            netns_fd,
+                            _PodEnd(container_id, netns, ifname, port, owner, index == 0),
+                            pod_end,
+                            host_end,
+                        )
+                    )
             except BaseException:
-                _remove_half_made(host, host_name)
+                for made in plugged:
+                    _remove_half_made(host, made.host_end.name)
                 raise
+        return plugged
+
+    def _plug_one(
+        self,
+        host: Rtnetlink,
+        pod: Rtnetlink,
+        netns_fd: int,
+        end: _PodEnd,
+        pod_end: netlink.Link | None,
+        host_end: netlink.Link | None,
+    ) -> PluggedPort:
+        """Plugs one port; what it made is removed again if one of its steps fails."""
+        port = end.port
+        host_name = host_ifname(end.container_id, end.ifname)
+        replaced = None
+        replaces = port.bound_host_ifname
+        if replaces and replaces != host_name and _remove_host_end(host, replaces):
+            replaced = replaces
+        with self._bridge_lock(port.bridge):
+            bridge_index, bridge = _ensure_bridge(
+                host, port.bridge, port.gateway_interface, port.mtu
+            )
+            tag = AttachmentTag(end.owner, port.port_id, end.container_id)
+            if host_end is None:
+                host_mac = _random_local_mac()
+                create_veth = functools.partial(
+                    _create_veth, host, host_name, host_mac, bridge_index, netns_fd, end.netns
+                )
+                try:
+                    create_veth(end.ifname, port)
+                except _HostEndExists:
+                    # Its pod end is not in this netns: the leftover of an ADD that was killed,
+                    # or of a netns that went. It is replaced.
+                    log.info(
+                        "removing a leftover veth of an earlier ADD",
+                        veth=host_name,
+                        container=end.container_id,
+                        port=port.port_id,
+                    )
+                    _delete_link(host, host_name)
+                    create_veth(end.ifname, port)
+                # Made on the bridge and up: it only lacks its tag.
+                tag_and_attach = functools.partial(host.set_link, name=host_name, alias=tag.alias())
+            else:
+                host_mac = host_end.address or ""
+                # An earlier ADD's veth, which a DEL may have detached since.
+                tag_and_attach = functools.partial(
+                    host.set_link,
+                    index=host_end.index,
+                    alias=tag.alias(),
+                    master=bridge_index,
+                    mtu=port.mtu,
+                    up=True,
+                )
+            try:
+                tag_and_attach()
+            except NetlinkError as exc:
+                _remove_half_made(host, host_name)
+                raise DataplaneError(
+                    f"cannot tag and attach veth {host_name} to bridge {port.bridge}: {exc}"
+                ) from exc
+        try:
+            if pod_end is not None:
+                _reset_pod_end(pod, pod_end, end.ifname, port)
+            _configure_pod_end(pod, end.ifname, port, end.default_route)
+        except BaseException:
+            _remove_half_made(host, host_name)
+            raise
         return PluggedPort(
             bridge=bridge,
             host_end=Link(host_name, host_mac),
-            pod_end=Link(ifname, port.mac),
-            netns=netns,
+            pod_end=Link(end.ifname, port.mac),
+            netns=end.netns,
             address=port.ip,
             gateway=port.gateway,
             mtu=port.mtu,
             replaced=replaced,
         )
 
-    def unplug(self, container_id: str, ifname: str) -> Attachment | None:
-        """Removes the veth of (container id, ifname); returns what it removed, if anything.
+    def unplug(self, container_id: str, ifname: str) -> list[Attachment]:
+        """Removes the veths of the attachment (container id, ifname), each of its interfaces;
+        returns what it removed.
 
-        Deleting the host end deletes the pod end with it, wherever its netns is, so unplug never
-        needs the netns: it succeeds alike when the netns is gone, when the veth is gone, and for
-        a container id it never saw.
+        Deleting a host end deletes its pod end with it, wherever its netns is, so unplug never
+        needs the netns: it succeeds alike when the netns is gone, when the veths are gone, and
+        for a container id it never saw.
         """
-        return self.remove_attachment(host_ifname(container_id, ifname))
+        with self._host.client() as host:
+            return [
+                removed
+                for link in _attachment_links(host, container_id, ifname)
+                if (removed := _remove_host_end(host, link.ifname)) is not None
+            ]
 
-    def detach(self, container_id: str, ifname: str) -> Attachment | None:
-        """Takes the veth of (container id, ifname) off the network: off its bridge and down, so
-        that nothing reaches the pod or leaves it any more. Returns what it was, if anything.
+    def detach(self, container_id: str, ifname: str) -> list[Attachment]:
+        """Takes the veths of the attachment (container id, ifname) off the network: off their
+        bridges and down, so that nothing reaches the pod or leaves it any more. Returns what
+        they were.
 
-        This is what a DEL waits for. Deleting the veth waits for the kernel far longer (15-20 ms
-        on this kernel, for the network's grace period), and the veth goes anyway when its netns
-        does, which the runtime deletes after the DEL: :meth:`remove_detached` follows later.
+        This is what a DEL waits for. Deleting a veth waits for the kernel far longer (15-20 ms
+        on this kernel, for the network's grace period), and the veths go anyway when their
+        netns does, which the runtime deletes after the DEL: :meth:`remove_detached` follows
+        later.
         """
-        host_name = host_ifname(container_id, ifname)
+        detached = []
         with self._host.client() as host:
-            link = _find_link(host, host_name)
-            if link is None or not _is_host_end(link):
-                return None
-            attachment = _attachment(host, link)
-            if link.master or link.up:
-                try:
-                    host.set_link(index=link.index, master=0, up=False)
-                except NetlinkError as exc:
-                    if exc.errno != errno.ENODEV:
-                        raise
-        return attachment
+            for link in _attachment_links(host, container_id, ifname):
+                detached.append(_attachment(host, link))
+                if link.master or link.up:
+                    try:
+                        host.set_link(index=link.index, master=0, up=False)
+                    except NetlinkError as exc:
+                        if exc.errno != errno.ENODEV:
+                            raise
+        return detached
 
-    def remove_detached(self, container_id: str, ifname: str) -> bool:
-        """Deletes the veth of (container id, ifname) if it is still detached (an ADD of the same
-        attachment since has put it back); True if it did."""
-        host_name = host_ifname(container_id, ifname)
+    def remove_detached(self, host_names: Sequence[str]) -> list[str]:
+        """Deletes those of the host ends ``host_names`` that are still detached (an ADD of the
+        same attachment since has put them back); returns the ones it deleted."""
+        removed = []
         with self._host.client() as host:
-            link = _find_link(host, host_name)
-            if link is None or not _is_host_end(link) or link.master:
-                return False
-            _delete_link(host, host_name)
-        return True
+            for name in host_names:
+                link = _find_link(host, name)
+                if link is not None and _is_host_end(link) and not link.master:
+                    _delete_link(host, name)
+                    removed.append(name)
+        return removed
 
     def remove_attachment(self, host_name: str) -> Attachment | None:
         """Removes the attachment whose host end is ``host_name``, if that is one of capsa's
@@ -329,27 +387,30 @@ class Dataplane:
             if _find_link(host, overlay_name(bridge)) is not None:
                 _delete_link(host, overlay_name(bridge))
 
-    def check(self, container_id: str, netns: str, ifname: str, port: PortBinding) -> None:
-        """Raises DataplaneError naming what differs from what plug made for ``port``."""
-        host_name = host_ifname(container_id, ifname)
+    def check(
+        self, container_id: str, netns: str, interfaces: Sequence[tuple[str, PortBinding]]
+    ) -> None:
+        """Raises DataplaneError naming what differs from what plug made for the ports."""
         problems: list[str] = []
         with (
             _open_netns(netns) as netns_fd,
             _netlink_in_netns(netns_fd, netns) as pod,
             self._host.client() as host,
         ):
-            host_end = _find_link(host, host_name)
-            pod_end = _find_link(pod, ifname)
-            if host_end is None:
-                problems.append(f"host end {host_name} is missing")
-            else:
-                problems += _host_end_problems(host, host_end, port)
-            if pod_end is None:
-                problems.append(f"{ifname} is missing in netns {netns}")
-            else:
-                if host_end is not None and not _are_peers(host_end, pod_end):
-                    problems.append(f"{ifname} is not the peer of host end {host_name}")
-                problems += _pod_end_problems(pod, pod_end, ifname, port)
+            for index, (ifname, port) in enumerate(interfaces):
+                host_name = host_ifname(container_id, ifname)
+                host_end = _find_link(host, host_name)
+                pod_end = _find_link(pod, ifname)
+                if host_end is None:
+                    problems.append(f"host end {host_name} is missing")
+                else:
+                    problems += _host_end_problems(host, host_end, port)
+                if pod_end is None:
+                    problems.append(f"{ifname} is missing in netns {netns}")
+                else:
+                    if host_end is not None and not _are_peers(host_end, pod_end):
+                        problems.append(f"{ifname} is not the peer of host end {host_name}")
+                    problems += _pod_end_problems(pod, pod_end, ifname, port, index == 0)
         if problems:
             raise DataplaneError("; ".join(problems))
 
@@ -360,6 +421,31 @@ class Dataplane:
 
 class _NoSuchLink(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class _PodEnd:
+    """One interface of a pod that plug makes: its name, its port, and whether it carries the
+    pod's default route."""
+
+    container_id: str
+    netns: str
+    ifname: str
+    port: PortBinding
+    owner: str
+    default_route: bool
+
+
+def _attachment_links(host: Rtnetlink, container_id: str, ifname: str) -> list[netlink.Link]:
+    """The host ends of the attachment (container id, ifname), one per interface of its pod:
+    numbered from ``ifname`` with no gap, so the first name missing ends them."""
+    links = []
+    for name in pod_ifnames(ifname):
+        link = _find_link(host, host_ifname(container_id, name))
+        if link is None or not _is_host_end(link):
+            break
+        links.append(link)
+    return links
 
 
 # The MAC of a forwarding entry that floods broadcasts and unknown unicast to a remote host.
@@ -454,7 +540,7 @@ def _host_end_problems(host: Rtnetlink, host_end: netlink.Link, port: PortBindin
 
 
 def _pod_end_problems(
-    pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: PortBinding
+    pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: PortBinding, default_route: bool
 ) -> list[str]:
     problems = []
     if pod_end.address != port.mac:
@@ -463,7 +549,7 @@ def _pod_end_problems(
         problems.append(f"{ifname} is down")
     if port.ip not in _addresses(pod, pod_end.index):
         problems.append(f"{ifname} lacks {port.ip}")
-    if not any(
+    if default_route and not any(
         r.oif == pod_end.index and r.gateway == str(port.gateway)
         for r in pod.routes(socket.AF_INET, dst_len=0)
     ):
@@ -577,8 +663,9 @@ def _reset_pod_end(pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: Por
         raise DataplaneError(f"cannot reset {ifname} in the pod's netns: {exc}") from exc
 
 
-def _configure_pod_end(pod: Rtnetlink, ifname: str, port: PortBinding) -> None:
-    """Gives the pod end its address, state and default route; each step may be done already."""
+def _configure_pod_end(pod: Rtnetlink, ifname: str, port: PortBinding, default_route: bool) -> None:
+    """Gives the pod end its address (and so the route to its subnet), its state and, if it is
+    the pod's first interface, the default route; each step may be done already."""
     try:
         index = _get_link(pod, ifname).index
         try:
@@ -588,7 +675,8 @@ def _configure_pod_end(pod: Rtnetlink, ifname: str, port: PortBinding) -> None:
                 raise
         pod.set_link(index=index, up=True)
         pod.set_link(index=_LOOPBACK_INDEX, up=True)
-        pod.replace_default_route(port.gateway, index)
+        if default_route:
+            pod.replace_default_route(port.gateway, index)
     except (NetlinkError, _NoSuchLink) as exc:
         raise DataplaneError(f"cannot configure {ifname} in the pod's netns: {exc}") from exc
 

@@ -41,7 +41,6 @@ import hashlib
 import ipaddress
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from capsa.log import get_logger
 from capsa.model.network import (
@@ -66,16 +65,6 @@ def table_name(instance: str) -> str:
     return "capsa_" + hashlib.sha256(instance.encode()).hexdigest()[:10]
 
 
-@dataclass(frozen=True)
-class HostPortMapping:
-    """A container port published on the host: ``host_port`` on every local address."""
-
-    port_id: str
-    host_port: int
-    container_port: int
-    protocol: str  # tcp, udp or sctp
-
-
 class FirewallError(Exception):
     pass
 
@@ -84,10 +73,10 @@ def render(
     table: str,
     view: HostNetworkView,
     bridge_of: dict[str, str],
-    mappings: Iterable[HostPortMapping] = (),
 ) -> str:
-    """The nftables script that makes ``table`` enforce ``view``; ``bridge_of`` maps a network
-    id to its bridge. With no port the script only deletes the table."""
+    """The nftables script that makes ``table`` enforce ``view`` (its host ports included);
+    ``bridge_of`` maps a network id to its bridge. With no port the script only deletes the
+    table."""
     # Declaring the table first makes the delete succeed whether it existed or not.
     head = "".join(
         f"table {family} {table} {{}}\ndelete table {family} {table}\n"
@@ -164,7 +153,7 @@ def render(
     dnat = [
         f"    ip daddr != 127.0.0.0/8 meta l4proto {m.protocol} th dport {m.host_port} "
         f"dnat ip to {by_port[m.port_id].port.ip_address}:{m.container_port}"
-        for m in sorted(mappings, key=lambda m: (m.protocol, m.host_port))
+        for m in sorted(view.host_ports, key=lambda m: (m.protocol, m.host_port))
         if m.port_id in by_port
     ]
     if dnat:
@@ -239,20 +228,23 @@ def _set_name(group_id: str, network_id: str) -> str:
 
 
 def _member_sets(view: HostNetworkView) -> dict[str, list[str]]:
-    """One set per (remote group, network of a local port that a rule uses it on)."""
-    sets: dict[str, list[str]] = {}
-    for local in view.ports:
-        for group_id in local.port.security_group_ids:
-            for rule in view.rules.get(group_id, ()):
-                if rule.remote_group_id is None:
-                    continue
-                name = _set_name(rule.remote_group_id, local.network.id)
-                sets[name] = [
-                    str(ip)
-                    for network_id, ip in view.members.get(rule.remote_group_id, ())
-                    if network_id == local.network.id
-                ]
-    return sets
+    """One set per (remote group, network of a local port that a rule uses it on), each filled
+    once however many local ports use it (a host's ports are mostly in one group)."""
+    wanted = {
+        (rule.remote_group_id, local.network.id)
+        for local in view.ports
+        for group_id in local.port.security_group_ids
+        for rule in view.rules.get(group_id, ())
+        if rule.remote_group_id is not None
+    }
+    return {
+        _set_name(group_id, network): [
+            str(ip)
+            for member_network, ip in view.members.get(group_id, ())
+            if member_network == network
+        ]
+        for group_id, network in wanted
+    }
 
 
 def _match(rule: SecurityGroupRule, local: LocalPort) -> str | None:

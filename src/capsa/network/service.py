@@ -1,5 +1,5 @@
-"""capsa's network service: a capsule's port, on the network and in the security groups it asked
-for (or its project's defaults, made on demand), allocated before its sandbox.
+"""capsa's network service: a capsule's ports, one on each network it asked for and in the security
+groups it asked for (or its project's defaults, made on demand), allocated before its sandbox.
 
 It is also where the CNI daemon learns what to bind (:class:`capsa.network.types.PortSource`).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import uuid as uuidlib
+from collections.abc import Sequence
 
 from capsa.log import get_logger
 from capsa.model.network import Attachment, Port
@@ -39,27 +40,32 @@ class NetworkService:
             project_id, self._pool, self._prefixlen, self._mtu
         )
 
-    async def allocate_port(
+    async def allocate_ports(
         self, device_id: str, project_id: str, host: str, attachment: Attachment | None = None
-    ) -> Port:
-        """The device's port, created on first call; later calls return the same port.
+    ) -> list[Port]:
+        """The device's ports, one per network it joins in its interface order, created on the
+        first call (all in one transaction); later calls return the same ports.
 
         Raises capsa.store.networks.NotFound or Ambiguous for a network or group it cannot use,
-        capsa.store.ports.SubnetFull when the network has no free address (nothing is made).
+        RepeatedNetwork for a network named twice, capsa.store.ports.SubnetFull when a network
+        has no free address (nothing is made).
         """
-        existing = await self._store.ports.find_by_device(device_id)
-        if existing is not None:
+        existing = await self._store.ports.list_for_device(device_id)
+        if existing:
             return existing
         attachment = attachment or Attachment()
-        needs_defaults = attachment.network is None or not attachment.security_groups
+        needs_defaults = not attachment.networks or not attachment.security_groups
         defaults = await self.project_defaults(project_id) if needs_defaults else None
-        if attachment.network is not None:
-            network_id = (
-                await self._store.networks.resolve_network(project_id, attachment.network)
-            ).id
+        if attachment.networks:
+            network_ids = [
+                n.id
+                for n in await self._store.networks.resolve_networks(
+                    project_id, attachment.networks
+                )
+            ]
         else:
             assert defaults is not None
-            network_id = defaults.network.id
+            network_ids = [defaults.network.id]
         if attachment.security_groups:
             groups = await self._store.networks.resolve_security_groups(
                 project_id, attachment.security_groups
@@ -67,8 +73,8 @@ class NetworkService:
         else:
             assert defaults is not None
             groups = [defaults.security_group.id]
-        port = await self._store.ports.create(
-            network_id=network_id,
+        ports = await self._store.ports.create_for_device(
+            network_ids=network_ids,
             project_id=project_id,
             device_id=device_id,
             device_owner=DEVICE_OWNER_CAPSULE,
@@ -77,43 +83,44 @@ class NetworkService:
             mac_address=random_mac,
             security_group_ids=groups,
         )
-        log.info(
-            "port allocated",
-            port=port.id,
-            capsule=device_id,
-            network=network_id,
-            ip=str(port.ip_address),
-            host=host,
-        )
-        return port
+        for port in ports:
+            log.info(
+                "port allocated",
+                port=port.id,
+                capsule=device_id,
+                network=port.network_id,
+                ip=str(port.ip_address),
+                interface=port.interface_index,
+                host=host,
+            )
+        return ports
 
     async def release_ports(self, device_id: str) -> None:
         await self._store.ports.delete_for_device(device_id)
 
     # ---- PortSource, for the CNI daemon ----
 
-    async def find_port(self, pod_name: str) -> PortBinding | None:
-        found = await self._store.ports.find_with_network(pod_name)
-        if found is None:
-            return None
-        port, network, subnet = found
-        return PortBinding(
-            port_id=port.id,
-            network_id=network.id,
-            mac=port.mac_address,
-            ip=ipaddress.IPv4Interface(f"{port.ip_address}/{subnet.cidr.prefixlen}"),
-            gateway=subnet.gateway_ip,
-            bridge=bridge_name(network.id),
-            mtu=network.mtu,
-            bound_container_id=port.binding_container_id,
-            bound_host_ifname=port.binding_host_ifname,
-        )
+    async def find_ports(self, pod_name: str) -> list[PortBinding]:
+        return [
+            PortBinding(
+                port_id=port.id,
+                network_id=network.id,
+                mac=port.mac_address,
+                ip=ipaddress.IPv4Interface(f"{port.ip_address}/{subnet.cidr.prefixlen}"),
+                gateway=subnet.gateway_ip,
+                bridge=bridge_name(network.id),
+                mtu=network.mtu,
+                bound_container_id=port.binding_container_id,
+                bound_host_ifname=port.binding_host_ifname,
+            )
+            for port, network, subnet in await self._store.ports.find_with_networks(pod_name)
+        ]
 
-    async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:
-        await self._store.ports.set_binding(port_id, container_id, host_ifname)
+    async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        await self._store.ports.set_bindings(container_id, host_ifnames)
 
-    async def port_unbound(self, port_id: str, container_id: str) -> None:
-        await self._store.ports.clear_binding(port_id, container_id)
+    async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
+        await self._store.ports.clear_bindings(port_ids, container_id)
 
 
 def bridge_name(network_id: str) -> str:

@@ -1,14 +1,16 @@
 """What the host data plane binds, and where the CNI daemon learns it.
 
-A capsule's port is allocated in the database before its sandbox exists; when containerd runs
-``capsa-cni``, the daemon looks the port up through a :class:`PortSource`, plugs it with
-:mod:`capsa.network.dataplane` and describes the result with :class:`PluggedPort`. This module
+A capsule's ports (one per network it joins) are allocated in the database before its sandbox
+exists; when containerd runs ``capsa-cni``, the daemon looks them up through a
+:class:`PortSource`, plugs them with :mod:`capsa.network.dataplane` and describes each result
+with :class:`PluggedPort`. This module
 imports nothing of capsa, so that the store can implement :class:`PortSource` without depending on
 the CNI side.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Protocol
@@ -66,17 +68,18 @@ class PortSource(Protocol):
     ``pod_name`` is the CRI sandbox's metadata name, which capsa sets to the capsule's uuid.
     """
 
-    async def find_port(self, pod_name: str) -> PortBinding | None:
-        """The port allocated for this pod, or None when it has none; with its current binding
-        (``bound_container_id``, ``bound_host_ifname``) if it is bound."""
+    async def find_ports(self, pod_name: str) -> list[PortBinding]:
+        """The ports allocated for this pod, in its interface order (the first is the pod's
+        first interface), with their current bindings; empty when it has none."""
         ...
 
-    async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:
-        """Records that the sandbox ``container_id`` now holds the port through ``host_ifname``."""
+    async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        """Records that the sandbox ``container_id`` now holds each port (by id) through its
+        host end (``host_ifnames``: port id -> host end)."""
         ...
 
-    async def port_unbound(self, port_id: str, container_id: str) -> None:
-        """Forgets the binding, but only if it still belongs to ``container_id``.
+    async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
+        """Forgets the ports' bindings, but only those that still belong to ``container_id``.
 
         A DEL for an old sandbox of the same capsule can arrive after the new sandbox was bound;
         it must not clear the new binding.

@@ -12,18 +12,33 @@ from capsa.store.ports import PortStore
 from capsa.store.privileged import PrivilegedProjectStore
 from capsa.store.quotas import QuotaStore
 from capsa.store.registries import RegistryStore
+from capsa.store.wakefeed import WakeupFollower
 
 
 class Store:
-    """One database and the hub that wakes reconcilers after its changes."""
+    """One database and the hub that wakes reconcilers after its changes.
 
-    def __init__(self, url: str, hub: ChangeHub | None = None) -> None:
-        self.db = Database(url)
+    With ``wakeup_poll_interval`` (seconds), wake-ups also cross processes: each change writes
+    them into the database, and this process reads the others' that often
+    (:mod:`capsa.store.wakefeed`); None keeps them within the process.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        hub: ChangeHub | None = None,
+        *,
+        wakeup_poll_interval: float | None = None,
+    ) -> None:
         self.hub = hub or ChangeHub()
-        self.capsules = CapsuleStore(self.db, self.hub)
-        self.hosts = HostStore(self.db, self.hub)
-        self.networks = NetworkStore(self.db, self.hub)
-        self.ports = PortStore(self.db, self.hub)
+        self.db = Database(url, self.hub, shared_wakeups=wakeup_poll_interval is not None)
+        self._follower = (
+            None if wakeup_poll_interval is None else WakeupFollower(self.db, wakeup_poll_interval)
+        )
+        self.capsules = CapsuleStore(self.db)
+        self.hosts = HostStore(self.db)
+        self.networks = NetworkStore(self.db)
+        self.ports = PortStore(self.db)
         self.quotas = QuotaStore(self.db)
         self.registries = RegistryStore(self.db)
         self.privileged = PrivilegedProjectStore(self.db)
@@ -31,8 +46,12 @@ class Store:
 
     async def open(self) -> None:
         await self.db.initialize()
+        if self._follower is not None:
+            await self._follower.start()
 
     async def close(self) -> None:
+        if self._follower is not None:
+            await self._follower.stop()
         await self.db.close()
 
 

@@ -76,8 +76,17 @@ _CONTAINERS_OF = (
     .where(k_t.c.capsule_uuid.in_(bindparam("uuids", expanding=True)))
     .order_by(k_t.c.position)
 )
-_PORTS_OF = select(schema.ports).where(
-    schema.ports.c.device_id.in_(bindparam("uuids", expanding=True))
+_PORTS_OF = (
+    select(schema.ports)
+    .where(schema.ports.c.device_id.in_(bindparam("uuids", expanding=True)))
+    .order_by(schema.ports.c.interface_index)
+)
+# The ports of the containers that should run on a host: only their specs' "ports".
+_PORTS_TO_RUN_ON = (
+    select(k_t.c.capsule_uuid, k_t.c.spec["ports"].label("ports"))
+    .join(c_t, c_t.c.uuid == k_t.c.capsule_uuid)
+    .where(c_t.c.host == bindparam("host"), c_t.c.desired_state == DesiredState.RUNNING)
+    .order_by(k_t.c.capsule_uuid, k_t.c.position)
 )
 # Column values come with the parameters; the WHERE's names cannot clash with a column's.
 _SET_CAPSULE = update(c_t).where(
@@ -162,9 +171,8 @@ class Action:
 
 
 class CapsuleStore:
-    def __init__(self, db: Database, hub: notify.ChangeHub) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._hub = hub
 
     async def create(self, capsule: Capsule, quota_defaults: QuotaLimits = NO_LIMITS) -> Capsule:
         """Stores a new capsule and its containers if its project's quota allows (OverQuota
@@ -183,6 +191,7 @@ class CapsuleStore:
             quotas.enforce(conn, capsule.project_id, request, quota_defaults)
             conn.execute(c_t.insert(), capsule_row)
             conn.execute(k_t.insert(), container_rows)
+            notify.wake(conn, notify.SCHEDULER)
 
         try:
             await self._db.run_write(insert)
@@ -190,7 +199,6 @@ class CapsuleStore:
             if "uq_capsules_project_name" in str(exc) or "capsules.name" in str(exc):
                 raise NameConflict(capsule.name) from exc
             raise
-        self._hub.publish(notify.SCHEDULER)
         return capsule
 
     async def get(self, uuid: str) -> Capsule | None:
@@ -334,20 +342,17 @@ class CapsuleStore:
             )
         )
 
-        def request_delete(conn: Connection) -> str | None:
-            """The host to wake, if any."""
+        def request_delete(conn: Connection) -> None:
             row = conn.execute(select(c_t.c.host).where(c_t.c.uuid == uuid)).first()
             if row is None:
-                return None
+                return
             if row.host is None:
                 conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
-                return None
+                return
             conn.execute(mark_deleted)
-            return str(row.host)
+            notify.wake(conn, notify.host_topic(row.host), subject=uuid)
 
-        host = await self._db.run_write(request_delete)
-        if host is not None:
-            self._hub.publish(notify.host_topic(host), subject=uuid)
+        await self._db.run_write(request_delete)
 
     async def request_action(self, uuid: str, action: Action) -> None:
         """Writes what ``action`` asks, if the capsule's status allows it (WrongState otherwise),
@@ -360,7 +365,7 @@ class CapsuleStore:
             values["generation"] = c_t.c.generation + 1
         values["updated_at"] = utcnow()
 
-        def request(conn: Connection) -> str | None:
+        def request(conn: Connection) -> None:
             row = conn.execute(
                 select(c_t.c.status, c_t.c.desired_state, c_t.c.host).where(c_t.c.uuid == uuid)
             ).first()
@@ -369,11 +374,10 @@ class CapsuleStore:
             if row.status not in action.allowed:
                 raise WrongState(_STATUSES[row.status])
             conn.execute(update(c_t).where(c_t.c.uuid == uuid).values(**values))
-            return row.host  # type: ignore[no-any-return]
+            if row.host is not None:
+                notify.wake(conn, notify.host_topic(row.host), subject=uuid)
 
-        host = await self._db.run_write(request)
-        if host is not None:
-            self._hub.publish(notify.host_topic(host), subject=uuid)
+        await self._db.run_write(request)
 
     async def rename(self, uuid: str, name: str) -> None:
         """Renames a capsule (and, for a single container, its container); NameConflict when
@@ -448,13 +452,21 @@ class CapsuleStore:
             conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
             conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
             conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
+            # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
+            notify.wake(conn, notify.SCHEDULER, notify.NETWORK)
             return True
 
-        if not await self._db.run_write(remove):
-            return False
-        # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
-        self._hub.publish(notify.SCHEDULER, notify.NETWORK)
-        return True
+        return await self._db.run_write(remove)
+
+
+def ports_to_run(conn: Connection, host: str) -> list[tuple[str, PortSpec]]:
+    """The container ports of the capsules that should run on ``host``, each with its capsule's
+    uuid; reads the ports of the containers' specs, nothing else."""
+    return [
+        (capsule_uuid, PortSpec(*port))
+        for capsule_uuid, ports in conn.execute(_PORTS_TO_RUN_ON, {"host": host})
+        for port in ports
+    ]
 
 
 def _capsule_row(capsule: Capsule) -> dict[str, Any]:

@@ -16,6 +16,11 @@ writer that waits holds no thread.
 
 A transaction whose caller is cancelled runs to its end all the same (it commits or rolls back on
 its own): every transaction of the store is whole and idempotent, so that is always safe.
+
+A write transaction names the wake-ups its change gives (:func:`capsa.store.notify.wake`); they go
+to this process's hub once it commits, whether its caller still waits or not, and with
+``shared_wakeups`` they are also written in the transaction for the other processes
+(:mod:`capsa.store.wakefeed`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -31,7 +37,7 @@ from sqlalchemy import Table, create_engine, event, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 
-from capsa.store import schema
+from capsa.store import notify, schema, wakefeed
 
 T = TypeVar("T")
 
@@ -45,8 +51,17 @@ class SchemaVersionError(RuntimeError):
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    """``hub`` wakes this process's reconcilers after each commit; ``shared_wakeups`` also
+    writes the wake-ups into the database, for the other processes that follow it."""
+
+    def __init__(
+        self, url: str, hub: notify.ChangeHub | None = None, *, shared_wakeups: bool = False
+    ) -> None:
         self.url = url
+        self.hub = hub or notify.ChangeHub()
+        self.shared_wakeups = shared_wakeups
+        # Who wrote a wake-up: a process skips its own, which it published already.
+        self.origin = secrets.token_hex(8)
         self.is_sqlite = make_url(url).get_backend_name() == "sqlite"
         # JSON documents (container specs, labels) are decoded for every row read: orjson is
         # several times faster than the json module at it.
@@ -101,21 +116,48 @@ class Database:
 
     async def run_write(self, work: Callable[[Connection], T]) -> T:
         """Runs ``work`` in a write transaction: committed if it returns, rolled back if it
-        raises; on SQLite it holds the write lock from its first statement."""
+        raises; on SQLite it holds the write lock from its first statement. The wake-ups it
+        names are published once it has committed."""
         release = await self._write_turn()
-        return await self._in_thread(functools.partial(self._transaction, work, True), then=release)
+
+        def finished(future: asyncio.Future[tuple[T, list[notify.Wakeup]]]) -> None:
+            if release is not None:
+                release()
+            if not future.cancelled() and future.exception() is None:
+                self.hub.publish_all(future.result()[1])
+
+        result, _ = await self._in_thread(
+            functools.partial(self._write_transaction, work), then=finished
+        )
+        return result
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._threads.shutdown)
         self.engine.dispose()
 
     def _transaction(self, work: Callable[[Connection], T], write: bool) -> T:
-        """On a database thread: ``work`` in one transaction, committed unless it raises."""
+        """``work`` in one transaction, committed unless it raises."""
         with self.engine.connect() as conn:
             if write and self.is_sqlite:
                 conn.execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"})
             with conn.begin():
                 return work(conn)
+
+    def _write_transaction(self, work: Callable[[Connection], T]) -> tuple[T, list[notify.Wakeup]]:
+        """On a database thread: ``work`` in one write transaction, with the wake-ups it named
+        (written into the database too with shared wake-ups)."""
+
+        def with_wakeups(conn: Connection) -> tuple[T, list[notify.Wakeup]]:
+            notify.collect(conn)
+            try:
+                result = work(conn)
+            finally:
+                wakeups = notify.collected(conn)
+            if wakeups and self.shared_wakeups:
+                wakefeed.record(conn, wakeups, self.origin)
+            return result, wakeups
+
+        return self._transaction(with_wakeups, True)
 
     async def _write_turn(self) -> Callable[[], None] | None:
         """Waits for this process's turn to write; returns what ends the turn."""
@@ -124,9 +166,12 @@ class Database:
         await self._write_lock.acquire()
         return self._write_lock.release
 
-    async def _in_thread(self, call: Callable[[], T], then: Callable[[], None] | None = None) -> T:
-        """Runs ``call`` on a database thread, then ``then`` on the event loop. A cancelled
-        caller stops waiting; the call runs to its end all the same (see the module's doc)."""
+    async def _in_thread(
+        self, call: Callable[[], T], then: Callable[[asyncio.Future[T]], None] | None = None
+    ) -> T:
+        """Runs ``call`` on a database thread, then ``then`` with its outcome on the event loop.
+        A cancelled caller stops waiting; the call runs to its end all the same (see the
+        module's doc)."""
         future = asyncio.get_running_loop().run_in_executor(self._threads, call)
         future.add_done_callback(functools.partial(_finished, then))
         return await asyncio.shield(future)
@@ -139,9 +184,11 @@ def dialect_insert(conn: Connection, table: Table) -> sqlite.Insert | postgresql
     return sqlite.insert(table)
 
 
-def _finished(then: Callable[[], None] | None, future: asyncio.Future[Any]) -> None:
+def _finished(
+    then: Callable[[asyncio.Future[Any]], None] | None, future: asyncio.Future[Any]
+) -> None:
     if then is not None:
-        then()
+        then(future)
     # Marks a failure as seen: a caller that was cancelled no longer wants it, and one that
     # waits gets it from its own await.
     if not future.cancelled():

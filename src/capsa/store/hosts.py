@@ -58,9 +58,8 @@ _PLACE = (
 
 
 class HostStore:
-    def __init__(self, db: Database, hub: notify.ChangeHub) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._hub = hub
 
     async def register(
         self,
@@ -95,12 +94,11 @@ class HostStore:
                         **values,
                     )
                 )
+            # A new or returning host may fit capsules that are waiting.
+            notify.wake(conn, notify.SCHEDULER)
             return conn.execute(select(h_t).where(h_t.c.name == name)).one()
 
-        row = await self._db.run_write(upsert)
-        # A new or returning host may fit capsules that are waiting.
-        self._hub.publish(notify.SCHEDULER)
-        return _host(row)
+        return _host(await self._db.run_write(upsert))
 
     async def set_disabled(self, name: str, disabled: bool) -> None:
         """A disabled host gets no new capsules; those it runs stay."""
@@ -109,19 +107,19 @@ class HostStore:
             conn.execute(
                 update(h_t).where(h_t.c.name == name).values(disabled=disabled, updated_at=utcnow())
             )
+            if not disabled:
+                notify.wake(conn, notify.SCHEDULER)
 
         await self._db.run_write(work)
-        if not disabled:
-            self._hub.publish(notify.SCHEDULER)
 
     async def set_tunnel_ip(self, name: str, tunnel_ip: str | None) -> None:
         """Where other hosts send this host's share of the networks' overlay (None: nowhere)."""
 
         def work(conn: Connection) -> None:
             conn.execute(update(h_t).where(h_t.c.name == name).values(tunnel_ip=tunnel_ip))
+            notify.wake(conn, notify.NETWORK)
 
         await self._db.run_write(work)
-        self._hub.publish(notify.NETWORK)
 
     async def heartbeat(self, name: str) -> None:
         now = utcnow()
@@ -169,7 +167,7 @@ class HostStore:
 
         def claim_all(conn: Connection) -> list[ClaimOutcome]:
             outcomes = []
-            for values in params:
+            for claim, values in zip(claims, params, strict=True):
                 if not conn.execute(_TAKE_ROOM, values).rowcount:
                     outcomes.append(ClaimOutcome.NO_ROOM)
                 elif not conn.execute(_PLACE, values).rowcount:
@@ -177,13 +175,10 @@ class HostStore:
                     outcomes.append(ClaimOutcome.CAPSULE_GONE)
                 else:
                     outcomes.append(ClaimOutcome.PLACED)
+                    notify.wake(conn, notify.host_topic(claim.host), subject=claim.capsule_uuid)
             return outcomes
 
-        outcomes = await self._db.run_write(claim_all)
-        for claim, outcome in zip(claims, outcomes, strict=True):
-            if outcome is ClaimOutcome.PLACED:
-                self._hub.publish(notify.host_topic(claim.host), subject=claim.capsule_uuid)
-        return outcomes
+        return await self._db.run_write(claim_all)
 
     async def fail_placement(self, capsule_uuid: str, reason: str) -> bool:
         """Marks an unplaceable capsule as Error, unless it was placed or deleted meanwhile."""

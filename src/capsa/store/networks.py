@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -32,7 +32,6 @@ from capsa.model.network import (
 )
 from capsa.store import notify, schema
 from capsa.store.db import Database
-from capsa.store.notify import ChangeHub
 
 n_t = schema.networks
 s_t = schema.subnets
@@ -77,15 +76,18 @@ class ProjectDefaults:
 class EnforcedStore:
     """A store of what the hosts' network agents enforce: every write wakes them."""
 
-    def __init__(self, db: Database, hub: ChangeHub) -> None:
+    def __init__(self, db: Database) -> None:
         self._db = db
-        self._hub = hub
 
     async def _write(self, work: Callable[[Connection], T]) -> T:
-        """Runs a write transaction, then wakes the network agents: what they enforce changed."""
-        result = await self._db.run_write(work)
-        self._hub.publish(notify.NETWORK)
-        return result
+        """Runs a write transaction that wakes the network agents: what they enforce changed."""
+
+        def and_wake(conn: Connection) -> T:
+            result = work(conn)
+            notify.wake(conn, notify.NETWORK)
+            return result
+
+        return await self._db.run_write(and_wake)
 
 
 class NetworkStore(EnforcedStore):
@@ -284,21 +286,28 @@ class NetworkStore(EnforcedStore):
 
         return await self._db.run_read(work)
 
-    async def resolve_network(self, project_id: str, ref: str) -> Network:
-        """The network named (by id or name) by ``ref`` that the project may use."""
+    async def resolve_networks(self, project_id: str, refs: Sequence[str]) -> list[Network]:
+        """The networks named (each by id or name) by ``refs`` that the project may use, in
+        their order; NotFound or Ambiguous for the first that names none or several,
+        RepeatedNetwork when two name the same one."""
+        query = select(n_t).where(
+            or_(n_t.c.project_id == project_id, n_t.c.shared.is_(True)),
+            or_(n_t.c.id == bindparam("ref"), n_t.c.name == bindparam("ref")),
+        )
 
-        def work(conn: Connection) -> Network:
-            rows = conn.execute(
-                select(n_t).where(
-                    or_(n_t.c.project_id == project_id, n_t.c.shared.is_(True)),
-                    or_(n_t.c.id == ref, n_t.c.name == ref),
-                )
-            ).all()
-            if not rows:
-                raise NotFound("network", ref)
-            if len(rows) > 1:
-                raise Ambiguous(f"several networks the project may use are named {ref!r}")
-            return network_from_row(rows[0])
+        def work(conn: Connection) -> list[Network]:
+            networks: list[Network] = []
+            for ref in refs:
+                rows = conn.execute(query, {"ref": ref}).all()
+                if not rows:
+                    raise NotFound("network", ref)
+                if len(rows) > 1:
+                    raise Ambiguous(f"several networks the project may use are named {ref!r}")
+                network = network_from_row(rows[0])
+                if any(n.id == network.id for n in networks):
+                    raise RepeatedNetwork(f"network {network.id} is named more than once")
+                networks.append(network)
+            return networks
 
         return await self._db.run_read(work)
 
@@ -450,6 +459,10 @@ class NetworkStore(EnforcedStore):
 
 class Ambiguous(Exception):
     pass
+
+
+class RepeatedNetwork(Exception):
+    """A list of networks that names one network twice: a capsule has one port per network."""
 
 
 class Duplicate(Exception):

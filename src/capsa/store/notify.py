@@ -2,16 +2,24 @@
 
 A wake-up carries no state: the woken reconciler reads the database, which stays the only truth,
 and a lost wake-up only delays work until the next periodic resync. It may name its *subject* (the
-capsule that changed), so that the reconciler looks at that capsule instead of at everything. The
-store publishes after each commit that gives someone work: the scheduler (a capsule to place) or a
-host's agent (a capsule to start or delete). This hub works within one process (all-in-one);
-several processes sharing a database fall back on their resync interval until a cross-process
-channel is added.
+capsule that changed), so that the reconciler looks at that capsule instead of at everything.
+
+A write transaction names the wake-ups its change gives (:func:`wake`: the scheduler has a capsule
+to place, a host's agent a capsule to start or delete, the network agents something to enforce);
+once it commits, and only then, the database hands them to this process's :class:`ChangeHub`,
+which wakes its subscribers at once. Other processes sharing the database (other hosts) learn of
+them through the database itself when :mod:`capsa.store.wakefeed` is on: the transaction also
+writes them there, and each process follows that table.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 SCHEDULER = "scheduler"
 
@@ -22,6 +30,39 @@ NETWORK = "network"
 
 def host_topic(host: str) -> str:
     return f"host:{host}"
+
+
+# Where a write transaction keeps the wake-ups it names until it ends (its connection's info).
+_PENDING = "capsa_wakeups"
+
+
+@dataclass(frozen=True)
+class Wakeup:
+    topic: str
+    subject: str | None = None
+
+
+def wake(conn: Connection, *topics: str, subject: str | None = None) -> None:
+    """Wakes the reconcilers of ``topics`` once the write transaction of ``conn`` commits (not if
+    it rolls back); ``subject`` names what changed, when one thing did."""
+    try:
+        pending: dict[Wakeup, None] = conn.info[_PENDING]
+    except KeyError:
+        raise RuntimeError(
+            "wake-ups are given by write transactions (Database.run_write)"
+        ) from None
+    for topic in topics:
+        pending[Wakeup(topic, subject)] = None
+
+
+def collect(conn: Connection) -> None:
+    """Starts collecting the wake-ups of the transaction about to run on ``conn``."""
+    conn.info[_PENDING] = {}
+
+
+def collected(conn: Connection) -> list[Wakeup]:
+    """The wake-ups named since :func:`collect`, each once, in order; stops collecting."""
+    return list(conn.info.pop(_PENDING, {}))
 
 
 class Subscription:
@@ -74,6 +115,10 @@ class ChangeHub:
         for topic in topics:
             for sub in self._subscriptions.get(topic, ()):
                 sub._wake(subject)
+
+    def publish_all(self, wakeups: list[Wakeup]) -> None:
+        for wakeup in wakeups:
+            self.publish(wakeup.topic, subject=wakeup.subject)
 
     def _unsubscribe(self, sub: Subscription) -> None:
         subs = self._subscriptions.get(sub.topic)

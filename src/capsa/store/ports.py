@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from capsa.model.clock import utcnow
 from capsa.model.network import (
     HostNetworkView,
+    HostPortMapping,
     LocalPort,
     Network,
     Port,
@@ -26,7 +27,7 @@ from capsa.model.network import (
     SecurityGroupRule,
     Subnet,
 )
-from capsa.store import schema
+from capsa.store import capsules, schema
 from capsa.store.networks import (
     EnforcedStore,
     NotFound,
@@ -46,6 +47,8 @@ T = TypeVar("T")
 
 # Given the subnet and the addresses in use (as integers), the address for a new port, or None.
 AddressPicker = Callable[[Subnet, set[int]], int | None]
+# An allocation that lost its address or MAC to a concurrent one chooses again, this many times.
+_ALLOCATION_ATTEMPTS = 8
 
 
 # The CNI daemon's statements, built once (see capsa.store.capsules).
@@ -58,7 +61,10 @@ _PORT_WITH_NETWORK = (
     .join(n_t, n_t.c.id == p_t.c.network_id)
     .join(s_t, s_t.c.id == p_t.c.subnet_id)
     .where(p_t.c.device_id == bindparam("device"))
-    .order_by(p_t.c.created_at)
+    .order_by(p_t.c.interface_index)
+)
+_DEVICE_PORTS = (
+    select(p_t).where(p_t.c.device_id == bindparam("device")).order_by(p_t.c.interface_index)
 )
 _SET_BINDING = update(p_t).where(p_t.c.id == bindparam("where_id"))
 _CLEAR_BINDING = (
@@ -104,74 +110,81 @@ class PortStore(EnforcedStore):
         name: str = "",
         description: str = "",
         admin_state_up: bool = True,
-        attempts: int = 8,
     ) -> Port:
         """A new port on the network with an address of one of its subnets (``subnet_id`` and
         ``ip_address`` choose); raises SubnetFull when none has a free address."""
+        values = {
+            "project_id": project_id,
+            "name": name,
+            "description": description,
+            "admin_state_up": admin_state_up,
+            "device_id": device_id,
+            "device_owner": device_owner,
+            "host": host,
+        }
 
         def work(conn: Connection) -> Port:
-            subnets = _subnets_of(conn, network_id, subnet_id)
-            chosen: tuple[Subnet, int] | None = None
-            for subnet in subnets:
-                used = _used_addresses(conn, subnet.id)
-                if ip_address is not None:
-                    if ip_address not in subnet.cidr:
-                        continue
-                    if int(ip_address) in used or ip_address == subnet.gateway_ip:
-                        raise AddressInUse(
-                            f"Unable to complete operation for network {network_id}. The IP "
-                            f"address {ip_address} is in use."
-                        )
-                    chosen = (subnet, int(ip_address))
-                    break
-                address = pick_address(subnet, used)
-                if address is not None:
-                    chosen = (subnet, address)
-                    break
-            if chosen is None:
-                if ip_address is not None:
-                    raise InvalidAddress(
-                        f"IP address {ip_address} is not a valid IP for the specified subnet"
-                    )
-                raise SubnetFull(subnets[-1])
-            if (
-                fixed_mac is not None
-                and conn.execute(select(p_t.c.id).where(p_t.c.mac_address == fixed_mac)).first()
-            ):
-                raise AddressInUse(
-                    f"Unable to complete operation for network {network_id}. The mac address "
-                    f"{fixed_mac} is in use."
-                )
-            subnet, address = chosen
-            now = utcnow()
-            port_id = str(uuidlib.uuid4())
-            conn.execute(
-                p_t.insert().values(
-                    id=port_id,
-                    network_id=network_id,
-                    subnet_id=subnet.id,
-                    project_id=project_id,
-                    name=name,
-                    description=description,
-                    admin_state_up=admin_state_up,
-                    ip_address=str(ipaddress.IPv4Address(address)),
-                    mac_address=fixed_mac or mac_address(),
-                    device_id=device_id,
-                    device_owner=device_owner,
-                    status="DOWN",
-                    host=host,
-                    created_at=now,
-                    updated_at=now,
-                )
+            port_id = _insert_port(
+                conn,
+                network_id,
+                values,
+                pick_address,
+                fixed_mac or mac_address(),
+                subnet_id=subnet_id,
+                ip_address=ip_address,
+                check_mac=fixed_mac is not None,
             )
             _set_groups(conn, port_id, security_group_ids)
             return _get(conn, port_id)
 
-        for _ in range(attempts):
+        return await self._allocating(work, network_id, subnet_id)
+
+    async def create_for_device(
+        self,
+        *,
+        network_ids: Sequence[str],
+        project_id: str,
+        device_id: str,
+        device_owner: str,
+        host: str,
+        pick_address: AddressPicker,
+        mac_address: Callable[[], str],
+        security_group_ids: Sequence[str],
+    ) -> list[Port]:
+        """A port on each network for the device, in one transaction (all or none), in the
+        device's interface order; raises SubnetFull when one of the networks has no address."""
+        values = {
+            "project_id": project_id,
+            "name": "",
+            "description": "",
+            "admin_state_up": True,
+            "device_id": device_id,
+            "device_owner": device_owner,
+            "host": host,
+        }
+
+        def work(conn: Connection) -> list[Port]:
+            for index, network_id in enumerate(network_ids):
+                port_id = _insert_port(
+                    conn,
+                    network_id,
+                    {**values, "interface_index": index},
+                    pick_address,
+                    mac_address(),
+                )
+                _set_groups(conn, port_id, security_group_ids)
+            return _ports(conn, _DEVICE_PORTS, {"device": device_id})
+
+        return await self._allocating(work, network_ids[-1], None)
+
+    async def _allocating(
+        self, work: Callable[[Connection], T], network_id: str, subnet_id: str | None
+    ) -> T:
+        """Runs an allocation, choosing again when another one took an address or MAC first."""
+        for _ in range(_ALLOCATION_ATTEMPTS):
             try:
                 return await self._write(work)
             except IntegrityError:
-                # Another allocation took the address or the MAC first: choose again.
                 continue
         subnet = await self._db.run_read(lambda conn: _subnets_of(conn, network_id, subnet_id)[-1])
         raise SubnetFull(subnet)
@@ -208,45 +221,51 @@ class PortStore(EnforcedStore):
 
         await self._write(work)
 
-    async def find_by_device(self, device_id: str) -> Port | None:
-        query = select(p_t).where(p_t.c.device_id == device_id).order_by(p_t.c.created_at)
+    async def list_for_device(self, device_id: str) -> list[Port]:
+        """The device's ports, in its interface order."""
+        params = {"device": device_id}
+        return await self._db.run_read(lambda conn: _ports(conn, _DEVICE_PORTS, params))
 
-        def work(conn: Connection) -> Port | None:
-            found = _ports(conn, query)
-            return found[0] if found else None
-
-        return await self._db.run_read(work)
-
-    async def find_with_network(self, device_id: str) -> tuple[Port, Network, Subnet] | None:
-        """The device's port with its network and subnet, read in one query: the CNI daemon
-        needs all three for every ADD."""
+    async def find_with_networks(self, device_id: str) -> list[tuple[Port, Network, Subnet]]:
+        """The device's ports with their networks and subnets, in its interface order, read in
+        one query: the CNI daemon needs them all for every ADD."""
         params = {"device": device_id}
 
-        def work(conn: Connection) -> tuple[Port, Network, Subnet] | None:
-            row = conn.execute(_PORT_WITH_NETWORK, params).first()
-            if row is None:
-                return None
-            return (
-                _port(row, ()),
-                network_from_row(_Prefixed(row, "n__")),  # type: ignore[arg-type]
-                subnet_from_row(_Prefixed(row, "s__")),  # type: ignore[arg-type]
-            )
+        def work(conn: Connection) -> list[tuple[Port, Network, Subnet]]:
+            return [
+                (
+                    _port(row, ()),
+                    network_from_row(_Prefixed(row, "n__")),  # type: ignore[arg-type]
+                    subnet_from_row(_Prefixed(row, "s__")),  # type: ignore[arg-type]
+                )
+                for row in conn.execute(_PORT_WITH_NETWORK, params)
+            ]
 
         return await self._db.run_read(work)
 
-    async def set_binding(self, port_id: str, container_id: str, host_ifname: str) -> None:
-        params = {
-            "where_id": port_id,
-            "status": "ACTIVE",
-            "binding_container_id": container_id,
-            "binding_host_ifname": host_ifname,
-            "updated_at": utcnow(),
-        }
+    async def set_bindings(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        """Records that the sandbox ``container_id`` holds each port (by id) through its host
+        interface; one transaction for all."""
+        now = utcnow()
+        params = [
+            {
+                "where_id": port_id,
+                "status": "ACTIVE",
+                "binding_container_id": container_id,
+                "binding_host_ifname": host_ifname,
+                "updated_at": now,
+            }
+            for port_id, host_ifname in host_ifnames.items()
+        ]
         await self._write(lambda conn: conn.execute(_SET_BINDING, params))
 
-    async def clear_binding(self, port_id: str, container_id: str) -> None:
-        """Forgets a binding, unless the port was bound again for a newer sandbox meanwhile."""
-        params = {"where_id": port_id, "where_container": container_id, "updated_at": utcnow()}
+    async def clear_bindings(self, port_ids: Sequence[str], container_id: str) -> None:
+        """Forgets the ports' bindings, but those bound again for a newer sandbox meanwhile."""
+        now = utcnow()
+        params = [
+            {"where_id": port_id, "where_container": container_id, "updated_at": now}
+            for port_id in port_ids
+        ]
         await self._write(lambda conn: conn.execute(_CLEAR_BINDING, params))
 
     async def delete_for_device(self, device_id: str) -> None:
@@ -260,7 +279,8 @@ class PortStore(EnforcedStore):
 
     async def host_view(self, host: str) -> HostNetworkView:
         """The host's ports with their networks, subnets, groups' rules and remote groups'
-        members, and the other hosts' ports on the same networks (for the overlay)."""
+        members, the other hosts' ports on the same networks (for the overlay), and the host
+        ports of its capsules."""
 
         def work(conn: Connection) -> HostNetworkView:
             rows = conn.execute(
@@ -317,11 +337,26 @@ class PortStore(EnforcedStore):
                     .order_by(p_t.c.host, p_t.c.mac_address)
                 )
             )
+            # A capsule's host ports lead to its first interface.
+            first_port = {
+                lp.port.device_id: lp.port.id for lp in local if not lp.port.interface_index
+            }
+            host_ports = tuple(
+                HostPortMapping(
+                    first_port[capsule_uuid],
+                    spec.host_port,
+                    spec.container_port,
+                    spec.protocol.lower(),
+                )
+                for capsule_uuid, spec in capsules.ports_to_run(conn, host)
+                if capsule_uuid in first_port and spec.host_port
+            )
             return HostNetworkView(
                 ports=local,
                 rules={g: tuple(rs) for g, rs in rules.items()},
                 members={g: tuple(ms) for g, ms in members.items()},
                 remote_ports=remote,
+                host_ports=host_ports,
             )
 
         return await self._db.run_read(work, long=True)
@@ -336,6 +371,66 @@ class _Prefixed:
 
     def __getattr__(self, name: str) -> Any:
         return self._mapping[self._prefix + name]
+
+
+def _insert_port(
+    conn: Connection,
+    network_id: str,
+    values: dict[str, Any],
+    pick_address: AddressPicker,
+    mac: str,
+    *,
+    subnet_id: str | None = None,
+    ip_address: ipaddress.IPv4Address | None = None,
+    check_mac: bool = False,
+) -> str:
+    """Inserts a port on the network with an address of one of its subnets; returns its id."""
+    subnets = _subnets_of(conn, network_id, subnet_id)
+    chosen: tuple[Subnet, int] | None = None
+    for subnet in subnets:
+        used = _used_addresses(conn, subnet.id)
+        if ip_address is not None:
+            if ip_address not in subnet.cidr:
+                continue
+            if int(ip_address) in used or ip_address == subnet.gateway_ip:
+                raise AddressInUse(
+                    f"Unable to complete operation for network {network_id}. The IP "
+                    f"address {ip_address} is in use."
+                )
+            chosen = (subnet, int(ip_address))
+            break
+        address = pick_address(subnet, used)
+        if address is not None:
+            chosen = (subnet, address)
+            break
+    if chosen is None:
+        if ip_address is not None:
+            raise InvalidAddress(
+                f"IP address {ip_address} is not a valid IP for the specified subnet"
+            )
+        raise SubnetFull(subnets[-1])
+    if check_mac and conn.execute(select(p_t.c.id).where(p_t.c.mac_address == mac)).first():
+        raise AddressInUse(
+            f"Unable to complete operation for network {network_id}. The mac address "
+            f"{mac} is in use."
+        )
+    subnet, address = chosen
+    now = utcnow()
+    port_id = str(uuidlib.uuid4())
+    conn.execute(
+        p_t.insert().values(
+            id=port_id,
+            network_id=network_id,
+            subnet_id=subnet.id,
+            ip_address=str(ipaddress.IPv4Address(address)),
+            mac_address=mac,
+            status="DOWN",
+            created_at=now,
+            updated_at=now,
+            **values,
+        )
+    )
+    return port_id
 
 
 def _subnets_of(conn: Connection, network_id: str, subnet_id: str | None) -> list[Subnet]:
@@ -372,8 +467,8 @@ def _get(conn: Connection, port_id: str) -> Port:
     return found[0]
 
 
-def _ports(conn: Connection, query: Any) -> list[Port]:
-    rows = conn.execute(query).all()
+def _ports(conn: Connection, query: Any, params: dict[str, Any] | None = None) -> list[Port]:
+    rows = conn.execute(query, params).all()
     groups: dict[str, list[str]] = {}
     if rows:
         ids = [row.id for row in rows]
@@ -404,4 +499,5 @@ def _port(row: Row[Any], group_ids: Sequence[str]) -> Port:
         security_group_ids=tuple(sorted(group_ids)),
         description=row.description,
         updated_at=row.updated_at,
+        interface_index=row.interface_index,
     )

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 # Bump whenever a table changes (with a migration in store/db.py once capsa has users).
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 class Timestamp(TypeDecorator[datetime]):
@@ -212,6 +212,9 @@ ports = Table(
     Column("mac_address", String(17), nullable=False, unique=True),
     Column("device_id", String(255), nullable=False, index=True),
     Column("device_owner", String(64), nullable=False),
+    # The port's place among its capsule's ports: 0 is the pod's first interface (CNI_IFNAME,
+    # with the default route), 1 the next (eth1)...; 0 for a port made through the API.
+    Column("interface_index", Integer, nullable=False, default=0),
     Column("status", String(16), nullable=False),
     Column("host", String(255), index=True),
     Column("binding_container_id", String(128)),
@@ -356,6 +359,21 @@ role_assignments = Table(
     ),
     Column("role", String(64), primary_key=True),
     Index("ix_role_assignments_project", "project_id"),
+)
+
+# Wake-ups for the other processes of the database (capsa.store.wakefeed): one row per wake-up,
+# written by the transaction of its change, read in order of seq and deleted after a while.
+wakeups = Table(
+    "wakeups",
+    metadata,
+    # Never reused (AUTOINCREMENT on SQLite), even once every row is pruned: followers compare it.
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("topic", String(300), nullable=False),
+    Column("subject", String(255)),
+    # The process that made the change, and woke its own reconcilers already.
+    Column("origin", String(32), nullable=False),
+    Column("created_at", Timestamp, nullable=False, index=True),
+    sqlite_autoincrement=True,
 )
 
 # Tokens revoked before they expire; a row can go once its token has expired anyway.

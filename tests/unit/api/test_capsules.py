@@ -16,8 +16,10 @@ from tests.unit.api.api_helpers import (
     create,
     zun_template,
 )
+from tests.unit.conftest import network_with_subnet
 
 from capsa.model.capsule import Status
+from capsa.model.network import Attachment
 from capsa.network.service import NetworkService
 from capsa.store import Store
 
@@ -337,7 +339,7 @@ async def test_status_addresses_and_host_as_the_agent_reports_them(
     created = await create(client, zun_template())
     await store.hosts.register("h1", "http://127.0.0.1:1", 4000, 4096, ("runc",))
     assert await store.hosts.claim(created["uuid"], "h1", 250, 96)
-    port = await NetworkService(store, "10.9.0.0/24", 1500).allocate_port(
+    [port] = await NetworkService(store, "10.9.0.0/24", 1500).allocate_ports(
         created["uuid"], "default", "h1"
     )
     await store.capsules.update_status(
@@ -368,6 +370,53 @@ async def test_status_addresses_and_host_as_the_agent_reports_them(
     assert shown["addresses"] == body["addresses"]
     member = await client.get("/v1/capsules/web", headers=api_headers())
     assert "host" not in await member.json()
+
+
+async def test_a_capsule_on_several_networks_lists_an_address_on_each_in_its_order(
+    client: Client, store: Store
+) -> None:
+    front = await network_with_subnet(store, "default", "front", "10.31.0.0/24")
+    back = await network_with_subnet(store, "default", "back", "10.32.0.0/24")
+    template = zun_template()
+    template["metadata"]["annotations"] = {"capsa.io/network": f"back, {front}"}
+    created = await create(client, template)
+    await store.hosts.register("h1", "http://127.0.0.1:1", 4000, 4096, ("runc",))
+    assert await store.hosts.claim(created["uuid"], "h1", 250, 96)
+    stored = await store.capsules.get(created["uuid"])
+    assert stored is not None
+    ports = await NetworkService(store, "10.9.0.0/24", 1500).allocate_ports(
+        created["uuid"], "default", "h1", Attachment.from_annotations(stored.spec.annotations)
+    )
+
+    body = await (await client.get("/v1/capsules/web", headers=ADMIN)).json()
+
+    assert list(body["addresses"]) == [back, front]
+    assert [a["addr"] for n in body["addresses"].values() for a in n] == [
+        str(p.ip_address) for p in ports
+    ]
+    assert [a["port"] for n in body["addresses"].values() for a in n] == [p.id for p in ports]
+
+
+@pytest.mark.parametrize(
+    ("networks", "fragment"),
+    [
+        ("back,nowhere", "network nowhere could not be found"),
+        ("back, front, back", "is named more than once"),
+        (",".join(f"n{i}" for i in range(9)), "at most 8 networks, not 9"),
+    ],
+)
+async def test_networks_a_capsule_cannot_join_are_refused_and_nothing_is_stored(
+    client: Client, store: Store, networks: str, fragment: str
+) -> None:
+    await network_with_subnet(store, "default", "front", "10.31.0.0/24")
+    await network_with_subnet(store, "default", "back", "10.32.0.0/24")
+    template = zun_template()
+    template["metadata"]["annotations"] = {"capsa.io/network": networks}
+
+    response = await client.post("/v1/capsules", json={"template": template}, headers=api_headers())
+
+    await assert_error(response, 400, "container.invalid-capsule-template", fragment)
+    assert await count(store) == 0
 
 
 async def test_a_list_shows_what_changed_since_the_last_list_and_each_caller_its_own_fields(

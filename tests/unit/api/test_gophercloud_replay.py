@@ -224,7 +224,7 @@ async def test_virtual_kubelet_creates_finds_lists_and_deletes_a_pod(
     assert project is not None
     await store.hosts.register("h1", "http://127.0.0.1:1", 4000, 4096, ("runc",))
     assert await store.hosts.claim(created["uuid"], "h1", 100, 64)
-    port = await NetworkService(store, "10.9.0.0/24", 1500).allocate_port(
+    [port] = await NetworkService(store, "10.9.0.0/24", 1500).allocate_ports(
         created["uuid"], project.id, "h1"
     )
     await store.capsules.update_status(

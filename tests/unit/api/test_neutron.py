@@ -253,7 +253,9 @@ async def test_ports_get_addresses_and_default_group_and_release_them(client: Cl
 
 
 async def test_a_capsules_port_goes_only_with_its_capsule(client: Client, store: Store) -> None:
-    port = await NetworkService(store, "10.47.0.0/24", 1500).allocate_port("capsule-x", "p1", "h1")
+    [port] = await NetworkService(store, "10.47.0.0/24", 1500).allocate_ports(
+        "capsule-x", "p1", "h1"
+    )
     listed = await ok(await client.get(f"{V2}/ports?device_id=capsule-x", headers=who()))
     [shown] = listed["ports"]
     assert shown["id"] == port.id and shown["device_owner"] == "compute:capsule"

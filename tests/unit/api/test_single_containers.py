@@ -192,8 +192,12 @@ async def test_interactive_sets_tty_from_1_20_to_1_35_only(client: Client) -> No
             ("fixed addresses are not supported",),
         ),
         (
-            {"image": "busybox", "nets": [{"network": "a"}, {"network": "b"}]},
-            ("one network",),
+            {"image": "busybox", "nets": [{"network": f"n{i}"} for i in range(9)]},
+            ("nets", "at most 8 networks"),
+        ),
+        (
+            {"image": "busybox", "nets": [{"network": "a"}, {"port": "p2"}]},
+            ("nets[1].port", "not supported"),
         ),
         ({"image": "busybox", "mounts": [{"source": "v", "destination": "/d"}]}, ("volumes",)),
         ({"image": "busybox", "healthcheck": {"cmd": "true"}}, ("health checks",)),
@@ -240,16 +244,26 @@ async def test_nets_and_security_groups_choose_the_attachment_by_name_or_id(
     }
     assert created["security_groups"] == [group.id]
 
+    # Several networks: the first is its eth0, by id in the annotation, in order.
+    front = await store.networks.create_network(project_id="default", name="front", mtu=1500)
+    created = await run(
+        client, {"image": "busybox", "nets": [{"network": "front"}, {"network": network.id}]}
+    )
+    stored = await store.capsules.get(created["uuid"])
+    assert stored is not None
+    assert stored.spec.annotations[NETWORK_ANNOTATION] == f"{front.id},{network.id}"
+
     for body, fragment in (
         ({"nets": [{"network": other.id}]}, "network"),
         ({"nets": [{"network": "nowhere"}]}, "nowhere"),
+        ({"nets": [{"network": "back"}, {"network": network.id}]}, "named more than once"),
         ({"security_groups": ["nobody"]}, "nobody"),
     ):
         response = await client.post(
             "/v1/containers", json={"image": "busybox", **body}, headers=MEMBER
         )
         await assert_error(response, 400, "container.invalid-value", fragment)
-    assert await store.capsules.count(None) == 1
+    assert await store.capsules.count(None) == 2
 
 
 async def test_a_single_container_counts_against_the_projects_quota(

@@ -87,6 +87,15 @@ async def test_create_names_the_network_and_groups_to_join(
     assert stored.spec.annotations["capsa.io/network"] == network.name
     assert stored.spec.annotations["capsa.io/security-groups"] == "web,ssh"
 
+    # Several networks, in the order given: the first is the capsule's first interface.
+    front = await store.networks.create_network(project_id="default", name="front", mtu=1500)
+    again = template_file(tmp_path, zun_template(name="web2"), "again.json")
+    run = await capsa("capsule", "create", "-f", again, "--network", "front", "--network", "back")
+    assert run.code == 0, run.stderr
+    stored = await store.capsules.find("web2", "default")
+    assert stored is not None
+    assert stored.spec.annotations["capsa.io/network"] == f"{front.name},{network.name}"
+
     refused = await capsa("capsule", "create", "-f", file, "--network", "nowhere")
     assert refused.code == 1
     assert "HTTP 400" in refused.stderr and "network nowhere could not be found" in refused.stderr

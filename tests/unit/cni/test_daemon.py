@@ -4,7 +4,7 @@ import asyncio
 import dataclasses
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from capsa.network.dataplane import (
     DataplaneError,
     InterfaceExists,
     host_ifname,
+    pod_ifnames,
 )
 from capsa.network.types import Link, PluggedPort, PortBinding
 
@@ -35,32 +36,46 @@ PORT = PortBinding(
 )
 
 
+SECOND_PORT = PortBinding(
+    port_id="port-2",
+    network_id="net-2",
+    mac="fa:16:3e:00:01:07",
+    ip=IPv4Interface("10.218.0.7/24"),
+    gateway=IPv4Address("10.218.0.1"),
+    bridge="capsa1",
+    mtu=1400,
+)
+
+
 class FakePorts:
     def __init__(self) -> None:
-        self.ports: dict[str, PortBinding] = {"pod-1": PORT}
+        # Each pod's ports in its interface order.
+        self.ports: dict[str, list[PortBinding]] = {"pod-1": [PORT]}
         self.bound: dict[str, tuple[str, str]] = {}
-        self.calls: list[tuple[str, ...]] = []
         self.fail: Exception | None = None
 
-    async def find_port(self, pod_name: str) -> PortBinding | None:
+    async def find_ports(self, pod_name: str) -> list[PortBinding]:
         if self.fail:
             raise self.fail
-        port = self.ports.get(pod_name)
-        if port is None or port.port_id not in self.bound:
-            return port
-        container_id, host_name = self.bound[port.port_id]
-        return dataclasses.replace(
-            port, bound_container_id=container_id, bound_host_ifname=host_name
-        )
+        return [
+            dataclasses.replace(
+                port,
+                bound_container_id=self.bound[port.port_id][0],
+                bound_host_ifname=self.bound[port.port_id][1],
+            )
+            if port.port_id in self.bound
+            else port
+            for port in self.ports.get(pod_name, [])
+        ]
 
-    async def port_bound(self, port_id: str, container_id: str, host_ifname: str) -> None:
-        self.calls.append(("bound", port_id, container_id, host_ifname))
-        self.bound[port_id] = (container_id, host_ifname)
+    async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        for port_id, host_name in host_ifnames.items():
+            self.bound[port_id] = (container_id, host_name)
 
-    async def port_unbound(self, port_id: str, container_id: str) -> None:
-        self.calls.append(("unbound", port_id, container_id))
-        if self.bound.get(port_id, ("",))[0] == container_id:
-            del self.bound[port_id]
+    async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
+        for port_id in port_ids:
+            if self.bound.get(port_id, ("",))[0] == container_id:
+                del self.bound[port_id]
 
 
 class FakeDataplane(Dataplane):
@@ -93,41 +108,48 @@ class FakeDataplane(Dataplane):
         self,
         container_id: str,
         netns: str,
-        ifname: str,
-        port: PortBinding,
+        interfaces: Sequence[tuple[str, PortBinding]],
         owner: str,
-        replaces: str | None = None,
-    ) -> PluggedPort:
+    ) -> list[PluggedPort]:
+        pod = ",".join(port.port_id for _, port in interfaces)
         with self._guard:
-            self.active[port.port_id] = self.active.get(port.port_id, 0) + 1
-            self.most_active[port.port_id] = max(
-                self.most_active.get(port.port_id, 0), self.active[port.port_id]
-            )
+            self.active[pod] = self.active.get(pod, 0) + 1
+            self.most_active[pod] = max(self.most_active.get(pod, 0), self.active[pod])
             self.most_active_overall = max(self.most_active_overall, sum(self.active.values()))
         try:
             time.sleep(self.delay)
             if self.plug_error:
                 raise self.plug_error
-            name = host_ifname(container_id, ifname)
-            replaced = None
-            if replaces and replaces != name and self.links.pop(replaces, None):
-                replaced = replaces
-            tag = AttachmentTag(owner, port.port_id, container_id)
-            self.links[name] = Attachment(name, port.bridge, tag)
-            self.detached.discard(name)
-            return PluggedPort(
-                bridge=Link(port.bridge, "02:00:00:00:00:01"),
-                host_end=Link(name, "02:00:00:00:00:02"),
-                pod_end=Link(ifname, port.mac),
-                netns=netns,
-                address=port.ip,
-                gateway=port.gateway,
-                mtu=port.mtu,
-                replaced=replaced,
-            )
+            return [self._plug_one(container_id, netns, *i, owner) for i in interfaces]
         finally:
             with self._guard:
-                self.active[port.port_id] -= 1
+                self.active[pod] -= 1
+
+    def _plug_one(
+        self, container_id: str, netns: str, ifname: str, port: PortBinding, owner: str
+    ) -> PluggedPort:
+        name = host_ifname(container_id, ifname)
+        replaced = None
+        replaces = port.bound_host_ifname
+        if replaces and replaces != name and self.links.pop(replaces, None):
+            replaced = replaces
+        tag = AttachmentTag(owner, port.port_id, container_id)
+        self.links[name] = Attachment(name, port.bridge, tag)
+        self.detached.discard(name)
+        return PluggedPort(
+            bridge=Link(port.bridge, "02:00:00:00:00:01"),
+            host_end=Link(name, "02:00:00:00:00:02"),
+            pod_end=Link(ifname, port.mac),
+            netns=netns,
+            address=port.ip,
+            gateway=port.gateway,
+            mtu=port.mtu,
+            replaced=replaced,
+        )
+
+    def unplug(self, container_id: str, ifname: str) -> list[Attachment]:
+        removed = [self.remove_attachment(name) for name in self._names(container_id, ifname)]
+        return [a for a in removed if a is not None]
 
     def remove_attachment(self, host_name: str) -> Attachment | None:
         if host_name in self.remove_errors:
@@ -135,24 +157,32 @@ class FakeDataplane(Dataplane):
         self.detached.discard(host_name)
         return self.links.pop(host_name, None)
 
-    def detach(self, container_id: str, ifname: str) -> Attachment | None:
-        name = host_ifname(container_id, ifname)
-        if name in self.remove_errors:
-            raise self.remove_errors[name]
-        attachment = self.links.get(name)
-        if attachment is None:
-            return None
-        self.links[name] = Attachment(name, None, attachment.tag)
-        self.detached.add(name)
-        return attachment
+    def detach(self, container_id: str, ifname: str) -> list[Attachment]:
+        detached = []
+        for name in self._names(container_id, ifname):
+            if name in self.remove_errors:
+                raise self.remove_errors[name]
+            attachment = self.links[name]
+            self.links[name] = Attachment(name, None, attachment.tag)
+            self.detached.add(name)
+            detached.append(attachment)
+        return detached
 
-    def remove_detached(self, container_id: str, ifname: str) -> bool:
-        name = host_ifname(container_id, ifname)
-        if name not in self.detached:
-            return False
-        self.detached.discard(name)
-        del self.links[name]
-        return True
+    def remove_detached(self, host_names: Sequence[str]) -> list[str]:
+        removed = [name for name in host_names if name in self.detached]
+        for name in removed:
+            self.detached.discard(name)
+            del self.links[name]
+        return removed
+
+    def _names(self, container_id: str, ifname: str) -> list[str]:
+        """The host ends of the attachment, numbered from ifname up to the first missing."""
+        names = []
+        for name in (host_ifname(container_id, n) for n in pod_ifnames(ifname)):
+            if name not in self.links:
+                break
+            names.append(name)
+        return names
 
     def attachments(self) -> list[Attachment]:
         return list(self.links.values())
@@ -324,10 +354,10 @@ async def test_add_refuses_a_malformed_prev_result_before_plugging(
 async def test_add_unplugs_when_the_binding_cannot_be_recorded(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
-    async def failing_bound(*_: str) -> None:
+    async def failing_bound(*_: object) -> None:
         raise ConnectionError("database is locked")
 
-    ports.port_bound = failing_bound  # type: ignore[method-assign]
+    ports.ports_bound = failing_bound  # type: ignore[method-assign]
     status, error = await call(client, "add", envelope())
     assert (status, error["code"]) == (503, 11)
     assert dataplane.plugged == {}
@@ -407,10 +437,10 @@ def holding_removals(dataplane: FakeDataplane) -> tuple[threading.Event, threadi
     may_remove, removal_ran = threading.Event(), threading.Event()
     remove_detached = dataplane.remove_detached
 
-    def held(container_id: str, ifname: str) -> bool:
+    def held(host_names: Sequence[str]) -> list[str]:
         may_remove.wait(5)
         try:
-            return remove_detached(container_id, ifname)
+            return remove_detached(host_names)
         finally:
             removal_ran.set()
 
@@ -490,7 +520,7 @@ async def test_calls_for_one_capsule_never_overlap(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     dataplane.delay = 0.05
-    ports.ports["pod-2"] = dataclasses.replace(PORT, port_id="port-2")
+    ports.ports["pod-2"] = [dataclasses.replace(PORT, port_id="port-2")]
     results = await asyncio.gather(
         call(client, "add", envelope(container_id="a1")),
         call(client, "add", envelope(container_id="a2")),
@@ -500,6 +530,103 @@ async def test_calls_for_one_capsule_never_overlap(
     assert [status for status, _ in results] == [200] * 4
     assert dataplane.most_active == {"port-1": 1, "port-2": 1}
     assert dataplane.most_active_overall == 2, "the two capsules must run side by side"
+
+
+# ---- a capsule on two networks ----
+
+
+@pytest.fixture
+def two_networks(ports: FakePorts) -> FakePorts:
+    ports.ports["pod-1"] = [PORT, SECOND_PORT]
+    return ports
+
+
+async def test_add_plugs_every_port_of_the_capsule_in_one_result(
+    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+) -> None:
+    result = await added(client, envelope())
+
+    names = [i["name"] for i in result["interfaces"]]
+    assert names == [
+        "capsa0",
+        host_ifname("c1", "eth0"),
+        "eth0",
+        "capsa1",
+        host_ifname("c1", "eth1"),
+        "eth1",
+    ]
+    assert [(names[ip["interface"]], ip["address"]) for ip in result["ips"]] == [
+        ("eth0", "10.217.0.5/16"),
+        ("eth1", "10.218.0.7/24"),
+    ]
+    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.217.0.1"}]
+    assert dataplane.plugged == {("c1", "port-1"): "capsa0", ("c1", "port-2"): "capsa1"}
+    assert two_networks.bound == {
+        "port-1": ("c1", host_ifname("c1", "eth0")),
+        "port-2": ("c1", host_ifname("c1", "eth1")),
+    }
+    # CHECK compares both with the result and the kernel.
+    checked: list[tuple[str, str]] = []
+    dataplane.check = lambda _cid, _netns, interfaces: checked.extend(  # type: ignore[method-assign]
+        (ifname, port.port_id) for ifname, port in interfaces
+    )
+    assert await call(client, "check", envelope(prevResult=result)) == (200, None)
+    assert checked == [("eth0", "port-1"), ("eth1", "port-2")]
+    result["ips"][1]["address"] = "10.218.0.99/24"
+    status, error = await call(client, "check", envelope(prevResult=result))
+    assert status == 500 and "eth1" in error["msg"] and "10.218.0.99/24" in error["msg"]
+
+
+async def test_del_unplugs_and_unbinds_every_port_of_the_capsule(
+    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+) -> None:
+    await added(client, envelope())
+    may_remove, removal_ran = holding_removals(dataplane)
+
+    assert await call(client, "del", envelope(pod=None)) == (200, None)
+
+    assert dataplane.plugged == {}
+    assert two_networks.bound == {}
+    assert sorted(dataplane.removed_bridges) == ["capsa0", "capsa1"]
+    may_remove.set()
+    assert await asyncio.to_thread(removal_ran.wait, 5)
+    assert dataplane.links == {}
+
+
+async def test_a_new_sandbox_replaces_every_port_of_the_old_one_and_a_stale_del_keeps_it(
+    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+) -> None:
+    await added(client, envelope(container_id="old"))
+    await added(client, envelope(container_id="new"))
+    assert await call(client, "del", envelope(container_id="old")) == (200, None)
+
+    assert dataplane.plugged == {("new", "port-1"): "capsa0", ("new", "port-2"): "capsa1"}
+    assert {cid for cid, _ in two_networks.bound.values()} == {"new"}
+
+
+async def test_gc_keeps_every_interface_of_a_valid_attachment(
+    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+) -> None:
+    two_networks.ports["pod-2"] = [
+        dataclasses.replace(PORT, port_id="port-3"),
+        dataclasses.replace(SECOND_PORT, port_id="port-4"),
+    ]
+    await added(client, envelope(container_id="kept"))
+    await added(client, envelope(container_id="stale", pod="pod-2"))
+
+    assert await call(client, "gc", gc_envelope(("kept", "eth0"))) == (200, None)
+
+    assert dataplane.plugged == {("kept", "port-1"): "capsa0", ("kept", "port-2"): "capsa1"}
+    assert set(two_networks.bound) == {"port-1", "port-2"}
+
+
+async def test_add_refuses_an_ifname_that_cannot_be_numbered_for_every_network(
+    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+) -> None:
+    status, error = await call(client, "add", {**envelope(), "ifname": "abcdefghijklmn9"})
+    assert (status, error["code"]) == (400, 4)
+    assert "2 networks" in error["msg"]
+    assert dataplane.plugged == {}
 
 
 # ---- errors common to the commands ----
@@ -521,13 +648,13 @@ async def test_unsupported_version_is_code_1_and_echoes_it(client: TestClient[An
 async def test_check_compares_prev_result_port_and_kernel(
     client: TestClient[Any, Any], dataplane: FakeDataplane
 ) -> None:
-    checked: list[tuple[str, str]] = []
-    dataplane.check = lambda container_id, netns, ifname, port: checked.append(  # type: ignore[method-assign]
-        (container_id, port.port_id)
+    checked: list[tuple[str, str, str]] = []
+    dataplane.check = lambda container_id, netns, interfaces: checked.extend(  # type: ignore[method-assign]
+        (container_id, ifname, port.port_id) for ifname, port in interfaces
     )
     result = await added(client, envelope())
     assert await call(client, "check", envelope(prevResult=result)) == (200, None)
-    assert checked == [("c1", "port-1")]
+    assert checked == [("c1", "eth0", "port-1")]
 
 
 async def test_check_reports_a_prev_result_that_differs_from_the_port(
@@ -574,12 +701,12 @@ async def test_check_is_not_in_0_3_1(client: TestClient[Any, Any]) -> None:
 async def test_gc_removes_only_this_owners_stale_attachments(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
-    ports.ports["pod-2"] = dataclasses.replace(PORT, port_id="port-2", bridge="capsa1")
+    ports.ports["pod-2"] = [dataclasses.replace(PORT, port_id="port-2", bridge="capsa1")]
     await added(client, envelope(container_id="kept"))
     await added(client, envelope(container_id="stale", pod="pod-2"))
     # Another capsa instance's attachment: same network name, another daemon.
     foreign = envelope(container_id="foreign", daemon="unix:/other/cni.sock")
-    ports.ports["pod-3"] = dataclasses.replace(PORT, port_id="port-3")
+    ports.ports["pod-3"] = [dataclasses.replace(PORT, port_id="port-3")]
     await added(client, {**foreign, "args": "K8S_POD_NAME=pod-3"})
 
     assert await call(client, "gc", gc_envelope(("kept", "eth0"))) == (200, None)
@@ -605,7 +732,7 @@ async def test_gc_accepts_libcni_legacy_key(
 async def test_gc_carries_on_past_failures_and_reports_them(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
-    ports.ports["pod-2"] = dataclasses.replace(PORT, port_id="port-2")
+    ports.ports["pod-2"] = [dataclasses.replace(PORT, port_id="port-2")]
     await added(client, envelope(container_id="a"))
     await added(client, envelope(container_id="b", pod="pod-2"))
     stuck = host_ifname("a", "eth0")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import random
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
@@ -56,16 +57,33 @@ def network_envelope(**keys: Any) -> dict[str, Any]:
     )
 
 
-def plugged() -> PluggedPort:
-    return PluggedPort(
-        bridge=Link("capsa0", "02:00:00:00:00:01"),
-        host_end=Link("capsa0123456789", "02:00:00:00:00:02"),
-        pod_end=Link("eth0", "fa:16:3e:00:00:03"),
-        netns="/var/run/netns/cni-1234",
-        address=IPv4Interface("10.217.0.5/16"),
-        gateway=IPv4Address("10.217.0.1"),
-        mtu=1450,
-    )
+def plugged() -> list[PluggedPort]:
+    return [
+        PluggedPort(
+            bridge=Link("capsa0", "02:00:00:00:00:01"),
+            host_end=Link("capsa0123456789", "02:00:00:00:00:02"),
+            pod_end=Link("eth0", "fa:16:3e:00:00:03"),
+            netns="/var/run/netns/cni-1234",
+            address=IPv4Interface("10.217.0.5/16"),
+            gateway=IPv4Address("10.217.0.1"),
+            mtu=1450,
+        )
+    ]
+
+
+def plugged_on_two_networks() -> list[PluggedPort]:
+    return [
+        *plugged(),
+        PluggedPort(
+            bridge=Link("capsa1", "02:00:00:00:01:01"),
+            host_end=Link("capsa1123456789", "02:00:00:00:01:02"),
+            pod_end=Link("eth1", "fa:16:3e:00:01:03"),
+            netns="/var/run/netns/cni-1234",
+            address=IPv4Interface("10.218.0.7/24"),
+            gateway=IPv4Address("10.218.0.1"),
+            mtu=1400,
+        ),
+    ]
 
 
 PORT = PortBinding(
@@ -309,6 +327,30 @@ def test_result_shape_per_version(version: str) -> None:
     assert ip.get("version") == ("4" if version in ("0.3.0", "0.3.1", "0.4.0") else None)
     assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.217.0.1"}]
     assert result["dns"] == {"nameservers": ["10.217.0.1"]}
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_result_of_a_pod_on_two_networks_lists_both_and_routes_by_the_first(
+    version: str,
+) -> None:
+    result = build_result(version, plugged_on_two_networks())
+
+    names = [i["name"] for i in result["interfaces"]]
+    assert names == ["capsa0", "capsa0123456789", "eth0", "capsa1", "capsa1123456789", "eth1"]
+    assert [(names[ip["interface"]], ip["address"], ip["gateway"]) for ip in result["ips"]] == [
+        ("eth0", "10.217.0.5/16", "10.217.0.1"),
+        ("eth1", "10.218.0.7/24", "10.218.0.1"),
+    ]
+    assert result["interfaces"][5]["sandbox"] == "/var/run/netns/cni-1234"
+    if version == "1.1.0":
+        assert [i["mtu"] for i in result["interfaces"]] == [1450] * 3 + [1400] * 3
+    # The second network's subnet is routed by its address: the one route is the default.
+    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.217.0.1"}]
+    second = dataclasses.replace(
+        PORT, port_id="port-2", mac="fa:16:3e:00:01:03", ip=IPv4Interface("10.218.0.7/24")
+    )
+    assert prev_result_problems(result, "/var/run/netns/cni-1234", "eth1", second) == []
+    assert prev_result_problems(result, "/var/run/netns/cni-1234", "eth0", PORT) == []
 
 
 def test_result_appends_to_prev_result() -> None:

@@ -203,7 +203,7 @@ async def test_a_full_network_fails_the_capsule_with_the_reason_and_nothing_made
     failed = await reload(store, second)
     assert failed.status is Status.ERROR
     assert failed.status_reason is not None and "No more IP addresses" in failed.status_reason
-    assert await store.ports.find_by_device(second.uuid) is None
+    assert await store.ports.list_for_device(second.uuid) == []
     assert [s.name for s in fake_cri.sandboxes.values()] == [first.uuid]
 
 
@@ -377,7 +377,7 @@ async def test_teardown_removes_the_runtime_state_then_the_records_port_and_clai
     assert fake_cri.sandboxes == {} and fake_cri.containers == {}
     assert fake_cri.calls.count("StopContainer") == 2, "running containers get their grace period"
     assert await store.capsules.get(capsule.uuid) is None
-    assert await store.ports.find_by_device(capsule.uuid) is None
+    assert await store.ports.list_for_device(capsule.uuid) == []
     host = await store.hosts.get("h1")
     assert host is not None and host.cpu_millis_used == 0
 

@@ -5,9 +5,16 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
+from tests.unit.conftest import network_with_subnet
 
 from capsa.model.capsule import Capsule, PortSpec
-from capsa.model.network import Direction, EtherType, HostNetworkView
+from capsa.model.network import (
+    Attachment,
+    Direction,
+    EtherType,
+    HostNetworkView,
+    HostPortMapping,
+)
 from capsa.network import agent as agent_module
 from capsa.network import firewall
 from capsa.network.agent import NetworkAgent
@@ -61,7 +68,7 @@ async def test_the_agent_follows_ports_rules_and_host_ports(
         capsule.spec = replace(capsule.spec, containers=(web,))
         await store.capsules.create(capsule)
         assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
-        port = await network.allocate_port(capsule.uuid, "p1", "h1")
+        [port] = await network.allocate_ports(capsule.uuid, "p1", "h1")
         await applied.count(2)
         assert f"th dport 8080 dnat ip to {port.ip_address}:80" in applied[-1]
         assert "@members_" in applied[-1] and "th dport 22" not in applied[-1]
@@ -88,3 +95,32 @@ async def test_the_agent_follows_ports_rules_and_host_ports(
         assert applied[-1] == applied[0]
     finally:
         await agent.stop()
+
+
+async def test_host_ports_lead_to_the_capsules_first_interface(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    network = NetworkService(store, "10.50.0.0/24", 1500)
+    back = await network_with_subnet(store, "p1", "back", "10.51.0.0/24")
+    default = (await network.project_defaults("p1")).network
+    capsule = make_capsule()
+    web = replace(capsule.containers[0].spec, ports=(PortSpec(80, "TCP", 8080), PortSpec(81)))
+    capsule.containers[0].spec = web
+    capsule.spec = replace(capsule.spec, containers=(web,))
+    await store.capsules.create(capsule)
+    assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    first, second = await network.allocate_ports(
+        capsule.uuid, "p1", "h1", Attachment(("back", default.id))
+    )
+
+    view = await store.ports.host_view("h1")
+
+    assert view.host_ports == (HostPortMapping(first.id, 8080, 80, "tcp"),)
+    assert first.network_id == back and second.network_id == default.id
+    script = firewall.render("capsa_t", view, {back: "cbr-b", default.id: "cbr-d"})
+    assert f"th dport 8080 dnat ip to {first.ip_address}:80" in script
+    assert str(second.ip_address) + ":80" not in script
+    # A capsule being deleted publishes nothing any more.
+    await store.capsules.request_delete(capsule.uuid)
+    assert (await store.ports.host_view("h1")).host_ports == ()

@@ -7,7 +7,8 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 
-from capsa.network.dataplane import HOST_IFNAME_PREFIX, AttachmentTag, host_ifname
+from capsa.model.network import MAX_CAPSULE_NETWORKS
+from capsa.network.dataplane import HOST_IFNAME_PREFIX, AttachmentTag, host_ifname, pod_ifnames
 from capsa.network.types import PortBinding
 
 
@@ -55,3 +56,24 @@ def test_foreign_aliases_are_no_tag(alias: str | None) -> None:
 def test_alias_fits_the_kernel_limit() -> None:
     tag = AttachmentTag(owner="0123456789abcdef", port_id="p" * 36, container_id="c" * 300)
     assert len(tag.alias().encode()) == 255
+
+
+@pytest.mark.parametrize(
+    ("ifname", "count", "names"),
+    [
+        ("eth0", 1, ["eth0"]),
+        ("eth0", 3, ["eth0", "eth1", "eth2"]),
+        ("net", 3, ["net", "net1", "net2"]),
+        ("eth9", 2, ["eth9", "eth10"]),
+        # Past 15 bytes a name cannot exist: fewer names come back.
+        ("abcdefghijklmn9", 2, ["abcdefghijklmn9"]),
+    ],
+)
+def test_pod_interfaces_are_numbered_from_cni_ifname(
+    ifname: str, count: int, names: list[str]
+) -> None:
+    assert pod_ifnames(ifname, count) == names
+
+
+def test_pod_interfaces_reach_the_most_networks_a_capsule_joins() -> None:
+    assert len(pod_ifnames("eth0")) == MAX_CAPSULE_NETWORKS

@@ -7,6 +7,7 @@ from capsa.model.network import (
     Direction,
     EtherType,
     HostNetworkView,
+    HostPortMapping,
     LocalPort,
     Network,
     Port,
@@ -118,9 +119,9 @@ def test_networks_cannot_reach_each_others_gateways() -> None:
 
 
 def test_host_ports_are_dnated_to_their_pod() -> None:
-    mapping = firewall.HostPortMapping("33333333-3333-4333-8333-333333333333", 8080, 80, "tcp")
-    gone = firewall.HostPortMapping("no-such-port", 9090, 90, "tcp")
-    script = firewall.render("capsa_t", view(), BRIDGES, [mapping, gone])
+    mapping = HostPortMapping("33333333-3333-4333-8333-333333333333", 8080, 80, "tcp")
+    gone = HostPortMapping("no-such-port", 9090, 90, "tcp")
+    script = firewall.render("capsa_t", replace(view(), host_ports=(mapping, gone)), BRIDGES)
     assert "meta l4proto tcp th dport 8080 dnat ip to 10.60.0.2:80" in script
     assert "9090" not in script
     assert "type nat hook prerouting" in script and "type nat hook output" in script

@@ -2,18 +2,20 @@ from __future__ import annotations
 
 import ipaddress
 
+from tests.unit.conftest import network_with_subnet
+
+from capsa.model.network import Attachment
 from capsa.network.service import NetworkService, bridge_name
 from capsa.store import Store
 
 
-async def test_find_port_gives_the_daemon_what_to_bind_and_the_current_binding(
+async def test_find_ports_gives_the_daemon_what_to_bind_and_the_current_bindings(
     store: Store,
 ) -> None:
     network = NetworkService(store, "10.3.0.0/24", 1400)
-    port = await network.allocate_port("capsule-a", "p1", "h1")
+    [port] = await network.allocate_ports("capsule-a", "p1", "h1")
 
-    binding = await network.find_port("capsule-a")
-    assert binding is not None
+    [binding] = await network.find_ports("capsule-a")
     assert binding.port_id == port.id and binding.mac == port.mac_address
     assert binding.ip == ipaddress.IPv4Interface(f"{port.ip_address}/24")
     assert binding.gateway == ipaddress.IPv4Address("10.3.0.1")
@@ -21,20 +23,37 @@ async def test_find_port_gives_the_daemon_what_to_bind_and_the_current_binding(
     assert binding.mtu == 1400
     assert binding.bound_container_id is None
 
-    await network.port_bound(port.id, "sandbox-1", "capsaabc")
-    bound = await network.find_port("capsule-a")
-    assert bound is not None
+    await network.ports_bound("sandbox-1", {port.id: "capsaabc"})
+    [bound] = await network.find_ports("capsule-a")
     assert (bound.bound_container_id, bound.bound_host_ifname) == ("sandbox-1", "capsaabc")
 
     # A late unbind of another sandbox changes nothing; its own does.
-    await network.port_unbound(port.id, "sandbox-0")
-    still = await network.find_port("capsule-a")
-    assert still is not None and still.bound_container_id == "sandbox-1"
-    await network.port_unbound(port.id, "sandbox-1")
-    unbound = await network.find_port("capsule-a")
-    assert unbound is not None and unbound.bound_container_id is None
+    await network.ports_unbound([port.id], "sandbox-0")
+    [still] = await network.find_ports("capsule-a")
+    assert still.bound_container_id == "sandbox-1"
+    await network.ports_unbound([port.id], "sandbox-1")
+    [unbound] = await network.find_ports("capsule-a")
+    assert unbound.bound_container_id is None
 
-    assert await network.find_port("no-such-capsule") is None
+    assert await network.find_ports("no-such-capsule") == []
+
+
+async def test_find_ports_of_a_capsule_on_two_networks_follows_its_order(store: Store) -> None:
+    service = NetworkService(store, "10.3.0.0/24", 1400)
+    other = await network_with_subnet(store, "p1", "other", "10.8.0.0/24", mtu=1300)
+    default = (await service.project_defaults("p1")).network
+    ports = await service.allocate_ports("capsule-a", "p1", "h1", Attachment(("other", default.id)))
+
+    bindings = await service.find_ports("capsule-a")
+
+    assert [b.port_id for b in bindings] == [p.id for p in ports]
+    assert [(b.bridge, b.mtu, str(b.gateway)) for b in bindings] == [
+        (bridge_name(other), 1300, "10.8.0.1"),
+        (bridge_name(default.id), 1400, "10.3.0.1"),
+    ]
+    await service.ports_bound("sandbox-1", {ports[0].id: "capsa0", ports[1].id: "capsa1"})
+    await service.ports_unbound([p.id for p in ports], "sandbox-1")
+    assert [b.bound_container_id for b in await service.find_ports("capsule-a")] == [None, None]
 
 
 def test_bridges_of_different_networks_differ() -> None:

@@ -112,7 +112,9 @@ async def test_remove_releases_the_claim_and_the_ports_in_one_go(
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
     capsule = await store.capsules.create(make_capsule(cpu_millis=300, memory_mb=200))
     assert await store.hosts.claim(capsule.uuid, "h1", 300, 200)
-    port = await NetworkService(store, "10.0.0.0/29", 1500).allocate_port(capsule.uuid, "p1", "h1")
+    [port] = await NetworkService(store, "10.0.0.0/29", 1500).allocate_ports(
+        capsule.uuid, "p1", "h1"
+    )
 
     assert await store.capsules.remove(capsule.uuid)
     assert not await store.capsules.remove(capsule.uuid)
@@ -120,7 +122,7 @@ async def test_remove_releases_the_claim_and_the_ports_in_one_go(
     host = await store.hosts.get("h1")
     assert host is not None
     assert (host.cpu_millis_used, host.memory_mb_used) == (0, 0)
-    assert await store.ports.find_by_device(capsule.uuid) is None
+    assert await store.ports.list_for_device(capsule.uuid) == []
     assert await store.capsules.get(capsule.uuid) is None
     assert await store.ports.list_for_subnet(port.subnet_id) == []
 
@@ -172,7 +174,7 @@ async def test_a_capsules_version_changes_with_its_row_its_containers_and_its_po
     changes = [
         store.capsules.update_status(capsule.uuid, status=Status.RUNNING),
         store.capsules.update_container(capsule.containers[0].uuid, exit_code=3),
-        network.allocate_port(capsule.uuid, "p1", "h1"),
+        network.allocate_ports(capsule.uuid, "p1", "h1"),
         network.release_ports(capsule.uuid),
     ]
     for change in changes:

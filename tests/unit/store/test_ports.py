@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 
 import pytest
+from tests.unit.conftest import network_with_subnet
 
 from capsa.model.network import AllocationPool, Attachment
 from capsa.network.service import NetworkService
@@ -14,9 +16,13 @@ from capsa.store.ports import AddressInUse, SubnetFull
 
 async def test_fifty_concurrent_allocations_get_distinct_addresses(store: Store) -> None:
     network = NetworkService(store, "10.1.0.0/24", 1500)
-    ports = await asyncio.gather(
-        *(network.allocate_port(f"capsule-{i}", "p1", "h1") for i in range(50))
-    )
+    ports = [
+        port
+        for allocated in await asyncio.gather(
+            *(network.allocate_ports(f"capsule-{i}", "p1", "h1") for i in range(50))
+        )
+        for port in allocated
+    ]
     addresses = {p.ip_address for p in ports}
     assert len(addresses) == 50
     assert len({p.mac_address for p in ports}) == 50
@@ -26,16 +32,16 @@ async def test_fifty_concurrent_allocations_get_distinct_addresses(store: Store)
 
 async def test_allocation_is_idempotent_per_device(store: Store) -> None:
     network = NetworkService(store, "10.1.0.0/24", 1500)
-    first = await network.allocate_port("capsule-a", "p1", "h1")
-    again = await network.allocate_port("capsule-a", "p1", "h1")
+    [first] = await network.allocate_ports("capsule-a", "p1", "h1")
+    [again] = await network.allocate_ports("capsule-a", "p1", "h1")
     assert first == again
 
 
 async def test_released_addresses_return_to_the_pool(store: Store) -> None:
     network = NetworkService(store, "10.1.0.0/29", 1500)
-    first = await network.allocate_port("a", "p1", "h1")
+    [first] = await network.allocate_ports("a", "p1", "h1")
     await network.release_ports("a")
-    again = await network.allocate_port("b", "p1", "h1")
+    [again] = await network.allocate_ports("b", "p1", "h1")
     assert again.ip_address == first.ip_address
 
 
@@ -43,10 +49,10 @@ async def test_a_full_subnet_is_a_clear_error_and_leaves_nothing(store: Store) -
     # /29: 6 hosts, one is the gateway.
     network = NetworkService(store, "10.1.0.0/29", 1500)
     for i in range(5):
-        await network.allocate_port(f"c{i}", "p1", "h1")
+        await network.allocate_ports(f"c{i}", "p1", "h1")
     with pytest.raises(SubnetFull, match=r"No more IP addresses available.*10\.1\.0\.0/29"):
-        await network.allocate_port("one-too-many", "p1", "h1")
-    assert await store.ports.find_by_device("one-too-many") is None
+        await network.allocate_ports("one-too-many", "p1", "h1")
+    assert await store.ports.list_for_device("one-too-many") == []
     subnet = (await network.project_defaults("p1")).subnet
     assert len(await store.ports.list_for_subnet(subnet.id)) == 5
 
@@ -78,7 +84,7 @@ async def test_each_project_gets_its_own_default_network_and_group_once(store: S
 
 async def test_a_capsule_port_is_in_the_projects_default_group(store: Store) -> None:
     network = NetworkService(store, "10.2.0.0/24", 1500)
-    port = await network.allocate_port("a", "p1", "h1")
+    [port] = await network.allocate_ports("a", "p1", "h1")
     defaults = await network.project_defaults("p1")
     assert port.security_group_ids == (defaults.security_group.id,)
     assert port.network_id == defaults.network.id
@@ -97,25 +103,25 @@ async def test_a_capsule_can_name_its_network_and_groups(store: Store) -> None:
         ],
     )
     web = await store.networks.create_security_group(project_id="p1", name="web")
-    port = await service.allocate_port("a", "p1", "h1", Attachment("back", ("web",)))
+    [port] = await service.allocate_ports("a", "p1", "h1", Attachment(("back",), ("web",)))
     assert port.network_id == net.id
     assert port.ip_address == ipaddress.IPv4Address("10.3.0.100")
     assert port.security_group_ids == (web.id,)
     # The pool has two addresses.
-    await service.allocate_port("b", "p1", "h1", Attachment("back", ("web",)))
+    await service.allocate_ports("b", "p1", "h1", Attachment(("back",), ("web",)))
     with pytest.raises(SubnetFull):
-        await service.allocate_port("c", "p1", "h1", Attachment("back", ("web",)))
+        await service.allocate_ports("c", "p1", "h1", Attachment(("back",), ("web",)))
     # Another project cannot use p1's network (it is not shared) nor its groups.
     with pytest.raises(NotFound, match="network back"):
-        await service.allocate_port("d", "p2", "h1", Attachment("back"))
+        await service.allocate_ports("d", "p2", "h1", Attachment(("back",)))
     with pytest.raises(NotFound, match="security group web"):
-        await service.allocate_port("d", "p2", "h1", Attachment(None, ("web",)))
-    assert await store.ports.find_by_device("d") is None
+        await service.allocate_ports("d", "p2", "h1", Attachment((), ("web",)))
+    assert await store.ports.list_for_device("d") == []
 
 
 async def test_a_fixed_address_in_use_is_refused(store: Store) -> None:
     service = NetworkService(store, "10.2.0.0/24", 1500)
-    port = await service.allocate_port("a", "p1", "h1")
+    [port] = await service.allocate_ports("a", "p1", "h1")
     with pytest.raises(AddressInUse, match=r"10\.2\.0\.2 is in use"):
         await store.ports.create(
             network_id=port.network_id,
@@ -131,29 +137,63 @@ async def test_a_fixed_address_in_use_is_refused(store: Store) -> None:
 
 async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> None:
     network = NetworkService(store, "10.1.0.0/24", 1500)
-    port = await network.allocate_port("a", "p1", "h1")
-    await store.ports.set_binding(port.id, "sandbox-new", "capabc")
-    await store.ports.clear_binding(port.id, "sandbox-old")
-    bound = await store.ports.find_by_device("a")
-    assert bound is not None and bound.binding_container_id == "sandbox-new"
-    await store.ports.clear_binding(port.id, "sandbox-new")
-    unbound = await store.ports.find_by_device("a")
-    assert unbound is not None and unbound.binding_container_id is None
+    [port] = await network.allocate_ports("a", "p1", "h1")
+    await store.ports.set_bindings("sandbox-new", {port.id: "capabc"})
+    await store.ports.clear_bindings([port.id], "sandbox-old")
+    [bound] = await store.ports.list_for_device("a")
+    assert bound.binding_container_id == "sandbox-new"
+    await store.ports.clear_bindings([port.id], "sandbox-new")
+    [unbound] = await store.ports.list_for_device("a")
+    assert unbound.binding_container_id is None
     assert unbound.status == "DOWN"
 
 
-async def test_find_with_network_reads_the_port_its_network_and_subnet(store: Store) -> None:
+async def test_find_with_networks_reads_the_ports_their_networks_and_subnets(
+    store: Store,
+) -> None:
     network_service = NetworkService(store, "10.4.0.0/24", 1450)
-    port = await network_service.allocate_port("capsule-a", "p1", "h1")
-    await store.ports.set_binding(port.id, "sandbox-1", "capsaabc")
+    [port] = await network_service.allocate_ports("capsule-a", "p1", "h1")
+    await store.ports.set_bindings("sandbox-1", {port.id: "capsaabc"})
     defaults = await network_service.project_defaults("p1")
 
-    found = await store.ports.find_with_network("capsule-a")
+    [(found, network, subnet)] = await store.ports.find_with_networks("capsule-a")
 
-    bound = await store.ports.find_by_device("capsule-a")
-    assert bound is not None
-    assert found is not None
-    assert found[0] == bound.__class__(**{**bound.__dict__, "security_group_ids": ()})
-    assert (found[1], found[2]) == (defaults.network, defaults.subnet)
-    assert found[0].binding_container_id == "sandbox-1"
-    assert await store.ports.find_with_network("no-such-capsule") is None
+    [bound] = await store.ports.list_for_device("capsule-a")
+    assert found == dataclasses.replace(bound, security_group_ids=())
+    assert (network, subnet) == (defaults.network, defaults.subnet)
+    assert found.binding_container_id == "sandbox-1"
+    assert await store.ports.find_with_networks("no-such-capsule") == []
+
+
+async def test_a_capsule_on_several_networks_gets_a_port_on_each_in_its_order(
+    store: Store,
+) -> None:
+    service = NetworkService(store, "10.2.0.0/24", 1500)
+    front = await network_with_subnet(store, "p1", "front", "10.5.0.0/24")
+    back = await network_with_subnet(store, "p1", "back", "10.6.0.0/24")
+    web = await store.networks.create_security_group(project_id="p1", name="web")
+
+    ports = await service.allocate_ports("a", "p1", "h1", Attachment(("back", front), ("web",)))
+
+    assert [(p.network_id, p.interface_index) for p in ports] == [(back, 0), (front, 1)]
+    assert [str(p.ip_address) for p in ports] == ["10.6.0.2", "10.5.0.2"]
+    # Security groups apply to each port.
+    assert all(p.security_group_ids == (web.id,) for p in ports)
+    assert await store.ports.list_for_device("a") == ports
+    assert [n.id for _, n, _ in await store.ports.find_with_networks("a")] == [back, front]
+    # Again: the same ports, none made.
+    assert await service.allocate_ports("a", "p1", "h1", Attachment(("back", "front"))) == ports
+
+
+async def test_a_capsule_whose_second_network_is_full_gets_no_port_at_all(store: Store) -> None:
+    service = NetworkService(store, "10.2.0.0/24", 1500)
+    await network_with_subnet(store, "p1", "front", "10.5.0.0/24")
+    await network_with_subnet(store, "p1", "tiny", "10.7.0.0/24", ("10.7.0.10", "10.7.0.10"))
+    await service.allocate_ports("a", "p1", "h1", Attachment(("tiny",)))
+
+    with pytest.raises(SubnetFull, match=r"10\.7\.0\.0/24"):
+        await service.allocate_ports("b", "p1", "h1", Attachment(("front", "tiny")))
+
+    assert await store.ports.list_for_device("b") == []
+    ports = await store.ports.list_ports("p1")
+    assert [str(p.ip_address) for p in ports] == ["10.7.0.10"]

@@ -6,7 +6,7 @@ Zun's fields and their forms: ``cpu`` in cores and ``memory`` in MiB, numbers or
 CRI args), ``entrypoint`` a list from 1.40 (the CRI command); ``interactive`` also sets ``tty``
 from 1.20 to 1.35. Fields that Zun added in a later microversion are refused below it, with Zun's
 message. What capsa cannot do is refused with the reason, never ignored: a ``port`` or fixed
-address in ``nets`` (a container gets one new port, on the one network it names), ``mounts``,
+address in ``nets`` (a container gets a new port on each network it names), ``mounts``,
 ``healthcheck``, ``hints``, ``disk``, a requested ``host``, ``dedicated`` cpus, an image driver
 other than docker.
 """
@@ -36,6 +36,7 @@ from capsa.model.capsule import (
     PullPolicy,
     RestartPolicy,
 )
+from capsa.model.network import MAX_CAPSULE_NETWORKS
 from capsa.model.registry import RegistryDirectory
 
 # The microversion that introduced each field Zun checks (api_utils.version_check and schemas).
@@ -113,12 +114,12 @@ class ContainerBody(_Body):
 
 @dataclass(frozen=True)
 class ContainerRequest:
-    """What a create asks: the capsule's spec, and where it is attached (network and security
-    groups as the tenant named them, by name or id, which the handler resolves into the spec's
-    annotations)."""
+    """What a create asks: the capsule's spec, and where it is attached (networks, in the order
+    of its interfaces, and security groups as the tenant named them, by name or id, which the
+    handler resolves into the spec's annotations)."""
 
     spec: CapsuleSpec
-    network: str | None
+    networks: tuple[str, ...]
     security_groups: tuple[str, ...]
 
 
@@ -195,7 +196,7 @@ def _to_request(
         auto_remove=bool(body.auto_remove),
     )
     groups = tuple(dict.fromkeys(body.security_groups or ()))
-    return ContainerRequest(spec, _network(body.nets or []), groups)
+    return ContainerRequest(spec, _networks(body.nets or []), groups)
 
 
 def _refuse_unsupported(body: ContainerBody) -> None:
@@ -262,25 +263,27 @@ def _restart(policy: ZunRestartPolicy | None) -> tuple[RestartPolicy, int]:
     return name, count if name is RestartPolicy.ON_FAILURE else 0
 
 
-def _network(nets: list[Net]) -> str | None:
-    """The one network named in ``nets`` (None: the project's default network)."""
-    if len(nets) > 1:
+def _networks(nets: list[Net]) -> tuple[str, ...]:
+    """The networks named in ``nets``, in order (none: the project's default network)."""
+    if len(nets) > MAX_CAPSULE_NETWORKS:
         raise TemplateFieldError(
-            "nets", "a container joins one network for now: give at most one item"
+            "nets", f"a container joins at most {MAX_CAPSULE_NETWORKS} networks, not {len(nets)}"
         )
-    if not nets:
-        return None
-    net = nets[0]
+    return tuple(_network(index, net) for index, net in enumerate(nets))
+
+
+def _network(index: int, net: Net) -> str:
+    field = f"nets[{index}]"
     if net.port is not None:
         raise TemplateFieldError(
-            "nets[0].port",
+            f"{field}.port",
             "attaching an existing port is not supported: name a network and the container "
             "gets a new port on it",
         )
     if net.v4_fixed_ip is not None or net.v6_fixed_ip is not None:
         raise TemplateFieldError(
-            "nets[0]", "fixed addresses are not supported: the network chooses the address"
+            field, "fixed addresses are not supported: the network chooses the address"
         )
     if net.network is None:
-        raise TemplateFieldError("nets[0]", "name a network: {'network': NAME-OR-ID}")
+        raise TemplateFieldError(field, "name a network: {'network': NAME-OR-ID}")
     return net.network
