@@ -21,7 +21,7 @@ EXPECTED_ROWS = {
     "start": 2,  # start, teardown
     "burst": 1,
     "cni": 2,  # ADD, DEL
-    "api": 8,  # list and get, 1 and 8 clients, latency and throughput
+    "api": 9,  # list and get, 1 and 8 clients, latency and throughput; a list of changed capsules
     "scheduler": 1,
     "memory": 9,  # capsa, containerd, registry and their sum, idle and busy; shims when busy
 }
