@@ -74,6 +74,45 @@ _CLEAR_BINDING = (
     .values(status="DOWN", binding_container_id=None, binding_host_ifname=None)
 )
 
+_GROUPS_OF_PORTS = select(pg_t.c.port_id, pg_t.c.security_group_id).where(
+    pg_t.c.port_id.in_(bindparam("ports", expanding=True))
+)
+# The network agent's view of its host (PortStore.host_view), read at every change of a port,
+# group or rule.
+_HOST_PORTS = select(p_t).where(p_t.c.host == bindparam("host"))
+_HOST_PORT_NETWORKS = (
+    select(
+        p_t.c.id,
+        *(c.label(f"n__{c.name}") for c in n_t.c),
+        *(c.label(f"s__{c.name}") for c in s_t.c),
+    )
+    .join(n_t, n_t.c.id == p_t.c.network_id)
+    .join(s_t, s_t.c.id == p_t.c.subnet_id)
+    .where(p_t.c.host == bindparam("host"))
+    .order_by(p_t.c.created_at, p_t.c.id)
+)
+_RULES_OF_GROUPS = (
+    select(r_t)
+    .where(r_t.c.security_group_id.in_(bindparam("groups", expanding=True)))
+    .order_by(r_t.c.created_at, r_t.c.id)
+)
+_MEMBERS_OF_GROUPS = (
+    select(pg_t.c.security_group_id, p_t.c.network_id, p_t.c.ip_address)
+    .join(p_t, p_t.c.id == pg_t.c.port_id)
+    .where(pg_t.c.security_group_id.in_(bindparam("groups", expanding=True)))
+    .order_by(p_t.c.ip_address)
+)
+_REMOTE_PORTS = (
+    select(p_t.c.network_id, p_t.c.host, h_t.c.tunnel_ip, p_t.c.mac_address)
+    .join(h_t, h_t.c.name == p_t.c.host)
+    .where(
+        p_t.c.host != bindparam("host"),
+        h_t.c.tunnel_ip.is_not(None),
+        p_t.c.network_id.in_(bindparam("networks", expanding=True)),
+    )
+    .order_by(p_t.c.host, p_t.c.mac_address)
+)
+
 
 class SubnetFull(Exception):
     def __init__(self, subnet: Subnet) -> None:
@@ -283,18 +322,9 @@ class PortStore(EnforcedStore):
         ports of its capsules."""
 
         def work(conn: Connection) -> HostNetworkView:
-            rows = conn.execute(
-                select(
-                    p_t.c.id,
-                    *(c.label(f"n__{c.name}") for c in n_t.c),
-                    *(c.label(f"s__{c.name}") for c in s_t.c),
-                )
-                .join(n_t, n_t.c.id == p_t.c.network_id)
-                .join(s_t, s_t.c.id == p_t.c.subnet_id)
-                .where(p_t.c.host == host)
-                .order_by(p_t.c.created_at, p_t.c.id)
-            ).all()
-            ports = {p.id: p for p in _ports(conn, select(p_t).where(p_t.c.host == host))}
+            on_host = {"host": host}
+            rows = conn.execute(_HOST_PORT_NETWORKS, on_host).all()
+            ports = {p.id: p for p in _ports(conn, _HOST_PORTS, on_host)}
             local = tuple(
                 LocalPort(
                     ports[row.id],
@@ -305,11 +335,7 @@ class PortStore(EnforcedStore):
             )
             group_ids = {g for p in ports.values() for g in p.security_group_ids}
             rules: dict[str, list[SecurityGroupRule]] = {g: [] for g in group_ids}
-            for row in conn.execute(
-                select(r_t)
-                .where(r_t.c.security_group_id.in_(group_ids))
-                .order_by(r_t.c.created_at, r_t.c.id)
-            ):
+            for row in conn.execute(_RULES_OF_GROUPS, {"groups": list(group_ids)}):
                 rules[row.security_group_id].append(rule_from_row(row))
             remote_groups = {
                 r.remote_group_id for rs in rules.values() for r in rs if r.remote_group_id
@@ -318,23 +344,13 @@ class PortStore(EnforcedStore):
                 g: [] for g in remote_groups
             }
             for group_id, network_id, ip in conn.execute(
-                select(pg_t.c.security_group_id, p_t.c.network_id, p_t.c.ip_address)
-                .join(p_t, p_t.c.id == pg_t.c.port_id)
-                .where(pg_t.c.security_group_id.in_(remote_groups))
-                .order_by(p_t.c.ip_address)
+                _MEMBERS_OF_GROUPS, {"groups": list(remote_groups)}
             ):
                 members[group_id].append((network_id, ipaddress.IPv4Address(ip)))
             remote = tuple(
                 RemotePort(network_id, other, tunnel_ip, mac)
                 for network_id, other, tunnel_ip, mac in conn.execute(
-                    select(p_t.c.network_id, p_t.c.host, h_t.c.tunnel_ip, p_t.c.mac_address)
-                    .join(h_t, h_t.c.name == p_t.c.host)
-                    .where(
-                        p_t.c.host != host,
-                        h_t.c.tunnel_ip.is_not(None),
-                        p_t.c.network_id.in_({lp.network.id for lp in local}),
-                    )
-                    .order_by(p_t.c.host, p_t.c.mac_address)
+                    _REMOTE_PORTS, {"host": host, "networks": [lp.network.id for lp in local]}
                 )
             )
             # A capsule's host ports lead to its first interface.
@@ -472,9 +488,7 @@ def _ports(conn: Connection, query: Any, params: dict[str, Any] | None = None) -
     groups: dict[str, list[str]] = {}
     if rows:
         ids = [row.id for row in rows]
-        for port_id, group_id in conn.execute(
-            select(pg_t.c.port_id, pg_t.c.security_group_id).where(pg_t.c.port_id.in_(ids))
-        ):
+        for port_id, group_id in conn.execute(_GROUPS_OF_PORTS, {"ports": ids}):
             groups.setdefault(port_id, []).append(group_id)
     return [_port(row, groups.get(row.id, ())) for row in rows]
 
