@@ -69,11 +69,20 @@ async def run_command(argv: list[str], timeout: float, cwd: Path | None = None) 
 
 
 class ManagedProcess:
-    def __init__(self, name: str, argv: list[str], pidfile: Path, logfile: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        pidfile: Path,
+        logfile: Path,
+        environment: dict[str, str] | None = None,
+    ) -> None:
         if not argv:
             raise ValueError(f"{name}: empty command line")
         self.name = name
         self.argv = argv
+        # Set in the process's environment on top of capsa's own.
+        self.environment = environment or {}
         self.pidfile = pidfile
         self.logfile = logfile
         # Set when this object started the process: it is our child and must be reaped by us.
@@ -151,6 +160,7 @@ class ManagedProcess:
             try:
                 return subprocess.Popen(
                     self.argv,
+                    env={**os.environ, **self.environment},
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,

@@ -56,6 +56,9 @@ class LocalRegistry:
             [cfg.registry.binary, "serve", str(self.config_path)],
             pidfile=cfg.run_dir / "registry.pid",
             logfile=cfg.registry_dir / "registry.log",
+            # The registry idles between pulls: a smaller heap's headroom (Go's default is 100)
+            # keeps 2 MB less resident, for a little more collecting while it serves a pull.
+            environment={"GOGC": "50"},
         )
 
     @property

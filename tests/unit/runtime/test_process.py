@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,8 +17,12 @@ async def make_process(tmp_path: Path) -> AsyncIterator[MakeProcess]:
     """ManagedProcess objects on throwaway programs; whatever they started is killed afterwards."""
     made: list[ManagedProcess] = []
 
-    def make(*argv: str, name: str = "proc") -> ManagedProcess:
-        proc = ManagedProcess(name, list(argv), tmp_path / f"{name}.pid", tmp_path / f"{name}.log")
+    def make(
+        *argv: str, name: str = "proc", environment: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        proc = ManagedProcess(
+            name, list(argv), tmp_path / f"{name}.pid", tmp_path / f"{name}.log", environment
+        )
         made.append(proc)
         return proc
 
@@ -37,6 +42,18 @@ async def test_start_writes_pidfile_and_stop_ends_the_process(make_process: Make
     assert not proc.is_running()
     assert not proc.pidfile.exists()
     assert start_time(pid) is None
+
+
+async def test_runs_with_its_own_environment_on_top_of_capsas(
+    make_process: MakeProcess,
+) -> None:
+    proc = make_process("sh", "-c", 'echo "$GOGC $HOME"; sleep 30', environment={"GOGC": "50"})
+    await proc.start()
+    for _ in range(100):
+        if proc.log_tail().strip() != "(empty)":
+            break
+        await asyncio.sleep(0.02)
+    assert proc.log_tail().strip() == f"50 {os.environ['HOME']}"
 
 
 async def test_runs_in_its_own_session(make_process: MakeProcess) -> None:
