@@ -51,8 +51,8 @@ AddressPicker = Callable[[Subnet, set[int]], int | None]
 _ALLOCATION_ATTEMPTS = 8
 
 
-# The CNI daemon's statements, built once (see capsa.store.capsules).
-_PORT_WITH_NETWORK = (
+# A port's row with its network's and its subnet's columns (prefixed n__ and s__: _Prefixed).
+_PORTS_WITH_NETWORKS = (
     select(
         p_t,
         *(c.label(f"n__{c.name}") for c in n_t.c),
@@ -60,8 +60,10 @@ _PORT_WITH_NETWORK = (
     )
     .join(n_t, n_t.c.id == p_t.c.network_id)
     .join(s_t, s_t.c.id == p_t.c.subnet_id)
-    .where(p_t.c.device_id == bindparam("device"))
-    .order_by(p_t.c.interface_index)
+)
+# The CNI daemon's statements, built once (see capsa.store.capsules).
+_PORT_WITH_NETWORK = _PORTS_WITH_NETWORKS.where(p_t.c.device_id == bindparam("device")).order_by(
+    p_t.c.interface_index
 )
 _DEVICE_PORTS = (
     select(p_t).where(p_t.c.device_id == bindparam("device")).order_by(p_t.c.interface_index)
@@ -79,17 +81,8 @@ _GROUPS_OF_PORTS = select(pg_t.c.port_id, pg_t.c.security_group_id).where(
 )
 # The network agent's view of its host (PortStore.host_view), read at every change of a port,
 # group or rule.
-_HOST_PORTS = select(p_t).where(p_t.c.host == bindparam("host"))
-_HOST_PORT_NETWORKS = (
-    select(
-        p_t.c.id,
-        *(c.label(f"n__{c.name}") for c in n_t.c),
-        *(c.label(f"s__{c.name}") for c in s_t.c),
-    )
-    .join(n_t, n_t.c.id == p_t.c.network_id)
-    .join(s_t, s_t.c.id == p_t.c.subnet_id)
-    .where(p_t.c.host == bindparam("host"))
-    .order_by(p_t.c.created_at, p_t.c.id)
+_HOST_PORTS_WITH_NETWORKS = _PORTS_WITH_NETWORKS.where(p_t.c.host == bindparam("host")).order_by(
+    p_t.c.created_at, p_t.c.id
 )
 _RULES_OF_GROUPS = (
     select(r_t)
@@ -322,18 +315,20 @@ class PortStore(EnforcedStore):
         ports of its capsules."""
 
         def work(conn: Connection) -> HostNetworkView:
-            on_host = {"host": host}
-            rows = conn.execute(_HOST_PORT_NETWORKS, on_host).all()
-            ports = {p.id: p for p in _ports(conn, _HOST_PORTS, on_host)}
-            local = tuple(
-                LocalPort(
-                    ports[row.id],
-                    network_from_row(_Prefixed(row, "n__")),  # type: ignore[arg-type]
-                    subnet_from_row(_Prefixed(row, "s__")),  # type: ignore[arg-type]
-                )
-                for row in rows
-            )
-            group_ids = {g for p in ports.values() for g in p.security_group_ids}
+            rows = conn.execute(_HOST_PORTS_WITH_NETWORKS, {"host": host}).all()
+            groups = _groups_of_ports(conn, [row.id for row in rows])
+            # A host's ports share few networks: each network and subnet is decoded once.
+            networks: dict[str, Network] = {}
+            subnets: dict[str, Subnet] = {}
+            local = []
+            for row in rows:
+                if row.network_id not in networks:
+                    networks[row.network_id] = network_from_row(_Prefixed(row, "n__"))  # type: ignore[arg-type]
+                if row.subnet_id not in subnets:
+                    subnets[row.subnet_id] = subnet_from_row(_Prefixed(row, "s__"))  # type: ignore[arg-type]
+                port = _port(row, groups.get(row.id, ()))
+                local.append(LocalPort(port, networks[row.network_id], subnets[row.subnet_id]))
+            group_ids = {g for lp in local for g in lp.port.security_group_ids}
             rules: dict[str, list[SecurityGroupRule]] = {g: [] for g in group_ids}
             for row in conn.execute(_RULES_OF_GROUPS, {"groups": list(group_ids)}):
                 rules[row.security_group_id].append(rule_from_row(row))
@@ -350,7 +345,7 @@ class PortStore(EnforcedStore):
             remote = tuple(
                 RemotePort(network_id, other, tunnel_ip, mac)
                 for network_id, other, tunnel_ip, mac in conn.execute(
-                    _REMOTE_PORTS, {"host": host, "networks": [lp.network.id for lp in local]}
+                    _REMOTE_PORTS, {"host": host, "networks": list(networks)}
                 )
             )
             # A capsule's host ports lead to its first interface.
@@ -368,7 +363,7 @@ class PortStore(EnforcedStore):
                 if capsule_uuid in first_port and spec.host_port
             )
             return HostNetworkView(
-                ports=local,
+                ports=tuple(local),
                 rules={g: tuple(rs) for g, rs in rules.items()},
                 members={g: tuple(ms) for g, ms in members.items()},
                 remote_ports=remote,
@@ -485,12 +480,17 @@ def _get(conn: Connection, port_id: str) -> Port:
 
 def _ports(conn: Connection, query: Any, params: dict[str, Any] | None = None) -> list[Port]:
     rows = conn.execute(query, params).all()
-    groups: dict[str, list[str]] = {}
-    if rows:
-        ids = [row.id for row in rows]
-        for port_id, group_id in conn.execute(_GROUPS_OF_PORTS, {"ports": ids}):
-            groups.setdefault(port_id, []).append(group_id)
+    groups = _groups_of_ports(conn, [row.id for row in rows])
     return [_port(row, groups.get(row.id, ())) for row in rows]
+
+
+def _groups_of_ports(conn: Connection, port_ids: list[str]) -> dict[str, list[str]]:
+    """The security groups of each of the ports (by port id); a port in none is left out."""
+    groups: dict[str, list[str]] = {}
+    if port_ids:
+        for port_id, group_id in conn.execute(_GROUPS_OF_PORTS, {"ports": port_ids}):
+            groups.setdefault(port_id, []).append(group_id)
+    return groups
 
 
 def _port(row: Row[Any], group_ids: Sequence[str]) -> Port:
