@@ -13,12 +13,13 @@ from capsa.model.network import (
     Direction,
     EtherType,
     LocalPort,
+    Port,
     RemotePort,
 )
 from capsa.network.service import NetworkService
 from capsa.store import Store
 from capsa.store.networks import NotFound
-from capsa.store.ports import AddressInUse, SubnetFull
+from capsa.store.ports import AddressInUse, InvalidAddress, SubnetFull
 
 
 async def test_fifty_concurrent_allocations_get_distinct_addresses(store: Store) -> None:
@@ -129,17 +130,26 @@ async def test_a_capsule_can_name_its_network_and_groups(store: Store) -> None:
 async def test_a_fixed_address_in_use_is_refused(store: Store) -> None:
     service = NetworkService(store, "10.2.0.0/24", 1500)
     [port] = await service.allocate_ports("a", "p1", "h1")
-    with pytest.raises(AddressInUse, match=r"10\.2\.0\.2 is in use"):
-        await store.ports.create(
+
+    async def create(ip: str) -> Port:
+        return await store.ports.create(
             network_id=port.network_id,
             project_id="p1",
             device_id="",
             device_owner="",
             host=None,
             pick_address=lambda s, used: None,
-            mac_address=lambda: "fa:16:3e:00:00:aa",
-            ip_address=port.ip_address,
+            mac_address=lambda: f"fa:16:3e:00:00:{int(ip.rsplit('.', 1)[1]):02x}",
+            ip_address=ipaddress.IPv4Address(ip),
         )
+
+    with pytest.raises(AddressInUse, match=r"10\.2\.0\.2 is in use"):
+        await create(str(port.ip_address))
+    with pytest.raises(AddressInUse, match=r"10\.2\.0\.1 is in use"):
+        await create("10.2.0.1")
+    with pytest.raises(InvalidAddress):
+        await create("10.9.0.9")
+    assert (await create("10.2.0.77")).ip_address == ipaddress.IPv4Address("10.2.0.77")
 
 
 async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> None:
