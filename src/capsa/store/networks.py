@@ -200,6 +200,15 @@ class NetworkStore(EnforcedStore):
 
         return await self._db.run_read(work, long=True)
 
+    async def subnet_ids(self, network_id: str) -> list[str]:
+        """The ids of the network's subnets, in the order of list_subnets."""
+        query = (
+            select(s_t.c.id)
+            .where(s_t.c.network_id == network_id)
+            .order_by(s_t.c.created_at, s_t.c.id)
+        )
+        return await self._db.run_read(lambda conn: list(conn.execute(query).scalars()))
+
     async def update_subnet(self, subnet_id: str, **values: Any) -> Subnet:
         if "allocation_pools" in values:
             values["allocation_pools"] = _pools_doc(values["allocation_pools"])

@@ -77,13 +77,17 @@ async def test_network_lifecycle_in_neutrons_shape(client: Client) -> None:
     assert other["provider:segmentation_id"] != network["provider:segmentation_id"]
 
     subnet = await make_subnet(client, network["id"], "10.40.0.0/24", dns_nameservers=["10.0.0.53"])
+    await make_subnet(client, other["id"], "10.40.1.0/24")
+    second = await make_subnet(client, network["id"], "10.40.2.0/24")
     shown = await ok(await client.get(f"{V2}/networks/{network['id']}", headers=who()))
-    assert shown["network"]["subnets"] == [subnet["id"]]
+    assert shown["network"]["subnets"] == [subnet["id"], second["id"]]
+    await ok(await client.delete(f"{V2}/subnets/{second['id']}", headers=who()), 204)
 
     renamed = await client.put(
         f"{V2}/networks/{network['id']}", json={"network": {"name": "navy"}}, headers=who()
     )
     assert (await ok(renamed))["network"]["name"] == "navy"
+    assert (await ok(renamed))["network"]["subnets"] == [subnet["id"]]
     listed = await ok(
         await client.get(f"{V2}/networks?name=navy&fields=id&fields=name", headers=who())
     )

@@ -183,8 +183,7 @@ def _changeable(context: RequestContext, owner: str, kind: str, ident: str, acti
 
 
 async def _network_view(request: web.Request, item: Network) -> dict[str, Any]:
-    subnets = await _store(request).networks.list_subnets(None)
-    return views.network(item, [s.id for s in subnets if s.network_id == item.id])
+    return views.network(item, await _store(request).networks.subnet_ids(item.id))
 
 
 async def list_networks(request: web.Request) -> web.Response:
