@@ -429,11 +429,15 @@ class NetworkStore(EnforcedStore):
 
     async def ensure_default_group(self, project_id: str) -> SecurityGroup:
         """The project's default security group, made if missing (Neutron makes it when a
-        project first lists or uses groups)."""
+        project first lists or uses groups). Once it exists this is one read: every list of
+        groups asks, and a write would wake every network agent."""
+        existing = await self._db.run_read(lambda conn: _default_group(conn, project_id))
+        if existing is not None:
+            return existing
 
         def work(conn: Connection) -> SecurityGroup:
-            row = conn.execute(select(g_t.c.id).where(g_t.c.default_for == project_id)).first()
-            return _get_group(conn, row.id if row else _insert_default_group(conn, project_id))
+            made = _default_group(conn, project_id)
+            return made or _get_group(conn, _insert_default_group(conn, project_id))
 
         return await self._write_retrying(work)
 
@@ -486,7 +490,7 @@ class Duplicate(Exception):
 def _project_defaults(conn: Connection, project_id: str) -> ProjectDefaults | None:
     """The project's default network, its first subnet and default group, if all exist."""
     network = conn.execute(select(n_t).where(n_t.c.default_for == project_id)).first()
-    group = conn.execute(select(g_t.c.id).where(g_t.c.default_for == project_id)).first()
+    group = _default_group(conn, project_id)
     if network is None or group is None:
         return None
     subnet = conn.execute(
@@ -494,9 +498,12 @@ def _project_defaults(conn: Connection, project_id: str) -> ProjectDefaults | No
     ).first()
     if subnet is None:
         return None
-    return ProjectDefaults(
-        network_from_row(network), subnet_from_row(subnet), _get_group(conn, group.id)
-    )
+    return ProjectDefaults(network_from_row(network), subnet_from_row(subnet), group)
+
+
+def _default_group(conn: Connection, project_id: str) -> SecurityGroup | None:
+    row = conn.execute(select(g_t.c.id).where(g_t.c.default_for == project_id)).first()
+    return _get_group(conn, row.id) if row else None
 
 
 def _count(conn: Connection, condition: Any, table: Any = p_t) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 from tests.unit.api.api_helpers import Client
 
 from capsa.network.service import NetworkService
-from capsa.store import Store
+from capsa.store import Store, notify
 
 V2 = "/networking/v2.0"
 
@@ -347,3 +347,18 @@ async def test_security_groups_and_rules(client: Client) -> None:
         f"{V2}/security-groups", json={"security_group": {"name": "default"}}, headers=who()
     )
     await neutron_error(default, 409, "SecurityGroupDefaultAlreadyExists")
+
+
+async def test_listing_groups_makes_the_default_group_once_and_then_only_reads(
+    client: Client, store: Store
+) -> None:
+    agents = store.hub.subscribe(notify.NETWORK)
+    first = await ok(await client.get(f"{V2}/security-groups", headers=who()))
+    [default] = first["security_groups"]
+    assert default["name"] == "default"
+    # Made: the network agents were woken (before the answer: a zero wait sees it).
+    assert await agents.wait(0)
+
+    again = await ok(await client.get(f"{V2}/security-groups", headers=who()))
+    assert again == first
+    assert not await agents.wait(0), "a list that changed nothing woke the network agents"
