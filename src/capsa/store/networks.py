@@ -235,8 +235,11 @@ class NetworkStore(EnforcedStore):
     async def create_security_group(
         self, *, project_id: str, name: str, description: str = ""
     ) -> SecurityGroup:
+        """A new group with Neutron's rules of a new group: all egress, no ingress."""
+
         def work(conn: Connection) -> SecurityGroup:
             group_id = _insert_group(conn, project_id, name, description, default_for=None)
+            _insert_egress_rules(conn, group_id, project_id)
             return _get_group(conn, group_id)
 
         return await self._write(work)
@@ -621,11 +624,29 @@ def _insert_default_group(conn: Connection, project_id: str) -> str:
     group_id = _insert_group(
         conn, project_id, DEFAULT_NAME, DEFAULT_GROUP_DESCRIPTION, default_for=project_id
     )
+    _insert_egress_rules(conn, group_id, project_id)
     for ethertype in EtherType:
-        common = {"security_group_id": group_id, "project_id": project_id, "ethertype": ethertype}
-        _insert_rule(conn, direction=Direction.EGRESS.value, **common)
-        _insert_rule(conn, direction=Direction.INGRESS.value, remote_group_id=group_id, **common)
+        _insert_rule(
+            conn,
+            security_group_id=group_id,
+            project_id=project_id,
+            ethertype=ethertype.value,
+            direction=Direction.INGRESS.value,
+            remote_group_id=group_id,
+        )
     return group_id
+
+
+def _insert_egress_rules(conn: Connection, group_id: str, project_id: str) -> None:
+    """Neutron's egress rules of every new group: all traffic, of each ethertype."""
+    for ethertype in EtherType:
+        _insert_rule(
+            conn,
+            security_group_id=group_id,
+            project_id=project_id,
+            ethertype=ethertype.value,
+            direction=Direction.EGRESS.value,
+        )
 
 
 def _insert_rule(conn: Connection, *, description: str = "", **values: Any) -> str:

@@ -277,6 +277,8 @@ async def test_security_groups_and_rules(client: Client) -> None:
         ("egress", "IPv4"),
         ("egress", "IPv6"),
     }
+    assert len(web["security_group_rules"]) == 2
+    assert all(r["remote_group_id"] is r["protocol"] is None for r in web["security_group_rules"])
 
     async def rule(**fields: Any) -> Any:
         body = {"security_group_rule": {"security_group_id": web["id"], **fields}}

@@ -494,15 +494,6 @@ async def create_security_group(request: web.Request) -> web.Response:
     item = await store.networks.create_security_group(
         project_id=owner, name=body.name, description=body.description
     )
-    # Neutron gives a new group egress rules for all traffic.
-    for ethertype in EtherType:
-        await store.networks.create_rule(
-            security_group_id=item.id,
-            project_id=owner,
-            direction=Direction.EGRESS,
-            ethertype=ethertype,
-        )
-    item = await store.networks.get_security_group(item.id)
     log.info("security group created", security_group=item.id, project=owner)
     return _one("security_group", views.security_group(item), request, status=201)
 
