@@ -124,7 +124,11 @@ class SubnetFull(Exception):
 
 
 class AddressInUse(Exception):
-    """An address or MAC that a port asked for by name is another port's."""
+    """An address that a port asked for by name is another port's (or the gateway)."""
+
+
+class MacAddressInUse(AddressInUse):
+    """A MAC that a port asked for by name is another port's."""
 
 
 class InvalidAddress(Exception):
@@ -428,7 +432,7 @@ def _insert_port(
             )
         raise SubnetFull(subnets[-1])
     if check_mac and conn.execute(select(p_t.c.id).where(p_t.c.mac_address == mac)).first():
-        raise AddressInUse(
+        raise MacAddressInUse(
             f"Unable to complete operation for network {network_id}. The mac address "
             f"{mac} is in use."
         )

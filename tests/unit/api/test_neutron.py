@@ -239,6 +239,8 @@ async def test_ports_get_addresses_and_default_group_and_release_them(client: Cl
 
     taken = await port(fixed_ips=[{"ip_address": "10.46.0.10"}])
     await neutron_error(taken, 409, "IpAddressAlreadyAllocated", "10.46.0.10")
+    same_mac = await port(mac_address=first["mac_address"].upper())
+    await neutron_error(same_mac, 409, "MacAddressInUse", first["mac_address"])
     second = (await ok(await port(name="b", security_groups=[]), 201))["port"]
     assert second["security_groups"] == []
     await neutron_error(await port(), 409, "IpAddressGenerationFailure", "No more IP addresses")

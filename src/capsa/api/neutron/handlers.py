@@ -38,7 +38,7 @@ from capsa.network.ipam import lowest_free_address, random_mac
 from capsa.network.service import DEVICE_OWNER_CAPSULE
 from capsa.store import Store
 from capsa.store.networks import Duplicate, InUse, NotFound, Overlap
-from capsa.store.ports import AddressInUse, InvalidAddress, SubnetFull
+from capsa.store.ports import AddressInUse, InvalidAddress, MacAddressInUse, SubnetFull
 
 log = get_logger(__name__)
 
@@ -419,9 +419,10 @@ async def create_port(request: web.Request) -> web.Response:
         )
     except SubnetFull as exc:
         raise conflict("IpAddressGenerationFailure", str(exc)) from None
+    except MacAddressInUse as exc:
+        raise conflict("MacAddressInUse", str(exc)) from None
     except AddressInUse as exc:
-        kind = "MacAddressInUse" if "mac address" in str(exc) else "IpAddressAlreadyAllocated"
-        raise conflict(kind, str(exc)) from None
+        raise conflict("IpAddressAlreadyAllocated", str(exc)) from None
     except InvalidAddress as exc:
         raise bad_request(str(exc)) from None
     except NotFound as exc:
