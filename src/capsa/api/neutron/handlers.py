@@ -16,7 +16,7 @@ from capsa.api.context import RequestContext
 from capsa.api.keys import CONFIG, STORE
 from capsa.api.middleware import CONTEXT
 from capsa.api.neutron import policy, schemas, views
-from capsa.api.neutron.errors import PREFIX, NeutronError, bad_request, conflict, not_found
+from capsa.api.neutron.errors import PREFIX, bad_request, conflict, forbidden, not_found
 from capsa.api.params import read_json
 from capsa.api.views import json_response
 from capsa.log import get_logger
@@ -177,9 +177,7 @@ async def _visible_network(request: web.Request, network_id: str) -> Network:
 def _changeable(context: RequestContext, owner: str, kind: str, ident: str, action: str) -> None:
     policy.check_write(context, action)
     if not policy.may_change(context, owner):
-        raise NeutronError(
-            403, "PolicyNotAuthorized", f"rule:{action} is disallowed by policy on {kind} {ident}"
-        )
+        raise forbidden(f"rule:{action} is disallowed by policy on {kind} {ident}")
 
 
 async def _network_view(request: web.Request, item: Network) -> dict[str, Any]:
