@@ -358,9 +358,7 @@ class NetworkStore(EnforcedStore):
                 select(r_t.c.id).where(*(r_t.c[key] == value for key, value in values.items()))
             ).first()
             if duplicate is not None:
-                raise Duplicate(
-                    f"Security group rule already exists. Rule id is {duplicate.id}.", duplicate.id
-                )
+                raise Duplicate(f"Security group rule already exists. Rule id is {duplicate.id}.")
             rule_id = _insert_rule(conn, description=description, **values)
             return _get_rule(conn, rule_id)
 
@@ -482,9 +480,7 @@ class RepeatedNetwork(Exception):
 
 
 class Duplicate(Exception):
-    def __init__(self, message: str, existing_id: str) -> None:
-        super().__init__(message)
-        self.existing_id = existing_id
+    """A rule equal to one the group has (its message names that one)."""
 
 
 # ---- in a transaction ----
