@@ -657,23 +657,15 @@ def _insert_rule(conn: Connection, *, description: str = "", **values: Any) -> s
 
 
 def _get_network(conn: Connection, network_id: str) -> Network:
-    row = conn.execute(select(n_t).where(n_t.c.id == network_id)).first()
-    if row is None:
-        raise NotFound("network", network_id)
-    return network_from_row(row)
+    return network_from_row(_get_row(conn, n_t, "network", network_id))
 
 
 def _get_subnet(conn: Connection, subnet_id: str) -> Subnet:
-    row = conn.execute(select(s_t).where(s_t.c.id == subnet_id)).first()
-    if row is None:
-        raise NotFound("subnet", subnet_id)
-    return subnet_from_row(row)
+    return subnet_from_row(_get_row(conn, s_t, "subnet", subnet_id))
 
 
 def _get_group(conn: Connection, group_id: str) -> SecurityGroup:
-    row = conn.execute(select(g_t).where(g_t.c.id == group_id)).first()
-    if row is None:
-        raise NotFound("security group", group_id)
+    row = _get_row(conn, g_t, "security group", group_id)
     rules = conn.execute(
         select(r_t).where(r_t.c.security_group_id == group_id).order_by(r_t.c.created_at, r_t.c.id)
     )
@@ -681,10 +673,15 @@ def _get_group(conn: Connection, group_id: str) -> SecurityGroup:
 
 
 def _get_rule(conn: Connection, rule_id: str) -> SecurityGroupRule:
-    row = conn.execute(select(r_t).where(r_t.c.id == rule_id)).first()
+    return rule_from_row(_get_row(conn, r_t, "security group rule", rule_id))
+
+
+def _get_row(conn: Connection, table: Any, kind: str, ident: str) -> Row[Any]:
+    """The row of ``table`` whose id is ``ident``; NotFound(kind) if there is none."""
+    row = conn.execute(select(table).where(table.c.id == ident)).first()
     if row is None:
-        raise NotFound("security group rule", rule_id)
-    return rule_from_row(row)
+        raise NotFound(kind, ident)
+    return row
 
 
 def _pools_doc(pools: Sequence[AllocationPool]) -> list[list[str]]:
