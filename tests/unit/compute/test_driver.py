@@ -413,23 +413,48 @@ def test_hostnames_are_dns_labels(name: str, hostname: str) -> None:
 
 
 async def test_sandbox_starts_are_bounded_but_the_rest_of_a_start_is_not(
-    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The fixture's driver allows 2 sandbox calls at once.
     capsules = [await placed(store, make_capsule) for _ in range(5)]
     run_pod_sandbox = fake_cri.run_pod_sandbox
     in_flight, most = 0, 0
+    release = asyncio.Event()
 
-    async def slow_run_pod_sandbox(spec: cri.SandboxSpec) -> str:
+    async def held_run_pod_sandbox(spec: cri.SandboxSpec) -> str:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
-        await asyncio.sleep(0.05)
+        await release.wait()
         in_flight -= 1
         return str(await run_pod_sandbox(spec))
 
-    fake_cri.run_pod_sandbox = slow_run_pod_sandbox
-    await asyncio.gather(*(driver.converge(c) for c in capsules))
+    # A capsule writes Creating just before it asks for a slot, in the same step: once all five
+    # have, each is either in RunPodSandbox (held there) or waiting for a slot.
+    update_status = store.capsules.update_status
+    creating: set[str] = set()
+    all_creating = asyncio.Event()
+
+    async def watched_update_status(uuid: str, **values: Any) -> bool:
+        written = await update_status(uuid, **values)
+        if values.get("task_state") is TaskState.CONTAINER_CREATING:
+            creating.add(uuid)
+            if len(creating) == len(capsules):
+                all_creating.set()
+        return written
+
+    fake_cri.run_pod_sandbox = held_run_pod_sandbox
+    monkeypatch.setattr(store.capsules, "update_status", watched_update_status)
+    starts = asyncio.gather(*(driver.converge(c) for c in capsules))
+    # The timeout only keeps a bound on whole capsules from hanging the test.
+    await asyncio.wait_for(all_creating.wait(), 30)
+    assert in_flight == 2
+    release.set()
+    await starts
 
     assert most == 2
     assert [(await reload(store, c)).status for c in capsules] == [Status.RUNNING] * 5
