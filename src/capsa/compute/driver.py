@@ -249,7 +249,7 @@ class CapsuleDriver:
         found: cri.Container | None,
     ) -> None:
         status = await self._status(found.id if found else None)
-        if status is not None and _generation(status) < capsule.generation:
+        if status is not None and labels.generation(status.labels) < capsule.generation:
             # Started before the tenant's latest start or reboot: stopped if it runs, replaced
             # once exited, whatever the restart policy (one that never ran is just started).
             if status.state is cri.ContainerState.RUNNING:
@@ -660,12 +660,6 @@ def settled(capsule: Capsule) -> bool:
     if capsule.status in (Status.ERROR, Status.STOPPED):
         return True
     return capsule.desired_state is DesiredState.STOPPED and capsule.status is Status.CREATED
-
-
-def _generation(status: cri.ContainerStatus) -> int:
-    """The capsule generation a container was started for (0: before generations)."""
-    value = status.labels.get(labels.GENERATION, "0")
-    return int(value) if value.isdigit() else 0
 
 
 def _time(ns: int) -> datetime | None:
