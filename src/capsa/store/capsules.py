@@ -6,7 +6,7 @@ observed a capsule a moment ago can never turn a capsule being deleted back into
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -405,16 +405,27 @@ class CapsuleStore:
         uuid: str,
         *,
         expect: DesiredState = DesiredState.RUNNING,
+        containers: Mapping[str, Mapping[str, Any]] | None = None,
         **values: Any,
     ) -> bool:
-        """Sets capsule fields only while the capsule's desired state is ``expect``.
+        """Sets capsule fields only while the capsule's desired state is ``expect``; in the same
+        transaction, the fields of its ``containers`` (by container uuid) in any case.
 
         Returns False when the capsule is gone or the tenant changed their mind meanwhile.
         """
-        params = {**values, "updated_at": utcnow(), "where_uuid": uuid, "where_desired": expect}
-        return await self._db.run_write(
-            lambda conn: bool(conn.execute(_SET_CAPSULE, params).rowcount)
-        )
+        now = utcnow()
+        container_params = [
+            {**fields, "updated_at": now, "where_uuid": container_uuid}
+            for container_uuid, fields in (containers or {}).items()
+        ]
+        params = {**values, "updated_at": now, "where_uuid": uuid, "where_desired": expect}
+
+        def update(conn: Connection) -> bool:
+            for fields in container_params:
+                conn.execute(_SET_CONTAINER, fields)
+            return not values or bool(conn.execute(_SET_CAPSULE, params).rowcount)
+
+        return await self._db.run_write(update)
 
     async def update_container(self, uuid: str, **values: Any) -> None:
         params = {**values, "updated_at": utcnow(), "where_uuid": uuid}

@@ -307,6 +307,39 @@ async def test_a_restart_waits_for_its_back_off(
     assert container.status_reason == "back-off 30s after exit code 1"
 
 
+async def test_a_pass_that_ends_waiting_for_an_init_back_off_writes_what_it_saw(
+    settings: Any,
+    store: Store,
+    fake_cri: Any,
+    network: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    # The pass ends inside the init container's back-off, without a status of the capsule to
+    # write: the container's records of the pass are written all the same.
+    from capsa.compute.images import ImagePuller
+
+    fake_cri.exits_at_start = EXITS
+    slow = CapsuleDriver(
+        replace(settings, restart_backoff_base=30.0, restart_backoff_max=60.0),
+        store,
+        fake_cri,
+        network,
+        ImagePuller(fake_cri),
+        retries,
+    )
+    capsule = await placed(store, make_capsule, init=("false",), apps=("sleep",))
+
+    await slow.converge(capsule)
+
+    [(uuid, _)] = retries.asked
+    assert uuid == capsule.uuid
+    (init,) = (await reload(store, capsule)).init_containers
+    assert (init.status, init.exit_code) == (Status.RESTARTING, 1)
+    assert init.status_reason == "back-off 30s after exit code 1"
+    assert init.cri_container_id == fake_cri.by_name("init0")[0].id
+
+
 @pytest.mark.parametrize(
     ("code", "status", "reason"),
     [(0, Status.STOPPED, None), (3, Status.ERROR, "container 'app0' exited with code 3")],
