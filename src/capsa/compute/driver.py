@@ -298,9 +298,10 @@ class CapsuleDriver:
             return
         if status.state is cri.ContainerState.RUNNING:
             status = await self._stop(capsule, container, status)
-        if status is None or status.state is cri.ContainerState.EXITED:
-            if status is not None:
-                self._record_exit(container, status)
+            if status is None:
+                return  # gone as it stopped: nothing of it to record
+        if status.state is cri.ContainerState.EXITED:
+            self._record_exit(container, status)
         elif status.state is cri.ContainerState.CREATED:
             self._record(container, cri_container_id=status.id, status=Status.CREATED)
         else:
