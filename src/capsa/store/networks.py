@@ -200,6 +200,15 @@ class NetworkStore(EnforcedStore):
 
         return await self._db.run_read(work, long=True)
 
+    async def subnet_ids(self, network_id: str) -> list[str]:
+        """The ids of the network's subnets, in the order of list_subnets."""
+        query = (
+            select(s_t.c.id)
+            .where(s_t.c.network_id == network_id)
+            .order_by(s_t.c.created_at, s_t.c.id)
+        )
+        return await self._db.run_read(lambda conn: list(conn.execute(query).scalars()))
+
     async def update_subnet(self, subnet_id: str, **values: Any) -> Subnet:
         if "allocation_pools" in values:
             values["allocation_pools"] = _pools_doc(values["allocation_pools"])
@@ -226,8 +235,11 @@ class NetworkStore(EnforcedStore):
     async def create_security_group(
         self, *, project_id: str, name: str, description: str = ""
     ) -> SecurityGroup:
+        """A new group with Neutron's rules of a new group: all egress, no ingress."""
+
         def work(conn: Connection) -> SecurityGroup:
             group_id = _insert_group(conn, project_id, name, description, default_for=None)
+            _insert_egress_rules(conn, group_id, project_id)
             return _get_group(conn, group_id)
 
         return await self._write(work)
@@ -346,9 +358,7 @@ class NetworkStore(EnforcedStore):
                 select(r_t.c.id).where(*(r_t.c[key] == value for key, value in values.items()))
             ).first()
             if duplicate is not None:
-                raise Duplicate(
-                    f"Security group rule already exists. Rule id is {duplicate.id}.", duplicate.id
-                )
+                raise Duplicate(f"Security group rule already exists. Rule id is {duplicate.id}.")
             rule_id = _insert_rule(conn, description=description, **values)
             return _get_rule(conn, rule_id)
 
@@ -420,11 +430,15 @@ class NetworkStore(EnforcedStore):
 
     async def ensure_default_group(self, project_id: str) -> SecurityGroup:
         """The project's default security group, made if missing (Neutron makes it when a
-        project first lists or uses groups)."""
+        project first lists or uses groups). Once it exists this is one read: every list of
+        groups asks, and a write would wake every network agent."""
+        existing = await self._db.run_read(lambda conn: _default_group(conn, project_id))
+        if existing is not None:
+            return existing
 
         def work(conn: Connection) -> SecurityGroup:
-            row = conn.execute(select(g_t.c.id).where(g_t.c.default_for == project_id)).first()
-            return _get_group(conn, row.id if row else _insert_default_group(conn, project_id))
+            made = _default_group(conn, project_id)
+            return made or _get_group(conn, _insert_default_group(conn, project_id))
 
         return await self._write_retrying(work)
 
@@ -466,9 +480,7 @@ class RepeatedNetwork(Exception):
 
 
 class Duplicate(Exception):
-    def __init__(self, message: str, existing_id: str) -> None:
-        super().__init__(message)
-        self.existing_id = existing_id
+    """A rule equal to one the group has (its message names that one)."""
 
 
 # ---- in a transaction ----
@@ -477,7 +489,7 @@ class Duplicate(Exception):
 def _project_defaults(conn: Connection, project_id: str) -> ProjectDefaults | None:
     """The project's default network, its first subnet and default group, if all exist."""
     network = conn.execute(select(n_t).where(n_t.c.default_for == project_id)).first()
-    group = conn.execute(select(g_t.c.id).where(g_t.c.default_for == project_id)).first()
+    group = _default_group(conn, project_id)
     if network is None or group is None:
         return None
     subnet = conn.execute(
@@ -485,9 +497,12 @@ def _project_defaults(conn: Connection, project_id: str) -> ProjectDefaults | No
     ).first()
     if subnet is None:
         return None
-    return ProjectDefaults(
-        network_from_row(network), subnet_from_row(subnet), _get_group(conn, group.id)
-    )
+    return ProjectDefaults(network_from_row(network), subnet_from_row(subnet), group)
+
+
+def _default_group(conn: Connection, project_id: str) -> SecurityGroup | None:
+    row = conn.execute(select(g_t.c.id).where(g_t.c.default_for == project_id)).first()
+    return _get_group(conn, row.id) if row else None
 
 
 def _count(conn: Connection, condition: Any, table: Any = p_t) -> int:
@@ -605,11 +620,29 @@ def _insert_default_group(conn: Connection, project_id: str) -> str:
     group_id = _insert_group(
         conn, project_id, DEFAULT_NAME, DEFAULT_GROUP_DESCRIPTION, default_for=project_id
     )
+    _insert_egress_rules(conn, group_id, project_id)
     for ethertype in EtherType:
-        common = {"security_group_id": group_id, "project_id": project_id, "ethertype": ethertype}
-        _insert_rule(conn, direction=Direction.EGRESS.value, **common)
-        _insert_rule(conn, direction=Direction.INGRESS.value, remote_group_id=group_id, **common)
+        _insert_rule(
+            conn,
+            security_group_id=group_id,
+            project_id=project_id,
+            ethertype=ethertype.value,
+            direction=Direction.INGRESS.value,
+            remote_group_id=group_id,
+        )
     return group_id
+
+
+def _insert_egress_rules(conn: Connection, group_id: str, project_id: str) -> None:
+    """Neutron's egress rules of every new group: all traffic, of each ethertype."""
+    for ethertype in EtherType:
+        _insert_rule(
+            conn,
+            security_group_id=group_id,
+            project_id=project_id,
+            ethertype=ethertype.value,
+            direction=Direction.EGRESS.value,
+        )
 
 
 def _insert_rule(conn: Connection, *, description: str = "", **values: Any) -> str:
@@ -624,23 +657,15 @@ def _insert_rule(conn: Connection, *, description: str = "", **values: Any) -> s
 
 
 def _get_network(conn: Connection, network_id: str) -> Network:
-    row = conn.execute(select(n_t).where(n_t.c.id == network_id)).first()
-    if row is None:
-        raise NotFound("network", network_id)
-    return network_from_row(row)
+    return network_from_row(_get_row(conn, n_t, "network", network_id))
 
 
 def _get_subnet(conn: Connection, subnet_id: str) -> Subnet:
-    row = conn.execute(select(s_t).where(s_t.c.id == subnet_id)).first()
-    if row is None:
-        raise NotFound("subnet", subnet_id)
-    return subnet_from_row(row)
+    return subnet_from_row(_get_row(conn, s_t, "subnet", subnet_id))
 
 
 def _get_group(conn: Connection, group_id: str) -> SecurityGroup:
-    row = conn.execute(select(g_t).where(g_t.c.id == group_id)).first()
-    if row is None:
-        raise NotFound("security group", group_id)
+    row = _get_row(conn, g_t, "security group", group_id)
     rules = conn.execute(
         select(r_t).where(r_t.c.security_group_id == group_id).order_by(r_t.c.created_at, r_t.c.id)
     )
@@ -648,10 +673,15 @@ def _get_group(conn: Connection, group_id: str) -> SecurityGroup:
 
 
 def _get_rule(conn: Connection, rule_id: str) -> SecurityGroupRule:
-    row = conn.execute(select(r_t).where(r_t.c.id == rule_id)).first()
+    return rule_from_row(_get_row(conn, r_t, "security group rule", rule_id))
+
+
+def _get_row(conn: Connection, table: Any, kind: str, ident: str) -> Row[Any]:
+    """The row of ``table`` whose id is ``ident``; NotFound(kind) if there is none."""
+    row = conn.execute(select(table).where(table.c.id == ident)).first()
     if row is None:
-        raise NotFound("security group rule", rule_id)
-    return rule_from_row(row)
+        raise NotFound(kind, ident)
+    return row
 
 
 def _pools_doc(pools: Sequence[AllocationPool]) -> list[list[str]]:

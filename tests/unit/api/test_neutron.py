@@ -7,7 +7,7 @@ from typing import Any
 from tests.unit.api.api_helpers import Client
 
 from capsa.network.service import NetworkService
-from capsa.store import Store
+from capsa.store import Store, notify
 
 V2 = "/networking/v2.0"
 
@@ -77,13 +77,17 @@ async def test_network_lifecycle_in_neutrons_shape(client: Client) -> None:
     assert other["provider:segmentation_id"] != network["provider:segmentation_id"]
 
     subnet = await make_subnet(client, network["id"], "10.40.0.0/24", dns_nameservers=["10.0.0.53"])
+    await make_subnet(client, other["id"], "10.40.1.0/24")
+    second = await make_subnet(client, network["id"], "10.40.2.0/24")
     shown = await ok(await client.get(f"{V2}/networks/{network['id']}", headers=who()))
-    assert shown["network"]["subnets"] == [subnet["id"]]
+    assert shown["network"]["subnets"] == [subnet["id"], second["id"]]
+    await ok(await client.delete(f"{V2}/subnets/{second['id']}", headers=who()), 204)
 
     renamed = await client.put(
         f"{V2}/networks/{network['id']}", json={"network": {"name": "navy"}}, headers=who()
     )
     assert (await ok(renamed))["network"]["name"] == "navy"
+    assert (await ok(renamed))["network"]["subnets"] == [subnet["id"]]
     listed = await ok(
         await client.get(f"{V2}/networks?name=navy&fields=id&fields=name", headers=who())
     )
@@ -235,6 +239,8 @@ async def test_ports_get_addresses_and_default_group_and_release_them(client: Cl
 
     taken = await port(fixed_ips=[{"ip_address": "10.46.0.10"}])
     await neutron_error(taken, 409, "IpAddressAlreadyAllocated", "10.46.0.10")
+    same_mac = await port(mac_address=first["mac_address"].upper())
+    await neutron_error(same_mac, 409, "MacAddressInUse", first["mac_address"])
     second = (await ok(await port(name="b", security_groups=[]), 201))["port"]
     assert second["security_groups"] == []
     await neutron_error(await port(), 409, "IpAddressGenerationFailure", "No more IP addresses")
@@ -273,6 +279,8 @@ async def test_security_groups_and_rules(client: Client) -> None:
         ("egress", "IPv4"),
         ("egress", "IPv6"),
     }
+    assert len(web["security_group_rules"]) == 2
+    assert all(r["remote_group_id"] is r["protocol"] is None for r in web["security_group_rules"])
 
     async def rule(**fields: Any) -> Any:
         body = {"security_group_rule": {"security_group_id": web["id"], **fields}}
@@ -343,3 +351,18 @@ async def test_security_groups_and_rules(client: Client) -> None:
         f"{V2}/security-groups", json={"security_group": {"name": "default"}}, headers=who()
     )
     await neutron_error(default, 409, "SecurityGroupDefaultAlreadyExists")
+
+
+async def test_listing_groups_makes_the_default_group_once_and_then_only_reads(
+    client: Client, store: Store
+) -> None:
+    agents = store.hub.subscribe(notify.NETWORK)
+    first = await ok(await client.get(f"{V2}/security-groups", headers=who()))
+    [default] = first["security_groups"]
+    assert default["name"] == "default"
+    # Made: the network agents were woken (before the answer: a zero wait sees it).
+    assert await agents.wait(0)
+
+    again = await ok(await client.get(f"{V2}/security-groups", headers=who()))
+    assert again == first
+    assert not await agents.wait(0), "a list that changed nothing woke the network agents"

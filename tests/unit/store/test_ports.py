@@ -7,11 +7,19 @@ import ipaddress
 import pytest
 from tests.unit.conftest import network_with_subnet
 
-from capsa.model.network import AllocationPool, Attachment
+from capsa.model.network import (
+    AllocationPool,
+    Attachment,
+    Direction,
+    EtherType,
+    LocalPort,
+    Port,
+    RemotePort,
+)
 from capsa.network.service import NetworkService
 from capsa.store import Store
 from capsa.store.networks import NotFound
-from capsa.store.ports import AddressInUse, SubnetFull
+from capsa.store.ports import AddressInUse, InvalidAddress, SubnetFull
 
 
 async def test_fifty_concurrent_allocations_get_distinct_addresses(store: Store) -> None:
@@ -122,17 +130,26 @@ async def test_a_capsule_can_name_its_network_and_groups(store: Store) -> None:
 async def test_a_fixed_address_in_use_is_refused(store: Store) -> None:
     service = NetworkService(store, "10.2.0.0/24", 1500)
     [port] = await service.allocate_ports("a", "p1", "h1")
-    with pytest.raises(AddressInUse, match=r"10\.2\.0\.2 is in use"):
-        await store.ports.create(
+
+    async def create(ip: str) -> Port:
+        return await store.ports.create(
             network_id=port.network_id,
             project_id="p1",
             device_id="",
             device_owner="",
             host=None,
             pick_address=lambda s, used: None,
-            mac_address=lambda: "fa:16:3e:00:00:aa",
-            ip_address=port.ip_address,
+            mac_address=lambda: f"fa:16:3e:00:00:{int(ip.rsplit('.', 1)[1]):02x}",
+            ip_address=ipaddress.IPv4Address(ip),
         )
+
+    with pytest.raises(AddressInUse, match=r"10\.2\.0\.2 is in use"):
+        await create(str(port.ip_address))
+    with pytest.raises(AddressInUse, match=r"10\.2\.0\.1 is in use"):
+        await create("10.2.0.1")
+    with pytest.raises(InvalidAddress):
+        await create("10.9.0.9")
+    assert (await create("10.2.0.77")).ip_address == ipaddress.IPv4Address("10.2.0.77")
 
 
 async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> None:
@@ -197,3 +214,44 @@ async def test_a_capsule_whose_second_network_is_full_gets_no_port_at_all(store:
     assert await store.ports.list_for_device("b") == []
     ports = await store.ports.list_ports("p1")
     assert [str(p.ip_address) for p in ports] == ["10.7.0.10"]
+
+
+async def test_the_host_view_holds_what_the_hosts_firewall_and_overlay_need(store: Store) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    await store.hosts.register("h2", "http://h2", 1000, 1000, ("runc",))
+    await store.hosts.set_tunnel_ip("h2", "192.0.2.2")
+    service = NetworkService(store, "10.2.0.0/24", 1500)
+    front = await network_with_subnet(store, "p1", "front", "10.5.0.0/24", mtu=1450)
+    back = await network_with_subnet(store, "p1", "back", "10.6.0.0/24")
+    await network_with_subnet(store, "p1", "lonely", "10.7.0.0/24")
+    web = await store.networks.create_security_group(project_id="p1", name="web")
+    rule = await store.networks.create_rule(
+        security_group_id=web.id,
+        project_id="p1",
+        direction=Direction.INGRESS,
+        ethertype=EtherType.IPV4,
+        remote_group_id=web.id,
+    )
+    a = await service.allocate_ports("a", "p1", "h1", Attachment(("front", "back"), ("web",)))
+    [b] = await service.allocate_ports("b", "p1", "h1", Attachment(("front",), ("web",)))
+    [remote] = await service.allocate_ports("c", "p1", "h2", Attachment(("back",), ("web",)))
+    await service.allocate_ports("d", "p1", "h2", Attachment(("lonely",), ("web",)))
+
+    view = await store.ports.host_view("h1")
+
+    subnets = {s.network_id: s for s in await store.networks.list_subnets("p1")}
+    # Only this host's ports (in the order of their creation, which one transaction may share).
+    expected = [
+        LocalPort(port, await store.networks.get_network(port.network_id), subnets[port.network_id])
+        for port in [*a, b]
+    ]
+    assert {lp.port.id: lp for lp in view.ports} == {lp.port.id: lp for lp in expected}
+    assert len(view.ports) == 3 and view.ports[-1].port == b
+    assert {lp.network.id: lp.network.mtu for lp in view.ports} == {front: 1450, back: 1500}
+    assert view.rules == {web.id: (*(await store.networks.get_security_group(web.id)).rules,)}
+    assert rule in view.rules[web.id]
+    # Every member of a remote group, wherever it is: the firewall keeps those of its networks.
+    members = [(p.network_id, p.ip_address) for p in await store.ports.list_ports("p1")]
+    assert len(members) == 5
+    assert sorted(view.members[web.id]) == sorted(members)
+    assert view.remote_ports == (RemotePort(back, "h2", "192.0.2.2", remote.mac_address),)

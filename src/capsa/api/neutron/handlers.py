@@ -16,7 +16,7 @@ from capsa.api.context import RequestContext
 from capsa.api.keys import CONFIG, STORE
 from capsa.api.middleware import CONTEXT
 from capsa.api.neutron import policy, schemas, views
-from capsa.api.neutron.errors import PREFIX, NeutronError, bad_request, conflict, not_found
+from capsa.api.neutron.errors import PREFIX, bad_request, conflict, forbidden, not_found
 from capsa.api.params import read_json
 from capsa.api.views import json_response
 from capsa.log import get_logger
@@ -38,7 +38,7 @@ from capsa.network.ipam import lowest_free_address, random_mac
 from capsa.network.service import DEVICE_OWNER_CAPSULE
 from capsa.store import Store
 from capsa.store.networks import Duplicate, InUse, NotFound, Overlap
-from capsa.store.ports import AddressInUse, InvalidAddress, SubnetFull
+from capsa.store.ports import AddressInUse, InvalidAddress, MacAddressInUse, SubnetFull
 
 log = get_logger(__name__)
 
@@ -177,14 +177,11 @@ async def _visible_network(request: web.Request, network_id: str) -> Network:
 def _changeable(context: RequestContext, owner: str, kind: str, ident: str, action: str) -> None:
     policy.check_write(context, action)
     if not policy.may_change(context, owner):
-        raise NeutronError(
-            403, "PolicyNotAuthorized", f"rule:{action} is disallowed by policy on {kind} {ident}"
-        )
+        raise forbidden(f"rule:{action} is disallowed by policy on {kind} {ident}")
 
 
 async def _network_view(request: web.Request, item: Network) -> dict[str, Any]:
-    subnets = await _store(request).networks.list_subnets(None)
-    return views.network(item, [s.id for s in subnets if s.network_id == item.id])
+    return views.network(item, await _store(request).networks.subnet_ids(item.id))
 
 
 async def list_networks(request: web.Request) -> web.Response:
@@ -420,9 +417,10 @@ async def create_port(request: web.Request) -> web.Response:
         )
     except SubnetFull as exc:
         raise conflict("IpAddressGenerationFailure", str(exc)) from None
+    except MacAddressInUse as exc:
+        raise conflict("MacAddressInUse", str(exc)) from None
     except AddressInUse as exc:
-        kind = "MacAddressInUse" if "mac address" in str(exc) else "IpAddressAlreadyAllocated"
-        raise conflict(kind, str(exc)) from None
+        raise conflict("IpAddressAlreadyAllocated", str(exc)) from None
     except InvalidAddress as exc:
         raise bad_request(str(exc)) from None
     except NotFound as exc:
@@ -495,15 +493,6 @@ async def create_security_group(request: web.Request) -> web.Response:
     item = await store.networks.create_security_group(
         project_id=owner, name=body.name, description=body.description
     )
-    # Neutron gives a new group egress rules for all traffic.
-    for ethertype in EtherType:
-        await store.networks.create_rule(
-            security_group_id=item.id,
-            project_id=owner,
-            direction=Direction.EGRESS,
-            ethertype=ethertype,
-        )
-    item = await store.networks.get_security_group(item.id)
     log.info("security group created", security_group=item.id, project=owner)
     return _one("security_group", views.security_group(item), request, status=201)
 
