@@ -64,17 +64,18 @@ async def test_default_project_scopes_an_unscoped_request(cloud: Cloud) -> None:
     assert body["token"]["project"]["name"] == "team-b"
 
 
-async def test_the_catalog_lists_the_network_endpoint_when_it_is_served(
-    make_cloud: CloudFactory,
-) -> None:
-    async def networks(request: web.Request) -> web.Response:
-        return web.json_response({"networks": []})
-
-    cloud = await make_cloud(routes=[web.get("/networking/v2.0/networks", networks)])
+async def test_validating_a_token_answers_the_same_catalog(cloud: Cloud) -> None:
     await cloud.user("carol", "team-c")
-    _, body, _ = await cloud.login("carol", "team-c")
-    catalog = {service["type"]: service for service in body["token"]["catalog"]}
-    assert {e["url"] for e in catalog["network"]["endpoints"]} == {f"{BASE_URL}/networking"}
+    _, body, token = await cloud.login("carol", "team-c")
+    assert token is not None
+    response = await cloud.client.get(
+        "/v3/auth/tokens", headers={"X-Auth-Token": token, "X-Subject-Token": token}
+    )
+    assert response.status == 200
+    catalog = (await response.json())["token"]["catalog"]
+    assert catalog == body["token"]["catalog"]
+    services = {service["type"]: service for service in catalog}
+    assert {e["url"] for e in services["network"]["endpoints"]} == {f"{BASE_URL}/networking"}
 
 
 @pytest.mark.parametrize(
