@@ -32,10 +32,9 @@ from capsa.api.neutron.errors import PREFIX as NETWORK_PREFIX
 from capsa.api.params import read_json
 from capsa.api.views import json_response
 from capsa.identity.service import AuthenticationFailed, IdentityService, TokenInfo
-from capsa.model.identity import ADMIN, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME
+from capsa.model.identity import ADMIN, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, REGION
 
 SUBJECT_TOKEN_HEADER = "X-Subject-Token"
-REGION = "RegionOne"
 
 _IDENTITY_MEDIA_TYPE = "application/vnd.openstack.identity-v3+json"
 _DOMAIN = {"id": DEFAULT_DOMAIN_ID, "name": DEFAULT_DOMAIN_NAME}
