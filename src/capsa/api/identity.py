@@ -30,6 +30,7 @@ from capsa.api.errors import ApiError
 from capsa.api.keys import CONFIG, IDENTITY
 from capsa.api.neutron.errors import PREFIX as NETWORK_PREFIX
 from capsa.api.params import read_json
+from capsa.api.schemas.template import describe_error
 from capsa.api.views import json_response
 from capsa.identity.service import AuthenticationFailed, IdentityService, TokenInfo
 from capsa.model.identity import ADMIN, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, REGION
@@ -169,9 +170,7 @@ async def issue_token(request: web.Request) -> web.Response:
     try:
         auth = _AuthRequest.model_validate(raw).auth
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(describe_error(e, "") for e in exc.errors())
         raise KeystoneError(400, f"Invalid authentication request: {problems}") from None
     project = None
     if auth.scope is not None:

@@ -24,6 +24,7 @@ from capsa.api.errors import Conflict, Invalid, InvalidValue, NotFound
 from capsa.api.keys import CONFIG, SECRETS, STORE
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json, refuse_unknown
+from capsa.api.schemas.template import describe_error
 from capsa.api.views import json_response, links
 from capsa.log import get_logger
 from capsa.model.image_ref import is_registry_host
@@ -219,10 +220,7 @@ async def _fields(request: web.Request) -> _RegistryFields:
     try:
         return _RegistryBody.model_validate(body).registry
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'body'}: {error['msg']}"
-            for error in exc.errors()
-        )
+        problems = "; ".join(describe_error(error, "") for error in exc.errors())
         raise Invalid(f"Invalid registry: {problems}") from None
 
 

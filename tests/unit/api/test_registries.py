@@ -145,10 +145,11 @@ async def test_a_name_is_unique_in_its_project(client: Client) -> None:
     [
         ({"registry": {"name": "xy"}}, "registry.domain: required field is missing"),
         ({"registry": {"domain": "https://x.io"}}, "is not a registry domain"),
-        ({"registry": {"domain": "x.io", "email": "a@b"}}, "registry.email"),
+        ({"registry": {"domain": "x.io", "email": "a@b"}}, "registry.email: unknown field"),
         ({"registry": {"domain": "x.io", "password": ""}}, "registry.password"),
         ({"registry": {"domain": "x.io", "name": "-bad"}}, "registry.name"),
-        ({"domain": "x.io"}, "registry"),
+        ({"domain": "x.io"}, "registry: required field is missing"),
+        ([1], "Invalid registry: body: "),
     ],
 )
 async def test_bad_bodies_are_400(client: Client, body: Any, fragment: str) -> None:
