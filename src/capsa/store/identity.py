@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from capsa.model.clock import utcnow
 from capsa.model.identity import Principal, Project, RoleAssignment, User
 from capsa.store import schema
-from capsa.store.db import Database
+from capsa.store.db import Database, dialect_insert
 
 p_t = schema.projects
 u_t = schema.users
@@ -187,14 +187,10 @@ class IdentityStore:
         """Gives ``role`` in the project; False when the user held it already."""
 
         def add(conn: Connection) -> bool:
-            held = conn.execute(
-                select(r_t.c.role).where(
-                    r_t.c.user_id == user_id, r_t.c.project_id == project_id, r_t.c.role == role
-                )
-            ).first()
-            if held is None:
-                conn.execute(r_t.insert().values(user_id=user_id, project_id=project_id, role=role))
-            return held is None
+            insert = dialect_insert(conn, r_t).values(
+                user_id=user_id, project_id=project_id, role=role
+            )
+            return bool(conn.execute(insert.on_conflict_do_nothing()).rowcount)
 
         return await self._db.run_write(add)
 
@@ -264,9 +260,8 @@ class IdentityStore:
 
         def write(conn: Connection) -> None:
             conn.execute(delete(rev_t).where(rev_t.c.expires_at < utcnow()))
-            known = select(rev_t.c.audit_id).where(rev_t.c.audit_id == audit_id)
-            if conn.execute(known).first() is None:
-                conn.execute(rev_t.insert().values(audit_id=audit_id, expires_at=expires_at))
+            insert = dialect_insert(conn, rev_t).values(audit_id=audit_id, expires_at=expires_at)
+            conn.execute(insert.on_conflict_do_nothing())
 
         await self._db.run_write(write)
 
