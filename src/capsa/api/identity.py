@@ -185,7 +185,7 @@ async def issue_token(request: web.Request) -> web.Response:
                 user.id or user.name or "", user.password, project
             )
         elif "token" in methods and auth.identity.token is not None:
-            token, info = await _rescoped(identity, auth.identity.token.id, project)
+            token, info = await identity.rescoped_token(auth.identity.token.id, project)
         else:
             raise KeystoneError(
                 400, f"Unsupported authentication methods {methods}: use password or token."
@@ -244,19 +244,6 @@ def _check_domain(domain: _Domain | None) -> None:
         raise _unauthorized(f"Domain {domain.id} does not exist: capsa has only 'default'.")
     if domain is not None and (domain.name or DEFAULT_DOMAIN_NAME) != DEFAULT_DOMAIN_NAME:
         raise _unauthorized(f"Domain {domain.name} does not exist: capsa has only 'Default'.")
-
-
-async def _rescoped(
-    identity: IdentityService, token: str, project: str | None
-) -> tuple[str, TokenInfo]:
-    """A token for the user of ``token`` in ``project`` (by default the same project)."""
-    info = await identity.validate(token)
-    if info is None:
-        raise AuthenticationFailed("The token to authenticate with is not valid.")
-    user = await identity.store.find_user(info.principal.user_id)
-    if user is None:
-        raise AuthenticationFailed("The token to authenticate with is not valid.")
-    return await identity.scoped_token(user, project or info.principal.project_id)
 
 
 async def _caller_and_subject(request: web.Request) -> tuple[TokenInfo, TokenInfo]:

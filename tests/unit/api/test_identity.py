@@ -227,6 +227,16 @@ async def test_the_token_method_changes_project(cloud: Cloud) -> None:
     response = await cloud.client.post("/v3/auth/tokens", json=body)
     assert response.status == 201
     assert (await response.json())["token"]["roles"] == [{"id": "reader", "name": "reader"}]
+    # Without a scope, the new token keeps the old one's project; a token that proves nothing
+    # gets none.
+    del body["auth"]["scope"]
+    response = await cloud.client.post("/v3/auth/tokens", json=body)
+    assert response.status == 201
+    assert (await response.json())["token"]["project"]["name"] == "team-m"
+    body["auth"]["identity"]["token"]["id"] = "capsa1.x.y"
+    response = await cloud.client.post("/v3/auth/tokens", json=body)
+    await assert_keystone_error(response, 401, "not valid")
+    assert "X-Subject-Token" not in response.headers
 
 
 async def test_expired_or_forged_tokens_prove_nothing(cloud: Cloud) -> None:
