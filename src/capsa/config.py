@@ -67,7 +67,7 @@ class ApiConfig:
     # Bound on each call to a compute agent (logs); a followed log stream is not bounded.
     agent_timeout: float = 30.0
     # With auth.mode = "noauth" only: the project and user of callers that send no X-Project-Id /
-    # X-User-Id; also the owner of the default network.
+    # X-User-Id.
     default_project_id: str = "default"
     default_user_id: str = "default"
 

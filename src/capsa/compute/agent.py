@@ -312,11 +312,10 @@ def _needs_work(
             uuid = c.labels.get(labels.CONTAINER, "")
             if uuid not in states or c.attempt > states[uuid].attempt:
                 states[uuid] = c
-    generation = str(capsule.generation)
     return any(
         c.uuid not in states
         or states[c.uuid].state is not cri.ContainerState.RUNNING
-        or states[c.uuid].labels.get(labels.GENERATION, "0") != generation
+        or labels.generation(states[c.uuid].labels) != capsule.generation
         for c in capsule.containers
         if c.status is not Status.STOPPED
     )

@@ -95,6 +95,10 @@ class CapsuleDriver:
         # Bounds the runtime's heaviest calls (a shim, a netns and a CNI run each), not whole
         # capsules: a capsule waiting for an init container must not hold up a burst of others.
         self._sandbox_slots = asyncio.Semaphore(settings.max_sandbox_calls)
+        # Container fields a pass recorded and has not written yet, by capsule and container:
+        # they go with the capsule's next write (one transaction), before the runtime is next
+        # asked to change something, and at the end of the pass.
+        self._unwritten: dict[str, dict[str, dict[str, Any]]] = {}
 
     # ---- converge ----
 
@@ -105,6 +109,7 @@ class CapsuleDriver:
         try:
             try:
                 await self._converge(capsule)
+                await self._set_capsule(capsule)
             except CriError as exc:
                 raise classify(exc, "talking to the container runtime") from exc
         except CapsuleFailed as exc:
@@ -117,6 +122,10 @@ class CapsuleDriver:
             log.warning("capsule step will be retried", capsule=capsule.uuid, reason=str(exc))
             await self._set_capsule(capsule, status_reason=f"retrying: {exc}")
             self._retry_at(capsule.uuid, _RETRY_S)
+        finally:
+            # A pass cut short (deleted meanwhile, or the agent stopping) leaves its records
+            # unwritten: the next pass reads them from the runtime again.
+            self._unwritten.pop(capsule.uuid, None)
 
     async def _converge(self, capsule: Capsule) -> None:
         if not capsule.addresses:
@@ -219,12 +228,12 @@ class CapsuleDriver:
             elif status.state is cri.ContainerState.CREATED:
                 await self._start(capsule, container, status.id)
             elif status.state is cri.ContainerState.RUNNING:
-                await self._record_running(container, status)
+                self._record_running(container, status)
                 await self._set_capsule(capsule, task_state=TaskState.CONTAINER_STARTING)
                 if not await self._wait_exit(status.id, _INIT_WAIT_S):
                     return False
             elif status.state is cri.ContainerState.EXITED:
-                await self._record_exit(container, status)
+                self._record_exit(container, status)
                 if status.exit_code == 0:
                     return True
                 if capsule.spec.restart_policy is RestartPolicy.NEVER:
@@ -249,13 +258,13 @@ class CapsuleDriver:
         found: cri.Container | None,
     ) -> None:
         status = await self._status(found.id if found else None)
-        if status is not None and _generation(status) < capsule.generation:
+        if status is not None and labels.generation(status.labels) < capsule.generation:
             # Started before the tenant's latest start or reboot: stopped if it runs, replaced
             # once exited, whatever the restart policy (one that never ran is just started).
             if status.state is cri.ContainerState.RUNNING:
                 status = await self._stop(capsule, container, status)
             if status is not None and status.state is cri.ContainerState.EXITED:
-                await self._record_exit(container, status)
+                self._record_exit(container, status)
                 await self._replace(capsule, container, sandbox_id, sandbox_spec, status, True)
                 return
         if status is None:
@@ -264,9 +273,9 @@ class CapsuleDriver:
         elif status.state is cri.ContainerState.CREATED:
             await self._start(capsule, container, status.id)
         elif status.state is cri.ContainerState.RUNNING:
-            await self._record_running(container, status)
+            self._record_running(container, status)
         elif status.state is cri.ContainerState.EXITED:
-            await self._record_exit(container, status)
+            self._record_exit(container, status)
             if capsule.spec.restarts(status.exit_code, container.restart_count) and (
                 await self._restart_due(capsule, container)
             ):
@@ -289,11 +298,12 @@ class CapsuleDriver:
             return
         if status.state is cri.ContainerState.RUNNING:
             status = await self._stop(capsule, container, status)
-        if status is None or status.state is cri.ContainerState.EXITED:
-            if status is not None:
-                await self._record_exit(container, status)
+            if status is None:
+                return  # gone as it stopped: nothing of it to record
+        if status.state is cri.ContainerState.EXITED:
+            self._record_exit(container, status)
         elif status.state is cri.ContainerState.CREATED:
-            await self._record(container, cri_container_id=status.id, status=Status.CREATED)
+            self._record(container, cri_container_id=status.id, status=Status.CREATED)
         else:
             raise RetryLater(f"container {container.spec.name!r} is in an unknown state")
 
@@ -301,6 +311,7 @@ class CapsuleDriver:
         self, capsule: Capsule, container: Container, status: cri.ContainerStatus
     ) -> cri.ContainerStatus | None:
         """Stops a running container within the stop timeout; its status afterwards."""
+        await self._set_capsule(capsule)
         timeout = capsule.stop_timeout
         if timeout is None:
             timeout = self._settings.stop_grace_period
@@ -396,7 +407,7 @@ class CapsuleDriver:
             f"creating container {container.spec.name!r}",
             self._cri.create_container(sandbox_id, spec, sandbox_spec),
         )
-        await self._record(
+        self._record(
             container, cri_container_id=container_id, status=Status.CREATED, status_reason=None
         )
         return container_id
@@ -412,7 +423,7 @@ class CapsuleDriver:
             container=container.uuid,
             name=container.spec.name,
         )
-        await self._record(
+        self._record(
             container,
             cri_container_id=container_id,
             status=Status.RUNNING,
@@ -434,6 +445,7 @@ class CapsuleDriver:
         """Restarts an exited container as a new attempt (CRI containers are not restartable);
         ``asked``: by the tenant (start, reboot), which begins a new count of restarts."""
         spec = container.spec
+        await self._set_capsule(capsule)
         await self._images.ensure(
             spec.image, spec.image_pull_policy, capsule.uuid, spec.registry_id
         )
@@ -445,7 +457,7 @@ class CapsuleDriver:
         container_id = await self._create(
             capsule, container, sandbox_id, sandbox_spec, exited.attempt + 1
         )
-        await self._record(container, restart_count=restarts)
+        self._record(container, restart_count=restarts)
         await self._start(capsule, container, container_id)
         log.info(
             "container restarted",
@@ -466,7 +478,7 @@ class CapsuleDriver:
         wait = (finished + timedelta(seconds=delay) - utcnow()).total_seconds()
         if wait <= 0:
             return True
-        await self._record(
+        self._record(
             container,
             status=Status.RESTARTING,
             status_reason=f"back-off {delay:g}s after exit code {container.exit_code}",
@@ -484,8 +496,8 @@ class CapsuleDriver:
                 return True
         return False
 
-    async def _record_running(self, container: Container, status: cri.ContainerStatus) -> None:
-        await self._record(
+    def _record_running(self, container: Container, status: cri.ContainerStatus) -> None:
+        self._record(
             container,
             cri_container_id=status.id,
             status=Status.RUNNING,
@@ -493,8 +505,8 @@ class CapsuleDriver:
             started_at=_time(status.started_at) or container.started_at,
         )
 
-    async def _record_exit(self, container: Container, status: cri.ContainerStatus) -> None:
-        await self._record(
+    def _record_exit(self, container: Container, status: cri.ContainerStatus) -> None:
+        self._record(
             container,
             cri_container_id=status.id,
             status=Status.STOPPED,
@@ -503,21 +515,25 @@ class CapsuleDriver:
             finished_at=_time(status.finished_at) or utcnow(),
         )
 
-    async def _record(self, container: Container, **values: Any) -> None:
-        """Writes the container fields that changed, and keeps ``container`` in step."""
+    def _record(self, container: Container, **values: Any) -> None:
+        """Keeps the container fields that changed in ``container``, to be written with the
+        capsule's next write (:meth:`_set_capsule`)."""
         changed = {k: v for k, v in values.items() if getattr(container, k) != v}
         if changed:
-            await self._store.capsules.update_container(container.uuid, **changed)
+            unwritten = self._unwritten.setdefault(container.capsule_uuid, {})
+            unwritten.setdefault(container.uuid, {}).update(changed)
             for key, value in changed.items():
                 setattr(container, key, value)
 
     async def _set_capsule(self, capsule: Capsule, **values: Any) -> None:
-        """Writes the capsule fields that changed, unless the capsule is being deleted."""
+        """Writes the capsule fields that changed, unless the capsule is being deleted, and
+        the container fields recorded since the last write, in one transaction."""
         changed = {k: v for k, v in values.items() if getattr(capsule, k) != v}
-        if not changed:
+        containers = self._unwritten.pop(capsule.uuid, None)
+        if not changed and not containers:
             return
         if not await self._store.capsules.update_status(
-            capsule.uuid, expect=capsule.desired_state, **changed
+            capsule.uuid, expect=capsule.desired_state, containers=containers, **changed
         ):
             raise Superseded(capsule.uuid)
         for key, value in changed.items():
@@ -660,12 +676,6 @@ def settled(capsule: Capsule) -> bool:
     if capsule.status in (Status.ERROR, Status.STOPPED):
         return True
     return capsule.desired_state is DesiredState.STOPPED and capsule.status is Status.CREATED
-
-
-def _generation(status: cri.ContainerStatus) -> int:
-    """The capsule generation a container was started for (0: before generations)."""
-    value = status.labels.get(labels.GENERATION, "0")
-    return int(value) if value.isdigit() else 0
 
 
 def _time(ns: int) -> datetime | None:

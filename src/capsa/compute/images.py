@@ -18,7 +18,7 @@ from capsa.store import Store
 log = get_logger(__name__)
 
 # What registries answer to credentials they refuse, or to none when they want some.
-_REFUSALS = ("401 unauthorized", "unauthorized", "authentication required")
+_REFUSALS = ("unauthorized", "authentication required")
 
 
 class RegistryCredentials:

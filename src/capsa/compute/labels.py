@@ -6,6 +6,8 @@ to know which sandbox or container belongs to which capsule.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 MANAGED = "io.capsa.managed"
 CAPSULE = "io.capsa.capsule"
 CONTAINER = "io.capsa.container"
@@ -23,3 +25,9 @@ def capsule_selector(capsule_uuid: str) -> dict[str, str]:
 
 def container_selector(container_uuid: str) -> dict[str, str]:
     return {MANAGED: "true", CONTAINER: container_uuid}
+
+
+def generation(container_labels: Mapping[str, str]) -> int:
+    """The capsule generation a container was started for (0: one from before generations)."""
+    value = container_labels.get(GENERATION, "0")
+    return int(value) if value.isdigit() else 0

@@ -6,11 +6,11 @@ observed a capsule a moment ago can never turn a capsule being deleted back into
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, or_, select, update
+from sqlalchemy import Select, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -258,13 +258,9 @@ class CapsuleStore:
     ) -> list[Capsule]:
         """One page of capsules (or single containers), ordered by ``page.sort_key`` then uuid
         (keyset paging)."""
-        column = SORT_KEYS[page.sort_key]
-        query = select(c_t).where(c_t.c.kind == kind, *filters.clauses())
-        if project_id is not None:
-            query = query.where(c_t.c.project_id == project_id)
 
         def list_page(conn: Connection) -> list[Capsule]:
-            paged = paging.one_page(conn, query, c_t, column, page, project_id)
+            paged = _one_page(conn, (c_t,), project_id, page, kind, filters)
             return _load(conn, conn.execute(paged).all())
 
         return await self._db.run_read(list_page, long=True)
@@ -280,13 +276,10 @@ class CapsuleStore:
         whenever anything of the capsule does (its row, its containers' rows, its ports), so that
         what was made of a capsule can be reused as long as its version holds. One query: the
         containers and ports are not read, only their newest timestamps."""
-        column = SORT_KEYS[page.sort_key]
-        query = select(c_t.c.uuid, *_VERSION_COLUMNS).where(c_t.c.kind == kind, *filters.clauses())
-        if project_id is not None:
-            query = query.where(c_t.c.project_id == project_id)
+        columns = (c_t.c.uuid, *_VERSION_COLUMNS)
 
         def versions(conn: Connection) -> list[tuple[str, str]]:
-            paged = paging.one_page(conn, query, c_t, column, page, project_id)
+            paged = _one_page(conn, columns, project_id, page, kind, filters)
             return [(row[0], "|".join(map(str, row[1:]))) for row in conn.execute(paged)]
 
         return await self._db.run_read(versions)
@@ -412,16 +405,27 @@ class CapsuleStore:
         uuid: str,
         *,
         expect: DesiredState = DesiredState.RUNNING,
+        containers: Mapping[str, Mapping[str, Any]] | None = None,
         **values: Any,
     ) -> bool:
-        """Sets capsule fields only while the capsule's desired state is ``expect``.
+        """Sets capsule fields only while the capsule's desired state is ``expect``; in the same
+        transaction, the fields of its ``containers`` (by container uuid) in any case.
 
         Returns False when the capsule is gone or the tenant changed their mind meanwhile.
         """
-        params = {**values, "updated_at": utcnow(), "where_uuid": uuid, "where_desired": expect}
-        return await self._db.run_write(
-            lambda conn: bool(conn.execute(_SET_CAPSULE, params).rowcount)
-        )
+        now = utcnow()
+        container_params = [
+            {**fields, "updated_at": now, "where_uuid": container_uuid}
+            for container_uuid, fields in (containers or {}).items()
+        ]
+        params = {**values, "updated_at": now, "where_uuid": uuid, "where_desired": expect}
+
+        def update(conn: Connection) -> bool:
+            for fields in container_params:
+                conn.execute(_SET_CONTAINER, fields)
+            return not values or bool(conn.execute(_SET_CAPSULE, params).rowcount)
+
+        return await self._db.run_write(update)
 
     async def update_container(self, uuid: str, **values: Any) -> None:
         params = {**values, "updated_at": utcnow(), "where_uuid": uuid}
@@ -457,6 +461,22 @@ class CapsuleStore:
             return True
 
         return await self._db.run_write(remove)
+
+
+def _one_page(
+    conn: Connection,
+    columns: Sequence[Any],
+    project_id: str | None,
+    page: Page,
+    kind: CapsuleKind,
+    filters: ListFilters,
+) -> Select[Any]:
+    """``columns`` of the capsules of a list's page: :meth:`CapsuleStore.list_page` and
+    :meth:`CapsuleStore.list_page_versions` page alike."""
+    query = select(*columns).where(c_t.c.kind == kind, *filters.clauses())
+    if project_id is not None:
+        query = query.where(c_t.c.project_id == project_id)
+    return paging.one_page(conn, query, c_t, SORT_KEYS[page.sort_key], page, project_id)
 
 
 def ports_to_run(conn: Connection, host: str) -> list[tuple[str, PortSpec]]:

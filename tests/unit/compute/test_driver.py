@@ -307,6 +307,39 @@ async def test_a_restart_waits_for_its_back_off(
     assert container.status_reason == "back-off 30s after exit code 1"
 
 
+async def test_a_pass_that_ends_waiting_for_an_init_back_off_writes_what_it_saw(
+    settings: Any,
+    store: Store,
+    fake_cri: Any,
+    network: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    # The pass ends inside the init container's back-off, without a status of the capsule to
+    # write: the container's records of the pass are written all the same.
+    from capsa.compute.images import ImagePuller
+
+    fake_cri.exits_at_start = EXITS
+    slow = CapsuleDriver(
+        replace(settings, restart_backoff_base=30.0, restart_backoff_max=60.0),
+        store,
+        fake_cri,
+        network,
+        ImagePuller(fake_cri),
+        retries,
+    )
+    capsule = await placed(store, make_capsule, init=("false",), apps=("sleep",))
+
+    await slow.converge(capsule)
+
+    [(uuid, _)] = retries.asked
+    assert uuid == capsule.uuid
+    (init,) = (await reload(store, capsule)).init_containers
+    assert (init.status, init.exit_code) == (Status.RESTARTING, 1)
+    assert init.status_reason == "back-off 30s after exit code 1"
+    assert init.cri_container_id == fake_cri.by_name("init0")[0].id
+
+
 @pytest.mark.parametrize(
     ("code", "status", "reason"),
     [(0, Status.STOPPED, None), (3, Status.ERROR, "container 'app0' exited with code 3")],
@@ -413,23 +446,48 @@ def test_hostnames_are_dns_labels(name: str, hostname: str) -> None:
 
 
 async def test_sandbox_starts_are_bounded_but_the_rest_of_a_start_is_not(
-    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The fixture's driver allows 2 sandbox calls at once.
     capsules = [await placed(store, make_capsule) for _ in range(5)]
     run_pod_sandbox = fake_cri.run_pod_sandbox
     in_flight, most = 0, 0
+    release = asyncio.Event()
 
-    async def slow_run_pod_sandbox(spec: cri.SandboxSpec) -> str:
+    async def held_run_pod_sandbox(spec: cri.SandboxSpec) -> str:
         nonlocal in_flight, most
         in_flight += 1
         most = max(most, in_flight)
-        await asyncio.sleep(0.05)
+        await release.wait()
         in_flight -= 1
         return str(await run_pod_sandbox(spec))
 
-    fake_cri.run_pod_sandbox = slow_run_pod_sandbox
-    await asyncio.gather(*(driver.converge(c) for c in capsules))
+    # A capsule writes Creating just before it asks for a slot, in the same step: once all five
+    # have, each is either in RunPodSandbox (held there) or waiting for a slot.
+    update_status = store.capsules.update_status
+    creating: set[str] = set()
+    all_creating = asyncio.Event()
+
+    async def watched_update_status(uuid: str, **values: Any) -> bool:
+        written = await update_status(uuid, **values)
+        if values.get("task_state") is TaskState.CONTAINER_CREATING:
+            creating.add(uuid)
+            if len(creating) == len(capsules):
+                all_creating.set()
+        return written
+
+    fake_cri.run_pod_sandbox = held_run_pod_sandbox
+    monkeypatch.setattr(store.capsules, "update_status", watched_update_status)
+    starts = asyncio.gather(*(driver.converge(c) for c in capsules))
+    # The timeout only keeps a bound on whole capsules from hanging the test.
+    await asyncio.wait_for(all_creating.wait(), 30)
+    assert in_flight == 2
+    release.set()
+    await starts
 
     assert most == 2
     assert [(await reload(store, c)).status for c in capsules] == [Status.RUNNING] * 5

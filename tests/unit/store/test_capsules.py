@@ -106,6 +106,36 @@ async def test_delete_of_a_placed_capsule_asks_its_agent_and_wins_over_status_wr
     assert stored is not None and stored.status is Status.DELETING
 
 
+async def test_a_status_write_carries_container_fields_in_its_transaction(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await store.capsules.create(make_capsule(containers=2))
+    first, second = capsule.containers
+
+    assert await store.capsules.update_status(
+        capsule.uuid,
+        task_state=TaskState.CONTAINER_STARTING,
+        containers={first.uuid: {"status": Status.CREATED, "cri_container_id": "cri-1"}},
+    )
+
+    stored = await store.capsules.get(capsule.uuid)
+    assert stored is not None and stored.task_state is TaskState.CONTAINER_STARTING
+    assert (stored.containers[0].status, stored.containers[0].cri_container_id) == (
+        Status.CREATED,
+        "cri-1",
+    )
+    assert stored.containers[1].status is second.status
+    # Container fields alone: written, and the capsule's version (the lists' reuse) shows them.
+    [(_, version)] = await store.capsules.list_page_versions("p1", Page(limit=1))
+    assert await store.capsules.update_status(
+        capsule.uuid, containers={second.uuid: {"exit_code": 3}}
+    )
+    [(_, changed)] = await store.capsules.list_page_versions("p1", Page(limit=1))
+    assert changed != version
+    stored = await store.capsules.get(capsule.uuid)
+    assert stored is not None and stored.containers[1].exit_code == 3
+
+
 async def test_remove_releases_the_claim_and_the_ports_in_one_go(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
