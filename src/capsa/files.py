@@ -1,6 +1,7 @@
 """Files that capsa writes for other programs (configs, pid files, the CNI plugin): replaced
 atomically, so that a reader (containerd may read or exec them at any moment) or a crash never
-sees half a file, and rewritten only when their content or mode changes."""
+sees half a file, and rewritten only when their content or mode changes. Key files are written
+once and never replaced (:func:`create_key_file`)."""
 
 from __future__ import annotations
 
@@ -35,3 +36,24 @@ def write_if_changed(path: Path, content: str | bytes, mode: int = 0o644) -> boo
         pass
     atomic_write(path, data, mode)
     return True
+
+
+def create_key_file(path: Path, key: bytes) -> None:
+    """Writes ``key`` to ``path`` (mode 0600, in a directory made 0700 if missing) unless the file
+    exists. Of processes that make it at the same moment, the first one's key stays: a link,
+    unlike a rename, never replaces, so every process ends up reading the same key."""
+    if path.exists():
+        return
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkstemp makes the file 0600.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        Path(tmp).unlink()

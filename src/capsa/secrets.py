@@ -15,6 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from capsa.files import create_key_file
+
 if TYPE_CHECKING:
     from cryptography.fernet import Fernet
 
@@ -45,22 +47,8 @@ class SecretBox:
     @classmethod
     def load_or_create(cls, path: Path) -> SecretBox:
         """The key in ``path``, made (mode 0600, in a 0700 directory) when there is none."""
-        if not path.exists():
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            candidate = path.with_name(f".{path.name}.{os.getpid()}")
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                # A Fernet key: 32 random bytes, URL-safe base64.
-                f.write(base64.urlsafe_b64encode(os.urandom(32)))
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                # A link fails if the key exists: a key another process made first is kept.
-                os.link(candidate, path)
-            except FileExistsError:
-                pass
-            finally:
-                candidate.unlink()
+        # A Fernet key: 32 random bytes, URL-safe base64.
+        create_key_file(path, base64.urlsafe_b64encode(os.urandom(32)))
         return cls(path.read_bytes().strip(), path)
 
     def encrypt(self, secret: str) -> str:

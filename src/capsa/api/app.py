@@ -16,7 +16,6 @@ from capsa.api.auth import Authenticator
 from capsa.api.body_cache import BodyCache
 from capsa.api.keys import (
     AGENTS,
-    AUTHENTICATOR,
     CAPSULE_BODIES,
     CONFIG,
     IDENTITY,
@@ -97,14 +96,12 @@ def create_app(cfg: Config, store: Store) -> web.Application:
     # Bodies are size-checked by the handlers, which answer Zun's 400 naming the limit; aiohttp's
     # own limit only stops a body far beyond it.
     validator = _token_validator(cfg, store)
-    authenticator = Authenticator(cfg, validator)
     app = web.Application(
-        middlewares=[api_middleware(authenticator), neutron_errors()],
+        middlewares=[api_middleware(Authenticator(cfg, validator)), neutron_errors()],
         client_max_size=cfg.api.max_body_bytes + 1,
     )
     app[CONFIG] = cfg
     app[STORE] = store
-    app[AUTHENTICATOR] = authenticator
     if isinstance(validator, IdentityService):
         app[IDENTITY] = validator
     if isinstance(validator, KeystoneValidator):

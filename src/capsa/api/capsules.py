@@ -285,7 +285,8 @@ def next_url(
     collection: str = "capsules",
     filters: tuple[tuple[str, str], ...] = (),
 ) -> str | None:
-    """Zun's ``next``: the same query from after the last capsule, when the page was full."""
+    """Zun's ``next`` of a list of ``collection``: the same query (``filters`` included) from
+    after the page's last item, when the page was full."""
     if not uuids or len(uuids) < page.limit:
         return None
     params = [*filters, ("sort_key", page.sort_key), ("sort_dir", page.sort_dir)]

@@ -15,8 +15,6 @@ from capsa.api.policy import Policy, rule_name
 from capsa.config import ApiConfig
 from capsa.model.identity import MEMBER, Principal
 
-_DEFAULT_POLICY = Policy()
-
 
 @dataclass(frozen=True)
 class RequestContext:
@@ -24,7 +22,7 @@ class RequestContext:
     user_id: str
     roles: frozenset[str]
     version: APIVersion
-    policy: Policy = field(default=_DEFAULT_POLICY, compare=False)
+    policy: Policy = field(compare=False)
 
     def can(self, rule: str) -> bool:
         return self.policy.allows(rule, self.roles)
@@ -42,7 +40,7 @@ class RequestContext:
     def project_scope(
         self,
         all_projects: bool,
-        action: str = "capsule:get_all_all_projects",
+        action: str,
         rule: str = "capsule_all_projects",
     ) -> str | None:
         """The project a query is limited to; None (every project) only when the caller asks

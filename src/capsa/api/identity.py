@@ -4,8 +4,7 @@
 - ``POST /v3/auth/tokens``: the password method (or the token method, to change project), scoped
   to a project by id or name (or the user's default project): 201, the token in
   ``X-Subject-Token``, and a body with the user, project, roles, expiry and the catalog, which
-  lists capsa's ``container`` (Zun) endpoint, its ``identity`` endpoint and, when the network
-  service is served, its ``network`` endpoint.
+  lists capsa's ``container`` (Zun), ``identity`` and ``network`` (Neutron) endpoints.
 - ``GET`` / ``HEAD /v3/auth/tokens``: validates ``X-Subject-Token`` for the caller of
   ``X-Auth-Token`` (the token's own user, or an admin: a service validating its clients').
 - ``DELETE /v3/auth/tokens``: revokes ``X-Subject-Token`` (its user, or an admin).
@@ -29,15 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from capsa.api.auth import TOKEN_HEADER
 from capsa.api.errors import ApiError
 from capsa.api.keys import CONFIG, IDENTITY
+from capsa.api.neutron.errors import PREFIX as NETWORK_PREFIX
 from capsa.api.params import read_json
+from capsa.api.schemas.template import describe_error
 from capsa.api.views import json_response
 from capsa.identity.service import AuthenticationFailed, IdentityService, TokenInfo
-from capsa.model.identity import ADMIN, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME
+from capsa.model.identity import ADMIN, DEFAULT_DOMAIN_ID, DEFAULT_DOMAIN_NAME, REGION
 
 SUBJECT_TOKEN_HEADER = "X-Subject-Token"
-REGION = "RegionOne"
-# Where the network service's API lives under the API's base URL, when it is served.
-NETWORK_PATH = "/networking"
 
 _IDENTITY_MEDIA_TYPE = "application/vnd.openstack.identity-v3+json"
 _DOMAIN = {"id": DEFAULT_DOMAIN_ID, "name": DEFAULT_DOMAIN_NAME}
@@ -172,9 +170,7 @@ async def issue_token(request: web.Request) -> web.Response:
     try:
         auth = _AuthRequest.model_validate(raw).auth
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(describe_error(e, "") for e in exc.errors())
         raise KeystoneError(400, f"Invalid authentication request: {problems}") from None
     project = None
     if auth.scope is not None:
@@ -189,7 +185,7 @@ async def issue_token(request: web.Request) -> web.Response:
                 user.id or user.name or "", user.password, project
             )
         elif "token" in methods and auth.identity.token is not None:
-            token, info = await _rescoped(identity, auth.identity.token.id, project)
+            token, info = await identity.rescoped_token(auth.identity.token.id, project)
         else:
             raise KeystoneError(
                 400, f"Unsupported authentication methods {methods}: use password or token."
@@ -250,19 +246,6 @@ def _check_domain(domain: _Domain | None) -> None:
         raise _unauthorized(f"Domain {domain.name} does not exist: capsa has only 'Default'.")
 
 
-async def _rescoped(
-    identity: IdentityService, token: str, project: str | None
-) -> tuple[str, TokenInfo]:
-    """A token for the user of ``token`` in ``project`` (by default the same project)."""
-    info = await identity.validate(token)
-    if info is None:
-        raise AuthenticationFailed("The token to authenticate with is not valid.")
-    user = await identity.store.find_user(info.principal.user_id)
-    if user is None:
-        raise AuthenticationFailed("The token to authenticate with is not valid.")
-    return await identity.scoped_token(user, project or info.principal.project_id)
-
-
 async def _caller_and_subject(request: web.Request) -> tuple[TokenInfo, TokenInfo]:
     identity = _identity(request)
     caller_token = request.headers.get(TOKEN_HEADER)
@@ -300,18 +283,18 @@ def _token_body(
         "audit_ids": [info.audit_id],
     }
     if catalog:
-        token["catalog"] = service_catalog(request.app)
+        token["catalog"] = service_catalog(request.app[CONFIG].api_url)
     return {"token": token}
 
 
-def service_catalog(app: web.Application) -> list[dict[str, Any]]:
-    """capsa's services as Keystone lists them; ``network`` only when its routes are served."""
-    base_url = app[CONFIG].api_url
-    services = [("container", "zun", f"{base_url}/v1"), ("identity", "keystone", f"{base_url}/v3")]
-    if any(
-        resource.canonical.startswith(f"{NETWORK_PATH}/") for resource in app.router.resources()
-    ):
-        services.append(("network", "neutron", f"{base_url}{NETWORK_PATH}"))
+def service_catalog(base_url: str) -> list[dict[str, Any]]:
+    """capsa's services as Keystone lists them, at the API's ``base_url``."""
+    services = (
+        ("container", "zun", f"{base_url}/v1"),
+        ("identity", "keystone", f"{base_url}/v3"),
+        # Neutron clients add /v2.0 to the network endpoint themselves.
+        ("network", "neutron", f"{base_url}{NETWORK_PREFIX}"),
+    )
     return [
         {
             "id": _stable_id(kind),

@@ -1,13 +1,12 @@
 """What handlers find on the application: configuration, store, agent client, the defaults of
-templates and quotas, the key of stored secrets, who checks tokens, the local identity service
-(local mode only), and the capsule bodies that list pages reuse."""
+templates and quotas, the key of stored secrets, the local identity service (local mode only), and
+the capsule bodies that list pages reuse."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
 from capsa.api.agent_client import AgentClient
-from capsa.api.auth import Authenticator
 from capsa.api.body_cache import BodyCache
 from capsa.api.schemas import TemplateDefaults
 from capsa.config import Config
@@ -23,5 +22,4 @@ TEMPLATE_DEFAULTS = web.AppKey("template_defaults", TemplateDefaults)
 CAPSULE_BODIES = web.AppKey("capsule_bodies", BodyCache)
 QUOTA_DEFAULTS = web.AppKey("quota_defaults", QuotaLimits)
 SECRETS = web.AppKey("secrets", SecretBox)
-AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 IDENTITY = web.AppKey("identity", IdentityService)

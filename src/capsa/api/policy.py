@@ -19,8 +19,7 @@ from capsa.config import PolicyConfig
 
 
 class Policy:
-    def __init__(self, config: PolicyConfig | None = None) -> None:
-        config = config or PolicyConfig()
+    def __init__(self, config: PolicyConfig) -> None:
         self._rules = {f.name: frozenset(getattr(config, f.name)) for f in fields(config)}
 
     def allows(self, rule: str, roles: frozenset[str]) -> bool:

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any
-from urllib.parse import urlencode
 
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from capsa.api.capsules import SORT_DIRS, next_url
 from capsa.api.context import RequestContext
 from capsa.api.errors import Conflict, Invalid, InvalidValue, NotFound
 from capsa.api.keys import CONFIG, SECRETS, STORE
 from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json, refuse_unknown
+from capsa.api.schemas.template import describe_error
 from capsa.api.views import json_response, links
 from capsa.log import get_logger
 from capsa.model.image_ref import is_registry_host
@@ -121,24 +122,20 @@ async def list_registries(request: web.Request) -> web.Response:
         limit=positive_limit(query.get("limit"), config.api.max_limit),
         marker=query.get("marker") or None,
         sort_key=one_of(query, "sort_key", tuple(SORT_KEYS), "id"),
-        sort_dir=one_of(query, "sort_dir", ("asc", "desc"), "asc"),
+        sort_dir=one_of(query, "sort_dir", SORT_DIRS, "asc"),
     )
     filters = {key: query[key] for key in FILTERS if key in query}
     try:
         registries = await request.app[STORE].registries.list_page(scope, page, filters)
     except MarkerNotFound as exc:
         raise InvalidValue(f"Invalid marker: {exc}") from None
-    next_url = None
-    if registries and len(registries) == page.limit:
-        params = {**filters, "sort_key": page.sort_key, "sort_dir": page.sort_dir}
-        if all_projects:
-            params["all_projects"] = "true"
-        params.update(limit=str(page.limit), marker=registries[-1].uuid)
-        next_url = f"{config.api_url}/v1/registries/?{urlencode(params)}"
+    uuids = [r.uuid for r in registries]
     return json_response(
         {
             "registries": [format_registry(r, config.api_url) for r in registries],
-            "next": next_url,
+            "next": next_url(
+                config.api_url, page, uuids, all_projects, "registries", tuple(filters.items())
+            ),
         }
     )
 
@@ -223,10 +220,7 @@ async def _fields(request: web.Request) -> _RegistryFields:
     try:
         return _RegistryBody.model_validate(body).registry
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'body'}: {error['msg']}"
-            for error in exc.errors()
-        )
+        problems = "; ".join(describe_error(error, "") for error in exc.errors())
         raise Invalid(f"Invalid registry: {problems}") from None
 
 

@@ -21,14 +21,21 @@ from capsa.config import Config
 from capsa.files import write_if_changed
 from capsa.identity.passwords import hash_password
 from capsa.log import get_logger
-from capsa.model.identity import ADMIN, DEFAULT_DOMAIN_NAME, MEMBER, ROLES, Project, User
+from capsa.model.identity import (
+    ADMIN,
+    DEFAULT_DOMAIN_NAME,
+    MEMBER,
+    REGION,
+    ROLES,
+    Project,
+    User,
+)
 from capsa.store.identity import IdentityConflict, IdentityStore
 
 log = get_logger(__name__)
 
 ADMIN_CLOUD = "capsa"
 DEMO_CLOUD = "capsa-demo"
-REGION = "RegionOne"
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ class KeystoneValidator:
     async def _ask(self, token: str) -> TokenInfo | None:
         for attempt in range(2):
             service_token = await self._service(renew=attempt > 0)
-            status, body = await self._request(
+            status, body, _ = await self._exchange(
                 "GET",
                 "/auth/tokens?nocatalog",
                 headers={"X-Auth-Token": service_token, "X-Subject-Token": token},
@@ -112,10 +112,6 @@ class KeystoneValidator:
             )
         log.info("service token obtained", keystone=self._url, user=auth.service_user)
         return headers["X-Subject-Token"]
-
-    async def _request(self, method: str, path: str, headers: dict[str, str]) -> tuple[int, Any]:
-        status, body, _ = await self._exchange(method, path, headers=headers)
-        return status, body
 
     async def _exchange(
         self, method: str, path: str, **kwargs: Any

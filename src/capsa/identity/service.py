@@ -14,7 +14,7 @@ from typing import Protocol
 from capsa.identity.passwords import verify_password
 from capsa.identity.tokens import TokenSigner
 from capsa.log import get_logger
-from capsa.model.identity import Principal, User
+from capsa.model.identity import Principal
 from capsa.store.identity import IdentityStore
 
 log = get_logger(__name__)
@@ -57,26 +57,39 @@ class IdentityService:
             log.info("authentication refused", user=user)
             raise AuthenticationFailed("The request you have made requires authentication.")
         account = found[0]
-        return await self.scoped_token(account, project or account.default_project_id)
+        return await self._scoped(account.id, account.name, project or account.default_project_id)
 
-    async def scoped_token(self, user: User, project: str | None) -> tuple[str, TokenInfo]:
-        """A token for ``user``, already authenticated, in ``project`` (id or name)."""
+    async def rescoped_token(self, token: str, project: str | None) -> tuple[str, TokenInfo]:
+        """A token for the user of ``token``, while it is valid, in ``project`` (id or name;
+        None: the same project): Keystone's token method."""
+        info = await self.validate(token)
+        if info is None:
+            raise AuthenticationFailed("The token to authenticate with is not valid.")
+        principal = info.principal
+        return await self._scoped(
+            principal.user_id, principal.user_name, project or principal.project_id
+        )
+
+    async def _scoped(
+        self, user_id: str, user_name: str, project: str | None
+    ) -> tuple[str, TokenInfo]:
+        """A token for a user already authenticated, in ``project`` (id or name)."""
         if project is None:
             raise AuthenticationFailed(
-                f"User {user.name} has no default project: name a project to scope the token to."
+                f"User {user_name} has no default project: name a project to scope the token to."
             )
         found = await self.store.find_project(project)
         principal = None
         if found is not None:
-            principal = await self.store.principal(user.id, found.id)
+            principal = await self.store.principal(user_id, found.id)
         if found is None or principal is None:
-            log.info("scope refused", user=user.id, project=project)
+            log.info("scope refused", user=user_id, project=project)
             raise AuthenticationFailed(
-                f"User {user.name} has no role on project {project}, or the project does not "
+                f"User {user_name} has no role on project {project}, or the project does not "
                 "exist or is disabled."
             )
-        token, claims = self._signer.issue(user.id, found.id, self._ttl)
-        log.info("token issued", user=user.id, project=found.id, audit_id=claims.audit_id)
+        token, claims = self._signer.issue(user_id, found.id, self._ttl)
+        log.info("token issued", user=user_id, project=found.id, audit_id=claims.audit_id)
         return token, TokenInfo(principal, claims.issued_at, claims.expires_at, claims.audit_id)
 
     async def validate(self, token: str) -> TokenInfo | None:

@@ -14,15 +14,14 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 
+from capsa.files import create_key_file
 from capsa.model.clock import utcnow
 
 _PREFIX = "capsa1"
@@ -84,19 +83,7 @@ class TokenSigner:
 
 def load_or_create_key(path: Path) -> bytes:
     """The signing key at ``path``, made (random, readable by root only) if there is none."""
-    if not path.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(_KEY_BYTES))
-            # A link, unlike a rename, never replaces: of two processes starting at once, both
-            # end up with the key of the first.
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            Path(tmp).unlink()
+    create_key_file(path, secrets.token_bytes(_KEY_BYTES))
     key = path.read_bytes()
     if len(key) < _KEY_BYTES:
         raise ValueError(f"the token key {path} is shorter than {_KEY_BYTES} bytes")

@@ -12,6 +12,9 @@ from datetime import datetime
 
 DEFAULT_DOMAIN_ID = "default"
 DEFAULT_DOMAIN_NAME = "Default"
+# capsa's one region: the catalog's endpoints are in it, and clouds.yaml names it (clients pick
+# endpoints by region).
+REGION = "RegionOne"
 
 ADMIN = "admin"
 MEMBER = "member"

@@ -7,6 +7,7 @@ so that disabling a user, deleting a project or removing a role takes effect at 
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from capsa.model.clock import utcnow
 from capsa.model.identity import Principal, Project, RoleAssignment, User
 from capsa.store import schema
-from capsa.store.db import Database
+from capsa.store.db import Database, dialect_insert
 
 p_t = schema.projects
 u_t = schema.users
@@ -59,8 +60,9 @@ class IdentityStore:
         self._db = db
 
     async def _insert_named(self, table: Table, what: str, **values: Any) -> None:
-        """Inserts a row whose name is unique; IdentityConflict when the name is taken."""
-        insert = table.insert().values(**values)
+        """Inserts a row whose name is unique, made and updated now; IdentityConflict when the
+        name is taken."""
+        insert = table.insert().values(**values, updated_at=values["created_at"])
         try:
             await self._db.run_write(lambda conn: conn.execute(insert))
         except IntegrityError:
@@ -69,20 +71,10 @@ class IdentityStore:
     # ---- projects ----
 
     async def create_project(self, name: str, description: str = "") -> Project:
-        now = utcnow()
         project = Project(
-            id=new_id(), name=name, description=description, enabled=True, created_at=now
+            id=new_id(), name=name, description=description, enabled=True, created_at=utcnow()
         )
-        await self._insert_named(
-            p_t,
-            "project",
-            id=project.id,
-            name=name,
-            description=description,
-            enabled=True,
-            created_at=now,
-            updated_at=now,
-        )
+        await self._insert_named(p_t, "project", **asdict(project))
         return project
 
     async def find_project(self, ident: str) -> Project | None:
@@ -121,25 +113,14 @@ class IdentityStore:
     async def create_user(
         self, name: str, password_hash: str, default_project_id: str | None = None
     ) -> User:
-        now = utcnow()
         user = User(
             id=new_id(),
             name=name,
             enabled=True,
             default_project_id=default_project_id,
-            created_at=now,
+            created_at=utcnow(),
         )
-        await self._insert_named(
-            u_t,
-            "user",
-            id=user.id,
-            name=name,
-            password_hash=password_hash,
-            enabled=True,
-            default_project_id=default_project_id,
-            created_at=now,
-            updated_at=now,
-        )
+        await self._insert_named(u_t, "user", **asdict(user), password_hash=password_hash)
         return user
 
     async def find_user(self, ident: str) -> User | None:
@@ -187,14 +168,10 @@ class IdentityStore:
         """Gives ``role`` in the project; False when the user held it already."""
 
         def add(conn: Connection) -> bool:
-            held = conn.execute(
-                select(r_t.c.role).where(
-                    r_t.c.user_id == user_id, r_t.c.project_id == project_id, r_t.c.role == role
-                )
-            ).first()
-            if held is None:
-                conn.execute(r_t.insert().values(user_id=user_id, project_id=project_id, role=role))
-            return held is None
+            insert = dialect_insert(conn, r_t).values(
+                user_id=user_id, project_id=project_id, role=role
+            )
+            return bool(conn.execute(insert.on_conflict_do_nothing()).rowcount)
 
         return await self._db.run_write(add)
 
@@ -264,9 +241,8 @@ class IdentityStore:
 
         def write(conn: Connection) -> None:
             conn.execute(delete(rev_t).where(rev_t.c.expires_at < utcnow()))
-            known = select(rev_t.c.audit_id).where(rev_t.c.audit_id == audit_id)
-            if conn.execute(known).first() is None:
-                conn.execute(rev_t.insert().values(audit_id=audit_id, expires_at=expires_at))
+            insert = dialect_insert(conn, rev_t).values(audit_id=audit_id, expires_at=expires_at)
+            conn.execute(insert.on_conflict_do_nothing())
 
         await self._db.run_write(write)
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import argon2
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from tests.unit.api.api_helpers import Client, config_for
 
@@ -84,17 +83,14 @@ CloudFactory = Callable[..., Awaitable[Cloud]]
 
 @pytest.fixture
 async def make_cloud(store: Store, tmp_path: Path) -> AsyncIterator[CloudFactory]:
-    """Starts the API in local identity mode; ``policy`` and ``routes`` change it."""
+    """Starts the API in local identity mode; ``policy`` changes it."""
     clients: list[Client] = []
 
-    async def start(
-        policy: PolicyConfig | None = None, routes: list[web.RouteDef] | None = None, **auth: Any
-    ) -> Cloud:
+    async def start(policy: PolicyConfig | None = None, **auth: Any) -> Cloud:
         cfg = config_for(tmp_path, auth=AuthConfig(mode="local", **auth))
         if policy is not None:
             cfg = dataclasses.replace(cfg, policy=policy)
         app = create_app(cfg, store)
-        app.router.add_routes(routes or [])
         client: Client = TestClient(TestServer(app))
         await client.start_server()
         clients.append(client)

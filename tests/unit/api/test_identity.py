@@ -64,17 +64,18 @@ async def test_default_project_scopes_an_unscoped_request(cloud: Cloud) -> None:
     assert body["token"]["project"]["name"] == "team-b"
 
 
-async def test_the_catalog_lists_the_network_endpoint_when_it_is_served(
-    make_cloud: CloudFactory,
-) -> None:
-    async def networks(request: web.Request) -> web.Response:
-        return web.json_response({"networks": []})
-
-    cloud = await make_cloud(routes=[web.get("/networking/v2.0/networks", networks)])
+async def test_validating_a_token_answers_the_same_catalog(cloud: Cloud) -> None:
     await cloud.user("carol", "team-c")
-    _, body, _ = await cloud.login("carol", "team-c")
-    catalog = {service["type"]: service for service in body["token"]["catalog"]}
-    assert {e["url"] for e in catalog["network"]["endpoints"]} == {f"{BASE_URL}/networking"}
+    _, body, token = await cloud.login("carol", "team-c")
+    assert token is not None
+    response = await cloud.client.get(
+        "/v3/auth/tokens", headers={"X-Auth-Token": token, "X-Subject-Token": token}
+    )
+    assert response.status == 200
+    catalog = (await response.json())["token"]["catalog"]
+    assert catalog == body["token"]["catalog"]
+    services = {service["type"]: service for service in catalog}
+    assert {e["url"] for e in services["network"]["endpoints"]} == {f"{BASE_URL}/networking"}
 
 
 @pytest.mark.parametrize(
@@ -112,7 +113,7 @@ async def test_another_domain_or_a_malformed_body_is_refused(cloud: Cloud) -> No
     )
     await assert_keystone_error(response, 401, "Other")
     response = await cloud.client.post("/v3/auth/tokens", json={"auth": {"identity": {}}})
-    await assert_keystone_error(response, 400, "methods")
+    await assert_keystone_error(response, 400, "auth.identity.methods: required field is missing")
 
 
 async def test_v1_needs_a_valid_token(cloud: Cloud) -> None:
@@ -226,6 +227,16 @@ async def test_the_token_method_changes_project(cloud: Cloud) -> None:
     response = await cloud.client.post("/v3/auth/tokens", json=body)
     assert response.status == 201
     assert (await response.json())["token"]["roles"] == [{"id": "reader", "name": "reader"}]
+    # Without a scope, the new token keeps the old one's project; a token that proves nothing
+    # gets none.
+    del body["auth"]["scope"]
+    response = await cloud.client.post("/v3/auth/tokens", json=body)
+    assert response.status == 201
+    assert (await response.json())["token"]["project"]["name"] == "team-m"
+    body["auth"]["identity"]["token"]["id"] = "capsa1.x.y"
+    response = await cloud.client.post("/v3/auth/tokens", json=body)
+    await assert_keystone_error(response, 401, "not valid")
+    assert "X-Subject-Token" not in response.headers
 
 
 async def test_expired_or_forged_tokens_prove_nothing(cloud: Cloud) -> None:

@@ -117,10 +117,18 @@ async def test_lists_page_and_filter(client: Client) -> None:
     first = await response.json()
     assert [r["name"] for r in first["registries"]] == ["r0", "r1"]
     assert "marker=" in first["next"]
+    assert first["next"] == (
+        f"{BASE_URL}/v1/registries/?sort_key=id&sort_dir=asc&limit=2&marker={made[1]['uuid']}"
+    )
     response = await client.get(first["next"].removeprefix(BASE_URL), headers=ALICE)
     assert [r["name"] for r in (await response.json())["registries"]] == ["r2"]
     response = await client.get("/v1/registries?domain=r1.example.com", headers=ALICE)
     assert [r["uuid"] for r in (await response.json())["registries"]] == [made[1]["uuid"]]
+    # The next page of a filtered list keeps the filter.
+    response = await client.get("/v1/registries?domain=r1.example.com&limit=1", headers=ALICE)
+    assert (await response.json())["next"].startswith(
+        f"{BASE_URL}/v1/registries/?domain=r1.example.com&sort_key=id"
+    )
 
 
 async def test_a_name_is_unique_in_its_project(client: Client) -> None:
@@ -137,10 +145,11 @@ async def test_a_name_is_unique_in_its_project(client: Client) -> None:
     [
         ({"registry": {"name": "xy"}}, "registry.domain: required field is missing"),
         ({"registry": {"domain": "https://x.io"}}, "is not a registry domain"),
-        ({"registry": {"domain": "x.io", "email": "a@b"}}, "registry.email"),
+        ({"registry": {"domain": "x.io", "email": "a@b"}}, "registry.email: unknown field"),
         ({"registry": {"domain": "x.io", "password": ""}}, "registry.password"),
         ({"registry": {"domain": "x.io", "name": "-bad"}}, "registry.name"),
-        ({"domain": "x.io"}, "registry"),
+        ({"domain": "x.io"}, "registry: required field is missing"),
+        ([1], "Invalid registry: body: "),
     ],
 )
 async def test_bad_bodies_are_400(client: Client, body: Any, fragment: str) -> None:

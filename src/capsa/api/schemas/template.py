@@ -192,7 +192,8 @@ def _free_name(prefix: str, index: int, taken: dict[str, str]) -> str:
 
 
 def describe_error(error: ErrorDetails, root: str) -> str:
-    """A pydantic error as ``path: message``, the path starting at ``root`` (none: "")."""
+    """A pydantic error as ``path: message``, the path starting at ``root`` (none: ""; the
+    whole body is then ``body``)."""
     path = _path(error["loc"], root)
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -210,4 +211,4 @@ def _path(loc: tuple[int | str, ...], root: str) -> str:
     path = root
     for part in loc:
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path.removeprefix(".")
+    return path.removeprefix(".") or "body"
