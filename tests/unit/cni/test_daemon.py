@@ -90,6 +90,8 @@ class FakeDataplane(Dataplane):
         self.plug_error: Exception | None = None
         self.remove_errors: dict[str, Exception] = {}
         self.delay = 0.0
+        # When set, every plug waits here for another plug to be under way too.
+        self.meeting: threading.Barrier | None = None
         self.active: dict[str, int] = {}
         self.most_active: dict[str, int] = {}
         self.most_active_overall = 0
@@ -118,6 +120,8 @@ class FakeDataplane(Dataplane):
             self.most_active_overall = max(self.most_active_overall, sum(self.active.values()))
         try:
             time.sleep(self.delay)
+            if self.meeting is not None:
+                self.meeting.wait()
             if self.plug_error:
                 raise self.plug_error
             return [self._plug_one(container_id, netns, *i, owner) for i in interfaces]
@@ -519,7 +523,9 @@ async def test_del_of_an_old_sandbox_keeps_the_new_binding(
 async def test_calls_for_one_capsule_never_overlap(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
-    dataplane.delay = 0.05
+    # Each plug waits for a second one to run beside it: the two capsules' plugs meet, and two
+    # plugs of one capsule would too if they could overlap (a timeout ends a plug left alone).
+    dataplane.meeting = threading.Barrier(2, timeout=10)
     ports.ports["pod-2"] = [dataclasses.replace(PORT, port_id="port-2")]
     results = await asyncio.gather(
         call(client, "add", envelope(container_id="a1")),
