@@ -69,21 +69,27 @@ class FirewallError(Exception):
     pass
 
 
-def render(
-    table: str,
-    view: HostNetworkView,
-    bridge_of: dict[str, str],
-) -> str:
-    """The nftables script that makes ``table`` enforce ``view`` (its host ports included);
-    ``bridge_of`` maps a network id to its bridge. With no port the script only deletes the
-    table."""
+def render_tables(table: str, view: HostNetworkView, bridge_of: dict[str, str]) -> dict[str, str]:
+    """For each family ("inet", "bridge"), the script that replaces capsa's ``table`` of that
+    family with one that enforces ``view`` (its host ports included), or only deletes it when it
+    has nothing to hold; ``bridge_of`` maps a network id to its bridge. Any of them, joined, run
+    as one transaction."""
+    return {
+        "inet": _replacing("inet", table, _inet_table(table, view, bridge_of)),
+        "bridge": _replacing("bridge", table, _anti_spoofing(table, view)),
+    }
+
+
+def _replacing(family: str, table: str, lines: list[str]) -> str:
     # Declaring the table first makes the delete succeed whether it existed or not.
-    head = "".join(
-        f"table {family} {table} {{}}\ndelete table {family} {table}\n"
-        for family in ("inet", "bridge")
-    )
+    head = f"table {family} {table} {{}}\ndelete table {family} {table}\n"
+    return head + "".join(line + "\n" for line in lines if line)
+
+
+def _inet_table(table: str, view: HostNetworkView, bridge_of: dict[str, str]) -> list[str]:
+    """The table that isolates networks and enforces the ports' groups; none without a port."""
     if not view.ports:
-        return head
+        return []
     lines: list[str] = [f"table inet {table} {{"]
     bridges = sorted({bridge_of[p.network.id] for p in view.ports})
     subnet_of_bridge = sorted({(bridge_of[p.network.id], str(p.subnet.cidr)) for p in view.ports})
@@ -172,8 +178,7 @@ def render(
             "  }",
         ]
     lines.append("}")
-    lines += _anti_spoofing(table, view)
-    return head + "\n".join(line for line in lines if line) + "\n"
+    return lines
 
 
 def _anti_spoofing(table: str, view: HostNetworkView) -> list[str]:

@@ -60,7 +60,7 @@ async def test_the_agent_follows_ports_rules_and_host_ports(
     agent = NetworkAgent(store, "h1", "capsa_t", Dataplane(), resync_interval=3600)
     await agent.start()
     try:
-        assert applied == [firewall.render("capsa_t", _NOTHING, {})]
+        assert applied == ["".join(firewall.render_tables("capsa_t", _NOTHING, {}).values())]
 
         capsule = make_capsule()
         web = replace(capsule.containers[0].spec, ports=(PortSpec(80, "TCP", 8080),))
@@ -89,9 +89,15 @@ async def test_the_agent_follows_ports_rules_and_host_ports(
         await agent.sync()
         assert len(applied) == 3
 
-        # The capsule's removal takes its port, its mapping and then the table.
-        assert await store.capsules.remove(capsule.uuid)
+        # A binding changes only the bridge table: only it is replaced.
+        await store.ports.set_bindings("sandbox1", {port.id: "capsa0123456789"})
         await applied.count(4)
+        assert applied[-1].startswith("table bridge capsa_t {}\ndelete table bridge capsa_t\n")
+        assert '"capsa0123456789" : jump' in applied[-1] and "table inet" not in applied[-1]
+
+        # The capsule's removal takes its port, its mapping and then both tables.
+        assert await store.capsules.remove(capsule.uuid)
+        await applied.count(5)
         assert applied[-1] == applied[0]
     finally:
         await agent.stop()
@@ -118,7 +124,7 @@ async def test_host_ports_lead_to_the_capsules_first_interface(
 
     assert view.host_ports == (HostPortMapping(first.id, 8080, 80, "tcp"),)
     assert first.network_id == back and second.network_id == default.id
-    script = firewall.render("capsa_t", view, {back: "cbr-b", default.id: "cbr-d"})
+    script = firewall.render_tables("capsa_t", view, {back: "cbr-b", default.id: "cbr-d"})["inet"]
     assert f"th dport 8080 dnat ip to {first.ip_address}:80" in script
     assert str(second.ip_address) + ":80" not in script
     # A capsule being deleted publishes nothing any more.

@@ -12,6 +12,7 @@ from capsa.model.network import (
     Attachment,
     Direction,
     EtherType,
+    HostNetworkView,
     LocalPort,
     Port,
     RemotePort,
@@ -255,3 +256,58 @@ async def test_the_host_view_holds_what_the_hosts_firewall_and_overlay_need(stor
     assert len(members) == 5
     assert sorted(view.members[web.id]) == sorted(members)
     assert view.remote_ports == (RemotePort(back, "h2", "192.0.2.2", remote.mac_address),)
+
+
+async def test_the_host_view_is_made_again_only_when_what_it_holds_changed(store: Store) -> None:
+    service = NetworkService(store, "10.3.0.0/16", 1500)
+    [port] = await service.allocate_ports("a", "p1", "h1")
+    [group_id] = port.security_group_ids
+    rows, view = await store.ports.host_view_if_changed("h1", None)
+    assert view is not None and [lp.port for lp in view.ports] == [port]
+
+    async def changed() -> HostNetworkView | None:
+        """The view if it changed since the last read (which it then becomes), else None."""
+        nonlocal rows
+        rows, new_view = await store.ports.host_view_if_changed("h1", rows)
+        return new_view
+
+    # Nothing this host enforces: another project's port on another host, an unused group.
+    await service.allocate_ports("x", "p2", "h2")
+    await store.networks.create_security_group(project_id="p1", name="unused")
+    assert await changed() is None
+
+    rule = await store.networks.create_rule(
+        security_group_id=group_id,
+        project_id="p1",
+        direction=Direction.INGRESS,
+        ethertype=EtherType.IPV4,
+        protocol="tcp",
+        port_range_min=22,
+    )
+    view = await changed()
+    assert view is not None and rule in view.rules[group_id]
+    assert await changed() is None
+
+    # A new member of the group that the default rules name as remote, on another host.
+    [member] = await service.allocate_ports("b", "p1", "h2")
+    view = await changed()
+    assert view is not None
+    assert (member.network_id, member.ip_address) in view.members[group_id]
+
+    await store.ports.set_bindings("sandbox-a", {port.id: "capsa0123456789"})
+    view = await changed()
+    assert view is not None and view.ports[0].port.binding_host_ifname == "capsa0123456789"
+    assert await changed() is None
+
+    await store.ports.update(port.id, admin_state_up=False)
+    view = await changed()
+    assert view is not None and not view.ports[0].port.admin_state_up
+
+    await store.networks.update_network(port.network_id, admin_state_up=False)
+    view = await changed()
+    assert view is not None and not view.ports[0].network.admin_state_up
+
+    await store.ports.delete(port.id)
+    view = await changed()
+    assert view is not None and view.ports == ()
+    assert await changed() is None
