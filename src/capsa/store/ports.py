@@ -28,7 +28,7 @@ from capsa.model.network import (
     SecurityGroupRule,
     Subnet,
 )
-from capsa.store import capsules, schema
+from capsa.store import capsules, notify, schema
 from capsa.store.networks import (
     EnforcedStore,
     NotFound,
@@ -70,9 +70,9 @@ _DEVICE_PORTS = (
     select(p_t).where(p_t.c.device_id == bindparam("device")).order_by(p_t.c.interface_index)
 )
 _SET_BINDING = update(p_t).where(p_t.c.id == bindparam("where_id"))
-_CLEAR_BINDING = (
+_CLEAR_BINDINGS = (
     update(p_t)
-    .where(p_t.c.id == bindparam("where_id"))
+    .where(p_t.c.id.in_(bindparam("where_ids", expanding=True)))
     .where(p_t.c.binding_container_id == bindparam("where_container"))
     .values(status="DOWN", binding_container_id=None, binding_host_ifname=None)
 )
@@ -318,13 +318,18 @@ class PortStore(EnforcedStore):
         await self._write(lambda conn: conn.execute(_SET_BINDING, params))
 
     async def clear_bindings(self, port_ids: Sequence[str], container_id: str) -> None:
-        """Forgets the ports' bindings, but those bound again for a newer sandbox meanwhile."""
-        now = utcnow()
-        params = [
-            {"where_id": port_id, "where_container": container_id, "updated_at": now}
-            for port_id in port_ids
-        ]
-        await self._write(lambda conn: conn.execute(_CLEAR_BINDING, params))
+        """Forgets the ports' bindings, but those bound again for a newer sandbox meanwhile.
+
+        Wakes the network agents only when a binding went: a runtime sends a second DEL for
+        every sandbox (StopPodSandbox, then RemovePodSandbox), which finds nothing to forget.
+        """
+        params = {"where_ids": list(port_ids), "where_container": container_id}
+
+        def work(conn: Connection) -> None:
+            if conn.execute(_CLEAR_BINDINGS, {**params, "updated_at": utcnow()}).rowcount:
+                notify.wake(conn, notify.NETWORK)
+
+        await self._db.run_write(work)
 
     async def delete_for_device(self, device_id: str) -> None:
         await self._write(

@@ -18,7 +18,7 @@ from capsa.model.network import (
     RemotePort,
 )
 from capsa.network.service import NetworkService
-from capsa.store import Store
+from capsa.store import Store, notify
 from capsa.store.networks import NotFound
 from capsa.store.ports import AddressInUse, InvalidAddress, SubnetFull
 
@@ -157,13 +157,17 @@ async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> Non
     network = NetworkService(store, "10.1.0.0/24", 1500)
     [port] = await network.allocate_ports("a", "p1", "h1")
     await store.ports.set_bindings("sandbox-new", {port.id: "capabc"})
+    agents = store.hub.subscribe(notify.NETWORK)
     await store.ports.clear_bindings([port.id], "sandbox-old")
     [bound] = await store.ports.list_for_device("a")
     assert bound.binding_container_id == "sandbox-new"
+    # Nothing changed: the network agents are left alone.
+    assert not await agents.wait(0)
     await store.ports.clear_bindings([port.id], "sandbox-new")
     [unbound] = await store.ports.list_for_device("a")
     assert unbound.binding_container_id is None
     assert unbound.status == "DOWN"
+    assert await agents.wait(0)
 
 
 async def test_find_with_networks_reads_the_ports_their_networks_and_subnets(
