@@ -2,15 +2,17 @@
 says, level-triggered like the compute agent.
 
 A wake-up (a port, group or rule changed: :data:`capsa.store.notify.NETWORK`) or the periodic
-resync reads the host's view in one transaction, renders capsa's nftables tables and replaces those
-that changed in one nftables transaction, and programs the VXLAN overlay of each network that has a
-port here. Wake-ups come for changes anywhere (other hosts' ports, groups this host does not use),
-and a capsule's start or end changes little: when the rows the view is made from are what the last
-applied pass read, the pass renders nothing; when only the bound veths changed (a sandbox's ADD or
-DEL), only the small bridge table is replaced. None of it runs on the CNI daemon's ADD/DEL path:
-the port of a capsule is allocated (and enforced here) before its sandbox exists, so its rules are
-in place by the time it is plugged. Wake-ups that arrive while a pass runs are coalesced into one
-more pass.
+resync reads the host's view in one transaction, renders capsa's nftables tables and brings them to
+it in one nftables transaction, and programs the VXLAN overlay of each network that has a port
+here. Wake-ups come for changes anywhere (other hosts' ports, groups this host does not use), and a
+capsule's start or end changes little: when the rows the view is made from are what the last
+applied pass read, the pass renders nothing; otherwise only the sets and chains that changed are
+sent (a new port's chains and the few shared ones, not every port's; a sandbox's ADD or DEL changes
+the bridge table alone). The first pass, and one whose changes nftables refused (the tables are
+not what this process left), replace the tables whole. None of it runs on the CNI daemon's ADD/DEL
+path: the port of a capsule is allocated (and enforced here) before its sandbox exists, so its
+rules are in place by the time it is plugged. Wake-ups that arrive while a pass runs are coalesced
+into one more pass.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ class NetworkAgent:
         self._dataplane = dataplane
         self._resync_interval = resync_interval
         self._overlay = overlay
-        # Per family, the script last applied; the rows of the view it came from, and the view.
-        self._applied: dict[str, str] = {}
+        # Per family, what the table holds (None: unknown, it is replaced whole); the rows of the
+        # view it came from, and the view.
+        self._applied: dict[str, firewall.Objects] | None = None
         self._rows: HostViewRows | None = None
         self._view: HostNetworkView | None = None
         self._overlay_networks: set[str] = set()
@@ -134,21 +137,45 @@ class NetworkAgent:
             await asyncio.to_thread(self._sync_overlay, self._view, self._overlay)
 
     async def _enforce(self, view: HostNetworkView) -> None:
-        """Replaces the tables whose script changed, all in one nftables transaction."""
+        """Brings the tables to ``view``, all in one nftables transaction."""
         bridges = {p.network.id: bridge_name(p.network.id) for p in view.ports}
-        scripts = firewall.render_tables(self._table, view, bridges)
-        changed = {f: script for f, script in scripts.items() if self._applied.get(f) != script}
-        if not changed:
+        tables = firewall.render(view, bridges)
+        applied = self._applied
+        changes = self._script(tables, applied)
+        if not changes:
             return
-        await firewall.apply("".join(changed.values()))
-        self._applied.update(changed)
+        # Unknown from here until a script succeeds: the next one replaces the tables whole.
+        self._applied = None
+        try:
+            await firewall.apply(changes)
+        except firewall.FirewallError as exc:
+            if applied is None:
+                raise
+            # The tables are not what this process left (someone changed them): whole again.
+            log.warning(
+                "firewall changes refused; replacing the tables whole",
+                host=self._host,
+                table=self._table,
+                error=str(exc),
+            )
+            await firewall.apply(self._script(tables, None))
+        self._applied = tables
         log.info(
             "firewall updated" if view.ports else "firewall removed: no port left",
             host=self._host,
             table=self._table,
-            families=",".join(changed),
             ports=len(view.ports),
             host_ports=len(view.host_ports),
+        )
+
+    def _script(
+        self, tables: dict[str, firewall.Objects], applied: dict[str, firewall.Objects] | None
+    ) -> str:
+        return "".join(
+            firewall.script(
+                family, self._table, objects, None if applied is None else applied[family]
+            )
+            for family, objects in tables.items()
         )
 
     def _sync_overlay(self, view: HostNetworkView, overlay: OverlaySettings) -> None:

@@ -45,8 +45,11 @@ def rule(group: str, direction: Direction, **fields: object) -> SecurityGroupRul
 
 
 def render(host_view: HostNetworkView, bridges: dict[str, str] = BRIDGES) -> str:
-    """Both tables' scripts, as one transaction runs them."""
-    return "".join(firewall.render_tables("capsa_t", host_view, bridges).values())
+    """The script that replaces both tables whole, as one transaction runs it."""
+    return "".join(
+        firewall.script(family, "capsa_t", objects, None)
+        for family, objects in firewall.render(host_view, bridges).items()
+    )
 
 
 def view() -> HostNetworkView:
@@ -87,14 +90,53 @@ NO_BRIDGE_TABLE = "table bridge capsa_t {}\ndelete table bridge capsa_t\n"
 NO_TABLES = NO_INET_TABLE + NO_BRIDGE_TABLE
 
 
-def test_each_table_is_replaced_whole_by_its_own_script() -> None:
-    scripts = firewall.render_tables("capsa_t", view(), BRIDGES)
-    assert list(scripts) == ["inet", "bridge"]
-    assert scripts["inet"].startswith(NO_INET_TABLE + "table inet capsa_t {")
-    assert scripts["inet"].count("table inet capsa_t") == 3
-    assert "ct state established,related accept" in scripts["inet"]
+def test_a_table_of_unknown_content_is_replaced_whole() -> None:
+    tables = firewall.render(view(), BRIDGES)
+    assert list(tables) == ["inet", "bridge"]
+    inet = firewall.script("inet", "capsa_t", tables["inet"], None)
+    assert inet.startswith(NO_INET_TABLE + "table inet capsa_t {")
+    assert inet.count("table inet capsa_t") == 3
+    assert "ct state established,related accept" in inet
     # No port bound: the bridge table has nothing to hold.
-    assert scripts["bridge"] == NO_BRIDGE_TABLE
+    assert tables["bridge"] == {}
+    assert firewall.script("bridge", "capsa_t", {}, None) == NO_BRIDGE_TABLE
+
+
+def test_a_known_table_gets_only_what_changed() -> None:
+    before = firewall.render(view(), BRIDGES)["inet"]
+    assert firewall.script("inet", "capsa_t", before, before) == ""
+
+    # Port b goes, a rule of group A changes, a member of group A leaves.
+    a, _ = view().ports
+    rules = {GROUP_A: (*view().rules[GROUP_A], rule(GROUP_A, Direction.INGRESS, protocol="tcp"))}
+    after_view = replace(view(), ports=(a,), rules=rules, members={GROUP_A: ()})
+    after = firewall.render(after_view, BRIDGES)["inet"]
+    changes = firewall.script("inet", "capsa_t", after, before)
+
+    flushed = [line for line in changes.splitlines() if line.startswith("flush ")]
+    assert flushed == [
+        "flush set inet capsa_t members_aaaaaaaaaaaa_111111111111",
+        "flush chain inet capsa_t forward",
+        "flush chain inet capsa_t input",
+        "flush chain inet capsa_t pod_egress",
+        "flush chain inet capsa_t pod_ingress",
+        "flush chain inet capsa_t port_333333333333_i",
+    ]
+    # b's chains are deleted last, once nothing jumps to them.
+    assert changes.endswith(
+        "}\ndelete chain inet capsa_t port_444444444444_i\n"
+        "delete chain inet capsa_t port_444444444444_e\n"
+    )
+    declared = changes.split("table inet capsa_t {\n")[1].split("}\ndelete")[0]
+    assert "meta l4proto 6 accept" in declared and "port_333333333333_e {" not in declared
+    assert "delete table" not in changes
+
+    # Back to no port: the table goes whole.
+    assert firewall.script("inet", "capsa_t", {}, after) == NO_INET_TABLE
+    # From none to some: declared whole.
+    assert firewall.script("inet", "capsa_t", after, {}) == firewall.script(
+        "inet", "capsa_t", after, None
+    )
 
 
 def test_no_port_left_deletes_the_table() -> None:
