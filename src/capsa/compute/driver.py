@@ -8,7 +8,9 @@ that running a step twice, or after a crash at any point, neither loses nor dupl
 - containers are created and started once; an exited one is restarted as the restart policy says,
   with an exponential back-off;
 - status, status_reason and task_state follow in the database, written only when they change, and
-  only while the tenant still wants the capsule (compare-and-swap on the desired state).
+  only while the tenant still wants the capsule (compare-and-swap on the desired state); a write
+  that announces a runtime call (container_creating, container_starting) runs alongside it, not
+  before it, and a refused one ends the pass once the call has returned.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from capsa.compute import labels
 from capsa.compute.errors import CapsuleFailed, RetryLater, classify
@@ -151,9 +153,9 @@ class CapsuleDriver:
         ]
         if fresh:
             steps.append(self._pull_images(capsule, list(capsule.all_containers())))
-        sandboxes: list[cri.PodSandbox] = _first_failure_raised(
-            await asyncio.gather(*steps, return_exceptions=True)
-        )[0]
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        _raise_first_failure(results)
+        sandboxes = cast(list[cri.PodSandbox], results[0])
         ready = [s for s in sandboxes if s.state is cri.SandboxState.READY]
         current = max(ready, key=lambda s: (s.attempt, s.created_at), default=None)
         for stale in sandboxes:
@@ -180,12 +182,12 @@ class CapsuleDriver:
                 log.warning("capsule lost its sandbox; making a new one", capsule=capsule.uuid)
             attempt = max((s.attempt for s in sandboxes), default=-1) + 1
             sandbox_spec = self._sandbox_spec(capsule, attempt)
-            await self._set_capsule(capsule, task_state=TaskState.CONTAINER_CREATING)
             Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
-            async with self._sandbox_slots:
-                sandbox_id = await self._cri_do(
-                    "starting the capsule's sandbox", self._cri.run_pod_sandbox(sandbox_spec)
-                )
+            sandbox_id = await self._while_written(
+                capsule,
+                self._run_sandbox(sandbox_spec),
+                task_state=TaskState.CONTAINER_CREATING,
+            )
             log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
         else:
             sandbox_id = current.id
@@ -222,7 +224,7 @@ class CapsuleDriver:
             await self._set_capsule(capsule, task_state=TaskState.IMAGE_PULLING)
 
         pulls = {(c.spec.image, c.spec.image_pull_policy, c.spec.registry_id) for c in containers}
-        _first_failure_raised(
+        _raise_first_failure(
             await asyncio.gather(
                 *(
                     self._images.ensure(image, policy, capsule.uuid, registry_id, pulling)
@@ -422,11 +424,14 @@ class CapsuleDriver:
         sandbox_spec: cri.SandboxSpec,
         attempt: int,
     ) -> str:
-        await self._set_capsule(capsule, task_state=TaskState.CONTAINER_CREATING)
         spec = self._container_spec(capsule, container, attempt)
-        container_id = await self._cri_do(
-            f"creating container {container.spec.name!r}",
-            self._cri.create_container(sandbox_id, spec, sandbox_spec),
+        container_id = await self._while_written(
+            capsule,
+            self._cri_do(
+                f"creating container {container.spec.name!r}",
+                self._cri.create_container(sandbox_id, spec, sandbox_spec),
+            ),
+            task_state=TaskState.CONTAINER_CREATING,
         )
         self._record(
             container, cri_container_id=container_id, status=Status.CREATED, status_reason=None
@@ -434,9 +439,13 @@ class CapsuleDriver:
         return container_id
 
     async def _start(self, capsule: Capsule, container: Container, container_id: str) -> None:
-        await self._set_capsule(capsule, task_state=TaskState.CONTAINER_STARTING)
-        await self._cri_do(
-            f"starting container {container.spec.name!r}", self._cri.start_container(container_id)
+        await self._while_written(
+            capsule,
+            self._cri_do(
+                f"starting container {container.spec.name!r}",
+                self._cri.start_container(container_id),
+            ),
+            task_state=TaskState.CONTAINER_STARTING,
         )
         log.info(
             "container started",
@@ -560,6 +569,23 @@ class CapsuleDriver:
         the fields recorded since the last write, in one transaction. Recorded capsule fields
         alone do not call for a write: they wait for the next one, or the end of the pass."""
         await self._write(capsule, values, end_of_pass=False)
+
+    async def _while_written(self, capsule: Capsule, step: Awaitable[T], **values: Any) -> T:
+        """Runs ``step``, a call that changes the runtime, while the capsule's fields (and what
+        the pass recorded) are written: the write is off the capsule's path. A write refused
+        because the tenant deleted the capsule meanwhile (Superseded) lets the call end all the
+        same; the teardown that follows removes what it made."""
+        results = await asyncio.gather(
+            self._set_capsule(capsule, **values), step, return_exceptions=True
+        )
+        _raise_first_failure(results)
+        return cast(T, results[1])
+
+    async def _run_sandbox(self, spec: cri.SandboxSpec) -> str:
+        async with self._sandbox_slots:
+            return await self._cri_do(
+                "starting the capsule's sandbox", self._cri.run_pod_sandbox(spec)
+            )
 
     async def _write_recorded(self, capsule: Capsule) -> None:
         """At the end of a pass: writes whatever the pass recorded and did not write yet."""
@@ -735,10 +761,9 @@ def _why(status: cri.ContainerStatus) -> str:
     return f" ({detail})" if detail else ""
 
 
-def _first_failure_raised(results: list[Any]) -> list[Any]:
-    """The results of steps run side by side, unless one failed: then its failure, one the
-    tenant must fix before one that may pass."""
+def _raise_first_failure(results: Sequence[object]) -> None:
+    """Raises the failure of steps run side by side, if one failed: one the tenant must fix
+    before one that may pass."""
     failures = [r for r in results if isinstance(r, BaseException)]
     for failure in sorted(failures, key=lambda f: not isinstance(f, CapsuleFailed)):
         raise failure
-    return results

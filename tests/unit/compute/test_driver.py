@@ -573,3 +573,80 @@ async def test_the_sandbox_id_goes_with_the_next_write_not_one_of_its_own(
     assert with_sandbox["task_state"] is TaskState.CONTAINER_STARTING
     assert with_sandbox["containers"]
     assert (await reload(store, capsule)).sandbox_id == with_sandbox["sandbox_id"]
+
+
+async def test_the_runtime_makes_the_sandbox_and_starts_containers_while_the_capsule_is_written(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The writes that say what the runtime does wait for the runtime call they announce: if
+    # the call waited for the write instead, the start would never end (the timeout fails it).
+    asked = {"RunPodSandbox": asyncio.Event(), "StartContainer": asyncio.Event()}
+    announces = {
+        TaskState.CONTAINER_CREATING: asked["RunPodSandbox"],
+        TaskState.CONTAINER_STARTING: asked["StartContainer"],
+    }
+    update_status = store.capsules.update_status
+
+    async def write_once_asked(uuid: str, **values: Any) -> bool:
+        event = announces.get(values.get("task_state"))  # type: ignore[arg-type]
+        if event is not None:
+            async with asyncio.timeout(10):
+                await event.wait()
+        return bool(await update_status(uuid, **values))
+
+    def telling(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        async def told(*args: Any) -> Any:
+            asked[name].set()
+            return await call(*args)
+
+        return told
+
+    monkeypatch.setattr(store.capsules, "update_status", write_once_asked)
+    fake_cri.run_pod_sandbox = telling("RunPodSandbox", fake_cri.run_pod_sandbox)
+    fake_cri.start_container = telling("StartContainer", fake_cri.start_container)
+    capsule = await placed(store, make_capsule)
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert (capsule.status, capsule.task_state) == (Status.RUNNING, None)
+
+
+async def test_a_capsule_deleted_while_its_sandbox_starts_is_superseded_then_torn_down(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    capsule = await placed(store, make_capsule)
+    deleted = asyncio.Event()
+    update_status = store.capsules.update_status
+    run_pod_sandbox = fake_cri.run_pod_sandbox
+
+    async def write_after_the_delete(uuid: str, **values: Any) -> bool:
+        if values.get("task_state") is TaskState.CONTAINER_CREATING:
+            async with asyncio.timeout(10):
+                await deleted.wait()
+        return bool(await update_status(uuid, **values))
+
+    async def run_while_deleted(spec: cri.SandboxSpec) -> str:
+        await store.capsules.request_delete(capsule.uuid)
+        deleted.set()
+        return str(await run_pod_sandbox(spec))
+
+    monkeypatch.setattr(store.capsules, "update_status", write_after_the_delete)
+    fake_cri.run_pod_sandbox = run_while_deleted
+
+    with pytest.raises(Superseded):
+        await driver.converge(capsule)
+    # The sandbox call ended; no container was made in it.
+    assert len(fake_cri.sandboxes) == 1 and not fake_cri.containers
+
+    assert await driver.teardown(await reload(store, capsule))
+    assert not fake_cri.sandboxes
+    assert await store.capsules.get(capsule.uuid) is None
