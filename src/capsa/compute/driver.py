@@ -616,17 +616,16 @@ class CapsuleDriver:
     async def teardown(self, capsule: Capsule) -> bool:
         """Stops and removes everything of the capsule, then its records; False to retry later."""
         try:
-            containers = await self._cri.list_containers(
-                labels=labels.capsule_selector(capsule.uuid)
+            selector = labels.capsule_selector(capsule.uuid)
+            containers, sandboxes = await asyncio.gather(
+                self._cri.list_containers(labels=selector), self._cri.list_pod_sandboxes(selector)
             )
             running = [c for c in containers if c.state is cri.ContainerState.RUNNING]
             # Containers get their grace period together, not one after another.
             await asyncio.gather(
                 *(self._cri.stop_container(c.id, self._settings.stop_grace_period) for c in running)
             )
-            for sandbox in await self._cri.list_pod_sandboxes(
-                labels.capsule_selector(capsule.uuid)
-            ):
+            for sandbox in sandboxes:
                 await self._remove_sandbox(sandbox.id)
         except CriError as exc:
             reason = f"deleting the capsule: {exc.message}"
