@@ -233,6 +233,18 @@ class FilePorts:
                 del state["bound"][port_id]
         self._save(state)
 
+    async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+        state = self._load()
+        unbound = [
+            fields["port_id"]
+            for fields in state["ports"].get(pod_name, [])
+            if state["bound"].get(fields["port_id"], [None])[0] == container_id
+        ]
+        for port_id in unbound:
+            del state["bound"][port_id]
+        self._save(state)
+        return unbound
+
     async def _pause(self, step: str) -> None:
         if step == self.pause_at and self.marker is not None:
             self.marker.write_text(step)

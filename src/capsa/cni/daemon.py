@@ -15,9 +15,11 @@
   prevResult, for a sandbox never seen, or for an old sandbox of a capsule that has a new one (the
   host veths' names derive from the container id, and the store forgets a binding only for the
   container id that holds it). It answers once the pod is off the networks (its veths detached
-  from the bridges and down) and the bindings forgotten; the veths themselves are deleted right
-  after the answer, unless an ADD of the same attachment took them back meanwhile (the kernel's
-  veth deletion is most of a DEL's time otherwise).
+  from the bridges and down) and the bindings forgotten (one store round trip, by the pod's
+  name); the veths themselves are deleted right after the answer (the kernel's veth deletion is
+  most of a DEL's time otherwise). Only calls on those veths wait for that deletion: an ADD of
+  the same attachment (CNI allows ADD after DEL) makes them again once it is over, and a DEL
+  repeated meanwhile (containerd sends two per sandbox) answers at once, its work done.
 - CHECK compares ``prevResult``, the port and the kernel.
 - GC (CNI 1.1.0) removes this daemon's attachments that are not in ``cni.dev/valid-attachments``.
 - STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
@@ -32,8 +34,9 @@ Run it next to the API and the agent::
     ...
     await daemon.stop()
 
-Calls for one capsule are serialised; calls for different capsules run side by side, their netlink
-work on a small thread pool of the daemon's own.
+Calls for one capsule are serialised (a DEL's veth deletion after its answer is not one of them);
+calls for different capsules run side by side, their netlink work on a small thread pool of the
+daemon's own.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,6 +117,16 @@ class _KeyedLocks:
                 del self._users[key], self._locks[key]
 
 
+@dataclass(frozen=True)
+class _Deletion:
+    """Veths a DEL detached, being deleted after its answer."""
+
+    task: asyncio.Task[None]
+    # Whether that DEL forgot every binding of its attachment: a DEL repeated meanwhile has
+    # nothing left to do.
+    unbound_all: bool
+
+
 class DaemonMetrics:
     """The daemon's series (see GET /metrics)."""
 
@@ -158,6 +172,8 @@ class _CniService:
         self._executor = executor
         self._pod_locks = _KeyedLocks()
         self._background: set[asyncio.Task[None]] = set()
+        # Host ends that a DEL detached and is deleting after its answer, by name.
+        self._deleting: dict[str, _Deletion] = {}
         self.metrics = DaemonMetrics()
         self.not_ready_reason = _lacks_net_admin()
         self._commands: dict[
@@ -205,6 +221,11 @@ class _CniService:
         async with self._pod_locks.hold(pod):
             interfaces = _interfaces(request, pod, await self._ports_of(pod))
             fields["port"] = ",".join(port.port_id for _, port in interfaces)
+            # CNI allows an ADD after a DEL of the same attachment: its veths are made again
+            # once that DEL's deletion of them is over, never beside it.
+            await self._deleted(
+                [host_ifname(request.container_id, ifname) for ifname, _ in interfaces], fields
+            )
             # A capsule has one sandbox at a time: an older one that still holds a port is being
             # replaced (its DEL may come late, or never when its runtime lost it), and two veths
             # with the port's address and MAC on one bridge would make both flaky.
@@ -256,44 +277,80 @@ class _CniService:
 
     async def _delete(self, request: CniRequest, fields: LogFields) -> None:
         pod = request.pod_name
-        lock_key = pod or request.container_id
-        async with self._pod_locks.hold(lock_key):
+        first_host_end = host_ifname(request.container_id, request.ifname)
+        async with self._pod_locks.hold(pod or request.container_id):
+            deletion = self._deleting.get(first_host_end)
+            if deletion is not None and deletion.unbound_all:
+                # A runtime's second DEL (containerd: StopPodSandbox, then RemovePodSandbox):
+                # the first took the pod off the networks and forgot every binding, and no ADD
+                # came since (it would have waited for this deletion).
+                log.info("already unplugged: its veths are being deleted", **fields)
+                return
+            await self._deleted([first_host_end], fields)
             removed = await self._netlink(
                 request, self._dataplane.detach, request.container_id, request.ifname
             )
             port_ids = [a.tag.port_id for a in removed if a.tag is not None]
-            # A veth without its tag (an ADD killed early), or none left: the pod's name tells.
-            if pod and (not removed or len(port_ids) < len(removed)):
-                port_ids = [port.port_id for port in await self._ports_of(pod)]
-            if port_ids:
-                fields["port"] = ",".join(port_ids)
-                # Only where this container holds the binding: a newer sandbox's stays.
+            # Only where this container holds the binding: a newer sandbox's stays. By the pod's
+            # name, a veth without its tag (an ADD killed early), or none left, loses it too.
+            if pod:
+                unbound = await self._record(
+                    "forgetting the bindings of",
+                    self._ports.pod_unbound(pod, request.container_id),
+                )
+                port_ids = list(dict.fromkeys([*port_ids, *unbound]))
+            elif port_ids:
                 await self._record(
                     "forgetting the bindings of",
                     self._ports.ports_unbound(port_ids, request.container_id),
                 )
+            if port_ids:
+                fields["port"] = ",".join(port_ids)
             for bridge in dict.fromkeys(a.bridge for a in removed if a.bridge):
                 await self._remove_bridge_if_unused(request, bridge)
         log.info("port unplugged" if removed else "nothing to unplug", **fields)
         if removed:
-            host_names = [a.host_ifname for a in removed]
-            self._after_answer(self._remove_detached(request, lock_key, host_names, fields))
+            self._delete_after_answer(
+                request,
+                [a.host_ifname for a in removed],
+                unbound_all=bool(pod) or len(port_ids) == len(removed),
+                fields=fields,
+            )
 
-    async def _remove_detached(
-        self, request: CniRequest, lock_key: str, host_names: list[str], fields: LogFields
+    def _delete_after_answer(
+        self, request: CniRequest, host_names: list[str], *, unbound_all: bool, fields: LogFields
     ) -> None:
-        """After a DEL has answered: the detached veths go, unless an ADD took them back."""
-        async with self._pod_locks.hold(lock_key):
+        """Deletes the veths a DEL detached once it has answered, unless an ADD took them back.
+
+        Only calls on those veths wait for it (:meth:`_deleted`), not the pod's other calls.
+        """
+
+        async def remove() -> None:
             try:
                 await self._netlink(request, self._dataplane.remove_detached, host_names)
             except CniError as exc:
                 # Its netns going removes it too; GC removes it if neither happened.
                 log.warning("cannot remove a detached veth", error=exc.msg, **fields)
+            finally:
+                for name in host_names:
+                    if self._deleting.get(name) is deletion:
+                        del self._deleting[name]
 
-    def _after_answer(self, work: Coroutine[Any, Any, None]) -> None:
+        deletion = _Deletion(self._after_answer(remove()), unbound_all)
+        self._deleting.update(dict.fromkeys(host_names, deletion))
+
+    async def _deleted(self, host_names: list[str], fields: LogFields) -> None:
+        """Waits until no DEL is deleting any of the veths ``host_names`` any more."""
+        deletions = {self._deleting[name].task for name in host_names if name in self._deleting}
+        if deletions:
+            log.info("waiting for a DEL's deletion of the attachment's veths", **fields)
+            await asyncio.wait(deletions)
+
+    def _after_answer(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def finish_background(self) -> None:
         """Waits for the work that calls left to do after they answered."""

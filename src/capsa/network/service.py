@@ -122,6 +122,9 @@ class NetworkService:
     async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
         await self._store.ports.clear_bindings(port_ids, container_id)
 
+    async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+        return await self._store.ports.clear_device_bindings(pod_name, container_id)
+
 
 def bridge_name(network_id: str) -> str:
     """The Linux bridge of a network on every host: distinct per network, at most 15 characters."""

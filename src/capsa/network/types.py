@@ -85,3 +85,9 @@ class PortSource(Protocol):
         it must not clear the new binding.
         """
         ...
+
+    async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+        """Forgets the bindings that ``container_id`` holds on the pod's ports (not those of a
+        newer sandbox, as :meth:`ports_unbound`), in one round trip; returns the ids of the
+        ports it unbound (none when a DEL repeats)."""
+        ...

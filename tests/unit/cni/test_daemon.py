@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -53,8 +54,11 @@ class FakePorts:
         self.ports: dict[str, list[PortBinding]] = {"pod-1": [PORT]}
         self.bound: dict[str, tuple[str, str]] = {}
         self.fail: Exception | None = None
+        # The round trips to the store, by method name.
+        self.calls: list[str] = []
 
     async def find_ports(self, pod_name: str) -> list[PortBinding]:
+        self.calls.append("find_ports")
         if self.fail:
             raise self.fail
         return [
@@ -69,10 +73,25 @@ class FakePorts:
         ]
 
     async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        self.calls.append("ports_bound")
         for port_id, host_name in host_ifnames.items():
             self.bound[port_id] = (container_id, host_name)
 
     async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
+        self.calls.append("ports_unbound")
+        self._unbind(port_ids, container_id)
+
+    async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+        self.calls.append("pod_unbound")
+        unbound = [
+            port.port_id
+            for port in self.ports.get(pod_name, [])
+            if self.bound.get(port.port_id, ("",))[0] == container_id
+        ]
+        self._unbind(unbound, container_id)
+        return unbound
+
+    def _unbind(self, port_ids: Sequence[str], container_id: str) -> None:
         for port_id in port_ids:
             if self.bound.get(port_id, ("",))[0] == container_id:
                 del self.bound[port_id]
@@ -481,6 +500,107 @@ async def test_an_add_right_after_a_del_ends_plugged(
     assert await asyncio.to_thread(removal_ran.wait, 5)
 
     assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
+
+
+async def test_a_second_del_answers_while_the_first_ones_deletion_runs(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    may_remove, removal_ran = holding_removals(dataplane)
+    assert await call(client, "del", envelope()) == (200, None)
+    calls = len(ports.calls)
+
+    # containerd's RemovePodSandbox sends it again, with or without the netns.
+    assert await call(client, "del", envelope()) == (200, None)
+    assert await call(client, "del", {**envelope(), "netns": ""}) == (200, None)
+
+    assert not removal_ran.is_set(), "the second DEL waited for the veth's deletion"
+    assert ports.calls[calls:] == [], "nothing was left for the store to do"
+    may_remove.set()
+    assert await asyncio.to_thread(removal_ran.wait, 5)
+    assert dataplane.links == {}
+    assert ports.bound == {}
+
+
+async def test_a_new_sandbox_of_the_capsule_does_not_wait_for_the_old_ones_veth_deletion(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope(container_id="old"))
+    may_remove, removal_ran = holding_removals(dataplane)
+    assert await call(client, "del", envelope(container_id="old")) == (200, None)
+
+    await added(client, envelope(container_id="new"))
+
+    assert not removal_ran.is_set(), "the new sandbox's ADD waited for the old veth's deletion"
+    may_remove.set()
+    assert await asyncio.to_thread(removal_ran.wait, 5)
+    assert dataplane.plugged == {("new", "port-1"): "capsa0"}
+    assert set(dataplane.links) == {host_ifname("new", "eth0")}
+    assert ports.bound == {"port-1": ("new", host_ifname("new", "eth0"))}
+
+
+async def test_an_add_of_the_same_attachment_plugs_only_once_the_del_deleted_its_veth(
+    client: TestClient[Any, Any],
+    dataplane: FakeDataplane,
+    ports: FakePorts,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await added(client, envelope())
+    may_remove, removal_ran = holding_removals(dataplane)
+    assert await call(client, "del", envelope()) == (200, None)
+    # The ADD either waits for the deletion (it says so) or plugs at once: whichever comes first
+    # releases the deletion, with no clock involved.
+    loop = asyncio.get_running_loop()
+    add_waits, plug_began = asyncio.Event(), asyncio.Event()
+    removal_done_at_plug: list[bool] = []
+    plug = dataplane.plug
+
+    def watched_plug(*args: Any) -> list[PluggedPort]:
+        removal_done_at_plug.append(removal_ran.is_set())
+        loop.call_soon_threadsafe(plug_began.set)
+        return plug(*args)
+
+    dataplane.plug = watched_plug  # type: ignore[method-assign]
+
+    class WaitSeen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting for a DEL's deletion" in record.getMessage():
+                add_waits.set()
+
+    caplog.set_level(logging.INFO, logger="capsa.cni.daemon")
+    handler = WaitSeen()
+    logging.getLogger("capsa.cni.daemon").addHandler(handler)
+    try:
+        adding = asyncio.create_task(added(client, envelope()))
+        await asyncio.wait(
+            [asyncio.create_task(add_waits.wait()), asyncio.create_task(plug_began.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        may_remove.set()
+        await adding
+    finally:
+        logging.getLogger("capsa.cni.daemon").removeHandler(handler)
+
+    assert removal_done_at_plug == [True], "the ADD plugged while the DEL deleted its veth"
+    assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
+    assert ports.bound == {"port-1": ("c1", host_ifname("c1", "eth0"))}
+
+
+async def test_a_del_costs_one_round_trip_to_the_store(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    ports.calls.clear()
+    assert await call(client, "del", envelope()) == (200, None)
+    assert ports.calls == ["pod_unbound"]
+    assert ports.bound == {}
+
+    # A sandbox whose veth is gone (with its netns) and still bound: the pod's name finds it.
+    ports.bound["port-1"] = ("c2", host_ifname("c2", "eth0"))
+    ports.calls.clear()
+    assert await call(client, "del", {**envelope(container_id="c2"), "netns": ""}) == (200, None)
+    assert ports.calls == ["pod_unbound"]
+    assert ports.bound == {}
 
 
 async def test_del_without_pod_name_finds_the_port_on_the_veth(

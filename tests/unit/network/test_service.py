@@ -55,6 +55,13 @@ async def test_find_ports_of_a_capsule_on_two_networks_follows_its_order(store: 
     await service.ports_unbound([p.id for p in ports], "sandbox-1")
     assert [b.bound_container_id for b in await service.find_ports("capsule-a")] == [None, None]
 
+    await service.ports_bound("sandbox-2", {ports[0].id: "capsa0", ports[1].id: "capsa1"})
+    assert await service.pod_unbound("capsule-a", "sandbox-1") == []
+    assert sorted(await service.pod_unbound("capsule-a", "sandbox-2")) == sorted(
+        p.id for p in ports
+    )
+    assert [b.bound_container_id for b in await service.find_ports("capsule-a")] == [None, None]
+
 
 def test_bridges_of_different_networks_differ() -> None:
     a = bridge_name("6f1c2d3e-0000-4000-8000-000000000001")

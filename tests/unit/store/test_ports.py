@@ -170,6 +170,36 @@ async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> Non
     assert await agents.wait(0)
 
 
+async def test_clear_device_bindings_forgets_only_that_sandboxs_and_says_which(
+    store: Store,
+) -> None:
+    network = NetworkService(store, "10.3.0.0/24", 1400)
+    [port] = await network.allocate_ports("a", "p1", "h1")
+    [other] = await network.allocate_ports("b", "p1", "h1")
+    await store.ports.set_bindings("sandbox-new", {port.id: "capsaabc"})
+    await store.ports.set_bindings("sandbox-b", {other.id: "capsadef"})
+    agents = store.hub.subscribe(notify.NETWORK)
+
+    # A late DEL of the capsule's old sandbox, and a DEL naming another capsule.
+    assert await store.ports.clear_device_bindings("a", "sandbox-old") == []
+    assert await store.ports.clear_device_bindings("a", "sandbox-b") == []
+    assert not await agents.wait(0)
+    assert [p.binding_container_id for p in await store.ports.list_for_device("a")] == [
+        "sandbox-new"
+    ]
+
+    assert await store.ports.clear_device_bindings("a", "sandbox-new") == [port.id]
+    [unbound] = await store.ports.list_for_device("a")
+    assert (unbound.binding_container_id, unbound.binding_host_ifname) == (None, None)
+    assert unbound.status == "DOWN"
+    assert await agents.wait(0)
+    # Repeated: nothing left to forget, nobody woken.
+    assert await store.ports.clear_device_bindings("a", "sandbox-new") == []
+    assert not await agents.wait(0)
+    [still] = await store.ports.list_for_device("b")
+    assert still.binding_container_id == "sandbox-b"
+
+
 async def test_find_with_networks_reads_the_ports_their_networks_and_subnets(
     store: Store,
 ) -> None:
