@@ -320,24 +320,27 @@ class _CniService:
     def _delete_after_answer(
         self, request: CniRequest, host_names: list[str], *, unbound_all: bool, fields: LogFields
     ) -> None:
-        """Deletes the veths a DEL detached once it has answered, unless an ADD took them back.
-
-        Only calls on those veths wait for it (:meth:`_deleted`), not the pod's other calls.
-        """
-
-        async def remove() -> None:
-            try:
-                await self._netlink(request, self._dataplane.remove_detached, host_names)
-            except CniError as exc:
-                # Its netns going removes it too; GC removes it if neither happened.
-                log.warning("cannot remove a detached veth", error=exc.msg, **fields)
-            finally:
-                for name in host_names:
-                    if self._deleting.get(name) is deletion:
-                        del self._deleting[name]
-
-        deletion = _Deletion(self._after_answer(remove()), unbound_all)
+        """Deletes the veths a DEL detached once it has answered; only calls on those veths
+        wait for it (:meth:`_deleted`), not the pod's other calls."""
+        task = self._after_answer(self._remove_detached(request, host_names, fields))
+        deletion = _Deletion(task, unbound_all)
         self._deleting.update(dict.fromkeys(host_names, deletion))
+
+        def forget(_: asyncio.Task[None]) -> None:
+            for name in host_names:
+                if self._deleting.get(name) is deletion:
+                    del self._deleting[name]
+
+        task.add_done_callback(forget)
+
+    async def _remove_detached(
+        self, request: CniRequest, host_names: list[str], fields: LogFields
+    ) -> None:
+        try:
+            await self._netlink(request, self._dataplane.remove_detached, host_names)
+        except CniError as exc:
+            # Its netns going removes it too; GC removes it if neither happened.
+            log.warning("cannot remove a detached veth", error=exc.msg, **fields)
 
     async def _deleted(self, host_names: list[str], fields: LogFields) -> None:
         """Waits until no DEL is deleting any of the veths ``host_names`` any more."""
