@@ -54,12 +54,6 @@ SORT_KEYS: dict[str, Any] = {
 # The statements of the hot paths (an agent's steps, the API's lookups), built once: building
 # a statement costs more than SQLite takes to run it.
 _BY_UUID = select(c_t).where(c_t.c.uuid == bindparam("ident"))
-_OF_KIND = c_t.c.kind == bindparam("kind")
-_BY_UUID_OF_KIND = _BY_UUID.where(_OF_KIND)
-_BY_NAME = select(c_t).where(c_t.c.name == bindparam("ident"), _OF_KIND).limit(2)
-_IN_PROJECT = c_t.c.project_id == bindparam("project")
-_BY_UUID_IN_PROJECT = _BY_UUID_OF_KIND.where(_IN_PROJECT)
-_BY_NAME_IN_PROJECT = _BY_NAME.where(_IN_PROJECT)
 _BY_UUIDS = select(c_t).where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
 # What a capsule's version is made of: its own last update, its containers' last update, and
 # how many ports it has and their last update.
@@ -71,6 +65,20 @@ _VERSION_COLUMNS = (
     .where(schema.ports.c.device_id == c_t.c.uuid)
     .scalar_subquery(),
 )
+
+
+def _lookups(*columns: Any) -> dict[bool, tuple[Select[Any], Select[Any]]]:
+    """``columns`` of a capsule of a kind by uuid, and by name (two rows at most: enough to
+    tell an ambiguous name), in every project (False) or in one (True)."""
+    of_kind = c_t.c.kind == bindparam("kind")
+    in_project = c_t.c.project_id == bindparam("project")
+    by_uuid = select(*columns).where(c_t.c.uuid == bindparam("ident"), of_kind)
+    by_name = select(*columns).where(c_t.c.name == bindparam("ident"), of_kind).limit(2)
+    return {False: (by_uuid, by_name), True: (by_uuid.where(in_project), by_name.where(in_project))}
+
+
+_FIND = _lookups(c_t)
+_FIND_VERSION = _lookups(c_t.c.uuid, *_VERSION_COLUMNS)
 _CONTAINERS_OF = (
     select(k_t)
     .where(k_t.c.capsule_uuid.in_(bindparam("uuids", expanding=True)))
@@ -212,22 +220,23 @@ class CapsuleStore:
         self, ident: str, project_id: str | None, kind: CapsuleKind = CapsuleKind.CAPSULE
     ) -> Capsule | None:
         """A capsule (or single container) by uuid or name, within ``project_id`` (None: in
-        every project)."""
+        every project); AmbiguousName when several of the project(s) have that name."""
         params = {"ident": ident, "project": project_id, "kind": kind}
-        by_uuid, by_name = (
-            (_BY_UUID_OF_KIND, _BY_NAME)
-            if project_id is None
-            else (_BY_UUID_IN_PROJECT, _BY_NAME_IN_PROJECT)
+        lookups = _FIND[project_id is not None]
+        capsules = await self._db.run_read(
+            lambda conn: _load(conn, _find_rows(conn, lookups, params))
         )
-
-        def find(conn: Connection) -> list[Capsule]:
-            rows = conn.execute(by_uuid, params).all() or conn.execute(by_name, params).all()
-            if len(rows) > 1:
-                raise AmbiguousName(ident)
-            return _load(conn, rows)
-
-        capsules = await self._db.run_read(find)
         return capsules[0] if capsules else None
+
+    async def find_version(
+        self, ident: str, project_id: str | None, kind: CapsuleKind = CapsuleKind.CAPSULE
+    ) -> tuple[str, str] | None:
+        """The uuid and version (see :meth:`list_page_versions`) of the capsule :meth:`find`
+        would load, in one small query: what a poll needs to tell that nothing changed."""
+        params = {"ident": ident, "project": project_id, "kind": kind}
+        lookups = _FIND_VERSION[project_id is not None]
+        rows = await self._db.run_read(lambda conn: _find_rows(conn, lookups, params))
+        return (rows[0][0], _version(rows[0])) if rows else None
 
     async def find_container(
         self, container_uuid: str, project_id: str | None
@@ -280,7 +289,7 @@ class CapsuleStore:
 
         def versions(conn: Connection) -> list[tuple[str, str]]:
             paged = _one_page(conn, columns, project_id, page, kind, filters)
-            return [(row[0], "|".join(map(str, row[1:]))) for row in conn.execute(paged)]
+            return [(row[0], _version(row)) for row in conn.execute(paged)]
 
         return await self._db.run_read(versions)
 
@@ -477,6 +486,22 @@ def _one_page(
     if project_id is not None:
         query = query.where(c_t.c.project_id == project_id)
     return paging.one_page(conn, query, c_t, SORT_KEYS[page.sort_key], page, project_id)
+
+
+def _find_rows(
+    conn: Connection, lookups: tuple[Select[Any], Select[Any]], params: dict[str, Any]
+) -> Sequence[Row[Any]]:
+    """The rows of a capsule named by uuid, or else by name (AmbiguousName if several)."""
+    by_uuid, by_name = lookups
+    rows = conn.execute(by_uuid, params).all() or conn.execute(by_name, params).all()
+    if len(rows) > 1:
+        raise AmbiguousName(params["ident"])
+    return rows
+
+
+def _version(row: Row[Any]) -> str:
+    """A capsule's version from a row of its uuid and :data:`_VERSION_COLUMNS`."""
+    return "|".join(map(str, row[1:]))
 
 
 def ports_to_run(conn: Connection, host: str) -> list[tuple[str, PortSpec]]:
