@@ -6,7 +6,7 @@ observed a capsule a moment ago can never turn a capsule being deleted back into
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,6 +96,17 @@ _PORTS_TO_RUN_ON = (
     .where(c_t.c.host == bindparam("host"), c_t.c.desired_state == DesiredState.RUNNING)
     .order_by(k_t.c.capsule_uuid, k_t.c.position)
 )
+# Capsules waiting for a host: what placing them needs, oldest first.
+_PENDING = (
+    select(c_t.c.uuid, c_t.c.cpu_millis, c_t.c.memory_mb, c_t.c.runtime, c_t.c.created_at)
+    .where(
+        c_t.c.host.is_(None),
+        c_t.c.desired_state != DesiredState.DELETED,
+        c_t.c.status == Status.CREATING,
+    )
+    .order_by(c_t.c.created_at)
+)
+_PENDING_OF = _PENDING.where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
 # Column values come with the parameters; the WHERE's names cannot clash with a column's.
 _SET_CAPSULE = update(c_t).where(
     c_t.c.uuid == bindparam("where_uuid"), c_t.c.desired_state == bindparam("where_desired")
@@ -199,7 +210,7 @@ class CapsuleStore:
             quotas.enforce(conn, capsule.project_id, request, quota_defaults)
             conn.execute(c_t.insert(), capsule_row)
             conn.execute(k_t.insert(), container_rows)
-            notify.wake(conn, notify.SCHEDULER)
+            notify.wake(conn, notify.SCHEDULER, subject=capsule.uuid)
 
         try:
             await self._db.run_write(insert)
@@ -304,19 +315,27 @@ class CapsuleStore:
 
         return {c.uuid: c for c in await self._db.run_read(load, long=len(uuids) > 20)}
 
-    async def pending_placements(self) -> list[PlacementRequest]:
-        """Capsules waiting for a host, oldest first: only what placing them needs."""
-        query = (
-            select(c_t.c.uuid, c_t.c.cpu_millis, c_t.c.memory_mb, c_t.c.runtime)
-            .where(
-                c_t.c.host.is_(None),
-                c_t.c.desired_state != DesiredState.DELETED,
-                c_t.c.status == Status.CREATING,
+    async def pending_placements(
+        self, uuids: Collection[str] | None = None
+    ) -> list[PlacementRequest]:
+        """Capsules waiting for a host (all, or those of ``uuids``), oldest first: only what
+        placing them needs."""
+        if uuids is None:
+            rows: Sequence[Any] = await self._db.run_read(
+                lambda conn: conn.execute(_PENDING).all(), long=True
             )
-            .order_by(c_t.c.created_at)
-        )
-        rows = await self._db.run_read(lambda conn: conn.execute(query).all(), long=True)
-        return [PlacementRequest(*row) for row in rows]
+        else:
+            chunks = list(_chunks(list(uuids)))
+
+            def of(conn: Connection) -> list[Any]:
+                return [
+                    row for chunk in chunks for row in conn.execute(_PENDING_OF, {"uuids": chunk})
+                ]
+
+            rows = await self._db.run_read(of, long=len(uuids) > 20)
+            if len(chunks) > 1:
+                rows = sorted(rows, key=lambda row: row.created_at)
+        return [PlacementRequest(r.uuid, r.cpu_millis, r.memory_mb, r.runtime) for r in rows]
 
     async def list_for_host(self, host: str) -> list[Capsule]:
         query = select(c_t).where(c_t.c.host == host)
@@ -460,13 +479,16 @@ class CapsuleStore:
                     .values(
                         cpu_millis_used=h_t.c.cpu_millis_used - row.cpu_millis,
                         memory_mb_used=h_t.c.memory_mb_used - row.memory_mb,
+                        # The scheduler's kept view of the hosts sees the room by this.
+                        updated_at=utcnow(),
                     )
                 )
             conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
             conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
             conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
-            # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
-            notify.wake(conn, notify.SCHEDULER, notify.NETWORK)
+            # Its ports are gone. No scheduler wake-up: no capsule waits for room (one that
+            # finds none fails at once), and the next pass sees the room.
+            notify.wake(conn, notify.NETWORK)
             return True
 
         return await self._db.run_write(remove)

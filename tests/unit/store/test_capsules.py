@@ -6,6 +6,7 @@ from collections.abc import Callable
 import pytest
 
 from capsa.model.capsule import Capsule, CapsuleKind, DesiredState, Status, TaskState
+from capsa.model.clock import utcnow
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
 from capsa.store.capsules import AmbiguousName, NameConflict
@@ -240,3 +241,19 @@ async def test_a_capsules_version_alone_is_found_as_find_finds_the_capsule(
     await store.capsules.update_container(capsule.containers[0].uuid, exit_code=1)
     found = await store.capsules.find_version("web", "p1")
     assert found is not None and found[1] != listed
+
+
+async def test_create_names_its_capsule_and_remove_shows_the_freed_room_as_a_host_change(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1024, ("runc",))
+    sub = store.hub.subscribe(notify.SCHEDULER)
+    capsule = await store.capsules.create(make_capsule())
+    assert sub.take_subjects() == {capsule.uuid}
+    assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    before_remove = utcnow()
+
+    assert await store.capsules.remove(capsule.uuid)
+
+    [changed] = await store.hosts.changed_since(before_remove)
+    assert changed.name == "h1" and changed.cpu_millis_used == 0
