@@ -139,8 +139,11 @@ async def _check_attachment(store: Store, project_id: str, annotations: dict[str
             f"not {len(attachment.networks)}"
         )
     try:
-        await store.networks.resolve_networks(project_id, attachment.networks)
-        await store.networks.resolve_security_groups(project_id, attachment.security_groups)
+        # Most capsules name neither (their project's default network and group): no reads.
+        if attachment.networks:
+            await store.networks.resolve_networks(project_id, attachment.networks)
+        if attachment.security_groups:
+            await store.networks.resolve_security_groups(project_id, attachment.security_groups)
     except (NotFound, Ambiguous, RepeatedNetwork) as exc:
         raise _invalid_attachment(str(exc)) from None
 
