@@ -8,7 +8,9 @@ that running a step twice, or after a crash at any point, neither loses nor dupl
 - containers are created and started once; an exited one is restarted as the restart policy says,
   with an exponential back-off;
 - status, status_reason and task_state follow in the database, written only when they change, and
-  only while the tenant still wants the capsule (compare-and-swap on the desired state).
+  only while the tenant still wants the capsule (compare-and-swap on the desired state); a write
+  that announces a runtime call (container_creating, container_starting) runs alongside it, not
+  before it, and a refused one ends the pass once the call has returned.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from capsa.compute import labels
 from capsa.compute.errors import CapsuleFailed, RetryLater, classify
@@ -57,6 +59,14 @@ _INIT_WAIT_S = 3.0
 _POLL_S = 0.1
 # Delay before retrying a step that failed for a reason that may pass.
 _RETRY_S = 2.0
+
+
+@dataclass
+class _Unwritten:
+    """A capsule's fields, and its containers' by uuid, recorded but not written yet."""
+
+    capsule: dict[str, Any] = field(default_factory=dict)
+    containers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Superseded(Exception):
@@ -95,10 +105,10 @@ class CapsuleDriver:
         # Bounds the runtime's heaviest calls (a shim, a netns and a CNI run each), not whole
         # capsules: a capsule waiting for an init container must not hold up a burst of others.
         self._sandbox_slots = asyncio.Semaphore(settings.max_sandbox_calls)
-        # Container fields a pass recorded and has not written yet, by capsule and container:
-        # they go with the capsule's next write (one transaction), before the runtime is next
-        # asked to change something, and at the end of the pass.
-        self._unwritten: dict[str, dict[str, dict[str, Any]]] = {}
+        # Fields a pass recorded and has not written yet, by capsule: they go with the capsule's
+        # next write (one transaction), before the runtime is next asked to change something,
+        # and at the end of the pass.
+        self._unwritten: dict[str, _Unwritten] = {}
 
     # ---- converge ----
 
@@ -109,7 +119,7 @@ class CapsuleDriver:
         try:
             try:
                 await self._converge(capsule)
-                await self._set_capsule(capsule)
+                await self._write_recorded(capsule)
             except CriError as exc:
                 raise classify(exc, "talking to the container runtime") from exc
         except CapsuleFailed as exc:
@@ -130,12 +140,22 @@ class CapsuleDriver:
     async def _converge(self, capsule: Capsule) -> None:
         if not capsule.addresses:
             await self._set_capsule(capsule, task_state=TaskState.NETWORK_ATTACHING)
-        await self._allocate_ports(capsule)
-
-        sandboxes = await self._cri_do(
-            "listing the capsule's sandboxes",
-            self._cri.list_pod_sandboxes(labels.capsule_selector(capsule.uuid)),
-        )
+        # The ports, the runtime's sandboxes and, for a capsule that never had a sandbox (every
+        # container missing), the images do not depend on each other: asked for at once, the
+        # sandbox starts after the slowest of them instead of after their sum.
+        fresh = capsule.sandbox_id is None
+        steps: list[Awaitable[Any]] = [
+            self._cri_do(
+                "listing the capsule's sandboxes",
+                self._cri.list_pod_sandboxes(labels.capsule_selector(capsule.uuid)),
+            ),
+            self._allocate_ports(capsule),
+        ]
+        if fresh:
+            steps.append(self._pull_images(capsule, list(capsule.all_containers())))
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        _raise_first_failure(results)
+        sandboxes = cast(list[cri.PodSandbox], results[0])
         ready = [s for s in sandboxes if s.state is cri.SandboxState.READY]
         current = max(ready, key=lambda s: (s.attempt, s.created_at), default=None)
         for stale in sandboxes:
@@ -154,7 +174,7 @@ class CapsuleDriver:
                     existing[uuid] = c
 
         missing = [c for c in capsule.all_containers() if c.uuid not in existing]
-        if missing:
+        if missing and not fresh:
             await self._pull_images(capsule, missing)
 
         if current is None:
@@ -162,18 +182,18 @@ class CapsuleDriver:
                 log.warning("capsule lost its sandbox; making a new one", capsule=capsule.uuid)
             attempt = max((s.attempt for s in sandboxes), default=-1) + 1
             sandbox_spec = self._sandbox_spec(capsule, attempt)
-            await self._set_capsule(capsule, task_state=TaskState.CONTAINER_CREATING)
             Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
-            async with self._sandbox_slots:
-                sandbox_id = await self._cri_do(
-                    "starting the capsule's sandbox", self._cri.run_pod_sandbox(sandbox_spec)
-                )
+            sandbox_id = await self._while_written(
+                capsule,
+                self._run_sandbox(sandbox_spec),
+                task_state=TaskState.CONTAINER_CREATING,
+            )
             log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
-            await self._set_capsule(capsule, sandbox_id=sandbox_id)
         else:
             sandbox_id = current.id
             sandbox_spec = self._sandbox_spec(capsule, current.attempt)
-            await self._set_capsule(capsule, sandbox_id=sandbox_id)
+        # Nothing reads it before the containers exist: it goes with the pass's next write.
+        self._record_capsule(capsule, sandbox_id=sandbox_id)
 
         if capsule.desired_state is DesiredState.STOPPED:
             for container in capsule.containers:
@@ -197,19 +217,22 @@ class CapsuleDriver:
         await self._summarize(capsule)
 
     async def _pull_images(self, capsule: Capsule, containers: list[Container]) -> None:
-        await self._set_capsule(capsule, task_state=TaskState.IMAGE_PULLING)
+        """Makes the containers' images present; the capsule says image_pulling while a pull
+        runs (an image already present is no pull)."""
+
+        async def pulling() -> None:
+            await self._set_capsule(capsule, task_state=TaskState.IMAGE_PULLING)
+
         pulls = {(c.spec.image, c.spec.image_pull_policy, c.spec.registry_id) for c in containers}
-        results = await asyncio.gather(
-            *(
-                self._images.ensure(image, policy, capsule.uuid, registry_id)
-                for image, policy, registry_id in pulls
-            ),
-            return_exceptions=True,
+        _raise_first_failure(
+            await asyncio.gather(
+                *(
+                    self._images.ensure(image, policy, capsule.uuid, registry_id, pulling)
+                    for image, policy, registry_id in pulls
+                ),
+                return_exceptions=True,
+            )
         )
-        failures = [r for r in results if isinstance(r, BaseException)]
-        # A failure the tenant must fix wins over one that may pass.
-        for failure in sorted(failures, key=lambda f: not isinstance(f, CapsuleFailed)):
-            raise failure
 
     async def _run_init(
         self,
@@ -401,11 +424,14 @@ class CapsuleDriver:
         sandbox_spec: cri.SandboxSpec,
         attempt: int,
     ) -> str:
-        await self._set_capsule(capsule, task_state=TaskState.CONTAINER_CREATING)
         spec = self._container_spec(capsule, container, attempt)
-        container_id = await self._cri_do(
-            f"creating container {container.spec.name!r}",
-            self._cri.create_container(sandbox_id, spec, sandbox_spec),
+        container_id = await self._while_written(
+            capsule,
+            self._cri_do(
+                f"creating container {container.spec.name!r}",
+                self._cri.create_container(sandbox_id, spec, sandbox_spec),
+            ),
+            task_state=TaskState.CONTAINER_CREATING,
         )
         self._record(
             container, cri_container_id=container_id, status=Status.CREATED, status_reason=None
@@ -413,9 +439,13 @@ class CapsuleDriver:
         return container_id
 
     async def _start(self, capsule: Capsule, container: Container, container_id: str) -> None:
-        await self._set_capsule(capsule, task_state=TaskState.CONTAINER_STARTING)
-        await self._cri_do(
-            f"starting container {container.spec.name!r}", self._cri.start_container(container_id)
+        await self._while_written(
+            capsule,
+            self._cri_do(
+                f"starting container {container.spec.name!r}",
+                self._cri.start_container(container_id),
+            ),
+            task_state=TaskState.CONTAINER_STARTING,
         )
         log.info(
             "container started",
@@ -520,41 +550,82 @@ class CapsuleDriver:
         capsule's next write (:meth:`_set_capsule`)."""
         changed = {k: v for k, v in values.items() if getattr(container, k) != v}
         if changed:
-            unwritten = self._unwritten.setdefault(container.capsule_uuid, {})
+            unwritten = self._unwritten_fields(container.capsule_uuid).containers
             unwritten.setdefault(container.uuid, {}).update(changed)
             for key, value in changed.items():
                 setattr(container, key, value)
 
+    def _record_capsule(self, capsule: Capsule, **values: Any) -> None:
+        """Keeps the capsule fields that changed in ``capsule``, to be written with its next
+        write (:meth:`_set_capsule`)."""
+        changed = {k: v for k, v in values.items() if getattr(capsule, k) != v}
+        if changed:
+            self._unwritten_fields(capsule.uuid).capsule.update(changed)
+            for key, value in changed.items():
+                setattr(capsule, key, value)
+
     async def _set_capsule(self, capsule: Capsule, **values: Any) -> None:
         """Writes the capsule fields that changed, unless the capsule is being deleted, and
-        the container fields recorded since the last write, in one transaction."""
+        the fields recorded since the last write, in one transaction. Recorded capsule fields
+        alone do not call for a write: they wait for the next one, or the end of the pass."""
+        await self._write(capsule, values, end_of_pass=False)
+
+    async def _while_written(self, capsule: Capsule, step: Awaitable[T], **values: Any) -> T:
+        """Runs ``step``, a call that changes the runtime, while the capsule's fields (and what
+        the pass recorded) are written: the write is off the capsule's path. A write refused
+        because the tenant deleted the capsule meanwhile (Superseded) lets the call end all the
+        same; the teardown that follows removes what it made."""
+        results = await asyncio.gather(
+            self._set_capsule(capsule, **values), step, return_exceptions=True
+        )
+        _raise_first_failure(results)
+        return cast(T, results[1])
+
+    async def _run_sandbox(self, spec: cri.SandboxSpec) -> str:
+        async with self._sandbox_slots:
+            return await self._cri_do(
+                "starting the capsule's sandbox", self._cri.run_pod_sandbox(spec)
+            )
+
+    async def _write_recorded(self, capsule: Capsule) -> None:
+        """At the end of a pass: writes whatever the pass recorded and did not write yet."""
+        await self._write(capsule, {}, end_of_pass=True)
+
+    async def _write(self, capsule: Capsule, values: dict[str, Any], end_of_pass: bool) -> None:
         changed = {k: v for k, v in values.items() if getattr(capsule, k) != v}
-        containers = self._unwritten.pop(capsule.uuid, None)
-        if not changed and not containers:
+        unwritten = self._unwritten.get(capsule.uuid, _Unwritten())
+        if not changed and not unwritten.containers and not (end_of_pass and unwritten.capsule):
             return
+        self._unwritten.pop(capsule.uuid, None)
         if not await self._store.capsules.update_status(
-            capsule.uuid, expect=capsule.desired_state, containers=containers, **changed
+            capsule.uuid,
+            expect=capsule.desired_state,
+            containers=unwritten.containers or None,
+            **unwritten.capsule,
+            **changed,
         ):
             raise Superseded(capsule.uuid)
         for key, value in changed.items():
             setattr(capsule, key, value)
+
+    def _unwritten_fields(self, capsule_uuid: str) -> _Unwritten:
+        return self._unwritten.setdefault(capsule_uuid, _Unwritten())
 
     # ---- teardown ----
 
     async def teardown(self, capsule: Capsule) -> bool:
         """Stops and removes everything of the capsule, then its records; False to retry later."""
         try:
-            containers = await self._cri.list_containers(
-                labels=labels.capsule_selector(capsule.uuid)
+            selector = labels.capsule_selector(capsule.uuid)
+            containers, sandboxes = await asyncio.gather(
+                self._cri.list_containers(labels=selector), self._cri.list_pod_sandboxes(selector)
             )
             running = [c for c in containers if c.state is cri.ContainerState.RUNNING]
             # Containers get their grace period together, not one after another.
             await asyncio.gather(
                 *(self._cri.stop_container(c.id, self._settings.stop_grace_period) for c in running)
             )
-            for sandbox in await self._cri.list_pod_sandboxes(
-                labels.capsule_selector(capsule.uuid)
-            ):
+            for sandbox in sandboxes:
                 await self._remove_sandbox(sandbox.id)
         except CriError as exc:
             reason = f"deleting the capsule: {exc.message}"
@@ -687,3 +758,11 @@ def _time(ns: int) -> datetime | None:
 def _why(status: cri.ContainerStatus) -> str:
     detail = " ".join(p for p in (status.reason, status.message) if p and p != "Completed")
     return f" ({detail})" if detail else ""
+
+
+def _raise_first_failure(results: Sequence[object]) -> None:
+    """Raises the failure of steps run side by side, if one failed: one the tenant must fix
+    before one that may pass."""
+    failures = [r for r in results if isinstance(r, BaseException)]
+    for failure in sorted(failures, key=lambda f: not isinstance(f, CapsuleFailed)):
+        raise failure

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 
 from capsa.compute.errors import CapsuleFailed, classify
 from capsa.cri import types as cri
@@ -56,10 +57,16 @@ class ImagePuller:
         self._pulls: dict[tuple[str, cri.ImageAuth | None], asyncio.Task[str]] = {}
 
     async def ensure(
-        self, image: str, policy: PullPolicy, capsule: str, registry_id: str | None = None
+        self,
+        image: str,
+        policy: PullPolicy,
+        capsule: str,
+        registry_id: str | None = None,
+        before_pull: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Makes ``image`` present as ``policy`` says, pulling with the credentials of the
-        private registry ``registry_id`` if given; raises CapsuleFailed or RetryLater."""
+        private registry ``registry_id`` if given (after awaiting ``before_pull``); raises
+        CapsuleFailed or RetryLater."""
         try:
             if policy is not PullPolicy.ALWAYS and await self._cri.image_status(image):
                 return
@@ -74,6 +81,8 @@ class ImagePuller:
             if self._credentials is None:
                 raise CapsuleFailed(f"pulling image {image!r}: this agent has no credentials")
             registry, auth = await self._credentials.lookup(registry_id, image)
+        if before_pull is not None:
+            await before_pull()
         await self._pull(image, auth, registry, capsule)
 
     async def _pull(

@@ -11,6 +11,7 @@ import pytest
 from capsa.compute.driver import CapsuleDriver, Superseded
 from capsa.cri import types as cri
 from capsa.model.capsule import Capsule, CapsuleSpec, RestartPolicy, Status, TaskState
+from capsa.network.service import NetworkService
 from capsa.store import Store
 
 CapsuleFactory = Callable[..., Capsule]
@@ -491,3 +492,161 @@ async def test_sandbox_starts_are_bounded_but_the_rest_of_a_start_is_not(
 
     assert most == 2
     assert [(await reload(store, c)).status for c in capsules] == [Status.RUNNING] * 5
+
+
+async def test_a_new_capsules_ports_sandboxes_and_images_are_asked_for_at_once(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    network: NetworkService,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    capsule = await placed(store, make_capsule)
+    # Each of the three steps waits until the other two have begun: done one after the other,
+    # the first would wait for ever (the timeout breaks the barrier and fails the start).
+    all_begun = asyncio.Barrier(3)
+
+    def waiting_first(step: Callable[..., Any]) -> Callable[..., Any]:
+        async def step_after_the_others_begun(*args: Any, **kwargs: Any) -> Any:
+            async with asyncio.timeout(10):
+                await all_begun.wait()
+            return await step(*args, **kwargs)
+
+        return step_after_the_others_begun
+
+    monkeypatch.setattr(network, "allocate_ports", waiting_first(network.allocate_ports))
+    fake_cri.list_pod_sandboxes = waiting_first(fake_cri.list_pod_sandboxes)
+    fake_cri.image_status = waiting_first(fake_cri.image_status)
+
+    await driver.converge(capsule)
+
+    assert (await reload(store, capsule)).status is Status.RUNNING
+
+
+async def test_image_pulling_is_said_while_an_image_is_pulled_only(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    update_status = store.capsules.update_status
+    writes: list[dict[str, Any]] = []
+
+    async def watched_update_status(uuid: str, **values: Any) -> bool:
+        writes.append(values)
+        return bool(await update_status(uuid, **values))
+
+    monkeypatch.setattr(store.capsules, "update_status", watched_update_status)
+    present = await placed(store, make_capsule)
+    await driver.converge(present)
+    assert not [w for w in writes if w.get("task_state") is TaskState.IMAGE_PULLING]
+
+    writes.clear()
+    fake_cri.images.discard("busybox")
+    pulled = await placed(store, make_capsule)
+    await driver.converge(pulled)
+    assert fake_cri.pulls == ["busybox"]
+    assert [w for w in writes if w.get("task_state") is TaskState.IMAGE_PULLING]
+    assert (await reload(store, pulled)).status is Status.RUNNING
+
+
+async def test_the_sandbox_id_goes_with_the_next_write_not_one_of_its_own(
+    driver: CapsuleDriver,
+    store: Store,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    update_status = store.capsules.update_status
+    writes: list[dict[str, Any]] = []
+
+    async def watched_update_status(uuid: str, **values: Any) -> bool:
+        writes.append(values)
+        return bool(await update_status(uuid, **values))
+
+    monkeypatch.setattr(store.capsules, "update_status", watched_update_status)
+    capsule = await placed(store, make_capsule)
+    await driver.converge(capsule)
+
+    (with_sandbox,) = [w for w in writes if "sandbox_id" in w]
+    assert with_sandbox["task_state"] is TaskState.CONTAINER_STARTING
+    assert with_sandbox["containers"]
+    assert (await reload(store, capsule)).sandbox_id == with_sandbox["sandbox_id"]
+
+
+async def test_the_runtime_makes_the_sandbox_and_starts_containers_while_the_capsule_is_written(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The writes that say what the runtime does wait for the runtime call they announce: if
+    # the call waited for the write instead, the start would never end (the timeout fails it).
+    asked = {"RunPodSandbox": asyncio.Event(), "StartContainer": asyncio.Event()}
+    announces = {
+        TaskState.CONTAINER_CREATING: asked["RunPodSandbox"],
+        TaskState.CONTAINER_STARTING: asked["StartContainer"],
+    }
+    update_status = store.capsules.update_status
+
+    async def write_once_asked(uuid: str, **values: Any) -> bool:
+        event = announces.get(values.get("task_state"))  # type: ignore[arg-type]
+        if event is not None:
+            async with asyncio.timeout(10):
+                await event.wait()
+        return bool(await update_status(uuid, **values))
+
+    def telling(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        async def told(*args: Any) -> Any:
+            asked[name].set()
+            return await call(*args)
+
+        return told
+
+    monkeypatch.setattr(store.capsules, "update_status", write_once_asked)
+    fake_cri.run_pod_sandbox = telling("RunPodSandbox", fake_cri.run_pod_sandbox)
+    fake_cri.start_container = telling("StartContainer", fake_cri.start_container)
+    capsule = await placed(store, make_capsule)
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert (capsule.status, capsule.task_state) == (Status.RUNNING, None)
+
+
+async def test_a_capsule_deleted_while_its_sandbox_starts_is_superseded_then_torn_down(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    capsule = await placed(store, make_capsule)
+    deleted = asyncio.Event()
+    update_status = store.capsules.update_status
+    run_pod_sandbox = fake_cri.run_pod_sandbox
+
+    async def write_after_the_delete(uuid: str, **values: Any) -> bool:
+        if values.get("task_state") is TaskState.CONTAINER_CREATING:
+            async with asyncio.timeout(10):
+                await deleted.wait()
+        return bool(await update_status(uuid, **values))
+
+    async def run_while_deleted(spec: cri.SandboxSpec) -> str:
+        await store.capsules.request_delete(capsule.uuid)
+        deleted.set()
+        return str(await run_pod_sandbox(spec))
+
+    monkeypatch.setattr(store.capsules, "update_status", write_after_the_delete)
+    fake_cri.run_pod_sandbox = run_while_deleted
+
+    with pytest.raises(Superseded):
+        await driver.converge(capsule)
+    # The sandbox call ended; no container was made in it.
+    assert len(fake_cri.sandboxes) == 1 and not fake_cri.containers
+
+    assert await driver.teardown(await reload(store, capsule))
+    assert not fake_cri.sandboxes
+    assert await store.capsules.get(capsule.uuid) is None
