@@ -69,32 +69,74 @@ class FirewallError(Exception):
     pass
 
 
-def render(
-    table: str,
-    view: HostNetworkView,
-    bridge_of: dict[str, str],
-) -> str:
-    """The nftables script that makes ``table`` enforce ``view`` (its host ports included);
-    ``bridge_of`` maps a network id to its bridge. With no port the script only deletes the
-    table."""
+# A table's content: each set and chain ("set NAME", "chain NAME") with its declaration, sets
+# first, in the order a script declares them.
+Objects = dict[str, str]
+
+
+def render(view: HostNetworkView, bridge_of: dict[str, str]) -> dict[str, Objects]:
+    """What capsa's table of each family ("inet", "bridge") must hold to enforce ``view`` (its
+    host ports included); nothing when the table must go. ``bridge_of`` maps a network id to
+    its bridge."""
+    return {
+        "inet": _inet_table(view, bridge_of),
+        "bridge": _anti_spoofing(view),
+    }
+
+
+def script(family: str, table: str, objects: Objects, applied: Objects | None) -> str:
+    """The commands that make ``table`` of ``family`` hold exactly ``objects`` ("" if nothing is
+    to be done); several families' run as one transaction.
+
+    ``applied`` is what the table holds (as an earlier script of this process left it): only the
+    sets and chains that changed are then flushed and declared again, the new ones declared and
+    the gone ones deleted, so a change of one port touches that port's chains and the few shared
+    ones, not every port's. None (unknown, e.g. at start or after a failure): the table is
+    replaced whole.
+    """
+    if applied is not None and objects == applied:
+        return ""
     # Declaring the table first makes the delete succeed whether it existed or not.
-    head = "".join(
-        f"table {family} {table} {{}}\ndelete table {family} {table}\n"
-        for family in ("inet", "bridge")
+    replace = f"table {family} {table} {{}}\ndelete table {family} {table}\n"
+    if not objects:
+        return replace
+    if not applied:
+        return replace + _declaring(family, table, objects.values())
+    changed = [key for key, text in objects.items() if key in applied and applied[key] != text]
+    gone = [key for key in reversed(applied) if key not in objects]
+    return (
+        "".join(f"flush {key.replace(' ', f' {family} {table} ', 1)}\n" for key in changed)
+        + _declaring(
+            family, table, (text for key, text in objects.items() if applied.get(key) != text)
+        )
+        # Last, and the referring before the referred: nothing names them any more by then.
+        + "".join(f"delete {key.replace(' ', f' {family} {table} ', 1)}\n" for key in gone)
     )
+
+
+def _declaring(family: str, table: str, declarations: Iterable[str]) -> str:
+    return f"table {family} {table} {{\n" + "".join(declarations) + "}\n"
+
+
+def _object(*lines: str) -> str:
+    return "".join(line + "\n" for line in lines)
+
+
+def _inet_table(view: HostNetworkView, bridge_of: dict[str, str]) -> Objects:
+    """The table that isolates networks and enforces the ports' groups; none without a port."""
     if not view.ports:
-        return head
-    lines: list[str] = [f"table inet {table} {{"]
+        return {}
+    objects: Objects = {}
     bridges = sorted({bridge_of[p.network.id] for p in view.ports})
     subnet_of_bridge = sorted({(bridge_of[p.network.id], str(p.subnet.cidr)) for p in view.ports})
     gateways = sorted({(bridge_of[p.network.id], str(p.subnet.gateway_ip)) for p in view.ports})
     sets = _member_sets(view)
     for name, addresses in sorted(sets.items()):
         elements = f" elements = {{ {', '.join(addresses)} }};" if addresses else ""
-        lines.append(f"  set {name} {{ type ipv4_addr;{elements} }}")
+        objects[f"set {name}"] = _object(f"  set {name} {{ type ipv4_addr;{elements} }}")
     bridge_set = _set_literal(f'"{b}"' for b in bridges)
 
-    lines += [
+    objects["chain forward"] = _object(
         "  chain forward {",
         "    type filter hook forward priority filter; policy accept;",
         *_admin_down(view, bridge_of),
@@ -102,14 +144,17 @@ def render(
         f"    iifname {bridge_set} jump pod_egress",
         f"    oifname {bridge_set} jump pod_ingress",
         "  }",
+    )
+    objects["chain input"] = _object(
         "  chain input {",
         "    type filter hook input priority filter; policy accept;",
-    ]
-    for bridge in bridges:
-        others = [gw for b, gw in gateways if b != bridge]
-        if others:
-            lines.append(f'    iifname "{bridge}" ip daddr {_set_literal(others)} drop')
-    lines.append("  }")
+        *(
+            f'    iifname "{bridge}" ip daddr {_set_literal(others)} drop'
+            for bridge in bridges
+            if (others := [gw for b, gw in gateways if b != bridge])
+        ),
+        "  }",
+    )
 
     egress_map = [
         f'"{bridge_of[p.network.id]}" . {p.port.ip_address} : jump {_chain(p, "e")}'
@@ -119,27 +164,29 @@ def render(
         f'"{bridge_of[p.network.id]}" . {p.port.ip_address} : jump {_chain(p, "i")}'
         for p in view.ports
     ]
-    lines += [
+    objects["chain pod_egress"] = _object(
         "  chain pod_egress {",
         "    meta nfproto ipv6 drop",
         f"    iifname . ip saddr vmap {{ {', '.join(egress_map)} }}",
         *(f'    iifname "{b}" ip saddr {cidr} return' for b, cidr in subnet_of_bridge),
         "    drop",
         "  }",
+    )
+    objects["chain pod_ingress"] = _object(
         "  chain pod_ingress {",
         "    meta nfproto ipv6 drop",
         f"    oifname . ip daddr vmap {{ {', '.join(ingress_map)} }}",
         *(f'    oifname "{b}" ip daddr {cidr} return' for b, cidr in subnet_of_bridge),
         "    drop",
         "  }",
-    ]
+    )
     for local in view.ports:
         rules = [r for g in local.port.security_group_ids for r in view.rules.get(g, ())]
         for direction, suffix, verdict in (
             (Direction.EGRESS, "e", "return"),
             (Direction.INGRESS, "i", "accept"),
         ):
-            lines.append(f"  chain {_chain(local, suffix)} {{")
+            lines = [f"  chain {_chain(local, suffix)} {{"]
             if direction is Direction.INGRESS:
                 lines.append("    ct status dnat accept")
             for rule in rules:
@@ -148,6 +195,7 @@ def render(
                     if match is not None:
                         lines.append(f"    {match} {verdict}" if match else f"    {verdict}")
             lines += ["    drop", "  }"]
+            objects[f"chain {_chain(local, suffix)}"] = _object(*lines)
 
     by_port = {p.port.id: p for p in view.ports}
     dnat = [
@@ -157,51 +205,49 @@ def render(
         if m.port_id in by_port
     ]
     if dnat:
-        lines += [
-            "  chain host_ports {",
-            *dnat,
-            "  }",
+        objects["chain host_ports"] = _object("  chain host_ports {", *dnat, "  }")
+        objects["chain prerouting"] = _object(
             "  chain prerouting {",
             "    type nat hook prerouting priority dstnat; policy accept;",
             "    fib daddr type local jump host_ports",
             "  }",
+        )
+        objects["chain output"] = _object(
             "  chain output {",
             # nft 1.0 names dstnat only for prerouting; -100 is the same priority.
             "    type nat hook output priority -100; policy accept;",
             "    fib daddr type local jump host_ports",
             "  }",
-        ]
-    lines.append("}")
-    lines += _anti_spoofing(table, view)
-    return head + "\n".join(line for line in lines if line) + "\n"
+        )
+    return objects
 
 
-def _anti_spoofing(table: str, view: HostNetworkView) -> list[str]:
+def _anti_spoofing(view: HostNetworkView) -> Objects:
     """A bridge table that drops what a bound port sends from another MAC or address (ARP
     included), where the frame enters the bridge: a pod cannot pass for another."""
     bound = [p for p in view.ports if p.port.binding_host_ifname]
     if not bound:
-        return []
+        return {}
     jumps = ", ".join(f'"{p.port.binding_host_ifname}" : jump {_chain(p, "s")}' for p in bound)
-    lines = [
-        f"table bridge {table} {{",
-        "  chain prerouting {",
-        "    type filter hook prerouting priority filter; policy accept;",
-        f"    iifname vmap {{ {jumps} }}",
-        "  }",
-    ]
+    objects = {
+        "chain prerouting": _object(
+            "  chain prerouting {",
+            "    type filter hook prerouting priority filter; policy accept;",
+            f"    iifname vmap {{ {jumps} }}",
+            "  }",
+        )
+    }
     for local in bound:
         port = local.port
-        lines += [
+        objects[f"chain {_chain(local, 's')}"] = _object(
             f"  chain {_chain(local, 's')} {{",
             f"    ether saddr != {port.mac_address} drop",
             f"    ip saddr != {port.ip_address} drop",
             f"    arp saddr ip != {port.ip_address} drop",
             "    ether type ip6 drop",
             "  }",
-        ]
-    lines.append("}")
-    return lines
+        )
+    return objects
 
 
 def _admin_down(view: HostNetworkView, bridge_of: dict[str, str]) -> list[str]:

@@ -28,7 +28,7 @@ from capsa.model.network import (
     SecurityGroupRule,
     Subnet,
 )
-from capsa.store import capsules, schema
+from capsa.store import capsules, notify, schema
 from capsa.store.networks import (
     EnforcedStore,
     NotFound,
@@ -70,9 +70,9 @@ _DEVICE_PORTS = (
     select(p_t).where(p_t.c.device_id == bindparam("device")).order_by(p_t.c.interface_index)
 )
 _SET_BINDING = update(p_t).where(p_t.c.id == bindparam("where_id"))
-_CLEAR_BINDING = (
+_CLEAR_BINDINGS = (
     update(p_t)
-    .where(p_t.c.id == bindparam("where_id"))
+    .where(p_t.c.id.in_(bindparam("where_ids", expanding=True)))
     .where(p_t.c.binding_container_id == bindparam("where_container"))
     .values(status="DOWN", binding_container_id=None, binding_host_ifname=None)
 )
@@ -87,31 +87,46 @@ _GROUPS_OF_PORTS = select(pg_t.c.port_id, pg_t.c.security_group_id).where(
     pg_t.c.port_id.in_(bindparam("ports", expanding=True))
 )
 # The network agent's view of its host (PortStore.host_view), read at every change of a port,
-# group or rule.
+# group or rule anywhere: statements built once, each bound to the host alone (subqueries
+# rather than lists of ids, which SQLAlchemy would expand into the statement at every read).
 _HOST_PORTS_WITH_NETWORKS = _PORTS_WITH_NETWORKS.where(p_t.c.host == bindparam("host")).order_by(
     p_t.c.created_at, p_t.c.id
 )
-_RULES_OF_GROUPS = (
+_HOST_PORT_GROUPS = (
+    select(pg_t.c.port_id, pg_t.c.security_group_id)
+    .join(p_t, p_t.c.id == pg_t.c.port_id)
+    .where(p_t.c.host == bindparam("host"))
+    .order_by(pg_t.c.port_id, pg_t.c.security_group_id)
+)
+_HOST_GROUP_IDS = _HOST_PORT_GROUPS.with_only_columns(pg_t.c.security_group_id).order_by(None)
+_HOST_RULES = (
     select(r_t)
-    .where(r_t.c.security_group_id.in_(bindparam("groups", expanding=True)))
+    .where(r_t.c.security_group_id.in_(_HOST_GROUP_IDS))
     .order_by(r_t.c.created_at, r_t.c.id)
 )
-_MEMBERS_OF_GROUPS = (
+_HOST_REMOTE_GROUP_MEMBERS = (
     select(pg_t.c.security_group_id, p_t.c.network_id, p_t.c.ip_address)
     .join(p_t, p_t.c.id == pg_t.c.port_id)
-    .where(pg_t.c.security_group_id.in_(bindparam("groups", expanding=True)))
-    .order_by(p_t.c.ip_address)
+    .where(
+        pg_t.c.security_group_id.in_(
+            select(r_t.c.remote_group_id).where(r_t.c.security_group_id.in_(_HOST_GROUP_IDS))
+        )
+    )
+    .order_by(pg_t.c.security_group_id, p_t.c.ip_address, p_t.c.network_id)
 )
-_REMOTE_PORTS = (
+_HOST_REMOTE_PORTS = (
     select(p_t.c.network_id, p_t.c.host, h_t.c.tunnel_ip, p_t.c.mac_address)
     .join(h_t, h_t.c.name == p_t.c.host)
     .where(
         p_t.c.host != bindparam("host"),
         h_t.c.tunnel_ip.is_not(None),
-        p_t.c.network_id.in_(bindparam("networks", expanding=True)),
+        p_t.c.network_id.in_(select(p_t.c.network_id).where(p_t.c.host == bindparam("host"))),
     )
     .order_by(p_t.c.host, p_t.c.mac_address)
 )
+
+# What a host's view was read from (rows of plain values): equal rows make an equal view.
+HostViewRows = tuple[tuple[Any, ...], ...]
 
 
 class SubnetFull(Exception):
@@ -303,13 +318,18 @@ class PortStore(EnforcedStore):
         await self._write(lambda conn: conn.execute(_SET_BINDING, params))
 
     async def clear_bindings(self, port_ids: Sequence[str], container_id: str) -> None:
-        """Forgets the ports' bindings, but those bound again for a newer sandbox meanwhile."""
-        now = utcnow()
-        params = [
-            {"where_id": port_id, "where_container": container_id, "updated_at": now}
-            for port_id in port_ids
-        ]
-        await self._write(lambda conn: conn.execute(_CLEAR_BINDING, params))
+        """Forgets the ports' bindings, but those bound again for a newer sandbox meanwhile.
+
+        Wakes the network agents only when a binding went: a runtime sends a second DEL for
+        every sandbox (StopPodSandbox, then RemovePodSandbox), which finds nothing to forget.
+        """
+        params = {"where_ids": list(port_ids), "where_container": container_id}
+
+        def work(conn: Connection) -> None:
+            if conn.execute(_CLEAR_BINDINGS, {**params, "updated_at": utcnow()}).rowcount:
+                notify.wake(conn, notify.NETWORK)
+
+        await self._db.run_write(work)
 
     async def delete_for_device(self, device_id: str) -> None:
         await self._write(
@@ -324,64 +344,77 @@ class PortStore(EnforcedStore):
         """The host's ports with their networks, subnets, groups' rules and remote groups'
         members, the other hosts' ports on the same networks (for the overlay), and the host
         ports of its capsules."""
+        _, view = await self.host_view_if_changed(host, None)
+        assert view is not None
+        return view
 
-        def work(conn: Connection) -> HostNetworkView:
-            rows = conn.execute(_HOST_PORTS_WITH_NETWORKS, {"host": host}).all()
-            groups = _groups_of_ports(conn, [row.id for row in rows])
-            # A host's ports share few networks: each network and subnet is decoded once.
-            networks: dict[str, Network] = {}
-            subnets: dict[str, Subnet] = {}
-            local = []
-            for row in rows:
-                if row.network_id not in networks:
-                    networks[row.network_id] = network_from_row(_Prefixed(row, "n__"))  # type: ignore[arg-type]
-                if row.subnet_id not in subnets:
-                    subnets[row.subnet_id] = subnet_from_row(_Prefixed(row, "s__"))  # type: ignore[arg-type]
-                port = _port(row, groups.get(row.id, ()))
-                local.append(LocalPort(port, networks[row.network_id], subnets[row.subnet_id]))
-            group_ids = {g for lp in local for g in lp.port.security_group_ids}
-            rules: dict[str, list[SecurityGroupRule]] = {g: [] for g in group_ids}
-            for row in conn.execute(_RULES_OF_GROUPS, {"groups": list(group_ids)}):
-                rules[row.security_group_id].append(rule_from_row(row))
-            remote_groups = {
-                r.remote_group_id for rs in rules.values() for r in rs if r.remote_group_id
-            }
-            members: dict[str, list[tuple[str, ipaddress.IPv4Address]]] = {
-                g: [] for g in remote_groups
-            }
-            for group_id, network_id, ip in conn.execute(
-                _MEMBERS_OF_GROUPS, {"groups": list(remote_groups)}
-            ):
-                members[group_id].append((network_id, ipaddress.IPv4Address(ip)))
-            remote = tuple(
-                RemotePort(network_id, other, tunnel_ip, mac)
-                for network_id, other, tunnel_ip, mac in conn.execute(
-                    _REMOTE_PORTS, {"host": host, "networks": list(networks)}
-                )
-            )
-            # A capsule's host ports lead to its first interface.
-            first_port = {
-                lp.port.device_id: lp.port.id for lp in local if not lp.port.interface_index
-            }
-            host_ports = tuple(
-                HostPortMapping(
-                    first_port[capsule_uuid],
-                    spec.host_port,
-                    spec.container_port,
-                    spec.protocol.lower(),
-                )
-                for capsule_uuid, spec in capsules.ports_to_run(conn, host)
-                if capsule_uuid in first_port and spec.host_port
-            )
-            return HostNetworkView(
-                ports=tuple(local),
-                rules={g: tuple(rs) for g, rs in rules.items()},
-                members={g: tuple(ms) for g, ms in members.items()},
-                remote_ports=remote,
-                host_ports=host_ports,
-            )
+    async def host_view_if_changed(
+        self, host: str, known: HostViewRows | None, *, long: bool = False
+    ) -> tuple[HostViewRows, HostNetworkView | None]:
+        """What the host's view is read from, and the view, or None when that is ``known`` (what
+        an earlier call returned): nothing the view holds changed since. ``long``: many ports,
+        read on a database thread."""
 
-        return await self._db.run_read(work, long=True)
+        def work(conn: Connection) -> tuple[HostViewRows, HostNetworkView | None]:
+            rows = _host_view_rows(conn, host)
+            return rows, (None if rows == known else _host_view(rows))
+
+        return await self._db.run_read(work, long=long)
+
+
+def _host_view_rows(conn: Connection, host: str) -> HostViewRows:
+    """Every row a host's view is made from, in one transaction (one statement each)."""
+    params = {"host": host}
+    return (
+        tuple(conn.execute(_HOST_PORTS_WITH_NETWORKS, params).all()),
+        tuple(conn.execute(_HOST_PORT_GROUPS, params).all()),
+        tuple(conn.execute(_HOST_RULES, params).all()),
+        tuple(conn.execute(_HOST_REMOTE_GROUP_MEMBERS, params).all()),
+        tuple(conn.execute(_HOST_REMOTE_PORTS, params).all()),
+        tuple(capsules.ports_to_run(conn, host)),
+    )
+
+
+def _host_view(rows: HostViewRows) -> HostNetworkView:
+    port_rows, group_rows, rule_rows, member_rows, remote_rows, ports_to_run = rows
+    groups: dict[str, list[str]] = {}
+    for port_id, group_id in group_rows:
+        groups.setdefault(port_id, []).append(group_id)
+    # A host's ports share few networks: each network and subnet is decoded once.
+    networks: dict[str, Network] = {}
+    subnets: dict[str, Subnet] = {}
+    local = []
+    for row in port_rows:
+        if row.network_id not in networks:
+            networks[row.network_id] = network_from_row(_Prefixed(row, "n__"))  # type: ignore[arg-type]
+        if row.subnet_id not in subnets:
+            subnets[row.subnet_id] = subnet_from_row(_Prefixed(row, "s__"))  # type: ignore[arg-type]
+        port = _port(row, groups.get(row.id, ()))
+        local.append(LocalPort(port, networks[row.network_id], subnets[row.subnet_id]))
+    rules: dict[str, list[SecurityGroupRule]] = {g: [] for ids in groups.values() for g in ids}
+    for row in rule_rows:
+        rules[row.security_group_id].append(rule_from_row(row))
+    members: dict[str, list[tuple[str, ipaddress.IPv4Address]]] = {
+        r.remote_group_id: [] for rs in rules.values() for r in rs if r.remote_group_id
+    }
+    for group_id, network_id, ip in member_rows:
+        members[group_id].append((network_id, ipaddress.IPv4Address(ip)))
+    # A capsule's host ports lead to its first interface.
+    first_port = {lp.port.device_id: lp.port.id for lp in local if not lp.port.interface_index}
+    host_ports = tuple(
+        HostPortMapping(
+            first_port[capsule_uuid], spec.host_port, spec.container_port, spec.protocol.lower()
+        )
+        for capsule_uuid, spec in ports_to_run
+        if capsule_uuid in first_port and spec.host_port
+    )
+    return HostNetworkView(
+        ports=tuple(local),
+        rules={g: tuple(rs) for g, rs in rules.items()},
+        members={g: tuple(ms) for g, ms in members.items()},
+        remote_ports=tuple(RemotePort(*row) for row in remote_rows),
+        host_ports=host_ports,
+    )
 
 
 class _Prefixed:

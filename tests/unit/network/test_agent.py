@@ -60,7 +60,10 @@ async def test_the_agent_follows_ports_rules_and_host_ports(
     agent = NetworkAgent(store, "h1", "capsa_t", Dataplane(), resync_interval=3600)
     await agent.start()
     try:
-        assert applied == [firewall.render("capsa_t", _NOTHING, {})]
+        no_tables = "".join(
+            firewall.script(family, "capsa_t", {}, None) for family in ("inet", "bridge")
+        )
+        assert applied == [no_tables]
 
         capsule = make_capsule()
         web = replace(capsule.containers[0].spec, ports=(PortSpec(80, "TCP", 8080),))
@@ -89,9 +92,15 @@ async def test_the_agent_follows_ports_rules_and_host_ports(
         await agent.sync()
         assert len(applied) == 3
 
-        # The capsule's removal takes its port, its mapping and then the table.
-        assert await store.capsules.remove(capsule.uuid)
+        # A binding changes only the bridge table (it had none: it is declared whole).
+        await store.ports.set_bindings("sandbox1", {port.id: "capsa0123456789"})
         await applied.count(4)
+        assert applied[-1].startswith("table bridge capsa_t {}\ndelete table bridge capsa_t\n")
+        assert '"capsa0123456789" : jump' in applied[-1] and "table inet" not in applied[-1]
+
+        # The capsule's removal takes its port, its mapping and then both tables.
+        assert await store.capsules.remove(capsule.uuid)
+        await applied.count(5)
         assert applied[-1] == applied[0]
     finally:
         await agent.stop()
@@ -118,9 +127,46 @@ async def test_host_ports_lead_to_the_capsules_first_interface(
 
     assert view.host_ports == (HostPortMapping(first.id, 8080, 80, "tcp"),)
     assert first.network_id == back and second.network_id == default.id
-    script = firewall.render("capsa_t", view, {back: "cbr-b", default.id: "cbr-d"})
+    tables = firewall.render(view, {back: "cbr-b", default.id: "cbr-d"})
+    script = firewall.script("inet", "capsa_t", tables["inet"], None)
     assert f"th dport 8080 dnat ip to {first.ip_address}:80" in script
     assert str(second.ip_address) + ":80" not in script
     # A capsule being deleted publishes nothing any more.
     await store.capsules.request_delete(capsule.uuid)
     assert (await store.ports.host_view("h1")).host_ports == ()
+
+
+async def test_refused_changes_are_followed_by_a_whole_replacement(
+    store: Store, make_capsule: CapsuleFactory, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    network = NetworkService(store, "10.50.0.0/24", 1500)
+    agent = NetworkAgent(store, "h1", "capsa_t", Dataplane(), resync_interval=3600)
+    await agent.sync()
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
+    assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    [port] = await network.allocate_ports(capsule.uuid, "p1", "h1")
+    await agent.sync()
+    assert len(applied) == 2
+
+    # Someone deleted a chain of capsa's table: nft refuses to flush it.
+    async def refusing_changes(script: str) -> None:
+        if "flush chain" in script:
+            raise firewall.FirewallError("nftables refused capsa's ruleset: No such file")
+        await applied.apply(script)
+
+    monkeypatch.setattr(firewall, "apply", refusing_changes)
+    await store.ports.update(port.id, admin_state_up=False)
+    await agent.sync()
+
+    assert len(applied) == 3
+    whole = applied[-1]
+    assert whole.startswith("table inet capsa_t {}\ndelete table inet capsa_t\n")
+    assert f". {port.ip_address} }} drop" in whole
+    # The tables are known again: the next change is sent alone.
+    monkeypatch.setattr(firewall, "apply", applied.apply)
+    await store.ports.update(port.id, admin_state_up=True)
+    await agent.sync()
+    assert "flush chain inet capsa_t forward" in applied[-1]
+    assert "delete table" not in applied[-1]

@@ -12,12 +12,13 @@ from capsa.model.network import (
     Attachment,
     Direction,
     EtherType,
+    HostNetworkView,
     LocalPort,
     Port,
     RemotePort,
 )
 from capsa.network.service import NetworkService
-from capsa.store import Store
+from capsa.store import Store, notify
 from capsa.store.networks import NotFound
 from capsa.store.ports import AddressInUse, InvalidAddress, SubnetFull
 
@@ -156,13 +157,17 @@ async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> Non
     network = NetworkService(store, "10.1.0.0/24", 1500)
     [port] = await network.allocate_ports("a", "p1", "h1")
     await store.ports.set_bindings("sandbox-new", {port.id: "capabc"})
+    agents = store.hub.subscribe(notify.NETWORK)
     await store.ports.clear_bindings([port.id], "sandbox-old")
     [bound] = await store.ports.list_for_device("a")
     assert bound.binding_container_id == "sandbox-new"
+    # Nothing changed: the network agents are left alone.
+    assert not await agents.wait(0)
     await store.ports.clear_bindings([port.id], "sandbox-new")
     [unbound] = await store.ports.list_for_device("a")
     assert unbound.binding_container_id is None
     assert unbound.status == "DOWN"
+    assert await agents.wait(0)
 
 
 async def test_find_with_networks_reads_the_ports_their_networks_and_subnets(
@@ -255,3 +260,58 @@ async def test_the_host_view_holds_what_the_hosts_firewall_and_overlay_need(stor
     assert len(members) == 5
     assert sorted(view.members[web.id]) == sorted(members)
     assert view.remote_ports == (RemotePort(back, "h2", "192.0.2.2", remote.mac_address),)
+
+
+async def test_the_host_view_is_made_again_only_when_what_it_holds_changed(store: Store) -> None:
+    service = NetworkService(store, "10.3.0.0/16", 1500)
+    [port] = await service.allocate_ports("a", "p1", "h1")
+    [group_id] = port.security_group_ids
+    rows, view = await store.ports.host_view_if_changed("h1", None)
+    assert view is not None and [lp.port for lp in view.ports] == [port]
+
+    async def changed() -> HostNetworkView | None:
+        """The view if it changed since the last read (which it then becomes), else None."""
+        nonlocal rows
+        rows, new_view = await store.ports.host_view_if_changed("h1", rows)
+        return new_view
+
+    # Nothing this host enforces: another project's port on another host, an unused group.
+    await service.allocate_ports("x", "p2", "h2")
+    await store.networks.create_security_group(project_id="p1", name="unused")
+    assert await changed() is None
+
+    rule = await store.networks.create_rule(
+        security_group_id=group_id,
+        project_id="p1",
+        direction=Direction.INGRESS,
+        ethertype=EtherType.IPV4,
+        protocol="tcp",
+        port_range_min=22,
+    )
+    view = await changed()
+    assert view is not None and rule in view.rules[group_id]
+    assert await changed() is None
+
+    # A new member of the group that the default rules name as remote, on another host.
+    [member] = await service.allocate_ports("b", "p1", "h2")
+    view = await changed()
+    assert view is not None
+    assert (member.network_id, member.ip_address) in view.members[group_id]
+
+    await store.ports.set_bindings("sandbox-a", {port.id: "capsa0123456789"})
+    view = await changed()
+    assert view is not None and view.ports[0].port.binding_host_ifname == "capsa0123456789"
+    assert await changed() is None
+
+    await store.ports.update(port.id, admin_state_up=False)
+    view = await changed()
+    assert view is not None and not view.ports[0].port.admin_state_up
+
+    await store.networks.update_network(port.network_id, admin_state_up=False)
+    view = await changed()
+    assert view is not None and not view.ports[0].network.admin_state_up
+
+    await store.ports.delete(port.id)
+    view = await changed()
+    assert view is not None and view.ports == ()
+    assert await changed() is None
