@@ -4,8 +4,10 @@ A page of 1,000 capsules costs far more to load and format (rows to objects, obj
 dicts to JSON) than to read each capsule's version (:meth:`CapsuleStore.list_page_versions`), and a
 client that polls a list (Virtual Kubelet lists every capsule of its node) mostly sees capsules that
 have not changed. So a list reads the versions, encodes only the capsules it has no body of for that
-version, and joins the encoded bodies. A body is kept per capsule and *shape* (what the caller's
-microversion, base URL and policy make of a capsule), the least recently used going first beyond
+version, and joins the encoded bodies. A show (a client polling one capsule or container until it
+runs) reads the one capsule's version alike (:meth:`CapsuleStore.find_version`). A body is kept per
+capsule and *shape* (what the caller's microversion, base URL and policy make of a capsule, and
+whether it is shown as a capsule or as Zun's container), the least recently used going first beyond
 ``max_bodies``.
 """
 

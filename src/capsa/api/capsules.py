@@ -8,7 +8,8 @@ project finds it too, as in Zun. Deletion is asynchronous: 204 at once, then 404
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 from urllib.parse import urlencode
 
 import orjson
@@ -30,7 +31,13 @@ from capsa.api.middleware import CONTEXT
 from capsa.api.params import boolean, one_of, positive_limit, read_json
 from capsa.api.quotas import over_quota
 from capsa.api.schemas import TemplateError, parse_create_body
-from capsa.api.views import FIELD_RULES, CapsuleFormatter, encoded_list_response, json_response
+from capsa.api.views import (
+    FIELD_RULES,
+    CapsuleFormatter,
+    encoded_list_response,
+    encoded_response,
+    json_response,
+)
 from capsa.log import get_logger
 from capsa.model.capsule import (
     Capsule,
@@ -58,6 +65,8 @@ log = get_logger(__name__)
 
 SORT_DIRS = ("asc", "desc")
 DEFAULT_SORT_KEY = "created_at"
+
+T = TypeVar("T")
 
 
 def formatter(request: web.Request) -> CapsuleFormatter:
@@ -130,8 +139,11 @@ async def _check_attachment(store: Store, project_id: str, annotations: dict[str
             f"not {len(attachment.networks)}"
         )
     try:
-        await store.networks.resolve_networks(project_id, attachment.networks)
-        await store.networks.resolve_security_groups(project_id, attachment.security_groups)
+        # Most capsules name neither (their project's default network and group): no reads.
+        if attachment.networks:
+            await store.networks.resolve_networks(project_id, attachment.networks)
+        if attachment.security_groups:
+            await store.networks.resolve_security_groups(project_id, attachment.security_groups)
     except (NotFound, Ambiguous, RepeatedNetwork) as exc:
         raise _invalid_attachment(str(exc)) from None
 
@@ -188,10 +200,40 @@ async def list_capsules(request: web.Request) -> web.Response:
 async def show_capsule(request: web.Request) -> web.Response:
     context = request[CONTEXT]
     context.authorize("capsule_get")
-    capsule = await find_capsule(
-        request.app[STORE], context, request.match_info["ident"], context.project_id
+    return await show_cached(request, context.project_id, CapsuleKind.CAPSULE)
+
+
+async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind) -> web.Response:
+    """The capsule (or single container) that the request names in ``scope``, as a show returns
+    it, from the body cache while its version holds: a client polling a capsule that has not
+    changed costs one small query, not a load and an encoding of the capsule."""
+    store = request.app[STORE]
+    ident = request.match_info["ident"]
+    capsule_uuid, version = await _in_reach(
+        request[CONTEXT],
+        ident,
+        scope,
+        kind,
+        lambda project_id: store.capsules.find_version(ident, project_id, kind),
     )
-    return json_response(formatter(request).capsule(capsule))
+    view = formatter(request)
+    # A single container's body is not its capsule's: a shape of its own. A capsule's is the
+    # list's, so that a list and a show share their bodies.
+    shape = view.shape if kind is CapsuleKind.CAPSULE else (view.shape, kind)
+    bodies = request.app[CAPSULE_BODIES]
+    body = bodies.get(shape, capsule_uuid, version)
+    if body is None:
+        # Loaded after its version was read: a change in between makes the body newer than the
+        # version it is kept under, which costs the next look a miss, never a stale body.
+        capsule = await store.capsules.get(capsule_uuid)
+        if capsule is None:
+            raise _not_found(kind, ident)  # deleted since its version was read
+        fields = (
+            view.capsule(capsule) if kind is CapsuleKind.CAPSULE else view.single_container(capsule)
+        )
+        body = orjson.dumps(fields)
+        bodies.put(shape, capsule_uuid, version, body)
+    return encoded_response(body)
 
 
 async def delete_capsule(request: web.Request) -> web.Response:
@@ -215,18 +257,36 @@ async def find_capsule(
 ) -> Capsule:
     """The capsule (or single container, by ``kind``) named by uuid or name in ``scope``; those
     who may reach every project (admins) also find other projects' by name or uuid, as in Zun."""
+    return await _in_reach(
+        context, ident, scope, kind, lambda project_id: store.capsules.find(ident, project_id, kind)
+    )
+
+
+async def _in_reach(
+    context: RequestContext,
+    ident: str,
+    scope: str | None,
+    kind: CapsuleKind,
+    lookup: Callable[[str | None], Awaitable[T | None]],
+) -> T:
+    """What ``lookup`` finds of the capsule ``ident`` in ``scope``, else (for those who may reach
+    every project) in any project; Zun's 404 when neither has it, its 409 for an ambiguous name."""
     reach_all = context.can("capsule_all_projects")
     scopes = [scope, None] if scope is not None and reach_all else [scope]
     for project_id in scopes:
         try:
-            capsule = await store.capsules.find(ident, project_id, kind)
+            found = await lookup(project_id)
         except AmbiguousName:
             raise Conflict(
                 f"Multiple {kind}s exist with name {ident}. Please use the {kind} uuid instead."
             ) from None
-        if capsule is not None:
-            return capsule
-    raise CapsuleNotFound(ident) if kind is CapsuleKind.CAPSULE else ContainerNotFound(ident)
+        if found is not None:
+            return found
+    raise _not_found(kind, ident)
+
+
+def _not_found(kind: CapsuleKind, ident: str) -> CapsuleNotFound | ContainerNotFound:
+    return CapsuleNotFound(ident) if kind is CapsuleKind.CAPSULE else ContainerNotFound(ident)
 
 
 async def authorize_fields(store: Store, context: RequestContext, spec: CapsuleSpec) -> None:

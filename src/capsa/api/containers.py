@@ -39,6 +39,7 @@ from capsa.api.capsules import (
     formatter,
     new_capsule,
     next_url,
+    show_cached,
     store_new,
 )
 from capsa.api.context import RequestContext
@@ -241,8 +242,7 @@ async def show_container(request: web.Request) -> web.Response:
     scope = context.project_scope(
         boolean(request.query, "all_projects", False), "container:get_one_all_projects"
     )
-    container = await _find(request, scope)
-    return json_response(formatter(request).single_container(container))
+    return await show_cached(request, scope, CapsuleKind.CONTAINER)
 
 
 async def delete_container(request: web.Request) -> web.Response:

@@ -6,7 +6,7 @@ observed a capsule a moment ago can never turn a capsule being deleted back into
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,12 +54,6 @@ SORT_KEYS: dict[str, Any] = {
 # The statements of the hot paths (an agent's steps, the API's lookups), built once: building
 # a statement costs more than SQLite takes to run it.
 _BY_UUID = select(c_t).where(c_t.c.uuid == bindparam("ident"))
-_OF_KIND = c_t.c.kind == bindparam("kind")
-_BY_UUID_OF_KIND = _BY_UUID.where(_OF_KIND)
-_BY_NAME = select(c_t).where(c_t.c.name == bindparam("ident"), _OF_KIND).limit(2)
-_IN_PROJECT = c_t.c.project_id == bindparam("project")
-_BY_UUID_IN_PROJECT = _BY_UUID_OF_KIND.where(_IN_PROJECT)
-_BY_NAME_IN_PROJECT = _BY_NAME.where(_IN_PROJECT)
 _BY_UUIDS = select(c_t).where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
 # What a capsule's version is made of: its own last update, its containers' last update, and
 # how many ports it has and their last update.
@@ -71,6 +65,20 @@ _VERSION_COLUMNS = (
     .where(schema.ports.c.device_id == c_t.c.uuid)
     .scalar_subquery(),
 )
+
+
+def _lookups(*columns: Any) -> dict[bool, tuple[Select[Any], Select[Any]]]:
+    """``columns`` of a capsule of a kind by uuid, and by name (two rows at most: enough to
+    tell an ambiguous name), in every project (False) or in one (True)."""
+    of_kind = c_t.c.kind == bindparam("kind")
+    in_project = c_t.c.project_id == bindparam("project")
+    by_uuid = select(*columns).where(c_t.c.uuid == bindparam("ident"), of_kind)
+    by_name = select(*columns).where(c_t.c.name == bindparam("ident"), of_kind).limit(2)
+    return {False: (by_uuid, by_name), True: (by_uuid.where(in_project), by_name.where(in_project))}
+
+
+_FIND = _lookups(c_t)
+_FIND_VERSION = _lookups(c_t.c.uuid, *_VERSION_COLUMNS)
 _CONTAINERS_OF = (
     select(k_t)
     .where(k_t.c.capsule_uuid.in_(bindparam("uuids", expanding=True)))
@@ -88,6 +96,17 @@ _PORTS_TO_RUN_ON = (
     .where(c_t.c.host == bindparam("host"), c_t.c.desired_state == DesiredState.RUNNING)
     .order_by(k_t.c.capsule_uuid, k_t.c.position)
 )
+# Capsules waiting for a host: what placing them needs, oldest first.
+_PENDING = (
+    select(c_t.c.uuid, c_t.c.cpu_millis, c_t.c.memory_mb, c_t.c.runtime, c_t.c.created_at)
+    .where(
+        c_t.c.host.is_(None),
+        c_t.c.desired_state != DesiredState.DELETED,
+        c_t.c.status == Status.CREATING,
+    )
+    .order_by(c_t.c.created_at)
+)
+_PENDING_OF = _PENDING.where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
 # Column values come with the parameters; the WHERE's names cannot clash with a column's.
 _SET_CAPSULE = update(c_t).where(
     c_t.c.uuid == bindparam("where_uuid"), c_t.c.desired_state == bindparam("where_desired")
@@ -191,7 +210,7 @@ class CapsuleStore:
             quotas.enforce(conn, capsule.project_id, request, quota_defaults)
             conn.execute(c_t.insert(), capsule_row)
             conn.execute(k_t.insert(), container_rows)
-            notify.wake(conn, notify.SCHEDULER)
+            notify.wake(conn, notify.SCHEDULER, subject=capsule.uuid)
 
         try:
             await self._db.run_write(insert)
@@ -212,22 +231,23 @@ class CapsuleStore:
         self, ident: str, project_id: str | None, kind: CapsuleKind = CapsuleKind.CAPSULE
     ) -> Capsule | None:
         """A capsule (or single container) by uuid or name, within ``project_id`` (None: in
-        every project)."""
+        every project); AmbiguousName when several of the project(s) have that name."""
         params = {"ident": ident, "project": project_id, "kind": kind}
-        by_uuid, by_name = (
-            (_BY_UUID_OF_KIND, _BY_NAME)
-            if project_id is None
-            else (_BY_UUID_IN_PROJECT, _BY_NAME_IN_PROJECT)
+        lookups = _FIND[project_id is not None]
+        capsules = await self._db.run_read(
+            lambda conn: _load(conn, _find_rows(conn, lookups, params))
         )
-
-        def find(conn: Connection) -> list[Capsule]:
-            rows = conn.execute(by_uuid, params).all() or conn.execute(by_name, params).all()
-            if len(rows) > 1:
-                raise AmbiguousName(ident)
-            return _load(conn, rows)
-
-        capsules = await self._db.run_read(find)
         return capsules[0] if capsules else None
+
+    async def find_version(
+        self, ident: str, project_id: str | None, kind: CapsuleKind = CapsuleKind.CAPSULE
+    ) -> tuple[str, str] | None:
+        """The uuid and version (see :meth:`list_page_versions`) of the capsule :meth:`find`
+        would load, in one small query: what a poll needs to tell that nothing changed."""
+        params = {"ident": ident, "project": project_id, "kind": kind}
+        lookups = _FIND_VERSION[project_id is not None]
+        rows = await self._db.run_read(lambda conn: _find_rows(conn, lookups, params))
+        return (rows[0][0], _version(rows[0])) if rows else None
 
     async def find_container(
         self, container_uuid: str, project_id: str | None
@@ -280,7 +300,7 @@ class CapsuleStore:
 
         def versions(conn: Connection) -> list[tuple[str, str]]:
             paged = _one_page(conn, columns, project_id, page, kind, filters)
-            return [(row[0], "|".join(map(str, row[1:]))) for row in conn.execute(paged)]
+            return [(row[0], _version(row)) for row in conn.execute(paged)]
 
         return await self._db.run_read(versions)
 
@@ -295,19 +315,27 @@ class CapsuleStore:
 
         return {c.uuid: c for c in await self._db.run_read(load, long=len(uuids) > 20)}
 
-    async def pending_placements(self) -> list[PlacementRequest]:
-        """Capsules waiting for a host, oldest first: only what placing them needs."""
-        query = (
-            select(c_t.c.uuid, c_t.c.cpu_millis, c_t.c.memory_mb, c_t.c.runtime)
-            .where(
-                c_t.c.host.is_(None),
-                c_t.c.desired_state != DesiredState.DELETED,
-                c_t.c.status == Status.CREATING,
+    async def pending_placements(
+        self, uuids: Collection[str] | None = None
+    ) -> list[PlacementRequest]:
+        """Capsules waiting for a host (all, or those of ``uuids``), oldest first: only what
+        placing them needs."""
+        if uuids is None:
+            rows: Sequence[Any] = await self._db.run_read(
+                lambda conn: conn.execute(_PENDING).all(), long=True
             )
-            .order_by(c_t.c.created_at)
-        )
-        rows = await self._db.run_read(lambda conn: conn.execute(query).all(), long=True)
-        return [PlacementRequest(*row) for row in rows]
+        else:
+            chunks = list(_chunks(list(uuids)))
+
+            def of(conn: Connection) -> list[Any]:
+                return [
+                    row for chunk in chunks for row in conn.execute(_PENDING_OF, {"uuids": chunk})
+                ]
+
+            rows = await self._db.run_read(of, long=len(uuids) > 20)
+            if len(chunks) > 1:
+                rows = sorted(rows, key=lambda row: row.created_at)
+        return [PlacementRequest(r.uuid, r.cpu_millis, r.memory_mb, r.runtime) for r in rows]
 
     async def list_for_host(self, host: str) -> list[Capsule]:
         query = select(c_t).where(c_t.c.host == host)
@@ -451,13 +479,16 @@ class CapsuleStore:
                     .values(
                         cpu_millis_used=h_t.c.cpu_millis_used - row.cpu_millis,
                         memory_mb_used=h_t.c.memory_mb_used - row.memory_mb,
+                        # The scheduler's kept view of the hosts sees the room by this.
+                        updated_at=utcnow(),
                     )
                 )
             conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
             conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
             conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
-            # Freed resources may let the scheduler place a waiting capsule; its ports are gone.
-            notify.wake(conn, notify.SCHEDULER, notify.NETWORK)
+            # Its ports are gone. No scheduler wake-up: no capsule waits for room (one that
+            # finds none fails at once), and the next pass sees the room.
+            notify.wake(conn, notify.NETWORK)
             return True
 
         return await self._db.run_write(remove)
@@ -477,6 +508,22 @@ def _one_page(
     if project_id is not None:
         query = query.where(c_t.c.project_id == project_id)
     return paging.one_page(conn, query, c_t, SORT_KEYS[page.sort_key], page, project_id)
+
+
+def _find_rows(
+    conn: Connection, lookups: tuple[Select[Any], Select[Any]], params: dict[str, Any]
+) -> Sequence[Row[Any]]:
+    """The rows of a capsule named by uuid, or else by name (AmbiguousName if several)."""
+    by_uuid, by_name = lookups
+    rows = conn.execute(by_uuid, params).all() or conn.execute(by_name, params).all()
+    if len(rows) > 1:
+        raise AmbiguousName(params["ident"])
+    return rows
+
+
+def _version(row: Row[Any]) -> str:
+    """A capsule's version from a row of its uuid and :data:`_VERSION_COLUMNS`."""
+    return "|".join(map(str, row[1:]))
 
 
 def ports_to_run(conn: Connection, host: str) -> list[tuple[str, PortSpec]]:

@@ -43,6 +43,7 @@ _GIVE_BACK_ROOM = (
         memory_mb_used=h_t.c.memory_mb_used - bindparam("memory"),
     )
 )
+_CHANGED_SINCE = select(h_t).where(h_t.c.updated_at >= bindparam("since"))
 _PLACE = (
     update(c_t)
     .where(
@@ -138,6 +139,14 @@ class HostStore:
             query = query.where(h_t.c.heartbeat_at >= alive_since)
         return await self._db.run_read(
             lambda conn: [_host(r) for r in conn.execute(query)], long=True
+        )
+
+    async def changed_since(self, since: datetime) -> list[Host]:
+        """Hosts whose record changed at or after ``since`` (room taken or given back, capacity,
+        runtimes, disabled, a heartbeat): what a view of the hosts kept since then lacks."""
+        params = {"since": since}
+        return await self._db.run_read(
+            lambda conn: [_host(r) for r in conn.execute(_CHANGED_SINCE, params)]
         )
 
     async def claim(self, capsule_uuid: str, host: str, cpu_millis: int, memory_mb: int) -> bool:

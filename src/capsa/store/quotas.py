@@ -11,12 +11,14 @@ counts what the first inserted. Usage is always counted from the capsules themse
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-from sqlalchemy import ColumnElement, Table, delete, func, select
+from sqlalchemy import Select, Table, bindparam, delete, func, select
 from sqlalchemy.engine import Connection
 
 from capsa.model.quota import (
     DEFAULT_CLASS,
+    NO_LIMITS,
     QuotaExcess,
     QuotaLimits,
     QuotaResource,
@@ -29,6 +31,19 @@ from capsa.store.db import Database, dialect_insert
 q_t = schema.quotas
 qc_t = schema.quota_classes
 c_t = schema.capsules
+
+# Run by every create: built once (building them cost more than running them).
+_PROJECT_LIMITS = select(q_t.c.resource, q_t.c.hard_limit).where(
+    q_t.c.project_id == bindparam("project")
+)
+_CLASS_LIMITS = select(qc_t.c.resource, qc_t.c.hard_limit).where(
+    qc_t.c.class_name == bindparam("class_name")
+)
+_USAGE = select(
+    func.count(),
+    func.coalesce(func.sum(c_t.c.cpu_millis), 0),
+    func.coalesce(func.sum(c_t.c.memory_mb), 0),
+).where(c_t.c.project_id == bindparam("project"))
 
 
 class OverQuota(Exception):
@@ -86,6 +101,8 @@ def enforce(conn: Connection, project_id: str, request: QuotaUsage, defaults: Qu
     transaction that then inserts what was requested."""
     _lock_project(conn, project_id)
     limits = project_limits(conn, project_id, defaults)
+    if limits == NO_LIMITS:
+        return  # nothing to add up the usage for
     excesses = exceeded(limits, usage(conn, project_id), request)
     if excesses:
         raise OverQuota(project_id, excesses)
@@ -93,30 +110,24 @@ def enforce(conn: Connection, project_id: str, request: QuotaUsage, defaults: Qu
 
 def project_limits(conn: Connection, project_id: str, defaults: QuotaLimits) -> QuotaLimits:
     """The project's own limits, else the default class's, else ``defaults`` (as Zun does)."""
-    own = _rows(conn, q_t, q_t.c.project_id == project_id)
-    return _merge(defaults, _rows(conn, qc_t, qc_t.c.class_name == DEFAULT_CLASS), own)
+    own = _limit_rows(conn, _PROJECT_LIMITS, {"project": project_id})
+    default_class = _limit_rows(conn, _CLASS_LIMITS, {"class_name": DEFAULT_CLASS})
+    return _merge(defaults, default_class, own)
 
 
 def usage(conn: Connection, project_id: str) -> QuotaUsage:
-    count, cpu, memory = conn.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(c_t.c.cpu_millis), 0),
-            func.coalesce(func.sum(c_t.c.memory_mb), 0),
-        ).where(c_t.c.project_id == project_id)
-    ).one()
+    count, cpu, memory = conn.execute(_USAGE, {"project": project_id}).one()
     # Capsules have no disk of their own yet, so they use none of the disk quota.
     return QuotaUsage(containers=int(count), cpu_millis=int(cpu), memory_mb=int(memory))
 
 
 def _class_limits(conn: Connection, class_name: str, defaults: QuotaLimits) -> QuotaLimits:
     """A class's limits, ``defaults`` for what it does not set."""
-    return _merge(defaults, _rows(conn, qc_t, qc_t.c.class_name == class_name))
+    return _merge(defaults, _limit_rows(conn, _CLASS_LIMITS, {"class_name": class_name}))
 
 
-def _rows(conn: Connection, table: Table, condition: ColumnElement[bool]) -> dict[str, int]:
-    query = select(table.c.resource, table.c.hard_limit).where(condition)
-    return {row.resource: row.hard_limit for row in conn.execute(query)}
+def _limit_rows(conn: Connection, query: Select[Any], params: dict[str, str]) -> dict[str, int]:
+    return {row.resource: row.hard_limit for row in conn.execute(query, params)}
 
 
 def _merge(defaults: QuotaLimits, *layers: dict[str, int]) -> QuotaLimits:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -16,6 +16,12 @@ from capsa.store.db import Database
 from capsa.store.paging import Page
 
 r_t = schema.registries
+# Read on every capsule create: built once (building it cost more than running it).
+_OF_PROJECT = (
+    select(r_t)
+    .where(r_t.c.project_id == bindparam("project"))
+    .order_by(r_t.c.created_at, r_t.c.uuid)
+)
 
 # API sort keys and their columns ("id" is Zun's default: the order of creation).
 SORT_KEYS: dict[str, Any] = {
@@ -73,10 +79,10 @@ class RegistryStore:
     async def of_project(self, project_id: str) -> list[Registry]:
         """Every registry of the project, oldest first."""
 
+        params = {"project": project_id}
+
         def read(conn: Connection) -> list[Registry]:
-            query = select(r_t).where(r_t.c.project_id == project_id)
-            rows = conn.execute(query.order_by(r_t.c.created_at, r_t.c.uuid))
-            return [_registry(r._mapping) for r in rows]
+            return [_registry(r._mapping) for r in conn.execute(_OF_PROJECT, params)]
 
         return await self._db.run_read(read)
 

@@ -68,6 +68,14 @@ async def create(
     return body
 
 
+async def shown(client: Client, path: str, headers: dict[str, str]) -> dict[str, Any]:
+    """The body of a GET of ``path`` that must answer 200."""
+    response = await client.get(path, headers=headers)
+    assert response.status == 200, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
 async def assert_error(response: Any, status: int, code: str, *fragments: str) -> str:
     """Checks Zun's error body and returns its detail."""
     assert response.status == status, await response.text()

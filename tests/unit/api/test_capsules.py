@@ -14,11 +14,12 @@ from tests.unit.api.api_helpers import (
     api_headers,
     assert_error,
     create,
+    shown,
     zun_template,
 )
 from tests.unit.conftest import network_with_subnet
 
-from capsa.model.capsule import Status
+from capsa.model.capsule import Capsule, Status
 from capsa.model.network import Attachment
 from capsa.network.service import NetworkService
 from capsa.store import Store
@@ -454,3 +455,58 @@ async def test_a_list_shows_what_changed_since_the_last_list_and_each_caller_its
     member = await listed(api_headers())
     assert set(member) == {"watched", "still"}
     assert "host" not in member["watched"]
+
+
+async def test_a_polled_capsule_reuses_its_body_until_anything_of_it_changes(
+    client: Client, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await create(client, zun_template(name="polled"))
+    loads: list[str] = []
+    load = store.capsules.get
+
+    async def counted_load(uuid: str) -> Capsule | None:
+        loads.append(uuid)
+        return await load(uuid)
+
+    monkeypatch.setattr(store.capsules, "get", counted_load)
+
+    async def polled(ident: str = "polled") -> dict[str, Any]:
+        return await shown(client, f"/v1/capsules/{ident}", ADMIN)
+
+    first = await polled()
+    assert await polled(created["uuid"]) == await polled() == first
+    assert len(loads) == 1, "polls of an unchanged capsule encode it once"
+
+    await store.hosts.register("h1", "http://127.0.0.1:1", 4000, 4096, ("runc",))
+    assert await store.hosts.claim(created["uuid"], "h1", 250, 96)
+    placed = await polled()
+    assert placed["host"] == "h1" and placed["task_state"] == "network_attaching"
+    [container] = created["containers"]
+    await store.capsules.update_container(container["uuid"], status=Status.RUNNING)
+    assert (await polled())["containers"][0]["status"] == "Running"
+    [port] = await NetworkService(store, "10.9.0.0/24", 1500).allocate_ports(
+        created["uuid"], "default", "h1"
+    )
+    assert (await polled())["addresses"][port.network_id][0]["addr"] == str(port.ip_address)
+    assert len(loads) == 4
+
+
+async def test_a_kept_body_is_not_served_across_microversions_policies_or_projects(
+    client: Client,
+) -> None:
+    created = await create(client, zun_template(name="kept"), headers=api_headers(project="a"))
+
+    owner = api_headers(project="a")
+    current = await shown(client, "/v1/capsules/kept", owner)
+    assert current["name"] == "kept" and "meta_name" not in current and "host" not in current
+    legacy = await shown(client, "/v1/capsules/kept", api_headers("1.31", project="a"))
+    assert legacy["meta_name"] == "kept" and "name" not in legacy
+    assert await shown(client, "/v1/capsules/kept", owner) == current
+    # An admin of another project reaches it, with the fields an admin sees.
+    path = f"/v1/capsules/{created['uuid']}"
+    admin = await shown(client, path, api_headers(project="b", roles="admin"))
+    assert admin["uuid"] == created["uuid"] and admin["host"] is None
+    # Other projects' members find nothing, by uuid or by name, though its body is kept.
+    for ident in (created["uuid"], "kept"):
+        response = await client.get(f"/v1/capsules/{ident}", headers=api_headers(project="b"))
+        await assert_error(response, 404, "container.capsule-not-found", ident)

@@ -13,6 +13,7 @@ from tests.unit.api.api_helpers import (
     api_headers,
     assert_error,
     create,
+    shown,
     zun_template,
 )
 
@@ -485,3 +486,26 @@ async def test_logs_of_a_single_container_by_name_come_from_its_agent(
     assert response.status == 200
     assert await response.json() == "line 1\nline 2\n"
     assert [q["uuid"] for q in agent.queries] == [created["uuid"]]
+
+
+async def test_a_polled_container_shows_each_change_in_its_own_shape(
+    client: Client, store: Store
+) -> None:
+    created = await run(client, {"name": "polled", "image": "busybox"})
+
+    async def polled(ident: str = "polled") -> dict[str, Any]:
+        return await shown(client, f"/v1/containers/{ident}", ADMIN)
+
+    first = await polled()
+    assert first["status"] == "Creating" and first["host"] is None
+    assert await polled(created["uuid"]) == first
+    # The capsule path of the same uuid does not answer with the container's body.
+    response = await client.get(f"/v1/capsules/{created['uuid']}", headers=ADMIN)
+    await assert_error(response, 404, "container.capsule-not-found")
+
+    await placed(store, created["uuid"])
+    running = await polled()
+    assert running["status"] == "Running" and running["host"] == "h1"
+    assert running["links"][0]["href"].endswith(f"/v1/containers/{created['uuid']}")
+    member = await shown(client, "/v1/containers/polled", MEMBER)
+    assert member["status"] == "Running" and "host" not in member

@@ -3,8 +3,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+import pytest
 
 from capsa.model.capsule import Capsule, Status
+from capsa.model.host import Host
 from capsa.scheduler.service import Scheduler
 from capsa.store import Store, notify
 
@@ -73,3 +78,110 @@ async def test_hosts_that_stopped_reporting_get_nothing(
     stored = await store.capsules.get(capsule.uuid)
     assert stored is not None and stored.status_reason is not None
     assert "no compute host is up" in stored.status_reason
+
+
+async def test_a_pass_over_its_subjects_places_them_and_leaves_the_others_to_a_full_pass(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
+    named = await store.capsules.create(make_capsule())
+    other = await store.capsules.create(make_capsule())
+    scheduler = Scheduler(store, 10, 60)
+
+    assert await scheduler.schedule_pending({named.uuid}) == 1
+
+    placed, waiting = await store.capsules.get(named.uuid), await store.capsules.get(other.uuid)
+    assert placed is not None and placed.host == "h1"
+    assert waiting is not None and waiting.host is None and waiting.status is Status.CREATING
+    assert await scheduler.schedule_pending(set()) == 0
+    assert await scheduler.schedule_pending() == 1
+    waiting = await store.capsules.get(other.uuid)
+    assert waiting is not None and waiting.host == "h1"
+
+
+async def test_a_pass_over_subjects_sees_host_changes_since_the_last_pass(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
+    scheduler = Scheduler(store, 10, 60)
+    first = await store.capsules.create(make_capsule(cpu_millis=600))
+    assert await scheduler.schedule_pending() == 1
+    # Room given back and a new, roomier host: the kept view catches up with both.
+    await store.hosts.register("h2", "http://h2", 4000, 4096, ("runc",))
+    second = await store.capsules.create(make_capsule(cpu_millis=600))
+    assert await scheduler.schedule_pending({second.uuid}) == 1
+    assert await store.capsules.remove(first.uuid)
+    third = await store.capsules.create(make_capsule(cpu_millis=1000))
+    assert await scheduler.schedule_pending({third.uuid}) == 1
+
+    hosts = {h.name: h for h in await store.hosts.all()}
+    assert hosts["h1"].cpu_millis_used == 1000 and hosts["h2"].cpu_millis_used == 600
+
+
+async def test_a_pass_over_subjects_leaves_a_capsule_without_room_to_a_full_pass(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
+    scheduler = Scheduler(store, 10, 60)
+    big = await store.capsules.create(make_capsule(cpu_millis=2000))
+
+    assert await scheduler.schedule_pending({big.uuid}) == 0
+    waiting = await store.capsules.get(big.uuid)
+    assert waiting is not None and waiting.status is Status.CREATING
+
+    assert await scheduler.schedule_pending() == 0
+    failed = await store.capsules.get(big.uuid)
+    assert failed is not None and failed.status is Status.ERROR
+
+
+async def test_a_kept_view_never_places_on_a_host_that_stopped_reporting(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
+    scheduler = Scheduler(store, 10, host_timeout=0.05)
+    assert await store.capsules.create(make_capsule())
+    assert await scheduler.schedule_pending() == 1
+    await asyncio.sleep(0.1)
+
+    late = await store.capsules.create(make_capsule())
+    assert await scheduler.schedule_pending({late.uuid}) == 0
+    waiting = await store.capsules.get(late.uuid)
+    assert waiting is not None and waiting.host is None
+
+
+async def test_a_lost_claim_makes_the_running_scheduler_read_the_hosts_again(
+    store: Store, make_capsule: CapsuleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
+    await store.hosts.register("h2", "http://h2", 1000, 4096, ("runc",))
+    # Changes that the kept view's catch-up misses (another host's clock, say): only a full
+    # read of the hosts shows them.
+    monkeypatch.setattr(store.hosts, "changed_since", _nothing_changed)
+    scheduler = Scheduler(store, resync_interval=3600, host_timeout=60)
+    await scheduler.start()
+    # Another process (its own hub: no wake-up here) takes h2's room and adds a host.
+    elsewhere = Store(f"sqlite:///{tmp_path / 'capsa.db'}")
+    await elsewhere.open()
+    try:
+        first = await store.capsules.create(make_capsule(cpu_millis=600))
+        h1 = store.hub.subscribe(notify.host_topic("h1"))
+        assert await h1.wait(2.0), "the first capsule was not placed"
+        taken = await elsewhere.capsules.create(make_capsule(cpu_millis=600))
+        assert await elsewhere.hosts.claim(taken.uuid, "h2", 600, 64)
+        await elsewhere.hosts.register("h3", "http://h3", 1000, 4096, ("runc",))
+        h3 = store.hub.subscribe(notify.host_topic("h3"))
+
+        # The view says h2 is empty; its claim finds no room, and the pass after it reads h3.
+        late = await store.capsules.create(make_capsule(cpu_millis=600))
+        assert await h3.wait(2.0), "the view was not read again after the lost claim"
+    finally:
+        await scheduler.stop()
+        await elsewhere.close()
+    placed = {
+        c.uuid: c.host for c in [await store.capsules.get(u) for u in (first.uuid, late.uuid)] if c
+    }
+    assert placed == {first.uuid: "h1", late.uuid: "h3"}
+
+
+async def _nothing_changed(since: datetime) -> list[Host]:
+    return []

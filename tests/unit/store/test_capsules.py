@@ -5,10 +5,11 @@ from collections.abc import Callable
 
 import pytest
 
-from capsa.model.capsule import Capsule, DesiredState, Status, TaskState
+from capsa.model.capsule import Capsule, CapsuleKind, DesiredState, Status, TaskState
+from capsa.model.clock import utcnow
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
-from capsa.store.capsules import NameConflict
+from capsa.store.capsules import AmbiguousName, NameConflict
 from capsa.store.paging import MarkerNotFound, Page
 
 CapsuleFactory = Callable[..., Capsule]
@@ -219,3 +220,40 @@ async def test_a_capsules_version_changes_with_its_row_its_containers_and_its_po
     loaded = await store.capsules.get_many([capsule.uuid, "no-such-capsule"])
     assert list(loaded) == [capsule.uuid]
     assert loaded[capsule.uuid].containers[0].exit_code == 3
+
+
+async def test_a_capsules_version_alone_is_found_as_find_finds_the_capsule(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await store.capsules.create(make_capsule(name="web"))
+    await store.capsules.create(make_capsule(name="web", project_id="p2"))
+    [(_, listed)] = await store.capsules.list_page_versions("p1", Page(limit=10))
+
+    assert await store.capsules.find_version(capsule.uuid, "p1") == (capsule.uuid, listed)
+    assert await store.capsules.find_version("web", "p1") == (capsule.uuid, listed)
+    assert await store.capsules.find_version(capsule.uuid, None) == (capsule.uuid, listed)
+    assert await store.capsules.find_version(capsule.uuid, "p2") is None
+    assert await store.capsules.find_version(capsule.uuid, "p1", CapsuleKind.CONTAINER) is None
+    assert await store.capsules.find_version("nothing", "p1") is None
+    with pytest.raises(AmbiguousName):
+        await store.capsules.find_version("web", None)
+
+    await store.capsules.update_container(capsule.containers[0].uuid, exit_code=1)
+    found = await store.capsules.find_version("web", "p1")
+    assert found is not None and found[1] != listed
+
+
+async def test_create_names_its_capsule_and_remove_shows_the_freed_room_as_a_host_change(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1024, ("runc",))
+    sub = store.hub.subscribe(notify.SCHEDULER)
+    capsule = await store.capsules.create(make_capsule())
+    assert sub.take_subjects() == {capsule.uuid}
+    assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    before_remove = utcnow()
+
+    assert await store.capsules.remove(capsule.uuid)
+
+    [changed] = await store.hosts.changed_since(before_remove)
+    assert changed.name == "h1" and changed.cpu_millis_used == 0
