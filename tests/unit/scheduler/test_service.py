@@ -3,12 +3,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from capsa.model.capsule import Capsule, Status
+from capsa.model.clock import utcnow
 from capsa.model.host import Host
 from capsa.scheduler.service import Scheduler
 from capsa.store import Store, notify
@@ -135,13 +136,15 @@ async def test_a_pass_over_subjects_leaves_a_capsule_without_room_to_a_full_pass
 
 
 async def test_a_kept_view_never_places_on_a_host_that_stopped_reporting(
-    store: Store, make_capsule: CapsuleFactory
+    store: Store, make_capsule: CapsuleFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
-    scheduler = Scheduler(store, 10, host_timeout=0.05)
+    scheduler = Scheduler(store, 10, host_timeout=60)
     assert await store.capsules.create(make_capsule())
     assert await scheduler.schedule_pending() == 1
-    await asyncio.sleep(0.1)
+    # Two minutes later by the scheduler's clock, h1 has not reported since.
+    later = utcnow() + timedelta(minutes=2)
+    monkeypatch.setattr("capsa.scheduler.service.utcnow", lambda: later)
 
     late = await store.capsules.create(make_capsule())
     assert await scheduler.schedule_pending({late.uuid}) == 0
