@@ -38,6 +38,20 @@ s_t = schema.subnets
 p_t = schema.ports
 g_t = schema.security_groups
 r_t = schema.security_group_rules
+
+# Read for every capsule a project starts (its defaults): built once, since building a statement
+# cost more than running it.
+_DEFAULT_NETWORK = select(n_t).where(n_t.c.default_for == bindparam("project"))
+_DEFAULT_GROUP_ID = select(g_t.c.id).where(g_t.c.default_for == bindparam("project"))
+_FIRST_SUBNET = (
+    select(s_t).where(s_t.c.network_id == bindparam("network")).order_by(s_t.c.created_at)
+)
+_GROUP = select(g_t).where(g_t.c.id == bindparam("group"))
+_GROUP_RULES = (
+    select(r_t)
+    .where(r_t.c.security_group_id == bindparam("group"))
+    .order_by(r_t.c.created_at, r_t.c.id)
+)
 pg_t = schema.port_security_groups
 
 T = TypeVar("T")
@@ -488,20 +502,18 @@ class Duplicate(Exception):
 
 def _project_defaults(conn: Connection, project_id: str) -> ProjectDefaults | None:
     """The project's default network, its first subnet and default group, if all exist."""
-    network = conn.execute(select(n_t).where(n_t.c.default_for == project_id)).first()
+    network = conn.execute(_DEFAULT_NETWORK, {"project": project_id}).first()
     group = _default_group(conn, project_id)
     if network is None or group is None:
         return None
-    subnet = conn.execute(
-        select(s_t).where(s_t.c.network_id == network.id).order_by(s_t.c.created_at)
-    ).first()
+    subnet = conn.execute(_FIRST_SUBNET, {"network": network.id}).first()
     if subnet is None:
         return None
     return ProjectDefaults(network_from_row(network), subnet_from_row(subnet), group)
 
 
 def _default_group(conn: Connection, project_id: str) -> SecurityGroup | None:
-    row = conn.execute(select(g_t.c.id).where(g_t.c.default_for == project_id)).first()
+    row = conn.execute(_DEFAULT_GROUP_ID, {"project": project_id}).first()
     return _get_group(conn, row.id) if row else None
 
 
@@ -665,11 +677,11 @@ def _get_subnet(conn: Connection, subnet_id: str) -> Subnet:
 
 
 def _get_group(conn: Connection, group_id: str) -> SecurityGroup:
-    row = _get_row(conn, g_t, "security group", group_id)
-    rules = conn.execute(
-        select(r_t).where(r_t.c.security_group_id == group_id).order_by(r_t.c.created_at, r_t.c.id)
-    )
-    return _group(row, [rule_from_row(r) for r in rules])
+    params = {"group": group_id}
+    row = conn.execute(_GROUP, params).first()
+    if row is None:
+        raise NotFound("security group", group_id)
+    return _group(row, [rule_from_row(r) for r in conn.execute(_GROUP_RULES, params)])
 
 
 def _get_rule(conn: Connection, rule_id: str) -> SecurityGroupRule:

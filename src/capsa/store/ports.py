@@ -87,6 +87,13 @@ _CLEAR_DEVICE_BINDINGS = (
 
 # Allocations' statements.
 _SUBNET_ADDRESSES = select(p_t.c.ip_address).where(p_t.c.subnet_id == bindparam("subnet"))
+# An allocation's (every capsule start's) statements, built once.
+_NETWORK_SUBNETS = (
+    select(s_t).where(s_t.c.network_id == bindparam("network")).order_by(s_t.c.created_at)
+)
+_NETWORK_SUBNET = _NETWORK_SUBNETS.where(s_t.c.id == bindparam("subnet"))
+_PORT_BY_ID = select(p_t).where(p_t.c.id == bindparam("port"))
+_INSERT_PORT = p_t.insert()
 _ADDRESS_TAKEN = select(p_t.c.id).where(
     p_t.c.subnet_id == bindparam("subnet"), p_t.c.ip_address == bindparam("ip")
 )
@@ -498,26 +505,28 @@ def _insert_port(
     now = utcnow()
     port_id = str(uuidlib.uuid4())
     conn.execute(
-        p_t.insert().values(
-            id=port_id,
-            network_id=network_id,
-            subnet_id=subnet.id,
-            ip_address=str(ipaddress.IPv4Address(address)),
-            mac_address=mac,
-            status="DOWN",
-            created_at=now,
-            updated_at=now,
+        _INSERT_PORT,
+        {
+            "id": port_id,
+            "network_id": network_id,
+            "subnet_id": subnet.id,
+            "ip_address": str(ipaddress.IPv4Address(address)),
+            "mac_address": mac,
+            "status": "DOWN",
+            "created_at": now,
+            "updated_at": now,
             **values,
-        )
+        },
     )
     return port_id
 
 
 def _subnets_of(conn: Connection, network_id: str, subnet_id: str | None) -> list[Subnet]:
-    query = select(s_t).where(s_t.c.network_id == network_id).order_by(s_t.c.created_at)
-    if subnet_id is not None:
-        query = query.where(s_t.c.id == subnet_id)
-    subnets = [subnet_from_row(row) for row in conn.execute(query)]
+    if subnet_id is None:
+        rows = conn.execute(_NETWORK_SUBNETS, {"network": network_id})
+    else:
+        rows = conn.execute(_NETWORK_SUBNET, {"network": network_id, "subnet": subnet_id})
+    subnets = [subnet_from_row(row) for row in rows]
     if not subnets:
         raise NotFound(
             "subnet of network" if subnet_id is None else "subnet", subnet_id or network_id
@@ -543,7 +552,7 @@ def _set_groups(conn: Connection, port_id: str, group_ids: Sequence[str]) -> Non
 
 
 def _get(conn: Connection, port_id: str) -> Port:
-    found = _ports(conn, select(p_t).where(p_t.c.id == port_id))
+    found = _ports(conn, _PORT_BY_ID, {"port": port_id})
     if not found:
         raise NotFound("port", port_id)
     return found[0]
