@@ -39,6 +39,19 @@ async def test_a_script_is_one_transaction_and_a_refused_one_changes_nothing() -
     assert f"table inet {table}" not in tables_listing()
 
 
+async def test_after_the_context_is_released_the_next_script_gets_a_new_one() -> None:
+    table = f"capsa_test_{secrets.token_hex(4)}"
+    try:
+        await apply(f"table inet {table} {{}}\n")
+        assert firewall.release()
+        assert not firewall.release(), "a released context was freed twice"
+
+        await apply(f"add chain inet {table} after_release\n")
+        assert "chain after_release" in nft("list", "table", "inet", table)
+    finally:
+        nft("delete", "table", "inet", table)
+
+
 def table_objects(family: str, table: str) -> dict[str, str]:
     """The sets and chains of a table as nft lists them, by name (their order is the kernel's
     order of creation, which changes-only scripts do not keep)."""

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from time import monotonic
 
 from capsa.log import get_logger
 from capsa.model.network import HostNetworkView
@@ -89,6 +90,10 @@ class NetworkAgent:
         self._view: HostNetworkView | None = None
         self._overlay_networks: set[str] = set()
         self._task: asyncio.Task[None] | None = None
+        # When a pass last saw a port here (None: none since start), and whether nftables was
+        # called since its context was last released.
+        self._ports_seen_at: float | None = None
+        self._firewall_used = False
 
     async def start(self) -> None:
         _filter_bridged_traffic()
@@ -135,6 +140,23 @@ class NetworkAgent:
             self._rows, self._view = rows, view
         if self._overlay is not None and self._view is not None:
             await asyncio.to_thread(self._sync_overlay, self._view, self._overlay)
+        await self._release_unused_firewall()
+
+    async def _release_unused_firewall(self) -> None:
+        """Frees nftables' context once the host has had no port for a resync interval (at
+        once when it never had one since start): an idle capsa does not keep it, and capsules
+        that come and go do not pay to make it again at each start."""
+        now = monotonic()
+        if self._view is None or self._view.ports:
+            self._ports_seen_at = now
+            return
+        if not self._firewall_used:
+            return
+        if self._ports_seen_at is not None and now - self._ports_seen_at < self._resync_interval:
+            return
+        self._firewall_used = False
+        if await asyncio.to_thread(firewall.release):
+            log.info("firewall engine released: no port on this host", host=self._host)
 
     async def _enforce(self, view: HostNetworkView) -> None:
         """Brings the tables to ``view``, all in one nftables transaction."""
@@ -146,6 +168,7 @@ class NetworkAgent:
             return
         # Unknown from here until a script succeeds: the next one replaces the tables whole.
         self._applied = None
+        self._firewall_used = True
         try:
             await firewall.apply(changes)
         except firewall.FirewallError as exc:

@@ -170,3 +170,40 @@ async def test_refused_changes_are_followed_by_a_whole_replacement(
     await agent.sync()
     assert "flush chain inet capsa_t forward" in applied[-1]
     assert "delete table" not in applied[-1]
+
+
+async def test_the_firewall_engine_is_freed_once_the_host_has_had_no_port_for_a_resync(
+    store: Store, make_capsule: CapsuleFactory, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    freed: list[float] = []
+    clock = [1000.0]
+    monkeypatch.setattr(firewall, "release", lambda: freed.append(clock[0]) is None)
+    monkeypatch.setattr(agent_module, "monotonic", lambda: clock[0])
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    network = NetworkService(store, "10.50.0.0/24", 1500)
+    agent = NetworkAgent(store, "h1", "capsa_t", Dataplane(), resync_interval=30)
+    await agent.start()
+    try:
+        # No port since start: nothing to keep it for.
+        assert freed == [1000.0]
+
+        capsule = make_capsule()
+        await store.capsules.create(capsule)
+        assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+        await network.allocate_ports(capsule.uuid, "p1", "h1")
+        await applied.count(2)
+        assert freed == [1000.0]
+
+        # The last port goes: capsules that come and go soon would need the engine again.
+        clock[0] = 1010.0
+        assert await store.capsules.remove(capsule.uuid)
+        await applied.count(3)
+        await agent.sync()
+        assert freed == [1000.0]
+
+        # A resync interval later with no port, it is freed.
+        clock[0] = 1040.0
+        await agent.sync()
+        assert freed == [1000.0, 1040.0]
+    finally:
+        await agent.stop()
