@@ -525,21 +525,27 @@ async def test_a_new_capsules_ports_sandboxes_and_images_are_asked_for_at_once(
     assert (await reload(store, capsule)).status is Status.RUNNING
 
 
+@pytest.fixture
+def writes(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The values of every capsule status write, in order."""
+    update_status = store.capsules.update_status
+    written: list[dict[str, Any]] = []
+
+    async def recorded_update_status(uuid: str, **values: Any) -> bool:
+        written.append(values)
+        return bool(await update_status(uuid, **values))
+
+    monkeypatch.setattr(store.capsules, "update_status", recorded_update_status)
+    return written
+
+
 async def test_image_pulling_is_said_while_an_image_is_pulled_only(
     driver: CapsuleDriver,
     store: Store,
     fake_cri: Any,
     make_capsule: CapsuleFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    writes: list[dict[str, Any]],
 ) -> None:
-    update_status = store.capsules.update_status
-    writes: list[dict[str, Any]] = []
-
-    async def watched_update_status(uuid: str, **values: Any) -> bool:
-        writes.append(values)
-        return bool(await update_status(uuid, **values))
-
-    monkeypatch.setattr(store.capsules, "update_status", watched_update_status)
     present = await placed(store, make_capsule)
     await driver.converge(present)
     assert not [w for w in writes if w.get("task_state") is TaskState.IMAGE_PULLING]
@@ -557,16 +563,8 @@ async def test_the_sandbox_id_goes_with_the_next_write_not_one_of_its_own(
     driver: CapsuleDriver,
     store: Store,
     make_capsule: CapsuleFactory,
-    monkeypatch: pytest.MonkeyPatch,
+    writes: list[dict[str, Any]],
 ) -> None:
-    update_status = store.capsules.update_status
-    writes: list[dict[str, Any]] = []
-
-    async def watched_update_status(uuid: str, **values: Any) -> bool:
-        writes.append(values)
-        return bool(await update_status(uuid, **values))
-
-    monkeypatch.setattr(store.capsules, "update_status", watched_update_status)
     capsule = await placed(store, make_capsule)
     await driver.converge(capsule)
 
