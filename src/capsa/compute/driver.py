@@ -644,12 +644,13 @@ class CapsuleDriver:
         # second CNI DEL), which no tenant waits for. A removal that fails leaves a stopped
         # sandbox that belongs to no capsule: the resync's orphan sweep removes it.
         removed, *removals = await asyncio.gather(
-            self._remove_records(capsule),
+            self._store.capsules.remove(capsule.uuid),
             *(self._remove_stopped_sandbox(sandbox.id) for sandbox in sandboxes),
             return_exceptions=True,
         )
         if isinstance(removed, BaseException):
             raise removed
+        log.info("capsule deleted", capsule=capsule.uuid)
         for sandbox, failure in zip(sandboxes, removals, strict=True):
             if isinstance(failure, CriError):
                 log.warning(
@@ -661,10 +662,6 @@ class CapsuleDriver:
             elif isinstance(failure, BaseException):
                 raise failure
         return True
-
-    async def _remove_records(self, capsule: Capsule) -> None:
-        await self._store.capsules.remove(capsule.uuid)
-        log.info("capsule deleted", capsule=capsule.uuid)
 
     async def _remove_stopped_sandbox(self, sandbox_id: str) -> None:
         async with self._sandbox_slots:
