@@ -228,8 +228,7 @@ class ComputeAgent:
     async def resync(self) -> None:
         """Compares the database with the runtime; kicks what differs, removes orphan sandboxes."""
         # The runtime is listed before the database: a sandbox seen here whose capsule is not
-        # in the database afterwards truly belongs to no capsule (records go once its sandboxes
-        # are stopped; a capsule's worker still removing them is left alone below).
+        # in the database afterwards truly belongs to no capsule (records go after sandboxes).
         every_sandbox = await self._cri.list_pod_sandboxes()
         sandboxes = [s for s in every_sandbox if s.labels.get(labels.MANAGED) == "true"]
         containers = await self._cri.list_containers(labels=labels.MANAGED_SELECTOR)

@@ -614,8 +614,7 @@ class CapsuleDriver:
     # ---- teardown ----
 
     async def teardown(self, capsule: Capsule) -> bool:
-        """Stops everything of the capsule, then removes its records while the runtime removes
-        its stopped sandboxes; False to retry later."""
+        """Stops and removes everything of the capsule, then its records; False to retry later."""
         try:
             selector = labels.capsule_selector(capsule.uuid)
             containers, sandboxes = await asyncio.gather(
@@ -627,9 +626,7 @@ class CapsuleDriver:
                 *(self._cri.stop_container(c.id, self._settings.stop_grace_period) for c in running)
             )
             for sandbox in sandboxes:
-                # Stopping a sandbox ends its processes and takes it off the network (CNI DEL).
-                async with self._sandbox_slots:
-                    await self._cri.stop_pod_sandbox(sandbox.id)
+                await self._remove_sandbox(sandbox.id)
         except CriError as exc:
             reason = f"deleting the capsule: {exc.message}"
             log.warning("capsule teardown will be retried", capsule=capsule.uuid, reason=reason)
@@ -639,33 +636,9 @@ class CapsuleDriver:
             self._retry_at(capsule.uuid, _RETRY_S)
             return False
         shutil.rmtree(self._log_directory(capsule.uuid), ignore_errors=True)
-        # Nothing of the capsule runs or holds an address any more: its records, port and claim
-        # go while the runtime removes what is left of its sandboxes (their metadata, and a
-        # second CNI DEL), which no tenant waits for. A removal that fails leaves a stopped
-        # sandbox that belongs to no capsule: the resync's orphan sweep removes it.
-        removed, *removals = await asyncio.gather(
-            self._store.capsules.remove(capsule.uuid),
-            *(self._remove_stopped_sandbox(sandbox.id) for sandbox in sandboxes),
-            return_exceptions=True,
-        )
-        if isinstance(removed, BaseException):
-            raise removed
+        await self._store.capsules.remove(capsule.uuid)
         log.info("capsule deleted", capsule=capsule.uuid)
-        for sandbox, failure in zip(sandboxes, removals, strict=True):
-            if isinstance(failure, CriError):
-                log.warning(
-                    "a stopped sandbox of a deleted capsule is left to the orphan sweep",
-                    capsule=capsule.uuid,
-                    sandbox=sandbox.id,
-                    reason=failure.message,
-                )
-            elif isinstance(failure, BaseException):
-                raise failure
         return True
-
-    async def _remove_stopped_sandbox(self, sandbox_id: str) -> None:
-        async with self._sandbox_slots:
-            await self._cri.remove_pod_sandbox(sandbox_id)
 
     async def remove_orphan(self, sandbox: cri.PodSandbox) -> None:
         """Removes a sandbox whose capsule is not on this host (any more)."""

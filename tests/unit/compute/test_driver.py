@@ -10,7 +10,6 @@ import pytest
 
 from capsa.compute.driver import CapsuleDriver, Superseded
 from capsa.cri import types as cri
-from capsa.cri.client import CriError
 from capsa.model.capsule import Capsule, CapsuleSpec, RestartPolicy, Status, TaskState
 from capsa.network.service import NetworkService
 from capsa.store import Store
@@ -649,58 +648,3 @@ async def test_a_capsule_deleted_while_its_sandbox_starts_is_superseded_then_tor
     assert await driver.teardown(await reload(store, capsule))
     assert not fake_cri.sandboxes
     assert await store.capsules.get(capsule.uuid) is None
-
-
-async def test_teardown_removes_the_records_while_the_runtime_removes_the_stopped_sandbox(
-    driver: CapsuleDriver,
-    store: Store,
-    fake_cri: Any,
-    make_capsule: CapsuleFactory,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    capsule = await placed(store, make_capsule)
-    await driver.converge(capsule)
-    await store.capsules.request_delete(capsule.uuid)
-    remove_records = store.capsules.remove
-    records_gone = asyncio.Event()
-    remove_pod_sandbox = fake_cri.remove_pod_sandbox
-    seen_stopped: list[cri.SandboxState] = []
-
-    async def watched_remove(uuid: str) -> bool:
-        removed = bool(await remove_records(uuid))
-        records_gone.set()
-        return removed
-
-    async def remove_once_the_records_are_gone(sandbox_id: str) -> None:
-        # Were the records removed only after this call, the teardown would never end.
-        async with asyncio.timeout(10):
-            await records_gone.wait()
-        seen_stopped.append(fake_cri.sandboxes[sandbox_id].state)
-        await remove_pod_sandbox(sandbox_id)
-
-    monkeypatch.setattr(store.capsules, "remove", watched_remove)
-    fake_cri.remove_pod_sandbox = remove_once_the_records_are_gone
-
-    assert await driver.teardown(await reload(store, capsule))
-    assert seen_stopped == [cri.SandboxState.NOT_READY]
-    assert not fake_cri.sandboxes
-
-
-async def test_a_sandbox_the_runtime_fails_to_remove_after_the_records_went_is_left_stopped(
-    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
-) -> None:
-    capsule = await placed(store, make_capsule)
-    await driver.converge(capsule)
-    await store.capsules.request_delete(capsule.uuid)
-
-    async def refuse(sandbox_id: str) -> None:
-        raise CriError("RemovePodSandbox", "UNKNOWN", "the runtime is busy")
-
-    fake_cri.remove_pod_sandbox = refuse
-
-    assert await driver.teardown(await reload(store, capsule))
-    assert await store.capsules.get(capsule.uuid) is None
-    # Stopped, so nothing of it runs; the agent's orphan sweep removes it.
-    (left,) = fake_cri.sandboxes.values()
-    assert left.state is cri.SandboxState.NOT_READY
-    assert not [c for c in fake_cri.containers.values() if c.state is cri.ContainerState.RUNNING]
