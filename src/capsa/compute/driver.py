@@ -650,9 +650,10 @@ class CapsuleDriver:
         await self._remove_sandbox(sandbox.id)
 
     async def _remove_sandbox(self, sandbox_id: str) -> None:
-        # StopPodSandbox runs the CNI DEL; RemovePodSandbox removes the sandbox's containers too.
+        # RemovePodSandbox stops the sandbox first (its processes, then the CNI DEL) and removes
+        # its containers too. A StopPodSandbox before it, as kubelet sends to keep stopped pods
+        # around, would make containerd stop it twice: a second CNI DEL, a capsa-cni process.
         async with self._sandbox_slots:
-            await self._cri.stop_pod_sandbox(sandbox_id)
             await self._cri.remove_pod_sandbox(sandbox_id)
 
     # ---- specs ----

@@ -648,3 +648,23 @@ async def test_a_capsule_deleted_while_its_sandbox_starts_is_superseded_then_tor
     assert await driver.teardown(await reload(store, capsule))
     assert not fake_cri.sandboxes
     assert await store.capsules.get(capsule.uuid) is None
+
+
+async def test_teardown_stops_containers_gracefully_then_removes_the_sandbox_in_one_call(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await placed(store, make_capsule)
+    await driver.converge(capsule)
+    await store.capsules.request_delete(capsule.uuid)
+    fake_cri.calls.clear()
+
+    assert await driver.teardown(await reload(store, capsule))
+
+    # RemovePodSandbox stops the sandbox itself: a StopPodSandbox before it would make the
+    # runtime tear the pod's network down twice (two CNI DELs).
+    assert [c for c in fake_cri.calls if not c.startswith("List")] == [
+        "StopContainer",
+        "RemovePodSandbox",
+    ]
+    assert not fake_cri.sandboxes and not fake_cri.containers
+    assert await store.capsules.get(capsule.uuid) is None
