@@ -104,7 +104,7 @@ def run(session: Session) -> CaseResult:
         f"{plan.poll_interval * 1000:g} ms on a kept-alive connection until it says Running; "
         "DELETE, then GET until 404.",
         "reference: RunPodSandbox, CreateContainer, StartContainer (and StopContainer, "
-        "RemoveContainer, StopPodSandbox, RemovePodSandbox) with capsa's CriClient on the same "
+        "RemovePodSandbox, the calls capsa makes) with capsa's CriClient on the same "
         "containerd as capsa, under a runtime handler of its own whose cni_conf_dir (containerd "
         "1.6's per-handler CNI conf dir) holds the reference bridge + host-local conflist.",
         "An anchor capsule and an anchor reference pod run throughout, so that both networks' "
