@@ -103,7 +103,7 @@ class ReferencePods:
     async def teardown(self, pod: RawPod) -> None:
         """StopContainer (with capsa's grace period), then RemovePodSandbox, which stops the
         sandbox and removes its container: the shortest raw teardown, and the calls capsa makes.
-        (A kubelet's RemoveContainer and StopPodSandbox in between cost about 20 ms more, a
+        (A kubelet's RemoveContainer and StopPodSandbox in between cost about 10 ms more, a
         second CNI DEL among them: a reference that made them would flatter capsa.)"""
         await self._timed("StopContainer", self._cri.stop_container(pod.container_id, self._grace))
         await self._timed("RemovePodSandbox", self._cri.remove_pod_sandbox(pod.sandbox_id))
