@@ -19,9 +19,7 @@
   name); the veths themselves are deleted right after the answer (the kernel's veth deletion is
   most of a DEL's time otherwise). Only calls on those veths wait for that deletion: an ADD of
   the same attachment (CNI allows ADD after DEL) makes them again once it is over, and a DEL
-  repeated before such an ADD (containerd sends two per sandbox) answers at once, its work done
-  (the daemon remembers the latest attachments it unplugged; one whose veths it could not
-  delete is forgotten, so that the next DEL tries again).
+  repeated meanwhile (containerd sends two per sandbox) answers at once, its work done.
 - CHECK compares ``prevResult``, the port and the kernel.
 - GC (CNI 1.1.0) removes this daemon's attachments that are not in ``cni.dev/valid-attachments``.
 - STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
@@ -87,9 +85,6 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
-# The host ends of the latest attachments unplugged that the daemon remembers, so that the
-# runtime's repeated DEL of each costs nothing (container ids are never reused).
-_REMEMBERED_UNPLUGGED = 1024
 # Bit of CAP_NET_ADMIN in /proc/self/status CapEff.
 _CAP_NET_ADMIN = 12
 _HTTP_STATUS = {
@@ -123,13 +118,12 @@ class _KeyedLocks:
 
 
 @dataclass(frozen=True)
-class _Unplugged:
-    """An attachment a DEL unplugged, and the deletion of its veths after the answer."""
+class _Deletion:
+    """Veths a DEL detached, being deleted after its answer."""
 
-    # True once the veths are deleted.
-    deletion: asyncio.Task[bool]
-    # Whether that DEL forgot every binding of the attachment: a DEL repeated before an ADD of
-    # the attachment then has nothing left to do.
+    task: asyncio.Task[None]
+    # Whether that DEL forgot every binding of its attachment: a DEL repeated meanwhile has
+    # nothing left to do.
     unbound_all: bool
 
 
@@ -177,9 +171,9 @@ class _CniService:
         self._dataplane = dataplane
         self._executor = executor
         self._pod_locks = _KeyedLocks()
-        self._background: set[asyncio.Task[Any]] = set()
-        # Host ends that a DEL unplugged, oldest first, until an ADD takes them back.
-        self._unplugged: dict[str, _Unplugged] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        # Host ends that a DEL detached and is deleting after its answer, by name.
+        self._deleting: dict[str, _Deletion] = {}
         self.metrics = DaemonMetrics()
         self.not_ready_reason = _lacks_net_admin()
         self._commands: dict[
@@ -229,7 +223,7 @@ class _CniService:
             fields["port"] = ",".join(port.port_id for _, port in interfaces)
             # CNI allows an ADD after a DEL of the same attachment: its veths are made again
             # once that DEL's deletion of them is over, never beside it.
-            await self._take_back(
+            await self._deleted(
                 [host_ifname(request.container_id, ifname) for ifname, _ in interfaces], fields
             )
             # A capsule has one sandbox at a time: an older one that still holds a port is being
@@ -285,14 +279,14 @@ class _CniService:
         pod = request.pod_name
         first_host_end = host_ifname(request.container_id, request.ifname)
         async with self._pod_locks.hold(pod or request.container_id):
-            unplugged = self._unplugged.get(first_host_end)
-            if unplugged is not None and unplugged.unbound_all:
+            deletion = self._deleting.get(first_host_end)
+            if deletion is not None and deletion.unbound_all:
                 # A runtime's second DEL (containerd: StopPodSandbox, then RemovePodSandbox):
-                # the first took the pod off the networks and forgot every binding, its veths
-                # are being deleted or gone, and no ADD took them back since.
-                log.info("already unplugged", **fields)
+                # the first took the pod off the networks and forgot every binding, and no ADD
+                # came since (it would have waited for this deletion).
+                log.info("already unplugged: its veths are being deleted", **fields)
                 return
-            await self._take_back([first_host_end], fields)
+            await self._deleted([first_host_end], fields)
             removed = await self._netlink(
                 request, self._dataplane.detach, request.container_id, request.ifname
             )
@@ -326,57 +320,36 @@ class _CniService:
     def _delete_after_answer(
         self, request: CniRequest, host_names: list[str], *, unbound_all: bool, fields: LogFields
     ) -> None:
-        """Deletes the veths a DEL detached once it has answered, and remembers the DEL; only
-        calls on those veths wait for the deletion (:meth:`_take_back`), not the pod's other
-        calls."""
-        unplugged = _Unplugged(
-            self._after_answer(self._remove_detached(request, host_names, fields)), unbound_all
-        )
-        for name in host_names:
-            self._unplugged.pop(name, None)
-            self._unplugged[name] = unplugged
+        """Deletes the veths a DEL detached once it has answered; only calls on those veths
+        wait for it (:meth:`_deleted`), not the pod's other calls."""
+        task = self._after_answer(self._remove_detached(request, host_names, fields))
+        deletion = _Deletion(task, unbound_all)
+        self._deleting.update(dict.fromkeys(host_names, deletion))
 
-        def settle(deletion: asyncio.Task[bool]) -> None:
-            if deletion.cancelled() or deletion.exception() is not None or not deletion.result():
-                # The veths are still there: a repeated DEL tries again.
-                for name in host_names:
-                    if self._unplugged.get(name) is unplugged:
-                        del self._unplugged[name]
+        def forget(_: asyncio.Task[None]) -> None:
+            for name in host_names:
+                if self._deleting.get(name) is deletion:
+                    del self._deleting[name]
 
-        unplugged.deletion.add_done_callback(settle)
-        # The oldest go first, but never while being deleted: an ADD must find those.
-        while len(self._unplugged) > _REMEMBERED_UNPLUGGED:
-            oldest, record = next(iter(self._unplugged.items()))
-            if not record.deletion.done():
-                break
-            del self._unplugged[oldest]
+        task.add_done_callback(forget)
 
     async def _remove_detached(
         self, request: CniRequest, host_names: list[str], fields: LogFields
-    ) -> bool:
+    ) -> None:
         try:
             await self._netlink(request, self._dataplane.remove_detached, host_names)
         except CniError as exc:
             # Its netns going removes it too; GC removes it if neither happened.
             log.warning("cannot remove a detached veth", error=exc.msg, **fields)
-            return False
-        return True
 
-    async def _take_back(self, host_names: list[str], fields: LogFields) -> None:
-        """Makes the veths ``host_names`` this call's: waits until no DEL is deleting them any
-        more, and forgets that DEL."""
-        running = {
-            record.deletion
-            for name in host_names
-            if (record := self._unplugged.get(name)) and not record.deletion.done()
-        }
-        if running:
+    async def _deleted(self, host_names: list[str], fields: LogFields) -> None:
+        """Waits until no DEL is deleting any of the veths ``host_names`` any more."""
+        deletions = {self._deleting[name].task for name in host_names if name in self._deleting}
+        if deletions:
             log.info("waiting for a DEL's deletion of the attachment's veths", **fields)
-            await asyncio.wait(running)
-        for name in host_names:
-            self._unplugged.pop(name, None)
+            await asyncio.wait(deletions)
 
-    def _after_answer(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    def _after_answer(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)

@@ -522,71 +522,6 @@ async def test_a_second_del_answers_while_the_first_ones_deletion_runs(
     assert ports.bound == {}
 
 
-async def deletions_done() -> None:
-    """Waits for the veth deletions the daemon runs after its DELs have answered."""
-    await asyncio.gather(
-        *(
-            task
-            for task in asyncio.all_tasks()
-            if getattr(task.get_coro(), "__name__", "") == "_remove_detached"
-        )
-    )
-
-
-async def test_a_del_repeated_after_the_deletion_costs_nothing(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
-) -> None:
-    await added(client, envelope())
-    assert await call(client, "del", envelope()) == (200, None)
-    await deletions_done()
-    assert dataplane.links == {}
-    calls = len(ports.calls)
-
-    assert await call(client, "del", {**envelope(), "netns": ""}) == (200, None)
-
-    assert ports.calls[calls:] == []
-    assert ports.bound == {}
-
-
-async def test_after_an_add_of_the_same_attachment_a_del_does_its_work_again(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
-) -> None:
-    await added(client, envelope())
-    assert await call(client, "del", envelope()) == (200, None)
-    await deletions_done()
-    await added(client, envelope())
-    assert ports.bound == {"port-1": ("c1", host_ifname("c1", "eth0"))}
-
-    assert await call(client, "del", envelope()) == (200, None)
-
-    assert dataplane.plugged == {}
-    assert ports.bound == {}
-    await deletions_done()
-    assert dataplane.links == {}
-
-
-async def test_a_veth_that_could_not_be_deleted_is_deleted_by_the_next_del(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
-) -> None:
-    await added(client, envelope())
-    remove_detached = dataplane.remove_detached
-
-    def busy_once(host_names: Sequence[str]) -> list[str]:
-        dataplane.remove_detached = remove_detached  # type: ignore[method-assign]
-        raise DataplaneError("Device or resource busy")
-
-    dataplane.remove_detached = busy_once  # type: ignore[method-assign]
-    assert await call(client, "del", envelope()) == (200, None)
-    await deletions_done()
-    assert host_ifname("c1", "eth0") in dataplane.links
-
-    assert await call(client, "del", envelope()) == (200, None)
-    await deletions_done()
-
-    assert dataplane.links == {}
-    assert ports.bound == {}
-
-
 async def test_a_new_sandbox_of_the_capsule_does_not_wait_for_the_old_ones_veth_deletion(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
@@ -1067,3 +1002,53 @@ async def test_daemon_on_a_free_tcp_port(ports: FakePorts) -> None:
             assert response.status == 200
     finally:
         await daemon.stop()
+
+
+async def deletions_done() -> None:
+    """Waits for the veth deletions the daemon runs after its DELs have answered."""
+    await asyncio.gather(
+        *(
+            task
+            for task in asyncio.all_tasks()
+            if getattr(task.get_coro(), "__name__", "") == "_remove_detached"
+        )
+    )
+
+
+async def test_after_an_add_of_the_same_attachment_a_del_does_its_work_again(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    assert await call(client, "del", envelope()) == (200, None)
+    await deletions_done()
+    await added(client, envelope())
+    assert ports.bound == {"port-1": ("c1", host_ifname("c1", "eth0"))}
+
+    assert await call(client, "del", envelope()) == (200, None)
+
+    assert dataplane.plugged == {}
+    assert ports.bound == {}
+    await deletions_done()
+    assert dataplane.links == {}
+
+
+async def test_a_veth_that_could_not_be_deleted_is_deleted_by_the_next_del(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    remove_detached = dataplane.remove_detached
+
+    def busy_once(host_names: Sequence[str]) -> list[str]:
+        dataplane.remove_detached = remove_detached  # type: ignore[method-assign]
+        raise DataplaneError("Device or resource busy")
+
+    dataplane.remove_detached = busy_once  # type: ignore[method-assign]
+    assert await call(client, "del", envelope()) == (200, None)
+    await deletions_done()
+    assert host_ifname("c1", "eth0") in dataplane.links
+
+    assert await call(client, "del", envelope()) == (200, None)
+    await deletions_done()
+
+    assert dataplane.links == {}
+    assert ports.bound == {}
