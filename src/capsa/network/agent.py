@@ -90,10 +90,8 @@ class NetworkAgent:
         self._view: HostNetworkView | None = None
         self._overlay_networks: set[str] = set()
         self._task: asyncio.Task[None] | None = None
-        # When a pass last saw a port here (None: none since start), and whether nftables was
-        # called since its context was last released.
+        # When a pass last saw a port here (None: none since start).
         self._ports_seen_at: float | None = None
-        self._firewall_used = False
 
     async def start(self) -> None:
         _filter_bridged_traffic()
@@ -150,11 +148,8 @@ class NetworkAgent:
         if self._view is None or self._view.ports:
             self._ports_seen_at = now
             return
-        if not self._firewall_used:
-            return
         if self._ports_seen_at is not None and now - self._ports_seen_at < self._resync_interval:
             return
-        self._firewall_used = False
         if await asyncio.to_thread(firewall.release):
             log.info("firewall engine released: no port on this host", host=self._host)
 
@@ -168,7 +163,6 @@ class NetworkAgent:
             return
         # Unknown from here until a script succeeds: the next one replaces the tables whole.
         self._applied = None
-        self._firewall_used = True
         try:
             await firewall.apply(changes)
         except firewall.FirewallError as exc:

@@ -177,7 +177,22 @@ async def test_the_firewall_engine_is_freed_once_the_host_has_had_no_port_for_a_
 ) -> None:
     freed: list[float] = []
     clock = [1000.0]
-    monkeypatch.setattr(firewall, "release", lambda: freed.append(clock[0]) is None)
+    # As libnftables' context: made by a script, freed (True) only when one was made since.
+    context_made = [False]
+
+    async def apply(script: str) -> None:
+        context_made[0] = True
+        await applied.apply(script)
+
+    def release() -> bool:
+        if not context_made[0]:
+            return False
+        context_made[0] = False
+        freed.append(clock[0])
+        return True
+
+    monkeypatch.setattr(firewall, "apply", apply)
+    monkeypatch.setattr(firewall, "release", release)
     monkeypatch.setattr(agent_module, "monotonic", lambda: clock[0])
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
     network = NetworkService(store, "10.50.0.0/24", 1500)
