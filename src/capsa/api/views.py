@@ -55,7 +55,7 @@ def encoded_list_response(
             b"}",
         )
     )
-    return web.Response(body=body, content_type="application/json")
+    return encoded_response(body)
 
 
 def timestamp(value: datetime | None) -> str | None:

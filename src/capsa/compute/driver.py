@@ -106,7 +106,7 @@ class CapsuleDriver:
         # capsules: a capsule waiting for an init container must not hold up a burst of others.
         self._sandbox_slots = asyncio.Semaphore(settings.max_sandbox_calls)
         # Fields a pass recorded and has not written yet, by capsule: they go with the capsule's
-        # next write (one transaction), before the runtime is next asked to change something,
+        # next write (one transaction; at the latest the one alongside the runtime's next change)
         # and at the end of the pass.
         self._unwritten: dict[str, _Unwritten] = {}
 
