@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from capsa.model.capsule import Capsule, CapsuleSpec, Container, ContainerKind, ContainerSpec
-from capsa.model.network import AllocationPool
+from capsa.model.network import AllocationPool, HostNetworkView
 from capsa.store import Store
 
 CapsuleFactory = Callable[..., Capsule]
@@ -92,3 +92,10 @@ async def network_with_subnet(
         else [AllocationPool(ipaddress.IPv4Address(pool[0]), ipaddress.IPv4Address(pool[1]))],
     )
     return network.id
+
+
+async def host_view(store: Store, host: str) -> HostNetworkView:
+    """The network agent's view of ``host``, read whole."""
+    _, view = await store.ports.host_view_if_changed(host, None)
+    assert view is not None
+    return view

@@ -281,9 +281,9 @@ class _CniService:
         async with self._pod_locks.hold(pod or request.container_id):
             deletion = self._deleting.get(first_host_end)
             if deletion is not None and deletion.unbound_all:
-                # A runtime's second DEL (containerd: StopPodSandbox, then RemovePodSandbox):
-                # the first took the pod off the networks and forgot every binding, and no ADD
-                # came since (it would have waited for this deletion).
+                # A repeated DEL (kubelet-style runtimes send one from StopPodSandbox, then one
+                # from RemovePodSandbox): the first took the pod off the networks and forgot
+                # every binding, and no ADD came since (it would have waited for this deletion).
                 log.info("already unplugged: its veths are being deleted", **fields)
                 return
             await self._deleted([first_host_end], fields)

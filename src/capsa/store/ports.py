@@ -335,8 +335,8 @@ class PortStore(EnforcedStore):
     async def clear_bindings(self, port_ids: Sequence[str], container_id: str) -> None:
         """Forgets the ports' bindings, but those bound again for a newer sandbox meanwhile.
 
-        Wakes the network agents only when a binding went: a runtime sends a second DEL for
-        every sandbox (StopPodSandbox, then RemovePodSandbox), which finds nothing to forget.
+        Wakes the network agents only when a binding went: a repeated DEL (kubelet-style
+        runtimes send two per sandbox, StopPodSandbox's and RemovePodSandbox's) finds nothing.
         """
         params = {"where_ids": list(port_ids), "where_container": container_id}
 
@@ -350,7 +350,7 @@ class PortStore(EnforcedStore):
         """Forgets the bindings that the sandbox ``container_id`` holds on the device's ports;
         returns the ids of the ports it unbound. One statement: a DEL needs no read first.
 
-        Wakes the network agents only when a binding went (not for a runtime's second DEL).
+        Wakes the network agents only when a binding went (not for a repeated DEL).
         """
         params = {"where_device": device_id, "where_container": container_id}
 
@@ -372,20 +372,14 @@ class PortStore(EnforcedStore):
         query = select(p_t).where(p_t.c.subnet_id == subnet_id)
         return await self._db.run_read(lambda conn: _ports(conn, query), long=True)
 
-    async def host_view(self, host: str) -> HostNetworkView:
-        """The host's ports with their networks, subnets, groups' rules and remote groups'
-        members, the other hosts' ports on the same networks (for the overlay), and the host
-        ports of its capsules."""
-        _, view = await self.host_view_if_changed(host, None)
-        assert view is not None
-        return view
-
     async def host_view_if_changed(
         self, host: str, known: HostViewRows | None, *, long: bool = False
     ) -> tuple[HostViewRows, HostNetworkView | None]:
         """What the host's view is read from, and the view, or None when that is ``known`` (what
-        an earlier call returned): nothing the view holds changed since. ``long``: many ports,
-        read on a database thread."""
+        an earlier call returned): nothing the view holds changed since. The view: the host's
+        ports with their networks, subnets, groups' rules and remote groups' members, the other
+        hosts' ports on the same networks (for the overlay), and the host ports of its capsules.
+        ``long``: many ports, read on a database thread."""
 
         def work(conn: Connection) -> tuple[HostViewRows, HostNetworkView | None]:
             rows = _host_view_rows(conn, host)

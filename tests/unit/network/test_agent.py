@@ -5,7 +5,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
-from tests.unit.conftest import network_with_subnet
+from tests.unit.conftest import host_view, network_with_subnet
 
 from capsa.model.capsule import Capsule, PortSpec
 from capsa.model.network import (
@@ -123,7 +123,7 @@ async def test_host_ports_lead_to_the_capsules_first_interface(
         capsule.uuid, "p1", "h1", Attachment(("back", default.id))
     )
 
-    view = await store.ports.host_view("h1")
+    view = await host_view(store, "h1")
 
     assert view.host_ports == (HostPortMapping(first.id, 8080, 80, "tcp"),)
     assert first.network_id == back and second.network_id == default.id
@@ -133,7 +133,7 @@ async def test_host_ports_lead_to_the_capsules_first_interface(
     assert str(second.ip_address) + ":80" not in script
     # A capsule being deleted publishes nothing any more.
     await store.capsules.request_delete(capsule.uuid)
-    assert (await store.ports.host_view("h1")).host_ports == ()
+    assert (await host_view(store, "h1")).host_ports == ()
 
 
 async def test_refused_changes_are_followed_by_a_whole_replacement(

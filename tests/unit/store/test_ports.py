@@ -5,7 +5,7 @@ import dataclasses
 import ipaddress
 
 import pytest
-from tests.unit.conftest import network_with_subnet
+from tests.unit.conftest import host_view, network_with_subnet
 
 from capsa.model.network import (
     AllocationPool,
@@ -272,7 +272,7 @@ async def test_the_host_view_holds_what_the_hosts_firewall_and_overlay_need(stor
     [remote] = await service.allocate_ports("c", "p1", "h2", Attachment(("back",), ("web",)))
     await service.allocate_ports("d", "p1", "h2", Attachment(("lonely",), ("web",)))
 
-    view = await store.ports.host_view("h1")
+    view = await host_view(store, "h1")
 
     subnets = {s.network_id: s for s in await store.networks.list_subnets("p1")}
     # Only this host's ports (in the order of their creation, which one transaction may share).
