@@ -20,7 +20,7 @@ import contextlib
 import os
 import shutil
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -616,17 +616,12 @@ class CapsuleDriver:
     async def teardown(self, capsule: Capsule) -> bool:
         """Stops and removes everything of the capsule, then its records; False to retry later."""
         try:
-            selector = labels.capsule_selector(capsule.uuid)
-            containers, sandboxes = await asyncio.gather(
-                self._cri.list_containers(labels=selector), self._cri.list_pod_sandboxes(selector)
+            sandboxes = await self._stop_containers(capsule)
+            _raise_first_failure(
+                await asyncio.gather(
+                    *(self._remove_sandbox(s.id) for s in sandboxes), return_exceptions=True
+                )
             )
-            running = [c for c in containers if c.state is cri.ContainerState.RUNNING]
-            # Containers get their grace period together, not one after another.
-            await asyncio.gather(
-                *(self._cri.stop_container(c.id, self._settings.stop_grace_period) for c in running)
-            )
-            for sandbox in sandboxes:
-                await self._remove_sandbox(sandbox.id)
         except CriError as exc:
             reason = f"deleting the capsule: {exc.message}"
             log.warning("capsule teardown will be retried", capsule=capsule.uuid, reason=reason)
@@ -639,6 +634,49 @@ class CapsuleDriver:
         await self._store.capsules.remove(capsule.uuid)
         log.info("capsule deleted", capsule=capsule.uuid)
         return True
+
+    async def _stop_containers(self, capsule: Capsule) -> list[cri.PodSandbox]:
+        """Stops the capsule's running containers, each within its grace period, all at once;
+        returns the capsule's sandboxes.
+
+        The containers that the records say run are stopped at once, while the runtime is listed
+        by the capsule's labels: the listing finds what the records miss (a crash between a
+        runtime call and its record, a stale sandbox), and what it finds running is stopped too.
+        """
+        recorded = {
+            c.cri_container_id
+            for c in capsule.all_containers()
+            if c.cri_container_id is not None and c.status is Status.RUNNING
+        }
+
+        async def list_then_stop_unrecorded() -> list[cri.PodSandbox]:
+            selector = labels.capsule_selector(capsule.uuid)
+            containers, sandboxes = await asyncio.gather(
+                self._cri.list_containers(labels=selector), self._cri.list_pod_sandboxes(selector)
+            )
+            unrecorded = [
+                c.id
+                for c in containers
+                if c.state is cri.ContainerState.RUNNING and c.id not in recorded
+            ]
+            await self._stop_all(unrecorded)
+            return sandboxes
+
+        results = await asyncio.gather(
+            list_then_stop_unrecorded(), self._stop_all(recorded), return_exceptions=True
+        )
+        _raise_first_failure(results)
+        return cast(list[cri.PodSandbox], results[0])
+
+    async def _stop_all(self, container_ids: Collection[str]) -> None:
+        """Stops containers together, not one after another: their grace periods overlap."""
+        grace = self._settings.stop_grace_period
+        _raise_first_failure(
+            await asyncio.gather(
+                *(self._cri.stop_container(i, grace) for i in container_ids),
+                return_exceptions=True,
+            )
+        )
 
     async def remove_orphan(self, sandbox: cri.PodSandbox) -> None:
         """Removes a sandbox whose capsule is not on this host (any more)."""

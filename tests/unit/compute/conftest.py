@@ -39,7 +39,8 @@ class FakeCri:
     specs: dict[str, cri.SandboxSpec | cri.ContainerSpec] = field(default_factory=dict)
     # The host process of a container, by id (what a verbose status names).
     pids: dict[str, int] = field(default_factory=dict)
-    # Timeouts StopContainer was given, in order.
+    # Containers StopContainer was asked to stop, and the timeouts it was given, in order.
+    stopped: list[str] = field(default_factory=list)
     stop_timeouts: list[int] = field(default_factory=list)
     unavailable: bool = False
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -171,6 +172,7 @@ class FakeCri:
 
     async def stop_container(self, container_id: str, timeout_s: int) -> None:
         self._call("StopContainer")
+        self.stopped.append(container_id)
         self.stop_timeouts.append(timeout_s)
         if container_id in self.containers:
             self.exit(container_id, 143)

@@ -58,6 +58,22 @@ async def reload(store: Store, capsule: Capsule) -> Capsule:
     return stored
 
 
+async def running_then_deleted(
+    driver: CapsuleDriver, store: Store, make_capsule: CapsuleFactory, **kwargs: Any
+) -> Capsule:
+    """A capsule placed (see :func:`placed`), converged, then deleted by its tenant: what its
+    agent loads before tearing it down."""
+    capsule = await placed(store, make_capsule, **kwargs)
+    await driver.converge(capsule)
+    await store.capsules.request_delete(capsule.uuid)
+    return await reload(store, capsule)
+
+
+async def assert_nothing_left(store: Store, fake_cri: Any, capsule: Capsule) -> None:
+    assert not fake_cri.sandboxes and not fake_cri.containers
+    assert await store.capsules.get(capsule.uuid) is None
+
+
 async def test_a_new_capsule_gets_its_port_sandbox_init_then_containers_and_runs(
     driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
 ) -> None:
@@ -653,12 +669,10 @@ async def test_a_capsule_deleted_while_its_sandbox_starts_is_superseded_then_tor
 async def test_teardown_stops_containers_gracefully_then_removes_the_sandbox_in_one_call(
     driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = await placed(store, make_capsule)
-    await driver.converge(capsule)
-    await store.capsules.request_delete(capsule.uuid)
+    capsule = await running_then_deleted(driver, store, make_capsule)
     fake_cri.calls.clear()
 
-    assert await driver.teardown(await reload(store, capsule))
+    assert await driver.teardown(capsule)
 
     # RemovePodSandbox stops the sandbox itself: a StopPodSandbox before it would make the
     # runtime tear the pod's network down twice (two CNI DELs).
@@ -666,5 +680,60 @@ async def test_teardown_stops_containers_gracefully_then_removes_the_sandbox_in_
         "StopContainer",
         "RemovePodSandbox",
     ]
-    assert not fake_cri.sandboxes and not fake_cri.containers
-    assert await store.capsules.get(capsule.uuid) is None
+    await assert_nothing_left(store, fake_cri, capsule)
+
+
+async def test_teardown_stops_the_recorded_containers_without_waiting_for_the_listing(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await running_then_deleted(driver, store, make_capsule, apps=("sleep", "sleep"))
+    recorded = {c.cri_container_id for c in capsule.containers}
+    # The listings answer only once both recorded containers were asked to stop: a teardown
+    # that stopped them after the listing would wait for ever (the timeout fails it).
+    both_stopping = asyncio.Event()
+    stopping: set[str] = set()
+    stop_container = fake_cri.stop_container
+
+    async def telling_stop(container_id: str, timeout_s: int) -> None:
+        stopping.add(container_id)
+        if recorded <= stopping:
+            both_stopping.set()
+        await stop_container(container_id, timeout_s)
+
+    def answering_once_stopping(listing: Callable[..., Any]) -> Callable[..., Any]:
+        async def listed(*args: Any, **kwargs: Any) -> Any:
+            async with asyncio.timeout(10):
+                await both_stopping.wait()
+            return await listing(*args, **kwargs)
+
+        return listed
+
+    fake_cri.stop_container = telling_stop
+    fake_cri.list_containers = answering_once_stopping(fake_cri.list_containers)
+    fake_cri.list_pod_sandboxes = answering_once_stopping(fake_cri.list_pod_sandboxes)
+
+    assert await driver.teardown(capsule)
+
+    assert stopping == recorded
+    await assert_nothing_left(store, fake_cri, capsule)
+
+
+async def test_teardown_stops_and_removes_what_the_records_miss(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await running_then_deleted(driver, store, make_capsule, apps=("sleep", "sleep"))
+    # As after a crash between StartContainer and its record: the second container runs, and
+    # its record says it was never made. And a sandbox of an earlier attempt is left over.
+    unrecorded = capsule.containers[1]
+    await store.capsules.update_container(
+        unrecorded.uuid, cri_container_id=None, status=Status.CREATING
+    )
+    fake_cri.add_sandbox(
+        {"io.capsa.capsule": capsule.uuid, "io.capsa.managed": "true"}, cri.SandboxState.NOT_READY
+    )
+
+    assert await driver.teardown(await reload(store, capsule))
+
+    assert sorted(fake_cri.stopped) == sorted(c.cri_container_id for c in capsule.containers)
+    assert fake_cri.stop_timeouts == [1, 1], "each got its grace period"
+    await assert_nothing_left(store, fake_cri, capsule)
