@@ -242,9 +242,16 @@ async def delete_capsule(request: web.Request) -> web.Response:
     store = request.app[STORE]
     all_projects = boolean(request.query, "all_projects", False)
     scope = context.project_scope(all_projects, "capsule:delete_all_projects")
-    capsule = await find_capsule(store, context, request.match_info["ident"], scope)
-    await store.capsules.request_delete(capsule.uuid)
-    log.info("capsule deletion requested", capsule=capsule.uuid, project=capsule.project_id)
+    ident = request.match_info["ident"]
+    # Found and marked in one transaction: no load of the capsule, one round trip.
+    capsule_uuid, project_id = await _in_reach(
+        context,
+        ident,
+        scope,
+        CapsuleKind.CAPSULE,
+        lambda project_id: store.capsules.find_and_request_delete(ident, project_id),
+    )
+    log.info("capsule deletion requested", capsule=capsule_uuid, project=project_id)
     return web.Response(status=204)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, bindparam, delete, func, or_, select, update
@@ -34,6 +35,7 @@ from capsa.model.host import PlacementRequest
 from capsa.model.quota import NO_LIMITS, QuotaLimits, QuotaUsage
 from capsa.store import notify, paging, quotas, schema
 from capsa.store.db import Database
+from capsa.store.hosts import GIVE_BACK_ROOM
 from capsa.store.paging import Page
 
 c_t = schema.capsules
@@ -78,6 +80,7 @@ def _lookups(*columns: Any) -> dict[bool, tuple[Select[Any], Select[Any]]]:
 
 
 _FIND = _lookups(c_t)
+_FIND_IDS = _lookups(c_t.c.uuid, c_t.c.project_id)
 _FIND_VERSION = _lookups(c_t.c.uuid, *_VERSION_COLUMNS)
 _CONTAINERS_OF = (
     select(k_t)
@@ -112,6 +115,27 @@ _SET_CAPSULE = update(c_t).where(
     c_t.c.uuid == bindparam("where_uuid"), c_t.c.desired_state == bindparam("where_desired")
 )
 _SET_CONTAINER = update(k_t).where(k_t.c.uuid == bindparam("where_uuid"))
+# A deletion asked for: the desired state (and what the capsule shows meanwhile), returning the
+# host whose agent tears it down.
+_MARK_DELETED = (
+    update(c_t)
+    .where(c_t.c.uuid == bindparam("where_uuid"))
+    .values(
+        desired_state=DesiredState.DELETED,
+        status=Status.DELETING,
+        task_state=TaskState.CONTAINER_DELETING,
+        status_reason=None,
+        updated_at=bindparam("now"),
+    )
+    .returning(c_t.c.host)
+)
+# A capsule's row; its containers go with it (ON DELETE CASCADE).
+_DELETE = (
+    delete(c_t)
+    .where(c_t.c.uuid == bindparam("uuid"))
+    .returning(c_t.c.host, c_t.c.cpu_millis, c_t.c.memory_mb)
+)
+_DELETE_PORTS_OF = delete(schema.ports).where(schema.ports.c.device_id == bindparam("uuid"))
 
 
 class NameConflict(Exception):
@@ -351,29 +375,27 @@ class CapsuleStore:
 
     async def request_delete(self, uuid: str) -> None:
         """Deletes a capsule that has no host at once; otherwise asks its agent to tear it down."""
-        mark_deleted = (
-            update(c_t)
-            .where(c_t.c.uuid == uuid)
-            .values(
-                desired_state=DesiredState.DELETED,
-                status=Status.DELETING,
-                task_state=TaskState.CONTAINER_DELETING,
-                status_reason=None,
-                updated_at=utcnow(),
-            )
-        )
+        now = utcnow()
+        await self._db.run_write(lambda conn: _request_delete(conn, uuid, now))
 
-        def request_delete(conn: Connection) -> None:
-            row = conn.execute(select(c_t.c.host).where(c_t.c.uuid == uuid)).first()
-            if row is None:
-                return
-            if row.host is None:
-                conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
-                return
-            conn.execute(mark_deleted)
-            notify.wake(conn, notify.host_topic(row.host), subject=uuid)
+    async def find_and_request_delete(
+        self, ident: str, project_id: str | None, kind: CapsuleKind = CapsuleKind.CAPSULE
+    ) -> tuple[str, str] | None:
+        """:meth:`request_delete` of the capsule that :meth:`find` would load, in the same
+        transaction as the lookup; its uuid and project, or None when there is none."""
+        params = {"ident": ident, "project": project_id, "kind": kind}
+        lookups = _FIND_IDS[project_id is not None]
+        now = utcnow()
 
-        await self._db.run_write(request_delete)
+        def find_and_request(conn: Connection) -> tuple[str, str] | None:
+            rows = _find_rows(conn, lookups, params)
+            if not rows:
+                return None
+            found = rows[0]
+            _request_delete(conn, found.uuid, now)
+            return found.uuid, found.project_id
+
+        return await self._db.run_write(find_and_request)
 
     async def request_action(self, uuid: str, action: Action) -> None:
         """Writes what ``action`` asks, if the capsule's status allows it (WrongState otherwise),
@@ -464,34 +486,36 @@ class CapsuleStore:
 
         One transaction, so a crash leaves either all of it or none; repeating it is harmless.
         """
+        params = {"uuid": uuid}
+        now = utcnow()
 
         def remove(conn: Connection) -> bool:
-            row = conn.execute(
-                select(c_t.c.host, c_t.c.cpu_millis, c_t.c.memory_mb).where(c_t.c.uuid == uuid)
-            ).first()
+            conn.execute(_DELETE_PORTS_OF, params)
+            row = conn.execute(_DELETE, params).first()
             if row is None:
                 return False
             if row.host is not None:
-                h_t = schema.hosts
-                conn.execute(
-                    update(h_t)
-                    .where(h_t.c.name == row.host)
-                    .values(
-                        cpu_millis_used=h_t.c.cpu_millis_used - row.cpu_millis,
-                        memory_mb_used=h_t.c.memory_mb_used - row.memory_mb,
-                        # The scheduler's kept view of the hosts sees the room by this.
-                        updated_at=utcnow(),
-                    )
-                )
-            conn.execute(delete(schema.ports).where(schema.ports.c.device_id == uuid))
-            conn.execute(delete(k_t).where(k_t.c.capsule_uuid == uuid))
-            conn.execute(delete(c_t).where(c_t.c.uuid == uuid))
+                room = {"host": row.host, "cpu": row.cpu_millis, "memory": row.memory_mb}
+                conn.execute(GIVE_BACK_ROOM, {**room, "now": now})
             # Its ports are gone. No scheduler wake-up: no capsule waits for room (one that
             # finds none fails at once), and the next pass sees the room.
             notify.wake(conn, notify.NETWORK)
             return True
 
         return await self._db.run_write(remove)
+
+
+def _request_delete(conn: Connection, uuid: str, now: datetime) -> None:
+    """Asks the agent of the capsule's host to tear it down, or deletes it at once if no host
+    claimed it. The mark comes first and the claim needs a capsule not marked: a scheduler
+    racing this either placed the capsule before (its agent is woken) or cannot place it."""
+    row = conn.execute(_MARK_DELETED, {"where_uuid": uuid, "now": now}).first()
+    if row is None:
+        return
+    if row.host is None:
+        conn.execute(_DELETE, {"uuid": uuid})
+    else:
+        notify.wake(conn, notify.host_topic(row.host), subject=uuid)
 
 
 def _one_page(

@@ -35,12 +35,15 @@ _TAKE_ROOM = (
         updated_at=bindparam("now"),
     )
 )
-_GIVE_BACK_ROOM = (
+# A claim's room back to its host: its capsule went, or never was placed. The scheduler's kept
+# view of the hosts sees the room by the host's updated_at.
+GIVE_BACK_ROOM = (
     update(h_t)
     .where(h_t.c.name == bindparam("host"))
     .values(
         cpu_millis_used=h_t.c.cpu_millis_used - bindparam("cpu"),
         memory_mb_used=h_t.c.memory_mb_used - bindparam("memory"),
+        updated_at=bindparam("now"),
     )
 )
 _CHANGED_SINCE = select(h_t).where(h_t.c.updated_at >= bindparam("since"))
@@ -180,7 +183,7 @@ class HostStore:
                 if not conn.execute(_TAKE_ROOM, values).rowcount:
                     outcomes.append(ClaimOutcome.NO_ROOM)
                 elif not conn.execute(_PLACE, values).rowcount:
-                    conn.execute(_GIVE_BACK_ROOM, values)
+                    conn.execute(GIVE_BACK_ROOM, values)
                     outcomes.append(ClaimOutcome.CAPSULE_GONE)
                 else:
                     outcomes.append(ClaimOutcome.PLACED)

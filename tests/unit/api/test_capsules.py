@@ -245,13 +245,25 @@ async def test_all_projects_is_for_admins_only(client: Client) -> None:
     await assert_error(response, 400, "container.invalid-value", "all_projects")
 
 
-async def test_a_name_used_in_two_projects_is_409_for_an_admin_looking_everywhere(
+async def test_an_admin_deletes_another_projects_capsule_but_not_an_ambiguous_name(
     client: Client,
 ) -> None:
-    await create(client, zun_template(name="same"), headers=api_headers(project="a"))
-    await create(client, zun_template(name="same"), headers=api_headers(project="b"))
+    ours = await create(client, zun_template(name="same"), headers=api_headers(project="a"))
+    theirs = await create(client, zun_template(name="same"), headers=api_headers(project="b"))
     response = await client.delete("/v1/capsules/same?all_projects=true", headers=ADMIN)
     await assert_error(response, 409, "container.conflict", "uuid")
+    for capsule, project in ((ours, "a"), (theirs, "b")):
+        response = await client.get(
+            f"/v1/capsules/{capsule['uuid']}", headers=api_headers(project=project)
+        )
+        assert (await response.json())["status"] == "Creating", "a 409 deletes nothing"
+
+    response = await client.delete(f"/v1/capsules/{theirs['uuid']}", headers=ADMIN)
+    assert response.status == 204
+    response = await client.get(f"/v1/capsules/{theirs['uuid']}", headers=api_headers(project="b"))
+    await assert_error(response, 404, "container.capsule-not-found")
+    response = await client.get(f"/v1/capsules/{ours['uuid']}", headers=api_headers(project="a"))
+    assert response.status == 200
 
 
 async def test_list_pages_with_limit_marker_and_next(client: Client) -> None:

@@ -107,6 +107,45 @@ async def test_delete_of_a_placed_capsule_asks_its_agent_and_wins_over_status_wr
     assert stored is not None and stored.status is Status.DELETING
 
 
+async def test_a_delete_by_name_or_uuid_marks_the_capsule_it_finds_in_the_project_only(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    ours = await store.capsules.create(make_capsule(name="web"))
+    theirs = await store.capsules.create(make_capsule(name="web", project_id="p2"))
+    for capsule in (ours, theirs):
+        assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    agent = store.hub.subscribe(notify.host_topic("h1"))
+
+    assert await store.capsules.find_and_request_delete(theirs.uuid, "p1") is None
+    assert await store.capsules.find_and_request_delete("web", "p1") == (ours.uuid, "p1")
+
+    assert agent.take_subjects() == {ours.uuid}
+    marked, untouched = await store.capsules.get(ours.uuid), await store.capsules.get(theirs.uuid)
+    assert marked is not None and marked.desired_state is DesiredState.DELETED
+    assert untouched is not None and untouched.desired_state is DesiredState.RUNNING
+    # Every project's: the name is ambiguous, and nothing is marked.
+    with pytest.raises(AmbiguousName):
+        await store.capsules.find_and_request_delete("web", None)
+    untouched = await store.capsules.get(theirs.uuid)
+    assert untouched is not None and untouched.status is Status.CREATING
+    assert await store.capsules.find_and_request_delete(theirs.uuid, None) == (theirs.uuid, "p2")
+
+
+async def test_a_capsule_deleted_before_its_claim_is_not_placed(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    capsule = await store.capsules.create(make_capsule())
+
+    assert await store.capsules.find_and_request_delete(capsule.uuid, "p1") == (capsule.uuid, "p1")
+
+    assert not await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    assert await store.capsules.get(capsule.uuid) is None
+    host = await store.hosts.get("h1")
+    assert host is not None and host.cpu_millis_used == 0
+
+
 async def test_a_status_write_carries_container_fields_in_its_transaction(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
