@@ -662,11 +662,12 @@ class CapsuleDriver:
             await self._stop_all(unrecorded)
             return sandboxes
 
+        # The recorded stops first: their calls go out before the listing's.
         results = await asyncio.gather(
-            list_then_stop_unrecorded(), self._stop_all(recorded), return_exceptions=True
+            self._stop_all(recorded), list_then_stop_unrecorded(), return_exceptions=True
         )
         _raise_first_failure(results)
-        return cast(list[cri.PodSandbox], results[0])
+        return cast(list[cri.PodSandbox], results[1])
 
     async def _stop_all(self, container_ids: Collection[str]) -> None:
         """Stops containers together, not one after another: their grace periods overlap."""
