@@ -16,10 +16,11 @@
   host veths' names derive from the container id, and the store forgets a binding only for the
   container id that holds it). It answers once the pod is off the networks (its veths detached
   from the bridges and down) and the bindings forgotten (one store round trip, by the pod's
-  name); the veths themselves are deleted right after the answer (the kernel's veth deletion is
-  most of a DEL's time otherwise). Only calls on those veths wait for that deletion: an ADD of
-  the same attachment (CNI allows ADD after DEL) makes them again once it is over, and a DEL
-  repeated meanwhile (containerd sends two per sandbox) answers at once, its work done.
+  name, beside the detach); the veths themselves are deleted right after the answer (the
+  kernel's veth deletion is most of a DEL's time otherwise), then the bridges no pod is left on.
+  Only calls on those veths wait for that deletion: an ADD of the same attachment (CNI allows
+  ADD after DEL) makes them again once it is over, and a DEL repeated meanwhile (kubelet-style
+  runtimes send two per sandbox) answers at once, its work done.
 - CHECK compares ``prevResult``, the port and the kernel.
 - GC (CNI 1.1.0) removes this daemon's attachments that are not in ``cni.dev/valid-attachments``.
 - STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
@@ -34,7 +35,7 @@ Run it next to the API and the agent::
     ...
     await daemon.stop()
 
-Calls for one capsule are serialised (a DEL's veth deletion after its answer is not one of them);
+Calls for one capsule are serialised (what a DEL deletes after its answer is not one of them);
 calls for different capsules run side by side, their netlink work on a small thread pool of the
 daemon's own.
 """
@@ -83,6 +84,7 @@ from capsa.network.types import PortBinding, PortSource
 log = get_logger(__name__)
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 DEFAULT_WORKERS = 8
 # Bit of CAP_NET_ADMIN in /proc/self/status CapEff.
@@ -287,42 +289,54 @@ class _CniService:
                 log.info("already unplugged: its veths are being deleted", **fields)
                 return
             await self._deleted([first_host_end], fields)
-            removed = await self._netlink(
+            detaching = self._netlink(
                 request, self._dataplane.detach, request.container_id, request.ifname
             )
-            port_ids = [a.tag.port_id for a in removed if a.tag is not None]
             # Only where this container holds the binding: a newer sandbox's stays. By the pod's
-            # name, a veth without its tag (an ADD killed early), or none left, loses it too.
+            # name, a veth without its tag (an ADD killed early), or none left, loses it too;
+            # that needs nothing the detach finds, so both run at once.
             if pod:
-                unbound = await self._record(
-                    "forgetting the bindings of",
-                    self._ports.pod_unbound(pod, request.container_id),
+                removed, unbound = await _both(
+                    detaching,
+                    self._record(
+                        "forgetting the bindings of",
+                        self._ports.pod_unbound(pod, request.container_id),
+                    ),
                 )
-                port_ids = list(dict.fromkeys([*port_ids, *unbound]))
-            elif port_ids:
-                await self._record(
-                    "forgetting the bindings of",
-                    self._ports.ports_unbound(port_ids, request.container_id),
-                )
+                port_ids = list(dict.fromkeys([*_tagged_ports(removed), *unbound]))
+            else:
+                removed = await detaching
+                port_ids = _tagged_ports(removed)
+                if port_ids:
+                    await self._record(
+                        "forgetting the bindings of",
+                        self._ports.ports_unbound(port_ids, request.container_id),
+                    )
             if port_ids:
                 fields["port"] = ",".join(port_ids)
-            for bridge in dict.fromkeys(a.bridge for a in removed if a.bridge):
-                await self._remove_bridge_if_unused(request, bridge)
         log.info("port unplugged" if removed else "nothing to unplug", **fields)
         if removed:
             self._delete_after_answer(
                 request,
-                [a.host_ifname for a in removed],
+                removed,
                 unbound_all=bool(pod) or len(port_ids) == len(removed),
                 fields=fields,
             )
 
     def _delete_after_answer(
-        self, request: CniRequest, host_names: list[str], *, unbound_all: bool, fields: LogFields
+        self,
+        request: CniRequest,
+        removed: list[Attachment],
+        *,
+        unbound_all: bool,
+        fields: LogFields,
     ) -> None:
-        """Deletes the veths a DEL detached once it has answered; only calls on those veths
-        wait for it (:meth:`_deleted`), not the pod's other calls."""
-        task = self._after_answer(self._remove_detached(request, host_names, fields))
+        """Deletes the veths a DEL detached once it has answered, then their bridges if no pod
+        is left on them; only calls on those veths wait for it (:meth:`_deleted`), not the
+        pod's other calls."""
+        host_names = [a.host_ifname for a in removed]
+        bridges = list(dict.fromkeys(a.bridge for a in removed if a.bridge))
+        task = self._after_answer(self._remove_detached(request, host_names, bridges, fields))
         deletion = _Deletion(task, unbound_all)
         self._deleting.update(dict.fromkeys(host_names, deletion))
 
@@ -334,13 +348,17 @@ class _CniService:
         task.add_done_callback(forget)
 
     async def _remove_detached(
-        self, request: CniRequest, host_names: list[str], fields: LogFields
+        self, request: CniRequest, host_names: list[str], bridges: list[str], fields: LogFields
     ) -> None:
         try:
             await self._netlink(request, self._dataplane.remove_detached, host_names)
         except CniError as exc:
             # Its netns going removes it too; GC removes it if neither happened.
             log.warning("cannot remove a detached veth", error=exc.msg, **fields)
+        # Safe beside any ADD: the data plane checks and removes a bridge under the same lock
+        # as a plug attaches to it, so a pod plugged meanwhile keeps it, or makes it again.
+        for bridge in bridges:
+            await self._remove_bridge_if_unused(request, bridge)
 
     async def _deleted(self, host_names: list[str], fields: LogFields) -> None:
         """Waits until no DEL is deleting any of the veths ``host_names`` any more."""
@@ -533,6 +551,22 @@ def _interfaces(
             f"the names of its interfaces after {request.ifname} would pass 15 bytes",
         )
     return list(zip(ifnames, ports, strict=True))
+
+
+async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
+    """Runs two calls side by side and waits for both to end, whatever either does (neither is
+    left running behind the answer); raises the first one's failure, else the second's."""
+    one, two = await asyncio.gather(first, second, return_exceptions=True)
+    if isinstance(one, BaseException):
+        raise one
+    if isinstance(two, BaseException):
+        raise two
+    return one, two
+
+
+def _tagged_ports(attachments: list[Attachment]) -> list[str]:
+    """The ports that the attachments' tags name."""
+    return [a.tag.port_id for a in attachments if a.tag is not None]
 
 
 def _pod_name(request: CniRequest) -> str:

@@ -83,6 +83,8 @@ class FakePorts:
 
     async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
         self.calls.append("pod_unbound")
+        if self.fail:
+            raise self.fail
         unbound = [
             port.port_id
             for port in self.ports.get(pod_name, [])
@@ -451,6 +453,97 @@ async def test_del_unbinds_and_removes_the_unused_bridge(
     assert await call(client, "del", envelope()) == (200, None)
     assert dataplane.plugged == {}
     assert ports.bound == {}
+    await deletions_done()
+    assert dataplane.removed_bridges == ["capsa0"]
+
+
+async def test_a_del_answers_before_it_removes_the_unused_bridge(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    may_check, check_ran = threading.Event(), threading.Event()
+    remove_bridge_if_unused = dataplane.remove_bridge_if_unused
+
+    def held(name: str) -> bool:
+        may_check.wait(5)
+        try:
+            return remove_bridge_if_unused(name)
+        finally:
+            check_ran.set()
+
+    dataplane.remove_bridge_if_unused = held  # type: ignore[method-assign]
+
+    assert await call(client, "del", envelope()) == (200, None)
+
+    assert not check_ran.is_set(), "the DEL waited for the check of its bridge"
+    assert dataplane.plugged == {}
+    assert ports.bound == {}
+    may_check.set()
+    await deletions_done()
+    assert dataplane.removed_bridges == ["capsa0"]
+    assert dataplane.links == {}
+
+
+async def test_a_del_detaches_and_unbinds_side_by_side(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    # Each waits for the other to be under way (a timeout breaks a wait left alone).
+    meeting = threading.Barrier(2, timeout=5)
+    detach, pod_unbound = dataplane.detach, ports.pod_unbound
+
+    def meeting_detach(container_id: str, ifname: str) -> list[Attachment]:
+        meeting.wait()
+        return detach(container_id, ifname)
+
+    async def meeting_pod_unbound(pod_name: str, container_id: str) -> list[str]:
+        await asyncio.to_thread(meeting.wait)
+        return await pod_unbound(pod_name, container_id)
+
+    dataplane.detach = meeting_detach  # type: ignore[method-assign]
+    ports.pod_unbound = meeting_pod_unbound  # type: ignore[method-assign]
+
+    assert await call(client, "del", envelope()) == (200, None)
+
+    assert dataplane.plugged == {}
+    assert ports.bound == {}
+
+
+async def test_a_del_whose_unbinding_failed_is_done_by_the_next_one(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    ports.fail = ConnectionError("database is locked")
+
+    status, error = await call(client, "del", envelope())
+
+    assert (status, error["code"]) == (503, 11)
+    assert dataplane.plugged == {}, "the pod stays off the network"
+    assert host_ifname("c1", "eth0") in dataplane.links, "no deletion of a failed DEL's veth"
+    ports.fail = None
+    assert await call(client, "del", envelope()) == (200, None)
+    assert ports.bound == {}
+    await deletions_done()
+    assert dataplane.links == {}
+
+
+async def test_a_del_whose_detach_failed_is_done_by_the_next_one(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    name = host_ifname("c1", "eth0")
+    dataplane.remove_errors[name] = DataplaneError("Device or resource busy")
+
+    status, error = await call(client, "del", envelope())
+
+    assert (status, error["code"]) == (500, 999)
+    assert "Device or resource busy" in error["msg"]
+    del dataplane.remove_errors[name]
+    assert await call(client, "del", envelope()) == (200, None)
+    assert dataplane.plugged == {}
+    assert ports.bound == {}
+    await deletions_done()
+    assert dataplane.links == {}
     assert dataplane.removed_bridges == ["capsa0"]
 
 
@@ -713,10 +806,11 @@ async def test_del_unplugs_and_unbinds_every_port_of_the_capsule(
 
     assert dataplane.plugged == {}
     assert two_networks.bound == {}
-    assert sorted(dataplane.removed_bridges) == ["capsa0", "capsa1"]
+    assert not removal_ran.is_set(), "the DEL waited for the deletion of its veths"
     may_remove.set()
-    assert await asyncio.to_thread(removal_ran.wait, 5)
+    await deletions_done()
     assert dataplane.links == {}
+    assert sorted(dataplane.removed_bridges) == ["capsa0", "capsa1"]
 
 
 async def test_a_new_sandbox_replaces_every_port_of_the_old_one_and_a_stale_del_keeps_it(
