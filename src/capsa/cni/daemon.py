@@ -555,13 +555,20 @@ def _interfaces(
 
 async def _both(first: Awaitable[T], second: Awaitable[U]) -> tuple[T, U]:
     """Runs two calls side by side and waits for both to end, whatever either does (neither is
-    left running behind the answer); raises the first one's failure, else the second's."""
-    one, two = await asyncio.gather(first, second, return_exceptions=True)
-    if isinstance(one, BaseException):
-        raise one
-    if isinstance(two, BaseException):
-        raise two
-    return one, two
+    left running behind the answer); raises the first one's failure, else the second's.
+
+    The second is awaited in the caller's own task, so the caller goes on in the same turn of
+    the event loop as it ends (the first, shorter here, has ended by then): the network agent's
+    pass that a store write wakes runs in those turns.
+    """
+    first_task = asyncio.ensure_future(first)
+    try:
+        two = await second
+    except BaseException:
+        await asyncio.wait([first_task])
+        first_task.result()
+        raise
+    return await first_task, two
 
 
 def _tagged_ports(attachments: list[Attachment]) -> list[str]:

@@ -5,16 +5,18 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from capsa.cni.daemon import CniDaemon, create_app, parse_listen
+from capsa.model.capsule import Capsule
 from capsa.network.dataplane import (
     Attachment,
     AttachmentTag,
@@ -24,7 +26,9 @@ from capsa.network.dataplane import (
     host_ifname,
     pod_ifnames,
 )
+from capsa.network.service import NetworkService
 from capsa.network.types import Link, PluggedPort, PortBinding
+from capsa.store import Store, notify
 
 PORT = PortBinding(
     port_id="port-1",
@@ -1146,3 +1150,52 @@ async def test_a_veth_that_could_not_be_deleted_is_deleted_by_the_next_del(
 
     assert dataplane.links == {}
     assert ports.bound == {}
+
+
+async def test_a_del_answers_in_the_turn_its_unbinding_ends(
+    store: Store, make_capsule: Callable[..., Capsule], dataplane: FakeDataplane
+) -> None:
+    # The network agent's pass that the unbinding wakes yields one turn of the event loop
+    # first (capsa.network.agent): the answer must be out by then, not wait behind the pass.
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    network = NetworkService(store, "10.50.0.0/24", 1500)
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
+    assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    await network.allocate_ports(capsule.uuid, "p1", "h1")
+    app = create_app(network, dataplane)
+    answered: list[str] = []
+
+    async def answering(request: web.Request, _: web.StreamResponse) -> None:
+        answered.append(request.path)
+
+    app.on_response_prepare.append(answering)
+    # The detach is the shorter of the two on a real host; here it is made to end first.
+    detached = threading.Event()
+    detach, pod_unbound = dataplane.detach, network.pod_unbound
+
+    def signalling_detach(container_id: str, ifname: str) -> list[Attachment]:
+        try:
+            return detach(container_id, ifname)
+        finally:
+            detached.set()
+
+    async def pod_unbound_after_detach(pod_name: str, container_id: str) -> list[str]:
+        assert await asyncio.to_thread(detached.wait, 5)
+        return await pod_unbound(pod_name, container_id)
+
+    dataplane.detach = signalling_detach  # type: ignore[method-assign]
+    network.pod_unbound = pod_unbound_after_detach  # type: ignore[method-assign]
+    async with TestClient(TestServer(app)) as test_client:
+        await added(test_client, envelope(pod=capsule.uuid))
+        wakeups = store.hub.subscribe(notify.NETWORK)
+
+        async def answered_a_turn_after_the_wakeup() -> list[str]:
+            assert await wakeups.wait(10)
+            await asyncio.sleep(0)
+            return list(answered)
+
+        seen = asyncio.create_task(answered_a_turn_after_the_wakeup())
+        assert await call(test_client, "del", envelope(pod=capsule.uuid)) == (200, None)
+        assert await seen == ["/cni/add", "/cni/del"]
+        wakeups.close()
