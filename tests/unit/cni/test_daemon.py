@@ -488,28 +488,25 @@ async def test_a_del_answers_before_it_removes_the_unused_bridge(
     assert dataplane.links == {}
 
 
-async def test_a_del_detaches_and_unbinds_side_by_side(
+async def test_a_del_forgets_the_bindings_once_the_pod_is_off_the_network(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
+    # The unbinding wakes the network agent: its pass must not run beside the detach.
     await added(client, envelope())
-    # Each waits for the other to be under way (a timeout breaks a wait left alone).
-    meeting = threading.Barrier(2, timeout=5)
-    detach, pod_unbound = dataplane.detach, ports.pod_unbound
+    ports.calls.clear()
+    store_calls_at_detach: list[list[str]] = []
+    detach = dataplane.detach
 
-    def meeting_detach(container_id: str, ifname: str) -> list[Attachment]:
-        meeting.wait()
+    def watched_detach(container_id: str, ifname: str) -> list[Attachment]:
+        store_calls_at_detach.append(list(ports.calls))
         return detach(container_id, ifname)
 
-    async def meeting_pod_unbound(pod_name: str, container_id: str) -> list[str]:
-        await asyncio.to_thread(meeting.wait)
-        return await pod_unbound(pod_name, container_id)
-
-    dataplane.detach = meeting_detach  # type: ignore[method-assign]
-    ports.pod_unbound = meeting_pod_unbound  # type: ignore[method-assign]
+    dataplane.detach = watched_detach  # type: ignore[method-assign]
 
     assert await call(client, "del", envelope()) == (200, None)
 
-    assert dataplane.plugged == {}
+    assert store_calls_at_detach == [[]]
+    assert ports.calls == ["pod_unbound"]
     assert ports.bound == {}
 
 
@@ -1156,7 +1153,8 @@ async def test_a_del_answers_in_the_turn_its_unbinding_ends(
     store: Store, make_capsule: Callable[..., Capsule], dataplane: FakeDataplane
 ) -> None:
     # The network agent's pass that the unbinding wakes yields one turn of the event loop
-    # first (capsa.network.agent): the answer must be out by then, not wait behind the pass.
+    # first (capsa.network.agent): the answer must be out by then, not wait behind the pass
+    # (it would if, say, the DEL awaited the unbinding through a task of its own).
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
     network = NetworkService(store, "10.50.0.0/24", 1500)
     capsule = make_capsule()
@@ -1170,22 +1168,6 @@ async def test_a_del_answers_in_the_turn_its_unbinding_ends(
         answered.append(request.path)
 
     app.on_response_prepare.append(answering)
-    # The detach is the shorter of the two on a real host; here it is made to end first.
-    detached = threading.Event()
-    detach, pod_unbound = dataplane.detach, network.pod_unbound
-
-    def signalling_detach(container_id: str, ifname: str) -> list[Attachment]:
-        try:
-            return detach(container_id, ifname)
-        finally:
-            detached.set()
-
-    async def pod_unbound_after_detach(pod_name: str, container_id: str) -> list[str]:
-        assert await asyncio.to_thread(detached.wait, 5)
-        return await pod_unbound(pod_name, container_id)
-
-    dataplane.detach = signalling_detach  # type: ignore[method-assign]
-    network.pod_unbound = pod_unbound_after_detach  # type: ignore[method-assign]
     async with TestClient(TestServer(app)) as test_client:
         await added(test_client, envelope(pod=capsule.uuid))
         wakeups = store.hub.subscribe(notify.NETWORK)
