@@ -30,6 +30,7 @@ from capsa.log import get_logger, setup_logging
 from capsa.network import firewall
 from capsa.network.agent import NetworkAgent, OverlaySettings
 from capsa.network.dataplane import Dataplane
+from capsa.network.enforcement import FirewallProgress
 from capsa.network.service import NetworkService
 from capsa.runtime.host import HostRuntime
 from capsa.scheduler.service import Scheduler
@@ -96,7 +97,9 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
         store, cfg.network.default_cidr, cfg.network.mtu, cfg.network.default_prefixlen
     )
     dataplane = Dataplane()
-    cni_daemon = CniDaemon(network, cfg.cni_daemon_address, dataplane=dataplane)
+    # The daemon plugs a port only once the network agent's firewall enforces it.
+    progress = FirewallProgress()
+    cni_daemon = CniDaemon(network, cfg.cni_daemon_address, dataplane=dataplane, progress=progress)
     await _listening(
         cni_daemon.start(), "the CNI daemon", cfg.cni_daemon_address, "cni.daemon_listen"
     )
@@ -121,6 +124,7 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
         OverlaySettings(cfg.network.tunnel_ip, cfg.network.vxlan_port)
         if cfg.network.tunnel_ip
         else None,
+        progress,
     )
     await network_agent.start()
     stack.push_async_callback(network_agent.stop)

@@ -16,10 +16,11 @@
   host veths' names derive from the container id, and the store forgets a binding only for the
   container id that holds it). It answers once the pod is off the networks (its veths detached
   from the bridges and down) and the bindings forgotten (one store round trip, by the pod's
-  name); the veths themselves are deleted right after the answer (the kernel's veth deletion is
-  most of a DEL's time otherwise). Only calls on those veths wait for that deletion: an ADD of
-  the same attachment (CNI allows ADD after DEL) makes them again once it is over, and a DEL
-  repeated meanwhile (containerd sends two per sandbox) answers at once, its work done.
+  name, after the detach); the veths themselves are deleted right after the answer (the
+  kernel's veth deletion is most of a DEL's time otherwise), then the bridges no pod is left on.
+  Only calls on those veths wait for that deletion: an ADD of the same attachment (CNI allows
+  ADD after DEL) makes them again once it is over, and a DEL repeated meanwhile (kubelet-style
+  runtimes send two per sandbox) answers at once, its work done.
 - CHECK compares ``prevResult``, the port and the kernel.
 - GC (CNI 1.1.0) removes this daemon's attachments that are not in ``cni.dev/valid-attachments``.
 - STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
@@ -34,7 +35,7 @@ Run it next to the API and the agent::
     ...
     await daemon.stop()
 
-Calls for one capsule are serialised (a DEL's veth deletion after its answer is not one of them);
+Calls for one capsule are serialised (what a DEL deletes after its answer is not one of them);
 calls for different capsules run side by side, their netlink work on a small thread pool of the
 daemon's own.
 """
@@ -78,6 +79,7 @@ from capsa.network.dataplane import (
     host_ifname,
     pod_ifnames,
 )
+from capsa.network.enforcement import FirewallProgress
 from capsa.network.types import PortBinding, PortSource
 
 log = get_logger(__name__)
@@ -85,6 +87,10 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
+# How long an ADD waits for its capsule's ports to be allocated and enforced by the firewall (the
+# compute agent asks for the sandbox meanwhile), and how often it looks again between passes.
+READY_WAIT_S = 10.0
+_READY_RECHECK_S = 0.1
 # Bit of CAP_NET_ADMIN in /proc/self/status CapEff.
 _CAP_NET_ADMIN = 12
 _HTTP_STATUS = {
@@ -166,10 +172,19 @@ class DaemonMetrics:
 
 
 class _CniService:
-    def __init__(self, ports: PortSource, dataplane: Dataplane, executor: ThreadPoolExecutor):
+    def __init__(
+        self,
+        ports: PortSource,
+        dataplane: Dataplane,
+        executor: ThreadPoolExecutor,
+        progress: FirewallProgress | None = None,
+        ready_wait: float = READY_WAIT_S,
+    ):
         self._ports = ports
         self._dataplane = dataplane
         self._executor = executor
+        self._progress = progress
+        self._ready_wait = ready_wait
         self._pod_locks = _KeyedLocks()
         self._background: set[asyncio.Task[None]] = set()
         # Host ends that a DEL detached and is deleting after its answer, by name.
@@ -179,7 +194,6 @@ class _CniService:
         self._commands: dict[
             str, Callable[[CniRequest, LogFields], Awaitable[dict[str, Any] | None]]
         ] = {
-            "ADD": self._add,
             "DEL": self._delete,
             "CHECK": self._check,
             "GC": self._gc,
@@ -202,7 +216,11 @@ class _CniService:
                 fields.update(capsule=request.pod_name or "", container=request.container_id)
             else:
                 fields.update(network=request.network_name)
-            result = await self._commands[command](request, fields)
+            result: dict[str, Any] | None
+            if command == "ADD":
+                result = await self._add(request, fields, functools.partial(_gone, http_request))
+            else:
+                result = await self._commands[command](request, fields)
             return web.json_response(result) if result is not None else web.Response()
         except CniError as exc:
             error = exc
@@ -216,53 +234,95 @@ class _CniService:
             self.metrics.in_flight.add(-1, command=command)
             self.metrics.observe(command, time.perf_counter() - started, error)
 
-    async def _add(self, request: CniRequest, fields: LogFields) -> dict[str, Any]:
+    async def _add(
+        self, request: CniRequest, fields: LogFields, client_gone: Callable[[], bool]
+    ) -> dict[str, Any]:
         pod = _pod_name(request)
-        async with self._pod_locks.hold(pod):
-            interfaces = _interfaces(request, pod, await self._ports_of(pod))
-            fields["port"] = ",".join(port.port_id for _, port in interfaces)
-            # CNI allows an ADD after a DEL of the same attachment: its veths are made again
-            # once that DEL's deletion of them is over, never beside it.
-            await self._deleted(
-                [host_ifname(request.container_id, ifname) for ifname, _ in interfaces], fields
-            )
-            # A capsule has one sandbox at a time: an older one that still holds a port is being
-            # replaced (its DEL may come late, or never when its runtime lost it), and two veths
-            # with the port's address and MAC on one bridge would make both flaky.
-            plugged = await self._netlink(
-                request,
-                self._dataplane.plug,
-                request.container_id,
-                request.netns,
-                interfaces,
-                request.owner,
-            )
-            for (_, port), made in zip(interfaces, plugged, strict=True):
-                if made.replaced:
-                    self.metrics.stale_removed.inc(reason="replaced_sandbox")
-                    log.info(
-                        "unplugged the capsule's old sandbox: its new sandbox takes the port",
-                        **{**fields, "port": port.port_id},
-                        old_container=port.bound_container_id or "",
-                        veth=made.replaced,
-                    )
-            try:
-                result = build_result(
-                    request.cni_version, plugged, request.dns, request.prev_result
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            # Read before the ports: a pass applied during the read is not waited for again.
+            passes = self._progress.passes if self._progress is not None else 0
+            async with self._pod_locks.hold(pod):
+                ports = await self._ports_of(pod)
+                waiting_for = self._unready(ports)
+                if waiting_for is None:
+                    return await self._plug(request, pod, ports, fields)
+            # Outside the pod's lock: a DEL of the sandbox (containerd gave up) goes ahead.
+            assert self._progress is not None
+            now = loop.time()
+            if deadline is None:
+                deadline = now + self._ready_wait
+                log.info(f"ADD waits for {waiting_for}", **fields)
+            if now >= deadline or client_gone():
+                if not ports:
+                    _interfaces(request, pod, ports)  # raises: the capsule has no port
+                raise CniError(
+                    ErrorCode.TRY_AGAIN_LATER,
+                    f"the firewall does not enforce the security group rules of capsule {pod}'s "
+                    f"ports yet (waited {self._ready_wait:g}s): capsa plugs no port before its "
+                    "rules are in place",
+                    "the network agent's log says why its passes fail",
                 )
-                await self._record(
-                    "recording the bindings of",
-                    self._ports.ports_bound(
-                        request.container_id,
-                        {
-                            port.port_id: made.host_end.name
-                            for (_, port), made in zip(interfaces, plugged, strict=True)
-                        },
-                    ),
+            await self._progress.wait_for_pass(passes, min(_READY_RECHECK_S, deadline - now))
+
+    def _unready(self, ports: list[PortBinding]) -> str | None:
+        """What the pod's ports wait for before they can be plugged; None when nothing (or when
+        no network agent runs beside the daemon: a missing port then fails the ADD at once)."""
+        if self._progress is None:
+            return None
+        if not ports:
+            return "the capsule's ports to be allocated"
+        if not self._progress.enforces(port.port_id for port in ports):
+            return "the firewall to enforce the rules of the capsule's ports"
+        return None
+
+    async def _plug(
+        self, request: CniRequest, pod: str, ports: list[PortBinding], fields: LogFields
+    ) -> dict[str, Any]:
+        """Plugs the pod's ports and records their bindings; the caller holds the pod's lock."""
+        interfaces = _interfaces(request, pod, ports)
+        fields["port"] = ",".join(port.port_id for _, port in interfaces)
+        # CNI allows an ADD after a DEL of the same attachment: its veths are made again
+        # once that DEL's deletion of them is over, never beside it.
+        await self._deleted(
+            [host_ifname(request.container_id, ifname) for ifname, _ in interfaces], fields
+        )
+        # A capsule has one sandbox at a time: an older one that still holds a port is being
+        # replaced (its DEL may come late, or never when its runtime lost it), and two veths
+        # with the port's address and MAC on one bridge would make both flaky.
+        plugged = await self._netlink(
+            request,
+            self._dataplane.plug,
+            request.container_id,
+            request.netns,
+            interfaces,
+            request.owner,
+        )
+        for (_, port), made in zip(interfaces, plugged, strict=True):
+            if made.replaced:
+                self.metrics.stale_removed.inc(reason="replaced_sandbox")
+                log.info(
+                    "unplugged the capsule's old sandbox: its new sandbox takes the port",
+                    **{**fields, "port": port.port_id},
+                    old_container=port.bound_container_id or "",
+                    veth=made.replaced,
                 )
-            except BaseException:
-                await self._undo_plug(request)
-                raise
+        try:
+            result = build_result(request.cni_version, plugged, request.dns, request.prev_result)
+            await self._record(
+                "recording the bindings of",
+                self._ports.ports_bound(
+                    request.container_id,
+                    {
+                        port.port_id: made.host_end.name
+                        for (_, port), made in zip(interfaces, plugged, strict=True)
+                    },
+                ),
+            )
+        except BaseException:
+            await self._undo_plug(request)
+            raise
         for (ifname, port), made in zip(interfaces, plugged, strict=True):
             log.info(
                 "port bound",
@@ -293,6 +353,10 @@ class _CniService:
             port_ids = [a.tag.port_id for a in removed if a.tag is not None]
             # Only where this container holds the binding: a newer sandbox's stays. By the pod's
             # name, a veth without its tag (an ADD killed early), or none left, loses it too.
+            # After the detach, not beside it: the write wakes the network agent, whose pass
+            # (milliseconds of the event loop and the GIL) would then run beside the detach and
+            # delay the answer by more than the write (0.3 ms) that overlapping it saves. Last,
+            # and awaited in this task, so the answer goes out before that pass begins.
             if pod:
                 unbound = await self._record(
                     "forgetting the bindings of",
@@ -306,23 +370,29 @@ class _CniService:
                 )
             if port_ids:
                 fields["port"] = ",".join(port_ids)
-            for bridge in dict.fromkeys(a.bridge for a in removed if a.bridge):
-                await self._remove_bridge_if_unused(request, bridge)
         log.info("port unplugged" if removed else "nothing to unplug", **fields)
         if removed:
             self._delete_after_answer(
                 request,
-                [a.host_ifname for a in removed],
+                removed,
                 unbound_all=bool(pod) or len(port_ids) == len(removed),
                 fields=fields,
             )
 
     def _delete_after_answer(
-        self, request: CniRequest, host_names: list[str], *, unbound_all: bool, fields: LogFields
+        self,
+        request: CniRequest,
+        removed: list[Attachment],
+        *,
+        unbound_all: bool,
+        fields: LogFields,
     ) -> None:
-        """Deletes the veths a DEL detached once it has answered; only calls on those veths
-        wait for it (:meth:`_deleted`), not the pod's other calls."""
-        task = self._after_answer(self._remove_detached(request, host_names, fields))
+        """Deletes the veths a DEL detached once it has answered, then their bridges if no pod
+        is left on them; only calls on those veths wait for it (:meth:`_deleted`), not the
+        pod's other calls."""
+        host_names = [a.host_ifname for a in removed]
+        bridges = list(dict.fromkeys(a.bridge for a in removed if a.bridge))
+        task = self._after_answer(self._remove_detached(request, host_names, bridges, fields))
         deletion = _Deletion(task, unbound_all)
         self._deleting.update(dict.fromkeys(host_names, deletion))
 
@@ -334,13 +404,17 @@ class _CniService:
         task.add_done_callback(forget)
 
     async def _remove_detached(
-        self, request: CniRequest, host_names: list[str], fields: LogFields
+        self, request: CniRequest, host_names: list[str], bridges: list[str], fields: LogFields
     ) -> None:
         try:
             await self._netlink(request, self._dataplane.remove_detached, host_names)
         except CniError as exc:
             # Its netns going removes it too; GC removes it if neither happened.
             log.warning("cannot remove a detached veth", error=exc.msg, **fields)
+        # Safe beside any ADD: the data plane checks and removes a bridge under the same lock
+        # as a plug attaches to it, so a pod plugged meanwhile keeps it, or makes it again.
+        for bridge in bridges:
+            await self._remove_bridge_if_unused(request, bridge)
 
     async def _deleted(self, host_names: list[str], fields: LogFields) -> None:
         """Waits until no DEL is deleting any of the veths ``host_names`` any more."""
@@ -535,6 +609,12 @@ def _interfaces(
     return list(zip(ifnames, ports, strict=True))
 
 
+def _gone(http_request: web.Request) -> bool:
+    """Whether the plugin that sent the request went away (the runtime killed it)."""
+    transport = http_request.transport
+    return transport is None or transport.is_closing()
+
+
 def _pod_name(request: CniRequest) -> str:
     if not request.pod_name:
         raise CniError(
@@ -571,12 +651,20 @@ def _lacks_net_admin() -> str:
 
 
 def create_app(
-    ports: PortSource, dataplane: Dataplane | None = None, *, workers: int = DEFAULT_WORKERS
+    ports: PortSource,
+    dataplane: Dataplane | None = None,
+    *,
+    workers: int = DEFAULT_WORKERS,
+    progress: FirewallProgress | None = None,
+    ready_wait: float = READY_WAIT_S,
 ) -> web.Application:
-    """The daemon's HTTP app; its netlink threads and sockets end with the app's cleanup."""
+    """The daemon's HTTP app; its netlink threads and sockets end with the app's cleanup.
+
+    With ``progress`` (the host's network agent runs beside it), an ADD waits up to
+    ``ready_wait`` seconds for the capsule's ports to exist and be enforced by the firewall."""
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsa-cni-netlink")
     dataplane = dataplane or Dataplane()
-    service = _CniService(ports, dataplane, executor)
+    service = _CniService(ports, dataplane, executor, progress, ready_wait)
     app = web.Application()
     for command in COMMANDS:
         app.router.add_post(f"/cni/{command.lower()}", functools.partial(service.handle, command))
@@ -628,9 +716,10 @@ class CniDaemon:
         *,
         dataplane: Dataplane | None = None,
         workers: int = DEFAULT_WORKERS,
+        progress: FirewallProgress | None = None,
     ) -> None:
         self._listen = parse_listen(listen)
-        self._app = create_app(ports, dataplane, workers=workers)
+        self._app = create_app(ports, dataplane, workers=workers, progress=progress)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:

@@ -140,19 +140,100 @@ class CapsuleDriver:
     async def _converge(self, capsule: Capsule) -> None:
         if not capsule.addresses:
             await self._set_capsule(capsule, task_state=TaskState.NETWORK_ATTACHING)
-        # The ports, the runtime's sandboxes and, for a capsule that never had a sandbox (every
-        # container missing), the images do not depend on each other: asked for at once, the
-        # sandbox starts after the slowest of them instead of after their sum.
         fresh = capsule.sandbox_id is None
+        first = await self._first_sandbox(capsule) if fresh else None
+        existing: dict[str, cri.Container] = {}
+        if first is not None:
+            sandbox_id, sandbox_spec = first
+        else:
+            sandbox_id, sandbox_spec, existing = await self._adopt_or_make_sandbox(capsule, fresh)
+        # Nothing reads it before the containers exist: it goes with the pass's next write.
+        self._record_capsule(capsule, sandbox_id=sandbox_id)
+
+        if capsule.desired_state is DesiredState.STOPPED:
+            for container in capsule.containers:
+                await self._ensure_stopped(
+                    capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
+                )
+            await self._summarize(capsule)
+            return
+        for container in capsule.init_containers:
+            done = await self._run_init(
+                capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
+            )
+            if not done:
+                return
+        for container in capsule.containers:
+            await self._ensure_running(
+                capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
+            )
+        if capsule.pending_signal is not None:
+            await self._send_signal(capsule, capsule.pending_signal)
+        await self._summarize(capsule)
+
+    async def _first_sandbox(self, capsule: Capsule) -> tuple[str, cri.SandboxSpec] | None:
+        """For a capsule that never had a sandbox: its sandbox, its ports and its images at once.
+
+        containerd calls the CNI plugin some 15 ms into RunPodSandbox, and the CNI daemon's ADD
+        waits (bounded) until the ports exist and the firewall enforces them, so the sandbox need
+        not wait for the allocation. Returns None when the runtime already holds a sandbox of
+        that name (a pass that asked for it was cut short before recording it): the caller lists
+        the capsule's sandboxes and adopts it.
+        """
+        sandbox_spec = self._sandbox_spec(capsule, 0)
+        Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
+        sandbox = asyncio.ensure_future(self._run_first_sandbox(sandbox_spec))
+        try:
+            _raise_first_failure(
+                await asyncio.gather(
+                    self._allocate_ports(capsule),
+                    self._pull_images(capsule, list(capsule.all_containers())),
+                    return_exceptions=True,
+                )
+            )
+        except BaseException as failure:
+            # Its ADD would wait for ports that will not come, or it would run without images:
+            # containerd undoes a cancelled RunPodSandbox; one made before the cancellation came
+            # is removed, so that a capsule that failed here holds no sandbox (when the agent
+            # stops instead, the next pass adopts it).
+            sandbox.cancel()
+            (made,) = await asyncio.gather(sandbox, return_exceptions=True)
+            if isinstance(made, str) and isinstance(failure, Exception):
+                with contextlib.suppress(CriError):
+                    await self._remove_sandbox(made)
+            raise
+        sandbox_id = await sandbox
+        if sandbox_id is None:
+            log.info("the capsule's first sandbox exists already: adopting", capsule=capsule.uuid)
+            return None
+        log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
+        return sandbox_id, sandbox_spec
+
+    async def _run_first_sandbox(self, spec: cri.SandboxSpec) -> str | None:
+        """RunPodSandbox of a capsule's first sandbox; None when its name is taken already."""
+        try:
+            async with self._sandbox_slots:
+                return await self._cri.run_pod_sandbox(spec)
+        except CriError as exc:
+            if exc.code == "ALREADY_EXISTS" or "is reserved for" in exc.message:
+                return None
+            raise classify(exc, "starting the capsule's sandbox") from exc
+
+    async def _adopt_or_make_sandbox(
+        self, capsule: Capsule, fresh: bool
+    ) -> tuple[str, cri.SandboxSpec, dict[str, cri.Container]]:
+        """The capsule's ready sandbox (made when there is none, other ones removed) and the
+        containers in it, newest attempt of each, from what the runtime reports."""
+        # The ports and the runtime's sandboxes do not depend on each other: asked for at once.
+        # A fresh capsule (its first sandbox was found made already) has its ports and images.
         steps: list[Awaitable[Any]] = [
             self._cri_do(
                 "listing the capsule's sandboxes",
                 self._cri.list_pod_sandboxes(labels.capsule_selector(capsule.uuid)),
             ),
-            self._allocate_ports(capsule),
         ]
-        if fresh:
-            steps.append(self._pull_images(capsule, list(capsule.all_containers())))
+        if not fresh:
+            steps.append(self._allocate_ports(capsule))
         results = await asyncio.gather(*steps, return_exceptions=True)
         _raise_first_failure(results)
         sandboxes = cast(list[cri.PodSandbox], results[0])
@@ -177,44 +258,20 @@ class CapsuleDriver:
         if missing and not fresh:
             await self._pull_images(capsule, missing)
 
-        if current is None:
-            if capsule.status is Status.RUNNING:
-                log.warning("capsule lost its sandbox; making a new one", capsule=capsule.uuid)
-            attempt = max((s.attempt for s in sandboxes), default=-1) + 1
-            sandbox_spec = self._sandbox_spec(capsule, attempt)
-            Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
-            sandbox_id = await self._while_written(
-                capsule,
-                self._run_sandbox(sandbox_spec),
-                task_state=TaskState.CONTAINER_CREATING,
-            )
-            log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
-        else:
-            sandbox_id = current.id
-            sandbox_spec = self._sandbox_spec(capsule, current.attempt)
-        # Nothing reads it before the containers exist: it goes with the pass's next write.
-        self._record_capsule(capsule, sandbox_id=sandbox_id)
-
-        if capsule.desired_state is DesiredState.STOPPED:
-            for container in capsule.containers:
-                await self._ensure_stopped(
-                    capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
-                )
-            await self._summarize(capsule)
-            return
-        for container in capsule.init_containers:
-            done = await self._run_init(
-                capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
-            )
-            if not done:
-                return
-        for container in capsule.containers:
-            await self._ensure_running(
-                capsule, container, sandbox_id, sandbox_spec, existing.get(container.uuid)
-            )
-        if capsule.pending_signal is not None:
-            await self._send_signal(capsule, capsule.pending_signal)
-        await self._summarize(capsule)
+        if current is not None:
+            return current.id, self._sandbox_spec(capsule, current.attempt), existing
+        if capsule.status is Status.RUNNING:
+            log.warning("capsule lost its sandbox; making a new one", capsule=capsule.uuid)
+        attempt = max((s.attempt for s in sandboxes), default=-1) + 1
+        sandbox_spec = self._sandbox_spec(capsule, attempt)
+        Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
+        sandbox_id = await self._while_written(
+            capsule,
+            self._run_sandbox(sandbox_spec),
+            task_state=TaskState.CONTAINER_CREATING,
+        )
+        log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
+        return sandbox_id, sandbox_spec, existing
 
     async def _pull_images(self, capsule: Capsule, containers: list[Container]) -> None:
         """Makes the containers' images present; the capsule says image_pulling while a pull

@@ -10,9 +10,9 @@ applied pass read, the pass renders nothing; otherwise only the sets and chains 
 sent (a new port's chains and the few shared ones, not every port's; a sandbox's ADD or DEL changes
 the bridge table alone). The first pass, and one whose changes nftables refused (the tables are
 not what this process left), replace the tables whole. None of it runs on the CNI daemon's ADD/DEL
-path: the port of a capsule is allocated (and enforced here) before its sandbox exists, so its
-rules are in place by the time it is plugged. Wake-ups that arrive while a pass runs are coalesced
-into one more pass.
+path, but an ADD waits until a pass enforces its ports (:class:`FirewallProgress`, which each
+applied pass updates): the compute agent asks for a sandbox while its ports are being allocated.
+Wake-ups that arrive while a pass runs are coalesced into one more pass.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from capsa.log import get_logger
 from capsa.model.network import HostNetworkView
 from capsa.network import firewall
 from capsa.network.dataplane import Dataplane, DataplaneError
+from capsa.network.enforcement import FirewallProgress
 from capsa.network.service import bridge_name
 from capsa.store import Store, notify
 from capsa.store.ports import HostViewRows
@@ -76,6 +77,7 @@ class NetworkAgent:
         dataplane: Dataplane,
         resync_interval: float,
         overlay: OverlaySettings | None = None,
+        progress: FirewallProgress | None = None,
     ) -> None:
         self._store = store
         self._host = host
@@ -83,6 +85,7 @@ class NetworkAgent:
         self._dataplane = dataplane
         self._resync_interval = resync_interval
         self._overlay = overlay
+        self._progress = progress
         # Per family, what the table holds (None: unknown, it is replaced whole); the rows of the
         # view it came from, and the view.
         self._applied: dict[str, firewall.Objects] | None = None
@@ -116,7 +119,13 @@ class NetworkAgent:
     async def _loop(self, wakeups: notify.Subscription) -> None:
         try:
             while True:
-                await wakeups.wait(self._resync_interval)
+                if await wakeups.wait(self._resync_interval):
+                    # A wake-up comes as the write that gave it commits, one turn of the event
+                    # loop before that write's caller goes on: one turn more lets the caller
+                    # (a CNI ADD or DEL answering its runtime) finish first. The pass then
+                    # starts at once, rather than between the write and the answer, holding
+                    # the loop and the GIL for several milliseconds.
+                    await asyncio.sleep(0)
                 try:
                     await self.sync()
                 except Exception:
@@ -136,6 +145,8 @@ class NetworkAgent:
         if view is not None:
             await self._enforce(view)
             self._rows, self._view = rows, view
+            if self._progress is not None:
+                self._progress.applied(p.port.id for p in view.ports)
         if self._overlay is not None and self._view is not None:
             await asyncio.to_thread(self._sync_overlay, self._view, self._overlay)
         await self._release_unused_firewall()

@@ -5,16 +5,18 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from capsa.cni.daemon import CniDaemon, create_app, parse_listen
+from capsa.model.capsule import Capsule
 from capsa.network.dataplane import (
     Attachment,
     AttachmentTag,
@@ -24,7 +26,9 @@ from capsa.network.dataplane import (
     host_ifname,
     pod_ifnames,
 )
+from capsa.network.service import NetworkService
 from capsa.network.types import Link, PluggedPort, PortBinding
+from capsa.store import Store, notify
 
 PORT = PortBinding(
     port_id="port-1",
@@ -83,6 +87,8 @@ class FakePorts:
 
     async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
         self.calls.append("pod_unbound")
+        if self.fail:
+            raise self.fail
         unbound = [
             port.port_id
             for port in self.ports.get(pod_name, [])
@@ -451,6 +457,94 @@ async def test_del_unbinds_and_removes_the_unused_bridge(
     assert await call(client, "del", envelope()) == (200, None)
     assert dataplane.plugged == {}
     assert ports.bound == {}
+    await deletions_done()
+    assert dataplane.removed_bridges == ["capsa0"]
+
+
+async def test_a_del_answers_before_it_removes_the_unused_bridge(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    may_check, check_ran = threading.Event(), threading.Event()
+    remove_bridge_if_unused = dataplane.remove_bridge_if_unused
+
+    def held(name: str) -> bool:
+        may_check.wait(5)
+        try:
+            return remove_bridge_if_unused(name)
+        finally:
+            check_ran.set()
+
+    dataplane.remove_bridge_if_unused = held  # type: ignore[method-assign]
+
+    assert await call(client, "del", envelope()) == (200, None)
+
+    assert not check_ran.is_set(), "the DEL waited for the check of its bridge"
+    assert dataplane.plugged == {}
+    assert ports.bound == {}
+    may_check.set()
+    await deletions_done()
+    assert dataplane.removed_bridges == ["capsa0"]
+    assert dataplane.links == {}
+
+
+async def test_a_del_forgets_the_bindings_once_the_pod_is_off_the_network(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    # The unbinding wakes the network agent: its pass must not run beside the detach.
+    await added(client, envelope())
+    ports.calls.clear()
+    store_calls_at_detach: list[list[str]] = []
+    detach = dataplane.detach
+
+    def watched_detach(container_id: str, ifname: str) -> list[Attachment]:
+        store_calls_at_detach.append(list(ports.calls))
+        return detach(container_id, ifname)
+
+    dataplane.detach = watched_detach  # type: ignore[method-assign]
+
+    assert await call(client, "del", envelope()) == (200, None)
+
+    assert store_calls_at_detach == [[]]
+    assert ports.calls == ["pod_unbound"]
+    assert ports.bound == {}
+
+
+async def test_a_del_whose_unbinding_failed_is_done_by_the_next_one(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    ports.fail = ConnectionError("database is locked")
+
+    status, error = await call(client, "del", envelope())
+
+    assert (status, error["code"]) == (503, 11)
+    assert dataplane.plugged == {}, "the pod stays off the network"
+    assert host_ifname("c1", "eth0") in dataplane.links, "no deletion of a failed DEL's veth"
+    ports.fail = None
+    assert await call(client, "del", envelope()) == (200, None)
+    assert ports.bound == {}
+    await deletions_done()
+    assert dataplane.links == {}
+
+
+async def test_a_del_whose_detach_failed_is_done_by_the_next_one(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    await added(client, envelope())
+    name = host_ifname("c1", "eth0")
+    dataplane.remove_errors[name] = DataplaneError("Device or resource busy")
+
+    status, error = await call(client, "del", envelope())
+
+    assert (status, error["code"]) == (500, 999)
+    assert "Device or resource busy" in error["msg"]
+    del dataplane.remove_errors[name]
+    assert await call(client, "del", envelope()) == (200, None)
+    assert dataplane.plugged == {}
+    assert ports.bound == {}
+    await deletions_done()
+    assert dataplane.links == {}
     assert dataplane.removed_bridges == ["capsa0"]
 
 
@@ -713,10 +807,11 @@ async def test_del_unplugs_and_unbinds_every_port_of_the_capsule(
 
     assert dataplane.plugged == {}
     assert two_networks.bound == {}
-    assert sorted(dataplane.removed_bridges) == ["capsa0", "capsa1"]
+    assert not removal_ran.is_set(), "the DEL waited for the deletion of its veths"
     may_remove.set()
-    assert await asyncio.to_thread(removal_ran.wait, 5)
+    await deletions_done()
     assert dataplane.links == {}
+    assert sorted(dataplane.removed_bridges) == ["capsa0", "capsa1"]
 
 
 async def test_a_new_sandbox_replaces_every_port_of_the_old_one_and_a_stale_del_keeps_it(
@@ -1052,3 +1147,37 @@ async def test_a_veth_that_could_not_be_deleted_is_deleted_by_the_next_del(
 
     assert dataplane.links == {}
     assert ports.bound == {}
+
+
+async def test_a_del_answers_in_the_turn_its_unbinding_ends(
+    store: Store, make_capsule: Callable[..., Capsule], dataplane: FakeDataplane
+) -> None:
+    # The network agent's pass that the unbinding wakes yields one turn of the event loop
+    # first (capsa.network.agent): the answer must be out by then, not wait behind the pass
+    # (it would if, say, the DEL awaited the unbinding through a task of its own).
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    network = NetworkService(store, "10.50.0.0/24", 1500)
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
+    assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    await network.allocate_ports(capsule.uuid, "p1", "h1")
+    app = create_app(network, dataplane)
+    answered: list[str] = []
+
+    async def answering(request: web.Request, _: web.StreamResponse) -> None:
+        answered.append(request.path)
+
+    app.on_response_prepare.append(answering)
+    async with TestClient(TestServer(app)) as test_client:
+        await added(test_client, envelope(pod=capsule.uuid))
+        wakeups = store.hub.subscribe(notify.NETWORK)
+
+        async def answered_a_turn_after_the_wakeup() -> list[str]:
+            assert await wakeups.wait(10)
+            await asyncio.sleep(0)
+            return list(answered)
+
+        seen = asyncio.create_task(answered_a_turn_after_the_wakeup())
+        assert await call(test_client, "del", envelope(pod=capsule.uuid)) == (200, None)
+        assert await seen == ["/cni/add", "/cni/del"]
+        wakeups.close()

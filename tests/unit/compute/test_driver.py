@@ -181,7 +181,7 @@ async def test_a_sandbox_that_is_not_ready_is_replaced_and_init_runs_again(
     assert (await reload(store, capsule)).sandbox_id == new.id
 
 
-async def test_an_image_that_cannot_be_pulled_fails_the_capsule_before_any_sandbox(
+async def test_an_image_that_cannot_be_pulled_fails_the_capsule_and_leaves_no_sandbox(
     driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
 ) -> None:
     capsule = await placed(store, make_capsule)
@@ -466,6 +466,7 @@ async def test_sandbox_starts_are_bounded_but_the_rest_of_a_start_is_not(
     driver: CapsuleDriver,
     store: Store,
     fake_cri: Any,
+    network: NetworkService,
     make_capsule: CapsuleFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -483,25 +484,24 @@ async def test_sandbox_starts_are_bounded_but_the_rest_of_a_start_is_not(
         in_flight -= 1
         return str(await run_pod_sandbox(spec))
 
-    # A capsule writes Creating just before it asks for a slot, in the same step: once all five
-    # have, each is either in RunPodSandbox (held there) or waiting for a slot.
-    update_status = store.capsules.update_status
-    creating: set[str] = set()
-    all_creating = asyncio.Event()
+    # The rest of a start (ports, images) is not bounded: every capsule's ports are allocated
+    # while two sandbox calls are held and the other three wait for a slot.
+    allocate_ports = network.allocate_ports
+    allocated: set[str] = set()
+    all_allocated = asyncio.Event()
 
-    async def watched_update_status(uuid: str, **values: Any) -> bool:
-        written = await update_status(uuid, **values)
-        if values.get("task_state") is TaskState.CONTAINER_CREATING:
-            creating.add(uuid)
-            if len(creating) == len(capsules):
-                all_creating.set()
-        return written
+    async def watched_allocate_ports(device_id: str, *args: Any) -> Any:
+        ports = await allocate_ports(device_id, *args)
+        allocated.add(device_id)
+        if len(allocated) == len(capsules):
+            all_allocated.set()
+        return ports
 
     fake_cri.run_pod_sandbox = held_run_pod_sandbox
-    monkeypatch.setattr(store.capsules, "update_status", watched_update_status)
+    monkeypatch.setattr(network, "allocate_ports", watched_allocate_ports)
     starts = asyncio.gather(*(driver.converge(c) for c in capsules))
     # The timeout only keeps a bound on whole capsules from hanging the test.
-    await asyncio.wait_for(all_creating.wait(), 30)
+    await asyncio.wait_for(all_allocated.wait(), 30)
     assert in_flight == 2
     release.set()
     await starts
@@ -510,7 +510,7 @@ async def test_sandbox_starts_are_bounded_but_the_rest_of_a_start_is_not(
     assert [(await reload(store, c)).status for c in capsules] == [Status.RUNNING] * 5
 
 
-async def test_a_new_capsules_ports_sandboxes_and_images_are_asked_for_at_once(
+async def test_a_new_capsules_sandbox_ports_and_images_are_asked_for_at_once(
     driver: CapsuleDriver,
     store: Store,
     fake_cri: Any,
@@ -520,7 +520,8 @@ async def test_a_new_capsules_ports_sandboxes_and_images_are_asked_for_at_once(
 ) -> None:
     capsule = await placed(store, make_capsule)
     # Each of the three steps waits until the other two have begun: done one after the other,
-    # the first would wait for ever (the timeout breaks the barrier and fails the start).
+    # the first would wait for ever (the timeout breaks the barrier and fails the start). The
+    # sandbox need not wait for the ports: the CNI daemon's ADD waits for them.
     all_begun = asyncio.Barrier(3)
 
     def waiting_first(step: Callable[..., Any]) -> Callable[..., Any]:
@@ -532,12 +533,14 @@ async def test_a_new_capsules_ports_sandboxes_and_images_are_asked_for_at_once(
         return step_after_the_others_begun
 
     monkeypatch.setattr(network, "allocate_ports", waiting_first(network.allocate_ports))
-    fake_cri.list_pod_sandboxes = waiting_first(fake_cri.list_pod_sandboxes)
+    fake_cri.run_pod_sandbox = waiting_first(fake_cri.run_pod_sandbox)
     fake_cri.image_status = waiting_first(fake_cri.image_status)
 
     await driver.converge(capsule)
 
     assert (await reload(store, capsule)).status is Status.RUNNING
+    # A capsule that never had a sandbox has none to list.
+    assert "ListPodSandbox" not in fake_cri.calls
 
 
 @pytest.fixture
@@ -584,12 +587,12 @@ async def test_the_sandbox_id_goes_with_the_next_write_not_one_of_its_own(
     await driver.converge(capsule)
 
     (with_sandbox,) = [w for w in writes if "sandbox_id" in w]
-    assert with_sandbox["task_state"] is TaskState.CONTAINER_STARTING
-    assert with_sandbox["containers"]
+    # The write that goes with CreateContainer, the first after the sandbox.
+    assert with_sandbox["task_state"] is TaskState.CONTAINER_CREATING
     assert (await reload(store, capsule)).sandbox_id == with_sandbox["sandbox_id"]
 
 
-async def test_the_runtime_makes_the_sandbox_and_starts_containers_while_the_capsule_is_written(
+async def test_the_runtime_creates_and_starts_containers_while_the_capsule_is_written(
     driver: CapsuleDriver,
     store: Store,
     fake_cri: Any,
@@ -598,9 +601,9 @@ async def test_the_runtime_makes_the_sandbox_and_starts_containers_while_the_cap
 ) -> None:
     # The writes that say what the runtime does wait for the runtime call they announce: if
     # the call waited for the write instead, the start would never end (the timeout fails it).
-    asked = {"RunPodSandbox": asyncio.Event(), "StartContainer": asyncio.Event()}
+    asked = {"CreateContainer": asyncio.Event(), "StartContainer": asyncio.Event()}
     announces = {
-        TaskState.CONTAINER_CREATING: asked["RunPodSandbox"],
+        TaskState.CONTAINER_CREATING: asked["CreateContainer"],
         TaskState.CONTAINER_STARTING: asked["StartContainer"],
     }
     update_status = store.capsules.update_status
@@ -620,7 +623,7 @@ async def test_the_runtime_makes_the_sandbox_and_starts_containers_while_the_cap
         return told
 
     monkeypatch.setattr(store.capsules, "update_status", write_once_asked)
-    fake_cri.run_pod_sandbox = telling("RunPodSandbox", fake_cri.run_pod_sandbox)
+    fake_cri.create_container = telling("CreateContainer", fake_cri.create_container)
     fake_cri.start_container = telling("StartContainer", fake_cri.start_container)
     capsule = await placed(store, make_capsule)
 
@@ -635,35 +638,70 @@ async def test_a_capsule_deleted_while_its_sandbox_starts_is_superseded_then_tor
     store: Store,
     fake_cri: Any,
     make_capsule: CapsuleFactory,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     capsule = await placed(store, make_capsule)
-    deleted = asyncio.Event()
-    update_status = store.capsules.update_status
     run_pod_sandbox = fake_cri.run_pod_sandbox
-
-    async def write_after_the_delete(uuid: str, **values: Any) -> bool:
-        if values.get("task_state") is TaskState.CONTAINER_CREATING:
-            async with asyncio.timeout(10):
-                await deleted.wait()
-        return bool(await update_status(uuid, **values))
 
     async def run_while_deleted(spec: cri.SandboxSpec) -> str:
         await store.capsules.request_delete(capsule.uuid)
-        deleted.set()
         return str(await run_pod_sandbox(spec))
 
-    monkeypatch.setattr(store.capsules, "update_status", write_after_the_delete)
     fake_cri.run_pod_sandbox = run_while_deleted
 
     with pytest.raises(Superseded):
         await driver.converge(capsule)
-    # The sandbox call ended; no container was made in it.
-    assert len(fake_cri.sandboxes) == 1 and not fake_cri.containers
+    # The write beside CreateContainer was refused: the pass ended before starting anything.
+    assert "StartContainer" not in fake_cri.calls
 
     assert await driver.teardown(await reload(store, capsule))
-    assert not fake_cri.sandboxes
+    assert not fake_cri.sandboxes and not fake_cri.containers
     assert await store.capsules.get(capsule.uuid) is None
+
+
+async def test_a_first_sandbox_that_a_cut_short_pass_made_is_adopted_not_duplicated(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await placed(store, make_capsule)
+    # As if the agent died once RunPodSandbox returned, before the sandbox id was written.
+    first = await fake_cri.run_pod_sandbox(driver._sandbox_spec(capsule, 0))
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert list(fake_cri.sandboxes) == [first] and capsule.sandbox_id == first
+    assert capsule.status is Status.RUNNING
+
+
+async def test_ports_that_cannot_be_allocated_end_the_sandbox_call_that_waits_for_them(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    await store.networks.create_network(project_id="someone-else", name="theirs", mtu=1500)
+    capsule = await placed(store, make_capsule)
+    capsule.spec = replace(capsule.spec, annotations={"capsa.io/network": "theirs"})
+    cancelled = asyncio.Event()
+
+    async def waiting_for_ports(spec: cri.SandboxSpec) -> str:
+        # containerd's CNI ADD waits for ports that will never come.
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+    fake_cri.run_pod_sandbox = waiting_for_ports
+
+    async with asyncio.timeout(10):
+        await driver.converge(capsule)
+
+    assert cancelled.is_set()
+    failed = await reload(store, capsule)
+    assert failed.status is Status.ERROR and failed.status_reason is not None
+    assert "network theirs could not be found" in failed.status_reason
+    assert fake_cri.sandboxes == {}
 
 
 async def test_teardown_stops_containers_gracefully_then_removes_the_sandbox_in_one_call(

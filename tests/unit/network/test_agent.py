@@ -19,6 +19,7 @@ from capsa.network import agent as agent_module
 from capsa.network import firewall
 from capsa.network.agent import NetworkAgent
 from capsa.network.dataplane import Dataplane
+from capsa.network.enforcement import FirewallProgress
 from capsa.network.service import NetworkService
 from capsa.store import Store
 
@@ -222,3 +223,65 @@ async def test_the_firewall_engine_is_freed_once_the_host_has_had_no_port_for_a_
         assert freed == [1000.0, 1040.0]
     finally:
         await agent.stop()
+
+
+async def test_a_pass_that_a_write_wakes_starts_once_the_writer_went_on(
+    store: Store, make_capsule: CapsuleFactory, applied: Applied
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    network = NetworkService(store, "10.50.0.0/24", 1500)
+    agent = NetworkAgent(store, "h1", "capsa_t", Dataplane(), resync_interval=3600)
+    await agent.start()
+    try:
+        capsule = make_capsule()
+        await store.capsules.create(capsule)
+        assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+        [port] = await network.allocate_ports(capsule.uuid, "p1", "h1")
+        await applied.count(2)
+        writer_went_on = False
+        writer_had_gone_on: list[bool] = []
+        sync = agent.sync
+
+        async def watched_sync() -> None:
+            writer_had_gone_on.append(writer_went_on)
+            await sync()
+
+        agent.sync = watched_sync  # type: ignore[method-assign]
+
+        # A CNI ADD's binding, then its answer.
+        await network.ports_bound("sandbox-1", {port.id: "capsa0123456789"})
+        writer_went_on = True
+        await applied.count(3)
+
+        assert writer_had_gone_on == [True], "the pass ran between the write and its caller"
+    finally:
+        await agent.stop()
+
+
+async def test_the_ports_a_pass_enforced_are_told_and_not_before_nftables_took_them(
+    store: Store, make_capsule: CapsuleFactory, applied: Applied, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    network = NetworkService(store, "10.50.0.0/24", 1500)
+    progress = FirewallProgress()
+    agent = NetworkAgent(
+        store, "h1", "capsa_t", Dataplane(), resync_interval=3600, progress=progress
+    )
+    await agent.sync()
+    assert progress.passes == 1
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
+    assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
+    [port] = await network.allocate_ports(capsule.uuid, "p1", "h1")
+
+    async def refused(script: str) -> None:
+        raise firewall.FirewallError("nftables refused capsa's ruleset: Operation not permitted")
+
+    monkeypatch.setattr(firewall, "apply", refused)
+    with pytest.raises(firewall.FirewallError):
+        await agent.sync()
+    assert not progress.enforces([port.id]) and progress.passes == 1
+
+    monkeypatch.setattr(firewall, "apply", applied.apply)
+    await agent.sync()
+    assert progress.enforces([port.id]) and progress.passes == 2

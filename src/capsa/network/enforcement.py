@@ -1,0 +1,49 @@
+"""Which local ports the host's firewall enforces now: the network agent tells, the CNI daemon asks.
+
+A port's security group rules and its network's isolation must be in the kernel before the port's
+veth is on a bridge: until then, the bridge's catch-all rules would take the pod's traffic for
+the overlay's and let it pass. The compute agent asks for a new capsule's sandbox while its ports
+are being allocated, so the network agent's pass that enforces them can end after containerd has
+already called the CNI plugin; the daemon's ADD then waits for that pass (bounded), instead of
+relying on the allocation having come first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+
+class FirewallProgress:
+    """The ports enforced by the network agent's latest applied pass, and a way to wait for the
+    next pass. In-process only: the CNI daemon and the network agent of a host share one."""
+
+    def __init__(self) -> None:
+        self._ports: frozenset[str] = frozenset()
+        self._passes = 0
+        self._next_pass = asyncio.Event()
+
+    def applied(self, port_ids: Iterable[str]) -> None:
+        """A pass brought the firewall to a view whose local ports are ``port_ids``."""
+        self._ports = frozenset(port_ids)
+        self._passes += 1
+        self._next_pass.set()
+        self._next_pass = asyncio.Event()
+
+    @property
+    def passes(self) -> int:
+        """How many passes were applied: what :meth:`wait_for_pass` waits to see grow."""
+        return self._passes
+
+    def enforces(self, port_ids: Iterable[str]) -> bool:
+        return self._ports.issuperset(port_ids)
+
+    async def wait_for_pass(self, seen: int, timeout: float) -> None:
+        """Returns once a pass after the ``seen``-th was applied, or after ``timeout`` seconds."""
+        if self._passes != seen:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._next_pass.wait()
+        except TimeoutError:
+            pass

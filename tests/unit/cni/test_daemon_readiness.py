@@ -1,0 +1,144 @@
+"""ADD of a capsule whose ports are still being allocated, or not yet enforced by the firewall.
+
+The compute agent asks for a new capsule's sandbox while its ports are allocated, so the daemon,
+when it runs beside the host's network agent, waits (bounded) for the ports and for a firewall
+pass that enforces them before it plugs anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from tests.unit.cni.test_daemon import PORT, FakeDataplane, FakePorts, call, envelope
+
+from capsa.cni.daemon import create_app
+from capsa.network.enforcement import FirewallProgress
+from capsa.network.types import PortBinding
+
+
+class WatchedPorts(FakePorts):
+    """Tells each time the daemon has read a pod's ports."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports = {}
+        self.reads = 0
+        self._read = asyncio.Event()
+
+    async def find_ports(self, pod_name: str) -> list[PortBinding]:
+        found = await super().find_ports(pod_name)
+        self.reads += 1
+        self._read.set()
+        return found
+
+    async def read_again(self) -> None:
+        """Returns after the daemon's next read of the ports."""
+        self._read.clear()
+        async with asyncio.timeout(10):
+            await self._read.wait()
+
+
+@pytest.fixture
+def ports() -> WatchedPorts:
+    return WatchedPorts()
+
+
+@pytest.fixture
+def dataplane() -> FakeDataplane:
+    return FakeDataplane()
+
+
+@pytest.fixture
+def progress() -> FirewallProgress:
+    return FirewallProgress()
+
+
+@pytest.fixture
+async def client(
+    ports: WatchedPorts, dataplane: FakeDataplane, progress: FirewallProgress
+) -> AsyncIterator[TestClient[Any, Any]]:
+    app = create_app(ports, dataplane, progress=progress, ready_wait=30.0)
+    async with TestClient(TestServer(app)) as test_client:
+        yield test_client
+
+
+async def test_add_waits_for_the_ports_then_for_the_firewall_then_plugs(
+    client: TestClient[Any, Any],
+    ports: WatchedPorts,
+    dataplane: FakeDataplane,
+    progress: FirewallProgress,
+) -> None:
+    add = asyncio.ensure_future(call(client, "add", envelope()))
+    await ports.read_again()
+    assert not add.done() and not dataplane.links
+
+    # The ports are allocated: a firewall pass wakes the ADD, which finds them unenforced.
+    ports.ports["pod-1"] = [PORT]
+    progress.applied([])
+    await ports.read_again()
+    assert not add.done() and not dataplane.links
+
+    progress.applied([PORT.port_id])
+    async with asyncio.timeout(10):
+        status, result = await add
+    assert status == 200, result
+    assert dataplane.plugged == {("c1", PORT.port_id): PORT.bridge}
+    assert ports.bound[PORT.port_id][0] == "c1"
+
+
+async def test_a_sandbox_can_be_deleted_while_its_add_waits(
+    client: TestClient[Any, Any], ports: WatchedPorts, progress: FirewallProgress
+) -> None:
+    add = asyncio.ensure_future(call(client, "add", envelope()))
+    await ports.read_again()
+
+    # containerd gave up on the sandbox: its DEL does not wait for the ADD's wait.
+    async with asyncio.timeout(10):
+        status, _ = await call(client, "del", envelope())
+    assert status == 200
+    assert not add.done()
+
+    ports.ports["pod-1"] = [PORT]
+    progress.applied([PORT.port_id])
+    async with asyncio.timeout(10):
+        await add
+
+
+async def test_an_add_whose_ports_never_come_fails_with_the_reason(
+    ports: WatchedPorts, dataplane: FakeDataplane, progress: FirewallProgress
+) -> None:
+    app = create_app(ports, dataplane, progress=progress, ready_wait=0.05)
+    async with TestClient(TestServer(app)) as client:
+        status, error = await call(client, "add", envelope())
+    assert status == 404 and error["code"] == 3
+    assert "has no port" in error["msg"]
+    assert not dataplane.links
+
+
+async def test_an_add_whose_ports_the_firewall_does_not_enforce_is_not_plugged(
+    ports: WatchedPorts, dataplane: FakeDataplane, progress: FirewallProgress
+) -> None:
+    ports.ports["pod-1"] = [PORT]
+    progress.applied(["another-port"])
+    app = create_app(ports, dataplane, progress=progress, ready_wait=0.05)
+    async with TestClient(TestServer(app)) as client:
+        status, error = await call(client, "add", envelope())
+    assert status == 503 and error["code"] == 11
+    assert "firewall does not enforce" in error["msg"]
+    assert not dataplane.links and not ports.bound
+
+
+async def test_an_add_of_enforced_ports_reads_them_once(
+    client: TestClient[Any, Any], ports: WatchedPorts, progress: FirewallProgress
+) -> None:
+    ports.ports["pod-1"] = [PORT]
+    progress.applied([PORT.port_id])
+
+    status, result = await call(client, "add", envelope())
+
+    assert status == 200, result
+    assert ports.calls == ["find_ports", "ports_bound"]
