@@ -264,6 +264,8 @@ class _CniService:
                     "rules are in place",
                     "the network agent's log says why its passes fail",
                 )
+            if ports:
+                self._progress.want_pass()
             await self._progress.wait_for_pass(passes, min(_READY_RECHECK_S, deadline - now))
 
     def _unready(self, ports: list[PortBinding]) -> str | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from time import monotonic
@@ -99,6 +100,8 @@ class NetworkAgent:
     async def start(self) -> None:
         _filter_bridged_traffic()
         wakeups = self._store.hub.subscribe(notify.NETWORK)
+        if self._progress is not None:
+            self._progress.serve(functools.partial(self._store.hub.publish, notify.NETWORK))
         await self._store.hosts.set_tunnel_ip(
             self._host, self._overlay.local_ip if self._overlay else None
         )

@@ -5,13 +5,15 @@ veth is on a bridge: until then, the bridge's catch-all rules would take the pod
 the overlay's and let it pass. The compute agent asks for a new capsule's sandbox while its ports
 are being allocated, so the network agent's pass that enforces them can end after containerd has
 already called the CNI plugin; the daemon's ADD then waits for that pass (bounded), instead of
-relying on the allocation having come first.
+relying on the allocation having come first. A waiting ADD also asks for a pass: the network
+agent may not have heard of the ports (allocated by another process, which reaches this one's
+agent only at its resync), or its last pass may have failed (it retries at the next wake-up).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class FirewallProgress:
@@ -22,6 +24,16 @@ class FirewallProgress:
         self._ports: frozenset[str] = frozenset()
         self._passes = 0
         self._next_pass = asyncio.Event()
+        self._ask_for_pass: Callable[[], None] | None = None
+
+    def serve(self, ask_for_pass: Callable[[], None]) -> None:
+        """The network agent says how to wake it for a pass."""
+        self._ask_for_pass = ask_for_pass
+
+    def want_pass(self) -> None:
+        """Wakes the network agent for a pass (coalesced with one under way or due)."""
+        if self._ask_for_pass is not None:
+            self._ask_for_pass()
 
     def applied(self, port_ids: Iterable[str]) -> None:
         """A pass brought the firewall to a view whose local ports are ``port_ids``."""

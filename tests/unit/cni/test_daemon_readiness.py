@@ -142,3 +142,25 @@ async def test_an_add_of_enforced_ports_reads_them_once(
 
     assert status == 200, result
     assert ports.calls == ["find_ports", "ports_bound"]
+
+
+async def test_an_add_of_ports_not_yet_enforced_asks_the_network_agent_for_a_pass(
+    client: TestClient[Any, Any],
+    ports: WatchedPorts,
+    dataplane: FakeDataplane,
+    progress: FirewallProgress,
+) -> None:
+    # The ports came from another process: the agent heard of nothing until asked.
+    ports.ports["pod-1"] = [PORT]
+    asked = asyncio.Event()
+    progress.serve(asked.set)
+
+    add = asyncio.ensure_future(call(client, "add", envelope()))
+    async with asyncio.timeout(10):
+        await asked.wait()
+    assert not dataplane.links
+
+    progress.applied([PORT.port_id])
+    async with asyncio.timeout(10):
+        status, result = await add
+    assert status == 200, result

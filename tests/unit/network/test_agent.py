@@ -285,3 +285,28 @@ async def test_the_ports_a_pass_enforced_are_told_and_not_before_nftables_took_t
     monkeypatch.setattr(firewall, "apply", applied.apply)
     await agent.sync()
     assert progress.enforces([port.id]) and progress.passes == 2
+
+
+async def test_an_add_waiting_for_its_ports_wakes_the_agent_for_a_pass(
+    store: Store, applied: Applied
+) -> None:
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    progress = FirewallProgress()
+    agent = NetworkAgent(
+        store, "h1", "capsa_t", Dataplane(), resync_interval=3600, progress=progress
+    )
+    await agent.start()
+    try:
+        passes = asyncio.Event()
+        sync = agent.sync
+
+        async def watched_sync() -> None:
+            passes.set()
+            await sync()
+
+        agent.sync = watched_sync  # type: ignore[method-assign]
+        progress.want_pass()
+        async with asyncio.timeout(10):
+            await passes.wait()
+    finally:
+        await agent.stop()
