@@ -19,7 +19,7 @@ import secrets
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,7 @@ def run(session: Session) -> CaseResult:
     reference_pods = Pods(Plugin(cfg.cni_bin_dir / "bridge", paired.runtime.reference_conf()))
     result = CaseResult("cni", parameters={"rounds": plan.cni_rounds, "warmup": plan.warmup})
     with (
-        capsa_ports(session, paired) as new_port,
+        capsa_ports(session, paired) as (new_port, release_port),
         _removing(capsa_pods, reference_pods),
     ):
         # Anchor pods keep each network's bridge, as on a host that already runs pods.
@@ -149,8 +149,12 @@ def run(session: Session) -> CaseResult:
         reference_pods.add(str(uuid.uuid4()))
 
         def capsa_round() -> dict[str, float]:
-            container_id, added = capsa_pods.add(new_port())
-            return {"add": added, "del": capsa_pods.delete(container_id)}
+            pod = new_port()
+            container_id, added = capsa_pods.add(pod)
+            deleted = capsa_pods.delete(container_id)
+            # As when its capsule goes: the host keeps the anchor's port, not one per round.
+            release_port(pod)
+            return {"add": added, "del": deleted}
 
         def reference_round() -> dict[str, float]:
             container_id, added = reference_pods.add(str(uuid.uuid4()))
@@ -169,15 +173,19 @@ def run(session: Session) -> CaseResult:
         "socket) -> its database and capsa.network.netlink; reference: bridge + host-local from "
         "containernetworking-plugins, host-local's dataDir in the instance's state dir.",
         "An anchor pod stays plugged on each side throughout, so that neither ADD creates "
-        "its bridge nor DEL removes it.",
+        "its bridge nor DEL removes it; each capsa round's port is released after its DEL, as "
+        "its capsule's removal would, so the host holds two ports throughout.",
     ]
     return result
 
 
 @contextlib.contextmanager
-def capsa_ports(session: Session, paired: Paired) -> Iterator[Any]:
-    """A function that gives a new pod a port in capsa's database, as the agent would before
-    RunPodSandbox; every port it made is deleted afterwards."""
+def capsa_ports(
+    session: Session, paired: Paired
+) -> Iterator[tuple[Callable[[], str], Callable[[str], None]]]:
+    """Functions that give a new pod a port in capsa's database, as the agent would before
+    RunPodSandbox, and release a pod's port, as its capsule's removal does; every port still
+    there is deleted afterwards."""
     cfg = paired.capsa.config
     store = Store(cfg.database_url)
     session.run(store.open())
@@ -195,8 +203,12 @@ def capsa_ports(session: Session, paired: Paired) -> Iterator[Any]:
         session.run(network.allocate_ports(pod, project.id, cfg.resolved_host_name))
         return pod
 
+    def release_port(pod: str) -> None:
+        session.run(network.release_ports(pod))
+        made.remove(pod)
+
     try:
-        yield new_port
+        yield new_port, release_port
     finally:
         try:
             for pod in made:
