@@ -6,8 +6,9 @@ from capsa.cri.client import CriError
 
 # gRPC codes of a runtime that is restarting, overloaded or slow: worth another try.
 _TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED"})
-# containerd refuses a name that an unfinished request (for example from before a crash) holds.
-_TRANSIENT_MESSAGES = ("is reserved for", "failed to reserve")
+# containerd refuses a name, or a start, that an unfinished request (for example one an agent
+# killed mid-call left) holds; it finishes that request, and the next pass finds its result.
+_TRANSIENT_MESSAGES = ("is reserved for", "failed to reserve", "is already in starting state")
 
 
 class CapsuleFailed(Exception):

@@ -10,6 +10,7 @@ import pytest
 
 from capsa.compute.driver import CapsuleDriver, Superseded
 from capsa.cri import types as cri
+from capsa.cri.client import CriError
 from capsa.model.capsule import Capsule, CapsuleSpec, RestartPolicy, Status, TaskState
 from capsa.network.service import NetworkService
 from capsa.store import Store
@@ -398,6 +399,40 @@ async def test_a_runtime_that_is_down_is_retried_not_blamed_on_the_capsule(
     assert capsule.status is Status.CREATING
     assert capsule.status_reason is not None and capsule.status_reason.startswith("retrying:")
     assert retries.asked and retries.asked[0][0] == capsule.uuid
+
+
+async def test_a_start_that_a_crashed_agent_left_under_way_is_retried_not_blamed(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    capsule = await placed(store, make_capsule)
+    start_container = fake_cri.start_container
+
+    async def already_starting(container_id: str) -> None:
+        # containerd still runs the StartContainer of an agent killed mid-call: it refuses a
+        # second one, then finishes the first.
+        await start_container(container_id)
+        raise CriError(
+            "StartContainer",
+            "UNKNOWN",
+            f'failed to set starting state for container "{container_id}": '
+            "container is already in starting state",
+        )
+
+    fake_cri.start_container = already_starting
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert capsule.status is Status.CREATING
+    assert capsule.status_reason is not None and capsule.status_reason.startswith("retrying:")
+    assert retries.asked and retries.asked[0][0] == capsule.uuid
+
+    fake_cri.start_container = start_container
+    await driver.converge(capsule)
+    assert (await reload(store, capsule)).status is Status.RUNNING
 
 
 async def test_a_capsule_deleted_while_it_starts_is_not_marked_running(
