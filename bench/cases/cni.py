@@ -175,6 +175,9 @@ def run(session: Session) -> CaseResult:
         "An anchor pod stays plugged on each side throughout, so that neither ADD creates "
         "its bridge nor DEL removes it; each capsa round's port is released after its DEL, as "
         "its capsule's removal would, so the host holds two ports throughout.",
+        "capsa's ADD includes a network agent pass: the benchmark allocates each port in its own "
+        "process, so capsa's agent hears of it when the ADD asks for a pass (in a capsule's start "
+        "that pass runs before containerd calls the plugin).",
     ]
     return result
 
