@@ -122,13 +122,7 @@ class NetworkAgent:
     async def _loop(self, wakeups: notify.Subscription) -> None:
         try:
             while True:
-                if await wakeups.wait(self._resync_interval):
-                    # A wake-up comes as the write that gave it commits, one turn of the event
-                    # loop before that write's caller goes on: one turn more lets the caller
-                    # (a CNI ADD or DEL answering its runtime) finish first. The pass then
-                    # starts at once, rather than between the write and the answer, holding
-                    # the loop and the GIL for several milliseconds.
-                    await asyncio.sleep(0)
+                await wakeups.wait(self._resync_interval)
                 try:
                     await self.sync()
                 except Exception:

@@ -20,7 +20,9 @@ its own): every transaction of the store is whole and idempotent, so that is alw
 A write transaction names the wake-ups its change gives (:func:`capsa.store.notify.wake`); they go
 to this process's hub once it commits, whether its caller still waits or not, and with
 ``shared_wakeups`` they are also written in the transaction for the other processes
-(:mod:`capsa.store.wakefeed`).
+(:mod:`capsa.store.wakefeed`). They go one turn of the event loop after the commit, once the
+caller has taken its next step: the woken reconcilers (a network agent's pass holds the loop for
+milliseconds) start after, say, a CNI DEL has sent its answer, not between its write and it.
 """
 
 from __future__ import annotations
@@ -120,14 +122,17 @@ class Database:
     async def run_write(self, work: Callable[[Connection], T]) -> T:
         """Runs ``work`` in a write transaction: committed if it returns, rolled back if it
         raises; on SQLite it holds the write lock from its first statement. The wake-ups it
-        names are published once it has committed."""
+        names are published once it has committed, as its caller resumes."""
         release = await self._write_turn()
+        loop = asyncio.get_running_loop()
 
         def finished(future: asyncio.Future[tuple[T, list[notify.Wakeup]]]) -> None:
             if release is not None:
                 release()
             if not future.cancelled() and future.exception() is None:
-                self.hub.publish_all(future.result()[1])
+                # Scheduled now, they run before the caller resumes (a turn later still); one
+                # turn later, the subscribers they wake resume after it.
+                loop.call_soon(self.hub.publish_all, future.result()[1])
 
         result, _ = await self._in_thread(
             functools.partial(self._write_transaction, work), then=finished
