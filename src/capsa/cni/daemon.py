@@ -256,7 +256,7 @@ class _CniService:
                 log.info(f"ADD waits for {waiting_for}", **fields)
             if now >= deadline or client_gone():
                 if not ports:
-                    _interfaces(request, pod, ports)  # raises: the capsule has no port
+                    raise _no_port(pod)
                 raise CniError(
                     ErrorCode.TRY_AGAIN_LATER,
                     f"the firewall does not enforce the security group rules of capsule {pod}'s "
@@ -594,13 +594,7 @@ def _interfaces(
 ) -> list[tuple[str, PortBinding]]:
     """The pod's interfaces, named from CNI_IFNAME, each with its port."""
     if not ports:
-        raise CniError(
-            ErrorCode.UNKNOWN_CONTAINER,
-            f"capsule {pod} has no port: the compute agent allocates a capsule's ports "
-            "before it runs the sandbox",
-            "K8S_POD_NAME must be the uuid of a capsule scheduled on this host; a sandbox "
-            "created outside capsa gets no network",
-        )
+        raise _no_port(pod)
     ifnames = pod_ifnames(request.ifname, len(ports))
     if len(ifnames) < len(ports):
         raise CniError(
@@ -609,6 +603,16 @@ def _interfaces(
             f"the names of its interfaces after {request.ifname} would pass 15 bytes",
         )
     return list(zip(ifnames, ports, strict=True))
+
+
+def _no_port(pod: str) -> CniError:
+    return CniError(
+        ErrorCode.UNKNOWN_CONTAINER,
+        f"capsule {pod} has no port: the compute agent allocates a capsule's ports as it asks "
+        "for its sandbox",
+        "K8S_POD_NAME must be the uuid of a capsule scheduled on this host; a sandbox "
+        "created outside capsa gets no network",
+    )
 
 
 def _gone(http_request: web.Request) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from capsa.compute import labels
-from capsa.compute.errors import CapsuleFailed, RetryLater, classify
+from capsa.compute.errors import CapsuleFailed, RetryLater, classify, name_taken
 from capsa.compute.images import ImagePuller
 from capsa.cri import types as cri
 from capsa.cri.client import CriClient, CriError
@@ -59,6 +59,8 @@ _INIT_WAIT_S = 3.0
 _POLL_S = 0.1
 # Delay before retrying a step that failed for a reason that may pass.
 _RETRY_S = 2.0
+# What a failed RunPodSandbox says the agent was doing, in the capsule's status_reason.
+_STARTING_SANDBOX = "starting the capsule's sandbox"
 
 
 @dataclass
@@ -212,12 +214,11 @@ class CapsuleDriver:
     async def _run_first_sandbox(self, spec: cri.SandboxSpec) -> str | None:
         """RunPodSandbox of a capsule's first sandbox; None when its name is taken already."""
         try:
-            async with self._sandbox_slots:
-                return await self._cri.run_pod_sandbox(spec)
+            return await self._run_sandbox(spec)
         except CriError as exc:
-            if exc.code == "ALREADY_EXISTS" or "is reserved for" in exc.message:
+            if name_taken(exc):
                 return None
-            raise classify(exc, "starting the capsule's sandbox") from exc
+            raise classify(exc, _STARTING_SANDBOX) from exc
 
     async def _adopt_or_make_sandbox(
         self, capsule: Capsule, fresh: bool
@@ -267,7 +268,7 @@ class CapsuleDriver:
         Path(sandbox_spec.log_directory).mkdir(parents=True, exist_ok=True)
         sandbox_id = await self._while_written(
             capsule,
-            self._run_sandbox(sandbox_spec),
+            self._cri_do(_STARTING_SANDBOX, self._run_sandbox(sandbox_spec)),
             task_state=TaskState.CONTAINER_CREATING,
         )
         log.info("sandbox running", capsule=capsule.uuid, sandbox=sandbox_id)
@@ -391,6 +392,7 @@ class CapsuleDriver:
         self, capsule: Capsule, container: Container, status: cri.ContainerStatus
     ) -> cri.ContainerStatus | None:
         """Stops a running container within the stop timeout; its status afterwards."""
+        # What the pass recorded goes out before a call that may take the whole grace period.
         await self._set_capsule(capsule)
         timeout = capsule.stop_timeout
         if timeout is None:
@@ -532,6 +534,7 @@ class CapsuleDriver:
         """Restarts an exited container as a new attempt (CRI containers are not restartable);
         ``asked``: by the tenant (start, reboot), which begins a new count of restarts."""
         spec = container.spec
+        # What the pass recorded goes out before a pull, which may take minutes.
         await self._set_capsule(capsule)
         await self._images.ensure(
             spec.image, spec.image_pull_policy, capsule.uuid, spec.registry_id
@@ -640,9 +643,7 @@ class CapsuleDriver:
 
     async def _run_sandbox(self, spec: cri.SandboxSpec) -> str:
         async with self._sandbox_slots:
-            return await self._cri_do(
-                "starting the capsule's sandbox", self._cri.run_pod_sandbox(spec)
-            )
+            return await self._cri.run_pod_sandbox(spec)
 
     async def _write_recorded(self, capsule: Capsule) -> None:
         """At the end of a pass: writes whatever the pass recorded and did not write yet."""

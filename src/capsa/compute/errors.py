@@ -8,7 +8,8 @@ from capsa.cri.client import CriError
 _TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED"})
 # containerd refuses a name, or a start, that an unfinished request (for example one an agent
 # killed mid-call left) holds; it finishes that request, and the next pass finds its result.
-_TRANSIENT_MESSAGES = ("is reserved for", "failed to reserve", "is already in starting state")
+_NAME_TAKEN = "is reserved for"
+_TRANSIENT_MESSAGES = (_NAME_TAKEN, "failed to reserve", "is already in starting state")
 
 
 class CapsuleFailed(Exception):
@@ -25,3 +26,8 @@ def classify(exc: CriError, doing: str) -> CapsuleFailed | RetryLater:
     if exc.code in _TRANSIENT_CODES or any(m in exc.message for m in _TRANSIENT_MESSAGES):
         return RetryLater(text)
     return CapsuleFailed(text)
+
+
+def name_taken(exc: CriError) -> bool:
+    """Whether the runtime refused a sandbox or container because another holds its name."""
+    return exc.code == "ALREADY_EXISTS" or _NAME_TAKEN in exc.message
