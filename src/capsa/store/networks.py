@@ -633,27 +633,31 @@ def _insert_default_group(conn: Connection, project_id: str) -> str:
         conn, project_id, DEFAULT_NAME, DEFAULT_GROUP_DESCRIPTION, default_for=project_id
     )
     _insert_egress_rules(conn, group_id, project_id)
-    for ethertype in EtherType:
-        _insert_rule(
-            conn,
-            security_group_id=group_id,
-            project_id=project_id,
-            ethertype=ethertype.value,
-            direction=Direction.INGRESS.value,
-            remote_group_id=group_id,
-        )
+    # Its members reach each other.
+    _insert_rule_per_ethertype(conn, group_id, project_id, Direction.INGRESS, group_id)
     return group_id
 
 
 def _insert_egress_rules(conn: Connection, group_id: str, project_id: str) -> None:
     """Neutron's egress rules of every new group: all traffic, of each ethertype."""
+    _insert_rule_per_ethertype(conn, group_id, project_id, Direction.EGRESS)
+
+
+def _insert_rule_per_ethertype(
+    conn: Connection,
+    group_id: str,
+    project_id: str,
+    direction: Direction,
+    remote_group_id: str | None = None,
+) -> None:
     for ethertype in EtherType:
         _insert_rule(
             conn,
             security_group_id=group_id,
             project_id=project_id,
             ethertype=ethertype.value,
-            direction=Direction.EGRESS.value,
+            direction=direction.value,
+            remote_group_id=remote_group_id,
         )
 
 
