@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from capsa.compute.driver import CapsuleDriver, Superseded
+from capsa.compute.images import ImagePuller
 from capsa.cri import types as cri
 from capsa.cri.client import CriError
 from capsa.model.capsule import Capsule, CapsuleSpec, RestartPolicy, Status, TaskState
@@ -292,17 +293,10 @@ async def test_an_exited_container_is_restarted_as_a_new_attempt(
     assert capsule.status is Status.RUNNING
 
 
-async def test_a_restart_waits_for_its_back_off(
-    settings: Any,
-    store: Store,
-    fake_cri: Any,
-    network: Any,
-    retries: Any,
-    make_capsule: CapsuleFactory,
-) -> None:
-    from capsa.compute.images import ImagePuller
-
-    slow = CapsuleDriver(
+@pytest.fixture
+def slow(settings: Any, store: Store, fake_cri: Any, network: Any, retries: Any) -> CapsuleDriver:
+    """A driver whose restarts wait a 30 s back-off."""
+    return CapsuleDriver(
         replace(settings, restart_backoff_base=30.0, restart_backoff_max=60.0),
         store,
         fake_cri,
@@ -310,6 +304,15 @@ async def test_a_restart_waits_for_its_back_off(
         ImagePuller(fake_cri),
         retries,
     )
+
+
+async def test_a_restart_waits_for_its_back_off(
+    slow: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
     capsule = await placed(store, make_capsule)
     await slow.converge(capsule)
     (first,) = fake_cri.by_name("app0")
@@ -326,26 +329,15 @@ async def test_a_restart_waits_for_its_back_off(
 
 
 async def test_a_pass_that_ends_waiting_for_an_init_back_off_writes_what_it_saw(
-    settings: Any,
+    slow: CapsuleDriver,
     store: Store,
     fake_cri: Any,
-    network: Any,
     retries: Any,
     make_capsule: CapsuleFactory,
 ) -> None:
     # The pass ends inside the init container's back-off, without a status of the capsule to
     # write: the container's records of the pass are written all the same.
-    from capsa.compute.images import ImagePuller
-
     fake_cri.exits_at_start = EXITS
-    slow = CapsuleDriver(
-        replace(settings, restart_backoff_base=30.0, restart_backoff_max=60.0),
-        store,
-        fake_cri,
-        network,
-        ImagePuller(fake_cri),
-        retries,
-    )
     capsule = await placed(store, make_capsule, init=("false",), apps=("sleep",))
 
     await slow.converge(capsule)
