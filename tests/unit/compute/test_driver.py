@@ -375,6 +375,14 @@ async def test_a_capsule_whose_containers_finished_for_good_is_stopped_or_failed
     assert len(fake_cri.by_name("app0")) == 1
 
 
+async def retried_not_blamed(store: Store, capsule: Capsule, retries: Any) -> None:
+    """The capsule still waits to start, says it is retrying, and a retry is asked for."""
+    capsule = await reload(store, capsule)
+    assert capsule.status is Status.CREATING
+    assert capsule.status_reason is not None and capsule.status_reason.startswith("retrying:")
+    assert retries.asked and retries.asked[0][0] == capsule.uuid
+
+
 async def test_a_runtime_that_is_down_is_retried_not_blamed_on_the_capsule(
     driver: CapsuleDriver,
     store: Store,
@@ -387,10 +395,7 @@ async def test_a_runtime_that_is_down_is_retried_not_blamed_on_the_capsule(
 
     await driver.converge(capsule)
 
-    capsule = await reload(store, capsule)
-    assert capsule.status is Status.CREATING
-    assert capsule.status_reason is not None and capsule.status_reason.startswith("retrying:")
-    assert retries.asked and retries.asked[0][0] == capsule.uuid
+    await retried_not_blamed(store, capsule, retries)
 
 
 async def test_a_start_that_a_crashed_agent_left_under_way_is_retried_not_blamed(
@@ -417,10 +422,7 @@ async def test_a_start_that_a_crashed_agent_left_under_way_is_retried_not_blamed
     fake_cri.start_container = already_starting
     await driver.converge(capsule)
 
-    capsule = await reload(store, capsule)
-    assert capsule.status is Status.CREATING
-    assert capsule.status_reason is not None and capsule.status_reason.startswith("retrying:")
-    assert retries.asked and retries.asked[0][0] == capsule.uuid
+    await retried_not_blamed(store, capsule, retries)
 
     fake_cri.start_container = start_container
     await driver.converge(capsule)
