@@ -52,7 +52,7 @@ from capsa.config import AgentConfig, Config, ImagesConfig, RegistryConfig
 from capsa.cri.client import CriClient
 from capsa.network import firewall
 from capsa.runtime.host import HostRuntime
-from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim
+from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim, stop_lost_shims
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -167,6 +167,9 @@ async def tear_down_host_runtime(runtime: HostRuntime) -> None:
             await remove_all_sandboxes(cfg)
     finally:
         await runtime.stop()
+        # A shim that containerd lost (a sandbox start cut short by a killed capsa, in a test
+        # that failed before its own check) serves no sandbox, so nothing above stopped it.
+        stop_lost_shims(cfg.cri_socket, set(), min_age_s=0)
         remove_stale_shim_sockets(cfg)
         unmount_under(cfg.state_dir)
         remove_cgroup_parent(cfg.agent.cgroup_parent)
