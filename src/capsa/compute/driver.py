@@ -6,7 +6,10 @@ that running a step twice, or after a crash at any point, neither loses nor dupl
 - a ready sandbox of the capsule is adopted; other sandboxes of it are removed;
 - init containers run one by one to completion, in order; a finished one is never run again;
 - containers are created and started once; an exited one is restarted as the restart policy says,
-  with an exponential back-off;
+  with an exponential back-off; a created one is started only if its creation was recorded (one
+  that a call cut short made may be made wrong: it is made again);
+- a container that cannot be created or started in a sandbox that is no longer ready is no fault
+  of the tenant: the next pass replaces the sandbox;
 - status, status_reason and task_state follow in the database, written only when they change, and
   only while the tenant still wants the capsule (compare-and-swap on the desired state); a write
   that announces a runtime call (container_creating, container_starting) runs alongside it, not
@@ -30,7 +33,7 @@ from capsa.compute import labels
 from capsa.compute.errors import CapsuleFailed, RetryLater, classify, name_taken
 from capsa.compute.images import ImagePuller
 from capsa.cri import types as cri
-from capsa.cri.client import CriClient, CriError
+from capsa.cri.client import CriClient, CriError, CriNotFound
 from capsa.log import get_logger
 from capsa.model.capsule import (
     Capsule,
@@ -306,8 +309,12 @@ class CapsuleDriver:
             status = await self._status(container_id)
             if status is None:
                 container_id = await self._create(capsule, container, sandbox_id, sandbox_spec, 0)
+            elif status.state is cri.ContainerState.CREATED and not _recorded(container, status):
+                container_id = await self._recreate(
+                    capsule, container, sandbox_id, sandbox_spec, status
+                )
             elif status.state is cri.ContainerState.CREATED:
-                await self._start(capsule, container, status.id)
+                await self._start(capsule, container, sandbox_id, status.id)
             elif status.state is cri.ContainerState.RUNNING:
                 self._record_running(container, status)
                 await self._set_capsule(capsule, task_state=TaskState.CONTAINER_STARTING)
@@ -350,9 +357,14 @@ class CapsuleDriver:
                 return
         if status is None:
             container_id = await self._create(capsule, container, sandbox_id, sandbox_spec, 0)
-            await self._start(capsule, container, container_id)
+            await self._start(capsule, container, sandbox_id, container_id)
         elif status.state is cri.ContainerState.CREATED:
-            await self._start(capsule, container, status.id)
+            container_id = status.id
+            if not _recorded(container, status):
+                container_id = await self._recreate(
+                    capsule, container, sandbox_id, sandbox_spec, status
+                )
+            await self._start(capsule, container, sandbox_id, container_id)
         elif status.state is cri.ContainerState.RUNNING:
             self._record_running(container, status)
         elif status.state is cri.ContainerState.EXITED:
@@ -383,6 +395,8 @@ class CapsuleDriver:
                 return  # gone as it stopped: nothing of it to record
         if status.state is cri.ContainerState.EXITED:
             self._record_exit(container, status)
+        elif status.state is cri.ContainerState.CREATED and not _recorded(container, status):
+            await self._recreate(capsule, container, sandbox_id, sandbox_spec, status)
         elif status.state is cri.ContainerState.CREATED:
             self._record(container, cri_container_id=status.id, status=Status.CREATED)
         else:
@@ -486,7 +500,8 @@ class CapsuleDriver:
         spec = self._container_spec(capsule, container, attempt)
         container_id = await self._while_written(
             capsule,
-            self._cri_do(
+            self._in_sandbox(
+                sandbox_id,
                 f"creating container {container.spec.name!r}",
                 self._cri.create_container(sandbox_id, spec, sandbox_spec),
             ),
@@ -497,10 +512,13 @@ class CapsuleDriver:
         )
         return container_id
 
-    async def _start(self, capsule: Capsule, container: Container, container_id: str) -> None:
+    async def _start(
+        self, capsule: Capsule, container: Container, sandbox_id: str, container_id: str
+    ) -> None:
         await self._while_written(
             capsule,
-            self._cri_do(
+            self._in_sandbox(
+                sandbox_id,
                 f"starting container {container.spec.name!r}",
                 self._cri.start_container(container_id),
             ),
@@ -548,7 +566,7 @@ class CapsuleDriver:
             capsule, container, sandbox_id, sandbox_spec, exited.attempt + 1
         )
         self._record(container, restart_count=restarts)
-        await self._start(capsule, container, container_id)
+        await self._start(capsule, container, sandbox_id, container_id)
         log.info(
             "container restarted",
             capsule=capsule.uuid,
@@ -557,6 +575,52 @@ class CapsuleDriver:
             exit_code=exited.exit_code,
         )
         return container_id
+
+    async def _recreate(
+        self,
+        capsule: Capsule,
+        container: Container,
+        sandbox_id: str,
+        sandbox_spec: cri.SandboxSpec,
+        created: cri.ContainerStatus,
+    ) -> str:
+        """Makes again a created container whose creation no pass recorded: its CreateContainer
+        was cut short (the agent killed, or the call timed out), and containerd 1.6 finishes
+        such a call with whatever its cancelled steps returned; it can take the sandbox's
+        namespaces from pid 0 (``/proc/0/ns/...``), which no start gets past."""
+        log.info(
+            "replacing a container whose creation was cut short",
+            capsule=capsule.uuid,
+            container=container.uuid,
+            cri_container=created.id,
+        )
+        await self._cri_do(
+            f"removing container {container.spec.name!r} whose creation was cut short",
+            self._cri.remove_container(created.id),
+        )
+        return await self._create(capsule, container, sandbox_id, sandbox_spec, created.attempt)
+
+    async def _in_sandbox(self, sandbox_id: str, doing: str, call: Awaitable[T]) -> T:
+        """Awaits a CRI call on a container of the sandbox; a failure the tenant would be blamed
+        for is retried instead when the sandbox is no longer ready (its task exited or was
+        lost, or it is gone): the next pass replaces the sandbox."""
+        try:
+            return await self._cri_do(doing, call)
+        except CapsuleFailed as failure:
+            if await self._sandbox_ready(sandbox_id, doing):
+                raise
+            raise RetryLater(
+                f"{failure} (the capsule's sandbox is not ready: a new one replaces it)"
+            ) from failure
+
+    async def _sandbox_ready(self, sandbox_id: str, doing: str) -> bool:
+        try:
+            status = await self._cri.pod_sandbox_status(sandbox_id)
+        except CriNotFound:
+            return False
+        except CriError as exc:
+            raise classify(exc, f"{doing}: asking the status of its sandbox") from exc
+        return status.state is cri.SandboxState.READY
 
     async def _restart_due(self, capsule: Capsule, container: Container) -> bool:
         """Whether the back-off after the container's last exit has passed; if not, retry then."""
@@ -845,6 +909,12 @@ def settled(capsule: Capsule) -> bool:
     if capsule.status in (Status.ERROR, Status.STOPPED):
         return True
     return capsule.desired_state is DesiredState.STOPPED and capsule.status is Status.CREATED
+
+
+def _recorded(container: Container, status: cri.ContainerStatus) -> bool:
+    """Whether the runtime's container is the one the capsule's records name: a pass saw the
+    call that made it return."""
+    return container.cri_container_id == status.id
 
 
 def _time(ns: int) -> datetime | None:

@@ -2,8 +2,8 @@
 
 It keeps sandboxes and containers in memory with the behaviour the agent relies on: labels and
 filters, name reservation per (name, attempt), containers that cannot be restarted, not-found
-errors, and containers that exit when a test says so (or at once, for commands named in
-``exits_at_start``).
+errors, containers that exit when a test says so (or at once, for commands named in
+``exits_at_start``), and starts that fail as runc's do (``fails_at_start``, ``unstartable``).
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ class FakeCri:
     container_sandbox: dict[str, str] = field(default_factory=dict)
     # Exit codes of containers whose first command word is a key, as soon as they start.
     exits_at_start: dict[str, int] = field(default_factory=dict)
+    # Why a start fails, for containers whose first command word is a key (a command that cannot
+    # run) and for the containers whose ids are keys (made wrong): the container ends exited
+    # with code 128, as containerd leaves a container whose start failed.
+    fails_at_start: dict[str, str] = field(default_factory=dict)
+    unstartable: dict[str, str] = field(default_factory=dict)
     pulls: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     # What each sandbox and container was made from, by id.
@@ -118,6 +123,16 @@ class FakeCri:
             self.containers.pop(cid)
             self.container_sandbox.pop(cid)
 
+    async def pod_sandbox_status(self, sandbox_id: str) -> cri.SandboxStatus:
+        self._call("PodSandboxStatus")
+        if sandbox_id not in self.sandboxes:
+            raise CriNotFound("PodSandboxStatus", "NOT_FOUND", f"sandbox {sandbox_id} not found")
+        s = self.sandboxes[sandbox_id]
+        return cri.SandboxStatus(
+            s.id, s.name, s.namespace, s.uid, s.attempt, s.state, s.created_at, "", (),
+            s.labels, s.annotations, s.runtime_handler,
+        )  # fmt: skip
+
     async def list_pod_sandboxes(
         self, labels: Mapping[str, str] | None = None
     ) -> list[cri.PodSandbox]:
@@ -154,20 +169,29 @@ class FakeCri:
         self._call("StartContainer")
         status = self.containers[container_id]
         assert status.state is cri.ContainerState.CREATED, "a container starts once"
+        program = status.annotations["command"].split(" ")[0]
+        why = self.unstartable.get(container_id) or self.fails_at_start.get(program)
+        if why is not None:
+            self.exit(container_id, 128, "StartError")
+            raise CriError(
+                "StartContainer",
+                "UNKNOWN",
+                f"starting container {container_id} failed: failed to create containerd task: "
+                f"failed to create shim task: OCI runtime create failed: {why}: unknown",
+            )
         self.containers[container_id] = replace(
             status, state=cri.ContainerState.RUNNING, started_at=time.time_ns()
         )
-        program = status.annotations["command"].split(" ")[0]
         if program in self.exits_at_start:
             self.exit(container_id, self.exits_at_start[program])
 
-    def exit(self, container_id: str, code: int) -> None:
+    def exit(self, container_id: str, code: int, reason: str = "") -> None:
         self.containers[container_id] = replace(
             self.containers[container_id],
             state=cri.ContainerState.EXITED,
             exit_code=code,
             finished_at=time.time_ns(),
-            reason="Completed" if code == 0 else "Error",
+            reason=reason or ("Completed" if code == 0 else "Error"),
         )
 
     async def stop_container(self, container_id: str, timeout_s: int) -> None:

@@ -429,6 +429,142 @@ async def test_a_start_that_a_crashed_agent_left_under_way_is_retried_not_blamed
     assert (await reload(store, capsule)).status is Status.RUNNING
 
 
+# What runc says of a container that containerd 1.6 made with the sandbox's namespaces taken
+# from pid 0 (a CreateContainer cut short, or a sandbox whose task had gone).
+PID_0 = "namespace path: lstat /proc/0/ns/ipc: no such file or directory"
+
+
+async def test_a_container_whose_creation_was_cut_short_is_made_again_not_started(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",))
+    # As if the agent died during CreateContainer of the init container, which containerd
+    # finished, wrong: no start gets past it, and the records name no container.
+    sandbox_spec = driver._sandbox_spec(capsule, 0)
+    sandbox_id = await fake_cri.run_pod_sandbox(sandbox_spec)
+    (init,) = capsule.init_containers
+    cut_short = await fake_cri.create_container(
+        sandbox_id, driver._container_spec(capsule, init, 0), sandbox_spec
+    )
+    fake_cri.unstartable[cut_short] = PID_0
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert (capsule.status, capsule.status_reason) == (Status.RUNNING, None)
+    (made_again,) = fake_cri.by_name("init0")
+    assert made_again.id != cut_short and made_again.attempt == 0
+    assert made_again.state is cri.ContainerState.EXITED and made_again.exit_code == 0
+    assert capsule.init_containers[0].cri_container_id == made_again.id
+    assert list(fake_cri.sandboxes) == [sandbox_id]
+
+
+async def test_a_created_container_the_records_name_is_started_not_made_again(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    capsule = await placed(store, make_capsule, apps=("sleep",))
+    await driver.converge(capsule)
+    # As if the agent died once CreateContainer returned and its record was written.
+    (app,) = fake_cri.by_name("app0")
+    fake_cri.containers[app.id] = replace(app, state=cri.ContainerState.CREATED, started_at=0)
+    fake_cri.calls.clear()
+
+    await driver.converge(await reload(store, capsule))
+
+    (started,) = fake_cri.by_name("app0")
+    assert started.id == app.id and started.state is cri.ContainerState.RUNNING
+    assert "RemoveContainer" not in fake_cri.calls
+
+
+async def test_a_start_that_fails_because_the_sandbox_lost_its_task_gets_a_new_sandbox(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",))
+    start_container = fake_cri.start_container
+
+    async def pause_gone(container_id: str) -> None:
+        # The sandbox's task exited while the container was made: containerd took its
+        # namespaces from pid 0, and marks the sandbox not ready.
+        (sandbox_id,) = fake_cri.sandboxes
+        fake_cri.sandboxes[sandbox_id] = replace(
+            fake_cri.sandboxes[sandbox_id], state=cri.SandboxState.NOT_READY
+        )
+        fake_cri.unstartable[container_id] = PID_0
+        await start_container(container_id)
+
+    fake_cri.start_container = pause_gone
+    await driver.converge(capsule)
+
+    await retried_not_blamed(store, capsule, retries)
+    (lost,) = fake_cri.sandboxes.values()
+
+    fake_cri.start_container = start_container
+    await driver.converge(await reload(store, capsule))
+
+    capsule = await reload(store, capsule)
+    assert (capsule.status, capsule.status_reason) == (Status.RUNNING, None)
+    (new,) = fake_cri.sandboxes.values()
+    assert new.id != lost.id and new.attempt == lost.attempt + 1
+    assert capsule.sandbox_id == new.id
+    assert [c.state for c in fake_cri.by_name("init0")] == [cri.ContainerState.EXITED]
+    assert [c.state for c in fake_cri.by_name("app0")] == [cri.ContainerState.RUNNING]
+
+
+async def test_a_create_in_a_sandbox_that_is_gone_is_retried_in_a_new_one(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    capsule = await placed(store, make_capsule, apps=("sleep",))
+    create_container = fake_cri.create_container
+
+    async def sandbox_removed(
+        sandbox_id: str, spec: cri.ContainerSpec, sandbox: cri.SandboxSpec
+    ) -> str:
+        await fake_cri.remove_pod_sandbox(sandbox_id)
+        raise CriError(
+            "CreateContainer",
+            "UNKNOWN",
+            f"creating container 'app0' failed: failed to get sandbox container task: "
+            f"no running task found: task {sandbox_id}: unknown",
+        )
+
+    fake_cri.create_container = sandbox_removed
+    await driver.converge(capsule)
+
+    await retried_not_blamed(store, capsule, retries)
+
+    fake_cri.create_container = create_container
+    await driver.converge(await reload(store, capsule))
+
+    assert (await reload(store, capsule)).status is Status.RUNNING
+    assert [c.state for c in fake_cri.by_name("app0")] == [cri.ContainerState.RUNNING]
+
+
+async def test_a_container_that_cannot_start_in_a_ready_sandbox_fails_the_capsule(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    why = 'exec: "nope": executable file not found in $PATH'
+    fake_cri.fails_at_start = {"nope": why}
+    capsule = await placed(store, make_capsule, apps=("nope",))
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert capsule.status is Status.ERROR and capsule.task_state is None
+    reason = capsule.status_reason or ""
+    assert reason.startswith("starting container 'app0'") and why in reason
+    assert [s.state for s in fake_cri.sandboxes.values()] == [cri.SandboxState.READY]
+
+
 async def test_a_capsule_deleted_while_it_starts_is_not_marked_running(
     driver: CapsuleDriver, store: Store, make_capsule: CapsuleFactory
 ) -> None:
