@@ -167,6 +167,32 @@ async def test_create_wait_reports_progress_until_running(
     assert "Running" in run.stdout
 
 
+async def test_create_wait_is_told_of_each_change_without_polling(
+    capsa: CliRunner, store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Were it polling, its first pause would outlast its timeout.
+    monkeypatch.setattr(capsules, "POLL_INTERVAL", 30.0)
+    created = store.hub.subscribe(notify.SCHEDULER)
+
+    async def agent_starts_it() -> None:
+        assert await created.wait(10)
+        capsule = await store.capsules.find("web", "default")
+        assert capsule is not None
+        await asyncio.sleep(0.3)
+        await store.capsules.update_status(capsule.uuid, task_state="container_creating")
+        await asyncio.sleep(0.3)
+        await store.capsules.update_status(capsule.uuid, status=Status.RUNNING, task_state=None)
+
+    helper = asyncio.create_task(agent_starts_it())
+    file = template_file(tmp_path, zun_template())
+    run = await capsa("capsule", "create", "--wait", "--timeout", "5", "-f", file)
+    await helper
+    assert run.code == 0, run.stderr
+    progress = run.stderr.splitlines()
+    assert "capsule web: Creating (container_creating)" in progress
+    assert "capsule web: Running" in progress
+
+
 async def test_create_wait_exits_1_when_the_capsule_ends_in_error(
     capsa: CliRunner, store: Store, tmp_path: Path
 ) -> None:
