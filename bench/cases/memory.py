@@ -27,9 +27,8 @@ def run(session: Session) -> CaseResult:
     with session.standard_capsa("memory") as capsa:
         time.sleep(_SETTLE_S)
         idle = sample(capsa)
-        with capsa.client() as api:
-            _, uuids = create_at_once(capsa, plan.memory_capsules)
-            wait_all_running(api, uuids, plan.poll_interval * 10)
+        _, uuids = create_at_once(capsa, plan.memory_capsules)
+        wait_all_running(capsa, uuids)
         time.sleep(_SETTLE_S)
         busy = sample(capsa)
     for label, found in (("idle", idle), (f"{plan.memory_capsules} capsules", busy)):
