@@ -97,6 +97,23 @@ def test_launcher_runs_the_plugin_from_its_cached_bytecode(
     assert f"# code object from {module}" not in loaded
 
 
+def test_launcher_answers_whole_and_skips_the_interpreters_clean_up(
+    cfg: Config, install: Callable[[Config], None]
+) -> None:
+    install(cfg)
+    # -v reports the clean-up at exit ("# cleanup[...]"): none once the answer is out.
+    assert "# cleanup" not in run_launcher_verbosely(cfg, "-v")
+    refused = subprocess.run(
+        [str(cfg.cni_bin_dir / "capsa-cni")],
+        env={"CNI_COMMAND": "ADD"},
+        input=b'{"cniVersion": "1.0.0", "name": "n", "type": "capsa-cni"}',
+        capture_output=True,
+        timeout=30,
+    )
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["code"] == 4
+
+
 def test_launcher_imports_only_builtin_modules_and_the_plugin(
     cfg: Config, install: Callable[[Config], None]
 ) -> None:
