@@ -33,12 +33,16 @@ def waiting(etag: str, seconds: int, headers: dict[str, str] = ADMIN) -> dict[st
     return {**headers, "If-None-Match": etag, "Prefer": f"wait={seconds}"}
 
 
-async def started_waiting(client: Client, path: str, headers: dict[str, str]) -> asyncio.Task[Any]:
-    """A GET that waits, once the API holds it (a held request has not answered yet)."""
-    request = asyncio.create_task(client.get(path, headers=headers))
+async def waited_on(client: Client, name: str) -> tuple[str, str, asyncio.Task[Any]]:
+    """A new capsule, its ETag, and a GET of it that waits for a change, once the API holds it
+    (a held request has not answered yet)."""
+    created = await create(client, zun_template(name=name))
+    path = f"/v1/capsules/{created['uuid']}"
+    etag = await etag_of(client, path)
+    request = asyncio.create_task(client.get(path, headers=waiting(etag, 60)))
     await asyncio.sleep(0.3)
     assert not request.done(), "the request did not wait for a change"
-    return request
+    return created["uuid"], etag, request
 
 
 async def test_a_show_answers_304_while_its_etag_holds_and_200_once_anything_changed(
@@ -85,12 +89,8 @@ async def test_a_waiting_show_answers_as_soon_as_a_write_changes_the_capsule(
     make_client: MakeClient, store: Store
 ) -> None:
     client = await make_client(wait_recheck_interval=NO_RECHECK)
-    created = await create(client, zun_template(name="awaited"))
-    path = f"/v1/capsules/{created['uuid']}"
-    etag = await etag_of(client, path)
-
-    request = await started_waiting(client, path, waiting(etag, 60))
-    assert await store.capsules.update_status(created["uuid"], status=Status.RUNNING)
+    uuid, etag, request = await waited_on(client, "awaited")
+    assert await store.capsules.update_status(uuid, status=Status.RUNNING)
     async with asyncio.timeout(10):
         response = await request
     assert response.status == 200
@@ -102,12 +102,8 @@ async def test_a_waiting_show_answers_404_once_the_capsule_is_gone(
     make_client: MakeClient, store: Store
 ) -> None:
     client = await make_client(wait_recheck_interval=NO_RECHECK)
-    created = await create(client, zun_template(name="going"))
-    path = f"/v1/capsules/{created['uuid']}"
-    etag = await etag_of(client, path)
-
-    request = await started_waiting(client, path, waiting(etag, 60))
-    assert await store.capsules.remove(created["uuid"])
+    uuid, _, request = await waited_on(client, "going")
+    assert await store.capsules.remove(uuid)
     async with asyncio.timeout(10):
         response = await request
     assert response.status == 404
@@ -118,15 +114,12 @@ async def test_a_write_of_another_process_is_seen_at_the_next_recheck(
     make_client: MakeClient, store: Store, tmp_path: Path
 ) -> None:
     client = await make_client(wait_recheck_interval=0.2)
-    created = await create(client, zun_template(name="elsewhere"))
-    path = f"/v1/capsules/{created['uuid']}"
-    etag = await etag_of(client, path)
     # Another store on the same database file wakes nothing in this process.
     other = Store(f"sqlite:///{tmp_path / 'capsa.db'}")
     await other.open()
     try:
-        request = await started_waiting(client, path, waiting(etag, 60))
-        assert await other.capsules.update_status(created["uuid"], status=Status.RUNNING)
+        uuid, _, request = await waited_on(client, "elsewhere")
+        assert await other.capsules.update_status(uuid, status=Status.RUNNING)
         async with asyncio.timeout(10):
             response = await request
     finally:
