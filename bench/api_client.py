@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -13,6 +14,8 @@ HEADERS = {
     "Content-Type": "application/json",
     "OpenStack-API-Version": "container 1.40",
 }
+# Well within the connection's timeout.
+_LONGEST_WAIT_S = 30
 
 
 class ApiError(RuntimeError):
@@ -47,6 +50,13 @@ class ApiClient:
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
         """One request; the status and the whole body (read, not decoded)."""
+        status, data, _ = self.exchange(method, path, body, headers)
+        return status, data
+
+    def exchange(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, http.client.HTTPMessage]:
+        """One request; the status, the whole body and the response's headers."""
         data = json.dumps(body).encode() if body is not None else None
         for attempt in (1, 2):
             if self._conn is None:
@@ -56,7 +66,7 @@ class ApiClient:
                     method, path, body=data, headers={**self._headers, **(headers or {})}
                 )
                 response = self._conn.getresponse()
-                return response.status, response.read()
+                return response.status, response.read(), response.headers
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 # The server closed an idle kept-alive connection: one new connection, once.
                 self.close()
@@ -99,21 +109,32 @@ class ApiClient:
         if status not in (204, 404):
             raise ApiError(f"DELETE /v1/capsules/{ident} answered {status}: {body}")
 
-    def wait_until(self, ident: str, done: Any, timeout: float, poll: float) -> float:
-        """Polls the capsule until ``done(capsule or None)``; returns when it first was, as
-        time.perf_counter(). An Error status fails at once, with its reason."""
+    def wait_until(self, ident: str, done: Any, timeout: float) -> float:
+        """Follows the capsule until ``done(capsule or None)``; returns when it first was, as
+        time.perf_counter(). Each look after the first is held by the API until the capsule
+        changes (If-None-Match with the ETag last seen, and Prefer: wait), as ``capsa capsule
+        create --wait`` does. An Error status fails at once, with its reason."""
         deadline = time.perf_counter() + timeout
+        path = f"/v1/capsules/{ident}"
+        waiting: dict[str, str] = {}
         capsule: dict[str, Any] | None = None
         while True:
-            capsule = self.capsule(ident)
+            status, raw, reply = self.exchange("GET", path, headers=waiting)
             seen = time.perf_counter()
+            if status not in (200, 304, 404):
+                raise ApiError(f"GET {path} answered {status}: {raw[:500]!r}")
+            if status != 304:
+                capsule = json.loads(raw) if status == 200 else None
             if done(capsule):
                 return seen
-            if capsule is not None and capsule.get("status") == "Error":
+            if capsule is None:
+                raise ApiError(f"capsule {ident} is gone")
+            if capsule.get("status") == "Error":
                 raise ApiError(f"capsule {ident} failed: {capsule.get('status_reason')}")
             if seen > deadline:
                 raise ApiError(f"capsule {ident} not done after {timeout:g}s: {capsule}")
-            time.sleep(poll)
+            wait = min(_LONGEST_WAIT_S, math.ceil(deadline - seen))
+            waiting = {"If-None-Match": reply["ETag"], "Prefer": f"wait={wait}"}
 
 
 def is_running(capsule: dict[str, Any] | None) -> bool:

@@ -52,8 +52,6 @@ class Plan:
     scheduler_hosts: int = 1000
     scheduler_placements: int = 10000
     memory_capsules: int = 50
-    # How often a client polls the API for a capsule's status.
-    poll_interval: float = 0.01
 
     @classmethod
     def smoke_plan(cls) -> Plan:

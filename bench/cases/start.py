@@ -30,7 +30,6 @@ def run(session: Session) -> CaseResult:
         parameters={
             "rounds": plan.start_rounds,
             "warmup": plan.warmup,
-            "poll_interval_s": plan.poll_interval,
         },
     )
     walls: dict[str, dict[str, float]] = {}
@@ -41,12 +40,12 @@ def run(session: Session) -> CaseResult:
             created_wall = time.time()
             began = time.perf_counter()
             capsule = api.create_capsule(capsule_template(f"bench-start-{token()}"))
-            running = api.wait_until(capsule["uuid"], is_running, _TIMEOUT, plan.poll_interval)
+            running = api.wait_until(capsule["uuid"], is_running, _TIMEOUT)
             running_wall = time.time()
             deleting = time.perf_counter()
             delete_wall = time.time()
             api.delete_capsule(capsule["uuid"])
-            gone = api.wait_until(capsule["uuid"], is_gone, _TIMEOUT, plan.poll_interval)
+            gone = api.wait_until(capsule["uuid"], is_gone, _TIMEOUT)
             walls[capsule["uuid"]] = {
                 "POST sent": created_wall,
                 "Running seen": running_wall,
@@ -100,9 +99,9 @@ def run(session: Session) -> CaseResult:
         measured = list(walls.values())[plan.warmup :]
         result.details["trace"] = tracing.analyse(session.trace_path, measured)
     result.notes = [
-        "capsa: Zun template POSTed to capsa's API, then GET /v1/capsules/<uuid> every "
-        f"{plan.poll_interval * 1000:g} ms on a kept-alive connection until it says Running; "
-        "DELETE, then GET until 404.",
+        "capsa: Zun template POSTed to capsa's API, then GET /v1/capsules/<uuid> on a "
+        "kept-alive connection, each held by the API until the capsule changes (If-None-Match, "
+        "Prefer: wait), until it says Running; DELETE, then the same until 404.",
         "reference: RunPodSandbox, CreateContainer, StartContainer (and StopContainer, "
         "RemovePodSandbox, the calls capsa makes) with capsa's CriClient on the same "
         "containerd as capsa, under a runtime handler of its own whose cni_conf_dir (containerd "
@@ -118,7 +117,7 @@ def anchored(session: Session, paired: Paired, api: ApiClient) -> Iterator[None]
     """One capsule and one reference pod that run while the case measures others."""
     capsule = api.create_capsule(capsule_template(f"bench-anchor-{token()}"))["uuid"]
     try:
-        api.wait_until(capsule, is_running, _TIMEOUT, 0.05)
+        api.wait_until(capsule, is_running, _TIMEOUT)
         pod = session.run(paired.reference.run())
         try:
             yield
@@ -126,7 +125,7 @@ def anchored(session: Session, paired: Paired, api: ApiClient) -> Iterator[None]
             session.run(paired.reference.teardown(pod))
     finally:
         api.delete_capsule(capsule)
-        api.wait_until(capsule, is_gone, _TIMEOUT, 0.05)
+        api.wait_until(capsule, is_gone, _TIMEOUT)
         remove_reference_logs(paired)
 
 

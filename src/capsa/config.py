@@ -66,6 +66,12 @@ class ApiConfig:
     cached_capsule_bodies: int = 5000
     # Bound on each call to a compute agent (logs); a followed log stream is not bounded.
     agent_timeout: float = 30.0
+    # The longest a GET of one capsule or container waits for it to change (``Prefer: wait=N``
+    # with ``If-None-Match``); 0 answers at once.
+    max_wait: float = 60.0
+    # How often waiting GETs look again for changes that other processes wrote (this process's
+    # own writes wake them at once).
+    wait_recheck_interval: float = 1.0
     # With auth.mode = "noauth" only: the project and user of callers that send no X-Project-Id /
     # X-User-Id.
     default_project_id: str = "default"
@@ -398,6 +404,12 @@ def _checked(config: Config) -> Config:
     if database.wakeup_poll_interval <= 0:
         raise ConfigError(
             f"database.wakeup_poll_interval={database.wakeup_poll_interval!r}: must be positive"
+        )
+    if config.api.max_wait < 0:
+        raise ConfigError(f"api.max_wait={config.api.max_wait!r}: must be 0 or more")
+    if config.api.wait_recheck_interval <= 0:
+        raise ConfigError(
+            f"api.wait_recheck_interval={config.api.wait_recheck_interval!r}: must be positive"
         )
     auth = config.auth
     if auth.mode not in AUTH_MODES:

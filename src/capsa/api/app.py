@@ -17,6 +17,7 @@ from capsa.api.body_cache import BodyCache
 from capsa.api.keys import (
     AGENTS,
     CAPSULE_BODIES,
+    CAPSULE_WATCH,
     CONFIG,
     IDENTITY,
     QUOTA_DEFAULTS,
@@ -28,6 +29,7 @@ from capsa.api.middleware import add_response_headers, api_middleware
 from capsa.api.neutron.errors import neutron_errors
 from capsa.api.neutron.handlers import ROUTES as NEUTRON_ROUTES
 from capsa.api.schemas import TemplateDefaults
+from capsa.api.watch import CapsuleWatch
 from capsa.config import Config
 from capsa.identity.keystone import KeystoneValidator
 from capsa.identity.service import IdentityService, TokenValidator
@@ -108,6 +110,10 @@ def create_app(cfg: Config, store: Store) -> web.Application:
         app.on_cleanup.append(lambda _app: validator.close())
     app[AGENTS] = AgentClient(timeout=cfg.api.agent_timeout)
     app[CAPSULE_BODIES] = BodyCache(cfg.api.cached_capsule_bodies)
+    watch = CapsuleWatch(store.capsules, store.hub, cfg.api.wait_recheck_interval)
+    app[CAPSULE_WATCH] = watch
+    # Before aiohttp waits for the requests under way: waiting ones answer now.
+    app.on_shutdown.append(lambda _app: _closed(watch))
     app[TEMPLATE_DEFAULTS] = TemplateDefaults(
         cpu_millis=round(cfg.capsule.default_cpu * 1000),
         memory_mb=cfg.capsule.default_memory_mb,
@@ -136,6 +142,10 @@ def _token_validator(cfg: Config, store: Store) -> TokenValidator | None:
     if cfg.auth.mode == "keystone":
         return KeystoneValidator(cfg.auth)
     return None
+
+
+async def _closed(watch: CapsuleWatch) -> None:
+    watch.close()
 
 
 async def _close_agent_client(app: web.Application) -> AsyncIterator[None]:

@@ -7,6 +7,7 @@ project finds it too, as in Zun. Deletion is asynchronous: 204 at once, then 404
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -14,6 +15,7 @@ from urllib.parse import urlencode
 
 import orjson
 from aiohttp import web
+from aiohttp.helpers import ETAG_ANY
 
 from capsa.api.context import RequestContext
 from capsa.api.errors import (
@@ -26,9 +28,16 @@ from capsa.api.errors import (
     InvalidValue,
     PolicyNotAuthorized,
 )
-from capsa.api.keys import CAPSULE_BODIES, CONFIG, QUOTA_DEFAULTS, STORE, TEMPLATE_DEFAULTS
+from capsa.api.keys import (
+    CAPSULE_BODIES,
+    CAPSULE_WATCH,
+    CONFIG,
+    QUOTA_DEFAULTS,
+    STORE,
+    TEMPLATE_DEFAULTS,
+)
 from capsa.api.middleware import CONTEXT
-from capsa.api.params import boolean, one_of, positive_limit, read_json
+from capsa.api.params import boolean, one_of, positive_limit, preferred_wait, read_json
 from capsa.api.quotas import over_quota
 from capsa.api.schemas import TemplateError, parse_create_body
 from capsa.api.views import (
@@ -206,17 +215,33 @@ async def show_capsule(request: web.Request) -> web.Response:
 async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind) -> web.Response:
     """The capsule (or single container) that the request names in ``scope``, as a show returns
     it, from the body cache while its version holds: a client polling a capsule that has not
-    changed costs one small query, not a load and an encoding of the capsule."""
+    changed costs one small query, not a load and an encoding of the capsule.
+
+    The answer carries an ETag. A request whose ``If-None-Match`` names the current one gets 304
+    Not Modified; with ``Prefer: wait=N`` too, it waits up to N seconds (api.max_wait at most)
+    for the capsule to change (see capsa.api.watch)."""
     store = request.app[STORE]
     ident = request.match_info["ident"]
-    capsule_uuid, version = await _in_reach(
-        request[CONTEXT],
-        ident,
-        scope,
-        kind,
-        lambda project_id: store.capsules.find_version(ident, project_id, kind),
-    )
+
+    async def current() -> tuple[str, str]:
+        return await _in_reach(
+            request[CONTEXT],
+            ident,
+            scope,
+            kind,
+            lambda project_id: store.capsules.find_version(ident, project_id, kind),
+        )
+
+    capsule_uuid, version = await current()
     view = formatter(request)
+    etag = _etag(view, kind, version)
+    if _seen(request, etag):
+        wait = preferred_wait(request, request.app[CONFIG].api.max_wait)
+        if not (wait and await request.app[CAPSULE_WATCH].changed(capsule_uuid, version, wait)):
+            return _not_modified(etag, wait)
+        # Changed, or gone (404).
+        capsule_uuid, version = await current()
+        etag = _etag(view, kind, version)
     # A single container's body is not its capsule's: a shape of its own. A capsule's is the
     # list's, so that a list and a show share their bodies.
     shape = view.shape if kind is CapsuleKind.CAPSULE else (view.shape, kind)
@@ -233,7 +258,28 @@ async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind
         )
         body = orjson.dumps(fields)
         bodies.put(shape, capsule_uuid, version, body)
-    return encoded_response(body)
+    response = encoded_response(body)
+    response.etag = etag
+    return response
+
+
+def _etag(view: CapsuleFormatter, kind: CapsuleKind, version: str) -> str:
+    """Changes with the capsule and with what the caller's request makes of it."""
+    described = f"{view.stable_shape}|{kind.value}|{version}".encode()
+    return hashlib.blake2b(described, digest_size=12).hexdigest()
+
+
+def _seen(request: web.Request, etag: str) -> bool:
+    """Whether the request's If-None-Match names ``etag`` (or is ``*``)."""
+    return any(tag.value in (etag, ETAG_ANY) for tag in request.if_none_match or ())
+
+
+def _not_modified(etag: str, waited: float) -> web.Response:
+    response = web.Response(status=304)
+    response.etag = etag
+    if waited:
+        response.headers["Preference-Applied"] = f"wait={waited:g}"
+    return response
 
 
 async def delete_capsule(request: web.Request) -> web.Response:

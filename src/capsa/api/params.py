@@ -74,3 +74,15 @@ def refuse_unknown(query: Mapping[str, str], allowed: frozenset[str]) -> None:
             f"Unknown query parameter(s): {', '.join(unknown)}; "
             f"acceptable parameters are: {', '.join(sorted(allowed))}"
         )
+
+
+def preferred_wait(request: web.Request, limit: float) -> float:
+    """The seconds a request prefers to wait (RFC 7240's ``Prefer: wait=N``), at most ``limit``;
+    0 without one. Like any preference, one that cannot be read is ignored."""
+    for header in request.headers.getall("Prefer", ()):
+        for preference in header.split(","):
+            name, _, value = preference.partition(";")[0].partition("=")
+            seconds = value.strip()
+            if name.strip().lower() == "wait" and seconds.isascii() and seconds.isdigit():
+                return min(float(seconds), limit)
+    return 0.0

@@ -2,13 +2,15 @@
 
 Templates are read as JSON; YAML works too when PyYAML can be imported (it is not a dependency of
 capsa, and the standard library has no YAML parser), otherwise the command says how to convert.
-``--wait`` polls the capsule and reports each change of its status, task state and containers on
-stderr, so that a script can wait for Running (or for the capsule to be gone) and trust the code.
+``--wait`` follows the capsule and reports each change of its status, task state and containers
+on stderr, so that a script can wait for Running (or for the capsule to be gone) and trust the
+code. capsa's API holds each look until the capsule changes; another API is polled.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-from capsa.cli.client import ApiClient
+from capsa.cli.client import ApiClient, Observed
 from capsa.cli.errors import CliError, ExitCode
 from capsa.cli.output import CAPSULE_COLUMNS, Output, capsule_details, capsule_row, table
 from capsa.model.network import NETWORK_ANNOTATION, SECURITY_GROUPS_ANNOTATION
@@ -144,13 +146,18 @@ def _poll(
     timeout: float,
     until: Callable[[dict[str, Any] | None], bool],
 ) -> dict[str, Any] | None:
-    """Polls the capsule (None once it is gone), reporting changes, until ``until`` holds."""
+    """Follows the capsule (None once it is gone), reporting changes, until ``until`` holds. The
+    API holds each look until the capsule changes (capsa.api.watch); an API that cannot answers
+    at once, and the next look comes after POLL_INTERVAL."""
     deadline = time.monotonic() + timeout
-    seen: dict[str, str] = {}
+    reported: dict[str, str] = {}
+    seen: Observed | None = None
     while True:
-        capsule: dict[str, Any] | None = client.get_or_none(capsule_path(uuid))
-        if capsule is not None:
-            _report_changes(out, capsule, seen)
+        wait = math.ceil(max(deadline - time.monotonic(), 0))
+        seen = client.observe(capsule_path(uuid), seen, wait)
+        capsule: dict[str, Any] | None = seen.resource
+        if seen.changed and capsule is not None:
+            _report_changes(out, capsule, reported)
         if until(capsule):
             return capsule
         if time.monotonic() >= deadline:
@@ -160,7 +167,8 @@ def _poll(
                 f"(status {capsule['status']}, task_state {capsule.get('task_state') or '-'})",
                 ExitCode.TIMEOUT,
             )
-        time.sleep(POLL_INTERVAL)
+        if seen.pause:
+            time.sleep(POLL_INTERVAL)
 
 
 def _report_changes(out: Output, capsule: dict[str, Any], seen: dict[str, str]) -> None:

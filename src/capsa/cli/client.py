@@ -26,9 +26,25 @@ _CHUNK = 64 * 1024
 class Response:
     status: int
     body: bytes
+    etag: str | None = None
+    # Whether the API held the request for the wait it was asked for (RFC 7240).
+    waited: bool = False
 
     def json(self) -> Any:
         return json.loads(self.body) if self.body else None
+
+
+@dataclass(frozen=True)
+class Observed:
+    """A resource as :meth:`ApiClient.observe` found it."""
+
+    changed: bool
+    # None once the resource is gone (404); the earlier body when nothing changed.
+    resource: Any
+    etag: str | None
+    # Whether the next look should come after a pause: the API cannot wait for changes (no ETag,
+    # or a 304 that did not wait) and would answer it at once.
+    pause: bool
 
 
 class ApiClient:
@@ -58,6 +74,18 @@ class ApiClient:
         response = self.request("GET", path)
         return None if response.status == 404 else self._expect(response, 200).json()
 
+    def observe(self, path: str, seen: Observed | None, wait: int) -> Observed:
+        """The resource at ``path`` once it differs from what ``seen`` saw: with its ETag, the API
+        holds the request up to ``wait`` seconds for a change; 304 means none came."""
+        headers = {}
+        if seen is not None and seen.etag is not None:
+            headers = {"If-None-Match": f'"{seen.etag}"', "Prefer": f"wait={wait}"}
+        response = self.request("GET", path, headers=headers, timeout=self._timeout + wait)
+        if response.status == 304 and seen is not None:
+            return Observed(False, seen.resource, seen.etag, pause=not response.waited)
+        resource = None if response.status == 404 else self._expect(response, 200).json()
+        return Observed(True, resource, response.etag, pause=response.etag is None)
+
     def post(self, path: str, body: Any) -> Any:
         return self._expect(self.request("POST", path, body=body), 202).json()
 
@@ -65,11 +93,24 @@ class ApiClient:
         self._expect(self.request("DELETE", path), 204)
 
     def request(
-        self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> Response:
-        with self._exchange(method, path, query, body) as response:
+        with self._exchange(method, path, query, body, headers, timeout) as response:
             try:
-                return Response(response.status, response.read())
+                etag = response.getheader("ETag")
+                return Response(
+                    response.status,
+                    response.read(),
+                    etag.removeprefix("W/").strip('"') if etag else None,
+                    response.getheader("Preference-Applied", "").startswith("wait="),
+                )
             except (OSError, http.client.HTTPException) as exc:
                 raise self._unreachable(exc) from exc
 
@@ -88,6 +129,8 @@ class ApiClient:
         path: str,
         query: dict[str, str] | None,
         body: Any,
+        extra_headers: dict[str, str] | None = None,
+        timeout: float | None = None,
         follow: bool = False,
     ) -> Iterator[http.client.HTTPResponse]:
         connection_class = (
@@ -96,7 +139,7 @@ class ApiClient:
             else http.client.HTTPConnection
         )
         connection = connection_class(
-            self._parts.hostname or "", self._parts.port, timeout=self._timeout
+            self._parts.hostname or "", self._parts.port, timeout=timeout or self._timeout
         )
         url = f"{self._parts.path}{path}" + (f"?{urlencode(query)}" if query else "")
         headers = {"Accept": "application/json", "OpenStack-API-Version": API_VERSION}
@@ -104,6 +147,7 @@ class ApiClient:
             headers["X-Project-Id"] = self._project
         if self._token:
             headers["X-Auth-Token"] = self._token
+        headers.update(extra_headers or {})
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()

@@ -110,11 +110,11 @@ def launcher_source(interpreter: str, lib: Path) -> str:
         "import sys\n\n"
         f"sys.path.insert(0, {str(lib)!r})\n"
         "try:\n"
-        f"    from {PLUGIN_MODULE} import main\n"
+        f"    from {PLUGIN_MODULE} import run_as_process\n"
         "except ImportError:\n"
         f"    print({missing!r})\n"
         "    sys.exit(1)\n"
-        "sys.exit(main())\n"
+        "run_as_process()\n"
     )
 
 

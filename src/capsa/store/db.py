@@ -122,7 +122,7 @@ class Database:
     async def run_write(self, work: Callable[[Connection], T]) -> T:
         """Runs ``work`` in a write transaction: committed if it returns, rolled back if it
         raises; on SQLite it holds the write lock from its first statement. The wake-ups it
-        names are published once it has committed, as its caller resumes."""
+        names, and notify.COMMITTED, are published once it has committed, as its caller resumes."""
         release = await self._write_turn()
         loop = asyncio.get_running_loop()
 
@@ -132,12 +132,16 @@ class Database:
             if not future.cancelled() and future.exception() is None:
                 # Scheduled now, they run before the caller resumes (a turn later still); one
                 # turn later, the subscribers they wake resume after it.
-                loop.call_soon(self.hub.publish_all, future.result()[1])
+                loop.call_soon(self._published, future.result()[1])
 
         result, _ = await self._in_thread(
             functools.partial(self._write_transaction, work), then=finished
         )
         return result
+
+    def _published(self, wakeups: list[notify.Wakeup]) -> None:
+        self.hub.publish_all(wakeups)
+        self.hub.publish(notify.COMMITTED)
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._threads.shutdown)

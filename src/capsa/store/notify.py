@@ -32,6 +32,12 @@ def host_topic(host: str) -> str:
     return f"host:{host}"
 
 
+# Any write transaction of this process committed. Published by the database itself, in this
+# process only (never into the shared feed): for what waits on a change that no reconciler is
+# woken for, such as a client waiting for its capsule to change, which then reads again.
+COMMITTED = "committed"
+
+
 # Where a write transaction keeps the wake-ups it names until it ends (its connection's info).
 _PENDING = "capsa_wakeups"
 
@@ -78,6 +84,10 @@ class Subscription:
         elif self._subjects is not None:
             self._subjects.add(subject)
         self._event.set()
+
+    def nudge(self) -> None:
+        """Wakes the subscriber as a wake-up naming nothing would."""
+        self._wake(None)
 
     def take_subjects(self) -> set[str] | None:
         """What the wake-ups since the last call named; None when one of them named nothing,

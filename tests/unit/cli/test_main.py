@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.unit.api.api_helpers import StubAgent, zun_template
+from aiohttp.test_utils import TestServer
+from tests.unit.api.api_helpers import StubAgent, config_for, zun_template
 from tests.unit.cli.cli_helpers import CliRunner
 
+from capsa.api.app import create_app
 from capsa.cli import capsules
 from capsa.cli.main import main
 from capsa.model.capsule import Status
@@ -129,31 +131,42 @@ async def test_a_missing_template_file_is_a_usage_error(capsa: CliRunner, tmp_pa
     assert "absent.json" in run.stderr
 
 
+async def agent_starts_web(store: Store, created: notify.Subscription) -> None:
+    """What an agent writes while it starts the capsule "web" that the API just created."""
+    assert await created.wait(10)
+    capsule = await store.capsules.find("web", "default")
+    assert capsule is not None
+    await asyncio.sleep(0.2)
+    await store.capsules.update_status(capsule.uuid, task_state="image_pulling")
+    await asyncio.sleep(0.2)
+    await store.capsules.update_container(capsule.containers[0].uuid, status=Status.RUNNING)
+    await store.capsules.update_status(capsule.uuid, status=Status.RUNNING, task_state=None)
+
+
+@pytest.mark.parametrize("api_waits", [True, False], ids=["api-waits", "api-cannot-wait"])
 async def test_create_wait_reports_progress_until_running(
-    capsa: CliRunner, store: Store, tmp_path: Path
+    capsa: CliRunner,
+    store: Store,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    api_waits: bool,
 ) -> None:
-    created = store.hub.subscribe(notify.SCHEDULER)
-
-    async def agent_starts_it() -> None:
-        assert await created.wait(10)
-        capsule = await store.capsules.find("web", "default")
-        assert capsule is not None
-        await asyncio.sleep(0.2)
-        await store.capsules.update_status(capsule.uuid, task_state="image_pulling")
-        await asyncio.sleep(0.2)
-        await store.capsules.update_container(capsule.containers[0].uuid, status=Status.RUNNING)
-        await store.capsules.update_status(capsule.uuid, status=Status.RUNNING, task_state=None)
-
-    helper = asyncio.create_task(agent_starts_it())
-    run = await capsa(
-        "capsule",
-        "create",
-        "--wait",
-        "--timeout",
-        "10",
-        "-f",
-        template_file(tmp_path, zun_template()),
-    )
+    url = None
+    if api_waits:
+        # Were it polling, its first pause would outlast its timeout.
+        monkeypatch.setattr(capsules, "POLL_INTERVAL", 30.0)
+    else:
+        # An API that answers at once (304) is polled.
+        unwaiting = TestServer(create_app(config_for(tmp_path, max_wait=0.0), store))
+        await unwaiting.start_server()
+        url = str(unwaiting.make_url("")).rstrip("/")
+    helper = asyncio.create_task(agent_starts_web(store, store.hub.subscribe(notify.SCHEDULER)))
+    file = template_file(tmp_path, zun_template())
+    try:
+        run = await capsa("capsule", "create", "--wait", "--timeout", "10", "-f", file, url=url)
+    finally:
+        if not api_waits:
+            await unwaiting.close()
     await helper
     assert run.code == 0, run.stderr
     progress = run.stderr.splitlines()

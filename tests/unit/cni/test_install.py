@@ -58,16 +58,21 @@ def test_launcher_runs_the_plugin_module_under_the_real_interpreter(
     assert launcher.stat().st_mode & 0o777 == 0o755
 
 
-def test_launcher_executes(cfg: Config, install: Callable[[Config], None]) -> None:
-    install(cfg)
-    run = subprocess.run(
+def run_launcher(cfg: Config, command: str, config: bytes) -> subprocess.CompletedProcess[bytes]:
+    """The installed launcher, run as a runtime runs it: ``command``, the config on stdin."""
+    return subprocess.run(
         [str(cfg.cni_bin_dir / "capsa-cni")],
-        env={"CNI_COMMAND": "VERSION"},
-        input=b'{"cniVersion": "0.3.1"}',
+        env={"CNI_COMMAND": command},
+        input=config,
         capture_output=True,
         timeout=30,
-        check=True,
     )
+
+
+def test_launcher_executes(cfg: Config, install: Callable[[Config], None]) -> None:
+    install(cfg)
+    run = run_launcher(cfg, "VERSION", b'{"cniVersion": "0.3.1"}')
+    assert run.returncode == 0
     assert json.loads(run.stdout)["cniVersion"] == "0.3.1"
 
 
@@ -97,6 +102,17 @@ def test_launcher_runs_the_plugin_from_its_cached_bytecode(
     assert f"# code object from {module}" not in loaded
 
 
+def test_launcher_answers_whole_and_skips_the_interpreters_clean_up(
+    cfg: Config, install: Callable[[Config], None]
+) -> None:
+    install(cfg)
+    # -v reports the clean-up at exit ("# cleanup[...]"): none once the answer is out.
+    assert "# cleanup" not in run_launcher_verbosely(cfg, "-v")
+    refused = run_launcher(cfg, "ADD", b'{"cniVersion": "1.0.0", "name": "n", "type": "capsa-cni"}')
+    assert refused.returncode == 1
+    assert json.loads(refused.stdout)["code"] == 4
+
+
 def test_launcher_imports_only_builtin_modules_and_the_plugin(
     cfg: Config, install: Callable[[Config], None]
 ) -> None:
@@ -120,13 +136,7 @@ def test_launcher_without_its_module_answers_a_cni_error(
 ) -> None:
     install(cfg)
     shutil.rmtree(cfg.cni_bin_dir / "capsa-cni.lib")
-    run = subprocess.run(
-        [str(cfg.cni_bin_dir / "capsa-cni")],
-        env={"CNI_COMMAND": "ADD"},
-        input=b"{}",
-        capture_output=True,
-        timeout=30,
-    )
+    run = run_launcher(cfg, "ADD", b"{}")
     assert run.returncode == 1
     error = json.loads(run.stdout)
     assert error["code"] == 999

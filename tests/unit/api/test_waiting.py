@@ -1,0 +1,196 @@
+"""A GET of one capsule or container: its ETag, If-None-Match and Prefer: wait (api.watch)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from tests.unit.api.api_helpers import ADMIN, Client, api_headers, create, zun_template
+
+from capsa.api.params import preferred_wait
+from capsa.api.watch import CapsuleWatch
+from capsa.model.capsule import Status
+from capsa.store import Store
+
+MakeClient = Callable[..., Awaitable[Client]]
+# Long enough that only a wake-up, not a recheck, can answer within a test.
+NO_RECHECK = 600.0
+
+
+async def etag_of(client: Client, path: str, headers: dict[str, str] = ADMIN) -> str:
+    response = await client.get(path, headers=headers)
+    assert response.status == 200, await response.text()
+    etag: str = response.headers["ETag"]
+    return etag
+
+
+def waiting(etag: str, seconds: int, headers: dict[str, str] = ADMIN) -> dict[str, str]:
+    return {**headers, "If-None-Match": etag, "Prefer": f"wait={seconds}"}
+
+
+async def waited_on(client: Client, name: str) -> tuple[str, str, asyncio.Task[Any]]:
+    """A new capsule, its ETag, and a GET of it that waits for a change, once the API holds it
+    (a held request has not answered yet)."""
+    created = await create(client, zun_template(name=name))
+    path = f"/v1/capsules/{created['uuid']}"
+    etag = await etag_of(client, path)
+    request = asyncio.create_task(client.get(path, headers=waiting(etag, 60)))
+    await asyncio.sleep(0.3)
+    assert not request.done(), "the request did not wait for a change"
+    return created["uuid"], etag, request
+
+
+async def test_a_show_answers_304_while_its_etag_holds_and_200_once_anything_changed(
+    client: Client, store: Store
+) -> None:
+    created = await create(client, zun_template(name="tagged"))
+    path = f"/v1/capsules/{created['uuid']}"
+    etag = await etag_of(client, path)
+    assert etag == await etag_of(client, "/v1/capsules/tagged")
+
+    unchanged = await client.get(path, headers={**ADMIN, "If-None-Match": etag})
+    assert unchanged.status == 304
+    assert unchanged.headers["ETag"] == etag
+    assert await unchanged.read() == b""
+    # Any of a list of tags, weak ones too, and "*".
+    for sent in (f'"other", W/{etag}', "*"):
+        response = await client.get(path, headers={**ADMIN, "If-None-Match": sent})
+        assert response.status == 304, sent
+    other = await client.get(path, headers={**ADMIN, "If-None-Match": '"other"'})
+    assert other.status == 200
+
+    assert await store.capsules.update_status(created["uuid"], status=Status.RUNNING)
+    changed = await client.get(path, headers={**ADMIN, "If-None-Match": etag})
+    assert changed.status == 200
+    assert (await changed.json())["status"] == "Running"
+    assert changed.headers["ETag"] != etag
+
+
+async def test_the_etag_differs_with_what_the_request_makes_of_the_capsule(client: Client) -> None:
+    created = await create(client, zun_template(name="shapes"), headers=api_headers(project="a"))
+    path = f"/v1/capsules/{created['uuid']}"
+    member = await etag_of(client, path, api_headers(project="a"))
+    tags = {
+        member,
+        await etag_of(client, path, api_headers("1.31", project="a")),
+        await etag_of(client, path, api_headers(project="a", roles="admin")),
+    }
+    assert len(tags) == 3
+    legacy = {**api_headers("1.31", project="a"), "If-None-Match": member}
+    assert (await client.get(path, headers=legacy)).status == 200
+
+
+async def test_a_waiting_show_answers_as_soon_as_a_write_changes_the_capsule(
+    make_client: MakeClient, store: Store
+) -> None:
+    client = await make_client(wait_recheck_interval=NO_RECHECK)
+    uuid, etag, request = await waited_on(client, "awaited")
+    assert await store.capsules.update_status(uuid, status=Status.RUNNING)
+    async with asyncio.timeout(10):
+        response = await request
+    assert response.status == 200
+    assert (await response.json())["status"] == "Running"
+    assert response.headers["ETag"] != etag
+
+
+async def test_a_waiting_show_answers_404_once_the_capsule_is_gone(
+    make_client: MakeClient, store: Store
+) -> None:
+    client = await make_client(wait_recheck_interval=NO_RECHECK)
+    uuid, _, request = await waited_on(client, "going")
+    assert await store.capsules.remove(uuid)
+    async with asyncio.timeout(10):
+        response = await request
+    assert response.status == 404
+    assert (await response.json())["errors"][0]["code"] == "container.capsule-not-found"
+
+
+async def test_a_write_of_another_process_is_seen_at_the_next_recheck(
+    make_client: MakeClient, store: Store, tmp_path: Path
+) -> None:
+    client = await make_client(wait_recheck_interval=0.2)
+    # Another store on the same database file wakes nothing in this process.
+    other = Store(f"sqlite:///{tmp_path / 'capsa.db'}")
+    await other.open()
+    try:
+        uuid, _, request = await waited_on(client, "elsewhere")
+        assert await other.capsules.update_status(uuid, status=Status.RUNNING)
+        async with asyncio.timeout(10):
+            response = await request
+    finally:
+        await other.close()
+    assert response.status == 200
+    assert (await response.json())["status"] == "Running"
+
+
+async def test_a_wait_that_ends_unchanged_answers_304_and_says_it_waited(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(max_wait=1.0)
+    # A single container waits as a capsule does.
+    response = await client.post("/v1/containers", json={"image": "busybox"}, headers=ADMIN)
+    assert response.status == 202, await response.text()
+    path = f"/v1/containers/{(await response.json())['uuid']}"
+    etag = await etag_of(client, path)
+
+    # Asked for 30 s, it waits api.max_wait (1 s).
+    async with asyncio.timeout(10):
+        response = await client.get(path, headers=waiting(etag, 30))
+    assert response.status == 304
+    assert response.headers["ETag"] == etag
+    assert response.headers["Preference-Applied"] == "wait=1"
+
+
+async def test_without_waiting_allowed_an_unchanged_capsule_answers_304_at_once(
+    make_client: MakeClient,
+) -> None:
+    client = await make_client(max_wait=0.0, wait_recheck_interval=NO_RECHECK)
+    created = await create(client, zun_template(name="nowait"))
+    path = f"/v1/capsules/{created['uuid']}"
+    etag = await etag_of(client, path)
+    async with asyncio.timeout(10):
+        response = await client.get(path, headers=waiting(etag, 60))
+    assert response.status == 304
+    assert "Preference-Applied" not in response.headers
+
+
+async def test_a_closed_watch_releases_its_waiters_unchanged(store: Store) -> None:
+    watch = CapsuleWatch(store.capsules, store.hub, NO_RECHECK)
+    waiter = asyncio.create_task(watch.changed("no-such-capsule", "a version", 60))
+    await asyncio.sleep(0)
+    # A capsule that does not exist has changed from any version it was seen at.
+    async with asyncio.timeout(10):
+        assert await waiter is True
+
+    waiter = asyncio.create_task(watch.changed("no-such-capsule", "a version", 60))
+    watch.close()
+    async with asyncio.timeout(10):
+        assert await waiter is False
+    assert await watch.changed("no-such-capsule", "a version", 60) is False
+
+
+@pytest.mark.parametrize(
+    ("prefer", "expected"),
+    [
+        (["wait=5"], 5.0),
+        (["respond-async, wait=10"], 10.0),
+        (["respond-async", "Wait = 7"], 7.0),
+        (["wait=100"], 30.0),
+        (["wait=0"], 0.0),
+        (["wait=abc", "return=minimal"], 0.0),
+        (["wait=-1"], 0.0),
+        (["wait=²"], 0.0),
+        ([], 0.0),
+    ],
+)
+def test_the_preferred_wait_is_read_as_rfc_7240_says_and_bounded(
+    prefer: list[str], expected: float
+) -> None:
+    headers = [("Prefer", value) for value in prefer]
+    request: web.Request = make_mocked_request("GET", "/", headers=headers)
+    assert preferred_wait(request, 30.0) == expected
