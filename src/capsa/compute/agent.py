@@ -33,6 +33,7 @@ from capsa.log import get_logger
 from capsa.model.capsule import Capsule, DesiredState, Status
 from capsa.network.service import NetworkService
 from capsa.runtime.shims import stop_lost_shims
+from capsa.runtime.tasks import free_stranded_task
 from capsa.secrets import SecretBox
 from capsa.store import Store, notify
 
@@ -66,6 +67,7 @@ class ComputeAgent:
                 RegistryCredentials(store, SecretBox.load_or_create(cfg.credentials_key_path)),
             ),
             self.kick_later,
+            self._free_stranded_task,
         )
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._converging: dict[str, asyncio.Task[None]] = {}
@@ -123,6 +125,9 @@ class ComputeAgent:
         """Waits until no capsule is being worked on (for tests and benchmarks)."""
         while self._workers:
             await asyncio.gather(*self._workers.values(), return_exceptions=True)
+
+    async def _free_stranded_task(self, container_id: str) -> None:
+        await free_stranded_task(self._cfg.cri_socket, container_id, self._cfg.agent.cri_timeout)
 
     # ---- kicks and workers ----
 

@@ -10,6 +10,9 @@ that running a step twice, or after a crash at any point, neither loses nor dupl
   that a call cut short made may be made wrong: it is made again);
 - a container that cannot be created or started in a sandbox that is no longer ready is no fault
   of the tenant: the next pass replaces the sandbox;
+- a container whose start the agent's own crash cut short never ran: it is made and started
+  again, and that counts as no restart; the task containerd may keep behind it, which blocks
+  its removal and its sandbox's, is freed and the removal retried;
 - status, status_reason and task_state follow in the database, written only when they change, and
   only while the tenant still wants the capsule (compare-and-swap on the desired state); a write
   that announces a runtime call (container_creating, container_starting) runs alongside it, not
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from capsa.compute import labels
-from capsa.compute.errors import CapsuleFailed, RetryLater, classify, name_taken
+from capsa.compute.errors import CapsuleFailed, RetryLater, classify, name_taken, stranded_task
 from capsa.compute.images import ImagePuller
 from capsa.cri import types as cri
 from capsa.cri.client import CriClient, CriError, CriNotFound
@@ -47,6 +50,7 @@ from capsa.model.capsule import (
 from capsa.model.clock import utcnow
 from capsa.model.network import Attachment
 from capsa.network.service import NetworkService
+from capsa.runtime.tasks import StrandedTaskError
 from capsa.store import Store
 from capsa.store.networks import Ambiguous, NoFreeCidr, NotFound, RepeatedNetwork
 from capsa.store.ports import SubnetFull
@@ -99,6 +103,7 @@ class CapsuleDriver:
         network: NetworkService,
         images: ImagePuller,
         retry_at: Callable[[str, float], None],
+        free_stranded_task: Callable[[str], Awaitable[None]],
     ) -> None:
         self._settings = settings
         self._store = store
@@ -107,6 +112,9 @@ class CapsuleDriver:
         self._images = images
         # Asks the agent to look at a capsule again after a delay (back-off, retries).
         self._retry_at = retry_at
+        # Frees a task that containerd keeps behind a container CRI calls exited (see
+        # capsa.runtime.tasks); raises StrandedTaskError when it cannot.
+        self._free_stranded_task = free_stranded_task
         # Bounds the runtime's heaviest calls (a shim, a netns and a CNI run each), not whole
         # capsules: a capsule waiting for an init container must not hold up a burst of others.
         self._sandbox_slots = asyncio.Semaphore(settings.max_sandbox_calls)
@@ -204,8 +212,8 @@ class CapsuleDriver:
             sandbox.cancel()
             (made,) = await asyncio.gather(sandbox, return_exceptions=True)
             if isinstance(made, str) and isinstance(failure, Exception):
-                with contextlib.suppress(CriError):
-                    await self._remove_sandbox(made)
+                with contextlib.suppress(CriError, RetryLater):
+                    await self._remove_sandbox(capsule.uuid, made)
             raise
         sandbox_id = await sandbox
         if sandbox_id is None:
@@ -246,7 +254,7 @@ class CapsuleDriver:
         for stale in sandboxes:
             if stale is not current:
                 log.info("removing stale sandbox", capsule=capsule.uuid, sandbox=stale.id)
-                await self._remove_sandbox(stale.id)
+                await self._remove_sandbox(capsule.uuid, stale.id)
 
         existing: dict[str, cri.Container] = {}
         if current is not None:
@@ -320,6 +328,10 @@ class CapsuleDriver:
                 await self._set_capsule(capsule, task_state=TaskState.CONTAINER_STARTING)
                 if not await self._wait_exit(status.id, _INIT_WAIT_S):
                     return False
+            elif _start_cut_short(status):
+                container_id = await self._start_again(
+                    capsule, container, sandbox_id, sandbox_spec, status
+                )
             elif status.state is cri.ContainerState.EXITED:
                 self._record_exit(container, status)
                 if status.exit_code == 0:
@@ -332,7 +344,12 @@ class CapsuleDriver:
                 if not await self._restart_due(capsule, container):
                     return False
                 container_id = await self._replace(
-                    capsule, container, sandbox_id, sandbox_spec, status
+                    capsule,
+                    container,
+                    sandbox_id,
+                    sandbox_spec,
+                    status,
+                    container.restart_count + 1,
                 )
             else:
                 raise RetryLater(f"init container {container.spec.name!r} is in an unknown state")
@@ -353,7 +370,7 @@ class CapsuleDriver:
                 status = await self._stop(capsule, container, status)
             if status is not None and status.state is cri.ContainerState.EXITED:
                 self._record_exit(container, status)
-                await self._replace(capsule, container, sandbox_id, sandbox_spec, status, True)
+                await self._replace(capsule, container, sandbox_id, sandbox_spec, status, 0)
                 return
         if status is None:
             container_id = await self._create(capsule, container, sandbox_id, sandbox_spec, 0)
@@ -367,12 +384,21 @@ class CapsuleDriver:
             await self._start(capsule, container, sandbox_id, container_id)
         elif status.state is cri.ContainerState.RUNNING:
             self._record_running(container, status)
+        elif _start_cut_short(status):
+            await self._start_again(capsule, container, sandbox_id, sandbox_spec, status)
         elif status.state is cri.ContainerState.EXITED:
             self._record_exit(container, status)
             if capsule.spec.restarts(status.exit_code, container.restart_count) and (
                 await self._restart_due(capsule, container)
             ):
-                await self._replace(capsule, container, sandbox_id, sandbox_spec, status)
+                await self._replace(
+                    capsule,
+                    container,
+                    sandbox_id,
+                    sandbox_spec,
+                    status,
+                    container.restart_count + 1,
+                )
         else:
             raise RetryLater(f"container {container.spec.name!r} is in an unknown state")
 
@@ -547,21 +573,20 @@ class CapsuleDriver:
         sandbox_id: str,
         sandbox_spec: cri.SandboxSpec,
         exited: cri.ContainerStatus,
-        asked: bool = False,
+        restarts: int,
     ) -> str:
-        """Restarts an exited container as a new attempt (CRI containers are not restartable);
-        ``asked``: by the tenant (start, reboot), which begins a new count of restarts."""
+        """Restarts an exited container as a new attempt (CRI containers are not restartable),
+        ``restarts`` its count of restarts from then on (0 when the tenant asked for it: a start
+        or a reboot begins a new count)."""
         spec = container.spec
         # What the pass recorded goes out before a pull, which may take minutes.
         await self._set_capsule(capsule)
         await self._images.ensure(
             spec.image, spec.image_pull_policy, capsule.uuid, spec.registry_id
         )
-        await self._cri_do(
-            f"removing exited container {container.spec.name!r}",
-            self._cri.remove_container(exited.id),
+        await self._remove_container(
+            capsule, exited.id, f"removing exited container {container.spec.name!r}"
         )
-        restarts = 0 if asked else container.restart_count + 1
         container_id = await self._create(
             capsule, container, sandbox_id, sandbox_spec, exited.attempt + 1
         )
@@ -594,11 +619,61 @@ class CapsuleDriver:
             container=container.uuid,
             cri_container=created.id,
         )
-        await self._cri_do(
+        await self._remove_container(
+            capsule,
+            created.id,
             f"removing container {container.spec.name!r} whose creation was cut short",
-            self._cri.remove_container(created.id),
         )
         return await self._create(capsule, container, sandbox_id, sandbox_spec, created.attempt)
+
+    async def _start_again(
+        self,
+        capsule: Capsule,
+        container: Container,
+        sandbox_id: str,
+        sandbox_spec: cri.SandboxSpec,
+        cut_short: cri.ContainerStatus,
+    ) -> str:
+        """Starts, as a new attempt, a container whose start the agent's crash cut short (see
+        :func:`_start_cut_short`): the tenant's program never ran, so it is no restart, whatever
+        the restart policy."""
+        log.info(
+            "starting again a container whose start was cut short",
+            capsule=capsule.uuid,
+            container=container.uuid,
+            cri_container=cut_short.id,
+        )
+        return await self._replace(
+            capsule, container, sandbox_id, sandbox_spec, cut_short, container.restart_count
+        )
+
+    async def _remove_container(self, capsule: Capsule, container_id: str, doing: str) -> None:
+        try:
+            await self._cri.remove_container(container_id)
+        except CriError as exc:
+            await self._free_if_stranded(capsule.uuid, exc, doing)
+            raise classify(exc, doing) from exc
+
+    async def _free_if_stranded(self, capsule_uuid: str | None, exc: CriError, doing: str) -> None:
+        """When the runtime refused a removal because containerd still holds a task of a
+        container that CRI calls exited (see :func:`stranded_task`), frees that task and raises
+        RetryLater: the removal goes through at the next try."""
+        container_id = stranded_task(exc)
+        if container_id is None:
+            return
+        log.warning(
+            "freeing the task containerd keeps behind an exited container",
+            capsule=capsule_uuid,
+            cri_container=container_id,
+        )
+        try:
+            await self._free_stranded_task(container_id)
+        except StrandedTaskError as failure:
+            raise RetryLater(f"{doing}: {failure}") from failure
+        raise RetryLater(
+            f"{doing}: containerd still held the task of exited container {container_id}; "
+            "freed it, to remove again"
+        ) from exc
 
     async def _in_sandbox(self, sandbox_id: str, doing: str, call: Awaitable[T]) -> T:
         """Awaits a CRI call on a container of the sandbox; a failure the tenant would be blamed
@@ -741,11 +816,13 @@ class CapsuleDriver:
             sandboxes = await self._stop_containers(capsule)
             _raise_first_failure(
                 await asyncio.gather(
-                    *(self._remove_sandbox(s.id) for s in sandboxes), return_exceptions=True
+                    *(self._remove_sandbox(capsule.uuid, s.id) for s in sandboxes),
+                    return_exceptions=True,
                 )
             )
-        except CriError as exc:
-            reason = f"deleting the capsule: {exc.message}"
+        except (CriError, RetryLater) as exc:
+            why = exc.message if isinstance(exc, CriError) else str(exc)
+            reason = f"deleting the capsule: {why}"
             log.warning("capsule teardown will be retried", capsule=capsule.uuid, reason=reason)
             await self._store.capsules.update_status(
                 capsule.uuid, expect=capsule.desired_state, status_reason=reason
@@ -802,20 +879,31 @@ class CapsuleDriver:
         )
 
     async def remove_orphan(self, sandbox: cri.PodSandbox) -> None:
-        """Removes a sandbox whose capsule is not on this host (any more)."""
+        """Removes a sandbox whose capsule is not on this host (any more); a removal that fails
+        is tried again by the next resync."""
+        owner = sandbox.labels.get(labels.CAPSULE)
         log.warning(
             "removing a sandbox that belongs to no capsule of this host",
             sandbox=sandbox.id,
-            capsule=sandbox.labels.get(labels.CAPSULE),
+            capsule=owner,
         )
-        await self._remove_sandbox(sandbox.id)
+        try:
+            await self._remove_sandbox(owner, sandbox.id)
+        except (CriError, RetryLater) as exc:
+            log.warning("orphan sandbox not removed yet", sandbox=sandbox.id, reason=str(exc))
 
-    async def _remove_sandbox(self, sandbox_id: str) -> None:
+    async def _remove_sandbox(self, capsule_uuid: str | None, sandbox_id: str) -> None:
+        """Removes a sandbox; raises the runtime's CriError, or RetryLater once it freed a task
+        that blocked the removal."""
         # RemovePodSandbox stops the sandbox first (its processes, then the CNI DEL) and removes
         # its containers too. A StopPodSandbox before it, as kubelet sends to keep stopped pods
         # around, would make containerd stop it twice: a second CNI DEL, a capsa-cni process.
-        async with self._sandbox_slots:
-            await self._cri.remove_pod_sandbox(sandbox_id)
+        try:
+            async with self._sandbox_slots:
+                await self._cri.remove_pod_sandbox(sandbox_id)
+        except CriError as exc:
+            await self._free_if_stranded(capsule_uuid, exc, f"removing sandbox {sandbox_id}")
+            raise
 
     # ---- specs ----
 
@@ -909,6 +997,19 @@ def settled(capsule: Capsule) -> bool:
     if capsule.status in (Status.ERROR, Status.STOPPED):
         return True
     return capsule.desired_state is DesiredState.STOPPED and capsule.status is Status.CREATED
+
+
+def _start_cut_short(status: cri.ContainerStatus) -> bool:
+    """Whether the container never ran because its StartContainer call was cancelled by its
+    caller: the agent killed mid-call, whose connection closing cancels the call. containerd 1.6
+    then marks the container exited with code 128 (StartError) and the call's "context canceled"
+    in its message; no failure of the tenant's program or image reads so (those come from runc),
+    and a call that timed out says "deadline exceeded" instead, so it is not mistaken for one."""
+    return (
+        status.state is cri.ContainerState.EXITED
+        and status.reason == "StartError"
+        and "context canceled" in status.message
+    )
 
 
 def _recorded(container: Container, status: cri.ContainerStatus) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from capsa.cri.client import CriError
 
 # gRPC codes of a runtime that is restarting, overloaded or slow: worth another try.
@@ -10,6 +12,10 @@ _TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RE
 # killed mid-call left) holds; it finishes that request, and the next pass finds its result.
 _NAME_TAKEN = "is reserved for"
 _TRANSIENT_MESSAGES = (_NAME_TAKEN, "failed to reserve", "is already in starting state")
+# containerd 1.6 refuses to remove a container (and so its sandbox) while it holds a task of it,
+# even one that CRI calls exited: a StartContainer cut short once the shim had made the task
+# leaves it so, and nothing in CRI ever deletes that task.
+_STRANDED_TASK = re.compile(r"cannot delete running task ([^\s:]+)")
 
 
 class CapsuleFailed(Exception):
@@ -31,3 +37,9 @@ def classify(exc: CriError, doing: str) -> CapsuleFailed | RetryLater:
 def name_taken(exc: CriError) -> bool:
     """Whether the runtime refused a sandbox or container because another holds its name."""
     return exc.code == "ALREADY_EXISTS" or _NAME_TAKEN in exc.message
+
+
+def stranded_task(exc: CriError) -> str | None:
+    """The container whose task made the runtime refuse a removal (of it, or of its sandbox)."""
+    found = _STRANDED_TASK.search(exc.message)
+    return found.group(1) if found else None

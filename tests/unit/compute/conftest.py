@@ -3,7 +3,9 @@
 It keeps sandboxes and containers in memory with the behaviour the agent relies on: labels and
 filters, name reservation per (name, attempt), containers that cannot be restarted, not-found
 errors, containers that exit when a test says so (or at once, for commands named in
-``exits_at_start``), and starts that fail as runc's do (``fails_at_start``, ``unstartable``).
+``exits_at_start``), starts that fail as runc's do (``fails_at_start``, ``unstartable``), and
+starts cut short by their caller, whose task containerd 1.6 keeps (``cut_short``): it refuses to
+remove such a container, or its sandbox, until the task is freed (``free_task``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class FakeCri:
     stopped: list[str] = field(default_factory=list)
     stop_timeouts: list[int] = field(default_factory=list)
     unavailable: bool = False
+    # Containers CRI calls exited whose task containerd still holds, and those freed, in order.
+    stranded: set[str] = field(default_factory=set)
+    freed: list[str] = field(default_factory=list)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def _call(self, name: str) -> None:
@@ -118,6 +123,15 @@ class FakeCri:
 
     async def remove_pod_sandbox(self, sandbox_id: str) -> None:
         self._call("RemovePodSandbox")
+        for cid in self.stranded:
+            if self.container_sandbox.get(cid) == sandbox_id:
+                # Stopped first, then refused at the container's removal.
+                await self.stop_pod_sandbox(sandbox_id)
+                raise CriError(
+                    "RemovePodSandbox",
+                    "UNKNOWN",
+                    f'failed to remove container "{cid}": {_task_blocks_removal(cid)}',
+                )
         self.sandboxes.pop(sandbox_id, None)
         for cid in [c for c, s in self.container_sandbox.items() if s == sandbox_id]:
             self.containers.pop(cid)
@@ -201,8 +215,27 @@ class FakeCri:
         if container_id in self.containers:
             self.exit(container_id, 143)
 
+    def cut_short(self, container_id: str) -> None:
+        """What containerd 1.6 leaves of a container whose StartContainer its caller cancelled
+        once the shim had made the task: exited, and the task kept."""
+        self.exit(container_id, 128, "StartError")
+        self.containers[container_id] = replace(
+            self.containers[container_id],
+            message="failed to create containerd task: failed to get task pid: "
+            "context canceled: unknown",
+        )
+        self.stranded.add(container_id)
+
+    async def free_task(self, container_id: str) -> None:
+        self.freed.append(container_id)
+        self.stranded.discard(container_id)
+
     async def remove_container(self, container_id: str) -> None:
         self._call("RemoveContainer")
+        if container_id in self.stranded:
+            raise CriError(
+                "RemoveContainer", "FAILED_PRECONDITION", _task_blocks_removal(container_id)
+            )
         self.containers.pop(container_id, None)
         self.container_sandbox.pop(container_id, None)
 
@@ -231,6 +264,13 @@ class FakeCri:
         return sorted(
             (c for c in self.containers.values() if c.name == name), key=lambda c: c.attempt
         )
+
+
+def _task_blocks_removal(container_id: str) -> str:
+    return (
+        f'failed to delete containerd container "{container_id}": '
+        f"cannot delete running task {container_id}: failed precondition"
+    )
 
 
 def _listed(c: cri.ContainerStatus, sandbox_id: str) -> cri.Container:
@@ -306,4 +346,5 @@ def driver(
         network,
         ImagePuller(fake_cri),
         retries,  # type: ignore[arg-type]
+        fake_cri.free_task,
     )

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from capsa.compute.driver import CapsuleDriver, Superseded
+from capsa.compute.errors import stranded_task
 from capsa.compute.images import ImagePuller
 from capsa.cri import types as cri
 from capsa.cri.client import CriError
@@ -303,6 +304,7 @@ def slow(settings: Any, store: Store, fake_cri: Any, network: Any, retries: Any)
         network,
         ImagePuller(fake_cri),
         retries,
+        fake_cri.free_task,
     )
 
 
@@ -940,3 +942,197 @@ async def test_teardown_stops_and_removes_what_the_records_miss(
     assert sorted(fake_cri.stopped) == sorted(c.cri_container_id for c in capsule.containers)
     assert fake_cri.stop_timeouts == [1, 1], "each got its grace period"
     await assert_nothing_left(store, fake_cri, capsule)
+
+
+# ---- starts cut short by the agent's crash, and the tasks containerd keeps behind them ----
+
+
+async def killed_while_starting(
+    driver: CapsuleDriver, fake_cri: Any, capsule: Capsule, name: str
+) -> str:
+    """Converges the capsule as an agent killed during StartContainer of container ``name``
+    would: containerd sees the call cancelled once its shim made the task. Returns its id."""
+    start_container = fake_cri.start_container
+    cut: list[str] = []
+
+    async def killed_mid_call(container_id: str) -> None:
+        if fake_cri.containers[container_id].name != name:
+            await start_container(container_id)
+            return
+        fake_cri.cut_short(container_id)
+        cut.append(container_id)
+        raise asyncio.CancelledError
+
+    fake_cri.start_container = killed_mid_call
+    with pytest.raises(asyncio.CancelledError):
+        await driver.converge(capsule)
+    fake_cri.start_container = start_container
+    (container_id,) = cut
+    return container_id
+
+
+async def converge_until_retries_stop(
+    driver: CapsuleDriver, store: Store, capsule: Capsule, retries: Any
+) -> Capsule:
+    """Converges again as long as the driver asks for a retry (at most a few times)."""
+    for _ in range(4):
+        asked = len(retries.asked)
+        await driver.converge(await reload(store, capsule))
+        if len(retries.asked) == asked:
+            break
+    return await reload(store, capsule)
+
+
+async def test_an_init_container_whose_start_was_cut_short_runs_again_and_is_no_restart(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(
+        store, make_capsule, init=("true",), apps=("sleep",), policy=RestartPolicy.NEVER
+    )
+    cut_short = await killed_while_starting(driver, fake_cri, capsule, "init0")
+
+    # The next agent finds it exited (128, StartError), its removal refused until the task
+    # containerd kept is freed: that pass is retried, not failed.
+    await driver.converge(await reload(store, capsule))
+    retrying = await reload(store, capsule)
+    assert retrying.status is Status.CREATING
+    assert retrying.status_reason is not None and cut_short in retrying.status_reason
+    assert fake_cri.freed == [cut_short]
+    assert retries.asked[-1][0] == capsule.uuid
+
+    capsule = await converge_until_retries_stop(driver, store, capsule, retries)
+
+    assert (capsule.status, capsule.status_reason) == (Status.RUNNING, None)
+    (init,) = capsule.init_containers
+    assert (init.restart_count, init.exit_code, init.status) == (0, 0, Status.STOPPED)
+    (again,) = fake_cri.by_name("init0")
+    assert again.id != cut_short and again.attempt == 1 and again.exit_code == 0
+    assert [c.state for c in fake_cri.by_name("app0")] == [cri.ContainerState.RUNNING]
+
+
+async def test_a_container_whose_restart_was_cut_short_is_started_again_not_counted(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    capsule = await placed(store, make_capsule, apps=("sleep",), policy=RestartPolicy.ON_FAILURE)
+    await driver.converge(capsule)
+    (first,) = fake_cri.by_name("app0")
+    fake_cri.exit(first.id, 2)
+    cut_short = await killed_while_starting(driver, fake_cri, await reload(store, capsule), "app0")
+
+    capsule = await converge_until_retries_stop(driver, store, capsule, retries)
+
+    assert (capsule.status, capsule.status_reason) == (Status.RUNNING, None)
+    (app,) = capsule.containers
+    assert app.restart_count == 1, "the exit counts, the start the crash cut short does not"
+    assert fake_cri.freed == [cut_short]
+    (running,) = fake_cri.by_name("app0")
+    assert running.attempt == 2 and running.state is cri.ContainerState.RUNNING
+
+
+async def test_a_start_that_failed_on_its_own_still_counts(
+    driver: CapsuleDriver, store: Store, fake_cri: Any, make_capsule: CapsuleFactory
+) -> None:
+    # Exited 128 (StartError) too, but the runtime's reason is not a cancelled call.
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(
+        store, make_capsule, init=("true",), apps=("sleep",), policy=RestartPolicy.NEVER
+    )
+    sandbox_spec = driver._sandbox_spec(capsule, 0)
+    sandbox_id = await fake_cri.run_pod_sandbox(sandbox_spec)
+    (init,) = capsule.init_containers
+    failed = await fake_cri.create_container(
+        sandbox_id, driver._container_spec(capsule, init, 0), sandbox_spec
+    )
+    fake_cri.exit(failed, 128, "StartError")
+    fake_cri.containers[failed] = replace(
+        fake_cri.containers[failed],
+        message="failed to create containerd task: context deadline exceeded: unknown",
+    )
+
+    await driver.converge(capsule)
+
+    capsule = await reload(store, capsule)
+    assert capsule.status is Status.ERROR
+    assert capsule.status_reason is not None and "exited with code 128" in capsule.status_reason
+    assert fake_cri.freed == []
+
+
+async def test_a_stale_sandbox_holding_a_stranded_task_is_freed_and_replaced(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",))
+    cut_short = await killed_while_starting(driver, fake_cri, capsule, "init0")
+    # Its sandbox lost its task meanwhile: the next pass replaces it, and must remove it.
+    (old,) = fake_cri.sandboxes
+    fake_cri.sandboxes[old] = replace(fake_cri.sandboxes[old], state=cri.SandboxState.NOT_READY)
+
+    capsule = await converge_until_retries_stop(driver, store, capsule, retries)
+
+    assert (capsule.status, capsule.status_reason) == (Status.RUNNING, None)
+    assert fake_cri.freed == [cut_short]
+    assert old not in fake_cri.sandboxes and capsule.sandbox_id in fake_cri.sandboxes
+
+
+async def test_teardown_frees_a_stranded_task_then_removes_everything(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",))
+    cut_short = await killed_while_starting(driver, fake_cri, capsule, "init0")
+    await store.capsules.request_delete(capsule.uuid)
+
+    assert not await driver.teardown(await reload(store, capsule))
+    deleting = await reload(store, capsule)
+    assert deleting.status_reason is not None and cut_short in deleting.status_reason
+    assert fake_cri.freed == [cut_short] and retries.asked[-1][0] == capsule.uuid
+
+    assert await driver.teardown(await reload(store, capsule))
+    await assert_nothing_left(store, fake_cri, capsule)
+
+
+async def test_an_orphan_sandbox_holding_a_stranded_task_goes_at_the_next_try(
+    driver: CapsuleDriver, fake_cri: Any
+) -> None:
+    orphan = fake_cri.add_sandbox({"io.capsa.capsule": "gone"}, cri.SandboxState.READY)
+    container_id = await fake_cri.create_container(
+        orphan, cri.ContainerSpec(name="x", image="busybox"), cri.SandboxSpec("gone", "p", "u")
+    )
+    fake_cri.cut_short(container_id)
+
+    await driver.remove_orphan(fake_cri.sandboxes[orphan])
+    assert fake_cri.freed == [container_id] and orphan in fake_cri.sandboxes
+
+    await driver.remove_orphan(fake_cri.sandboxes[orphan])
+    assert orphan not in fake_cri.sandboxes
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'failed to delete containerd container "c1": cannot delete running task c1: '
+        "failed precondition",
+        'failed to remove container "c1": failed to delete containerd container "c1": '
+        "cannot delete running task c1: failed precondition",
+    ],
+)
+def test_the_container_whose_task_blocks_a_removal_is_named(message: str) -> None:
+    assert stranded_task(CriError("RemovePodSandbox", "UNKNOWN", message)) == "c1"
+    assert stranded_task(CriError("RemovePodSandbox", "UNKNOWN", "sandbox not found")) is None
