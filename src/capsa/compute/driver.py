@@ -344,12 +344,7 @@ class CapsuleDriver:
                 if not await self._restart_due(capsule, container):
                     return False
                 container_id = await self._replace(
-                    capsule,
-                    container,
-                    sandbox_id,
-                    sandbox_spec,
-                    status,
-                    container.restart_count + 1,
+                    capsule, container, sandbox_id, sandbox_spec, status
                 )
             else:
                 raise RetryLater(f"init container {container.spec.name!r} is in an unknown state")
@@ -391,14 +386,7 @@ class CapsuleDriver:
             if capsule.spec.restarts(status.exit_code, container.restart_count) and (
                 await self._restart_due(capsule, container)
             ):
-                await self._replace(
-                    capsule,
-                    container,
-                    sandbox_id,
-                    sandbox_spec,
-                    status,
-                    container.restart_count + 1,
-                )
+                await self._replace(capsule, container, sandbox_id, sandbox_spec, status)
         else:
             raise RetryLater(f"container {container.spec.name!r} is in an unknown state")
 
@@ -573,11 +561,11 @@ class CapsuleDriver:
         sandbox_id: str,
         sandbox_spec: cri.SandboxSpec,
         exited: cri.ContainerStatus,
-        restarts: int,
+        restarts: int | None = None,
     ) -> str:
         """Restarts an exited container as a new attempt (CRI containers are not restartable),
-        ``restarts`` its count of restarts from then on (0 when the tenant asked for it: a start
-        or a reboot begins a new count)."""
+        ``restarts`` its count of restarts from then on: one more by default, 0 when the tenant
+        asked for it (a start or a reboot begins a new count)."""
         spec = container.spec
         # What the pass recorded goes out before a pull, which may take minutes.
         await self._set_capsule(capsule)
@@ -587,6 +575,8 @@ class CapsuleDriver:
         await self._remove_container(
             capsule, exited.id, f"removing exited container {container.spec.name!r}"
         )
+        if restarts is None:
+            restarts = container.restart_count + 1
         container_id = await self._create(
             capsule, container, sandbox_id, sandbox_spec, exited.attempt + 1
         )
