@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 import uuid
 from collections import Counter
@@ -18,8 +19,9 @@ from typing import Any
 import pytest
 
 from capsa.cri import types as cri
-from capsa.cri.client import CriClient
+from capsa.cri.client import CriClient, CriError
 from capsa.runtime.shims import lost_shims
+from capsa.runtime.tasks import CRI_NAMESPACE
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +160,80 @@ def test_sigkill_while_creating_then_restart_recovers_everything(private_capsa: 
             break
         time.sleep(0.5)
     assert lost == [], "a shim that serves no sandbox is still running"
+
+
+def ctr(socket: str, *args: str) -> str:
+    """containerd's own client, on the instance's containerd and in CRI's namespace."""
+    return subprocess.run(
+        ["ctr", "--address", socket, "--namespace", CRI_NAMESPACE, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+
+
+def strand_a_task(capsa: Any, capsule: dict[str, Any]) -> str:
+    """A container in the capsule's sandbox that CRI calls exited (128, StartError) while
+    containerd keeps its task, as a StartContainer cut short once the shim made the task leaves
+    it. Made without timing luck: containerd's own client makes and starts the task first, so
+    that CRI's StartContainer fails on it. Returns the container's id."""
+
+    async def create() -> tuple[str, str]:
+        async with CriClient(capsa.cri_socket) as client:
+            (sandbox,) = await client.list_pod_sandboxes({"io.capsa.capsule": capsule["uuid"]})
+            sandbox_spec = cri.SandboxSpec(
+                name=sandbox.name,
+                namespace=sandbox.namespace,
+                uid=sandbox.uid,
+                attempt=sandbox.attempt,
+                log_directory=str(capsa.state_dir / "stranded-logs"),
+            )
+            spec = cri.ContainerSpec(
+                name="stranded",
+                image="busybox",
+                command=("sleep", "3600"),
+                labels={"io.capsa.managed": "true", "io.capsa.capsule": capsule["uuid"]},
+            )
+            return sandbox.id, await client.create_container(sandbox.id, spec, sandbox_spec)
+
+    async def start_then_status(container_id: str) -> cri.ContainerStatus:
+        async with CriClient(capsa.cri_socket) as client:
+            with pytest.raises(CriError, match="already exists"):
+                await client.start_container(container_id)
+            return await client.container_status(container_id)
+
+    _, container_id = asyncio.run(create())
+    ctr(capsa.cri_socket, "tasks", "start", "--detach", "--null-io", container_id)
+    status = asyncio.run(start_then_status(container_id))
+    assert (status.state, status.exit_code, status.reason) == (
+        cri.ContainerState.EXITED,
+        128,
+        "StartError",
+    )
+    assert container_id in ctr(capsa.cri_socket, "tasks", "list", "--quiet").split()
+    return container_id
+
+
+def test_a_delete_frees_the_task_containerd_keeps_behind_an_exited_container(
+    private_capsa: Any,
+) -> None:
+    capsa = private_capsa
+    capsa.start()
+    (name,) = names("stranded", 1)
+    capsa.create(template(name))
+    capsule = capsa.wait_status(name, ("Running",))
+    stranded = strand_a_task(capsa, capsule)
+
+    # containerd refuses RemovePodSandbox while it keeps that task: capsa frees it, then the
+    # delete goes through.
+    capsa.delete(name)
+    capsa.wait_gone(name)
+
+    sandboxes, containers = runtime_view(capsa.cri_socket)
+    assert [s for s in sandboxes if s.labels.get("io.capsa.capsule") == capsule["uuid"]] == []
+    assert stranded not in {c.id for c in containers}
+    assert stranded not in ctr(capsa.cri_socket, "tasks", "list", "--quiet").split()
+    assert "freeing the task containerd keeps behind an exited container" in (
+        capsa.log_path.read_text()
+    )
