@@ -25,6 +25,8 @@ capsa all-in-one fixtures:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import ipaddress
@@ -49,12 +51,14 @@ import pytest
 
 from capsa.cli.auth import Credentials, login
 from capsa.config import AgentConfig, Config, ImagesConfig, RegistryConfig
-from capsa.cri.client import CriClient
+from capsa.cri.client import CriClient, CriError
 from capsa.network import firewall
 from capsa.runtime.host import HostRuntime
-from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim, stop_lost_shims
+from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim, shims_of, stop_lost_shims
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Where containerd 1.6 keeps what each CNI ADD returned, whatever its state dir.
+CNI_RESULTS_DIR = Path("/var/lib/cni/results")
 
 
 def _require_root() -> None:
@@ -111,10 +115,69 @@ def runtime_test_config(state_dir: Path, **changes: Any) -> Config:
 
 
 async def remove_all_sandboxes(cfg: Config) -> None:
+    """Removes every sandbox it can; raises the first failure once each was tried."""
+    failures: list[CriError] = []
     async with CriClient(cfg.cri_socket, timeout=30) as cri:
         for sandbox in await cri.list_pod_sandboxes():
-            await cri.stop_pod_sandbox(sandbox.id)
-            await cri.remove_pod_sandbox(sandbox.id)
+            try:
+                await cri.stop_pod_sandbox(sandbox.id)
+                await cri.remove_pod_sandbox(sandbox.id)
+            except CriError as exc:
+                failures.append(exc)
+    if failures:
+        raise failures[0]
+
+
+def cgroups_under(cgroup_parent: str) -> list[Path]:
+    """The cgroup parent's directories in every hierarchy, and those below it, deepest first."""
+    if not cgroup_parent.strip("/"):
+        return []  # the root of every hierarchy: never this instance's alone
+    found = []
+    for hierarchy in [CGROUP_ROOT, *CGROUP_ROOT.iterdir()]:
+        top = hierarchy / cgroup_parent.strip("/")
+        if (top / "cgroup.procs").exists():
+            found += [top, *(d for d in top.rglob("*") if (d / "cgroup.procs").exists())]
+    return sorted(found, key=lambda d: len(d.parts), reverse=True)
+
+
+def kill_what_the_pods_left(cfg: Config) -> None:
+    """What is left of pods whose sandbox could not be removed, once containerd is stopped:
+    the shims of that containerd (and their sockets), and every process in the instance's
+    cgroup parent (pause and containers)."""
+    pids = set()
+    for cgroup in cgroups_under(cfg.agent.cgroup_parent):
+        with contextlib.suppress(OSError):
+            pids |= {int(p) for p in (cgroup / "cgroup.procs").read_text().split()}
+    shims = shims_of(cfg.cri_socket)
+    for process in [*(shim.pid for shim in shims), *pids]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGKILL)
+    for shim in shims:
+        shim.socket_in(SHIM_SOCKET_DIR).unlink(missing_ok=True)
+
+
+def remove_pod_networks_left(cfg: Config) -> None:
+    """The pods' networks that no CNI DEL removed (a sandbox whose removal failed, capsa's CNI
+    daemon gone): containerd's cache of each ADD's result names the pod's netns, and the
+    conflist that made it, whose daemon socket is in the instance's state dir. Once the pod's
+    processes are gone, the netns goes with its mount, and its veths with it; then the entry."""
+    if not CNI_RESULTS_DIR.is_dir():
+        return
+    ours = f"{cfg.state_dir}/"
+    for entry in CNI_RESULTS_DIR.iterdir():
+        try:
+            cached = json.loads(entry.read_text())
+            conflist = base64.b64decode(cached["config"]).decode()
+        except (OSError, ValueError, KeyError, TypeError, binascii.Error):
+            continue
+        if ours not in conflist:
+            continue
+        for interface in cached.get("result", {}).get("interfaces", []):
+            netns = interface.get("sandbox")
+            if netns:
+                subprocess.run(["umount", netns], capture_output=True, check=False, timeout=10)
+                Path(netns).unlink(missing_ok=True)
+        entry.unlink(missing_ok=True)
 
 
 def unmount_under(path: Path) -> None:
@@ -130,10 +193,21 @@ def unmount_under(path: Path) -> None:
 
 
 def remove_cgroup_parent(cgroup_parent: str) -> None:
-    """The cgroupfs parent runc made in every hierarchy; empty once the pods are gone."""
-    for hierarchy in CGROUP_ROOT.iterdir():
-        with contextlib.suppress(OSError):
-            (hierarchy / cgroup_parent.strip("/")).rmdir()
+    """The cgroupfs parent runc made in every hierarchy, and the pods' cgroups that runc left
+    in it (a pod stopped by force); each goes once no process is in it."""
+    deadline = time.monotonic() + 5
+    while True:
+        left = []
+        for cgroup in cgroups_under(cgroup_parent):
+            with contextlib.suppress(FileNotFoundError):
+                try:
+                    cgroup.rmdir()
+                except OSError:
+                    left.append(cgroup)
+        if not left or time.monotonic() > deadline:
+            return
+        # Processes killed a moment ago may still be on their way out.
+        time.sleep(0.1)
 
 
 def remove_stale_shim_sockets(cfg: Config) -> None:
@@ -170,6 +244,8 @@ async def tear_down_host_runtime(runtime: HostRuntime) -> None:
         # A shim that containerd lost (a sandbox start cut short by a killed capsa, in a test
         # that failed before its own check) serves no sandbox, so nothing above stopped it.
         stop_lost_shims(cfg.cri_socket, set(), min_age_s=0)
+        kill_what_the_pods_left(cfg)
+        remove_pod_networks_left(cfg)
         remove_stale_shim_sockets(cfg)
         unmount_under(cfg.state_dir)
         remove_cgroup_parent(cfg.agent.cgroup_parent)
@@ -492,7 +568,15 @@ class CapsaInstance:
                 time.sleep(0.2)
 
     def cleanup(self) -> None:
-        """Stops whatever still runs and removes everything the instance made."""
+        """Stops whatever still runs and removes everything the instance made, whatever state
+        capsa was left in. A capsa that is not running (killed, or stopped with its pods left
+        running) while its containerd holds sandboxes is started again to delete its capsules:
+        removing a sandbox takes a CNI DEL, which only capsa's CNI daemon answers (and it unplugs
+        the veths). What even that leaves is stopped by force (see tear_down_host_runtime)."""
+        running = self.process is not None and self.process.poll() is None
+        if not running and self._runtime_holds_sandboxes():
+            with contextlib.suppress(Exception):
+                self.start(timeout=60)
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(Exception):
                 self.delete_all()
@@ -501,16 +585,30 @@ class CapsaInstance:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
         cfg = runtime_test_config(self.state_dir)
-        # Adopts, through the pid files, a containerd or registry left by a killed instance.
-        asyncio.run(tear_down_host_runtime(HostRuntime(cfg)))
-        remove_cgroup_parent(self.env["CAPSA_AGENT_CGROUP_PARENT"])
-        for link in bridges_for(self.cidr):
-            subprocess.run(["ip", "link", "del", link], check=False, timeout=10)
-        table = firewall.table_name(str(self.state_dir))
-        for family in ("inet", "bridge"):
-            subprocess.run(
-                ["nft", "delete", "table", family, table], capture_output=True, check=False
-            )
+        try:
+            # Adopts, through the pid files, a containerd or registry left by a killed instance.
+            asyncio.run(tear_down_host_runtime(HostRuntime(cfg)))
+        finally:
+            remove_cgroup_parent(self.env["CAPSA_AGENT_CGROUP_PARENT"])
+            for link in bridges_for(self.cidr):
+                subprocess.run(["ip", "link", "del", link], check=False, timeout=10)
+            table = firewall.table_name(str(self.state_dir))
+            for family in ("inet", "bridge"):
+                subprocess.run(
+                    ["nft", "delete", "table", family, table], capture_output=True, check=False
+                )
+
+    def _runtime_holds_sandboxes(self) -> bool:
+        async def listed() -> bool:
+            async with CriClient(self.cri_socket, timeout=10) as cri:
+                return bool(await cri.list_pod_sandboxes())
+
+        if not Path(self.cri_socket).exists():
+            return False
+        try:
+            return asyncio.run(listed())
+        except CriError:
+            return False
 
 
 def bridges_for(cidr: str) -> list[str]:
