@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -68,6 +69,8 @@ _POLL_S = 0.1
 _RETRY_S = 2.0
 # What a failed RunPodSandbox says the agent was doing, in the capsule's status_reason.
 _STARTING_SANDBOX = "starting the capsule's sandbox"
+# What containerd 1.6 says of a StartContainer whose caller cancelled it (see _start_cut_short).
+_CUT_SHORT = re.compile(r"context canceled|failed to start shim: .*signal: killed")
 
 
 @dataclass
@@ -992,13 +995,14 @@ def settled(capsule: Capsule) -> bool:
 def _start_cut_short(status: cri.ContainerStatus) -> bool:
     """Whether the container never ran because its StartContainer call was cancelled by its
     caller: the agent killed mid-call, whose connection closing cancels the call. containerd 1.6
-    then marks the container exited with code 128 (StartError) and the call's "context canceled"
-    in its message; no failure of the tenant's program or image reads so (those come from runc),
-    and a call that timed out says "deadline exceeded" instead, so it is not mistaken for one."""
+    then marks the container exited with code 128 (StartError), and its message says that the
+    call's context was canceled, or that the shim's start, which that context bounds, was
+    killed. No failure of the tenant's program or image reads so (those come from runc), and a
+    call that timed out says "deadline exceeded" instead, so it is not mistaken for one."""
     return (
         status.state is cri.ContainerState.EXITED
         and status.reason == "StartError"
-        and "context canceled" in status.message
+        and _CUT_SHORT.search(status.message) is not None
     )
 
 

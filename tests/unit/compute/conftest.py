@@ -25,6 +25,11 @@ from capsa.cri.client import CriError, CriNotFound
 from capsa.network.service import NetworkService
 from capsa.store import Store
 
+# What containerd 1.6 says of a StartContainer cancelled once the shim had made the task.
+CUT_SHORT_KEEPING_THE_TASK = (
+    "failed to create containerd task: failed to get task pid: context canceled: unknown"
+)
+
 
 @dataclass
 class FakeCri:
@@ -215,16 +220,13 @@ class FakeCri:
         if container_id in self.containers:
             self.exit(container_id, 143)
 
-    def cut_short(self, container_id: str) -> None:
-        """What containerd 1.6 leaves of a container whose StartContainer its caller cancelled
-        once the shim had made the task: exited, and the task kept."""
+    def cut_short(self, container_id: str, message: str = CUT_SHORT_KEEPING_THE_TASK) -> None:
+        """What containerd 1.6 leaves of a container whose StartContainer its caller cancelled:
+        exited, saying ``message``, and its task kept when the shim had made it."""
         self.exit(container_id, 128, "StartError")
-        self.containers[container_id] = replace(
-            self.containers[container_id],
-            message="failed to create containerd task: failed to get task pid: "
-            "context canceled: unknown",
-        )
-        self.stranded.add(container_id)
+        self.containers[container_id] = replace(self.containers[container_id], message=message)
+        if message == CUT_SHORT_KEEPING_THE_TASK:
+            self.stranded.add(container_id)
 
     async def free_task(self, container_id: str) -> None:
         self.freed.append(container_id)

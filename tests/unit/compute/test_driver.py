@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from tests.unit.compute.conftest import CUT_SHORT_KEEPING_THE_TASK
 
 from capsa.compute.driver import CapsuleDriver, Superseded
 from capsa.compute.errors import stranded_task
@@ -948,10 +949,15 @@ async def test_teardown_stops_and_removes_what_the_records_miss(
 
 
 async def killed_while_starting(
-    driver: CapsuleDriver, fake_cri: Any, capsule: Capsule, name: str
+    driver: CapsuleDriver,
+    fake_cri: Any,
+    capsule: Capsule,
+    name: str,
+    message: str = CUT_SHORT_KEEPING_THE_TASK,
 ) -> str:
     """Converges the capsule as an agent killed during StartContainer of container ``name``
-    would: containerd sees the call cancelled once its shim made the task. Returns its id."""
+    would: containerd sees the call cancelled (by default once its shim made the task, which
+    it keeps). Returns the container's id."""
     start_container = fake_cri.start_container
     cut: list[str] = []
 
@@ -959,7 +965,7 @@ async def killed_while_starting(
         if fake_cri.containers[container_id].name != name:
             await start_container(container_id)
             return
-        fake_cri.cut_short(container_id)
+        fake_cri.cut_short(container_id, message)
         cut.append(container_id)
         raise asyncio.CancelledError
 
@@ -1013,6 +1019,39 @@ async def test_an_init_container_whose_start_was_cut_short_runs_again_and_is_no_
     (again,) = fake_cri.by_name("init0")
     assert again.id != cut_short and again.attempt == 1 and again.exit_code == 0
     assert [c.state for c in fake_cri.by_name("app0")] == [cri.ContainerState.RUNNING]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # Seen on containerd 1.6.20 when the agent was killed at other moments of the call.
+        "failed to create containerd task: failed to start shim: start failed: : signal: killed: "
+        "unknown",
+        "failed to create containerd task: failed to create shim task: context canceled: unknown",
+        'failed to start containerd task "c9": context canceled: unknown',
+    ],
+)
+async def test_an_init_container_whose_start_was_cut_short_earlier_runs_again_at_once(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    retries: Any,
+    make_capsule: CapsuleFactory,
+    message: str,
+) -> None:
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(
+        store, make_capsule, init=("true",), apps=("sleep",), policy=RestartPolicy.NEVER
+    )
+    await killed_while_starting(driver, fake_cri, capsule, "init0", message)
+
+    await driver.converge(await reload(store, capsule))
+
+    capsule = await reload(store, capsule)
+    assert (capsule.status, capsule.status_reason) == (Status.RUNNING, None)
+    assert capsule.init_containers[0].restart_count == 0
+    assert [c.attempt for c in fake_cri.by_name("init0")] == [1]
+    assert fake_cri.freed == [] and retries.asked == []
 
 
 async def test_a_container_whose_restart_was_cut_short_is_started_again_not_counted(
