@@ -71,7 +71,7 @@ class ApiConfig:
     max_wait: float = 60.0
     # How often waiting GETs look again for changes that other processes wrote (this process's
     # own writes wake them at once).
-    wait_recheck_interval: float = 1.0
+    wait_recheck_interval: float = 0.5
     # With auth.mode = "noauth" only: the project and user of callers that send no X-Project-Id /
     # X-User-Id.
     default_project_id: str = "default"
