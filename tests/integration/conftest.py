@@ -371,8 +371,10 @@ class CapsaInstance:
         """A user with ``role`` in ``project`` (made if missing), through `capsa user create`."""
         if self.capsa_cli("project", "create", project).returncode not in (0, 1):
             raise AssertionError(f"capsa project create {project} failed")
+        # "--password=": a random password may begin with "-", which argparse would take for
+        # an option in the two-word form.
         run = self.capsa_cli(
-            "user", "create", user, "--project", project, "--role", role, "--password", password
+            "user", "create", user, "--project", project, "--role", role, f"--password={password}"
         )
         assert run.returncode == 0, run.stderr
 
