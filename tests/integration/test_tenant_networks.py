@@ -211,7 +211,8 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
 
     # Nothing is left: bridges, veths, capsa's table, addresses.
     eventually(lambda: table not in sh("nft", "list", "tables").stdout, "capsa's tables gone")
-    assert bridges_for(pool) == []
+    # The CNI daemon deletes a veth, then its bridge if unused, after answering the DEL.
+    eventually(lambda: bridges_for(pool) == [], "the networks' bridges went with their ports")
     ports = (
         neutron(capsa, "GET", "/ports", alice)["ports"]
         + neutron(capsa, "GET", "/ports", bob)["ports"]
@@ -278,7 +279,7 @@ def test_a_capsule_on_two_networks_reaches_both_and_a_third_network_reaches_neit
     for name in ("ab", "a", "b", "c"):
         wait_gone(capsa, name, alice)
     assert neutron(capsa, "GET", "/ports", alice)["ports"] == []
-    assert bridges_for(capsa.cidr) == []
+    eventually(lambda: bridges_for(capsa.cidr) == [], "the networks' bridges went with their ports")
 
 
 def wait_running(
