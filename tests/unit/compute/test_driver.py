@@ -977,6 +977,22 @@ async def killed_while_starting(
     return container_id
 
 
+async def init_start_cut_short(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    policy: RestartPolicy = RestartPolicy.ALWAYS,
+    message: str = CUT_SHORT_KEEPING_THE_TASK,
+) -> tuple[Capsule, str]:
+    """A capsule of an init container and an app whose agent was killed during the init
+    container's StartContainer (see :func:`killed_while_starting`); the capsule and the id of
+    the container whose start was cut short."""
+    fake_cri.exits_at_start = EXITS
+    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",), policy=policy)
+    return capsule, await killed_while_starting(driver, fake_cri, capsule, "init0", message)
+
+
 async def converge_until_retries_stop(
     driver: CapsuleDriver, store: Store, capsule: Capsule, retries: Any
 ) -> Capsule:
@@ -996,11 +1012,9 @@ async def test_an_init_container_whose_start_was_cut_short_runs_again_and_is_no_
     retries: Any,
     make_capsule: CapsuleFactory,
 ) -> None:
-    fake_cri.exits_at_start = EXITS
-    capsule = await placed(
-        store, make_capsule, init=("true",), apps=("sleep",), policy=RestartPolicy.NEVER
+    capsule, cut_short = await init_start_cut_short(
+        driver, store, fake_cri, make_capsule, RestartPolicy.NEVER
     )
-    cut_short = await killed_while_starting(driver, fake_cri, capsule, "init0")
 
     # The next agent finds it exited (128, StartError), its removal refused until the task
     # containerd kept is freed: that pass is retried, not failed.
@@ -1039,11 +1053,9 @@ async def test_an_init_container_whose_start_was_cut_short_earlier_runs_again_at
     make_capsule: CapsuleFactory,
     message: str,
 ) -> None:
-    fake_cri.exits_at_start = EXITS
-    capsule = await placed(
-        store, make_capsule, init=("true",), apps=("sleep",), policy=RestartPolicy.NEVER
+    capsule, _ = await init_start_cut_short(
+        driver, store, fake_cri, make_capsule, RestartPolicy.NEVER, message
     )
-    await killed_while_starting(driver, fake_cri, capsule, "init0", message)
 
     await driver.converge(await reload(store, capsule))
 
@@ -1112,9 +1124,7 @@ async def test_a_stale_sandbox_holding_a_stranded_task_is_freed_and_replaced(
     retries: Any,
     make_capsule: CapsuleFactory,
 ) -> None:
-    fake_cri.exits_at_start = EXITS
-    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",))
-    cut_short = await killed_while_starting(driver, fake_cri, capsule, "init0")
+    capsule, cut_short = await init_start_cut_short(driver, store, fake_cri, make_capsule)
     # Its sandbox lost its task meanwhile: the next pass replaces it, and must remove it.
     (old,) = fake_cri.sandboxes
     fake_cri.sandboxes[old] = replace(fake_cri.sandboxes[old], state=cri.SandboxState.NOT_READY)
@@ -1133,9 +1143,7 @@ async def test_teardown_frees_a_stranded_task_then_removes_everything(
     retries: Any,
     make_capsule: CapsuleFactory,
 ) -> None:
-    fake_cri.exits_at_start = EXITS
-    capsule = await placed(store, make_capsule, init=("true",), apps=("sleep",))
-    cut_short = await killed_while_starting(driver, fake_cri, capsule, "init0")
+    capsule, cut_short = await init_start_cut_short(driver, store, fake_cri, make_capsule)
     await store.capsules.request_delete(capsule.uuid)
 
     assert not await driver.teardown(await reload(store, capsule))
