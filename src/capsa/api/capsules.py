@@ -264,9 +264,11 @@ async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind
 
 
 def _etag(view: CapsuleFormatter, kind: CapsuleKind, version: str) -> str:
-    """Changes with the capsule and with what the caller's request makes of it."""
-    described = f"{view.stable_shape}|{kind.value}|{version}".encode()
-    return hashlib.blake2b(described, digest_size=12).hexdigest()
+    """Changes with the capsule and with what the caller's request makes of it; the same in
+    every API process (written from the shape, not hashed as Python hashes sets)."""
+    base_url, legacy, hidden = view.shape
+    described = f"{base_url}|{int(legacy)}|{','.join(sorted(hidden))}|{kind.value}|{version}"
+    return hashlib.blake2b(described.encode(), digest_size=12).hexdigest()
 
 
 def _seen(request: web.Request, etag: str) -> bool:

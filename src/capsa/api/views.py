@@ -130,8 +130,6 @@ class CapsuleFormatter:
         self._hidden = hidden
         # Everything the body of a capsule depends on besides the capsule.
         self.shape = (base_url, self._legacy, hidden)
-        # The same, written alike by every process (ETags must not depend on set order).
-        self.stable_shape = f"{base_url}|{int(self._legacy)}|{','.join(sorted(hidden))}"
 
     def capsule(self, capsule: Capsule) -> dict[str, Any]:
         spec = capsule.spec
