@@ -54,7 +54,7 @@ from capsa.config import AgentConfig, Config, ImagesConfig, RegistryConfig
 from capsa.cri.client import CriClient, CriError
 from capsa.network import firewall
 from capsa.runtime.host import HostRuntime
-from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim, shims_of, stop_lost_shims
+from capsa.runtime.shims import SHIM_SOCKET_DIR, Shim, shims_of
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Where containerd 1.6 keeps what each CNI ADD returned, whatever its state dir.
@@ -142,7 +142,8 @@ def cgroups_under(cgroup_parent: str) -> list[Path]:
 
 def kill_what_the_pods_left(cfg: Config) -> None:
     """What is left of pods whose sandbox could not be removed, once containerd is stopped:
-    the shims of that containerd (and their sockets), and every process in the instance's
+    the shims of that containerd (and their sockets), those it lost too (a sandbox start cut
+    short by a killed capsa, which serve no sandbox), and every process in the instance's
     cgroup parent (pause and containers)."""
     pids = set()
     for cgroup in cgroups_under(cfg.agent.cgroup_parent):
@@ -241,9 +242,6 @@ async def tear_down_host_runtime(runtime: HostRuntime) -> None:
             await remove_all_sandboxes(cfg)
     finally:
         await runtime.stop()
-        # A shim that containerd lost (a sandbox start cut short by a killed capsa, in a test
-        # that failed before its own check) serves no sandbox, so nothing above stopped it.
-        stop_lost_shims(cfg.cri_socket, set(), min_age_s=0)
         kill_what_the_pods_left(cfg)
         remove_pod_networks_left(cfg)
         remove_stale_shim_sockets(cfg)
