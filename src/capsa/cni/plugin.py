@@ -222,19 +222,7 @@ def _post(address: str, path: str, body: bytes, timeout: float) -> tuple[int, by
         sock = _connect(address, deadline)
         try:
             sock.sendall(request)
-            chunks = []
-            size = 0
-            while True:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > MAX_RESPONSE_BYTES:
-                    raise PluginError(
-                        INTERNAL, f"capsa-cni-daemon at {address} sent an oversized answer"
-                    )
-                chunks.append(chunk)
+            raw = _receive(sock, address, deadline)
         finally:
             sock.close()
     except TimeoutError:
@@ -249,7 +237,50 @@ def _post(address: str, path: str, body: bytes, timeout: float) -> tuple[int, by
             f"cannot reach capsa-cni-daemon at {address}: {exc.strerror or exc}",
             _FIX_HINT,
         ) from None
-    return _parse_response(address, b"".join(chunks))
+    return _parse_response(address, raw)
+
+
+def _receive(sock: _socket.socket, address: str, deadline: float) -> bytes:
+    """The daemon's answer: up to its Content-Length, or else up to the close.
+
+    The answer is whole before the daemon closes the connection, which it does a turn or more
+    of its event loop later, after the work that the ADD's or DEL's write woke (about 5 ms).
+    """
+    received = b""
+    size = None
+    while size is None or len(received) < size:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = sock.recv(65536)
+        if not chunk:
+            if size is not None:
+                raise PluginError(
+                    TRY_AGAIN_LATER,
+                    f"capsa-cni-daemon at {address} closed the connection in the middle of "
+                    "its answer",
+                    "the daemon stopped or restarted during the call; " + _FIX_HINT,
+                )
+            break
+        received += chunk
+        if len(received) > MAX_RESPONSE_BYTES:
+            raise PluginError(INTERNAL, f"capsa-cni-daemon at {address} sent an oversized answer")
+        if size is None:
+            size = _answer_size(received)
+    return received
+
+
+def _answer_size(received: bytes) -> int | None:
+    """The whole answer's size in bytes, once its head is in and gives a Content-Length."""
+    head, sep, _ = received.partition(b"\r\n\r\n")
+    length = _content_length(head) if sep else None
+    return None if length is None else len(head) + len(sep) + length
+
+
+def _content_length(head: bytes) -> int | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return None
 
 
 def _parse_response(address: str, raw: bytes) -> tuple[int, bytes]:
@@ -267,11 +298,8 @@ def _parse_response(address: str, raw: bytes) -> tuple[int, bytes]:
             f"capsa-cni-daemon at {address} sent a malformed HTTP answer",
             repr(raw[:200]),
         )
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length" and value.strip().isdigit():
-            body = body[: int(value)]
-    return int(status_line[1]), body
+    length = _content_length(head)
+    return int(status_line[1]), body if length is None else body[:length]
 
 
 def _daemon_answer(address: str, status: int, body: bytes) -> tuple[int, bytes]:

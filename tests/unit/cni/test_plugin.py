@@ -242,6 +242,77 @@ def test_daemon_that_hangs_up_without_answering_is_code_11() -> None:
     assert "closed the connection without answering" in error["msg"]
 
 
+class RawDaemon:
+    """A loopback server that writes ``pieces`` as its answer, one send each, and closes the
+    connection only when ``close`` is set (or at once with ``close_at_once``)."""
+
+    def __init__(self, pieces: list[bytes], *, close_at_once: bool = False) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.close = threading.Event()
+        if close_at_once:
+            self.close.set()
+        self.thread = threading.Thread(target=self._answer, args=(pieces,))
+        self.thread.start()
+
+    def _answer(self, pieces: list[bytes]) -> None:
+        connection, _ = self.listener.accept()
+        with connection:
+            connection.recv(65536)
+            for piece in pieces:
+                connection.sendall(piece)
+            self.close.wait(timeout=10)
+
+    def stop(self) -> None:
+        self.close.set()
+        self.thread.join(timeout=5)
+        self.listener.close()
+
+
+def answer_head(length: int | None) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    if length is not None:
+        head += b"Content-Length: %d\r\n" % length
+    return head + b"\r\n"
+
+
+RESULT = b'{"cniVersion":"1.0.0","interfaces":[{"name":"eth0"}]}'
+
+
+def test_the_answer_is_taken_once_whole_without_waiting_for_the_close() -> None:
+    # The daemon closes a connection turns of its event loop after answering: the plugin must
+    # not wait for that. Here the close only comes after the plugin returned, so a plugin that
+    # read to the close would time out with code 11.
+    head = answer_head(len(RESULT))
+    daemon = RawDaemon([head[:9], head[9:] + RESULT[:10], RESULT[10:]])
+    try:
+        status, output = plugin.run(ADD_ENV, conf(daemon.address, timeout=3))
+    finally:
+        daemon.stop()
+    assert (status, output) == (0, RESULT)
+
+
+def test_an_answer_without_content_length_is_read_to_the_close() -> None:
+    daemon = RawDaemon([answer_head(None), RESULT], close_at_once=True)
+    try:
+        status, output = plugin.run(ADD_ENV, conf(daemon.address, timeout=3))
+    finally:
+        daemon.stop()
+    assert (status, output) == (0, RESULT)
+
+
+def test_an_answer_cut_short_by_the_close_is_code_11() -> None:
+    daemon = RawDaemon([answer_head(len(RESULT)), RESULT[:10]], close_at_once=True)
+    try:
+        error = error_of(*plugin.run(ADD_ENV, conf(daemon.address, timeout=3)))
+    finally:
+        daemon.stop()
+    assert error["code"] == 11
+    assert "in the middle of its answer" in error["msg"]
+
+
 def test_status_of_an_unreachable_daemon_is_code_50() -> None:
     # STATUS tells the runtime the plugin cannot serve ADD; 11 would mean "retry this call".
     address = f"127.0.0.1:{closed_port()}"
