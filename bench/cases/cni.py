@@ -85,6 +85,24 @@ class Plugin:
         return took
 
 
+def interpreter_alone(launcher: Path) -> Callable[[], dict[str, float]]:
+    """A round that runs the launcher's interpreter, with its flags, on nothing: the floor under
+    any ADD or DEL of a Python plugin, since the reference's plugins start as compiled programs."""
+    shebang = launcher.read_text().splitlines()[0].removeprefix("#!").split()
+    command = [*shebang, "-c", "pass"]
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+
+    def one_round() -> dict[str, float]:
+        # Spawned as Plugin.call spawns a plugin.
+        began = time.perf_counter()
+        subprocess.run(
+            command, input=b"", env=env, capture_output=True, check=True, timeout=_TIMEOUT
+        )
+        return {"start": time.perf_counter() - began}
+
+    return one_round
+
+
 class Pods:
     """Pods of one side, each in a fresh netns; ``remove_all`` DELs what is still plugged and
     removes every netns and host veth."""
@@ -161,12 +179,24 @@ def run(session: Session) -> CaseResult:
             return {"add": added, "del": reference_pods.delete(container_id)}
 
         samples = interleave(
-            {"capsa": capsa_round, "reference": reference_round}, plan.cni_rounds, plan.warmup
+            {
+                "capsa": capsa_round,
+                "reference": reference_round,
+                "interpreter": interpreter_alone(capsa_pods.plugin.program),
+            },
+            plan.cni_rounds,
+            plan.warmup,
         )
     result.samples = samples
     result.rows = [
         compared("cni", "ADD", samples["capsa.add"], samples["reference.add"], ADD_TARGET),
         compared("cni", "DEL", samples["capsa.del"], samples["reference.del"], DEL_TARGET),
+        compared(
+            "cni",
+            "floor: capsa-cni's interpreter alone, against the reference's ADD",
+            samples["interpreter.start"],
+            samples["reference.add"],
+        ),
     ]
     result.notes = [
         "capsa: the installed capsa-cni launcher -> the paired capsa up's CNI daemon (unix "
@@ -175,6 +205,9 @@ def run(session: Session) -> CaseResult:
         "An anchor pod stays plugged on each side throughout, so that neither ADD creates "
         "its bridge nor DEL removes it; each capsa round's port is released after its DEL, as "
         "its capsule's removal would, so the host holds two ports throughout.",
+        "The floor row runs the interpreter of capsa-cni's launcher, with its flags, on nothing "
+        "(`-c pass`): what any Python plugin pays before its first line, against the reference's "
+        "whole ADD (two compiled programs); an ADD ratio below the floor's cannot be reached.",
         "capsa's ADD includes a network agent pass: the benchmark allocates each port in its own "
         "process, so capsa's agent hears of it when the ADD asks for a pass (in a capsule's start "
         "that pass runs before containerd calls the plugin).",
