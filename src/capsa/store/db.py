@@ -4,7 +4,10 @@ A transaction is a plain function over a SQLAlchemy Core connection, run whole o
 database's threads (:meth:`Database.run_read`, :meth:`Database.run_write`): one hand-off between
 the event loop and a thread per transaction, however many statements it runs (through an asyncio
 driver every statement costs several such hand-offs and greenlet switches). The event loop never
-waits on the database's locks. On SQLite, short reads need no hand-off at all (see run_read).
+waits on the database's locks. On SQLite, short reads need no hand-off at all (see run_read), and
+each thread keeps its own connections (one for reads, one for writes) instead of taking one from
+the pool per transaction: the checkout and the reset on return cost about 0.1 ms, as much as a
+small read itself.
 
 SQLite needs care to be correct with several writers (tasks in one process, or several processes
 sharing the file): a deferred transaction that reads and then writes fails with SQLITE_BUSY when
@@ -31,6 +34,7 @@ import asyncio
 import concurrent.futures
 import functools
 import secrets
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -74,8 +78,9 @@ class Database:
             "json_serializer": lambda value: orjson.dumps(value).decode(),
             "json_deserializer": orjson.loads,
             # A connection per database thread and one for the event loop's reads: a
-            # transaction never waits for a connection.
-            "pool_size": _THREADS + 1,
+            # transaction never waits for a connection (on SQLite each thread keeps a reader
+            # and a writer).
+            "pool_size": 2 * (_THREADS + 1),
         }
         if self.is_sqlite:
             # A pooled connection serves whichever database thread takes it next.
@@ -87,6 +92,10 @@ class Database:
             max_workers=_THREADS, thread_name_prefix="capsa-db"
         )
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        # SQLite: each thread's kept connections (see _kept_connection), and all of them, to close.
+        self._local = threading.local()
+        self._kept: list[Connection] = []
+        self._kept_lock = threading.Lock()
 
     async def initialize(self) -> None:
         """Creates the tables on a new database; refuses a database of another schema version."""
@@ -145,15 +154,37 @@ class Database:
 
     async def close(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self._threads.shutdown)
+        with self._kept_lock:
+            kept, self._kept = self._kept, []
+        for conn in kept:
+            conn.close()
         self.engine.dispose()
 
     def _transaction(self, work: Callable[[Connection], T], write: bool) -> T:
         """``work`` in one transaction, committed unless it raises."""
-        with self.engine.connect() as conn:
-            if write and self.is_sqlite:
-                conn.execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"})
-            with conn.begin():
+        if not self.is_sqlite:
+            with self.engine.connect() as conn, conn.begin():
                 return work(conn)
+        # A kept connection that the driver lost reconnects at its next use (SQLAlchemy's own).
+        conn = self._kept_connection(write)
+        with conn.begin():
+            return work(conn)
+
+    def _kept_connection(self, write: bool) -> Connection:
+        """This thread's connection for reads or for writes (whose transactions begin with
+        BEGIN IMMEDIATE), made at its first use."""
+        kept: dict[bool, Connection] | None = getattr(self._local, "connections", None)
+        if kept is None:
+            kept = self._local.connections = {}
+        conn = kept.get(write)
+        if conn is None:
+            conn = self.engine.connect()
+            if write:
+                conn.execution_options(**{_BEGIN_OPTION: "BEGIN IMMEDIATE"})
+            kept[write] = conn
+            with self._kept_lock:
+                self._kept.append(conn)
+        return conn
 
     def _write_transaction(self, work: Callable[[Connection], T]) -> tuple[T, list[notify.Wakeup]]:
         """On a database thread: ``work`` in one write transaction, with the wake-ups it named

@@ -4,7 +4,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, text, update
+from sqlalchemy.engine import Connection
 
 from capsa.store import Store, schema
 from capsa.store.db import SchemaVersionError
@@ -36,6 +37,44 @@ async def test_opening_twice_keeps_the_data(tmp_path: Path) -> None:
         assert len(await s.hosts.all()) == expected
         await s.hosts.register("h1", "http://a", 1, 1, ("runc",))
         await s.close()
+
+
+async def test_reads_see_every_write_committed_before_them(store: Store) -> None:
+    # SQLite transactions run on connections that their threads keep: none may hold on to an
+    # old snapshot between transactions.
+    value = schema.meta.c.value
+    key = schema.meta.c.key == "schema_version"
+
+    async def read(long: bool) -> str:
+        return await store.db.run_read(
+            lambda conn: conn.execute(select(value).where(key)).scalar_one(), long=long
+        )
+
+    for number in map(str, range(20)):
+        written = update(schema.meta).where(key).values(value=number)
+        await store.db.run_write(lambda conn, written=written: conn.execute(written))
+        assert (await read(long=False), await read(long=True)) == (number, number)
+
+
+async def test_a_connection_that_the_driver_lost_is_replaced(store: Store) -> None:
+    def lose(conn: Connection) -> None:
+        conn.invalidate()
+        raise RuntimeError("lost")
+
+    with pytest.raises(RuntimeError, match="lost"):
+        await store.db.run_read(lose)
+    assert await store.db.run_read(lambda conn: conn.execute(text("SELECT 1")).scalar()) == 1
+
+
+async def test_closing_closes_the_kept_connections(tmp_path: Path) -> None:
+    s = Store(f"sqlite:///{tmp_path / 'capsa.db'}")
+    await s.open()
+    await s.hosts.register("h1", "http://a", 1, 1, ("runc",))
+    await s.hosts.all()
+    kept = list(s.db._kept)
+    assert kept
+    await s.close()
+    assert all(conn.closed for conn in kept)
 
 
 async def test_wakeups_reach_only_their_topic_and_are_not_lost_before_waiting() -> None:
