@@ -7,7 +7,7 @@ import http.client
 import json
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 HEADERS = {
@@ -84,11 +84,12 @@ class ApiClient:
         status, raw = self.raw(method, path, body, headers)
         return status, json.loads(raw) if raw else None
 
-    def create_capsule(self, template: dict[str, Any]) -> dict[str, Any]:
-        status, body = self.json("POST", "/v1/capsules", {"template": template})
+    def create_capsule(self, template: dict[str, Any]) -> Seen:
+        """The new capsule, and the ETag that its show has until it changes."""
+        status, raw, reply = self.exchange("POST", "/v1/capsules", {"template": template})
         if status != 202:
-            raise ApiError(f"POST /v1/capsules answered {status}: {body}")
-        return dict(body)
+            raise ApiError(f"POST /v1/capsules answered {status}: {raw[:500]!r}")
+        return Seen(json.loads(raw), reply["ETag"])
 
     def capsule(self, ident: str) -> dict[str, Any] | None:
         status, body = self.json("GET", f"/v1/capsules/{ident}")
@@ -109,32 +110,44 @@ class ApiClient:
         if status not in (204, 404):
             raise ApiError(f"DELETE /v1/capsules/{ident} answered {status}: {body}")
 
-    def wait_until(self, ident: str, done: Any, timeout: float) -> float:
+    def wait_until(self, ident: str, done: Any, timeout: float, seen: Seen | None = None) -> float:
         """Follows the capsule until ``done(capsule or None)``; returns when it first was, as
-        time.perf_counter(). Each look after the first is held by the API until the capsule
-        changes (If-None-Match with the ETag last seen, and Prefer: wait), as ``capsa capsule
-        create --wait`` does. An Error status fails at once, with its reason."""
+        time.perf_counter(). Each look after the first (or every look, from what ``seen`` saw)
+        is held by the API until the capsule changes (If-None-Match with the ETag last seen,
+        and Prefer: wait), as ``capsa capsule create --wait`` does. An Error status fails at
+        once, with its reason."""
         deadline = time.perf_counter() + timeout
         path = f"/v1/capsules/{ident}"
         waiting: dict[str, str] = {}
         capsule: dict[str, Any] | None = None
+        if seen is not None:
+            capsule = seen.capsule
+            wait = min(_LONGEST_WAIT_S, math.ceil(timeout))
+            waiting = {"If-None-Match": seen.etag, "Prefer": f"wait={wait}"}
         while True:
             status, raw, reply = self.exchange("GET", path, headers=waiting)
-            seen = time.perf_counter()
+            answered = time.perf_counter()
             if status not in (200, 304, 404):
                 raise ApiError(f"GET {path} answered {status}: {raw[:500]!r}")
             if status != 304:
                 capsule = json.loads(raw) if status == 200 else None
             if done(capsule):
-                return seen
+                return answered
             if capsule is None:
                 raise ApiError(f"capsule {ident} is gone")
             if capsule.get("status") == "Error":
                 raise ApiError(f"capsule {ident} failed: {capsule.get('status_reason')}")
-            if seen > deadline:
+            if answered > deadline:
                 raise ApiError(f"capsule {ident} not done after {timeout:g}s: {capsule}")
-            wait = min(_LONGEST_WAIT_S, math.ceil(deadline - seen))
+            wait = min(_LONGEST_WAIT_S, math.ceil(deadline - answered))
             waiting = {"If-None-Match": reply["ETag"], "Prefer": f"wait={wait}"}
+
+
+class Seen(NamedTuple):
+    """A capsule as an answer gave it, with the ETag of its show."""
+
+    capsule: dict[str, Any]
+    etag: str
 
 
 def is_running(capsule: dict[str, Any] | None) -> bool:

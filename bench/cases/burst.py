@@ -99,7 +99,7 @@ def create_at_once(capsa: CapsaUp, size: int) -> tuple[float, list[str]]:
     def post(api: ApiClient) -> str:
         api.raw("GET", "/v1")  # connected before the burst
         release.wait()
-        return str(api.create_capsule(capsule_template(f"bench-burst-{token()}"))["uuid"])
+        return str(api.create_capsule(capsule_template(f"bench-burst-{token()}")).capsule["uuid"])
 
     try:
         with ThreadPoolExecutor(size) as pool:

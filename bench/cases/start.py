@@ -39,8 +39,9 @@ def run(session: Session) -> CaseResult:
         def capsa_round() -> dict[str, float]:
             created_wall = time.time()
             began = time.perf_counter()
-            capsule = api.create_capsule(capsule_template(f"bench-start-{token()}"))
-            running = api.wait_until(capsule["uuid"], is_running, _TIMEOUT)
+            created = api.create_capsule(capsule_template(f"bench-start-{token()}"))
+            capsule = created.capsule
+            running = api.wait_until(capsule["uuid"], is_running, _TIMEOUT, created)
             running_wall = time.time()
             deleting = time.perf_counter()
             delete_wall = time.time()
@@ -115,9 +116,10 @@ def run(session: Session) -> CaseResult:
 @contextlib.contextmanager
 def anchored(session: Session, paired: Paired, api: ApiClient) -> Iterator[None]:
     """One capsule and one reference pod that run while the case measures others."""
-    capsule = api.create_capsule(capsule_template(f"bench-anchor-{token()}"))["uuid"]
+    created = api.create_capsule(capsule_template(f"bench-anchor-{token()}"))
+    capsule = created.capsule["uuid"]
     try:
-        api.wait_until(capsule, is_running, _TIMEOUT)
+        api.wait_until(capsule, is_running, _TIMEOUT, created)
         pod = session.run(paired.reference.run())
         try:
             yield

@@ -45,7 +45,6 @@ from capsa.api.views import (
     CapsuleFormatter,
     encoded_list_response,
     encoded_response,
-    json_response,
 )
 from capsa.log import get_logger
 from capsa.model.capsule import (
@@ -104,22 +103,19 @@ async def create_capsule(request: web.Request) -> web.Response:
     await authorize_fields(store, context, spec)
     await _check_attachment(store, context.project_id, spec.annotations)
     capsule = new_capsule(capsule_uuid, spec, context)
-    await store_new(request, capsule, privileged=spec.privileged)
-    return json_response(
-        formatter(request).capsule(capsule),
-        status=202,
-        headers={"Location": f"{config.api_url}/v1/capsules/{capsule.uuid}"},
-    )
+    version = await store_new(request, capsule, privileged=spec.privileged)
+    return accepted(request, capsule, version)
 
 
-async def store_new(request: web.Request, capsule: Capsule, **log_fields: object) -> None:
+async def store_new(request: web.Request, capsule: Capsule, **log_fields: object) -> str:
     """Stores a new capsule (or single container) if its project's quota allows: Zun's 409 for
-    a name the project already uses, its 403 past a quota; nothing is stored then."""
+    a name the project already uses, its 403 past a quota; nothing is stored then. Returns the
+    version it was stored at."""
     context = request[CONTEXT]
     spec = capsule.spec
     kind = spec.kind
     try:
-        await request.app[STORE].capsules.create(capsule, request.app[QUOTA_DEFAULTS])
+        version = await request.app[STORE].capsules.create(capsule, request.app[QUOTA_DEFAULTS])
     except NameConflict:
         exists = CapsuleAlreadyExists if kind is CapsuleKind.CAPSULE else ContainerAlreadyExists
         raise exists(
@@ -136,6 +132,25 @@ async def store_new(request: web.Request, capsule: Capsule, **log_fields: object
         user=context.user_id,
         **log_fields,
     )
+    return version
+
+
+def accepted(request: web.Request, capsule: Capsule, version: str) -> web.Response:
+    """The 202 of a new capsule (or single container): the body its show gives, with the show's
+    ETag, so that a client can wait for the first change at once (If-None-Match) instead of
+    asking for what it was just told. Content-Location says whose representation the ETag is."""
+    kind = capsule.spec.kind
+    view = formatter(request)
+    if kind is CapsuleKind.CAPSULE:
+        body, collection = orjson.dumps(view.capsule(capsule)), "capsules"
+    else:
+        body, collection = orjson.dumps(view.single_container(capsule)), "containers"
+    url = f"{request.app[CONFIG].api_url}/v1/{collection}/{capsule.uuid}"
+    response = encoded_response(
+        body, status=202, headers={"Location": url, "Content-Location": url}
+    )
+    response.etag = _etag(view, kind, version)
+    return response
 
 
 async def _check_attachment(store: Store, project_id: str, annotations: dict[str, str]) -> None:

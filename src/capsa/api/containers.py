@@ -34,6 +34,7 @@ from capsa.api.agent_client import LogOptions
 from capsa.api.capsules import (
     DEFAULT_SORT_KEY,
     SORT_DIRS,
+    accepted,
     authorize_fields,
     find_capsule,
     formatter,
@@ -149,12 +150,8 @@ async def create_container(request: web.Request) -> web.Response:
     await authorize_fields(store, context, spec)
     capsule = new_capsule(container_uuid, spec, context)
     capsule.desired_state = DesiredState.RUNNING if run else DesiredState.STOPPED
-    await store_new(request, capsule, run=run)
-    return json_response(
-        formatter(request).single_container(capsule),
-        status=202,
-        headers={"Location": f"{config.api_url}/v1/containers/{capsule.uuid}"},
-    )
+    version = await store_new(request, capsule, run=run)
+    return accepted(request, capsule, version)
 
 
 async def _attachment(

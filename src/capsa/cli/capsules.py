@@ -30,7 +30,8 @@ _FAILED = frozenset({"Error", "Deleting"})
 
 
 def create(client: ApiClient, out: Output, template: Any, wait: bool, timeout: float) -> int:
-    capsule = client.post("/v1/capsules", {"template": template})
+    created = client.post("/v1/capsules", {"template": template})
+    capsule = created.resource
     if not wait:
         out.result(capsule, capsule_details(capsule))
         return ExitCode.OK
@@ -41,6 +42,7 @@ def create(client: ApiClient, out: Output, template: Any, wait: bool, timeout: f
         capsule["uuid"],
         timeout,
         until=lambda c: c is None or c["status"] in _STARTED | _FAILED,
+        seen=created,
     )
     if final is None:
         raise CliError(f"capsule {capsule['name']} was deleted while it was starting")
@@ -145,13 +147,20 @@ def _poll(
     uuid: str,
     timeout: float,
     until: Callable[[dict[str, Any] | None], bool],
+    seen: Observed | None = None,
 ) -> dict[str, Any] | None:
-    """Follows the capsule (None once it is gone), reporting changes, until ``until`` holds. The
-    API holds each look until the capsule changes (capsa.api.watch); an API that cannot answers
-    at once, and the next look comes after POLL_INTERVAL."""
+    """Follows the capsule (None once it is gone), reporting changes, until ``until`` holds,
+    from what ``seen`` saw if given. The API holds each look until the capsule changes
+    (capsa.api.watch); an API that cannot answers at once, and the next look comes after
+    POLL_INTERVAL."""
     deadline = time.monotonic() + timeout
     reported: dict[str, str] = {}
-    seen: Observed | None = None
+    if seen is not None:
+        _report_changes(out, seen.resource, reported)
+        if until(seen.resource):
+            return dict(seen.resource)
+        if seen.pause:
+            time.sleep(POLL_INTERVAL)
     while True:
         wait = math.ceil(max(deadline - time.monotonic(), 0))
         seen = client.observe(capsule_path(uuid), seen, wait)

@@ -86,8 +86,11 @@ class ApiClient:
         resource = None if response.status == 404 else self._expect(response, 200).json()
         return Observed(True, resource, response.etag, pause=response.etag is None)
 
-    def post(self, path: str, body: Any) -> Any:
-        return self._expect(self.request("POST", path, body=body), 202).json()
+    def post(self, path: str, body: Any) -> Observed:
+        """The resource that the POST made, as its answer gave it, with the ETag of its show when
+        the API gives one (a client can then wait for its first change at once)."""
+        response = self._expect(self.request("POST", path, body=body), 202)
+        return Observed(True, response.json(), response.etag, pause=response.etag is None)
 
     def delete(self, path: str) -> None:
         self._expect(self.request("DELETE", path), 204)

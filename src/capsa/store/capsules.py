@@ -220,9 +220,10 @@ class CapsuleStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def create(self, capsule: Capsule, quota_defaults: QuotaLimits = NO_LIMITS) -> Capsule:
+    async def create(self, capsule: Capsule, quota_defaults: QuotaLimits = NO_LIMITS) -> str:
         """Stores a new capsule and its containers if its project's quota allows (OverQuota
-        otherwise), in one transaction; the scheduler is woken to place it."""
+        otherwise), in one transaction; the scheduler is woken to place it. Returns the version
+        it was stored at (see :meth:`list_page_versions`)."""
         now = utcnow()
         capsule.created_at = capsule.updated_at = now
         for container in capsule.all_containers():
@@ -233,19 +234,20 @@ class CapsuleStore:
             containers=1, cpu_millis=capsule.spec.cpu_millis, memory_mb=capsule.spec.memory_mb
         )
 
-        def insert(conn: Connection) -> None:
+        def insert(conn: Connection) -> str:
             quotas.enforce(conn, capsule.project_id, request, quota_defaults)
             conn.execute(c_t.insert(), capsule_row)
             conn.execute(k_t.insert(), container_rows)
             notify.wake(conn, notify.SCHEDULER, subject=capsule.uuid)
+            # Read back as every other look reads it, so that the two agree to the character.
+            return _version(conn.execute(_VERSIONS_OF, {"uuids": [capsule.uuid]}).one())
 
         try:
-            await self._db.run_write(insert)
+            return await self._db.run_write(insert)
         except IntegrityError as exc:
             if "uq_capsules_project_name" in str(exc) or "capsules.name" in str(exc):
                 raise NameConflict(capsule.name) from exc
             raise
-        return capsule
 
     async def get(self, uuid: str) -> Capsule | None:
         params = {"ident": uuid}

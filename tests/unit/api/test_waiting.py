@@ -71,6 +71,38 @@ async def test_a_show_answers_304_while_its_etag_holds_and_200_once_anything_cha
     assert changed.headers["ETag"] != etag
 
 
+@pytest.mark.parametrize(
+    ("path", "query", "body"),
+    [
+        ("/v1/capsules", "", {"template": zun_template(name="fresh")}),
+        ("/v1/containers", "?run=true", {"image": "busybox"}),
+    ],
+)
+async def test_a_create_answers_with_its_show_s_etag_and_body(
+    client: Client, store: Store, path: str, query: str, body: dict[str, Any]
+) -> None:
+    # A client can wait for the first change with what the create told it, without a GET.
+    response = await client.post(path + query, json=body, headers=ADMIN)
+    assert response.status == 202, await response.text()
+    created = await response.json()
+    url = response.headers["Location"]
+    assert url.endswith(f"{path}/{created['uuid']}")
+    assert response.headers["Content-Location"] == url
+    etag = response.headers["ETag"]
+    show = f"{path}/{created['uuid']}"
+    shown = await client.get(show, headers=ADMIN)
+    assert (shown.headers["ETag"], await shown.json()) == (etag, created)
+
+    held = asyncio.create_task(client.get(show, headers=waiting(etag, 60)))
+    await asyncio.sleep(0.3)
+    assert not held.done(), "the create's ETag is not the show's"
+    assert await store.capsules.update_status(created["uuid"], status=Status.RUNNING)
+    async with asyncio.timeout(10):
+        changed = await held
+    assert changed.status == 200
+    assert changed.headers["ETag"] != etag
+
+
 async def test_the_etag_differs_with_what_the_request_makes_of_the_capsule(client: Client) -> None:
     created = await create(client, zun_template(name="shapes"), headers=api_headers(project="a"))
     path = f"/v1/capsules/{created['uuid']}"

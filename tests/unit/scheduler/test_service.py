@@ -60,7 +60,8 @@ async def test_the_running_scheduler_places_a_new_capsule_without_waiting_for_re
     scheduler = Scheduler(store, resync_interval=3600, host_timeout=60)
     await scheduler.start()
     try:
-        capsule = await store.capsules.create(make_capsule())
+        capsule = make_capsule()
+        await store.capsules.create(capsule)
         assert await agent.wait(2.0), "the host's agent was not woken"
         stored = await store.capsules.get(capsule.uuid)
         assert stored is not None and stored.host == "h1"
@@ -72,7 +73,8 @@ async def test_hosts_that_stopped_reporting_get_nothing(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     await asyncio.sleep(0.05)
 
     assert await Scheduler(store, 10, host_timeout=0.01).schedule_pending() == 0
@@ -85,8 +87,10 @@ async def test_a_pass_over_its_subjects_places_them_and_leaves_the_others_to_a_f
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
-    named = await store.capsules.create(make_capsule())
-    other = await store.capsules.create(make_capsule())
+    named = make_capsule()
+    await store.capsules.create(named)
+    other = make_capsule()
+    await store.capsules.create(other)
     scheduler = Scheduler(store, 10, 60)
 
     assert await scheduler.schedule_pending({named.uuid}) == 1
@@ -105,14 +109,17 @@ async def test_a_pass_over_subjects_sees_host_changes_since_the_last_pass(
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
     scheduler = Scheduler(store, 10, 60)
-    first = await store.capsules.create(make_capsule(cpu_millis=600))
+    first = make_capsule(cpu_millis=600)
+    await store.capsules.create(first)
     assert await scheduler.schedule_pending() == 1
     # Room given back and a new, roomier host: the kept view catches up with both.
     await store.hosts.register("h2", "http://h2", 4000, 4096, ("runc",))
-    second = await store.capsules.create(make_capsule(cpu_millis=600))
+    second = make_capsule(cpu_millis=600)
+    await store.capsules.create(second)
     assert await scheduler.schedule_pending({second.uuid}) == 1
     assert await store.capsules.remove(first.uuid)
-    third = await store.capsules.create(make_capsule(cpu_millis=1000))
+    third = make_capsule(cpu_millis=1000)
+    await store.capsules.create(third)
     assert await scheduler.schedule_pending({third.uuid}) == 1
 
     hosts = {h.name: h for h in await store.hosts.all()}
@@ -124,7 +131,8 @@ async def test_a_pass_over_subjects_leaves_a_capsule_without_room_to_a_full_pass
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
     scheduler = Scheduler(store, 10, 60)
-    big = await store.capsules.create(make_capsule(cpu_millis=2000))
+    big = make_capsule(cpu_millis=2000)
+    await store.capsules.create(big)
 
     assert await scheduler.schedule_pending({big.uuid}) == 0
     waiting = await store.capsules.get(big.uuid)
@@ -146,7 +154,9 @@ async def test_a_kept_view_never_places_on_a_host_that_stopped_reporting(
     later = utcnow() + timedelta(minutes=2)
     monkeypatch.setattr("capsa.scheduler.service.utcnow", lambda: later)
 
-    late = await store.capsules.create(make_capsule())
+    late = make_capsule()
+
+    await store.capsules.create(late)
     assert await scheduler.schedule_pending({late.uuid}) == 0
     waiting = await store.capsules.get(late.uuid)
     assert waiting is not None and waiting.host is None
@@ -166,16 +176,19 @@ async def test_a_lost_claim_makes_the_running_scheduler_read_the_hosts_again(
     elsewhere = Store(f"sqlite:///{tmp_path / 'capsa.db'}")
     await elsewhere.open()
     try:
-        first = await store.capsules.create(make_capsule(cpu_millis=600))
+        first = make_capsule(cpu_millis=600)
+        await store.capsules.create(first)
         h1 = store.hub.subscribe(notify.host_topic("h1"))
         assert await h1.wait(2.0), "the first capsule was not placed"
-        taken = await elsewhere.capsules.create(make_capsule(cpu_millis=600))
+        taken = make_capsule(cpu_millis=600)
+        await elsewhere.capsules.create(taken)
         assert await elsewhere.hosts.claim(taken.uuid, "h2", 600, 64)
         await elsewhere.hosts.register("h3", "http://h3", 1000, 4096, ("runc",))
         h3 = store.hub.subscribe(notify.host_topic("h3"))
 
         # The view says h2 is empty; its claim finds no room, and the pass after it reads h3.
-        late = await store.capsules.create(make_capsule(cpu_millis=600))
+        late = make_capsule(cpu_millis=600)
+        await store.capsules.create(late)
         assert await h3.wait(2.0), "the view was not read again after the lost claim"
     finally:
         await scheduler.stop()

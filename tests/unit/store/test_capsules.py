@@ -81,7 +81,8 @@ async def test_an_unknown_marker_is_refused(store: Store) -> None:
 async def test_delete_of_an_unplaced_capsule_is_immediate(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     await store.capsules.request_delete(capsule.uuid)
     assert await store.capsules.get(capsule.uuid) is None
 
@@ -90,7 +91,8 @@ async def test_delete_of_a_placed_capsule_asks_its_agent_and_wins_over_status_wr
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
     agent = store.hub.subscribe(notify.host_topic("h1"))
 
@@ -111,8 +113,10 @@ async def test_a_delete_by_name_or_uuid_marks_the_capsule_it_finds_in_the_projec
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
-    ours = await store.capsules.create(make_capsule(name="web"))
-    theirs = await store.capsules.create(make_capsule(name="web", project_id="p2"))
+    ours = make_capsule(name="web")
+    await store.capsules.create(ours)
+    theirs = make_capsule(name="web", project_id="p2")
+    await store.capsules.create(theirs)
     for capsule in (ours, theirs):
         assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
     agent = store.hub.subscribe(notify.host_topic("h1"))
@@ -136,7 +140,8 @@ async def test_a_capsule_deleted_before_its_claim_is_not_placed(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
 
     assert await store.capsules.find_and_request_delete(capsule.uuid, "p1") == (capsule.uuid, "p1")
 
@@ -149,7 +154,8 @@ async def test_a_capsule_deleted_before_its_claim_is_not_placed(
 async def test_a_status_write_carries_container_fields_in_its_transaction(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = await store.capsules.create(make_capsule(containers=2))
+    capsule = make_capsule(containers=2)
+    await store.capsules.create(capsule)
     first, second = capsule.containers
 
     assert await store.capsules.update_status(
@@ -180,7 +186,8 @@ async def test_remove_releases_the_claim_and_the_ports_in_one_go(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
-    capsule = await store.capsules.create(make_capsule(cpu_millis=300, memory_mb=200))
+    capsule = make_capsule(cpu_millis=300, memory_mb=200)
+    await store.capsules.create(capsule)
     assert await store.hosts.claim(capsule.uuid, "h1", 300, 200)
     [port] = await NetworkService(store, "10.0.0.0/29", 1500).allocate_ports(
         capsule.uuid, "p1", "h1"
@@ -213,7 +220,8 @@ async def test_concurrent_status_writes_all_land(
 async def test_a_container_is_found_with_its_capsule_within_its_project_only(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = await store.capsules.create(make_capsule(init_containers=1, containers=2))
+    capsule = make_capsule(init_containers=1, containers=2)
+    await store.capsules.create(capsule)
     await store.capsules.create(make_capsule(containers=2))
     wanted = capsule.containers[1]
 
@@ -230,8 +238,10 @@ async def test_a_container_is_found_with_its_capsule_within_its_project_only(
 async def test_a_capsules_version_changes_with_its_row_its_containers_and_its_ports(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = await store.capsules.create(make_capsule())
-    other = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
+    other = make_capsule()
+    await store.capsules.create(other)
     network = NetworkService(store, "10.0.0.0/29", 1500)
 
     async def versions() -> dict[str, str]:
@@ -264,7 +274,8 @@ async def test_a_capsules_version_changes_with_its_row_its_containers_and_its_po
 async def test_a_capsules_version_alone_is_found_as_find_finds_the_capsule(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = await store.capsules.create(make_capsule(name="web"))
+    capsule = make_capsule(name="web")
+    await store.capsules.create(capsule)
     await store.capsules.create(make_capsule(name="web", project_id="p2"))
     [(_, listed)] = await store.capsules.list_page_versions("p1", Page(limit=10))
 
@@ -287,7 +298,8 @@ async def test_create_names_its_capsule_and_remove_shows_the_freed_room_as_a_hos
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 1024, ("runc",))
     sub = store.hub.subscribe(notify.SCHEDULER)
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     assert sub.take_subjects() == {capsule.uuid}
     assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
     before_remove = utcnow()

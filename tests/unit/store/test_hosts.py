@@ -14,7 +14,8 @@ async def test_register_keeps_claims_across_restarts(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://a", 1000, 512, ("runc",))
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
 
     again = await store.hosts.register("h1", "http://b", 2000, 1024, ("runc", "crun"))
@@ -47,7 +48,8 @@ async def test_a_capsule_is_claimed_once_even_when_asked_twice(
 ) -> None:
     await store.hosts.register("h1", "http://a", 1000, 1000, ("runc",))
     await store.hosts.register("h2", "http://b", 1000, 1000, ("runc",))
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
 
     first, second = await asyncio.gather(
         store.hosts.claim(capsule.uuid, "h1", 100, 64),
@@ -63,7 +65,8 @@ async def test_a_deleted_capsule_cannot_be_claimed(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://a", 1000, 1000, ("runc",))
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     await store.capsules.request_delete(capsule.uuid)
 
     assert not await store.hosts.claim(capsule.uuid, "h1", 100, 64)
@@ -96,7 +99,8 @@ async def test_a_batch_of_claims_has_an_outcome_each_and_only_placed_ones_hold_r
 async def test_failed_placement_records_the_reason(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     assert await store.hosts.fail_placement(capsule.uuid, "no host has room")
     stored = await store.capsules.get(capsule.uuid)
     assert stored is not None

@@ -35,7 +35,8 @@ async def test_limits_are_the_projects_else_the_default_class_else_the_configure
 async def test_usage_counts_every_capsule_of_the_project_until_its_records_go(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    first = await store.capsules.create(make_capsule(cpu_millis=250, memory_mb=64, containers=2))
+    first = make_capsule(cpu_millis=250, memory_mb=64, containers=2)
+    await store.capsules.create(first)
     await store.capsules.create(make_capsule(cpu_millis=100, memory_mb=32))
     await store.capsules.create(make_capsule(project_id="p2"))
     assert await store.quotas.usage("p1") == QuotaUsage(containers=2, cpu_millis=600, memory_mb=160)
@@ -51,7 +52,8 @@ async def test_usage_counts_every_capsule_of_the_project_until_its_records_go(
 async def test_an_unplaced_capsule_gives_its_usage_back_at_delete(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = await store.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     await store.capsules.request_delete(capsule.uuid)
     assert await store.quotas.usage("p1") == QuotaUsage()
 

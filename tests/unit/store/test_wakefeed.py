@@ -41,7 +41,8 @@ async def test_a_change_in_one_process_wakes_the_others_reconcilers_with_its_sub
     agent = there.hub.subscribe(notify.host_topic("h1"))
 
     await here.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
-    capsule = await here.capsules.create(make_capsule())
+    capsule = make_capsule()
+    await here.capsules.create(capsule)
     assert await scheduler.wait(WAIT)
     assert await here.hosts.claim(capsule.uuid, "h1", 100, 64)
 
