@@ -22,7 +22,9 @@ async def test_waiting_capsules_are_spread_and_the_rest_get_a_reason(
 ) -> None:
     await store.hosts.register("h1", "http://h1", 1000, 4096, ("runc",))
     await store.hosts.register("h2", "http://h2", 1000, 4096, ("runc",))
-    capsules = [await store.capsules.create(make_capsule(cpu_millis=300)) for _ in range(7)]
+    capsules = [make_capsule(cpu_millis=300) for _ in range(7)]
+    for capsule in capsules:
+        await store.capsules.create(capsule)
 
     placed = await Scheduler(store, 10, 60).schedule_pending()
 

@@ -207,7 +207,9 @@ async def test_remove_releases_the_claim_and_the_ports_in_one_go(
 async def test_concurrent_status_writes_all_land(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsules = [await store.capsules.create(make_capsule()) for _ in range(10)]
+    capsules = [make_capsule() for _ in range(10)]
+    for capsule in capsules:
+        await store.capsules.create(capsule)
     results = await asyncio.gather(
         *(store.capsules.update_status(c.uuid, status=Status.RUNNING) for c in capsules)
     )

@@ -30,7 +30,9 @@ async def test_concurrent_claims_never_overcommit_a_host(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://a", 1000, 10_000, ("runc",))
-    capsules = [await store.capsules.create(make_capsule()) for _ in range(25)]
+    capsules = [make_capsule() for _ in range(25)]
+    for capsule in capsules:
+        await store.capsules.create(capsule)
 
     results = await asyncio.gather(*(store.hosts.claim(c.uuid, "h1", 100, 64) for c in capsules))
 
@@ -78,7 +80,9 @@ async def test_a_batch_of_claims_has_an_outcome_each_and_only_placed_ones_hold_r
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     await store.hosts.register("h1", "http://a", 250, 1000, ("runc",))
-    placed, gone, no_room = [await store.capsules.create(make_capsule()) for _ in range(3)]
+    placed, gone, no_room = [make_capsule() for _ in range(3)]
+    for capsule in (placed, gone, no_room):
+        await store.capsules.create(capsule)
     await store.capsules.request_delete(gone.uuid)
     woken = store.hub.subscribe(notify.host_topic("h1"))
 
