@@ -95,6 +95,10 @@ class Subscription:
         subjects, self._subjects = self._subjects, set()
         return subjects
 
+    def discard_pending(self) -> None:
+        """Forgets the wake-ups so far: the caller is about to look at everything they named."""
+        self._event.clear()
+
     async def wait(self, timeout: float) -> bool:
         """Waits for a wake-up or the timeout; True when woken. Wake-ups before the call count."""
         try:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -21,7 +22,7 @@ from capsa.network.agent import NetworkAgent
 from capsa.network.dataplane import Dataplane
 from capsa.network.enforcement import FirewallProgress
 from capsa.network.service import NetworkService
-from capsa.store import Store
+from capsa.store import Store, notify
 
 CapsuleFactory = Callable[..., Capsule]
 _NOTHING = HostNetworkView(ports=(), rules={}, members={}, remote_ports=())
@@ -316,5 +317,42 @@ async def test_an_add_waiting_for_its_ports_wakes_the_agent_for_a_pass(
         progress.want_pass()
         async with asyncio.timeout(10):
             await passes.wait()
+    finally:
+        await agent.stop()
+
+
+async def test_passes_share_streaming_wake_ups_and_the_first_after_a_quiet_spell_is_not_delayed(
+    store: Store, applied: Applied
+) -> None:
+    agent = NetworkAgent(store, "h1", "capsa_t", Dataplane(), resync_interval=3600)
+    await agent.start()
+    pass_seconds = 0.2
+    starts: list[float] = []
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def slow_sync() -> None:
+        starts.append(loop.time())
+        started.set()
+        await asyncio.sleep(pass_seconds)
+
+    agent.sync = slow_sync  # type: ignore[method-assign]
+    try:
+        # The start's pass was quick and long ago: a wake-up is served at once, not after the
+        # spacing that a 0.2 s pass would be followed by (0.4 s).
+        await asyncio.sleep(0.3)
+        woken = loop.time()
+        store.hub.publish(notify.NETWORK)
+        async with asyncio.timeout(10):
+            await started.wait()
+        assert starts[0] - woken < pass_seconds
+        # A stream of wake-ups for 1.2 s: without the spacing, six passes back to back.
+        streamed = loop.time()
+        while loop.time() - streamed < 1.2:
+            store.hub.publish(notify.NETWORK)
+            await asyncio.sleep(0.02)
+        assert 2 <= len(starts) <= 3, [round(t - woken, 2) for t in starts]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+        assert all(gap >= pass_seconds * (1 + agent_module.PASS_SPACING) * 0.9 for gap in gaps)
     finally:
         await agent.stop()
