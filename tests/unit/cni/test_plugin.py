@@ -281,34 +281,30 @@ def answer_head(length: int | None) -> bytes:
 RESULT = b'{"cniVersion":"1.0.0","interfaces":[{"name":"eth0"}]}'
 
 
+def add_answered_by(pieces: list[bytes], *, close_at_once: bool = False) -> tuple[int, bytes]:
+    """An ADD against a RawDaemon that answers ``pieces``."""
+    daemon = RawDaemon(pieces, close_at_once=close_at_once)
+    try:
+        return plugin.run(ADD_ENV, conf(daemon.address, timeout=3))
+    finally:
+        daemon.stop()
+
+
 def test_the_answer_is_taken_once_whole_without_waiting_for_the_close() -> None:
     # The daemon closes a connection turns of its event loop after answering: the plugin must
     # not wait for that. Here the close only comes after the plugin returned, so a plugin that
     # read to the close would time out with code 11.
     head = answer_head(len(RESULT))
-    daemon = RawDaemon([head[:9], head[9:] + RESULT[:10], RESULT[10:]])
-    try:
-        status, output = plugin.run(ADD_ENV, conf(daemon.address, timeout=3))
-    finally:
-        daemon.stop()
-    assert (status, output) == (0, RESULT)
+    assert add_answered_by([head[:9], head[9:] + RESULT[:10], RESULT[10:]]) == (0, RESULT)
 
 
 def test_an_answer_without_content_length_is_read_to_the_close() -> None:
-    daemon = RawDaemon([answer_head(None), RESULT], close_at_once=True)
-    try:
-        status, output = plugin.run(ADD_ENV, conf(daemon.address, timeout=3))
-    finally:
-        daemon.stop()
-    assert (status, output) == (0, RESULT)
+    assert add_answered_by([answer_head(None), RESULT], close_at_once=True) == (0, RESULT)
 
 
 def test_an_answer_cut_short_by_the_close_is_code_11() -> None:
-    daemon = RawDaemon([answer_head(len(RESULT)), RESULT[:10]], close_at_once=True)
-    try:
-        error = error_of(*plugin.run(ADD_ENV, conf(daemon.address, timeout=3)))
-    finally:
-        daemon.stop()
+    cut_short = [answer_head(len(RESULT)), RESULT[:10]]
+    error = error_of(*add_answered_by(cut_short, close_at_once=True))
     assert error["code"] == 11
     assert "in the middle of its answer" in error["msg"]
 
