@@ -141,16 +141,21 @@ def accepted(request: web.Request, capsule: Capsule, version: str) -> web.Respon
     asking for what it was just told. Content-Location says whose representation the ETag is."""
     kind = capsule.spec.kind
     view = formatter(request)
-    if kind is CapsuleKind.CAPSULE:
-        body, collection = orjson.dumps(view.capsule(capsule)), "capsules"
-    else:
-        body, collection = orjson.dumps(view.single_container(capsule)), "containers"
+    collection = "capsules" if kind is CapsuleKind.CAPSULE else "containers"
     url = f"{request.app[CONFIG].api_url}/v1/{collection}/{capsule.uuid}"
     response = encoded_response(
-        body, status=202, headers={"Location": url, "Content-Location": url}
+        _shown(view, kind, capsule), status=202, headers={"Location": url, "Content-Location": url}
     )
     response.etag = _etag(view, kind, version)
     return response
+
+
+def _shown(view: CapsuleFormatter, kind: CapsuleKind, capsule: Capsule) -> bytes:
+    """The encoded body of a show of ``capsule`` (a capsule's, or a single container's)."""
+    fields = (
+        view.capsule(capsule) if kind is CapsuleKind.CAPSULE else view.single_container(capsule)
+    )
+    return orjson.dumps(fields)
 
 
 async def _check_attachment(store: Store, project_id: str, annotations: dict[str, str]) -> None:
@@ -268,10 +273,7 @@ async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind
         capsule = await store.capsules.get(capsule_uuid)
         if capsule is None:
             raise _not_found(kind, ident)  # deleted since its version was read
-        fields = (
-            view.capsule(capsule) if kind is CapsuleKind.CAPSULE else view.single_container(capsule)
-        )
-        body = orjson.dumps(fields)
+        body = _shown(view, kind, capsule)
         bodies.put(shape, capsule_uuid, version, body)
     response = encoded_response(body)
     response.etag = etag
