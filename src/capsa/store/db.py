@@ -78,12 +78,13 @@ class Database:
             "json_serializer": lambda value: orjson.dumps(value).decode(),
             "json_deserializer": orjson.loads,
             # A connection per database thread and one for the event loop's reads: a
-            # transaction never waits for a connection (on SQLite each thread keeps a reader
-            # and a writer).
-            "pool_size": 2 * (_THREADS + 1),
+            # transaction never waits for a connection.
+            "pool_size": _THREADS + 1,
         }
         if self.is_sqlite:
-            # A pooled connection serves whichever database thread takes it next.
+            # Each thread keeps a reader and a writer (see _kept_connection); close() closes them
+            # all from its own thread.
+            kwargs["pool_size"] = 2 * (_THREADS + 1)
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
