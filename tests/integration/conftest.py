@@ -241,13 +241,15 @@ async def tear_down_host_runtime(runtime: HostRuntime) -> None:
         if runtime.containerd.process.is_running():
             await remove_all_sandboxes(cfg)
     finally:
-        await runtime.stop()
-        kill_what_the_pods_left(cfg)
-        remove_pod_networks_left(cfg)
-        remove_stale_shim_sockets(cfg)
-        unmount_under(cfg.state_dir)
-        remove_cgroup_parent(cfg.agent.cgroup_parent)
-        shutil.rmtree(cfg.state_dir, ignore_errors=True)
+        try:
+            await runtime.stop()
+        finally:
+            kill_what_the_pods_left(cfg)
+            remove_pod_networks_left(cfg)
+            remove_stale_shim_sockets(cfg)
+            unmount_under(cfg.state_dir)
+            remove_cgroup_parent(cfg.agent.cgroup_parent)
+            shutil.rmtree(cfg.state_dir, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -589,7 +591,6 @@ class CapsaInstance:
             # Adopts, through the pid files, a containerd or registry left by a killed instance.
             asyncio.run(tear_down_host_runtime(HostRuntime(cfg)))
         finally:
-            remove_cgroup_parent(self.env["CAPSA_AGENT_CGROUP_PARENT"])
             for link in bridges_for(self.cidr):
                 subprocess.run(["ip", "link", "del", link], check=False, timeout=10)
             table = firewall.table_name(str(self.state_dir))
