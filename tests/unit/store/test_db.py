@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.engine import Connection
 
-from capsa.store import Store, schema
+from capsa.store import Store, db, schema
 from capsa.store.db import SchemaVersionError
 from capsa.store.notify import ChangeHub
 
@@ -75,6 +78,92 @@ async def test_closing_closes_the_kept_connections(tmp_path: Path) -> None:
     assert kept
     await s.close()
     assert all(conn.closed for conn in kept)
+
+
+_VALUE = schema.meta.c.value
+_VERSION_KEY = schema.meta.c.key == "schema_version"
+
+
+def _set_version(value: str) -> Callable[[Connection], str]:
+    """A write that records the thread it ran on and sets the schema_version row to ``value``."""
+
+    def work(conn: Connection) -> str:
+        conn.execute(update(schema.meta).where(_VERSION_KEY).values(value=value))
+        return threading.current_thread().name
+
+    return work
+
+
+async def test_sqlite_writes_run_on_the_event_loop(store: Store) -> None:
+    ran_on = await store.db.run_write(_set_version("1"))
+    assert ran_on == threading.current_thread().name
+
+
+async def test_a_write_that_finds_the_lock_taken_by_another_process_waits_on_a_thread(
+    store: Store, tmp_path: Path
+) -> None:
+    await store.db.run_write(_set_version("1"))  # the loop's writer exists and is set up
+    other = sqlite3.connect(tmp_path / "capsa.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        write = asyncio.create_task(store.db.run_write(_set_version("2")))
+        # The loop goes on while the write waits for the lock.
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        assert not write.done()
+        other.execute("COMMIT")
+        ran_on = await asyncio.wait_for(write, 10)
+    finally:
+        other.close()
+    assert ran_on != threading.current_thread().name
+    assert ran_on.startswith("capsa-db")
+    read = await store.db.run_read(lambda conn: conn.execute(select(_VALUE).where(_VERSION_KEY)))
+    assert read.scalar_one() == "2"
+    # The next write, with the lock free, is back on the loop.
+    assert await store.db.run_write(_set_version("3")) == threading.current_thread().name
+
+
+async def test_the_log_is_checkpointed_on_a_thread_not_by_the_loops_writer(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "_CHECKPOINT_EVERY", 5)
+    checkpoints: list[str] = []
+    checkpoint_wal = store.db._checkpoint_wal
+
+    def recorded() -> None:
+        checkpoints.append(threading.current_thread().name)
+        checkpoint_wal()
+
+    monkeypatch.setattr(store.db, "_checkpoint_wal", recorded)
+    monkeypatch.setattr(store.db, "_writes_here", 0)  # opening the store wrote already
+    for number in range(4):
+        await store.db.run_write(_set_version(str(number)))
+    assert checkpoints == []
+    await store.db.run_write(_set_version("4"))
+    checkpoint = store.db._checkpoint
+    assert checkpoint is not None
+    await checkpoint
+    assert len(checkpoints) == 1 and checkpoints[0].startswith("capsa-db")
+    writer = db._sqlite_driver(store.db._kept_connection(write=True, here=True))
+    assert writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+    # A checkpoint copied the log into the database: a passive one now finds nothing left.
+    busy, frames, copied = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert (busy, frames - copied) == (0, 0)
+
+
+async def test_the_loops_writer_is_set_up_again_after_the_driver_lost_its_connection(
+    store: Store,
+) -> None:
+    def lose(conn: Connection) -> None:
+        conn.invalidate()
+        raise RuntimeError("lost")
+
+    await store.db.run_write(_set_version("1"))
+    with pytest.raises(RuntimeError, match="lost"):
+        await store.db.run_write(lose)
+    assert await store.db.run_write(_set_version("2")) == threading.current_thread().name
+    writer = db._sqlite_driver(store.db._kept_connection(write=True, here=True))
+    assert writer.execute("PRAGMA busy_timeout").fetchone() == (0,)
 
 
 async def test_wakeups_reach_only_their_topic_and_are_not_lost_before_waiting() -> None:
