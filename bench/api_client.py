@@ -7,6 +7,7 @@ import http.client
 import json
 import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -110,11 +111,12 @@ class ApiClient:
         if status not in (204, 404):
             raise ApiError(f"DELETE /v1/capsules/{ident} answered {status}: {body}")
 
-    def wait_until(self, ident: str, done: Any, timeout: float, seen: Seen | None = None) -> float:
-        """Follows the capsule until ``done(capsule or None)``; returns when it first was, as
+    def wait_until(self, ident: str, goal: Goal, timeout: float, seen: Seen | None = None) -> float:
+        """Follows the capsule until it reaches ``goal``; returns when it first did, as
         time.perf_counter(). Each look after the first (or every look, from what ``seen`` saw)
-        is held by the API until the capsule changes (If-None-Match with the ETag last seen,
-        and Prefer: wait), as ``capsa capsule create --wait`` does. An Error status fails at
+        is held by the API until the capsule changes into one of the goal's statuses or goes
+        (If-None-Match with the ETag last seen, Prefer: wait and until-status), so that the API
+        answers once rather than at every step of the capsule's start. An Error status fails at
         once, with its reason."""
         deadline = time.perf_counter() + timeout
         path = f"/v1/capsules/{ident}"
@@ -122,8 +124,7 @@ class ApiClient:
         capsule: dict[str, Any] | None = None
         if seen is not None:
             capsule = seen.capsule
-            wait = min(_LONGEST_WAIT_S, math.ceil(timeout))
-            waiting = {"If-None-Match": seen.etag, "Prefer": f"wait={wait}"}
+            waiting = _waiting(seen.etag, min(_LONGEST_WAIT_S, math.ceil(timeout)), goal)
         while True:
             status, raw, reply = self.exchange("GET", path, headers=waiting)
             answered = time.perf_counter()
@@ -131,7 +132,7 @@ class ApiClient:
                 raise ApiError(f"GET {path} answered {status}: {raw[:500]!r}")
             if status != 304:
                 capsule = json.loads(raw) if status == 200 else None
-            if done(capsule):
+            if goal.reached(capsule):
                 return answered
             if capsule is None:
                 raise ApiError(f"capsule {ident} is gone")
@@ -140,7 +141,19 @@ class ApiClient:
             if answered > deadline:
                 raise ApiError(f"capsule {ident} not done after {timeout:g}s: {capsule}")
             wait = min(_LONGEST_WAIT_S, math.ceil(deadline - answered))
-            waiting = {"If-None-Match": reply["ETag"], "Prefer": f"wait={wait}"}
+            waiting = _waiting(reply["ETag"], wait, goal)
+
+
+def _waiting(etag: str, seconds: int, goal: Goal) -> dict[str, str]:
+    return {"If-None-Match": etag, "Prefer": f"wait={seconds}, until-status={goal.statuses}"}
+
+
+class Goal(NamedTuple):
+    """What a client waits for a capsule to reach: ``reached(capsule, None once gone)``, and the
+    statuses (``A|B``) at which the API is to answer it; Error among them, to fail at once."""
+
+    reached: Callable[[dict[str, Any] | None], bool]
+    statuses: str
 
 
 class Seen(NamedTuple):
@@ -150,9 +163,13 @@ class Seen(NamedTuple):
     etag: str
 
 
-def is_running(capsule: dict[str, Any] | None) -> bool:
+def _is_running(capsule: dict[str, Any] | None) -> bool:
     return capsule is not None and capsule.get("status") == "Running"
 
 
-def is_gone(capsule: dict[str, Any] | None) -> bool:
+def _is_gone(capsule: dict[str, Any] | None) -> bool:
     return capsule is None
+
+
+RUNNING = Goal(_is_running, "Running|Error")
+GONE = Goal(_is_gone, "Error")

@@ -10,7 +10,7 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from bench.api_client import ApiClient, ApiError, is_gone
+from bench.api_client import GONE, ApiClient, ApiError
 from bench.cases.start import anchored, remove_reference_logs
 from bench.host import token
 from bench.instance import CapsaUp
@@ -50,7 +50,7 @@ def run(session: Session) -> CaseResult:
             for uuid in uuids:
                 api.delete_capsule(uuid)
             for uuid in uuids:
-                api.wait_until(uuid, is_gone, _TIMEOUT)
+                api.wait_until(uuid, GONE, _TIMEOUT)
             return {"burst": finished - began}
 
         def reference_round() -> dict[str, float]:

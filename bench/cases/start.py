@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench import phases, stats, tracing
-from bench.api_client import ApiClient, is_gone, is_running
+from bench.api_client import GONE, RUNNING, ApiClient
 from bench.host import token
 from bench.reference import capsule_template
 from bench.report import CaseResult, Target, compared
@@ -41,12 +41,12 @@ def run(session: Session) -> CaseResult:
             began = time.perf_counter()
             created = api.create_capsule(capsule_template(f"bench-start-{token()}"))
             capsule = created.capsule
-            running = api.wait_until(capsule["uuid"], is_running, _TIMEOUT, created)
+            running = api.wait_until(capsule["uuid"], RUNNING, _TIMEOUT, created)
             running_wall = time.time()
             deleting = time.perf_counter()
             delete_wall = time.time()
             api.delete_capsule(capsule["uuid"])
-            gone = api.wait_until(capsule["uuid"], is_gone, _TIMEOUT)
+            gone = api.wait_until(capsule["uuid"], GONE, _TIMEOUT)
             walls[capsule["uuid"]] = {
                 "POST sent": created_wall,
                 "Running seen": running_wall,
@@ -119,7 +119,7 @@ def anchored(session: Session, paired: Paired, api: ApiClient) -> Iterator[None]
     created = api.create_capsule(capsule_template(f"bench-anchor-{token()}"))
     capsule = created.capsule["uuid"]
     try:
-        api.wait_until(capsule, is_running, _TIMEOUT, created)
+        api.wait_until(capsule, RUNNING, _TIMEOUT, created)
         pod = session.run(paired.reference.run())
         try:
             yield
@@ -127,7 +127,7 @@ def anchored(session: Session, paired: Paired, api: ApiClient) -> Iterator[None]
             session.run(paired.reference.teardown(pod))
     finally:
         api.delete_capsule(capsule)
-        api.wait_until(capsule, is_gone, _TIMEOUT)
+        api.wait_until(capsule, GONE, _TIMEOUT)
         remove_reference_logs(paired)
 
 

@@ -37,7 +37,14 @@ from capsa.api.keys import (
     TEMPLATE_DEFAULTS,
 )
 from capsa.api.middleware import CONTEXT
-from capsa.api.params import boolean, one_of, positive_limit, preferred_wait, read_json
+from capsa.api.params import (
+    boolean,
+    one_of,
+    positive_limit,
+    preferred_statuses,
+    preferred_wait,
+    read_json,
+)
 from capsa.api.quotas import over_quota
 from capsa.api.schemas import TemplateError, parse_create_body
 from capsa.api.views import (
@@ -55,6 +62,7 @@ from capsa.model.capsule import (
     ContainerKind,
     ContainerSpec,
     PullPolicy,
+    Status,
 )
 from capsa.model.network import (
     MAX_CAPSULE_NETWORKS,
@@ -239,7 +247,8 @@ async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind
 
     The answer carries an ETag. A request whose ``If-None-Match`` names the current one gets 304
     Not Modified; with ``Prefer: wait=N`` too, it waits up to N seconds (api.max_wait at most)
-    for the capsule to change (see capsa.api.watch)."""
+    for the capsule to change, with ``until-status=A|B`` for a change into one of those statuses
+    (see capsa.api.watch). A wait that ends without one answers 304 only if nothing changed."""
     store = request.app[STORE]
     ident = request.match_info["ident"]
 
@@ -257,10 +266,16 @@ async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind
     etag = _etag(view, kind, version)
     if _seen(request, etag):
         wait = preferred_wait(request, request.app[CONFIG].api.max_wait)
-        if not (wait and await request.app[CAPSULE_WATCH].changed(capsule_uuid, version, wait)):
-            return _not_modified(etag, wait)
-        # Changed, or gone (404).
+        into = preferred_statuses(request) if wait else None
+        changed = wait > 0 and await request.app[CAPSULE_WATCH].changed(
+            capsule_uuid, version, wait, into
+        )
+        if not changed and into is None:
+            return _not_modified(etag, wait, into)
+        # Changed, or gone (404); or a wait for a status ended, after changes into others or none.
         capsule_uuid, version = await current()
+        if _etag(view, kind, version) == etag:
+            return _not_modified(etag, wait, into)
         etag = _etag(view, kind, version)
     # A single container's body is not its capsule's: a shape of its own. A capsule's is the
     # list's, so that a list and a show share their bodies.
@@ -293,11 +308,14 @@ def _seen(request: web.Request, etag: str) -> bool:
     return any(tag.value in (etag, ETAG_ANY) for tag in request.if_none_match or ())
 
 
-def _not_modified(etag: str, waited: float) -> web.Response:
+def _not_modified(etag: str, waited: float, into: frozenset[Status] | None) -> web.Response:
     response = web.Response(status=304)
     response.etag = etag
     if waited:
-        response.headers["Preference-Applied"] = f"wait={waited:g}"
+        applied = f"wait={waited:g}"
+        if into is not None:
+            applied += f", until-status={'|'.join(sorted(into))}"
+        response.headers["Preference-Applied"] = applied
     return response
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from capsa.api.errors import Invalid, InvalidValue, RequestBodyTooLarge
+from capsa.model.capsule import Status
 
 # oslo's strings for booleans, which Zun uses to read query parameters.
 _TRUE = frozenset({"1", "t", "true", "on", "y", "yes"})
@@ -79,10 +80,32 @@ def refuse_unknown(query: Mapping[str, str], allowed: frozenset[str]) -> None:
 def preferred_wait(request: web.Request, limit: float) -> float:
     """The seconds a request prefers to wait (RFC 7240's ``Prefer: wait=N``), at most ``limit``;
     0 without one. Like any preference, one that cannot be read is ignored."""
+    seconds = _preferences(request).get("wait", "")
+    if seconds.isascii() and seconds.isdigit():
+        return min(float(seconds), limit)
+    return 0.0
+
+
+def preferred_statuses(request: web.Request) -> frozenset[Status] | None:
+    """The statuses a waiting request wants to hear about (``Prefer: until-status=A|B``, capsa's
+    own preference): its wait ends at a change only when the capsule has one of them (or is
+    gone). None without one; like any preference, one naming an unknown status is ignored."""
+    value = _preferences(request).get("until-status", "").strip('"')
+    if not value:
+        return None
+    by_name = {status.value.lower(): status for status in Status}
+    wanted = [by_name.get(name.strip().lower()) for name in value.split("|")]
+    if None in wanted:
+        return None
+    return frozenset(status for status in wanted if status is not None)
+
+
+def _preferences(request: web.Request) -> dict[str, str]:
+    """The request's preferences (RFC 7240) by lower-case name, each with its value (the first
+    one given wins); their parameters are not read."""
+    found: dict[str, str] = {}
     for header in request.headers.getall("Prefer", ()):
         for preference in header.split(","):
             name, _, value = preference.partition(";")[0].partition("=")
-            seconds = value.strip()
-            if name.strip().lower() == "wait" and seconds.isascii() and seconds.isdigit():
-                return min(float(seconds), limit)
-    return 0.0
+            found.setdefault(name.strip().lower(), value.strip())
+    return found

@@ -5,20 +5,26 @@ create --wait``), would poll it: each poll costs the API a request, and the clie
 only at its next poll. Instead, it sends the ETag of what it last saw (``If-None-Match``) and how
 long it is willing to wait (``Prefer: wait=N``, RFC 7240); the API answers as soon as the capsule's
 version differs from that one (200, or 404 once it is gone), or 304 Not Modified when the wait
-ends.
+ends. A client that waits for its capsule to reach a status (Running, or Error) says so
+(``Prefer: until-status=Running|Error``), and its wait ends only at a change into one of those
+statuses, or at the capsule's deletion: one answer instead of one per step of the start, each a
+load and an encoding of the capsule for a client that would only ask again.
 
 Every waiting request of this process is held by one :class:`CapsuleWatch`. It reads the versions
 of all the awaited capsules in one query after each write transaction that this process commits
 (:data:`capsa.store.notify.COMMITTED`: the agent's status writes, the CNI daemon's port bindings)
 and every ``recheck_interval`` seconds for the writes of other processes (agents of other hosts on
-a shared database): one query per write, however many clients wait.
+a shared database): one query per write, however many clients wait, which reads each awaited
+capsule's status with its version.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 from capsa.log import get_logger
+from capsa.model.capsule import Status
 from capsa.store import notify
 from capsa.store.capsules import CapsuleStore
 
@@ -32,26 +38,31 @@ class CapsuleWatch:
         self._capsules = capsules
         self._hub = hub
         self._recheck = recheck_interval
-        # Per awaited capsule: the version each waiter saw, and what wakes the waiter.
-        self._waiting: dict[str, list[tuple[str, asyncio.Future[bool]]]] = {}
+        # Per awaited capsule: the version each waiter saw, the statuses it waits for (None: any
+        # change), and what wakes the waiter.
+        self._waiting: dict[str, list[_Waiter]] = {}
         self._subscription: notify.Subscription | None = None
         self._follower: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def changed(self, capsule_uuid: str, version: str, timeout: float) -> bool:
+    async def changed(
+        self,
+        capsule_uuid: str,
+        version: str,
+        timeout: float,
+        into: frozenset[Status] | None = None,
+    ) -> bool:
         """Whether the capsule's version stopped being ``version`` (or it went) within
-        ``timeout`` seconds; False too when the API stops meanwhile."""
+        ``timeout`` seconds, with a status among ``into`` if given; False too when the API stops
+        meanwhile."""
         if self._closed:
             return False
-        waiter: tuple[str, asyncio.Future[bool]] = (
-            version,
-            asyncio.get_running_loop().create_future(),
-        )
+        waiter = _Waiter(version, into, asyncio.get_running_loop().create_future())
         self._waiting.setdefault(capsule_uuid, []).append(waiter)
         self._follow()
         try:
             async with asyncio.timeout(timeout):
-                return await waiter[1]
+                return await waiter.woken
         except TimeoutError:
             return False
         finally:
@@ -64,9 +75,9 @@ class CapsuleWatch:
         """Answers every waiting request now ("not changed"), so that the API stops at once."""
         self._closed = True
         for waiters in self._waiting.values():
-            for _, future in waiters:
-                if not future.done():
-                    future.set_result(False)
+            for waiter in waiters:
+                if not waiter.woken.done():
+                    waiter.woken.set_result(False)
         if self._follower is not None:
             self._follower.cancel()
         if self._subscription is not None:
@@ -93,12 +104,26 @@ class CapsuleWatch:
 
     async def _look(self) -> None:
         try:
-            versions = await self._capsules.versions_of(list(self._waiting))
+            states = await self._capsules.states_of(list(self._waiting))
         except Exception as exc:  # the database may be away; the next look tries again
             log.warning("cannot read the versions of awaited capsules", reason=str(exc))
             return
         for capsule_uuid, waiters in list(self._waiting.items()):
-            current = versions.get(capsule_uuid)
-            for version, future in waiters:
-                if current != version and not future.done():
-                    future.set_result(True)
+            state = states.get(capsule_uuid)
+            for waiter in waiters:
+                if not waiter.woken.done() and waiter.wakes_at(state):
+                    waiter.woken.set_result(True)
+
+
+@dataclass(frozen=True, eq=False)
+class _Waiter:
+    version: str
+    into: frozenset[Status] | None
+    woken: asyncio.Future[bool]
+
+    def wakes_at(self, state: tuple[str, Status] | None) -> bool:
+        """Whether the capsule's current version and status (None: gone) answer this waiter."""
+        if state is None:
+            return True
+        version, status = state
+        return version != self.version and (self.into is None or status in self.into)

@@ -82,7 +82,10 @@ def _lookups(*columns: Any) -> dict[bool, tuple[Select[Any], Select[Any]]]:
 _FIND = _lookups(c_t)
 _FIND_IDS = _lookups(c_t.c.uuid, c_t.c.project_id)
 _FIND_VERSION = _lookups(c_t.c.uuid, *_VERSION_COLUMNS)
-_VERSIONS_OF: Select[Any] = select(c_t.c.uuid, *_VERSION_COLUMNS).where(
+_VERSION_OF: Select[Any] = select(c_t.c.uuid, *_VERSION_COLUMNS).where(
+    c_t.c.uuid == bindparam("uuid")
+)
+_STATES_OF: Select[Any] = select(c_t.c.uuid, *_VERSION_COLUMNS, c_t.c.status).where(
     c_t.c.uuid.in_(bindparam("uuids", expanding=True))
 )
 _CONTAINERS_OF = (
@@ -240,7 +243,7 @@ class CapsuleStore:
             conn.execute(k_t.insert(), container_rows)
             notify.wake(conn, notify.SCHEDULER, subject=capsule.uuid)
             # Read back as every other look reads it, so that the two agree to the character.
-            return _version(conn.execute(_VERSIONS_OF, {"uuids": [capsule.uuid]}).one())
+            return _version(conn.execute(_VERSION_OF, {"uuid": capsule.uuid}).one())
 
         try:
             return await self._db.run_write(insert)
@@ -333,12 +336,13 @@ class CapsuleStore:
 
         return await self._db.run_read(versions)
 
-    async def versions_of(self, uuids: list[str]) -> dict[str, str]:
-        """The versions (see :meth:`list_page_versions`) of the capsules of ``uuids`` that exist,
-        by uuid, in one query: what tells many waiting clients at once whose capsule changed."""
+    async def states_of(self, uuids: list[str]) -> dict[str, tuple[str, Status]]:
+        """The versions (see :meth:`list_page_versions`) and statuses of the capsules of
+        ``uuids`` that exist, by uuid, in one query: what tells many waiting clients at once
+        whose capsule changed, and into what."""
         params = {"uuids": uuids}
-        rows = await self._db.run_read(lambda conn: conn.execute(_VERSIONS_OF, params).all())
-        return {row[0]: _version(row) for row in rows}
+        rows = await self._db.run_read(lambda conn: conn.execute(_STATES_OF, params).all())
+        return {row[0]: (_version(row[:-1]), _STATUSES[row[-1]]) for row in rows}
 
     async def get_many(self, uuids: list[str]) -> dict[str, Capsule]:
         """The capsules of ``uuids`` that exist, by uuid."""
@@ -557,7 +561,7 @@ def _find_rows(
     return rows
 
 
-def _version(row: Row[Any]) -> str:
+def _version(row: Sequence[Any]) -> str:
     """A capsule's version from a row of its uuid and :data:`_VERSION_COLUMNS`."""
     return "|".join(map(str, row[1:]))
 

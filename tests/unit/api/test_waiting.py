@@ -12,9 +12,9 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from tests.unit.api.api_helpers import ADMIN, Client, api_headers, create, zun_template
 
-from capsa.api.params import preferred_wait
+from capsa.api.params import preferred_statuses, preferred_wait
 from capsa.api.watch import CapsuleWatch
-from capsa.model.capsule import Status
+from capsa.model.capsule import Status, TaskState
 from capsa.store import Store
 
 MakeClient = Callable[..., Awaitable[Client]]
@@ -142,6 +142,74 @@ async def test_a_waiting_show_answers_404_once_the_capsule_is_gone(
     assert (await response.json())["errors"][0]["code"] == "container.capsule-not-found"
 
 
+async def test_a_wait_until_a_status_answers_only_at_a_change_into_it(
+    make_client: MakeClient, store: Store
+) -> None:
+    client = await make_client(wait_recheck_interval=NO_RECHECK)
+    created = await create(client, zun_template(name="starting"))
+    path = f"/v1/capsules/{created['uuid']}"
+    etag = await etag_of(client, path)
+    prefer = {**waiting(etag, 60), "Prefer": "wait=60, until-status=Running|Error"}
+    request = asyncio.create_task(client.get(path, headers=prefer))
+    # Steps of the start change the capsule without bringing it to either status.
+    for task_state in (TaskState.NETWORK_ATTACHING, TaskState.CONTAINER_CREATING):
+        await asyncio.sleep(0.2)
+        assert await store.capsules.update_status(created["uuid"], task_state=task_state)
+        await asyncio.sleep(0.2)
+        assert not request.done(), f"answered at {task_state}"
+    assert await store.capsules.update_status(
+        created["uuid"], status=Status.RUNNING, task_state=None
+    )
+    async with asyncio.timeout(10):
+        response = await request
+    assert response.status == 200
+    assert (await response.json())["status"] == "Running"
+    assert response.headers["ETag"] != etag
+
+
+async def test_a_wait_until_a_status_answers_404_once_the_capsule_is_gone(
+    make_client: MakeClient, store: Store
+) -> None:
+    client = await make_client(wait_recheck_interval=NO_RECHECK)
+    created = await create(client, zun_template(name="leaving"))
+    path = f"/v1/capsules/{created['uuid']}"
+    prefer = {**waiting(await etag_of(client, path), 60), "Prefer": "wait=60, until-status=Error"}
+    request = asyncio.create_task(client.get(path, headers=prefer))
+    await asyncio.sleep(0.3)
+    assert await store.capsules.remove(created["uuid"])
+    async with asyncio.timeout(10):
+        response = await request
+    assert response.status == 404
+
+
+async def test_a_wait_until_a_status_that_ends_without_it_answers_what_changed_or_304(
+    make_client: MakeClient, store: Store
+) -> None:
+    client = await make_client(max_wait=1.0, wait_recheck_interval=NO_RECHECK)
+    created = await create(client, zun_template(name="slow"))
+    path = f"/v1/capsules/{created['uuid']}"
+    etag = await etag_of(client, path)
+    prefer = {**waiting(etag, 30), "Prefer": "wait=30, until-status=running"}
+
+    # Nothing changed: 304, and the preferences it honoured.
+    async with asyncio.timeout(10):
+        response = await client.get(path, headers=prefer)
+    assert response.status == 304
+    assert response.headers["Preference-Applied"] == "wait=1, until-status=Running"
+
+    # A change into another status: not answered at once, but a 304 would hide it at the end.
+    request = asyncio.create_task(client.get(path, headers=prefer))
+    await asyncio.sleep(0.2)
+    assert await store.capsules.update_status(created["uuid"], status=Status.STOPPED)
+    await asyncio.sleep(0.2)
+    assert not request.done(), "answered at a status it was not waiting for"
+    async with asyncio.timeout(10):
+        response = await request
+    assert response.status == 200
+    assert (await response.json())["status"] == "Stopped"
+    assert response.headers["ETag"] != etag
+
+
 async def test_a_write_of_another_process_is_seen_at_the_next_recheck(
     make_client: MakeClient, store: Store, tmp_path: Path
 ) -> None:
@@ -226,3 +294,23 @@ def test_the_preferred_wait_is_read_as_rfc_7240_says_and_bounded(
     headers = [("Prefer", value) for value in prefer]
     request: web.Request = make_mocked_request("GET", "/", headers=headers)
     assert preferred_wait(request, 30.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("prefer", "expected"),
+    [
+        (["wait=5, until-status=Running|Error"], {Status.RUNNING, Status.ERROR}),
+        (["wait=5", 'Until-Status = "running"'], {Status.RUNNING}),
+        (["until-status=Error, until-status=Running"], {Status.ERROR}),
+        (["until-status=Running|Started"], None),
+        (["until-status="], None),
+        (["wait=5"], None),
+        ([], None),
+    ],
+)
+def test_the_awaited_statuses_are_read_from_prefer_and_unknown_ones_ignore_it(
+    prefer: list[str], expected: set[Status] | None
+) -> None:
+    headers = [("Prefer", value) for value in prefer]
+    request: web.Request = make_mocked_request("GET", "/", headers=headers)
+    assert preferred_statuses(request) == expected
