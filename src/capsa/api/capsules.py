@@ -72,7 +72,7 @@ from capsa.model.network import (
 )
 from capsa.model.registry import RegistryDirectory
 from capsa.store import Store
-from capsa.store.capsules import SORT_KEYS, AmbiguousName, NameConflict
+from capsa.store.capsules import SORT_KEYS, AmbiguousName, CapsuleState, NameConflict
 from capsa.store.networks import Ambiguous, NotFound, RepeatedNetwork
 from capsa.store.paging import MarkerNotFound, Page
 from capsa.store.quotas import OverQuota
@@ -247,36 +247,40 @@ async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind
 
     The answer carries an ETag. A request whose ``If-None-Match`` names the current one gets 304
     Not Modified; with ``Prefer: wait=N`` too, it waits up to N seconds (api.max_wait at most)
-    for the capsule to change, with ``until-status=A|B`` for a change into one of those statuses
-    (see capsa.api.watch). A wait that ends without one answers 304 only if nothing changed."""
+    for the capsule to change (see capsa.api.watch). With ``until-status=A|B`` in ``Prefer``
+    as well, it is answered only once the capsule has one of those statuses (at a change from
+    the version it names, if it names the current one) or is gone, or when the wait ends: then
+    with 304 only if it names the current version."""
     store = request.app[STORE]
     ident = request.match_info["ident"]
 
-    async def current() -> tuple[str, str]:
+    async def current() -> tuple[str, CapsuleState]:
         return await _in_reach(
             request[CONTEXT],
             ident,
             scope,
             kind,
-            lambda project_id: store.capsules.find_version(ident, project_id, kind),
+            lambda project_id: store.capsules.find_state(ident, project_id, kind),
         )
 
-    capsule_uuid, version = await current()
+    capsule_uuid, state = await current()
     view = formatter(request)
-    etag = _etag(view, kind, version)
-    if _seen(request, etag):
-        wait = preferred_wait(request, request.app[CONFIG].api.max_wait)
-        into = preferred_statuses(request) if wait else None
-        changed = wait > 0 and await request.app[CAPSULE_WATCH].changed(
-            capsule_uuid, version, wait, into
-        )
-        if not changed and into is None:
+    etag = _etag(view, kind, state.version)
+    unchanged = _seen(request, etag)
+    wait = preferred_wait(request, request.app[CONFIG].api.max_wait)
+    into = preferred_statuses(request) if wait else None
+    if unchanged or (into is not None and state.status not in into):
+        if wait:
+            # A client that saw an older version than this one waits only for the statuses.
+            seen = state.version if unchanged else None
+            await request.app[CAPSULE_WATCH].changed(capsule_uuid, seen, wait, into)
+            # Changed, or gone (404), or the wait ended: whatever the capsule is now.
+            capsule_uuid, state = await current()
+            etag = _etag(view, kind, state.version)
+            unchanged = _seen(request, etag)
+        if unchanged:
             return _not_modified(etag, wait, into)
-        # Changed, or gone (404); or a wait for a status ended, after changes into others or none.
-        capsule_uuid, version = await current()
-        if _etag(view, kind, version) == etag:
-            return _not_modified(etag, wait, into)
-        etag = _etag(view, kind, version)
+    version = state.version
     # A single container's body is not its capsule's: a shape of its own. A capsule's is the
     # list's, so that a list and a show share their bodies.
     shape = view.shape if kind is CapsuleKind.CAPSULE else (view.shape, kind)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from capsa.log import get_logger
 from capsa.model.capsule import Status
 from capsa.store import notify
-from capsa.store.capsules import CapsuleStore
+from capsa.store.capsules import CapsuleState, CapsuleStore
 
 log = get_logger(__name__)
 
@@ -48,13 +48,13 @@ class CapsuleWatch:
     async def changed(
         self,
         capsule_uuid: str,
-        version: str,
+        version: str | None,
         timeout: float,
         into: frozenset[Status] | None = None,
     ) -> bool:
-        """Whether the capsule's version stopped being ``version`` (or it went) within
-        ``timeout`` seconds, with a status among ``into`` if given; False too when the API stops
-        meanwhile."""
+        """Whether the capsule's version stopped being ``version`` (None: any version will do)
+        within ``timeout`` seconds, with a status among ``into`` if given, or it went; False too
+        when the API stops meanwhile."""
         if self._closed:
             return False
         waiter = _Waiter(version, into, asyncio.get_running_loop().create_future())
@@ -117,13 +117,12 @@ class CapsuleWatch:
 
 @dataclass(frozen=True, eq=False)
 class _Waiter:
-    version: str
+    version: str | None
     into: frozenset[Status] | None
     woken: asyncio.Future[bool]
 
-    def wakes_at(self, state: tuple[str, Status] | None) -> bool:
-        """Whether the capsule's current version and status (None: gone) answer this waiter."""
+    def wakes_at(self, state: CapsuleState | None) -> bool:
+        """Whether the capsule's current state (None: gone) answers this waiter."""
         if state is None:
             return True
-        version, status = state
-        return version != self.version and (self.into is None or status in self.into)
+        return state.version != self.version and (self.into is None or state.status in self.into)

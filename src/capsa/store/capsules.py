@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Select, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection, Row
@@ -81,7 +81,7 @@ def _lookups(*columns: Any) -> dict[bool, tuple[Select[Any], Select[Any]]]:
 
 _FIND = _lookups(c_t)
 _FIND_IDS = _lookups(c_t.c.uuid, c_t.c.project_id)
-_FIND_VERSION = _lookups(c_t.c.uuid, *_VERSION_COLUMNS)
+_FIND_STATE = _lookups(c_t.c.uuid, *_VERSION_COLUMNS, c_t.c.status)
 _VERSION_OF: Select[Any] = select(c_t.c.uuid, *_VERSION_COLUMNS).where(
     c_t.c.uuid == bindparam("uuid")
 )
@@ -219,6 +219,14 @@ class Action:
     pending_signal: str | None = None
 
 
+class CapsuleState(NamedTuple):
+    """What a look at a capsule reads: its version (see
+    :meth:`CapsuleStore.list_page_versions`) and its status."""
+
+    version: str
+    status: Status
+
+
 class CapsuleStore:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -271,15 +279,16 @@ class CapsuleStore:
         )
         return capsules[0] if capsules else None
 
-    async def find_version(
+    async def find_state(
         self, ident: str, project_id: str | None, kind: CapsuleKind = CapsuleKind.CAPSULE
-    ) -> tuple[str, str] | None:
-        """The uuid and version (see :meth:`list_page_versions`) of the capsule :meth:`find`
-        would load, in one small query: what a poll needs to tell that nothing changed."""
+    ) -> tuple[str, CapsuleState] | None:
+        """The uuid, version (see :meth:`list_page_versions`) and status of the capsule
+        :meth:`find` would load, in one small query: what a poll needs to tell that nothing
+        changed."""
         params = {"ident": ident, "project": project_id, "kind": kind}
-        lookups = _FIND_VERSION[project_id is not None]
+        lookups = _FIND_STATE[project_id is not None]
         rows = await self._db.run_read(lambda conn: _find_rows(conn, lookups, params))
-        return (rows[0][0], _version(rows[0])) if rows else None
+        return (rows[0][0], _state(rows[0])) if rows else None
 
     async def find_container(
         self, container_uuid: str, project_id: str | None
@@ -336,13 +345,13 @@ class CapsuleStore:
 
         return await self._db.run_read(versions)
 
-    async def states_of(self, uuids: list[str]) -> dict[str, tuple[str, Status]]:
+    async def states_of(self, uuids: list[str]) -> dict[str, CapsuleState]:
         """The versions (see :meth:`list_page_versions`) and statuses of the capsules of
         ``uuids`` that exist, by uuid, in one query: what tells many waiting clients at once
         whose capsule changed, and into what."""
         params = {"uuids": uuids}
         rows = await self._db.run_read(lambda conn: conn.execute(_STATES_OF, params).all())
-        return {row[0]: (_version(row[:-1]), _STATUSES[row[-1]]) for row in rows}
+        return {row[0]: _state(row) for row in rows}
 
     async def get_many(self, uuids: list[str]) -> dict[str, Capsule]:
         """The capsules of ``uuids`` that exist, by uuid."""
@@ -564,6 +573,11 @@ def _find_rows(
 def _version(row: Sequence[Any]) -> str:
     """A capsule's version from a row of its uuid and :data:`_VERSION_COLUMNS`."""
     return "|".join(map(str, row[1:]))
+
+
+def _state(row: Row[Any]) -> CapsuleState:
+    """A capsule's state from a row of its uuid, :data:`_VERSION_COLUMNS` and status."""
+    return CapsuleState(_version(row[:-1]), _STATUSES[row[-1]])
 
 
 def ports_to_run(conn: Connection, host: str) -> list[tuple[str, PortSpec]]:

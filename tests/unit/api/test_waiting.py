@@ -167,6 +167,33 @@ async def test_a_wait_until_a_status_answers_only_at_a_change_into_it(
     assert response.headers["ETag"] != etag
 
 
+@pytest.mark.parametrize("sends_etag", [True, False])
+async def test_a_wait_until_a_status_holds_a_client_that_saw_an_older_version_or_none(
+    make_client: MakeClient, store: Store, sends_etag: bool
+) -> None:
+    client = await make_client(wait_recheck_interval=NO_RECHECK)
+    response = await client.post(
+        "/v1/capsules", json={"template": zun_template(name="behind")}, headers=ADMIN
+    )
+    assert response.status == 202, await response.text()
+    created = await response.json()
+    # The claim changes the capsule before the client's first look, as in every start.
+    assert await store.capsules.update_status(
+        created["uuid"], task_state=TaskState.NETWORK_ATTACHING
+    )
+    headers = {**ADMIN, "Prefer": "wait=60, until-status=Running|Error"}
+    if sends_etag:
+        headers["If-None-Match"] = response.headers["ETag"]
+    request = asyncio.create_task(client.get(f"/v1/capsules/{created['uuid']}", headers=headers))
+    await asyncio.sleep(0.3)
+    assert not request.done(), "answered before the capsule had either status"
+    assert await store.capsules.update_status(created["uuid"], status=Status.ERROR)
+    async with asyncio.timeout(10):
+        response = await request
+    assert response.status == 200
+    assert (await response.json())["status"] == "Error"
+
+
 async def test_a_wait_until_a_status_answers_404_once_the_capsule_is_gone(
     make_client: MakeClient, store: Store
 ) -> None:

@@ -9,7 +9,7 @@ from capsa.model.capsule import Capsule, CapsuleKind, DesiredState, Status, Task
 from capsa.model.clock import utcnow
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
-from capsa.store.capsules import AmbiguousName, NameConflict
+from capsa.store.capsules import AmbiguousName, CapsuleState, NameConflict
 from capsa.store.paging import MarkerNotFound, Page
 
 CapsuleFactory = Callable[..., Capsule]
@@ -273,26 +273,31 @@ async def test_a_capsules_version_changes_with_its_row_its_containers_and_its_po
     assert loaded[capsule.uuid].containers[0].exit_code == 3
 
 
-async def test_a_capsules_version_alone_is_found_as_find_finds_the_capsule(
+async def test_a_capsules_version_and_status_alone_are_found_as_find_finds_the_capsule(
     store: Store, make_capsule: CapsuleFactory
 ) -> None:
     capsule = make_capsule(name="web")
     await store.capsules.create(capsule)
     await store.capsules.create(make_capsule(name="web", project_id="p2"))
     [(_, listed)] = await store.capsules.list_page_versions("p1", Page(limit=10))
+    state = CapsuleState(listed, Status.CREATING)
 
-    assert await store.capsules.find_version(capsule.uuid, "p1") == (capsule.uuid, listed)
-    assert await store.capsules.find_version("web", "p1") == (capsule.uuid, listed)
-    assert await store.capsules.find_version(capsule.uuid, None) == (capsule.uuid, listed)
-    assert await store.capsules.find_version(capsule.uuid, "p2") is None
-    assert await store.capsules.find_version(capsule.uuid, "p1", CapsuleKind.CONTAINER) is None
-    assert await store.capsules.find_version("nothing", "p1") is None
+    assert await store.capsules.find_state(capsule.uuid, "p1") == (capsule.uuid, state)
+    assert await store.capsules.find_state("web", "p1") == (capsule.uuid, state)
+    assert await store.capsules.find_state(capsule.uuid, None) == (capsule.uuid, state)
+    assert await store.capsules.find_state(capsule.uuid, "p2") is None
+    assert await store.capsules.find_state(capsule.uuid, "p1", CapsuleKind.CONTAINER) is None
+    assert await store.capsules.find_state("nothing", "p1") is None
     with pytest.raises(AmbiguousName):
-        await store.capsules.find_version("web", None)
+        await store.capsules.find_state("web", None)
+    assert await store.capsules.states_of([capsule.uuid, "nothing"]) == {capsule.uuid: state}
 
     await store.capsules.update_container(capsule.containers[0].uuid, exit_code=1)
-    found = await store.capsules.find_version("web", "p1")
-    assert found is not None and found[1] != listed
+    found = await store.capsules.find_state("web", "p1")
+    assert found is not None and found[1].version != listed
+    assert await store.capsules.update_status(capsule.uuid, status=Status.RUNNING)
+    [now] = (await store.capsules.states_of([capsule.uuid])).values()
+    assert now.status is Status.RUNNING and now.version != found[1].version
 
 
 async def test_create_names_its_capsule_and_remove_shows_the_freed_room_as_a_host_change(
