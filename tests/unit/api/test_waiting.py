@@ -33,6 +33,13 @@ def waiting(etag: str, seconds: int, headers: dict[str, str] = ADMIN) -> dict[st
     return {**headers, "If-None-Match": etag, "Prefer": f"wait={seconds}"}
 
 
+async def tagged(client: Client, name: str) -> tuple[str, str, str]:
+    """A new capsule's uuid, path and ETag."""
+    created = await create(client, zun_template(name=name))
+    path = f"/v1/capsules/{created['uuid']}"
+    return created["uuid"], path, await etag_of(client, path)
+
+
 async def waited_on(client: Client, name: str) -> tuple[str, str, asyncio.Task[Any]]:
     """A new capsule, its ETag, and a GET of it that waits for a change, once the API holds it
     (a held request has not answered yet)."""
@@ -146,20 +153,16 @@ async def test_a_wait_until_a_status_answers_only_at_a_change_into_it(
     make_client: MakeClient, store: Store
 ) -> None:
     client = await make_client(wait_recheck_interval=NO_RECHECK)
-    created = await create(client, zun_template(name="starting"))
-    path = f"/v1/capsules/{created['uuid']}"
-    etag = await etag_of(client, path)
+    uuid, path, etag = await tagged(client, "starting")
     prefer = {**waiting(etag, 60), "Prefer": "wait=60, until-status=Running|Error"}
     request = asyncio.create_task(client.get(path, headers=prefer))
     # Steps of the start change the capsule without bringing it to either status.
     for task_state in (TaskState.NETWORK_ATTACHING, TaskState.CONTAINER_CREATING):
         await asyncio.sleep(0.2)
-        assert await store.capsules.update_status(created["uuid"], task_state=task_state)
+        assert await store.capsules.update_status(uuid, task_state=task_state)
         await asyncio.sleep(0.2)
         assert not request.done(), f"answered at {task_state}"
-    assert await store.capsules.update_status(
-        created["uuid"], status=Status.RUNNING, task_state=None
-    )
+    assert await store.capsules.update_status(uuid, status=Status.RUNNING, task_state=None)
     async with asyncio.timeout(10):
         response = await request
     assert response.status == 200
@@ -198,12 +201,11 @@ async def test_a_wait_until_a_status_answers_404_once_the_capsule_is_gone(
     make_client: MakeClient, store: Store
 ) -> None:
     client = await make_client(wait_recheck_interval=NO_RECHECK)
-    created = await create(client, zun_template(name="leaving"))
-    path = f"/v1/capsules/{created['uuid']}"
-    prefer = {**waiting(await etag_of(client, path), 60), "Prefer": "wait=60, until-status=Error"}
+    uuid, path, etag = await tagged(client, "leaving")
+    prefer = {**waiting(etag, 60), "Prefer": "wait=60, until-status=Error"}
     request = asyncio.create_task(client.get(path, headers=prefer))
     await asyncio.sleep(0.3)
-    assert await store.capsules.remove(created["uuid"])
+    assert await store.capsules.remove(uuid)
     async with asyncio.timeout(10):
         response = await request
     assert response.status == 404
@@ -213,9 +215,7 @@ async def test_a_wait_until_a_status_that_ends_without_it_answers_what_changed_o
     make_client: MakeClient, store: Store
 ) -> None:
     client = await make_client(max_wait=1.0, wait_recheck_interval=NO_RECHECK)
-    created = await create(client, zun_template(name="slow"))
-    path = f"/v1/capsules/{created['uuid']}"
-    etag = await etag_of(client, path)
+    uuid, path, etag = await tagged(client, "slow")
     prefer = {**waiting(etag, 30), "Prefer": "wait=30, until-status=running"}
 
     # Nothing changed: 304, and the preferences it honoured.
@@ -227,7 +227,7 @@ async def test_a_wait_until_a_status_that_ends_without_it_answers_what_changed_o
     # A change into another status: not answered at once, but a 304 would hide it at the end.
     request = asyncio.create_task(client.get(path, headers=prefer))
     await asyncio.sleep(0.2)
-    assert await store.capsules.update_status(created["uuid"], status=Status.STOPPED)
+    assert await store.capsules.update_status(uuid, status=Status.STOPPED)
     await asyncio.sleep(0.2)
     assert not request.done(), "answered at a status it was not waiting for"
     async with asyncio.timeout(10):
