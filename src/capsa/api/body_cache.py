@@ -5,7 +5,7 @@ dicts to JSON) than to read each capsule's version (:meth:`CapsuleStore.list_pag
 client that polls a list (Virtual Kubelet lists every capsule of its node) mostly sees capsules that
 have not changed. So a list reads the versions, encodes only the capsules it has no body of for that
 version, and joins the encoded bodies. A show (a client polling one capsule or container until it
-runs) reads the one capsule's version alike (:meth:`CapsuleStore.find_version`). A body is kept per
+runs) reads the one capsule's version alike (:meth:`CapsuleStore.find_state`). A body is kept per
 capsule and *shape* (what the caller's microversion, base URL and policy make of a capsule, and
 whether it is shown as a capsule or as Zun's container), the least recently used going first beyond
 ``max_bodies``.

@@ -15,6 +15,8 @@ from capsa.model.capsule import Status
 _TRUE = frozenset({"1", "t", "true", "on", "y", "yes"})
 _FALSE = frozenset({"0", "f", "false", "off", "n", "no"})
 _BOOLEAN_VALUES = ", ".join(sorted(_TRUE) + sorted(_FALSE))
+# Status names as a waiting request may write them (Prefer: until-status), in any case.
+_STATUS_BY_NAME = {status.value.lower(): status for status in Status}
 
 
 async def read_json(request: web.Request, max_bytes: int) -> Any:
@@ -93,8 +95,7 @@ def preferred_statuses(request: web.Request) -> frozenset[Status] | None:
     value = _preferences(request).get("until-status", "").strip('"')
     if not value:
         return None
-    by_name = {status.value.lower(): status for status in Status}
-    wanted = [by_name.get(name.strip().lower()) for name in value.split("|")]
+    wanted = [_STATUS_BY_NAME.get(name.strip().lower()) for name in value.split("|")]
     if None in wanted:
         return None
     return frozenset(status for status in wanted if status is not None)

@@ -82,9 +82,6 @@ def _lookups(*columns: Any) -> dict[bool, tuple[Select[Any], Select[Any]]]:
 _FIND = _lookups(c_t)
 _FIND_IDS = _lookups(c_t.c.uuid, c_t.c.project_id)
 _FIND_STATE = _lookups(c_t.c.uuid, *_VERSION_COLUMNS, c_t.c.status)
-_VERSION_OF: Select[Any] = select(c_t.c.uuid, *_VERSION_COLUMNS).where(
-    c_t.c.uuid == bindparam("uuid")
-)
 _STATES_OF: Select[Any] = select(c_t.c.uuid, *_VERSION_COLUMNS, c_t.c.status).where(
     c_t.c.uuid.in_(bindparam("uuids", expanding=True))
 )
@@ -251,7 +248,7 @@ class CapsuleStore:
             conn.execute(k_t.insert(), container_rows)
             notify.wake(conn, notify.SCHEDULER, subject=capsule.uuid)
             # Read back as every other look reads it, so that the two agree to the character.
-            return _version(conn.execute(_VERSION_OF, {"uuid": capsule.uuid}).one())
+            return _state(conn.execute(_STATES_OF, {"uuids": [capsule.uuid]}).one()).version
 
         try:
             return await self._db.run_write(insert)
