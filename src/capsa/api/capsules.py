@@ -263,6 +263,8 @@ async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind
             lambda project_id: store.capsules.find_state(ident, project_id, kind),
         )
 
+    watch = request.app[CAPSULE_WATCH]
+    mark = watch.mark()
     capsule_uuid, state = await current()
     view = formatter(request)
     etag = _etag(view, kind, state.version)
@@ -273,9 +275,11 @@ async def show_cached(request: web.Request, scope: str | None, kind: CapsuleKind
         if wait:
             # A client that saw an older version than this one waits only for the statuses.
             seen = state.version if unchanged else None
-            await request.app[CAPSULE_WATCH].changed(capsule_uuid, seen, wait, into)
-            # Changed, or gone (404), or the wait ended: whatever the capsule is now.
-            capsule_uuid, state = await current()
+            changed = await watch.changed(capsule_uuid, seen, wait, into, since=mark)
+            if changed is None:
+                # Gone (404), or the wait ended: whatever the capsule is now.
+                capsule_uuid, changed = await current()
+            state = changed
             etag = _etag(view, kind, state.version)
             unchanged = _seen(request, etag)
         if unchanged:

@@ -439,6 +439,8 @@ class CapsuleStore:
             if row.status not in action.allowed:
                 raise WrongState(_STATUSES[row.status])
             conn.execute(update(c_t).where(c_t.c.uuid == uuid).values(**values))
+            if "status" in values:
+                notify.wake(conn, notify.CAPSULE_STATUS, subject=uuid)
             if row.host is not None:
                 notify.wake(conn, notify.host_topic(row.host), subject=uuid)
 
@@ -495,7 +497,13 @@ class CapsuleStore:
         def update(conn: Connection) -> bool:
             for fields in container_params:
                 conn.execute(_SET_CONTAINER, fields)
-            return not values or bool(conn.execute(_SET_CAPSULE, params).rowcount)
+            if not values:
+                return True
+            if not conn.execute(_SET_CAPSULE, params).rowcount:
+                return False
+            if "status" in values:
+                notify.wake(conn, notify.CAPSULE_STATUS, subject=uuid)
+            return True
 
         return await self._db.run_write(update)
 
@@ -522,6 +530,7 @@ class CapsuleStore:
             # Its ports are gone. No scheduler wake-up: no capsule waits for room (one that
             # finds none fails at once), and the next pass sees the room.
             notify.wake(conn, notify.NETWORK)
+            notify.wake(conn, notify.CAPSULE_STATUS, subject=uuid)
             return True
 
         return await self._db.run_write(remove)
@@ -534,6 +543,8 @@ def _request_delete(conn: Connection, uuid: str, now: datetime) -> None:
     row = conn.execute(_MARK_DELETED, {"where_uuid": uuid, "now": now}).first()
     if row is None:
         return
+    # Deleting now, or gone.
+    notify.wake(conn, notify.CAPSULE_STATUS, subject=uuid)
     if row.host is None:
         conn.execute(_DELETE, {"uuid": uuid})
     else:

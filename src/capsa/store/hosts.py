@@ -203,7 +203,14 @@ class HostStore:
             )
             .values(status=Status.ERROR, status_reason=reason, task_state=None, updated_at=utcnow())
         )
-        return await self._db.run_write(lambda conn: bool(conn.execute(statement).rowcount))
+
+        def fail(conn: Connection) -> bool:
+            if not conn.execute(statement).rowcount:
+                return False
+            notify.wake(conn, notify.CAPSULE_STATUS, subject=capsule_uuid)
+            return True
+
+        return await self._db.run_write(fail)
 
 
 def _host(row: Row[Any]) -> Host:

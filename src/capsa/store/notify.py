@@ -38,6 +38,12 @@ def host_topic(host: str) -> str:
 COMMITTED = "committed"
 
 
+# A capsule's status changed, or the capsule went (subject: its uuid). For what waits for a
+# capsule to reach a status, such as a client waiting for it to run, which then reads only it:
+# most writes of a capsule's start (its ports, its steps) leave its status as it was.
+CAPSULE_STATUS = "capsule-status"
+
+
 # Where a write transaction keeps the wake-ups it names until it ends (its connection's info).
 _PENDING = "capsa_wakeups"
 
@@ -72,27 +78,30 @@ def collected(conn: Connection) -> list[Wakeup]:
 
 
 class Subscription:
-    def __init__(self, hub: ChangeHub, topic: str) -> None:
+    def __init__(self, hub: ChangeHub, topics: tuple[str, ...]) -> None:
         self._hub = hub
-        self.topic = topic
+        self.topics = topics
         self._event = asyncio.Event()
-        self._subjects: set[str] | None = set()
+        self._subjects: dict[str, set[str] | None] = {topic: set() for topic in topics}
 
-    def _wake(self, subject: str | None) -> None:
+    def _wake(self, topic: str, subject: str | None) -> None:
+        subjects = self._subjects[topic]
         if subject is None:
-            self._subjects = None
-        elif self._subjects is not None:
-            self._subjects.add(subject)
+            self._subjects[topic] = None
+        elif subjects is not None:
+            subjects.add(subject)
         self._event.set()
 
     def nudge(self) -> None:
-        """Wakes the subscriber as a wake-up naming nothing would."""
-        self._wake(None)
+        """Wakes the subscriber without naming anything: the caller knows what to look at."""
+        self._event.set()
 
-    def take_subjects(self) -> set[str] | None:
-        """What the wake-ups since the last call named; None when one of them named nothing,
-        so that only a look at everything is enough."""
-        subjects, self._subjects = self._subjects, set()
+    def take_subjects(self, topic: str | None = None) -> set[str] | None:
+        """What the wake-ups of ``topic`` (the subscription's only topic if None) named since
+        the last call; None when one of them named nothing, so that only a look at everything
+        is enough."""
+        topic = self.topics[0] if topic is None else topic
+        subjects, self._subjects[topic] = self._subjects[topic], set()
         return subjects
 
     def discard_pending(self) -> None:
@@ -119,24 +128,30 @@ class Subscription:
 class ChangeHub:
     def __init__(self) -> None:
         self._subscriptions: dict[str, set[Subscription]] = {}
+        # How many wake-ups were published so far: a reader notes it before it reads, and
+        # knows afterwards whether anything may have changed meanwhile.
+        self.published = 0
 
-    def subscribe(self, topic: str) -> Subscription:
-        sub = Subscription(self, topic)
-        self._subscriptions.setdefault(topic, set()).add(sub)
+    def subscribe(self, *topics: str) -> Subscription:
+        sub = Subscription(self, topics)
+        for topic in topics:
+            self._subscriptions.setdefault(topic, set()).add(sub)
         return sub
 
     def publish(self, *topics: str, subject: str | None = None) -> None:
+        self.published += 1
         for topic in topics:
             for sub in self._subscriptions.get(topic, ()):
-                sub._wake(subject)
+                sub._wake(topic, subject)
 
     def publish_all(self, wakeups: list[Wakeup]) -> None:
         for wakeup in wakeups:
             self.publish(wakeup.topic, subject=wakeup.subject)
 
     def _unsubscribe(self, sub: Subscription) -> None:
-        subs = self._subscriptions.get(sub.topic)
-        if subs is not None:
-            subs.discard(sub)
-            if not subs:
-                del self._subscriptions[sub.topic]
+        for topic in sub.topics:
+            subs = self._subscriptions.get(topic)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._subscriptions[topic]

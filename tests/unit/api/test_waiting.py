@@ -16,6 +16,7 @@ from capsa.api.params import preferred_statuses, preferred_wait
 from capsa.api.watch import CapsuleWatch
 from capsa.model.capsule import Status, TaskState
 from capsa.store import Store
+from capsa.store.capsules import CapsuleState
 
 MakeClient = Callable[..., Awaitable[Client]]
 # Long enough that only a wake-up, not a recheck, can answer within a test.
@@ -290,15 +291,101 @@ async def test_a_closed_watch_releases_its_waiters_unchanged(store: Store) -> No
     watch = CapsuleWatch(store.capsules, store.hub, NO_RECHECK)
     waiter = asyncio.create_task(watch.changed("no-such-capsule", "a version", 60))
     await asyncio.sleep(0)
-    # A capsule that does not exist has changed from any version it was seen at.
+    # A capsule that does not exist went: the caller reads it again, at once.
     async with asyncio.timeout(10):
-        assert await waiter is True
+        assert await waiter is None
 
     waiter = asyncio.create_task(watch.changed("no-such-capsule", "a version", 60))
     watch.close()
     async with asyncio.timeout(10):
-        assert await waiter is False
-    assert await watch.changed("no-such-capsule", "a version", 60) is False
+        assert await waiter is None
+    assert await watch.changed("no-such-capsule", "a version", 60) is None
+
+
+class CountedLooks:
+    """The capsules of each look of a watch at the store."""
+
+    def __init__(self, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.looks: list[list[str]] = []
+        states_of = store.capsules.states_of
+
+        async def counted(uuids: list[str]) -> dict[str, CapsuleState]:
+            self.looks.append(sorted(uuids))
+            return await states_of(uuids)
+
+        monkeypatch.setattr(store.capsules, "states_of", counted)
+
+    def take(self) -> list[list[str]]:
+        looks, self.looks = self.looks, []
+        return looks
+
+
+async def state_of(store: Store, uuid: str) -> CapsuleState:
+    found = await store.capsules.find_state(uuid, None)
+    assert found is not None
+    return found[1]
+
+
+async def test_a_wait_for_a_status_is_looked_at_only_after_its_capsule_s_status_changes(
+    client: Client, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writes of a start that leave the status (the steps, the container's records) cost
+    that waiter no look; a waiter for any change is looked at after every write."""
+    watch = CapsuleWatch(store.capsules, store.hub, NO_RECHECK)
+    looks = CountedLooks(store, monkeypatch)
+    starting, _, _ = await tagged(client, "starting")
+    other, _, _ = await tagged(client, "other")
+    mark = watch.mark()
+    seen = await state_of(store, starting)
+    for_running = asyncio.create_task(
+        watch.changed(starting, seen.version, 60, frozenset({Status.RUNNING}), since=mark)
+    )
+    await asyncio.sleep(0.05)
+    # Nothing was written since the mark: nothing to look at.
+    assert looks.take() == []
+
+    capsule = await store.capsules.get(starting)
+    assert capsule is not None
+    assert await store.capsules.update_status(starting, task_state=TaskState.CONTAINER_CREATING)
+    await store.capsules.update_container(capsule.containers[0].uuid, cri_container_id="c1")
+    assert await store.capsules.update_status(other, status=Status.ERROR)
+    await asyncio.sleep(0.05)
+    assert looks.take() == []
+    assert not for_running.done()
+
+    other_seen = await state_of(store, other)
+    for_anything = asyncio.create_task(watch.changed(other, other_seen.version, 60))
+    await asyncio.sleep(0.05)
+    assert looks.take() == [[other]]  # no mark: read once more
+    assert not for_anything.done()
+    assert await store.capsules.update_status(other, status_reason="a new reason")
+    async with asyncio.timeout(10):
+        changed = await for_anything
+    assert changed == await state_of(store, other)
+    assert looks.take() == [[other]]
+
+    assert await store.capsules.update_status(starting, status=Status.RUNNING, task_state=None)
+    async with asyncio.timeout(10):
+        running = await for_running
+    assert running is not None and running.status is Status.RUNNING
+    assert running == await state_of(store, starting)
+    assert looks.take() == [[starting]]
+    watch.close()
+
+
+async def test_a_write_between_the_mark_and_the_wait_is_not_missed(
+    client: Client, store: Store
+) -> None:
+    watch = CapsuleWatch(store.capsules, store.hub, NO_RECHECK)
+    uuid, _, _ = await tagged(client, "quick")
+    mark = watch.mark()
+    seen = await state_of(store, uuid)
+    # The capsule runs between the client's read and its wait.
+    assert await store.capsules.update_status(uuid, status=Status.RUNNING)
+    async with asyncio.timeout(10):
+        running = await watch.changed(uuid, seen.version, 60, frozenset({Status.RUNNING}), mark)
+    assert running is not None and running.status is Status.RUNNING
+    watch.close()
 
 
 @pytest.mark.parametrize(

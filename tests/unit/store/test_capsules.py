@@ -9,7 +9,7 @@ from capsa.model.capsule import Capsule, CapsuleKind, DesiredState, Status, Task
 from capsa.model.clock import utcnow
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
-from capsa.store.capsules import AmbiguousName, CapsuleState, NameConflict
+from capsa.store.capsules import Action, AmbiguousName, CapsuleState, NameConflict
 from capsa.store.paging import MarkerNotFound, Page
 
 CapsuleFactory = Callable[..., Capsule]
@@ -49,6 +49,41 @@ async def test_create_wakes_the_scheduler(store: Store, make_capsule: CapsuleFac
     await store.capsules.create(make_capsule())
     assert await sub.wait(0.1)
     assert not await sub.wait(0.01)
+
+
+async def test_the_writes_that_change_a_capsule_s_status_or_remove_it_name_it(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    """For a client waiting for a status: each such write names the capsule (CAPSULE_STATUS),
+    and the capsule's other writes do not."""
+    await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
+    placed, unplaced, unplaceable = make_capsule(), make_capsule(), make_capsule()
+    for capsule in (placed, unplaced, unplaceable):
+        await store.capsules.create(capsule)
+    assert await store.hosts.claim(placed.uuid, "h1", 100, 64)
+    statuses = store.hub.subscribe(notify.CAPSULE_STATUS)
+
+    assert await store.capsules.update_status(placed.uuid, task_state=TaskState.CONTAINER_CREATING)
+    await store.capsules.update_container(placed.containers[0].uuid, cri_container_id="c1")
+    await store.capsules.rename(placed.uuid, "renamed")
+    assert statuses.take_subjects() == set()
+
+    assert await store.capsules.update_status(placed.uuid, status=Status.RUNNING)
+    assert statuses.take_subjects() == {placed.uuid}
+    stop = Action(frozenset({Status.RUNNING}), TaskState.CONTAINER_STOPPING, status=Status.STOPPED)
+    await store.capsules.request_action(placed.uuid, stop)
+    assert statuses.take_subjects() == {placed.uuid}
+    assert await store.hosts.fail_placement(unplaceable.uuid, "no room")
+    assert statuses.take_subjects() == {unplaceable.uuid}
+    # Deleting (an agent tears it down), gone (nothing to tear down), removed by its agent.
+    await store.capsules.request_delete(placed.uuid)
+    await store.capsules.request_delete(unplaced.uuid)
+    assert statuses.take_subjects() == {placed.uuid, unplaced.uuid}
+    assert await store.capsules.remove(placed.uuid)
+    assert statuses.take_subjects() == {placed.uuid}
+    # A status write that finds no capsule to change names nothing.
+    assert not await store.capsules.update_status(placed.uuid, status=Status.ERROR)
+    assert statuses.take_subjects() == set()
 
 
 @pytest.mark.parametrize("sort_dir", ["asc", "desc"])

@@ -211,3 +211,22 @@ async def test_wakeups_name_their_subjects_until_one_names_none() -> None:
     hub.publish("host:h1")
     assert await wakeups.wait(0.05)
     assert wakeups.take_subjects() is None, "a wake-up about nothing asks for a look at all"
+
+
+async def test_a_subscription_to_several_topics_keeps_each_topic_s_subjects() -> None:
+    hub = ChangeHub()
+    both = hub.subscribe("a", "b")
+    before = hub.published
+    hub.publish("a")
+    hub.publish("b", subject="c1")
+    assert hub.published == before + 2
+    assert await both.wait(0.05)
+    assert both.take_subjects("a") is None
+    assert both.take_subjects("b") == {"c1"}
+    # A nudge wakes it and names nothing.
+    both.nudge()
+    assert await both.wait(0.05)
+    assert both.take_subjects("a") == both.take_subjects("b") == set()
+    both.close()
+    hub.publish("b", subject="c2")
+    assert not await both.wait(0.01)
