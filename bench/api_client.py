@@ -113,18 +113,16 @@ class ApiClient:
 
     def wait_until(self, ident: str, goal: Goal, timeout: float, seen: Seen | None = None) -> float:
         """Follows the capsule until it reaches ``goal``; returns when it first did, as
-        time.perf_counter(). Each look after the first (or every look, from what ``seen`` saw)
-        is held by the API until the capsule changes into one of the goal's statuses or goes
-        (If-None-Match with the ETag last seen, Prefer: wait and until-status), so that the API
-        answers once rather than at every step of the capsule's start. An Error status fails at
-        once, with its reason."""
+        time.perf_counter(). Every look is held by the API until the capsule has one of the
+        goal's statuses or goes (Prefer: wait and until-status; If-None-Match with the ETag last
+        seen, if any, from ``seen`` for the first look), so that the API answers once rather than
+        at every step of the capsule's start or teardown. An Error status fails at once, with
+        its reason."""
         deadline = time.perf_counter() + timeout
         path = f"/v1/capsules/{ident}"
-        waiting: dict[str, str] = {}
-        capsule: dict[str, Any] | None = None
-        if seen is not None:
-            capsule = seen.capsule
-            waiting = _waiting(seen.etag, min(_LONGEST_WAIT_S, math.ceil(timeout)), goal)
+        capsule = seen.capsule if seen is not None else None
+        first_wait = min(_LONGEST_WAIT_S, math.ceil(timeout))
+        waiting = _waiting(seen.etag if seen is not None else None, first_wait, goal)
         while True:
             status, raw, reply = self.exchange("GET", path, headers=waiting)
             answered = time.perf_counter()
@@ -144,8 +142,11 @@ class ApiClient:
             waiting = _waiting(reply["ETag"], wait, goal)
 
 
-def _waiting(etag: str, seconds: int, goal: Goal) -> dict[str, str]:
-    return {"If-None-Match": etag, "Prefer": f"wait={seconds}, until-status={goal.statuses}"}
+def _waiting(etag: str | None, seconds: int, goal: Goal) -> dict[str, str]:
+    headers = {"Prefer": f"wait={seconds}, until-status={goal.statuses}"}
+    if etag is not None:
+        headers["If-None-Match"] = etag
+    return headers
 
 
 class Goal(NamedTuple):
