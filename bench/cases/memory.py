@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from bench import host, stats
-from bench.cases.burst import LIST_INTERVAL_S, create_at_once, wait_all_running
+from bench.cases.burst import start_at_once
 from bench.instance import CapsaUp
 from bench.report import CaseResult, Row, Target, single
 from bench.suite import Session
@@ -27,9 +27,7 @@ def run(session: Session) -> CaseResult:
     with session.standard_capsa("memory") as capsa:
         time.sleep(_SETTLE_S)
         idle = sample(capsa)
-        with capsa.client() as api:
-            _, uuids = create_at_once(capsa, plan.memory_capsules)
-            wait_all_running(api, uuids, 2 * LIST_INTERVAL_S)
+        start_at_once(capsa, plan.memory_capsules)
         time.sleep(_SETTLE_S)
         busy = sample(capsa)
     for label, found in (("idle", idle), (f"{plan.memory_capsules} capsules", busy)):
