@@ -116,7 +116,8 @@ class CapsuleWatch:
         try:
             while self._waiting:
                 woken = await subscription.wait(self._recheck)
-                committed = subscription.take_subjects(notify.COMMITTED) != set()
+                # COMMITTED names nothing: after any commit, its subjects are None.
+                committed = subscription.take_subjects(notify.COMMITTED) is None
                 statuses = subscription.take_subjects(notify.CAPSULE_STATUS)
                 fresh, self._fresh = self._fresh, set()
                 if not woken:

@@ -14,7 +14,7 @@ from tests.unit.api.api_helpers import ADMIN, Client, api_headers, create, zun_t
 
 from capsa.api.params import preferred_statuses, preferred_wait
 from capsa.api.watch import CapsuleWatch
-from capsa.model.capsule import Status, TaskState
+from capsa.model.capsule import Capsule, Status, TaskState
 from capsa.store import Store
 from capsa.store.capsules import CapsuleState
 
@@ -386,6 +386,36 @@ async def test_a_write_between_the_mark_and_the_wait_is_not_missed(
         running = await watch.changed(uuid, seen.version, 60, frozenset({Status.RUNNING}), mark)
     assert running is not None and running.status is Status.RUNNING
     watch.close()
+
+
+async def test_a_status_change_in_another_process_answers_through_the_shared_feed(
+    tmp_path: Path, make_capsule: Callable[..., Capsule]
+) -> None:
+    """With the feed on (several hosts on one database), another process's status write
+    answers at once, not at the recheck."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    here, there = Store(url, wakeup_poll_interval=0.01), Store(url, wakeup_poll_interval=0.01)
+    for store in (here, there):
+        await store.open()
+    watch = CapsuleWatch(there.capsules, there.hub, NO_RECHECK)
+    try:
+        capsule = make_capsule()
+        await here.capsules.create(capsule)
+        mark = watch.mark()
+        seen = await state_of(there, capsule.uuid)
+        running = asyncio.create_task(
+            watch.changed(capsule.uuid, seen.version, 60, frozenset({Status.RUNNING}), mark)
+        )
+        await asyncio.sleep(0.1)
+        assert not running.done()
+        assert await here.capsules.update_status(capsule.uuid, status=Status.RUNNING)
+        async with asyncio.timeout(10):
+            state = await running
+        assert state is not None and state.status is Status.RUNNING
+    finally:
+        watch.close()
+        for store in (here, there):
+            await store.close()
 
 
 @pytest.mark.parametrize(
