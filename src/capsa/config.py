@@ -263,6 +263,10 @@ class CniConfig:
     network_name: str = "capsa"
     # capsa-cni gives up on the daemon after this many seconds.
     plugin_timeout: float = 60.0
+    # A network's bridge on this host is removed this many seconds after its last pod left, if
+    # no pod came meanwhile (0: at once): a capsule that replaces the last one neither waits for
+    # the bridge's removal nor makes it again.
+    bridge_linger: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -411,6 +415,8 @@ def _checked(config: Config) -> Config:
         raise ConfigError(
             f"api.wait_recheck_interval={config.api.wait_recheck_interval!r}: must be positive"
         )
+    if config.cni.bridge_linger < 0:
+        raise ConfigError(f"cni.bridge_linger={config.cni.bridge_linger!r}: must be 0 or more")
     auth = config.auth
     if auth.mode not in AUTH_MODES:
         raise ConfigError(f"auth.mode={auth.mode!r}: use one of {', '.join(AUTH_MODES)}")

@@ -322,6 +322,9 @@ class CapsaInstance:
             "CAPSA_NETWORK_DEFAULT_PREFIXLEN": "25",
             "CAPSA_AGENT_CGROUP_PARENT": f"/{self.state_dir.name}",
             "CAPSA_AGENT_STOP_GRACE_PERIOD": "2",
+            # Long enough that a capsule replacing a network's last one keeps its bridge, short
+            # enough that the tests see unused bridges go.
+            "CAPSA_CNI_BRIDGE_LINGER": "1",
             "CAPSA_LOG_LEVEL": "DEBUG",
             # The instance's clouds.yaml stays in its state dir, out of /etc/openstack.
             "CAPSA_AUTH_CLOUDS_YAML": "",

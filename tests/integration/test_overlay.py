@@ -187,7 +187,7 @@ def test_a_network_spans_two_hosts_over_vxlan_and_others_stay_apart(
             lambda netns=netns: in_netns(netns, "nft", "list", "tables").stdout == "",
             f"capsa's tables gone on {netns}",
         )
-        # The CNI daemon deletes a veth, then its bridge if unused, after answering the DEL.
+        # The CNI daemon deletes a veth after answering the DEL, its bridge once unused for a while.
         eventually(
             lambda netns=netns: (
                 not (links_in(netns, "cbr-") | links_in(netns, "cvx-") | links_in(netns, "capsa"))

@@ -211,7 +211,7 @@ def test_projects_are_isolated_rules_open_exactly_a_port_and_host_ports_come_and
 
     # Nothing is left: bridges, veths, capsa's table, addresses.
     eventually(lambda: table not in sh("nft", "list", "tables").stdout, "capsa's tables gone")
-    # The CNI daemon deletes a veth, then its bridge if unused, after answering the DEL.
+    # The CNI daemon deletes a veth after answering the DEL, its bridge once unused for a while.
     eventually(lambda: bridges_for(pool) == [], "the networks' bridges went with their ports")
     ports = (
         neutron(capsa, "GET", "/ports", alice)["ports"]

@@ -112,6 +112,15 @@ def test_unusable_wakeup_settings_are_refused(tmp_path: Path, environment: dict[
         load_config(_empty(tmp_path), environ=environment)
 
 
+def test_a_negative_bridge_linger_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cni\.bridge_linger"):
+        load_config(_empty(tmp_path), environ={"CAPSA_CNI_BRIDGE_LINGER": "-1"})
+    assert (
+        load_config(_empty(tmp_path), environ={"CAPSA_CNI_BRIDGE_LINGER": "0"}).cni.bridge_linger
+        == 0
+    )
+
+
 def test_every_setting_is_documented_with_its_variable_and_default() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     rows = {

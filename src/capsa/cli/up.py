@@ -99,7 +99,13 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     dataplane = Dataplane()
     # The daemon plugs a port only once the network agent's firewall enforces it.
     progress = FirewallProgress()
-    cni_daemon = CniDaemon(network, cfg.cni_daemon_address, dataplane=dataplane, progress=progress)
+    cni_daemon = CniDaemon(
+        network,
+        cfg.cni_daemon_address,
+        dataplane=dataplane,
+        progress=progress,
+        bridge_linger=cfg.cni.bridge_linger,
+    )
     await _listening(
         cni_daemon.start(), "the CNI daemon", cfg.cni_daemon_address, "cni.daemon_listen"
     )

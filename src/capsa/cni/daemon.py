@@ -17,7 +17,8 @@
   container id that holds it). It answers once the pod is off the networks (its veths detached
   from the bridges and down) and the bindings forgotten (one store round trip, by the pod's
   name, after the detach); the veths themselves are deleted right after the answer (the
-  kernel's veth deletion is most of a DEL's time otherwise), then the bridges no pod is left on.
+  kernel's veth deletion is most of a DEL's time otherwise); a bridge no pod is left on goes
+  ``cni.bridge_linger`` seconds later if no pod came back to it meanwhile.
   Only calls on those veths wait for that deletion: an ADD of the same attachment (CNI allows
   ADD after DEL) makes them again once it is over, and a DEL repeated meanwhile (kubelet-style
   runtimes send two per sandbox) answers at once, its work done.
@@ -179,12 +180,16 @@ class _CniService:
         executor: ThreadPoolExecutor,
         progress: FirewallProgress | None = None,
         ready_wait: float = READY_WAIT_S,
+        bridge_linger: float = 0.0,
     ):
         self._ports = ports
         self._dataplane = dataplane
         self._executor = executor
         self._progress = progress
         self._ready_wait = ready_wait
+        self._bridge_linger = bridge_linger
+        # Bridges their last pod left, removed when the linger ends if still unused.
+        self._idle_bridges: dict[str, asyncio.TimerHandle] = {}
         self._pod_locks = _KeyedLocks()
         self._background: set[asyncio.Task[None]] = set()
         # Host ends that a DEL detached and is deleting after its answer, by name.
@@ -413,10 +418,8 @@ class _CniService:
         except CniError as exc:
             # Its netns going removes it too; GC removes it if neither happened.
             log.warning("cannot remove a detached veth", error=exc.msg, **fields)
-        # Safe beside any ADD: the data plane checks and removes a bridge under the same lock
-        # as a plug attaches to it, so a pod plugged meanwhile keeps it, or makes it again.
         for bridge in bridges:
-            await self._remove_bridge_if_unused(request, bridge)
+            await self._retire_bridge(bridge)
 
     async def _deleted(self, host_names: list[str], fields: LogFields) -> None:
         """Waits until no DEL is deleting any of the veths ``host_names`` any more."""
@@ -432,9 +435,33 @@ class _CniService:
         return task
 
     async def finish_background(self) -> None:
-        """Waits for the work that calls left to do after they answered."""
+        """Waits for the work that calls left to do after they answered, and removes the
+        bridges left unused meanwhile without waiting for their linger to end."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        idle, self._idle_bridges = self._idle_bridges, {}
+        for bridge, timer in idle.items():
+            timer.cancel()
+            await self._remove_bridge_if_unused(bridge)
+
+    async def _retire_bridge(self, bridge: str) -> None:
+        """A bridge that a pod left: removed if no pod is left on it, at once or once
+        ``bridge_linger`` seconds have passed (a pod that comes meanwhile finds it made, and
+        keeps it), so that a capsule replacing the network's last one on this host neither
+        waits for its removal nor makes it again."""
+        if self._bridge_linger <= 0:
+            await self._remove_bridge_if_unused(bridge)
+            return
+        timer = self._idle_bridges.pop(bridge, None)
+        if timer is not None:
+            timer.cancel()
+        self._idle_bridges[bridge] = asyncio.get_running_loop().call_later(
+            self._bridge_linger, self._linger_ended, bridge
+        )
+
+    def _linger_ended(self, bridge: str) -> None:
+        del self._idle_bridges[bridge]
+        self._after_answer(self._remove_bridge_if_unused(bridge))
 
     async def _check(self, request: CniRequest, fields: LogFields) -> None:
         pod = _pod_name(request)
@@ -486,7 +513,7 @@ class _CniService:
             if removed is not None and removed.bridge:
                 bridges.add(removed.bridge)
         for bridge in bridges:
-            await self._remove_bridge_if_unused(request, bridge)
+            await self._retire_bridge(bridge)
         log.info(
             "GC done",
             **fields,
@@ -538,12 +565,17 @@ class _CniService:
                 "cannot unplug after a failed ADD", container=request.container_id, error=exc.msg
             )
 
-    async def _remove_bridge_if_unused(self, request: CniRequest, bridge: str) -> None:
-        # The pod is unplugged already: an unused bridge left behind does not fail the call.
+    async def _remove_bridge_if_unused(self, bridge: str) -> None:
+        # Safe beside any ADD: the data plane checks and removes a bridge under the same lock
+        # as a plug attaches to it, so a pod plugged meanwhile keeps it, or makes it again.
+        # The pods are unplugged already: an unused bridge left behind fails no call.
+        loop = asyncio.get_running_loop()
         try:
-            await self._netlink(request, self._dataplane.remove_bridge_if_unused, bridge)
-        except CniError as exc:
-            log.warning("cannot remove an unused bridge", bridge=bridge, error=exc.msg)
+            await loop.run_in_executor(
+                self._executor, self._dataplane.remove_bridge_if_unused, bridge
+            )
+        except (DataplaneError, OSError) as exc:
+            log.warning("cannot remove an unused bridge", bridge=bridge, error=str(exc))
 
     async def _ports_of(self, pod: str) -> list[PortBinding]:
         return await self._record("looking up the ports of", self._ports.find_ports(pod))
@@ -663,14 +695,17 @@ def create_app(
     workers: int = DEFAULT_WORKERS,
     progress: FirewallProgress | None = None,
     ready_wait: float = READY_WAIT_S,
+    bridge_linger: float = 0.0,
 ) -> web.Application:
     """The daemon's HTTP app; its netlink threads and sockets end with the app's cleanup.
 
     With ``progress`` (the host's network agent runs beside it), an ADD waits up to
-    ``ready_wait`` seconds for the capsule's ports to exist and be enforced by the firewall."""
+    ``ready_wait`` seconds for the capsule's ports to exist and be enforced by the firewall. A
+    bridge that its last pod left is removed ``bridge_linger`` seconds later if no pod came
+    meanwhile (at once with 0), and at the app's cleanup at the latest."""
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsa-cni-netlink")
     dataplane = dataplane or Dataplane()
-    service = _CniService(ports, dataplane, executor, progress, ready_wait)
+    service = _CniService(ports, dataplane, executor, progress, ready_wait, bridge_linger)
     app = web.Application()
     for command in COMMANDS:
         app.router.add_post(f"/cni/{command.lower()}", functools.partial(service.handle, command))
@@ -723,9 +758,12 @@ class CniDaemon:
         dataplane: Dataplane | None = None,
         workers: int = DEFAULT_WORKERS,
         progress: FirewallProgress | None = None,
+        bridge_linger: float = 0.0,
     ) -> None:
         self._listen = parse_listen(listen)
-        self._app = create_app(ports, dataplane, workers=workers, progress=progress)
+        self._app = create_app(
+            ports, dataplane, workers=workers, progress=progress, bridge_linger=bridge_linger
+        )
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
