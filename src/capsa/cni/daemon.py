@@ -440,8 +440,9 @@ class _CniService:
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         idle, self._idle_bridges = self._idle_bridges, {}
-        for bridge, timer in idle.items():
+        for timer in idle.values():
             timer.cancel()
+        for bridge in idle:
             await self._remove_bridge_if_unused(bridge)
 
     async def _retire_bridge(self, bridge: str) -> None:
@@ -460,7 +461,7 @@ class _CniService:
         )
 
     def _linger_ended(self, bridge: str) -> None:
-        del self._idle_bridges[bridge]
+        self._idle_bridges.pop(bridge, None)
         self._after_answer(self._remove_bridge_if_unused(bridge))
 
     async def _check(self, request: CniRequest, fields: LogFields) -> None:
