@@ -287,7 +287,9 @@ async def test_without_waiting_allowed_an_unchanged_capsule_answers_304_at_once(
     assert "Preference-Applied" not in response.headers
 
 
-async def test_a_closed_watch_releases_its_waiters_unchanged(store: Store) -> None:
+async def test_a_closed_watch_releases_its_waiters_unchanged(
+    store: Store, make_capsule: Callable[..., Capsule]
+) -> None:
     watch = CapsuleWatch(store.capsules, store.hub, NO_RECHECK)
     waiter = asyncio.create_task(watch.changed("no-such-capsule", "a version", 60))
     await asyncio.sleep(0)
@@ -295,11 +297,17 @@ async def test_a_closed_watch_releases_its_waiters_unchanged(store: Store) -> No
     async with asyncio.timeout(10):
         assert await waiter is None
 
-    waiter = asyncio.create_task(watch.changed("no-such-capsule", "a version", 60))
+    # One that exists and does not change is released only by the close.
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
+    seen = await state_of(store, capsule.uuid)
+    waiter = asyncio.create_task(watch.changed(capsule.uuid, seen.version, 60))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
     watch.close()
     async with asyncio.timeout(10):
         assert await waiter is None
-    assert await watch.changed("no-such-capsule", "a version", 60) is None
+    assert await watch.changed(capsule.uuid, seen.version, 60) is None
 
 
 class CountedLooks:
