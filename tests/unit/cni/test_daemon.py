@@ -464,19 +464,21 @@ async def test_del_unbinds_and_removes_the_unused_bridge(
 async def test_a_bridge_its_last_pod_left_lingers_and_a_pod_that_comes_meanwhile_keeps_it(
     ports: FakePorts, dataplane: FakeDataplane
 ) -> None:
-    async with TestClient(TestServer(create_app(ports, dataplane, bridge_linger=0.3))) as client:
+    # Long enough for the next ADD to come within it on a loaded machine.
+    linger = 1.0
+    async with TestClient(TestServer(create_app(ports, dataplane, bridge_linger=linger))) as client:
         await added(client, envelope())
         assert await call(client, "del", envelope()) == (200, None)
         await deletions_done()
         assert dataplane.removed_bridges == []
         # The capsule's next sandbox comes within the linger: it finds the bridge, keeps it.
         await added(client, envelope(container_id="c2"))
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(linger + 0.3)
         assert dataplane.removed_bridges == []
         assert await call(client, "del", envelope(container_id="c2")) == (200, None)
         await deletions_done()
         assert dataplane.removed_bridges == []
-        await asyncio.sleep(0.8)  # the linger ends, and nothing came back
+        await asyncio.sleep(linger + 0.5)  # the linger ends, and nothing came back
         assert dataplane.removed_bridges == ["capsa0"]
 
 
