@@ -570,11 +570,8 @@ class _CniService:
         # Safe beside any ADD: the data plane checks and removes a bridge under the same lock
         # as a plug attaches to it, so a pod plugged meanwhile keeps it, or makes it again.
         # The pods are unplugged already: an unused bridge left behind fails no call.
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(
-                self._executor, self._dataplane.remove_bridge_if_unused, bridge
-            )
+            await self._on_netlink_threads(self._dataplane.remove_bridge_if_unused, bridge)
         except (DataplaneError, OSError) as exc:
             log.warning("cannot remove an unused bridge", bridge=bridge, error=str(exc))
 
@@ -593,10 +590,10 @@ class _CniService:
             ) from exc
 
     async def _netlink(self, request: CniRequest, fn: Callable[..., T], *args: Any) -> T:
-        """Runs a data plane call on the daemon's threads; its errors become CNI errors."""
-        loop = asyncio.get_running_loop()
+        """Runs a data plane call of ``request`` on the daemon's threads; its errors become CNI
+        errors."""
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+            return await self._on_netlink_threads(fn, *args)
         except NetnsNotFound as exc:
             raise CniError(ErrorCode.INVALID_ENVIRONMENT, f"CNI_NETNS: {exc}") from exc
         except InterfaceExists as exc:
@@ -604,6 +601,10 @@ class _CniService:
         except DataplaneError as exc:
             subject = request.container_id or request.network_name
             raise CniError(ErrorCode.INTERNAL, f"{request.command} of {subject}: {exc}") from exc
+
+    async def _on_netlink_threads(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
 
     async def healthz(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
