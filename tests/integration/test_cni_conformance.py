@@ -53,7 +53,7 @@ import pytest
 
 from capsa.cni.daemon import CniDaemon
 from capsa.cni.install import install_cni
-from capsa.cni.protocol import SUPPORTED_VERSIONS
+from capsa.cni.protocol import SUPPORTED_VERSIONS, bridge_keeper
 from capsa.config import CniConfig, Config
 from capsa.cri import types as cri_types
 from capsa.cri.client import CriClient
@@ -1149,10 +1149,17 @@ class DaemonProcess:
 
     socket: Path
     ports: Path
+    bridge_linger: float = 0.0
     process: subprocess.Popen[bytes] | None = None
 
     def start(self, pause_at: str = "", marker: Path | None = None) -> None:
-        args = [sys.executable, __file__, str(self.socket), str(self.ports)]
+        args = [
+            sys.executable,
+            __file__,
+            str(self.socket),
+            str(self.ports),
+            str(self.bridge_linger),
+        ]
         if pause_at:
             args += [pause_at, str(marker)]
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE)
@@ -1235,6 +1242,41 @@ async def test_daemon_killed_in_the_middle_of_an_add_recovers_on_restart(
     finally:
         daemon.kill()
         cni.remove_veths()
+
+
+async def test_a_daemon_killed_while_a_bridge_lingers_removes_it_when_it_starts_again(
+    network: Network, second_network: Network, work_dir: Path, make_netns: Callable[[], str]
+) -> None:
+    daemon = DaemonProcess(work_dir / "lingering.sock", network.ports.path, bridge_linger=600)
+    cni = install(work_dir / "cni", f"unix:{daemon.socket}")
+    # Another daemon's unused bridge, marked as capsa marks them: not this daemon's to remove.
+    others = f"capsat{secrets.token_hex(4)}"
+    try:
+        daemon.start()
+        staying, _ = network.add_pod()
+        leaving, _ = second_network.add_pod()
+        staying_id, leaving_id = secrets.token_hex(32), secrets.token_hex(32)
+        staying_netns, leaving_netns = make_netns(), make_netns()
+        await cni.add(staying_id, netns_path(staying_netns), staying)
+        await cni.add(leaving_id, netns_path(leaving_netns), leaving)
+        await cni.delete(leaving_id, netns_path(leaving_netns), leaving)
+        assert await unplugged(leaving_id)
+        sh("ip", "link", "add", others, "type", "bridge")
+        sh("ip", "link", "set", others, "alias", f"capsa-bridge {bridge_keeper('unix:/else')}")
+
+        daemon.kill()
+        # Killed within the linger: the bridge no pod uses is left behind.
+        assert link_exists(second_network.bridge)
+        daemon.bridge_linger = 0.5
+        daemon.start()
+
+        assert await gone_soon(second_network.bridge)
+        assert ports_of(network.bridge) == [host_ifname(staying_id, "eth0")]
+        assert link_exists(others)
+    finally:
+        daemon.kill()
+        cni.remove_veths()
+        sh("ip", "link", "del", others, check=False)
 
 
 LEFTOVERS = {
@@ -1370,7 +1412,12 @@ async def test_failed_plug_leaves_nothing_behind(
         pytest.raises(DataplaneError, match="cannot configure eth0"),
     ):
         await asyncio.to_thread(
-            dataplane.plug, container_id, netns_path(netns), [("eth0", unroutable)], "owner"
+            dataplane.plug,
+            container_id,
+            netns_path(netns),
+            [("eth0", unroutable)],
+            "owner",
+            "keeper",
         )
 
     assert not link_exists(host_ifname(container_id, "eth0"))
@@ -1387,7 +1434,9 @@ def test_bridge_creation_races_all_succeed(network: Network) -> None:
         barrier.wait()
         try:
             with contextlib.closing(Dataplane()) as dataplane:
-                outcomes.append(dataplane.ensure_bridge(network.bridge, gateway, 1400))
+                outcomes.append(
+                    dataplane.ensure_bridge(network.bridge, gateway, 1400, keeper="racers")
+                )
         except Exception as exc:
             outcomes.append(exc)
 
@@ -1563,22 +1612,29 @@ def _pause_before_configuring_the_pod_end(marker: Path) -> None:
     dataplane_module._configure_pod_end = paused
 
 
-async def _serve(socket_path: Path, ports_file: Path, pause_at: str, marker: Path | None) -> None:
+async def _serve(
+    socket_path: Path, ports_file: Path, bridge_linger: float, pause_at: str, marker: Path | None
+) -> None:
     """Serves until killed: the test only ever ends this daemon with SIGKILL."""
     if pause_at == "configure_pod_end" and marker is not None:
         _pause_before_configuring_the_pod_end(marker)
-    daemon = CniDaemon(FilePorts(ports_file, pause_at, marker), f"unix:{socket_path}")
+    daemon = CniDaemon(
+        FilePorts(ports_file, pause_at, marker),
+        f"unix:{socket_path}",
+        bridge_linger=bridge_linger,
+    )
     await daemon.start()
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 
 if __name__ == "__main__":
-    socket_arg, ports_arg, *pause = sys.argv[1:]
+    socket_arg, ports_arg, linger_arg, *pause = sys.argv[1:]
     asyncio.run(
         _serve(
             Path(socket_arg),
             Path(ports_arg),
+            float(linger_arg),
             pause[0] if pause else "",
             Path(pause[1]) if pause else None,
         )

@@ -18,7 +18,9 @@
   from the bridges and down) and the bindings forgotten (one store round trip, by the pod's
   name, after the detach); the veths themselves are deleted right after the answer (the
   kernel's veth deletion is most of a DEL's time otherwise); a bridge no pod is left on goes
-  ``cni.bridge_linger`` seconds later if no pod came back to it meanwhile.
+  ``cni.bridge_linger`` seconds later if no pod came back to it meanwhile. A daemon that starts
+  retires likewise the unused bridges it keeps (:func:`capsa.cni.protocol.bridge_keeper`), which
+  an earlier run killed within their linger left.
   Only calls on those veths wait for that deletion: an ADD of the same attachment (CNI allows
   ADD after DEL) makes them again once it is over, and a DEL repeated meanwhile (kubelet-style
   runtimes send two per sandbox) answers at once, its work done.
@@ -65,6 +67,7 @@ from capsa.cni.protocol import (
     CniError,
     CniRequest,
     ErrorCode,
+    bridge_keeper,
     build_result,
     parse_request,
     prev_result_problems,
@@ -305,6 +308,7 @@ class _CniService:
             request.netns,
             interfaces,
             request.owner,
+            request.bridge_keeper,
         )
         for (_, port), made in zip(interfaces, plugged, strict=True):
             if made.replaced:
@@ -459,6 +463,18 @@ class _CniService:
         self._idle_bridges[bridge] = asyncio.get_running_loop().call_later(
             self._bridge_linger, self._linger_ended, bridge
         )
+
+    async def retire_idle_bridges(self, keeper: str) -> None:
+        """Retires the bridges of ``keeper`` that no pod uses: an earlier run of this daemon,
+        stopped before their linger ended (killed), left them."""
+        try:
+            idle = await self._on_netlink_threads(self._dataplane.idle_bridges, keeper)
+        except (DataplaneError, OSError) as exc:
+            log.warning("cannot look for unused bridges", error=str(exc))
+            return
+        for bridge in idle:
+            log.info("bridge found unused at start", bridge=bridge)
+            await self._retire_bridge(bridge)
 
     def _linger_ended(self, bridge: str) -> None:
         self._idle_bridges.pop(bridge, None)
@@ -690,6 +706,9 @@ def _lacks_net_admin() -> str:
     return "the daemon lacks CAP_NET_ADMIN: run capsa as root"
 
 
+_SERVICE = web.AppKey("cni_service", _CniService)
+
+
 def create_app(
     ports: PortSource,
     dataplane: Dataplane | None = None,
@@ -709,6 +728,7 @@ def create_app(
     dataplane = dataplane or Dataplane()
     service = _CniService(ports, dataplane, executor, progress, ready_wait, bridge_linger)
     app = web.Application()
+    app[_SERVICE] = service
     for command in COMMANDS:
         app.router.add_post(f"/cni/{command.lower()}", functools.partial(service.handle, command))
     app.router.add_get("/healthz", service.healthz)
@@ -789,6 +809,7 @@ class CniDaemon:
             raise
         self._runner = runner
         log.info("CNI daemon listening", address=self.address)
+        await self._app[_SERVICE].retire_idle_bridges(bridge_keeper(self.address))
 
     @property
     def address(self) -> str:

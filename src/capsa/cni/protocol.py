@@ -138,6 +138,19 @@ class CniRequest:
         digest = hashlib.sha256(f"{daemon}\n{self.network_name}".encode())
         return digest.hexdigest()[:16]
 
+    @property
+    def bridge_keeper(self) -> str:
+        """Which daemon keeps the bridges this request makes: :func:`bridge_keeper` of the
+        daemon the config names."""
+        return bridge_keeper(self.network_config.get("daemon", ""))
+
+
+def bridge_keeper(daemon_address: str) -> str:
+    """The mark of the bridges made by the daemon at ``daemon_address`` (as conflists name it),
+    so that it finds, when it starts, the unused ones that an earlier run of it left (killed
+    while they lingered), and never another daemon's."""
+    return hashlib.sha256(f"bridges of {daemon_address}".encode()).hexdigest()[:16]
+
 
 def version_tuple(version: str) -> tuple[int, ...]:
     """``"1.0.0"`` as ``(1, 0, 0)``; ValueError if it is not dotted numbers."""

@@ -3,7 +3,7 @@
 ::
 
     dataplane = Dataplane()
-    plugged = dataplane.plug(container_id, "/run/netns/cni-1234", [("eth0", port)], owner)
+    plugged = dataplane.plug(container_id, "/run/netns/cni-1234", [("eth0", port)], owner, keeper)
     ...
     for removed in dataplane.unplug(container_id, "eth0"):
         if removed.bridge:
@@ -23,6 +23,10 @@ capsule's interfaces: they are numbered from it, with no gap.
 ``plug`` is idempotent for one (container id, ifname) and repairs what a killed ADD left: a veth of
 that name whose pod end is unconfigured is configured, one whose pod end is elsewhere is replaced,
 a bridge without its address gets it.
+
+A bridge's alias names the daemon that keeps it (``keeper``, see
+:func:`capsa.cni.protocol.bridge_keeper`), so that a daemon that starts again finds the bridges it
+left unused (:meth:`Dataplane.idle_bridges`) and never touches another's.
 
 Every method blocks on netlink (:mod:`capsa.network.netlink`): call them from worker threads,
 never from an event loop's thread. Each call borrows a socket of the host's netns from a pool
@@ -57,6 +61,8 @@ log = get_logger(__name__)
 HOST_IFNAME_PREFIX = "capsa"
 # First word of the host end's alias: the veth is one of capsa's attachments.
 ALIAS_MARK = "capsa-cni"
+# First word of a bridge's alias; the second is its keeper.
+BRIDGE_ALIAS_MARK = "capsa-bridge"
 # The kernel gives lo this index in every netns (LOOPBACK_IFINDEX).
 _LOOPBACK_INDEX = 1
 # Interface names: at most IFNAMSIZ - 1 bytes.
@@ -137,10 +143,11 @@ class Dataplane:
         """Closes the netlink sockets kept for reuse (a later call opens new ones)."""
         self._host.close()
 
-    def ensure_bridge(self, name: str, gateway: IPv4Interface, mtu: int) -> Link:
-        """The bridge ``name``, created if missing, with ``gateway`` as an address, up."""
+    def ensure_bridge(self, name: str, gateway: IPv4Interface, mtu: int, *, keeper: str) -> Link:
+        """The bridge ``name``, created if missing, with ``gateway`` as an address, up, kept by
+        ``keeper``."""
         with self._bridge_lock(name), self._host.client() as host:
-            _, bridge = _ensure_bridge(host, name, gateway, mtu)
+            _, bridge = _ensure_bridge(host, name, gateway, mtu, keeper)
         return bridge
 
     def plug(
@@ -149,9 +156,11 @@ class Dataplane:
         netns: str,
         interfaces: Sequence[tuple[str, PortBinding]],
         owner: str,
+        keeper: str,
     ) -> list[PluggedPort]:
         """Connects the netns at path ``netns`` to each port's bridge through a veth whose pod
-        end is named as the port is paired (the first one gets the default route).
+        end is named as the port is paired (the first one gets the default route). The veths
+        are tagged as ``owner``'s, a bridge made or found as ``keeper``'s.
 
         Fails with InterfaceExists when one of the names exists in the netns and is not this
         attachment's own pod end. Plugging the same attachment again completes and returns it.
@@ -184,7 +193,7 @@ class Dataplane:
                             host,
                             pod,
                             netns_fd,
-                            _PodEnd(container_id, netns, ifname, port, owner, index == 0),
+                            _PodEnd(container_id, netns, ifname, port, owner, keeper, index == 0),
                             pod_end,
                             host_end,
                         )
@@ -213,7 +222,7 @@ class Dataplane:
             replaced = replaces
         with self._bridge_lock(port.bridge):
             bridge_index, bridge = _ensure_bridge(
-                host, port.bridge, port.gateway_interface, port.mtu
+                host, port.bridge, port.gateway_interface, port.mtu, end.keeper
             )
             tag = AttachmentTag(end.owner, port.port_id, end.container_id)
             if host_end is None:
@@ -333,6 +342,23 @@ class Dataplane:
             links = [link for link in host.links() if _is_host_end(link)]
             return [_attachment(host, link) for link in links]
 
+    def idle_bridges(self, keeper: str) -> list[str]:
+        """The bridges kept by ``keeper`` that no pod is attached to (an overlay device may be)."""
+        with self._host.client() as host:
+            links = host.links()
+        alias = _bridge_alias(keeper)
+        bridges = {
+            link.index: link.ifname
+            for link in links
+            if link.kind == "bridge" and link.ifalias == alias
+        }
+        in_use = {
+            link.master
+            for link in links
+            if link.master in bridges and link.ifname != overlay_name(bridges[link.master])
+        }
+        return [name for index, name in bridges.items() if index not in in_use]
+
     def remove_bridge_if_unused(self, name: str) -> bool:
         """Deletes the bridge ``name`` if no pod is attached to it (with its overlay device, if
         it has one); True if it did."""
@@ -425,14 +451,15 @@ class _NoSuchLink(Exception):
 
 @dataclass(frozen=True)
 class _PodEnd:
-    """One interface of a pod that plug makes: its name, its port, and whether it carries the
-    pod's default route."""
+    """One interface of a pod that plug makes: its name, its port, who tags it and keeps its
+    bridge, and whether it carries the pod's default route."""
 
     container_id: str
     netns: str
     ifname: str
     port: PortBinding
     owner: str
+    keeper: str
     default_route: bool
 
 
@@ -579,8 +606,12 @@ def _remove_half_made(host: Rtnetlink, name: str) -> None:
         log.warning("cannot remove a half-made veth", veth=name, error=str(exc))
 
 
+def _bridge_alias(keeper: str) -> str:
+    return f"{BRIDGE_ALIAS_MARK} {keeper}"
+
+
 def _ensure_bridge(
-    host: Rtnetlink, name: str, gateway: IPv4Interface, mtu: int
+    host: Rtnetlink, name: str, gateway: IPv4Interface, mtu: int, keeper: str
 ) -> tuple[int, Link]:
     link = _find_link(host, name)
     if link is None:
@@ -605,8 +636,11 @@ def _ensure_bridge(
     except NetlinkError as exc:
         if exc.errno != errno.EEXIST:
             raise DataplaneError(f"cannot give bridge {name} the address {gateway}: {exc}") from exc
-    if link.mtu != mtu or not link.up:
-        host.set_link(index=link.index, mtu=mtu, up=True)
+    alias = _bridge_alias(keeper)
+    # A new bridge is down, so its alias costs no request of its own; one made by an earlier
+    # version, or kept by a daemon at another address, is adopted.
+    if link.mtu != mtu or not link.up or link.ifalias != alias:
+        host.set_link(index=link.index, mtu=mtu, up=True, alias=alias)
     return link.index, Link(name, link.address or "")
 
 

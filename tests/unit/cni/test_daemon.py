@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from capsa.cni.daemon import CniDaemon, create_app, parse_listen
+from capsa.cni.protocol import bridge_keeper
 from capsa.model.capsule import Capsule
 from capsa.network.dataplane import (
     Attachment,
@@ -112,6 +113,8 @@ class FakeDataplane(Dataplane):
         self.links: dict[str, Attachment] = {}
         self.detached: set[str] = set()
         self.removed_bridges: list[str] = []
+        # The bridges there are, by name: their keeper.
+        self.bridges: dict[str, str] = {}
         self.plug_error: Exception | None = None
         self.remove_errors: dict[str, Exception] = {}
         self.delay = 0.0
@@ -137,6 +140,7 @@ class FakeDataplane(Dataplane):
         netns: str,
         interfaces: Sequence[tuple[str, PortBinding]],
         owner: str,
+        keeper: str,
     ) -> list[PluggedPort]:
         pod = ",".join(port.port_id for _, port in interfaces)
         with self._guard:
@@ -149,6 +153,8 @@ class FakeDataplane(Dataplane):
                 self.meeting.wait()
             if self.plug_error:
                 raise self.plug_error
+            for _, port in interfaces:
+                self.bridges[port.bridge] = keeper
             return [self._plug_one(container_id, netns, *i, owner) for i in interfaces]
         finally:
             with self._guard:
@@ -216,9 +222,14 @@ class FakeDataplane(Dataplane):
     def attachments(self) -> list[Attachment]:
         return list(self.links.values())
 
+    def idle_bridges(self, keeper: str) -> list[str]:
+        used = {a.bridge for a in self.links.values()}
+        return [name for name, k in self.bridges.items() if k == keeper and name not in used]
+
     def remove_bridge_if_unused(self, name: str) -> bool:
         if any(a.bridge == name for a in self.links.values()):
             return False
+        self.bridges.pop(name, None)
         self.removed_bridges.append(name)
         return True
 
@@ -1114,6 +1125,43 @@ async def test_daemon_on_a_unix_socket(tmp_path: Path, ports: FakePorts) -> None
     finally:
         await daemon.stop()
     assert not path.exists()
+
+
+async def test_an_add_makes_its_bridges_kept_by_the_daemon_its_config_names(
+    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+) -> None:
+    ports.ports["pod-1"] = [PORT, SECOND_PORT]
+    await added(client, envelope())
+    keeper = bridge_keeper("unix:/run/capsa/cni.sock")
+    assert dataplane.bridges == {"capsa0": keeper, "capsa1": keeper}
+    assert bridge_keeper("unix:/run/other/cni.sock") != keeper
+
+
+@pytest.mark.parametrize("linger", [0.0, 600.0])
+async def test_a_daemon_that_starts_retires_the_unused_bridges_it_keeps(
+    tmp_path: Path, ports: FakePorts, linger: float
+) -> None:
+    # What a daemon killed while its bridges lingered left: its own unused bridge, one of its
+    # own still in use, and another daemon's unused one.
+    address = f"unix:{tmp_path / 'cni.sock'}"
+    dataplane = FakeDataplane()
+    dataplane.bridges = {
+        "cbr-left": bridge_keeper(address),
+        "cbr-used": bridge_keeper(address),
+        "cbr-other": bridge_keeper("unix:/run/other/cni.sock"),
+    }
+    dataplane.links["capsa-used"] = Attachment(
+        "capsa-used", "cbr-used", AttachmentTag("owner", "port-9", "c9")
+    )
+    daemon = CniDaemon(ports, address, dataplane=dataplane, bridge_linger=linger)
+    await daemon.start()
+    try:
+        # With a linger, a pod that comes meanwhile may still keep it.
+        assert dataplane.removed_bridges == ([] if linger else ["cbr-left"])
+    finally:
+        await daemon.stop()
+    assert dataplane.removed_bridges == ["cbr-left"]
+    assert set(dataplane.bridges) == {"cbr-used", "cbr-other"}
 
 
 async def test_daemon_on_a_free_tcp_port(ports: FakePorts) -> None:
