@@ -48,6 +48,9 @@ class Row:
     ref_median: float | None = None
     ref_p95: float | None = None
     ratio: float | None = None
+    # The ratio's 95% bootstrap interval (stats.ratio_interval).
+    ratio_low: float | None = None
+    ratio_high: float | None = None
     value: float | None = None
     unit: str = "ms"
     target: Target | None = None
@@ -66,7 +69,9 @@ def compared(
     reference: list[float],
     target: Target | None = None,
 ) -> Row:
-    """A row of two interleaved sides: medians, p95s and the ratio of medians."""
+    """A row of two interleaved sides: medians, p95s and the ratio of medians, with its
+    interval."""
+    ratio_low, ratio_high = stats.ratio_interval(capsa, reference)
     return Row(
         case=case,
         measure=measure,
@@ -76,6 +81,8 @@ def compared(
         ref_median=stats.median(reference),
         ref_p95=stats.p95(reference),
         ratio=stats.ratio_of_medians(capsa, reference),
+        ratio_low=ratio_low,
+        ratio_high=ratio_high,
         target=target,
     )
 
@@ -122,6 +129,7 @@ _COLUMNS = (
     "ref p50",
     "ref p95",
     "ratio",
+    "ratio 95% CI",
     "target",
     "result",
 )
@@ -143,6 +151,7 @@ def _cells(row: Row) -> list[str]:
         _ms(row.ref_median),
         _ms(row.ref_p95),
         "" if row.ratio is None else f"{row.ratio:.2f}",
+        "" if row.ratio_low is None else f"{row.ratio_low:.2f}-{row.ratio_high:.2f}",
         "" if row.target is None else row.target.text,
         "" if row.target is None else row.verdict,
     ]
@@ -154,7 +163,7 @@ def table(results: list[CaseResult]) -> str:
     for result in results:
         if result.error is not None:
             reason = result.error.strip().splitlines()[-1]
-            lines.append([result.name, f"FAILED: {reason}"] + [""] * 9)
+            lines.append([result.name, f"FAILED: {reason}"] + [""] * (len(_COLUMNS) - 2))
         lines.extend(_cells(row) for row in result.rows)
     widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(_COLUMNS)]
 

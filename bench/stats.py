@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
+
+# Enough resamples for an interval stable to the second decimal of a ratio.
+_RESAMPLES = 2000
 
 
 def quantile(samples: Sequence[float], q: float) -> float:
@@ -32,3 +36,34 @@ def p99(samples: Sequence[float]) -> float:
 def ratio_of_medians(capsa: Sequence[float], reference: Sequence[float]) -> float:
     """How many times the reference's median capsa's median is: below 1 is faster."""
     return median(capsa) / median(reference)
+
+
+def ratio_interval(
+    capsa: Sequence[float], reference: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float]:
+    """The percentile bootstrap interval of :func:`ratio_of_medians`: how far this run's ratio
+    could have moved by chance alone.
+
+    When both sides have one sample per round (interleaved: capsa, reference, capsa...), rounds
+    are resampled in pairs, so that each pair keeps the machine's load of its moment and only
+    the difference between the sides counts; otherwise each side is resampled on its own. The
+    generator's seed is fixed: the same samples always give the same interval.
+    """
+    if not capsa or not reference:
+        raise ValueError("no samples")
+    rng = random.Random(0)
+    paired = len(capsa) == len(reference)
+    ratios = []
+    for _ in range(_RESAMPLES):
+        if paired:
+            rounds = rng.choices(range(len(capsa)), k=len(capsa))
+            ratios.append(
+                median([capsa[i] for i in rounds]) / median([reference[i] for i in rounds])
+            )
+        else:
+            ratios.append(
+                median(rng.choices(capsa, k=len(capsa)))
+                / median(rng.choices(reference, k=len(reference)))
+            )
+    tail = (1 - confidence) / 2
+    return quantile(ratios, tail), quantile(ratios, 1 - tail)

@@ -85,6 +85,7 @@ def test_smoke_run_reports_every_case_and_leaves_nothing(tmp_path: Path) -> None
     for row in document["summary"]:
         if row["case"] in COMPARED_SERIES:
             assert row["ratio"] > 0, row
+            assert row["ratio_low"] <= row["ratio"] <= row["ratio_high"], row
             assert row["median"] > 0 and row["ref_median"] > 0, row
         else:
             assert (row["value"] or row["median"]) > 0, row
