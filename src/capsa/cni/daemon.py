@@ -783,6 +783,7 @@ class CniDaemon:
         bridge_linger: float = 0.0,
     ) -> None:
         self._listen = parse_listen(listen)
+        self._listen_text = listen
         self._app = create_app(
             ports, dataplane, workers=workers, progress=progress, bridge_linger=bridge_linger
         )
@@ -813,12 +814,14 @@ class CniDaemon:
 
     @property
     def address(self) -> str:
-        """Where the daemon listens, as the conflist's ``daemon`` names it (port 0 resolved)."""
+        """Where the daemon listens, as the conflist's ``daemon`` names it: as configured (a
+        host name stays a name), port 0 resolved once it listens."""
         if isinstance(self._listen, Path):
             return f"unix:{self._listen}"
-        if self._runner is None or not self._runner.addresses:
-            host, port = self._listen
-        else:
+        host, port = self._listen
+        if port != 0:
+            return self._listen_text
+        if self._runner is not None and self._runner.addresses:
             host, port = self._runner.addresses[0][:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -1176,6 +1177,19 @@ async def test_daemon_on_a_free_tcp_port(ports: FakePorts) -> None:
             session.get(f"http://{daemon.address}/healthz") as response,
         ):
             assert response.status == 200
+    finally:
+        await daemon.stop()
+
+
+async def test_a_daemon_listening_at_a_host_name_is_addressed_by_it(ports: FakePorts) -> None:
+    # As capsa's conflist names it, which is also the keeper of the bridges the daemon makes.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = CniDaemon(ports, f"localhost:{port}", dataplane=FakeDataplane())
+    await daemon.start()
+    try:
+        assert daemon.address == f"localhost:{port}"
     finally:
         await daemon.stop()
 
