@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +52,8 @@ class Row:
     # The ratio's 95% bootstrap interval (stats.ratio_interval).
     ratio_low: float | None = None
     ratio_high: float | None = None
+    # The two series of the case's samples that a ratio compares (capsa's side first).
+    series: tuple[str, str] | None = None
     value: float | None = None
     unit: str = "ms"
     target: Target | None = None
@@ -65,12 +68,13 @@ class Row:
 def compared(
     case: str,
     measure: str,
-    capsa: list[float],
-    reference: list[float],
+    samples: dict[str, list[float]],
+    series: tuple[str, str],
     target: Target | None = None,
 ) -> Row:
-    """A row of two interleaved sides: medians, p95s and the ratio of medians, with its
-    interval."""
+    """A row of two interleaved series of ``samples`` (capsa's side, then the reference's):
+    medians, p95s and the ratio of medians, with its interval."""
+    capsa, reference = samples[series[0]], samples[series[1]]
     ratio_low, ratio_high = stats.ratio_interval(capsa, reference)
     return Row(
         case=case,
@@ -83,6 +87,7 @@ def compared(
         ratio=stats.ratio_of_medians(capsa, reference),
         ratio_low=ratio_low,
         ratio_high=ratio_high,
+        series=series,
         target=target,
     )
 
@@ -165,12 +170,17 @@ def table(results: list[CaseResult]) -> str:
             reason = result.error.strip().splitlines()[-1]
             lines.append([result.name, f"FAILED: {reason}"] + [""] * (len(_COLUMNS) - 2))
         lines.extend(_cells(row) for row in result.rows)
-    widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(_COLUMNS)]
+    return markdown(_COLUMNS, lines)
 
-    def render(cells: list[str] | tuple[str, ...]) -> str:
+
+def markdown(columns: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """A Markdown table, its columns padded to their widest cell."""
+    widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(columns)]
+
+    def render(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
-    out = [render(_COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out = [render(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [render(line) for line in lines]
     return "\n".join(out)
 

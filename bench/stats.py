@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 # Enough resamples for an interval stable to the second decimal of a ratio.
 _RESAMPLES = 2000
@@ -49,21 +49,47 @@ def ratio_interval(
     the difference between the sides counts; otherwise each side is resampled on its own. The
     generator's seed is fixed: the same samples always give the same interval.
     """
+    return _interval(list(_resampled_ratios(capsa, reference, random.Random(0))), confidence)
+
+
+def change_interval(
+    before: tuple[Sequence[float], Sequence[float]],
+    after: tuple[Sequence[float], Sequence[float]],
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """The bootstrap interval of how many times ``before``'s ratio of medians ``after``'s is
+    (each a pair of capsa's and the reference's samples, from two runs): an interval that holds
+    1 says the two runs may differ by chance alone. Each run is resampled as
+    :func:`ratio_interval` resamples it, the two independently; the seed is fixed."""
+    rng = random.Random(0)
+    return _interval(
+        [
+            new / old
+            for old, new in zip(
+                _resampled_ratios(*before, rng), _resampled_ratios(*after, rng), strict=True
+            )
+        ],
+        confidence,
+    )
+
+
+def _resampled_ratios(
+    capsa: Sequence[float], reference: Sequence[float], rng: random.Random
+) -> Iterator[float]:
     if not capsa or not reference:
         raise ValueError("no samples")
-    rng = random.Random(0)
     paired = len(capsa) == len(reference)
-    ratios = []
     for _ in range(_RESAMPLES):
         if paired:
             rounds = rng.choices(range(len(capsa)), k=len(capsa))
-            ratios.append(
-                median([capsa[i] for i in rounds]) / median([reference[i] for i in rounds])
-            )
+            yield median([capsa[i] for i in rounds]) / median([reference[i] for i in rounds])
         else:
-            ratios.append(
+            yield (
                 median(rng.choices(capsa, k=len(capsa)))
                 / median(rng.choices(reference, k=len(reference)))
             )
+
+
+def _interval(values: list[float], confidence: float) -> tuple[float, float]:
     tail = (1 - confidence) / 2
-    return quantile(ratios, tail), quantile(ratios, 1 - tail)
+    return quantile(values, tail), quantile(values, 1 - tail)

@@ -69,8 +69,8 @@ def run(session: Session) -> CaseResult:
         compared(
             "burst",
             f"{size} capsules at once: all Running",
-            samples["capsa.burst"],
-            samples["reference.burst"],
+            samples,
+            ("capsa.burst", "reference.burst"),
             BURST_TARGET,
         )
     ]

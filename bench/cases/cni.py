@@ -189,13 +189,13 @@ def run(session: Session) -> CaseResult:
         )
     result.samples = samples
     result.rows = [
-        compared("cni", "ADD", samples["capsa.add"], samples["reference.add"], ADD_TARGET),
-        compared("cni", "DEL", samples["capsa.del"], samples["reference.del"], DEL_TARGET),
+        compared("cni", "ADD", samples, ("capsa.add", "reference.add"), ADD_TARGET),
+        compared("cni", "DEL", samples, ("capsa.del", "reference.del"), DEL_TARGET),
         compared(
             "cni",
             "floor: capsa-cni's interpreter alone, against the reference's ADD",
-            samples["interpreter.start"],
-            samples["reference.add"],
+            samples,
+            ("interpreter.start", "reference.add"),
         ),
     ]
     result.notes = [

@@ -78,15 +78,15 @@ def run(session: Session) -> CaseResult:
         compared(
             "start",
             "1-container capsule: POST -> Running",
-            samples["capsa.start"],
-            samples["reference.start"],
+            samples,
+            ("capsa.start", "reference.start"),
             START_TARGET,
         ),
         compared(
             "start",
             "teardown: DELETE -> 404",
-            samples["capsa.teardown"],
-            samples["reference.teardown"],
+            samples,
+            ("capsa.teardown", "reference.teardown"),
             TEARDOWN_TARGET,
         ),
     ]
