@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+import statistics
+from collections.abc import Sequence
 
 # Enough resamples for an interval stable to the second decimal of a ratio.
 _RESAMPLES = 2000
+# One run's samples of a compared row: capsa's side, the reference's.
+Run = tuple[Sequence[float], Sequence[float]]
 
 
 def quantile(samples: Sequence[float], q: float) -> float:
@@ -49,45 +52,44 @@ def ratio_interval(
     the difference between the sides counts; otherwise each side is resampled on its own. The
     generator's seed is fixed: the same samples always give the same interval.
     """
-    return _interval(list(_resampled_ratios(capsa, reference, random.Random(0))), confidence)
-
-
-def change_interval(
-    before: tuple[Sequence[float], Sequence[float]],
-    after: tuple[Sequence[float], Sequence[float]],
-    confidence: float = 0.95,
-) -> tuple[float, float]:
-    """The bootstrap interval of how many times ``before``'s ratio of medians ``after``'s is
-    (each a pair of capsa's and the reference's samples, from two runs): an interval that holds
-    1 says the two runs may differ by chance alone. Each run is resampled as
-    :func:`ratio_interval` resamples it, the two independently; the seed is fixed."""
     rng = random.Random(0)
     return _interval(
-        [
-            new / old
-            for old, new in zip(
-                _resampled_ratios(*before, rng), _resampled_ratios(*after, rng), strict=True
-            )
-        ],
-        confidence,
+        [_resampled_ratio(capsa, reference, rng) for _ in range(_RESAMPLES)], confidence
     )
 
 
-def _resampled_ratios(
+def change_interval(
+    before: Sequence[Run], after: Sequence[Run], confidence: float = 0.95
+) -> tuple[float, float]:
+    """The bootstrap interval of how many times the ratio of medians of the runs ``before`` that
+    of the runs ``after`` is (a run: capsa's and the reference's samples of one row), each side's
+    ratio the mean of its runs' ratios: an interval that holds 1 says the two sides may differ by
+    chance alone. A run's rounds are resampled as :func:`ratio_interval` resamples them; with
+    several runs a side, the runs are resampled too, so that the interval also holds how much
+    runs of the same code differ (the machine's speed drifts between runs, which no run's rounds
+    show). The seed is fixed."""
+    rng = random.Random(0)
+
+    def side(runs: Sequence[Run]) -> float:
+        chosen = rng.choices(runs, k=len(runs)) if len(runs) > 1 else runs
+        return statistics.fmean(_resampled_ratio(*run, rng) for run in chosen)
+
+    if not before or not after:
+        raise ValueError("no runs")
+    return _interval([side(after) / side(before) for _ in range(_RESAMPLES)], confidence)
+
+
+def _resampled_ratio(
     capsa: Sequence[float], reference: Sequence[float], rng: random.Random
-) -> Iterator[float]:
+) -> float:
     if not capsa or not reference:
         raise ValueError("no samples")
-    paired = len(capsa) == len(reference)
-    for _ in range(_RESAMPLES):
-        if paired:
-            rounds = rng.choices(range(len(capsa)), k=len(capsa))
-            yield median([capsa[i] for i in rounds]) / median([reference[i] for i in rounds])
-        else:
-            yield (
-                median(rng.choices(capsa, k=len(capsa)))
-                / median(rng.choices(reference, k=len(reference)))
-            )
+    if len(capsa) == len(reference):
+        rounds = rng.choices(range(len(capsa)), k=len(capsa))
+        return median([capsa[i] for i in rounds]) / median([reference[i] for i in rounds])
+    return median(rng.choices(capsa, k=len(capsa))) / median(
+        rng.choices(reference, k=len(reference))
+    )
 
 
 def _interval(values: list[float], confidence: float) -> tuple[float, float]:

@@ -32,8 +32,11 @@ def run(path: Path, capsa_scale: float, seed: int, extra_row: bool = False) -> P
     return path
 
 
-def lines_of(before: Path, after: Path) -> list[list[str]]:
-    return compare.compare(compare.load(before), compare.load(after))
+def lines_of(before: Path | list[Path], after: Path | list[Path]) -> list[list[str]]:
+    def runs(paths: Path | list[Path]) -> list[dict[str, Any]]:
+        return [compare.load(p) for p in (paths if isinstance(paths, list) else [paths])]
+
+    return compare.compare(runs(before), runs(after))
 
 
 def test_a_faster_run_is_told_apart_from_chance(tmp_path: Path) -> None:
@@ -54,6 +57,20 @@ def test_two_runs_of_the_same_code_differ_within_chance(tmp_path: Path) -> None:
     [start, _] = lines_of(before, after)
     low, high = (float(x) for x in start[5].split("-"))
     assert low < 1 < high
+    assert start[6] == "within chance"
+
+
+def test_several_runs_a_side_widen_the_interval_by_how_much_runs_differ(tmp_path: Path) -> None:
+    # The machine's speed drifts between runs: each run is sure of its own ratio, but runs of
+    # the same code disagree by more than the after side's 4% (which each run's rounds alone
+    # would call slower).
+    before = [run(tmp_path / f"b{i}.json", s, seed=20 + i) for i, s in enumerate((1.1, 1.3))]
+    after = [run(tmp_path / f"a{i}.json", s, seed=30 + i) for i, s in enumerate((1.16, 1.34))]
+    [start, _] = lines_of(before, after)
+    assert start[2].count(" / ") == 1 and start[3].count(" / ") == 1
+    assert float(start[4]) == pytest.approx(1.25 / 1.2, abs=0.02)
+    low, high = (float(x) for x in start[5].split("-"))
+    assert low < 0.95 and high > 1.1
     assert start[6] == "within chance"
 
 
@@ -80,7 +97,7 @@ def test_a_file_that_is_no_run_is_refused(
     other = tmp_path / "other.json"
     other.write_text('{"cases": {}}')
     after = run(tmp_path / "after.json", 1.2, seed=9)
-    assert compare.main([str(other), str(after)]) == 2
+    assert compare.main(["--before", str(other), "--after", str(after)]) == 2
     assert "not the JSON of a `python -m bench` run" in capsys.readouterr().err
-    assert compare.main([str(after), str(after)]) == 0
+    assert compare.main(["--before", str(after), "--after", str(after)]) == 0
     assert "within chance" in capsys.readouterr().out
