@@ -767,11 +767,17 @@ class CapsuleDriver:
         the pass recorded) are written: the write is off the capsule's path. A write refused
         because the tenant deleted the capsule meanwhile (Superseded) lets the call end all the
         same; the teardown that follows removes what it made."""
-        results = await asyncio.gather(
-            self._set_capsule(capsule, **values), step, return_exceptions=True
-        )
-        _raise_first_failure(results)
-        return cast(T, results[1])
+
+        async def write() -> None:
+            # One turn later: the call's request is sent first (gRPC sends it from a task of
+            # its own), and the write (on the event loop with SQLite) runs while the runtime
+            # works on it, instead of before.
+            await asyncio.sleep(0)
+            await self._set_capsule(capsule, **values)
+
+        done, written = await asyncio.gather(step, write(), return_exceptions=True)
+        _raise_first_failure([written, done])
+        return cast(T, done)
 
     async def _run_sandbox(self, spec: cri.SandboxSpec) -> str:
         async with self._sandbox_slots:

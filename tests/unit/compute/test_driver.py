@@ -801,6 +801,48 @@ async def test_the_runtime_creates_and_starts_containers_while_the_capsule_is_wr
     assert (capsule.status, capsule.task_state) == (Status.RUNNING, None)
 
 
+async def test_a_runtime_call_is_sent_before_the_write_that_announces_it(
+    driver: CapsuleDriver,
+    store: Store,
+    fake_cri: Any,
+    make_capsule: CapsuleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # gRPC's aio call sends its request from a task of its own, which the caller's first
+    # await only schedules: the write, on the event loop, must not run before that task does.
+    events: list[str] = []
+    update_status = store.capsules.update_status
+
+    async def recorded_update_status(uuid: str, **values: Any) -> bool:
+        if values.get("task_state") is not None:
+            events.append(f"write {values['task_state'].value}")
+        return bool(await update_status(uuid, **values))
+
+    def sent_from_a_task(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        async def send(*args: Any) -> Any:
+            events.append(f"sent {name}")
+            return await call(*args)
+
+        async def invoked(*args: Any) -> Any:
+            return await asyncio.ensure_future(send(*args))
+
+        return invoked
+
+    monkeypatch.setattr(store.capsules, "update_status", recorded_update_status)
+    fake_cri.create_container = sent_from_a_task("CreateContainer", fake_cri.create_container)
+    fake_cri.start_container = sent_from_a_task("StartContainer", fake_cri.start_container)
+    capsule = await placed(store, make_capsule)
+
+    await driver.converge(capsule)
+
+    assert events == [
+        "sent CreateContainer",
+        f"write {TaskState.CONTAINER_CREATING.value}",
+        "sent StartContainer",
+        f"write {TaskState.CONTAINER_STARTING.value}",
+    ]
+
+
 async def test_a_capsule_deleted_while_its_sandbox_starts_is_superseded_then_torn_down(
     driver: CapsuleDriver,
     store: Store,
