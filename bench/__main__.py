@@ -20,7 +20,7 @@ from typing import Any
 from bench import machine, phases, tracing
 from bench.cases import api, burst, cni, memory, scheduler, start
 from bench.instance import REPO_ROOT
-from bench.report import CaseResult, table, write_json
+from bench.report import CaseResult, table, within_chance, write_json
 from bench.suite import CASES, PAIRED_CASES, Plan, Session
 
 RUNNERS: dict[str, Callable[[Session], CaseResult]] = {
@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.results_dir / f"{_stem(started, plan)}.json"
     write_json(path, header, results)
     print(table(results))
+    undecided = within_chance(results)
+    if undecided:
+        print("\nVerdicts within chance:\n" + "\n".join(f"- {line}" for line in undecided))
     for result in results:
         for title, key in (("start", "start_steps"), ("teardown", "teardown_steps")):
             if result.details.get(key):

@@ -173,6 +173,25 @@ def table(results: list[CaseResult]) -> str:
     return markdown(_COLUMNS, lines)
 
 
+def within_chance(results: list[CaseResult]) -> list[str]:
+    """One line per judged row whose ratio's interval holds its target's bound: its verdict is
+    this run's, and another run may well give the other."""
+    return [
+        f"{row.case} {row.measure}: {row.verdict} at {row.ratio:.2f}, but its interval "
+        f"{row.ratio_low:.2f}-{row.ratio_high:.2f} holds the bound {row.target.bound:g}: "
+        "another run may give the other verdict"
+        for result in results
+        for row in result.rows
+        if row.target is not None
+        and row.target.metric == "ratio"
+        and row.verdict != "n/a"
+        and row.ratio is not None
+        and row.ratio_low is not None
+        and row.ratio_high is not None
+        and row.ratio_low <= row.target.bound <= row.ratio_high
+    ]
+
+
 def markdown(columns: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     """A Markdown table, its columns padded to their widest cell."""
     widths = [max([len(c), *(len(line[i]) for line in lines)]) for i, c in enumerate(columns)]

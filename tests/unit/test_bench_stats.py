@@ -1,4 +1,5 @@
-"""bench.stats: the ratio of two interleaved sides and how much it could move by chance."""
+"""bench.stats (the ratio of two interleaved sides, how much it could move by chance) and what the
+report says of it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import random
 
 import pytest
 from bench import stats
+from bench.report import CaseResult, Target, compared, within_chance
 
 
 def noisy(n: int, scale: float, seed: int) -> list[float]:
@@ -50,3 +52,28 @@ def test_the_same_samples_give_the_same_interval() -> None:
 def test_no_samples_is_an_error() -> None:
     with pytest.raises(ValueError, match="no samples"):
         stats.ratio_interval([], [0.1])
+
+
+def test_a_verdict_whose_interval_holds_the_bound_is_said_to_be_within_chance() -> None:
+    target = Target("ratio", "<=", 1.15, "ratio <= 1.15")
+    rng = random.Random(8)
+    load = [rng.uniform(0.8, 1.2) for _ in range(20)]
+    reference = [0.1 * x for x in load]
+    samples = {
+        # About 1.14, give or take 0.05 from round to round: the bound is within reach.
+        "capsa.start": [0.114 * x * rng.uniform(0.95, 1.05) for x in load],
+        "reference.start": reference,
+        # 1.5 in every round: surely missed.
+        "capsa.teardown": [0.15 * x for x in load],
+        "reference.teardown": reference,
+    }
+    start = compared("start", "start", samples, ("capsa.start", "reference.start"), target)
+    teardown = compared(
+        "start", "teardown", samples, ("capsa.teardown", "reference.teardown"), target
+    )
+    results = [CaseResult("start", rows=[start.judge(True), teardown.judge(True)])]
+    [line] = within_chance(results)
+    assert line.startswith(f"start start: {start.verdict} at {start.ratio:.2f}")
+    # A smoke run judges nothing: nothing to say.
+    start.verdict = teardown.verdict = "n/a"
+    assert within_chance(results) == []
