@@ -760,47 +760,6 @@ async def test_the_sandbox_id_goes_with_the_next_write_not_one_of_its_own(
     assert (await reload(store, capsule)).sandbox_id == with_sandbox["sandbox_id"]
 
 
-async def test_the_runtime_creates_and_starts_containers_while_the_capsule_is_written(
-    driver: CapsuleDriver,
-    store: Store,
-    fake_cri: Any,
-    make_capsule: CapsuleFactory,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The writes that say what the runtime does wait for the runtime call they announce: if
-    # the call waited for the write instead, the start would never end (the timeout fails it).
-    asked = {"CreateContainer": asyncio.Event(), "StartContainer": asyncio.Event()}
-    announces = {
-        TaskState.CONTAINER_CREATING: asked["CreateContainer"],
-        TaskState.CONTAINER_STARTING: asked["StartContainer"],
-    }
-    update_status = store.capsules.update_status
-
-    async def write_once_asked(uuid: str, **values: Any) -> bool:
-        event = announces.get(values.get("task_state"))  # type: ignore[arg-type]
-        if event is not None:
-            async with asyncio.timeout(10):
-                await event.wait()
-        return bool(await update_status(uuid, **values))
-
-    def telling(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
-        async def told(*args: Any) -> Any:
-            asked[name].set()
-            return await call(*args)
-
-        return told
-
-    monkeypatch.setattr(store.capsules, "update_status", write_once_asked)
-    fake_cri.create_container = telling("CreateContainer", fake_cri.create_container)
-    fake_cri.start_container = telling("StartContainer", fake_cri.start_container)
-    capsule = await placed(store, make_capsule)
-
-    await driver.converge(capsule)
-
-    capsule = await reload(store, capsule)
-    assert (capsule.status, capsule.task_state) == (Status.RUNNING, None)
-
-
 async def test_a_runtime_call_is_sent_before_the_write_that_announces_it(
     driver: CapsuleDriver,
     store: Store,
@@ -808,8 +767,9 @@ async def test_a_runtime_call_is_sent_before_the_write_that_announces_it(
     make_capsule: CapsuleFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # gRPC's aio call sends its request from a task of its own, which the caller's first
-    # await only schedules: the write, on the event loop, must not run before that task does.
+    # The writes that say what the runtime does run while it does it, not before: gRPC's aio
+    # call sends its request from a task of its own, which the caller's first await only
+    # schedules, and the write, on the event loop, must not run before that task does.
     events: list[str] = []
     update_status = store.capsules.update_status
 
