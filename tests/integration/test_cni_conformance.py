@@ -59,7 +59,13 @@ from capsa.cri import types as cri_types
 from capsa.cri.client import CriClient
 from capsa.files import atomic_write
 from capsa.network import dataplane as dataplane_module
-from capsa.network.dataplane import Dataplane, DataplaneError, host_ifname, pod_ifnames
+from capsa.network.dataplane import (
+    Dataplane,
+    DataplaneError,
+    host_ifname,
+    overlay_name,
+    pod_ifnames,
+)
 from capsa.network.service import NetworkService, bridge_name
 from capsa.network.types import PortBinding, PortSource
 from capsa.runtime.host import HostRuntime
@@ -1456,6 +1462,26 @@ def test_bridge_creation_races_all_succeed(network: Network) -> None:
 
 
 # ==== 13. A capsule on two networks ====
+
+
+def test_a_bridge_with_its_overlay_device_alone_is_idle_and_one_with_a_pod_is_not() -> None:
+    keeper = f"k-{secrets.token_hex(4)}"
+    bridge = f"cbr-t{secrets.token_hex(3)}"
+    gateway = IPv4Interface(f"{free_subnet().network_address + 1}/24")
+    try:
+        with contextlib.closing(Dataplane()) as dataplane:
+            dataplane.ensure_bridge(bridge, gateway, 1400, keeper=keeper)
+            sh("ip", "link", "add", overlay_name(bridge), "type", "vxlan", "id", "4242",
+               "dstport", "4789", "local", "127.0.0.1")  # fmt: skip
+            sh("ip", "link", "set", overlay_name(bridge), "master", bridge)
+            assert dataplane.idle_bridges(keeper) == [bridge]
+            assert dataplane.idle_bridges("another keeper") == []
+            sh("ip", "link", "add", f"{bridge}p", "type", "veth", "peer", f"{bridge}q")
+            sh("ip", "link", "set", f"{bridge}p", "master", bridge)
+            assert dataplane.idle_bridges(keeper) == []
+    finally:
+        for name in (f"{bridge}p", overlay_name(bridge), bridge):
+            sh("ip", "link", "del", name, check=False)
 
 
 def pod_on_two_networks(first: Network, second: Network) -> tuple[str, PortBinding, PortBinding]:

@@ -352,12 +352,11 @@ class Dataplane:
             for link in links
             if link.kind == "bridge" and link.ifalias == alias
         }
-        in_use = {
-            link.master
-            for link in links
-            if link.master in bridges and link.ifname != overlay_name(bridges[link.master])
-        }
-        return [name for index, name in bridges.items() if index not in in_use]
+        attached: dict[int, list[str]] = {index: [] for index in bridges}
+        for link in links:
+            if link.master in attached:
+                attached[link.master].append(link.ifname)
+        return [name for index, name in bridges.items() if not _pods_on(name, attached[index])]
 
     def remove_bridge_if_unused(self, name: str) -> bool:
         """Deletes the bridge ``name`` if no pod is attached to it (with its overlay device, if
@@ -367,7 +366,7 @@ class Dataplane:
             if bridge is None or bridge.kind != "bridge":
                 return False
             attached = [link.ifname for link in host.links(master=bridge.index)]
-            if any(link != overlay_name(name) for link in attached):
+            if _pods_on(name, attached):
                 return False
             if attached:
                 _delete_link(host, overlay_name(name))
@@ -604,6 +603,11 @@ def _remove_half_made(host: Rtnetlink, name: str) -> None:
         _delete_link(host, name)
     except NetlinkError as exc:
         log.warning("cannot remove a half-made veth", veth=name, error=str(exc))
+
+
+def _pods_on(bridge: str, attached: Sequence[str]) -> bool:
+    """Whether the links ``attached`` to ``bridge`` include a pod's: anything but its overlay."""
+    return any(name != overlay_name(bridge) for name in attached)
 
 
 def _bridge_alias(keeper: str) -> str:
