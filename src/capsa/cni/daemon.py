@@ -816,11 +816,9 @@ class CniDaemon:
     def address(self) -> str:
         """Where the daemon listens, as the conflist's ``daemon`` names it: as configured (a
         host name stays a name), port 0 resolved once it listens."""
-        if isinstance(self._listen, Path):
-            return f"unix:{self._listen}"
-        host, port = self._listen
-        if port != 0:
+        if isinstance(self._listen, Path) or self._listen[1] != 0:
             return self._listen_text
+        host, port = self._listen
         if self._runner is not None and self._runner.addresses:
             host, port = self._runner.addresses[0][:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1194,6 +1194,19 @@ async def test_a_daemon_listening_at_a_host_name_is_addressed_by_it(ports: FakeP
         await daemon.stop()
 
 
+async def test_a_daemon_on_a_unix_socket_is_addressed_as_configured(
+    tmp_path: Path, ports: FakePorts
+) -> None:
+    # A path the conflist spells with a doubled slash keeps it: the bridges' keeper is its text.
+    listen = f"unix:{tmp_path}//cni.sock"
+    daemon = CniDaemon(ports, listen, dataplane=FakeDataplane())
+    await daemon.start()
+    try:
+        assert daemon.address == listen
+    finally:
+        await daemon.stop()
+
+
 async def deletions_done() -> None:
     """Waits for the veth deletions the daemon runs after its DELs have answered."""
     await asyncio.gather(
