@@ -152,6 +152,8 @@ class PolicyConfig:
     network_all_projects: tuple[str, ...] = ("admin",)
     # Making a network shared with every project.
     network_shared: tuple[str, ...] = ("admin",)
+    # Binding a port to a host (binding:host_id) or to a capsule (device_owner compute:capsule).
+    network_port_binding: tuple[str, ...] = ("admin",)
 
 
 @dataclass(frozen=True)

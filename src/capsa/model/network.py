@@ -111,6 +111,11 @@ def default_pools(
     return tuple(pools)
 
 
+# The device_owner of the ports capsa allocates for capsules (and single containers): only
+# these are a capsule's, whatever another port's device_id says.
+DEVICE_OWNER_CAPSULE = "compute:capsule"
+
+
 @dataclass(frozen=True)
 class Port:
     id: str

@@ -19,8 +19,6 @@ from capsa.store.networks import ProjectDefaults
 
 log = get_logger(__name__)
 
-DEVICE_OWNER_CAPSULE = "compute:capsule"
-
 
 class NetworkService:
     """``default_cidr`` is the pool that projects' default subnets come from, a
@@ -77,7 +75,6 @@ class NetworkService:
             network_ids=network_ids,
             project_id=project_id,
             device_id=device_id,
-            device_owner=DEVICE_OWNER_CAPSULE,
             host=host,
             pick_address=lowest_free_address,
             mac_address=random_mac,

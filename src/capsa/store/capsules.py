@@ -32,6 +32,7 @@ from capsa.model.capsule import (
 )
 from capsa.model.clock import utcnow
 from capsa.model.host import PlacementRequest
+from capsa.model.network import DEVICE_OWNER_CAPSULE
 from capsa.model.quota import NO_LIMITS, QuotaLimits, QuotaUsage
 from capsa.store import notify, paging, quotas, schema
 from capsa.store.db import Database
@@ -59,12 +60,17 @@ _BY_UUID = select(c_t).where(c_t.c.uuid == bindparam("ident"))
 _BY_UUIDS = select(c_t).where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
 # What a capsule's version is made of: its own last update, its containers' last update, and
 # how many ports it has and their last update.
+# A capsule's ports are those capsa allocated for it (a port made through the API may name any
+# device_id).
+_CAPSA_MADE = schema.ports.c.device_owner == DEVICE_OWNER_CAPSULE
 _VERSION_COLUMNS = (
     c_t.c.updated_at,
     select(func.max(k_t.c.updated_at)).where(k_t.c.capsule_uuid == c_t.c.uuid).scalar_subquery(),
-    select(func.count()).where(schema.ports.c.device_id == c_t.c.uuid).scalar_subquery(),
+    select(func.count())
+    .where(schema.ports.c.device_id == c_t.c.uuid, _CAPSA_MADE)
+    .scalar_subquery(),
     select(func.max(schema.ports.c.updated_at))
-    .where(schema.ports.c.device_id == c_t.c.uuid)
+    .where(schema.ports.c.device_id == c_t.c.uuid, _CAPSA_MADE)
     .scalar_subquery(),
 )
 
@@ -92,7 +98,7 @@ _CONTAINERS_OF = (
 )
 _PORTS_OF = (
     select(schema.ports)
-    .where(schema.ports.c.device_id.in_(bindparam("uuids", expanding=True)))
+    .where(schema.ports.c.device_id.in_(bindparam("uuids", expanding=True)), _CAPSA_MADE)
     .order_by(schema.ports.c.interface_index)
 )
 # The ports of the containers that should run on a host: only their specs' "ports".
@@ -138,7 +144,9 @@ _DELETE = (
     .where(c_t.c.uuid == bindparam("uuid"))
     .returning(c_t.c.host, c_t.c.cpu_millis, c_t.c.memory_mb)
 )
-_DELETE_PORTS_OF = delete(schema.ports).where(schema.ports.c.device_id == bindparam("uuid"))
+_DELETE_PORTS_OF = delete(schema.ports).where(
+    schema.ports.c.device_id == bindparam("uuid"), _CAPSA_MADE
+)
 
 
 class NameConflict(Exception):

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from capsa.model.clock import utcnow
 from capsa.model.network import (
+    DEVICE_OWNER_CAPSULE,
     HostNetworkView,
     HostPortMapping,
     LocalPort,
@@ -62,13 +63,12 @@ _PORTS_WITH_NETWORKS = (
     .join(n_t, n_t.c.id == p_t.c.network_id)
     .join(s_t, s_t.c.id == p_t.c.subnet_id)
 )
+# A capsule's ports are those capsa allocated for it: a port made through the API with the
+# capsule's uuid as its device_id (any tenant may write any device_id) is not one of them.
+_OF_DEVICE = (p_t.c.device_id == bindparam("device")) & (p_t.c.device_owner == DEVICE_OWNER_CAPSULE)
 # The CNI daemon's statements, built once (see capsa.store.capsules).
-_PORT_WITH_NETWORK = _PORTS_WITH_NETWORKS.where(p_t.c.device_id == bindparam("device")).order_by(
-    p_t.c.interface_index
-)
-_DEVICE_PORTS = (
-    select(p_t).where(p_t.c.device_id == bindparam("device")).order_by(p_t.c.interface_index)
-)
+_PORT_WITH_NETWORK = _PORTS_WITH_NETWORKS.where(_OF_DEVICE).order_by(p_t.c.interface_index)
+_DEVICE_PORTS = select(p_t).where(_OF_DEVICE).order_by(p_t.c.interface_index)
 _SET_BINDING = update(p_t).where(p_t.c.id == bindparam("where_id"))
 _UNBOUND = {"status": "DOWN", "binding_container_id": None, "binding_host_ifname": None}
 _CLEAR_BINDINGS = (
@@ -80,6 +80,7 @@ _CLEAR_BINDINGS = (
 _CLEAR_DEVICE_BINDINGS = (
     update(p_t)
     .where(p_t.c.device_id == bindparam("where_device"))
+    .where(p_t.c.device_owner == DEVICE_OWNER_CAPSULE)
     .where(p_t.c.binding_container_id == bindparam("where_container"))
     .values(_UNBOUND)
     .returning(p_t.c.id)
@@ -218,21 +219,21 @@ class PortStore(EnforcedStore):
         network_ids: Sequence[str],
         project_id: str,
         device_id: str,
-        device_owner: str,
         host: str,
         pick_address: AddressPicker,
         mac_address: Callable[[], str],
         security_group_ids: Sequence[str],
     ) -> list[Port]:
-        """A port on each network for the device, in one transaction (all or none), in the
-        device's interface order; raises SubnetFull when one of the networks has no address."""
+        """A port on each network for the capsule ``device_id``, in one transaction (all or
+        none), in its interface order; raises SubnetFull when one of the networks has no
+        address."""
         values = {
             "project_id": project_id,
             "name": "",
             "description": "",
             "admin_state_up": True,
             "device_id": device_id,
-            "device_owner": device_owner,
+            "device_owner": DEVICE_OWNER_CAPSULE,
             "host": host,
         }
 
@@ -364,9 +365,8 @@ class PortStore(EnforcedStore):
         return await self._db.run_write(work)
 
     async def delete_for_device(self, device_id: str) -> None:
-        await self._write(
-            lambda conn: conn.execute(delete(p_t).where(p_t.c.device_id == device_id))
-        )
+        params = {"device": device_id}
+        await self._write(lambda conn: conn.execute(delete(p_t).where(_OF_DEVICE), params))
 
     async def list_for_subnet(self, subnet_id: str) -> list[Port]:
         query = select(p_t).where(p_t.c.subnet_id == subnet_id)

@@ -366,3 +366,55 @@ async def test_listing_groups_makes_the_default_group_once_and_then_only_reads(
     again = await ok(await client.get(f"{V2}/security-groups", headers=who()))
     assert again == first
     assert not await agents.wait(0), "a list that changed nothing woke the network agents"
+
+
+async def test_only_an_admin_binds_a_port_to_a_host_or_a_capsule(client: Client) -> None:
+    network = await make_network(client, shared=True, headers=ADMIN)
+    await make_subnet(client, network["id"], "10.48.0.0/24", headers=ADMIN)
+
+    async def create(headers: dict[str, str], **extra: Any) -> Any:
+        body = {"port": {"network_id": network["id"], **extra}}
+        return await client.post(f"{V2}/ports", json=body, headers=headers)
+
+    to_host = await create(who(), **{"binding:host_id": "h1"})
+    await neutron_error(to_host, 403, "PolicyNotAuthorized", "create_port:binding:host_id")
+    to_capsule = await create(who(), device_id="capsule-x", device_owner="compute:capsule")
+    await neutron_error(to_capsule, 403, "PolicyNotAuthorized", "create_port:device_owner")
+    # Nothing was made by the refused requests.
+    assert (await ok(await client.get(f"{V2}/ports", headers=ADMIN)))["ports"] == []
+
+    bound = (await ok(await create(ADMIN, **{"binding:host_id": "h1"}), 201))["port"]
+    assert bound["binding:host_id"] == "h1" and bound["binding:vif_type"] == "bridge"
+    plain = (await ok(await create(who(), device_id="capsule-x"), 201))["port"]
+    assert plain["binding:host_id"] == "" and plain["binding:vif_type"] == "unbound"
+
+    async def update(port: Any, headers: dict[str, str], **values: Any) -> Any:
+        body = {"port": values}
+        return await client.put(f"{V2}/ports/{port['id']}", json=body, headers=headers)
+
+    moved = await update(plain, who(), **{"binding:host_id": "h2"})
+    await neutron_error(moved, 403, "PolicyNotAuthorized", "update_port:binding:host_id")
+    adopted = await update(plain, who(), device_owner="compute:capsule")
+    await neutron_error(adopted, 403, "PolicyNotAuthorized", "update_port:device_owner")
+    # Sending what the port already has changes nothing, so it needs no admin.
+    same = await ok(await update(plain, who(), device_id="capsule-x", name="same"))
+    assert same["port"]["name"] == "same"
+    rebound = await ok(await update(plain, ADMIN, **{"binding:host_id": "h2"}))
+    assert rebound["port"]["binding:host_id"] == "h2"
+    unbound = await ok(await update(plain, ADMIN, **{"binding:host_id": ""}))
+    assert unbound["port"]["binding:host_id"] == ""
+
+
+async def test_a_capsules_port_keeps_its_capsule_and_host(client: Client, store: Store) -> None:
+    [port] = await NetworkService(store, "10.49.0.0/24", 1500).allocate_ports(
+        "capsule-x", "p1", "h1"
+    )
+    for values in ({"device_id": "other"}, {"device_owner": ""}, {"binding:host_id": "h2"}):
+        refused = await client.put(f"{V2}/ports/{port.id}", json={"port": values}, headers=ADMIN)
+        await neutron_error(refused, 409, "PortInUse", "follow the capsule")
+    renamed = await client.put(
+        f"{V2}/ports/{port.id}", json={"port": {"name": "eth0"}}, headers=who()
+    )
+    assert (await ok(renamed))["port"]["name"] == "eth0"
+    [still] = await store.ports.list_for_device("capsule-x")
+    assert (still.device_id, still.host) == ("capsule-x", "h1")

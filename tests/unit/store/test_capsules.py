@@ -7,6 +7,7 @@ import pytest
 
 from capsa.model.capsule import Capsule, CapsuleKind, DesiredState, Status, TaskState
 from capsa.model.clock import utcnow
+from capsa.network.ipam import lowest_free_address, random_mac
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
 from capsa.store.capsules import Action, AmbiguousName, CapsuleState, NameConflict
@@ -237,6 +238,33 @@ async def test_remove_releases_the_claim_and_the_ports_in_one_go(
     assert await store.ports.list_for_device(capsule.uuid) == []
     assert await store.capsules.get(capsule.uuid) is None
     assert await store.ports.list_for_subnet(port.subnet_id) == []
+
+
+async def test_a_port_that_only_names_a_capsule_is_not_one_of_its_ports(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
+    service = NetworkService(store, "10.0.0.0/28", 1500)
+    [own] = await service.allocate_ports(capsule.uuid, "p1", "h1")
+    # Any tenant may write any device_id on a port it makes through the API.
+    named = await store.ports.create(
+        network_id=own.network_id,
+        project_id="p2",
+        device_id=capsule.uuid,
+        device_owner="",
+        host=None,
+        pick_address=lowest_free_address,
+        mac_address=random_mac,
+    )
+
+    stored = await store.capsules.get(capsule.uuid)
+    assert stored is not None and [a.port_id for a in stored.addresses] == [own.id]
+    assert await store.ports.list_for_device(capsule.uuid) == [own]
+    assert [p.id for p, _, _ in await store.ports.find_with_networks(capsule.uuid)] == [own.id]
+
+    assert await store.capsules.remove(capsule.uuid)
+    assert await store.ports.get(named.id) == named
 
 
 async def test_concurrent_status_writes_all_land(

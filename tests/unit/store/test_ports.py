@@ -17,6 +17,7 @@ from capsa.model.network import (
     Port,
     RemotePort,
 )
+from capsa.network.ipam import lowest_free_address, random_mac
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
 from capsa.store.networks import NotFound
@@ -215,6 +216,33 @@ async def test_find_with_networks_reads_the_ports_their_networks_and_subnets(
     assert (network, subnet) == (defaults.network, defaults.subnet)
     assert found.binding_container_id == "sandbox-1"
     assert await store.ports.find_with_networks("no-such-capsule") == []
+
+
+async def test_a_port_that_only_names_a_capsule_is_never_bound_or_released_with_it(
+    store: Store,
+) -> None:
+    service = NetworkService(store, "10.4.0.0/24", 1500)
+    [own] = await service.allocate_ports("capsule-a", "p1", "h1")
+    named = await store.ports.create(
+        network_id=own.network_id,
+        project_id="p2",
+        device_id="capsule-a",
+        device_owner="",
+        host="h1",
+        pick_address=lowest_free_address,
+        mac_address=random_mac,
+    )
+    await store.ports.set_bindings("sandbox-1", {own.id: "capsaown", named.id: "capsanamed"})
+
+    assert await store.ports.clear_device_bindings("capsule-a", "sandbox-1") == [own.id]
+    await service.release_ports("capsule-a")
+
+    assert await store.ports.list_for_device("capsule-a") == []
+    left = await store.ports.get(named.id)
+    assert (left.device_id, left.binding_container_id) == ("capsule-a", "sandbox-1")
+    # Its own allocation is not the named port either.
+    [again] = await service.allocate_ports("capsule-a", "p1", "h1")
+    assert again.id != named.id and again.device_owner == "compute:capsule"
 
 
 async def test_a_capsule_on_several_networks_gets_a_port_on_each_in_its_order(

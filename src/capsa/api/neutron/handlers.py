@@ -21,6 +21,7 @@ from capsa.api.params import read_json
 from capsa.api.views import json_response
 from capsa.log import get_logger
 from capsa.model.network import (
+    DEVICE_OWNER_CAPSULE,
     ICMP_PROTOCOLS,
     PORT_PROTOCOLS,
     PROTOCOL_NUMBERS,
@@ -35,7 +36,6 @@ from capsa.model.network import (
     default_pools,
 )
 from capsa.network.ipam import lowest_free_address, random_mac
-from capsa.network.service import DEVICE_OWNER_CAPSULE
 from capsa.store import Store
 from capsa.store.networks import Duplicate, InUse, NotFound, Overlap
 from capsa.store.ports import AddressInUse, InvalidAddress, MacAddressInUse, SubnetFull
@@ -396,6 +396,7 @@ async def create_port(request: web.Request) -> web.Response:
     owner = policy.owner_for_create(context, body.owner(), "create_port")
     if not policy.may_change(context, network.project_id) and not network.shared:
         raise not_found("Network", network.id)
+    _check_binding(context, "create_port", body.device_owner, bool(body.binding_host_id))
     groups = await _groups_of(request, owner, body.security_groups)
     fixed = body.fixed_ips[0] if body.fixed_ips else schemas.FixedIp()
     try:
@@ -404,7 +405,7 @@ async def create_port(request: web.Request) -> web.Response:
             project_id=owner,
             device_id=body.device_id,
             device_owner=body.device_owner,
-            host=None,
+            host=body.binding_host_id or None,
             pick_address=lowest_free_address,
             mac_address=random_mac,
             security_group_ids=groups,
@@ -434,12 +435,46 @@ async def update_port(request: web.Request) -> web.Response:
     item = await _visible_port(request, request.match_info["ident"])
     _changeable(context, item.project_id, "port", item.id, "update_port")
     body = schemas.parse(schemas.PortUpdate, await _body(request), "port")
-    values = body.model_dump(exclude_none=True, exclude={"security_groups"})
+    values = body.model_dump(exclude_none=True, exclude={"security_groups", "binding_host_id"})
+    if body.binding_host_id is not None:
+        values["host"] = body.binding_host_id or None
+    moved = {
+        name: values[name]
+        for name in ("device_id", "device_owner", "host")
+        if name in values and values[name] != getattr(item, name)
+    }
+    if moved and item.device_owner == DEVICE_OWNER_CAPSULE:
+        raise conflict(
+            "PortInUse",
+            f"Port {item.id} belongs to capsule {item.device_id}: its "
+            f"{', '.join(_ATTRIBUTE_NAMES[name] for name in moved)} follow the capsule.",
+        )
+    _check_binding(context, "update_port", moved.get("device_owner", ""), "host" in moved)
     groups = None
     if body.security_groups is not None:
         groups = await _groups_of(request, item.project_id, body.security_groups)
     updated = await _store(request).ports.update(item.id, security_group_ids=groups, **values)
     return _one("port", views.port(updated), request)
+
+
+# The API's names of the Port attributes that update_port may refuse to change.
+_ATTRIBUTE_NAMES = {
+    "device_id": "device_id",
+    "device_owner": "device_owner",
+    "host": "binding:host_id",
+}
+
+
+def _check_binding(
+    context: RequestContext, action: str, device_owner: str, binds_host: bool
+) -> None:
+    """Binding a port to a host, or making it a capsule's, is an admin's (capsa's agents do it
+    for the ports they allocate): a tenant's port named after another tenant's capsule must
+    never become part of it."""
+    if binds_host:
+        policy.check_port_binding(context, action, "binding:host_id")
+    if device_owner == DEVICE_OWNER_CAPSULE:
+        policy.check_port_binding(context, action, "device_owner")
 
 
 async def delete_port(request: web.Request) -> web.Response:

@@ -4,7 +4,10 @@
 - ``network_change``: creating, updating and deleting in the caller's project;
 - ``network_all_projects``: seeing and changing every project's resources, and making them for
   another project;
-- ``network_shared``: setting a network's ``shared``.
+- ``network_shared``: setting a network's ``shared``;
+- ``network_port_binding``: setting a port's ``binding:host_id``, and giving a port the device
+  owner of capsa's own capsule ports (``compute:capsule``), as Neutron keeps port bindings to
+  its admins.
 
 A project sees its own resources, and shared networks with their subnets. A resource the caller
 may not see answers 404, as if it did not exist; one it sees but may not change (another
@@ -60,3 +63,12 @@ def check_shared(context: RequestContext, action: str) -> None:
 
 def may_remove_default_group(context: RequestContext) -> bool:
     return context.can("network_all_projects")
+
+
+def check_port_binding(context: RequestContext, action: str, attribute: str) -> None:
+    _require(
+        context,
+        "network_port_binding",
+        f"{action}:{attribute}",
+        "only an admin binds a port to a host or a capsule",
+    )

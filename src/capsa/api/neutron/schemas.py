@@ -88,6 +88,8 @@ class PortCreate(_Owned):
     device_owner: str = Field(default="", max_length=255)
     security_groups: list[str] | None = None
     port_security_enabled: Literal[True] = True
+    # The host whose agents enforce and plug the port ("" or absent: none).
+    binding_host_id: str = Field(default="", alias="binding:host_id", max_length=255)
 
 
 class PortUpdate(_Body):
@@ -97,6 +99,7 @@ class PortUpdate(_Body):
     device_id: str | None = Name
     device_owner: str | None = Name
     security_groups: list[str] | None = None
+    binding_host_id: str | None = Field(default=None, alias="binding:host_id", max_length=255)
 
 
 class SecurityGroupCreate(_Owned):
