@@ -111,6 +111,13 @@ class ApiClient:
         if status not in (204, 404):
             raise ApiError(f"DELETE /v1/capsules/{ident} answered {status}: {body}")
 
+    def create_port(self, port: dict[str, Any]) -> dict[str, Any]:
+        """A new port of capsa's network service (Neutron's POST /ports)."""
+        status, body = self.json("POST", "/networking/v2.0/ports", {"port": port})
+        if status != 201:
+            raise ApiError(f"POST /networking/v2.0/ports answered {status}: {body}")
+        return dict(body["port"])
+
     def wait_until(self, ident: str, goal: Goal, timeout: float, seen: Seen | None = None) -> float:
         """Follows the capsule until it reaches ``goal``; returns when it first did, as
         time.perf_counter(). Every look is held by the API until the capsule has one of the
