@@ -52,6 +52,13 @@ def test_openstack_manages_networks_subnets_ports_and_security_groups(capsa: Any
     shared = client.run("openstack", "network", "set", "--share", name)
     assert shared.returncode != 0 and "403" in shared.stderr
 
+    # Only an admin binds a port to a host.
+    bound = client.run("openstack", "port", "set", "--host", "h1", port["id"])
+    assert bound.returncode != 0 and "403" in bound.stderr
+    admin = Client(capsa, "admin", capsa.password("admin"), "admin")
+    admin.ok("openstack", "port", "set", "--host", "h1", port["id"])
+    assert client.openstack_json("port", "show", port["id"])["binding_host_id"] == "h1"
+
     # The group is in use by the port: deleting it is refused until the port goes.
     in_use = client.run("openstack", "security", "group", "delete", group["id"])
     assert in_use.returncode != 0
