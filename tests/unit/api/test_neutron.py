@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.unit.api.api_helpers import Client
+from tests.unit.conftest import CapsuleFactory
 
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
@@ -258,16 +259,28 @@ async def test_ports_get_addresses_and_default_group_and_release_them(client: Cl
     )
 
 
-async def test_a_capsules_port_goes_only_with_its_capsule(client: Client, store: Store) -> None:
+async def test_a_capsules_port_goes_only_with_its_capsule(
+    client: Client, store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     [port] = await NetworkService(store, "10.47.0.0/24", 1500).allocate_ports(
-        "capsule-x", "p1", "h1"
+        capsule.uuid, "p1", "h1"
     )
-    listed = await ok(await client.get(f"{V2}/ports?device_id=capsule-x", headers=who()))
+    listed = await ok(await client.get(f"{V2}/ports?device_id={capsule.uuid}", headers=who()))
     [shown] = listed["ports"]
     assert shown["id"] == port.id and shown["device_owner"] == "compute:capsule"
     assert shown["binding:host_id"] == "h1"
     refused = await client.delete(f"{V2}/ports/{port.id}", headers=who())
-    await neutron_error(refused, 409, "PortInUse", "capsule-x")
+    await neutron_error(refused, 409, "PortInUse", capsule.uuid)
+
+    # Once its capsule is gone (an allocation that lost a race with the deletion), it is a
+    # port like any other.
+    await store.capsules.remove(capsule.uuid)
+    [orphan] = await NetworkService(store, "10.47.0.0/24", 1500).allocate_ports(
+        capsule.uuid, "p1", "h1"
+    )
+    await ok(await client.delete(f"{V2}/ports/{orphan.id}", headers=who()), 204)
 
 
 async def test_security_groups_and_rules(client: Client) -> None:
@@ -405,9 +418,13 @@ async def test_only_an_admin_binds_a_port_to_a_host_or_a_capsule(client: Client)
     assert unbound["port"]["binding:host_id"] == ""
 
 
-async def test_a_capsules_port_keeps_its_capsule_and_host(client: Client, store: Store) -> None:
+async def test_a_capsules_port_keeps_its_capsule_and_host(
+    client: Client, store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
     [port] = await NetworkService(store, "10.49.0.0/24", 1500).allocate_ports(
-        "capsule-x", "p1", "h1"
+        capsule.uuid, "p1", "h1"
     )
     for values in ({"device_id": "other"}, {"device_owner": ""}, {"binding:host_id": "h2"}):
         refused = await client.put(f"{V2}/ports/{port.id}", json={"port": values}, headers=ADMIN)
@@ -416,5 +433,5 @@ async def test_a_capsules_port_keeps_its_capsule_and_host(client: Client, store:
         f"{V2}/ports/{port.id}", json={"port": {"name": "eth0"}}, headers=who()
     )
     assert (await ok(renamed))["port"]["name"] == "eth0"
-    [still] = await store.ports.list_for_device("capsule-x")
-    assert (still.device_id, still.host) == ("capsule-x", "h1")
+    [still] = await store.ports.list_for_device(capsule.uuid)
+    assert (still.device_id, still.host) == (capsule.uuid, "h1")

@@ -443,7 +443,7 @@ async def update_port(request: web.Request) -> web.Response:
         for name in ("device_id", "device_owner", "host")
         if name in values and values[name] != getattr(item, name)
     }
-    if moved and item.device_owner == DEVICE_OWNER_CAPSULE:
+    if moved and await _held_by_capsule(request, item):
         raise conflict(
             "PortInUse",
             f"Port {item.id} belongs to capsule {item.device_id}: its "
@@ -455,6 +455,15 @@ async def update_port(request: web.Request) -> web.Response:
         groups = await _groups_of(request, item.project_id, body.security_groups)
     updated = await _store(request).ports.update(item.id, security_group_ids=groups, **values)
     return _one("port", views.port(updated), request)
+
+
+async def _held_by_capsule(request: web.Request, item: Port) -> bool:
+    """Whether the port is a capsule's and the capsule is there: such a port follows its capsule.
+    One whose capsule went (an allocation that lost a race with the capsule's deletion, a port an
+    admin made) is changed or deleted like any other port of its project."""
+    if item.device_owner != DEVICE_OWNER_CAPSULE:
+        return False
+    return await _store(request).capsules.get(item.device_id) is not None
 
 
 # The API's names of the Port attributes that update_port may refuse to change.
@@ -481,7 +490,7 @@ async def delete_port(request: web.Request) -> web.Response:
     context = _context(request)
     item = await _visible_port(request, request.match_info["ident"])
     _changeable(context, item.project_id, "port", item.id, "delete_port")
-    if item.device_owner == DEVICE_OWNER_CAPSULE:
+    if await _held_by_capsule(request, item):
         raise conflict(
             "PortInUse",
             f"Port {item.id} belongs to capsule {item.device_id}: it goes when the capsule is "
