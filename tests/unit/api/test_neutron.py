@@ -274,8 +274,7 @@ async def test_a_capsules_port_goes_only_with_its_capsule(
     refused = await client.delete(f"{V2}/ports/{port.id}", headers=who())
     await neutron_error(refused, 409, "PortInUse", capsule.uuid)
 
-    # Once its capsule is gone (an allocation that lost a race with the deletion), it is a
-    # port like any other.
+    # A capsule's port whose capsule is gone is a port like any other.
     await store.capsules.remove(capsule.uuid)
     [orphan] = await NetworkService(store, "10.47.0.0/24", 1500).allocate_ports(
         capsule.uuid, "p1", "h1"

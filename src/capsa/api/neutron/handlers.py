@@ -459,8 +459,8 @@ async def update_port(request: web.Request) -> web.Response:
 
 async def _held_by_capsule(request: web.Request, item: Port) -> bool:
     """Whether the port is a capsule's and the capsule is there: such a port follows its capsule.
-    One whose capsule went (an allocation that lost a race with the capsule's deletion, a port an
-    admin made) is changed or deleted like any other port of its project."""
+    One whose capsule is gone (a port an admin made for it, or one left behind) is changed or
+    deleted like any other port of its project."""
     if item.device_owner != DEVICE_OWNER_CAPSULE:
         return False
     return await _store(request).capsules.get(item.device_id) is not None
