@@ -140,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         if calls:
             each = ", ".join(f"{method} {ms:.1f} ms" for method, ms in calls.items())
             print(f"\n{result.name}: the reference's CRI calls (median): {each}")
+        daemon = result.details.get("daemon_mean_ms")
+        if daemon:
+            each = ", ".join(f"{command} {ms:.2f} ms" for command, ms in daemon.items())
+            print(
+                f"\n{result.name}: capsa-cni-daemon's own time per call, from the request's "
+                f"arrival to its answer (its duration metric, mean of the case's calls): {each}"
+            )
         trace = result.details.get("trace")
         if trace:
             for phase in ("start", "teardown"):

@@ -15,7 +15,9 @@ import contextlib
 import json
 import os
 import random
+import re
 import secrets
+import socket
 import subprocess
 import time
 import uuid
@@ -168,6 +170,7 @@ def run(session: Session) -> CaseResult:
         # Anchor pods keep each network's bridge, as on a host that already runs pods.
         capsa_pods.add(new_port())
         reference_pods.add(str(uuid.uuid4()))
+        daemon_before = daemon_durations(cfg.cni_daemon_address)
 
         def capsa_round() -> dict[str, float]:
             pod = new_port()
@@ -190,7 +193,15 @@ def run(session: Session) -> CaseResult:
             plan.cni_rounds,
             plan.warmup,
         )
+        daemon_after = daemon_durations(cfg.cni_daemon_address)
     result.samples = samples
+    result.details["daemon_mean_ms"] = {}
+    for command in ("ADD", "DEL"):
+        total, count = daemon_after.get(command, (0.0, 0))
+        total_before, count_before = daemon_before.get(command, (0.0, 0))
+        if count > count_before:
+            mean = (total - total_before) / (count - count_before)
+            result.details["daemon_mean_ms"][command] = round(mean * 1000, 2)
     result.rows = [
         compared("cni", "ADD", samples, ("capsa.add", "reference.add"), ADD_TARGET),
         compared("cni", "DEL", samples, ("capsa.del", "reference.del"), DEL_TARGET),
@@ -217,6 +228,49 @@ def run(session: Session) -> CaseResult:
         "enforces the port's rules before the plugin runs, as in a capsule's start.",
     ]
     return result
+
+
+_DURATION = re.compile(
+    r'^capsa_cni_request_duration_seconds_(sum|count)\{command="([A-Z]+)"\} (\S+)$', re.M
+)
+
+
+def daemon_durations(address: str) -> dict[str, tuple[float, int]]:
+    """capsa-cni-daemon's own time in its calls so far, by command: (seconds in all, calls),
+    from its Prometheus metrics (the time from a request's arrival to its answer)."""
+    text = _http_get(address, "/metrics")
+    totals: dict[str, list[float]] = {}
+    for kind, command, value in _DURATION.findall(text):
+        totals.setdefault(command, [0.0, 0.0])[kind == "count"] = float(value)
+    return {command: (total, int(count)) for command, (total, count) in totals.items()}
+
+
+def _http_get(address: str, path: str) -> str:
+    """One GET to the daemon at ``address`` ("unix:/path" or "HOST:PORT"), as the plugin
+    addresses it; the body of a 200 answer."""
+    with _connected(address) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: capsa\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"GET {path} from capsa-cni-daemon at {address}: {head[:200]!r}")
+    return body.decode()
+
+
+def _connected(address: str) -> socket.socket:
+    if not address.startswith("unix:"):
+        host_name, _, port = address.rpartition(":")
+        return socket.create_connection((host_name.strip("[]"), int(port)), timeout=_TIMEOUT)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(_TIMEOUT)
+        sock.connect(address.removeprefix("unix:"))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 @contextlib.contextmanager

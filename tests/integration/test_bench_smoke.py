@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 EXPECTED_ROWS = {
     "start": 2,  # start, teardown
     "burst": 1,
-    "cni": 3,  # ADD, DEL, the floor: the plugin's interpreter alone
+    "cni": 3,  # ADD, DEL, the floor: the plugin's interpreter started and exited
     "api": 9,  # list and get, 1 and 8 clients, latency and throughput; a list of changed capsules
     "scheduler": 1,
     "memory": 9,  # capsa, containerd, registry and their sum, idle and busy; shims when busy
@@ -92,6 +92,11 @@ def test_smoke_run_reports_every_case_and_leaves_nothing(tmp_path: Path) -> None
         # Smoke counts are too small to judge a target.
         assert row["verdict"] == "n/a", row
     assert len(cases["cni"]["samples"]["interpreter.start"]) == plan["cni_rounds"]
+    # The daemon's own time per call is below the whole call's, seen from the plugin's caller.
+    daemon = cases["cni"]["details"]["daemon_mean_ms"]
+    assert set(daemon) == {"ADD", "DEL"}, daemon
+    whole_add_ms = min(cases["cni"]["samples"]["capsa.add"]) * 1000
+    assert 0 < daemon["ADD"] < whole_add_ms, (daemon, whole_add_ms)
     assert len(cases["api"]["samples"]["list.1"]) == plan["api_list_requests"]
     assert len(cases["api"]["samples"]["get.8"]) == plan["api_get_requests"]
     assert cases["scheduler"]["parameters"]["placements"] == plan["scheduler_placements"]
