@@ -17,13 +17,14 @@ import os
 import random
 import re
 import secrets
-import socket
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from bench import host
 from bench.report import CaseResult, Target, compared
@@ -170,7 +171,7 @@ def run(session: Session) -> CaseResult:
         # Anchor pods keep each network's bridge, as on a host that already runs pods.
         capsa_pods.add(new_port())
         reference_pods.add(str(uuid.uuid4()))
-        daemon_before = daemon_durations(cfg.cni_daemon_address)
+        daemon_before = daemon_durations(session, cfg.cni_daemon_address)
 
         def capsa_round() -> dict[str, float]:
             pod = new_port()
@@ -193,7 +194,7 @@ def run(session: Session) -> CaseResult:
             plan.cni_rounds,
             plan.warmup,
         )
-        daemon_after = daemon_durations(cfg.cni_daemon_address)
+        daemon_after = daemon_durations(session, cfg.cni_daemon_address)
     result.samples = samples
     result.details["daemon_mean_ms"] = {}
     for command in ("ADD", "DEL"):
@@ -235,42 +236,28 @@ _DURATION = re.compile(
 )
 
 
-def daemon_durations(address: str) -> dict[str, tuple[float, int]]:
+def daemon_durations(session: Session, address: str) -> dict[str, tuple[float, int]]:
     """capsa-cni-daemon's own time in its calls so far, by command: (seconds in all, calls),
     from its Prometheus metrics (the time from a request's arrival to its answer)."""
-    text = _http_get(address, "/metrics")
+    text = session.run(_metrics_page(address))
     totals: dict[str, list[float]] = {}
     for kind, command, value in _DURATION.findall(text):
         totals.setdefault(command, [0.0, 0.0])[kind == "count"] = float(value)
     return {command: (total, int(count)) for command, (total, count) in totals.items()}
 
 
-def _http_get(address: str, path: str) -> str:
-    """One GET to the daemon at ``address`` ("unix:/path" or "HOST:PORT"), as the plugin
-    addresses it; the body of a 200 answer."""
-    with _connected(address) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: capsa\r\nConnection: close\r\n\r\n".encode())
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    head, _, body = answer.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(f"GET {path} from capsa-cni-daemon at {address}: {head[:200]!r}")
-    return body.decode()
-
-
-def _connected(address: str) -> socket.socket:
-    if not address.startswith("unix:"):
-        host_name, _, port = address.rpartition(":")
-        return socket.create_connection((host_name.strip("[]"), int(port)), timeout=_TIMEOUT)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(_TIMEOUT)
-        sock.connect(address.removeprefix("unix:"))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+async def _metrics_page(address: str) -> str:
+    """The daemon's /metrics at ``address`` ("unix:/path" or "HOST:PORT"), as the plugin
+    addresses it."""
+    unix = address.startswith("unix:")
+    connector = aiohttp.UnixConnector(path=address.removeprefix("unix:")) if unix else None
+    timeout = aiohttp.ClientTimeout(total=_TIMEOUT)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=timeout) as client,
+        client.get(f"http://{'capsa' if unix else address}/metrics") as page,
+    ):
+        page.raise_for_status()
+        return await page.text()
 
 
 @contextlib.contextmanager

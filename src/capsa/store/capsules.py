@@ -58,11 +58,11 @@ SORT_KEYS: dict[str, Any] = {
 # a statement costs more than SQLite takes to run it.
 _BY_UUID = select(c_t).where(c_t.c.uuid == bindparam("ident"))
 _BY_UUIDS = select(c_t).where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
-# What a capsule's version is made of: its own last update, its containers' last update, and
-# how many ports it has and their last update.
 # A capsule's ports are those capsa allocated for it (a port made through the API may name any
 # device_id).
 _CAPSA_MADE = schema.ports.c.device_owner == DEVICE_OWNER_CAPSULE
+# What a capsule's version is made of: its own last update, its containers' last update, and
+# how many ports it has and their last update.
 _VERSION_COLUMNS = (
     c_t.c.updated_at,
     select(func.max(k_t.c.updated_at)).where(k_t.c.capsule_uuid == c_t.c.uuid).scalar_subquery(),

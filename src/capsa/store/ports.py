@@ -79,8 +79,7 @@ _CLEAR_BINDINGS = (
 )
 _CLEAR_DEVICE_BINDINGS = (
     update(p_t)
-    .where(p_t.c.device_id == bindparam("where_device"))
-    .where(p_t.c.device_owner == DEVICE_OWNER_CAPSULE)
+    .where(_OF_DEVICE)
     .where(p_t.c.binding_container_id == bindparam("where_container"))
     .values(_UNBOUND)
     .returning(p_t.c.id)
@@ -353,7 +352,7 @@ class PortStore(EnforcedStore):
 
         Wakes the network agents only when a binding went (not for a repeated DEL).
         """
-        params = {"where_device": device_id, "where_container": container_id}
+        params = {"device": device_id, "where_container": container_id}
 
         def work(conn: Connection) -> list[str]:
             result = conn.execute(_CLEAR_DEVICE_BINDINGS, {**params, "updated_at": utcnow()})

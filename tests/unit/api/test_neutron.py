@@ -7,6 +7,8 @@ from typing import Any
 from tests.unit.api.api_helpers import Client
 from tests.unit.conftest import CapsuleFactory
 
+from capsa.model.capsule import Capsule
+from capsa.model.network import Port
 from capsa.network.service import NetworkService
 from capsa.store import Store, notify
 
@@ -259,14 +261,20 @@ async def test_ports_get_addresses_and_default_group_and_release_them(client: Cl
     )
 
 
+async def capsule_with_port(
+    store: Store, make_capsule: CapsuleFactory, pool: str
+) -> tuple[Capsule, Port]:
+    """A stored capsule of project p1 with the port capsa allocates for it on host h1."""
+    capsule = make_capsule()
+    await store.capsules.create(capsule)
+    [port] = await NetworkService(store, pool, 1500).allocate_ports(capsule.uuid, "p1", "h1")
+    return capsule, port
+
+
 async def test_a_capsules_port_goes_only_with_its_capsule(
     client: Client, store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = make_capsule()
-    await store.capsules.create(capsule)
-    [port] = await NetworkService(store, "10.47.0.0/24", 1500).allocate_ports(
-        capsule.uuid, "p1", "h1"
-    )
+    capsule, port = await capsule_with_port(store, make_capsule, "10.47.0.0/24")
     listed = await ok(await client.get(f"{V2}/ports?device_id={capsule.uuid}", headers=who()))
     [shown] = listed["ports"]
     assert shown["id"] == port.id and shown["device_owner"] == "compute:capsule"
@@ -420,11 +428,7 @@ async def test_only_an_admin_binds_a_port_to_a_host_or_a_capsule(client: Client)
 async def test_a_capsules_port_keeps_its_capsule_and_host(
     client: Client, store: Store, make_capsule: CapsuleFactory
 ) -> None:
-    capsule = make_capsule()
-    await store.capsules.create(capsule)
-    [port] = await NetworkService(store, "10.49.0.0/24", 1500).allocate_ports(
-        capsule.uuid, "p1", "h1"
-    )
+    capsule, port = await capsule_with_port(store, make_capsule, "10.49.0.0/24")
     for values in ({"device_id": "other"}, {"device_owner": ""}, {"binding:host_id": "h2"}):
         refused = await client.put(f"{V2}/ports/{port.id}", json={"port": values}, headers=ADMIN)
         await neutron_error(refused, 409, "PortInUse", "follow the capsule")

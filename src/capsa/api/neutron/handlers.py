@@ -447,7 +447,7 @@ async def update_port(request: web.Request) -> web.Response:
         raise conflict(
             "PortInUse",
             f"Port {item.id} belongs to capsule {item.device_id}: its "
-            f"{', '.join(_ATTRIBUTE_NAMES[name] for name in moved)} follow the capsule.",
+            f"{', '.join(_API_NAMES.get(name, name) for name in moved)} follow the capsule.",
         )
     _check_binding(context, "update_port", moved.get("device_owner", ""), "host" in moved)
     groups = None
@@ -466,12 +466,8 @@ async def _held_by_capsule(request: web.Request, item: Port) -> bool:
     return await _store(request).capsules.get(item.device_id) is not None
 
 
-# The API's names of the Port attributes that update_port may refuse to change.
-_ATTRIBUTE_NAMES = {
-    "device_id": "device_id",
-    "device_owner": "device_owner",
-    "host": "binding:host_id",
-}
+# The API's names of Port attributes, where they differ.
+_API_NAMES = {"host": "binding:host_id"}
 
 
 def _check_binding(
