@@ -142,6 +142,22 @@ class Port:
     interface_index: int = 0
 
 
+@dataclass(frozen=True)
+class PortToBind:
+    """A capsule's port as the CNI daemon reads it for every ADD: what its pod end and bridge
+    need, and its current binding. Nothing else, since a sandbox's start waits for this read."""
+
+    id: str
+    network_id: str
+    mac_address: str
+    # The port's address with its subnet's prefix length.
+    ip_interface: ipaddress.IPv4Interface
+    gateway_ip: ipaddress.IPv4Address
+    mtu: int
+    binding_container_id: str | None
+    binding_host_ifname: str | None
+
+
 class Direction(enum.StrEnum):
     INGRESS = "ingress"
     EGRESS = "egress"

@@ -101,16 +101,16 @@ class NetworkService:
         return [
             PortBinding(
                 port_id=port.id,
-                network_id=network.id,
+                network_id=port.network_id,
                 mac=port.mac_address,
-                ip=ipaddress.IPv4Interface(f"{port.ip_address}/{subnet.cidr.prefixlen}"),
-                gateway=subnet.gateway_ip,
-                bridge=bridge_name(network.id),
-                mtu=network.mtu,
+                ip=port.ip_interface,
+                gateway=port.gateway_ip,
+                bridge=bridge_name(port.network_id),
+                mtu=port.mtu,
                 bound_container_id=port.binding_container_id,
                 bound_host_ifname=port.binding_host_ifname,
             )
-            for port, network, subnet in await self._store.ports.find_with_networks(pod_name)
+            for port in await self._store.ports.to_bind(pod_name)
         ]
 
     async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 
 import pytest
@@ -15,6 +14,7 @@ from capsa.model.network import (
     HostNetworkView,
     LocalPort,
     Port,
+    PortToBind,
     RemotePort,
 )
 from capsa.network.ipam import lowest_free_address, random_mac
@@ -201,21 +201,25 @@ async def test_clear_device_bindings_forgets_only_that_sandboxs_and_says_which(
     assert still.binding_container_id == "sandbox-b"
 
 
-async def test_find_with_networks_reads_the_ports_their_networks_and_subnets(
-    store: Store,
-) -> None:
+async def test_to_bind_reads_what_the_cni_daemon_binds_of_each_port(store: Store) -> None:
     network_service = NetworkService(store, "10.4.0.0/24", 1450)
     [port] = await network_service.allocate_ports("capsule-a", "p1", "h1")
     await store.ports.set_bindings("sandbox-1", {port.id: "capsaabc"})
     defaults = await network_service.project_defaults("p1")
 
-    [(found, network, subnet)] = await store.ports.find_with_networks("capsule-a")
+    [found] = await store.ports.to_bind("capsule-a")
 
-    [bound] = await store.ports.list_for_device("capsule-a")
-    assert found == dataclasses.replace(bound, security_group_ids=())
-    assert (network, subnet) == (defaults.network, defaults.subnet)
-    assert found.binding_container_id == "sandbox-1"
-    assert await store.ports.find_with_networks("no-such-capsule") == []
+    assert found == PortToBind(
+        id=port.id,
+        network_id=defaults.network.id,
+        mac_address=port.mac_address,
+        ip_interface=ipaddress.IPv4Interface(f"{port.ip_address}/24"),
+        gateway_ip=defaults.subnet.gateway_ip,
+        mtu=1450,
+        binding_container_id="sandbox-1",
+        binding_host_ifname="capsaabc",
+    )
+    assert await store.ports.to_bind("no-such-capsule") == []
 
 
 async def test_a_port_that_only_names_a_capsule_is_never_bound_or_released_with_it(
@@ -260,7 +264,7 @@ async def test_a_capsule_on_several_networks_gets_a_port_on_each_in_its_order(
     # Security groups apply to each port.
     assert all(p.security_group_ids == (web.id,) for p in ports)
     assert await store.ports.list_for_device("a") == ports
-    assert [n.id for _, n, _ in await store.ports.find_with_networks("a")] == [back, front]
+    assert [p.network_id for p in await store.ports.to_bind("a")] == [back, front]
     # Again: the same ports, none made.
     assert await service.allocate_ports("a", "p1", "h1", Attachment(("back", "front"))) == ports
 
