@@ -10,9 +10,11 @@ import os
 import secrets
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,6 +88,57 @@ def test_the_socket_lives_in_its_netns(host: Netns) -> None:
     assert (lo.index, lo.ifname, lo.up) == (1, "lo", False)
     assert host.nl.get_link(index=1) == lo
     assert host.nl.get_link(name="lo") == lo
+
+
+def thread_netns() -> int:
+    return Path("/proc/thread-self/ns/net").stat().st_ino
+
+
+def test_opening_a_socket_in_a_netns_leaves_the_thread_in_its_own(make_netns: Any) -> None:
+    process_netns = Path("/proc/self/ns/net").stat().st_ino
+    assert thread_netns() == process_netns
+    pod = make_netns()
+    assert thread_netns() == process_netns
+    assert [link.ifname for link in pod.nl.links()] == ["lo"]
+    # What this thread opens next is the host's again, not the pod's.
+    with Rtnetlink() as here:
+        assert any(link.ifname != "lo" for link in here.links())
+
+
+def test_a_thread_that_cannot_come_back_opens_no_socket_again(
+    make_netns: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pod = make_netns()
+    real_setns = netlink._setns
+    entered: list[int] = []
+
+    def setns_that_cannot_return(fd: int) -> None:
+        if entered:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        real_setns(fd)
+        entered.append(fd)
+
+    monkeypatch.setattr(netlink, "_setns", setns_that_cannot_return)
+    outcome: dict[str, Any] = {}
+
+    def stranded() -> None:
+        # A thread of its own: it really stays in the pod's netns, and ends with the test.
+        with pytest.raises(RuntimeError, match="cannot return to its netns"):
+            netlink.open_in_netns(pod.fd)
+        outcome["netns"] = thread_netns()
+        for attempt in (Rtnetlink, lambda: netlink.open_in_netns(pod.fd)):
+            try:
+                attempt()
+            except RuntimeError as exc:
+                outcome.setdefault("refused", []).append(str(exc))
+
+    worker = threading.Thread(target=stranded)
+    worker.start()
+    worker.join(timeout=30)
+
+    assert outcome["netns"] == os.fstat(pod.fd).st_ino
+    assert len(outcome["refused"]) == 2
+    assert all("stuck in another netns" in message for message in outcome["refused"])
 
 
 def test_a_missing_link_is_enodev(host: Netns) -> None:

@@ -399,7 +399,12 @@ class _DumpInterrupted(Exception):
 
 
 def _route_socket() -> socket.socket:
-    """A NETLINK_ROUTE socket of the calling thread's netns."""
+    """A NETLINK_ROUTE socket of the calling thread's netns, which is this process's."""
+    _ensure_home()
+    return _new_route_socket()
+
+
+def _new_route_socket() -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
     try:
         # Errors without the request echoed back, with the kernel's message; filters in dump
@@ -692,26 +697,49 @@ def open_in_netns(netns_fd: int) -> Rtnetlink:
     """An rtnetlink client whose socket lives in the netns of ``netns_fd``.
 
     A socket stays in the netns it was created in, and setns() of a network namespace moves only
-    the calling thread. So a short-lived thread enters the netns, creates the socket and ends,
-    which costs about 0.1 ms (forking a process for it costs about 7 ms) and leaves no thread of
-    ours in another netns.
+    the calling thread. So this thread enters the netns, creates the socket and comes back home
+    (about 25 us; a short-lived thread for it cost 0.15 ms of each ADD). Should it fail to come
+    back, it is stranded: it raises, and creates no socket any more (one would land in the pod's
+    netns), so that nothing of it acts on the wrong netns.
     """
-    created: list[socket.socket] = []
-    failure: list[OSError] = []
-
-    def create() -> None:
-        if _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
-            code = ctypes.get_errno()
-            failure.append(OSError(code, f"cannot enter the netns: {os.strerror(code)}"))
-            return
+    home = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _ensure_home()
         try:
-            created.append(_route_socket())
+            _setns(netns_fd)
         except OSError as exc:
-            failure.append(exc)
+            raise OSError(exc.errno, f"cannot enter the netns: {exc.strerror}") from None
+        try:
+            sock = _new_route_socket()
+        finally:
+            try:
+                _setns(home)
+            except OSError as exc:
+                _stranded.netns = True
+                raise RuntimeError(
+                    f"thread {threading.current_thread().name} cannot return to its netns after "
+                    f"opening a socket in another: {exc.strerror}"
+                ) from exc
+    finally:
+        os.close(home)
+    return Rtnetlink(sock)
 
-    thread = threading.Thread(target=create, name="capsa-netns-socket")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return Rtnetlink(created[0])
+
+# The calling thread's own network namespace.
+_THREAD_NETNS = "/proc/thread-self/ns/net"
+# Per thread: whether it is stuck in another netns (open_in_netns could not bring it back).
+_stranded = threading.local()
+
+
+def _setns(netns_fd: int) -> None:
+    if _libc.setns(netns_fd, _CLONE_NEWNET) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _ensure_home() -> None:
+    if getattr(_stranded, "netns", False):
+        raise RuntimeError(
+            f"thread {threading.current_thread().name} is stuck in another netns: it opens no "
+            "netlink socket"
+        )
