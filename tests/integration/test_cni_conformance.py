@@ -335,12 +335,9 @@ class Cni:
 
     launcher: Path
     conflist: dict[str, Any]
+    # Where the launcher reaches the daemon.
+    address: str
     container_ids: list[str] = field(default_factory=list)
-
-    @property
-    def address(self) -> str:
-        address: str = self.conflist["plugins"][0]["daemon"]
-        return address
 
     def selected_version(self) -> str:
         versions = [self.conflist["cniVersion"], *self.conflist.get("cniVersions", [])]
@@ -448,7 +445,7 @@ def install(directory: Path, daemon_address: str) -> Cni:
     )
     install_cni(cfg)
     conflist = json.loads((cfg.cni_conf_dir / "10-capsa.conflist").read_text())
-    return Cni(cfg.cni_bin_dir / "capsa-cni", conflist)
+    return Cni(cfg.cni_bin_dir / "capsa-cni", conflist, cfg.cni_daemon_address)
 
 
 # ---- fixtures ----
@@ -693,7 +690,6 @@ ERROR_CASES = {
     "config not JSON": (ErrorCase(stdin=b'{"cniVersion": "1.0.0",'), 6),
     "config not an object": (ErrorCase(stdin=b'["cniVersion"]'), 6),
     # 7: invalid network config.
-    "no daemon address": (ErrorCase(conf={"daemon": _ABSENT}, says=("daemon",)), 7),
     "no network name": (ErrorCase(conf={"name": _ABSENT}, says=("name",)), 7),
     "prevResult not an object": (ErrorCase(conf={"prevResult": ["x"]}), 7),
     # 2: unsupported field; the message names key and value.

@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
@@ -64,11 +63,15 @@ from capsa.cni.protocol import (
     ATTACHMENT_COMMANDS,
     COMMANDS,
     DEFAULT_VERSION,
+    ENVIRONMENT_HEADERS,
     CniError,
     CniRequest,
     ErrorCode,
+    attachment_owner,
     bridge_keeper,
     build_result,
+    decode_header,
+    parse_config,
     parse_request,
     prev_result_problems,
 )
@@ -184,7 +187,11 @@ class _CniService:
         progress: FirewallProgress | None = None,
         ready_wait: float = READY_WAIT_S,
         bridge_linger: float = 0.0,
+        address: str = "",
     ):
+        # Where capsa-cni reaches this daemon: it names the daemon's attachments' owner and its
+        # bridges' keeper (CniDaemon sets it once it listens).
+        self.address = address
         self._ports = ports
         self._dataplane = dataplane
         self._executor = executor
@@ -215,11 +222,10 @@ class _CniService:
         fields: LogFields = {}
         error: CniError | None = None
         try:
-            envelope = await _read_envelope(http_request)
-            config = envelope.get("config")
-            if isinstance(config, dict) and isinstance(config.get("cniVersion"), str):
+            config = parse_config(await http_request.read())
+            if isinstance(config.get("cniVersion"), str):
                 version = config["cniVersion"]
-            request = parse_request(command, envelope)
+            request = parse_request(command, _environment(http_request), config)
             if command in ATTACHMENT_COMMANDS:
                 fields.update(capsule=request.pod_name or "", container=request.container_id)
             else:
@@ -307,8 +313,8 @@ class _CniService:
             request.container_id,
             request.netns,
             interfaces,
-            request.owner,
-            request.bridge_keeper,
+            attachment_owner(self.address, request.network_name),
+            bridge_keeper(self.address),
         )
         for (_, port), made in zip(interfaces, plugged, strict=True):
             if made.replaced:
@@ -514,10 +520,11 @@ class _CniService:
             for name in pod_ifnames(ifname)
         }
         attachments = await self._netlink(request, self._dataplane.attachments)
+        owner = attachment_owner(self.address, request.network_name)
         stale = [
             (a, a.tag)
             for a in attachments
-            if a.tag is not None and a.tag.owner == request.owner and a.host_ifname not in valid
+            if a.tag is not None and a.tag.owner == owner and a.host_ifname not in valid
         ]
         failures: list[str] = []
         bridges: set[str] = set()
@@ -680,14 +687,12 @@ def _pod_name(request: CniRequest) -> str:
     return request.pod_name
 
 
-async def _read_envelope(http_request: web.Request) -> dict[str, Any]:
-    try:
-        envelope = json.loads(await http_request.read())
-    except ValueError as exc:
-        raise CniError(ErrorCode.DECODING_FAILURE, f"the request is not valid JSON: {exc}") from exc
-    if not isinstance(envelope, dict):
-        raise CniError(ErrorCode.DECODING_FAILURE, "the request must be a JSON object")
-    return envelope
+def _environment(http_request: web.Request) -> dict[str, str]:
+    """The CNI variables that capsa-cni sent as headers."""
+    return {
+        variable: decode_header(http_request.headers.get(header, ""))
+        for variable, header in ENVIRONMENT_HEADERS.items()
+    }
 
 
 def _error_response(error: CniError, version: str) -> web.Response:
@@ -717,6 +722,7 @@ def create_app(
     progress: FirewallProgress | None = None,
     ready_wait: float = READY_WAIT_S,
     bridge_linger: float = 0.0,
+    address: str = "",
 ) -> web.Application:
     """The daemon's HTTP app; its netlink threads and sockets end with the app's cleanup.
 
@@ -726,7 +732,9 @@ def create_app(
     meanwhile (at once with 0), and at the app's cleanup at the latest."""
     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsa-cni-netlink")
     dataplane = dataplane or Dataplane()
-    service = _CniService(ports, dataplane, executor, progress, ready_wait, bridge_linger)
+    service = _CniService(
+        ports, dataplane, executor, progress, ready_wait, bridge_linger, address=address
+    )
     app = web.Application()
     app[_SERVICE] = service
     for command in COMMANDS:
@@ -785,7 +793,12 @@ class CniDaemon:
         self._listen = parse_listen(listen)
         self._listen_text = listen
         self._app = create_app(
-            ports, dataplane, workers=workers, progress=progress, bridge_linger=bridge_linger
+            ports,
+            dataplane,
+            workers=workers,
+            progress=progress,
+            bridge_linger=bridge_linger,
+            address=listen,
         )
         self._runner: web.AppRunner | None = None
 
@@ -809,13 +822,16 @@ class CniDaemon:
             await runner.cleanup()
             raise
         self._runner = runner
+        service = self._app[_SERVICE]
+        # Port 0 is known now; no plugin could reach the daemon before.
+        service.address = self.address
         log.info("CNI daemon listening", address=self.address)
-        await self._app[_SERVICE].retire_idle_bridges(bridge_keeper(self.address))
+        await service.retire_idle_bridges(bridge_keeper(self.address))
 
     @property
     def address(self) -> str:
-        """Where the daemon listens, as the conflist's ``daemon`` names it: as configured (a
-        host name stays a name), port 0 resolved once it listens."""
+        """Where the daemon listens, as capsa-cni's launcher names it: as configured (a host
+        name stays a name), port 0 resolved once it listens."""
         if isinstance(self._listen, Path) or self._listen[1] != 0:
             return self._listen_text
         host, port = self._listen

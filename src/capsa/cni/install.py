@@ -5,7 +5,10 @@ dir, so ``loopback`` is linked there from the host's CNI plugins (containernetwo
 
 The launcher is a few lines behind a shebang naming this interpreter's real binary with ``-ISB``
 (isolated, no site, no bytecode writing): no venv, no PATH lookup, no pyenv shim between
-containerd and the plugin. It imports plugin.py, installed as a module in ``capsa-cni.lib`` next
+containerd and the plugin. It hands the plugin what capsa's configuration says of its daemon
+(the address, ``cni.daemon_listen``, and how long to wait, ``cni.plugin_timeout``), which the
+conflist therefore does not carry: the plugin reads no config on its way to the daemon. It imports
+plugin.py, installed as a module in ``capsa-cni.lib`` next
 to it with its bytecode, so that no exec compiles the plugin (about 2 ms of each call). The
 bytecode is checked against the source's hash on import: whatever the files' state, an exec runs
 the module that is there, from bytecode when it matches, from source otherwise. Every file is
@@ -57,7 +60,9 @@ def install_cni(cfg: Config, *, plugin_dirs: Sequence[Path] = REFERENCE_PLUGIN_D
     lib = cfg.cni_bin_dir / PLUGIN_LIB_DIR
     if _install_plugin_module(lib):
         log.info("CNI plugin module compiled", path=str(lib))
-    launcher = launcher_source(real_interpreter(), lib)
+    launcher = launcher_source(
+        real_interpreter(), lib, cfg.cni_daemon_address, cfg.cni.plugin_timeout
+    )
     if write_if_changed(cfg.cni_bin_dir / PLUGIN_TYPE, launcher.encode(), 0o755):
         log.info("CNI plugin installed", path=str(cfg.cni_bin_dir / PLUGIN_TYPE))
     conflist = json.dumps(conflist_for(cfg), indent=2) + "\n"
@@ -84,8 +89,9 @@ def real_interpreter() -> str:
     return os.path.realpath(sys.executable)
 
 
-def launcher_source(interpreter: str, lib: Path) -> str:
-    """The launcher: ``interpreter`` runs the plugin module installed in ``lib``."""
+def launcher_source(interpreter: str, lib: Path, daemon: str, timeout: float) -> str:
+    """The launcher: ``interpreter`` runs the plugin module installed in ``lib``, which reaches
+    the daemon at ``daemon`` and waits ``timeout`` seconds at most for its answer."""
     # The kernel hands everything after the interpreter path to it as one argument: hence "-ISB".
     shebang = f"{interpreter} -ISB"
     if not Path(interpreter).is_absolute() or any(c.isspace() for c in interpreter):
@@ -114,7 +120,7 @@ def launcher_source(interpreter: str, lib: Path) -> str:
         "except ImportError:\n"
         f"    print({missing!r})\n"
         "    sys.exit(1)\n"
-        "run_as_process()\n"
+        f"run_as_process({daemon!r}, {float(timeout)!r})\n"
     )
 
 
@@ -158,8 +164,6 @@ def conflist_for(cfg: Config) -> dict[str, Any]:
         "plugins": [
             {
                 "type": PLUGIN_TYPE,
-                "daemon": cfg.cni_daemon_address,
-                "timeout": cfg.cni.plugin_timeout,
                 # Declared now so that containerd passes runtimeConfig.portMappings once capsa
                 # publishes ports.
                 "capabilities": {"portMappings": True},

@@ -2,21 +2,22 @@
 
 containerd runs it for every sandbox with the CNI environment (CNI_COMMAND, CNI_CONTAINERID,
 CNI_NETNS, CNI_IFNAME, CNI_ARGS, CNI_PATH) and the network config on stdin. It answers VERSION
-itself; for ADD, DEL, CHECK, GC and STATUS it checks the environment the command needs, checks that
-stdin is a JSON object, and forwards one ``POST /cni/<command>`` to the daemon named by the
-config's ``daemon`` key ("127.0.0.1:PORT" or "unix:/path"), waiting at most ``timeout`` seconds.
-The daemon checks the rest. Its answer goes to stdout; failures are CNI error objects on stdout
-with exit status 1. A daemon out of reach is "try again later" (11), or for STATUS "plugin not
-available" (50).
+itself; for ADD, DEL, CHECK, GC and STATUS it checks that the runtime set the variables the command
+needs and forwards one ``POST /cni/<command>`` to its daemon: the variables as headers, stdin
+unread as the body (see capsa.cni.protocol). The daemon checks the config. Its answer goes to
+stdout; failures are CNI error objects on stdout with exit status 1. A daemon out of reach is "try
+again later" (11), or for STATUS "plugin not available" (50). The daemon's address ("HOST:PORT" or
+"unix:/path") and how long to wait for it come from the launcher, which ``capsa up`` writes from
+capsa's configuration (capsa.cni.install).
 
 This file is installed on its own (see capsa.cni.install) and runs as ``python3 -I -S``: it
 imports no capsa module and nothing beyond a few built-in modules, because interpreter start-up and
-imports are most of its run time. ``json`` and ``socket`` would cost about 10 ms more per call
-(they pull in ``re`` and ``enum``), so it uses their C halves ``_json`` and ``_socket`` directly,
-and ``posix`` (already loaded at start-up) rather than ``os``.
+imports are most of its run time. ``socket`` would cost about 10 ms more per call (it pulls in
+``enum`` and ``os``), so it uses its C half ``_socket`` directly, and ``posix`` (already loaded at
+start-up) rather than ``os``. Only VERSION and failures read the config (for its ``cniVersion``),
+with ``_json``: a shared library, whose loading costs ADD and DEL 0.3 ms otherwise.
 """
 
-import _json
 import _socket
 import posix
 import sys
@@ -32,18 +33,24 @@ REQUIRED_ENVIRONMENT = {
     "GC": ("CNI_PATH",),
     "STATUS": (),
 }
+ENVIRONMENT_HEADERS = {
+    "CNI_CONTAINERID": "CNI-Container-Id",
+    "CNI_NETNS": "CNI-Netns",
+    "CNI_IFNAME": "CNI-Ifname",
+    "CNI_ARGS": "CNI-Args",
+    "CNI_PATH": "CNI-Path",
+}
 INVALID_ENVIRONMENT = 4
-DECODING_FAILURE = 6
-INVALID_NETWORK_CONFIG = 7
 TRY_AGAIN_LATER = 11
 PLUGIN_NOT_AVAILABLE = 50
 INTERNAL = 999
-DEFAULT_TIMEOUT = 60.0
 # Answers bigger than this are not a CNI result.
 MAX_RESPONSE_BYTES = 1 << 20
+# Bytes that a header value carries as they are; the others are percent-encoded.
+_HEADER_SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
 _FIX_HINT = (
-    "is capsa running on this host (`capsa up`)? The conflist's `daemon` must match the "
-    "daemon's cni.daemon_listen (CAPSA_CNI_DAEMON_LISTEN)"
+    "is capsa running on this host (`capsa up`)? capsa-cni reaches the daemon at the address "
+    "`capsa up` wrote into it: the daemon's cni.daemon_listen (CAPSA_CNI_DAEMON_LISTEN)"
 )
 
 
@@ -66,16 +73,15 @@ class _JsonContext:
     parse_constant = float
 
 
-# typeshed types the context as a scanner; the C code only reads the attributes above.
-_scan_json = _json.make_scanner(_JsonContext)  # type: ignore[arg-type]
-_quote = _json.encode_basestring_ascii
-
-
 def decode_json(text: str) -> object:
     """json.loads without importing json, for valid input. Raises ValueError on invalid input."""
+    import _json
+
+    # typeshed types the context as a scanner; the C code only reads the attributes above.
+    scan = _json.make_scanner(_JsonContext)  # type: ignore[arg-type]
     stripped = text.strip(" \t\r\n")
     try:
-        value, end = _scan_json(stripped, 0)
+        value, end = scan(stripped, 0)
         if end == len(stripped):
             return value
     except (StopIteration, ValueError, SystemError):
@@ -87,10 +93,16 @@ def decode_json(text: str) -> object:
     return json.loads(text)
 
 
-def run(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
-    """One plugin call: the exit status and what goes to stdout."""
+def _quote(text: str) -> str:
+    """``text`` as a JSON string."""
+    import _json
+
+    return _json.encode_basestring_ascii(text)
+
+
+def run(environ: dict[str, str], stdin: bytes, daemon: str, timeout: float) -> tuple[int, bytes]:
+    """One plugin call for the daemon at ``daemon``: the exit status and what goes to stdout."""
     command = environ.get("CNI_COMMAND", "")
-    version = DEFAULT_VERSION
     try:
         if command == "VERSION":
             return 0, _version_answer(stdin)
@@ -100,36 +112,28 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
                 f"CNI_COMMAND {command!r} is not supported by capsa-cni",
                 "supported commands: VERSION, " + ", ".join(REQUIRED_ENVIRONMENT),
             )
-        try:
-            text = stdin.decode("utf-8")
-            config = decode_json(text)
-        except ValueError as exc:
-            raise PluginError(
-                DECODING_FAILURE, "the network config on stdin is not valid JSON", str(exc)
-            ) from None
-        if not isinstance(config, dict):
-            raise PluginError(DECODING_FAILURE, "the network config on stdin is not a JSON object")
-        if isinstance(config.get("cniVersion"), str):
-            version = config["cniVersion"]
         missing = [name for name in REQUIRED_ENVIRONMENT[command] if not environ.get(name)]
         if missing:
             raise PluginError(
                 INVALID_ENVIRONMENT,
                 f"{command} needs {', '.join(missing)}, which the runtime did not set",
             )
-        address, timeout = _daemon_settings(config)
-        body = _envelope(environ, text)
+        headers = "".join(
+            f"{header}: {_header_value(environ[variable])}\r\n"
+            for variable, header in ENVIRONMENT_HEADERS.items()
+            if environ.get(variable)
+        )
         try:
-            status, answer = _post(address, "/cni/" + command.lower(), body, timeout)
+            status, answer = _post(daemon, "/cni/" + command.lower(), headers, stdin, timeout)
         except PluginError as exc:
             if command == "STATUS" and exc.code == TRY_AGAIN_LATER:
                 # STATUS has its own code for "cannot serve ADD now".
                 exc.code = PLUGIN_NOT_AVAILABLE
             raise
-        return _daemon_answer(address, status, answer)
+        return _daemon_answer(daemon, status, answer)
     except PluginError as exc:
         error = _json_object(
-            cniVersion=_quote(version),
+            cniVersion=_quote(_config_version(stdin)),
             code=str(exc.code),
             msg=_quote(exc.msg),
             details=_quote(exc.details),
@@ -137,36 +141,22 @@ def run(environ: dict[str, str], stdin: bytes) -> tuple[int, bytes]:
         return 1, error.encode()
 
 
-def _version_answer(stdin: bytes) -> bytes:
-    # The runtime's version is echoed when stdin names one; VERSION needs nothing else.
+def _config_version(stdin: bytes) -> str:
+    """The ``cniVersion`` that the config on stdin names, if it is a JSON object that names one."""
     try:
         config = decode_json(stdin.decode("utf-8")) if stdin.strip() else None
     except ValueError:
         config = None
     version = config.get("cniVersion") if isinstance(config, dict) else None
-    if not isinstance(version, str):
-        version = DEFAULT_VERSION
+    return version if isinstance(version, str) else DEFAULT_VERSION
+
+
+def _version_answer(stdin: bytes) -> bytes:
+    # The runtime's version is echoed when stdin names one; VERSION needs nothing else.
     versions = "[" + ",".join(_quote(v) for v in SUPPORTED_VERSIONS) + "]"
-    return _json_object(cniVersion=_quote(version), supportedVersions=versions).encode()
-
-
-def _daemon_settings(config: dict[str, object]) -> tuple[str, float]:
-    address = config.get("daemon")
-    if not isinstance(address, str) or not address:
-        raise PluginError(
-            INVALID_NETWORK_CONFIG,
-            "the capsa-cni plugin config has no `daemon` address",
-            'set `daemon` to the daemon\'s cni.daemon_listen, e.g. "127.0.0.1:9519" or '
-            '"unix:/run/capsa/cni.sock" (capsa writes it when it installs the conflist)',
-        )
-    timeout = config.get("timeout", DEFAULT_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise PluginError(
-            INVALID_NETWORK_CONFIG,
-            f"the capsa-cni plugin config has an invalid `timeout` {timeout!r}",
-            "expected a positive number of seconds",
-        )
-    return address, float(timeout)
+    return _json_object(
+        cniVersion=_quote(_config_version(stdin)), supportedVersions=versions
+    ).encode()
 
 
 def _json_object(**members: str) -> str:
@@ -174,16 +164,12 @@ def _json_object(**members: str) -> str:
     return "{" + ",".join(_quote(name) + ":" + value for name, value in members.items()) + "}"
 
 
-def _envelope(environ: dict[str, str], config: str) -> bytes:
-    # The config was checked to be one JSON object, so it is embedded as it came.
-    return _json_object(
-        containerId=_quote(environ.get("CNI_CONTAINERID", "")),
-        netns=_quote(environ.get("CNI_NETNS", "")),
-        ifname=_quote(environ.get("CNI_IFNAME", "")),
-        args=_quote(environ.get("CNI_ARGS", "")),
-        path=_quote(environ.get("CNI_PATH", "")),
-        config=config.strip(),
-    ).encode()
+def _header_value(value: str) -> str:
+    """A variable as a header value: printable ASCII as it is, other bytes percent-encoded."""
+    if value.isascii() and value.isprintable() and " " not in value and "%" not in value:
+        return value
+    raw = value.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if b in _HEADER_SAFE else f"%{b:02X}" for b in raw)
 
 
 def _connect(address: str, deadline: float) -> _socket.socket:
@@ -194,9 +180,9 @@ def _connect(address: str, deadline: float) -> _socket.socket:
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             raise PluginError(
-                INVALID_NETWORK_CONFIG,
-                f"the capsa-cni plugin config has an invalid `daemon` address {address!r}",
-                'expected "HOST:PORT" or "unix:/path"',
+                INTERNAL,
+                f"capsa-cni has an invalid daemon address {address!r}",
+                'expected "HOST:PORT" or "unix:/path"; `capsa up` writes it again',
             )
         host = host.strip("[]")
         family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
@@ -211,12 +197,12 @@ def _connect(address: str, deadline: float) -> _socket.socket:
     return sock
 
 
-def _post(address: str, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
+def _post(address: str, path: str, headers: str, body: bytes, timeout: float) -> tuple[int, bytes]:
     """A minimal HTTP/1.1 POST (the daemon answers with Content-Length and closes)."""
     deadline = time.monotonic() + timeout
     request = (
         f"POST {path} HTTP/1.1\r\nHost: capsa-cni-daemon\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"{headers}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode() + body
     try:
         sock = _connect(address, deadline)
@@ -319,7 +305,7 @@ def _daemon_answer(address: str, status: int, body: bytes) -> tuple[int, bytes]:
     )
 
 
-def main() -> int:
+def main(daemon: str, timeout: float) -> int:
     # The CNI variables only; undecodable bytes survive as os.environ would keep them.
     environ = {
         key.decode(): value.decode("utf-8", "surrogateescape")
@@ -328,18 +314,14 @@ def main() -> int:
     }
     # The runtime always writes the config and closes stdin; a terminal means someone typing.
     stdin = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
-    status, output = run(environ, stdin)
+    status, output = run(environ, stdin, daemon, timeout)
     if output:
         sys.stdout.buffer.write(output + b"\n")
         sys.stdout.buffer.flush()
     return status
 
 
-def run_as_process() -> None:
+def run_as_process(daemon: str, timeout: float) -> None:
     """:func:`main` as the whole process: its answer is written and flushed, so the interpreter's
     clean-up at exit (about 2 ms of a 9 ms run here) has nothing left to do, and is skipped."""
-    posix._exit(main())
-
-
-if __name__ == "__main__":
-    run_as_process()
+    posix._exit(main(daemon, timeout))

@@ -1,25 +1,25 @@
 """The CNI protocol as the daemon sees it: requests forwarded by ``capsa-cni``, errors, results.
 
-``capsa-cni`` forwards each call as ``POST /cni/<command>`` with a JSON envelope::
+``capsa-cni`` forwards each call as ``POST /cni/<command>``: the network config from its stdin,
+as it came, is the body, and each CNI variable is a header (:data:`ENVIRONMENT_HEADERS`), its
+value's UTF-8 bytes percent-encoded but for printable ASCII (:func:`decode_header`).
 
-    {"containerId": CNI_CONTAINERID, "netns": CNI_NETNS, "ifname": CNI_IFNAME,
-     "args": CNI_ARGS, "path": CNI_PATH, "config": <the network config from stdin>}
-
-:func:`parse_request` checks it against the spec (SPEC.md 1.1.0, sections 1, 2 and 5) and returns
-a :class:`CniRequest`; :class:`CniError` carries a spec error code; :func:`build_result` renders
-what was plugged (every interface of the pod) in the conf's ``cniVersion``, appended to
-``prevResult``;
-:func:`prev_result_problems` says where a CHECK's ``prevResult`` disagrees with the port. Nothing
-here touches the kernel or the network.
+:func:`parse_config` and :func:`parse_request` check a call against the spec (SPEC.md 1.1.0,
+sections 1, 2 and 5) and return a :class:`CniRequest`; :class:`CniError` carries a spec error
+code; :func:`build_result` renders what was plugged (every interface of the pod) in the conf's
+``cniVersion``, appended to ``prevResult``; :func:`prev_result_problems` says where a CHECK's
+``prevResult`` disagrees with the port. Nothing here touches the kernel or the network.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
+from urllib.parse import unquote
 
 from capsa.network.types import PluggedPort, PortBinding
 
@@ -48,13 +48,13 @@ UNSUPPORTED_KEYS = ("ipam",)
 VALID_ATTACHMENTS_KEY = "cni.dev/valid-attachments"
 # libcni also sends the key under the spec's first, mistaken name (containernetworking/cni#1101).
 LEGACY_ATTACHMENTS_KEY = "cni.dev/attachments"
-# The envelope key that carries each variable.
-_ENVELOPE_KEYS = {
-    "CNI_CONTAINERID": "containerId",
-    "CNI_NETNS": "netns",
-    "CNI_IFNAME": "ifname",
-    "CNI_ARGS": "args",
-    "CNI_PATH": "path",
+# The request header that carries each variable (capsa-cni keeps a copy: a test compares them).
+ENVIRONMENT_HEADERS = {
+    "CNI_CONTAINERID": "CNI-Container-Id",
+    "CNI_NETNS": "CNI-Netns",
+    "CNI_IFNAME": "CNI-Ifname",
+    "CNI_ARGS": "CNI-Args",
+    "CNI_PATH": "CNI-Path",
 }
 # Linux interface names: at most IFNAMSIZ - 1 bytes, no slash, colon or whitespace.
 _IFNAME_MAX = 15
@@ -127,29 +127,43 @@ class CniRequest:
         dns: Mapping[str, Any] | None = self.network_config.get("dns")
         return dns
 
-    @property
-    def owner(self) -> str:
-        """Who makes this request's attachments: the network and the daemon it is served by.
 
-        Several capsa instances on one machine have daemons of their own, so their attachments
-        never share an owner and a GC of one leaves the others' alone.
-        """
-        daemon = self.network_config.get("daemon", "")
-        digest = hashlib.sha256(f"{daemon}\n{self.network_name}".encode())
-        return digest.hexdigest()[:16]
+def attachment_owner(daemon_address: str, network_name: str) -> str:
+    """Who makes the attachments of a network served by the daemon at ``daemon_address``.
 
-    @property
-    def bridge_keeper(self) -> str:
-        """Which daemon keeps the bridges this request makes: :func:`bridge_keeper` of the
-        daemon the config names."""
-        return bridge_keeper(self.network_config.get("daemon", ""))
+    Several capsa instances on one machine have daemons of their own, so their attachments
+    never share an owner and a GC of one leaves the others' alone.
+    """
+    return hashlib.sha256(f"{daemon_address}\n{network_name}".encode()).hexdigest()[:16]
 
 
 def bridge_keeper(daemon_address: str) -> str:
-    """The mark of the bridges made by the daemon at ``daemon_address`` (as conflists name it),
-    so that it finds, when it starts, the unused ones that an earlier run of it left (killed
-    while they lingered), and never another daemon's."""
+    """The mark of the bridges made by the daemon at ``daemon_address``, so that it finds, when
+    it starts, the unused ones that an earlier run of it left (killed while they lingered), and
+    never another daemon's."""
     return hashlib.sha256(f"bridges of {daemon_address}".encode()).hexdigest()[:16]
+
+
+def decode_header(value: str) -> str:
+    """A variable as capsa-cni sent it in its header; bytes that are not UTF-8 come back as
+    ``os.environ`` would have them (surrogate escapes)."""
+    return unquote(value, errors="surrogateescape")
+
+
+def parse_config(body: bytes) -> dict[str, Any]:
+    """The network config that the runtime gave capsa-cni on stdin, which must be one JSON
+    object."""
+    try:
+        config = json.loads(body.decode("utf-8"))
+    except ValueError as exc:
+        raise CniError(
+            ErrorCode.DECODING_FAILURE, "the network config on stdin is not valid JSON", str(exc)
+        ) from None
+    if not isinstance(config, dict):
+        raise CniError(
+            ErrorCode.DECODING_FAILURE, "the network config on stdin is not a JSON object"
+        )
+    return config
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -183,25 +197,20 @@ def parse_cni_args(text: str) -> dict[str, str]:
     return args
 
 
-def parse_request(command: str, envelope: Mapping[str, Any]) -> CniRequest:
-    """Checks a forwarded call: command, version, config, required variables and their syntax."""
+def parse_request(
+    command: str, environment: Mapping[str, str], config: dict[str, Any]
+) -> CniRequest:
+    """Checks a forwarded call: command, version, config, required variables and their syntax.
+    ``environment`` holds the CNI variables the runtime set (a missing one counts as empty)."""
     if command not in COMMANDS:
         raise CniError(
             ErrorCode.INVALID_ENVIRONMENT,
             f"CNI_COMMAND {command!r} is not supported by capsa-cni: expected one of "
             + ", ".join(COMMANDS),
         )
-    config = envelope.get("config")
-    if not isinstance(config, dict):
-        raise CniError(ErrorCode.DECODING_FAILURE, "the network config must be a JSON object")
     version = _check_version(command, config.get("cniVersion"))
     name = _check_network_name(config.get("name"))
-    env: dict[str, str] = {}
-    for variable, key in _ENVELOPE_KEYS.items():
-        value = envelope.get(key, "")
-        if not isinstance(value, str):
-            raise CniError(ErrorCode.INVALID_ENVIRONMENT, f"{variable} must be a string")
-        env[variable] = value
+    env = {variable: environment.get(variable, "") for variable in ENVIRONMENT_HEADERS}
     missing = [v for v in REQUIRED_ENVIRONMENT[command] if not env[v]]
     if missing:
         raise CniError(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import socket
 import threading
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -17,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from capsa.cni.daemon import CniDaemon, create_app, parse_listen
-from capsa.cni.protocol import bridge_keeper
+from capsa.cni.protocol import ENVIRONMENT_HEADERS, bridge_keeper
 from capsa.model.capsule import Capsule
 from capsa.network.dataplane import (
     Attachment,
@@ -52,6 +54,10 @@ SECOND_PORT = PortBinding(
     bridge="capsa1",
     mtu=1400,
 )
+
+
+# Where capsa-cni reaches the daemon of the ``client`` fixture.
+DAEMON_ADDRESS = "unix:/run/capsa/cni.sock"
 
 
 class FakePorts:
@@ -247,7 +253,8 @@ def dataplane() -> FakeDataplane:
 
 @pytest.fixture
 async def client(ports: FakePorts, dataplane: FakeDataplane) -> AsyncIterator[TestClient[Any, Any]]:
-    async with TestClient(TestServer(create_app(ports, dataplane))) as test_client:
+    app = create_app(ports, dataplane, address=DAEMON_ADDRESS)
+    async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
 
@@ -262,7 +269,6 @@ def envelope(container_id: str = "c1", pod: str | None = "pod-1", **config: Any)
             "cniVersion": "1.0.0",
             "name": "capsa",
             "type": "capsa-cni",
-            "daemon": "unix:/run/capsa/cni.sock",
             **config,
         },
     }
@@ -280,7 +286,6 @@ def network_envelope(**config: Any) -> dict[str, Any]:
             "cniVersion": "1.1.0",
             "name": "capsa",
             "type": "capsa-cni",
-            "daemon": "unix:/run/capsa/cni.sock",
             **config,
         },
     }
@@ -291,8 +296,28 @@ def gc_envelope(*valid: tuple[str, str]) -> dict[str, Any]:
     return network_envelope(**{"cni.dev/valid-attachments": attachments})
 
 
-async def call(client: TestClient[Any, Any], command: str, body: Any) -> tuple[int, Any]:
-    response = await client.post(f"/cni/{command}", json=body)
+# Where each variable goes in an envelope (the call as the tests write it).
+_ENVELOPE_KEYS = {
+    "containerId": "CNI_CONTAINERID",
+    "netns": "CNI_NETNS",
+    "ifname": "CNI_IFNAME",
+    "args": "CNI_ARGS",
+    "path": "CNI_PATH",
+}
+
+
+async def call(
+    client: TestClient[Any, Any], command: str, envelope: dict[str, Any]
+) -> tuple[int, Any]:
+    """``envelope``'s call as capsa-cni makes it: its variables as headers, its config as the
+    body."""
+    headers = {
+        ENVIRONMENT_HEADERS[variable]: quote(envelope[key], safe="", errors="surrogateescape")
+        for key, variable in _ENVELOPE_KEYS.items()
+        if envelope.get(key)
+    }
+    body = json.dumps(envelope["config"]).encode()
+    response = await client.post(f"/cni/{command}", data=body, headers=headers)
     text = await response.text()
     return response.status, (await response.json() if text else None)
 
@@ -319,6 +344,15 @@ async def test_add_binds_the_port_and_answers_the_result(
     assert result["ips"] == [{"address": "10.217.0.5/16", "gateway": "10.217.0.1", "interface": 2}]
     assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
     assert ports.bound == {"port-1": ("c1", host_ifname("c1", "eth0"))}
+
+
+async def test_variables_come_back_from_their_percent_encoded_headers(
+    client: TestClient[Any, Any],
+) -> None:
+    # Any bytes a runtime may set: spaces, non-ASCII, a literal percent sign, non-UTF-8.
+    netns = "/var/run/netns/cni 1%2e-\u00e9-\udcff"
+    result = await added(client, {**envelope(), "netns": netns})
+    assert result["interfaces"][2]["sandbox"] == netns
 
 
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.1.0"])
@@ -971,9 +1005,10 @@ async def test_gc_removes_only_this_owners_stale_attachments(
     await added(client, envelope(container_id="kept"))
     await added(client, envelope(container_id="stale", pod="pod-2"))
     # Another capsa instance's attachment: same network name, another daemon.
-    foreign = envelope(container_id="foreign", daemon="unix:/other/cni.sock")
     ports.ports["pod-3"] = [dataclasses.replace(PORT, port_id="port-3")]
-    await added(client, {**foreign, "args": "K8S_POD_NAME=pod-3"})
+    other = create_app(ports, dataplane, address="unix:/other/cni.sock")
+    async with TestClient(TestServer(other)) as other_client:
+        await added(other_client, envelope(container_id="foreign", pod="pod-3"))
 
     assert await call(client, "gc", gc_envelope(("kept", "eth0"))) == (200, None)
 
@@ -1128,12 +1163,12 @@ async def test_daemon_on_a_unix_socket(tmp_path: Path, ports: FakePorts) -> None
     assert not path.exists()
 
 
-async def test_an_add_makes_its_bridges_kept_by_the_daemon_its_config_names(
+async def test_an_add_makes_its_bridges_kept_by_its_daemon(
     client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     ports.ports["pod-1"] = [PORT, SECOND_PORT]
     await added(client, envelope())
-    keeper = bridge_keeper("unix:/run/capsa/cni.sock")
+    keeper = bridge_keeper(DAEMON_ADDRESS)
     assert dataplane.bridges == {"capsa0": keeper, "capsa1": keeper}
     assert bridge_keeper("unix:/run/other/cni.sock") != keeper
 

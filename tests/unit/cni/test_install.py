@@ -153,12 +153,35 @@ def test_conflist(cfg: Config, install: Callable[[Config], None]) -> None:
         "plugins": [
             {
                 "type": "capsa-cni",
-                "daemon": "127.0.0.1:19519",
-                "timeout": 7,
                 "capabilities": {"portMappings": True},
             }
         ],
     }
+
+
+def test_launcher_reaches_the_configured_daemon(
+    cfg: Config, install: Callable[[Config], None], tmp_path: Path
+) -> None:
+    # The daemon address and the timeout come from capsa's configuration, through the launcher.
+    address = f"unix:{tmp_path / 'nobody-listens.sock'}"
+    install(dataclasses.replace(cfg, cni=dataclasses.replace(cfg.cni, daemon_listen=address)))
+    assert "run_as_process(" in (cfg.cni_bin_dir / "capsa-cni").read_text()
+    config = b'{"cniVersion": "1.0.0", "name": "capsa-test", "type": "capsa-cni"}'
+    run = subprocess.run(
+        [str(cfg.cni_bin_dir / "capsa-cni")],
+        env={
+            "CNI_COMMAND": "ADD",
+            "CNI_CONTAINERID": "c1",
+            "CNI_NETNS": "/run/netns/x",
+            "CNI_IFNAME": "eth0",
+        },
+        input=config,
+        capture_output=True,
+        timeout=30,
+    )
+    error = json.loads(run.stdout)
+    assert (run.returncode, error["code"]) == (1, 11)
+    assert address in error["msg"]
 
 
 def test_install_rewrites_only_what_changed(cfg: Config, install: Callable[[Config], None]) -> None:
@@ -173,10 +196,16 @@ def test_install_rewrites_only_what_changed(cfg: Config, install: Callable[[Conf
 
     install(dataclasses.replace(cfg, cni=dataclasses.replace(cfg.cni, daemon_listen="unix:/x")))
     # Replaced by rename (a new inode), never rewritten in place.
-    assert conflist.stat().st_ino != before[conflist]
-    assert json.loads(conflist.read_text())["plugins"][0]["daemon"] == "unix:/x"
-    assert launcher.stat().st_ino == before[launcher]
-    assert sorted(p.name for p in cfg.cni_conf_dir.iterdir()) == ["10-capsa.conflist"]
+    assert launcher.stat().st_ino != before[launcher]
+    assert "'unix:/x'" in launcher.read_text()
+    assert {p: p.stat().st_ino for p in (module, bytecode, conflist)} == {
+        p: before[p] for p in (module, bytecode, conflist)
+    }
+    assert sorted(p.name for p in cfg.cni_bin_dir.iterdir()) == [
+        "capsa-cni",
+        "capsa-cni.lib",
+        "loopback",
+    ]
 
 
 def test_install_replaces_bytecode_that_does_not_match_the_module(
@@ -212,7 +241,7 @@ def test_install_restores_the_launcher_mode(cfg: Config, install: Callable[[Conf
 @pytest.mark.parametrize("interpreter", ["python3", "/opt/my python/bin/python3", "/x" * 200])
 def test_launcher_refuses_unusable_interpreters(interpreter: str) -> None:
     with pytest.raises(ValueError, match=r"interpreter|shebang"):
-        launcher_source(interpreter, Path("/var/lib/capsa/cni/bin/capsa-cni.lib"))
+        launcher_source(interpreter, Path("/var/lib/capsa/cni/bin/capsa-cni.lib"), "unix:/x", 5)
 
 
 def test_loopback_is_linked_from_the_reference_plugins(cfg: Config, plugin_dir: Path) -> None:

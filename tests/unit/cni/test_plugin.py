@@ -29,7 +29,8 @@ class FakeDaemon:
     """A loopback HTTP server that records what capsa-cni sends and answers as told."""
 
     def __init__(self) -> None:
-        self.requests: list[tuple[str, dict[str, Any]]] = []
+        # Each request: its path, its CNI variables (decoded from their headers) and its body.
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.status = 200
         self.body = b'{"cniVersion":"1.0.0","interfaces":[]}'
         daemon = self
@@ -37,7 +38,12 @@ class FakeDaemon:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 length = int(self.headers["Content-Length"])
-                daemon.requests.append((self.path, json.loads(self.rfile.read(length))))
+                variables = {
+                    variable: protocol.decode_header(self.headers[header])
+                    for variable, header in protocol.ENVIRONMENT_HEADERS.items()
+                    if header in self.headers
+                }
+                daemon.requests.append((self.path, variables, self.rfile.read(length)))
                 self.send_response(daemon.status)
                 self.send_header("Content-Length", str(len(daemon.body)))
                 self.end_headers()
@@ -63,10 +69,13 @@ def daemon() -> Iterator[FakeDaemon]:
         thread.join(timeout=5)
 
 
-def conf(address: str, **extra: Any) -> bytes:
-    return json.dumps(
-        {"cniVersion": "1.0.0", "name": "capsa", "type": "capsa-cni", "daemon": address, **extra}
-    ).encode()
+CONF = json.dumps({"cniVersion": "1.0.0", "name": "capsa", "type": "capsa-cni"}).encode()
+
+
+def call(
+    env: dict[str, str], address: str, stdin: bytes = CONF, timeout: float = 5.0
+) -> tuple[int, bytes]:
+    return plugin.run(env, stdin, address, timeout)
 
 
 def error_of(status: int, output: bytes) -> dict[str, Any]:
@@ -84,7 +93,7 @@ def closed_port() -> int:
 
 
 def test_version_echoes_the_runtime_version() -> None:
-    status, output = plugin.run({"CNI_COMMAND": "VERSION"}, b'{"cniVersion":"0.4.0"}')
+    status, output = call({"CNI_COMMAND": "VERSION"}, "127.0.0.1:1", b'{"cniVersion":"0.4.0"}')
     assert status == 0
     assert json.loads(output) == {
         "cniVersion": "0.4.0",
@@ -93,7 +102,7 @@ def test_version_echoes_the_runtime_version() -> None:
 
 
 def test_version_without_stdin() -> None:
-    status, output = plugin.run({"CNI_COMMAND": "VERSION"}, b"")
+    status, output = call({"CNI_COMMAND": "VERSION"}, "127.0.0.1:1", b"")
     assert status == 0
     assert json.loads(output)["cniVersion"] == "1.0.0"
 
@@ -102,10 +111,9 @@ def test_plugin_and_daemon_agree() -> None:
     # The plugin is installed alone and cannot import capsa: its copies must not drift.
     assert plugin.SUPPORTED_VERSIONS == protocol.SUPPORTED_VERSIONS
     assert plugin.REQUIRED_ENVIRONMENT == protocol.REQUIRED_ENVIRONMENT
+    assert plugin.ENVIRONMENT_HEADERS == protocol.ENVIRONMENT_HEADERS
     assert plugin.DEFAULT_VERSION == protocol.DEFAULT_VERSION
     assert plugin.INVALID_ENVIRONMENT == protocol.ErrorCode.INVALID_ENVIRONMENT
-    assert plugin.DECODING_FAILURE == protocol.ErrorCode.DECODING_FAILURE
-    assert plugin.INVALID_NETWORK_CONFIG == protocol.ErrorCode.INVALID_NETWORK_CONFIG
     assert plugin.TRY_AGAIN_LATER == protocol.ErrorCode.TRY_AGAIN_LATER
     assert plugin.PLUGIN_NOT_AVAILABLE == protocol.ErrorCode.PLUGIN_NOT_AVAILABLE
     assert plugin.INTERNAL == protocol.ErrorCode.INTERNAL
@@ -118,7 +126,7 @@ def test_plugin_and_daemon_agree() -> None:
 def test_missing_environment_is_code_4(daemon: FakeDaemon, command: str, variable: str) -> None:
     env = {**ADD_ENV, "CNI_COMMAND": command}
     del env[variable]
-    error = error_of(*plugin.run(env, conf(daemon.address)))
+    error = error_of(*call(env, daemon.address))
     assert error["code"] == 4
     assert variable in error["msg"]
     assert daemon.requests == []
@@ -126,75 +134,71 @@ def test_missing_environment_is_code_4(daemon: FakeDaemon, command: str, variabl
 
 @pytest.mark.parametrize("command", ["", "add", "UPDATE"])
 def test_unsupported_command_is_code_4(command: str) -> None:
-    error = error_of(*plugin.run({**ADD_ENV, "CNI_COMMAND": command}, conf("127.0.0.1:1")))
+    error = error_of(*call({**ADD_ENV, "CNI_COMMAND": command}, "127.0.0.1:1"))
     assert error["code"] == 4
     assert "CNI_COMMAND" in error["msg"]
 
 
-@pytest.mark.parametrize(
-    "stdin", [b"", b'{"cniVersion": "1.0.0",', b'{"a": 1} trailing', b"\xff\xfe{}", b"[1, 2]"]
-)
-def test_undecodable_config_is_code_6(daemon: FakeDaemon, stdin: bytes) -> None:
-    error = error_of(*plugin.run(ADD_ENV, stdin))
-    assert error["code"] == 6
-    assert daemon.requests == []
+@pytest.mark.parametrize("stdin", [CONF, b"", b'{"cniVersion": "1.0.0",', b"\xff\xfe{}"])
+def test_the_config_goes_to_the_daemon_unread(daemon: FakeDaemon, stdin: bytes) -> None:
+    # The daemon checks it (and answers code 6 for what is no JSON object).
+    call(ADD_ENV, daemon.address, stdin)
+    ((_, _, body),) = daemon.requests
+    assert body == stdin
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        {"cniVersion": "1.0.0"},
-        {"cniVersion": "1.0.0", "daemon": ""},
-        {"cniVersion": "1.0.0", "daemon": "127.0.0.1:1", "timeout": 0},
-        {"cniVersion": "1.0.0", "daemon": "127.0.0.1:1", "timeout": "5"},
-        {"cniVersion": "1.0.0", "daemon": "no-port"},
-    ],
-)
-def test_bad_plugin_config_is_code_7(config: dict[str, Any]) -> None:
-    error = error_of(*plugin.run(ADD_ENV, json.dumps(config).encode()))
-    assert error["code"] == 7
-
-
-def test_errors_carry_the_config_version() -> None:
+def test_the_plugins_own_errors_carry_the_config_version() -> None:
     stdin = json.dumps({"cniVersion": "0.4.0"}).encode()
-    assert error_of(*plugin.run(ADD_ENV, stdin))["cniVersion"] == "0.4.0"
+    assert error_of(*call(ADD_ENV, f"127.0.0.1:{closed_port()}", stdin))["cniVersion"] == "0.4.0"
+    assert error_of(*call(ADD_ENV, f"127.0.0.1:{closed_port()}", b"{"))["cniVersion"] == "1.0.0"
 
 
 def test_add_is_forwarded_and_the_result_printed(daemon: FakeDaemon) -> None:
-    stdin = conf(daemon.address, timeout=5, runtimeConfig={"portMappings": []})
-    status, output = plugin.run(ADD_ENV, stdin)
+    status, output = call(ADD_ENV, daemon.address)
     assert (status, output) == (0, daemon.body)
-    ((path, envelope),) = daemon.requests
+    ((path, variables, body),) = daemon.requests
     assert path == "/cni/add"
-    assert envelope == {
-        "containerId": ADD_ENV["CNI_CONTAINERID"],
-        "netns": ADD_ENV["CNI_NETNS"],
-        "ifname": ADD_ENV["CNI_IFNAME"],
-        "args": ADD_ENV["CNI_ARGS"],
-        "path": ADD_ENV["CNI_PATH"],
-        "config": json.loads(stdin),
-    }
+    assert variables == {name: value for name, value in ADD_ENV.items() if name != "CNI_COMMAND"}
+    assert body == CONF
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/var/run/netns/cni 1",
+        "K8S_POD_NAME=caf\u00e9;X=100%",
+        "tab\there\r\nnewline",
+        "not-utf-8-\udcff",
+        " leading and trailing ",
+    ],
+)
+def test_any_variable_reaches_the_daemon_as_the_runtime_set_it(
+    daemon: FakeDaemon, value: str
+) -> None:
+    call({**ADD_ENV, "CNI_NETNS": value}, daemon.address)
+    ((_, variables, _),) = daemon.requests
+    assert variables["CNI_NETNS"] == value
 
 
 def test_del_with_empty_netns_is_forwarded(daemon: FakeDaemon) -> None:
     daemon.body = b""
     env = {**ADD_ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}
-    assert plugin.run(env, conf(daemon.address)) == (0, b"")
-    ((path, envelope),) = daemon.requests
+    assert call(env, daemon.address) == (0, b"")
+    ((path, variables, _),) = daemon.requests
     assert path == "/cni/del"
-    assert envelope["netns"] == ""
+    assert "CNI_NETNS" not in variables
 
 
 def test_daemon_errors_are_printed_as_they_came(daemon: FakeDaemon) -> None:
     daemon.status = 404
     daemon.body = b'{"cniVersion":"1.0.0","code":3,"msg":"capsule pod-1 has no port","details":""}'
-    assert plugin.run(ADD_ENV, conf(daemon.address)) == (1, daemon.body)
+    assert call(ADD_ENV, daemon.address) == (1, daemon.body)
 
 
 def test_non_cni_daemon_errors_are_wrapped(daemon: FakeDaemon) -> None:
     daemon.status = 500
     daemon.body = b"<html>Internal Server Error</html>"
-    error = error_of(*plugin.run(ADD_ENV, conf(daemon.address)))
+    error = error_of(*call(ADD_ENV, daemon.address))
     assert error["code"] == 999
     assert "HTTP 500" in error["msg"]
     assert "Internal Server Error" in error["details"]
@@ -206,19 +210,26 @@ def test_gc_and_status_are_forwarded_without_an_attachment(
 ) -> None:
     daemon.body = b""
     env = {"CNI_COMMAND": command, "CNI_PATH": "/opt/cni/bin"}
-    stdin = conf(daemon.address, cniVersion="1.1.0")
-    assert plugin.run(env, stdin) == (0, b"")
-    ((path, envelope),) = daemon.requests
+    stdin = json.dumps({"cniVersion": "1.1.0", "name": "capsa"}).encode()
+    assert call(env, daemon.address, stdin) == (0, b"")
+    ((path, variables, body),) = daemon.requests
     assert path == f"/cni/{command.lower()}"
-    assert envelope["config"]["cniVersion"] == "1.1.0"
-    assert envelope["containerId"] == envelope["netns"] == envelope["ifname"] == ""
+    assert body == stdin
+    assert variables == {"CNI_PATH": "/opt/cni/bin"}
 
 
 def test_unreachable_daemon_is_code_11_and_says_how_to_fix() -> None:
     address = f"127.0.0.1:{closed_port()}"
-    error = error_of(*plugin.run(ADD_ENV, conf(address)))
+    error = error_of(*call(ADD_ENV, address))
     assert error["code"] == 11
     assert address in error["msg"]
+    assert "capsa up" in error["details"]
+
+
+@pytest.mark.parametrize("address", ["", "no-port", "127.0.0.1:http"])
+def test_an_unusable_daemon_address_is_code_999(address: str) -> None:
+    error = error_of(*call(ADD_ENV, address))
+    assert error["code"] == 999
     assert "capsa up" in error["details"]
 
 
@@ -236,7 +247,7 @@ def test_daemon_that_hangs_up_without_answering_is_code_11() -> None:
 
         thread = threading.Thread(target=hang_up)
         thread.start()
-        error = error_of(*plugin.run(ADD_ENV, conf(address, timeout=5)))
+        error = error_of(*call(ADD_ENV, address))
         thread.join(timeout=5)
     assert error["code"] == 11
     assert "closed the connection without answering" in error["msg"]
@@ -285,7 +296,7 @@ def add_answered_by(pieces: list[bytes], *, close_at_once: bool = False) -> tupl
     """An ADD against a RawDaemon that answers ``pieces``."""
     daemon = RawDaemon(pieces, close_at_once=close_at_once)
     try:
-        return plugin.run(ADD_ENV, conf(daemon.address, timeout=3))
+        return call(ADD_ENV, daemon.address, timeout=3)
     finally:
         daemon.stop()
 
@@ -312,15 +323,15 @@ def test_an_answer_cut_short_by_the_close_is_code_11() -> None:
 def test_status_of_an_unreachable_daemon_is_code_50() -> None:
     # STATUS tells the runtime the plugin cannot serve ADD; 11 would mean "retry this call".
     address = f"127.0.0.1:{closed_port()}"
-    stdin = conf(address, cniVersion="1.1.0")
-    error = error_of(*plugin.run({"CNI_COMMAND": "STATUS"}, stdin))
+    stdin = json.dumps({"cniVersion": "1.1.0", "name": "capsa"}).encode()
+    error = error_of(*call({"CNI_COMMAND": "STATUS"}, address, stdin))
     assert error["code"] == 50
     assert address in error["msg"]
 
 
 def test_missing_unix_socket_is_code_11(tmp_path: Path) -> None:
     address = f"unix:{tmp_path / 'cni.sock'}"
-    error = error_of(*plugin.run(ADD_ENV, conf(address)))
+    error = error_of(*call(ADD_ENV, address))
     assert error["code"] == 11
     assert address in error["msg"]
 
@@ -331,7 +342,7 @@ def test_silent_daemon_times_out_with_code_11() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen(4)
         address = f"127.0.0.1:{listener.getsockname()[1]}"
-        error = error_of(*plugin.run(ADD_ENV, conf(address, timeout=0.2)))
+        error = error_of(*call(ADD_ENV, address, timeout=0.2))
     assert error["code"] == 11
     assert "did not answer within 0.2s" in error["msg"]
 
@@ -349,8 +360,8 @@ def test_main_reads_the_process_environment_and_stdin(
 ) -> None:
     environ = {k.encode(): v.encode() for k, v in ADD_ENV.items() if k != "CNI_NETNS"}
     monkeypatch.setattr("posix.environ", {**environ, b"HOME": b"/root"})
-    monkeypatch.setattr("sys.stdin", FakeStdin(conf("127.0.0.1:1")))
-    assert plugin.main() == 1
+    monkeypatch.setattr("sys.stdin", FakeStdin(CONF))
+    assert plugin.main("127.0.0.1:1", 5.0) == 1
     output = capsysbinary.readouterr().out
     assert output.endswith(b"\n")
     error = json.loads(output)
@@ -367,13 +378,14 @@ def test_decode_json_matches_json(text: str) -> None:
     assert plugin.decode_json(text) == json.loads(text)
 
 
-def test_plugin_imports_only_builtin_modules() -> None:
-    # Start-up time is the plugin's cost: it must not import json, socket, re, enum or os.
-    def imported(*args: str) -> set[str]:
+def imports_of(env: dict[str, str], stdin: bytes, code: str = "pass") -> set[str]:
+    """The modules that ``code`` imports in a ``python -I -S`` process, beyond start-up's."""
+
+    def imported(snippet: str) -> set[str]:
         run = subprocess.run(
-            [sys.executable, "-I", "-S", "-X", "importtime", *args],
-            env={"CNI_COMMAND": "VERSION"},
-            input=b'{"cniVersion": "1.0.0"}',
+            [sys.executable, "-I", "-S", "-X", "importtime", "-c", snippet],
+            env=env,
+            input=stdin,
             capture_output=True,
             timeout=30,
             check=True,
@@ -381,5 +393,27 @@ def test_plugin_imports_only_builtin_modules() -> None:
         lines = run.stderr.decode().splitlines()
         return {line.rsplit("|", 1)[1].strip() for line in lines if "|" in line}
 
-    extra = imported(plugin.__file__) - imported("-c", "pass")
-    assert extra <= {"_json", "_socket"}, extra
+    return imported(code) - imported("pass")
+
+
+def run_plugin_code(address: str) -> str:
+    """Code that runs plugin.py as its launcher does, for the daemon at ``address``."""
+    directory = str(Path(plugin.__file__).parent)
+    return (
+        f"import sys; sys.path.insert(0, {directory!r}); import plugin; "
+        f"plugin.run_as_process({address!r}, 5.0)"
+    )
+
+
+def test_add_and_del_import_only_socket(daemon: FakeDaemon) -> None:
+    # Start-up time is the plugin's cost: it must not import json, socket, re, enum or os, and
+    # not even _json on the way to the daemon.
+    env = {**ADD_ENV, "CNI_COMMAND": "DEL"}
+    assert imports_of(env, CONF, run_plugin_code(daemon.address)) == {"plugin", "_socket"}
+    assert len(daemon.requests) == 1
+
+
+def test_version_imports_only_builtin_modules() -> None:
+    env = {"CNI_COMMAND": "VERSION"}
+    imported = imports_of(env, CONF, run_plugin_code("127.0.0.1:1"))
+    assert imported <= {"plugin", "_json", "_socket"}, imported

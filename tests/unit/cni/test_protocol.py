@@ -11,9 +11,13 @@ from capsa.cni.protocol import (
     REQUIRED_ENVIRONMENT,
     SUPPORTED_VERSIONS,
     CniError,
+    CniRequest,
     ErrorCode,
+    attachment_owner,
     build_result,
+    decode_header,
     parse_cni_args,
+    parse_config,
     parse_request,
     prev_result_problems,
     version_tuple,
@@ -40,6 +44,21 @@ def envelope(**overrides: Any) -> dict[str, Any]:
     }
     base.update(overrides)
     return base
+
+
+_VARIABLES = {
+    "containerId": "CNI_CONTAINERID",
+    "netns": "CNI_NETNS",
+    "ifname": "CNI_IFNAME",
+    "args": "CNI_ARGS",
+    "path": "CNI_PATH",
+}
+
+
+def parse(command: str, call: dict[str, Any]) -> CniRequest:
+    """parse_request of a call written as an envelope: its variables and its config."""
+    environment = {variable: call[key] for key, variable in _VARIABLES.items() if key in call}
+    return parse_request(command, environment, call["config"])
 
 
 def config(**keys: Any) -> dict[str, Any]:
@@ -132,7 +151,7 @@ def test_cni_args_bad_pairs_name_the_part(text: str, bad_part: str) -> None:
 
 
 def test_parse_request_reads_every_field() -> None:
-    request = parse_request("ADD", envelope())
+    request = parse("ADD", envelope())
     assert request.command == "ADD"
     assert request.container_id == "a3f9c1d2e4b5"
     assert request.netns == "/var/run/netns/cni-1234"
@@ -157,19 +176,19 @@ def test_parse_request_names_missing_variables(command: str, variable: str) -> N
     }
     body = envelope(config=config(cniVersion="1.1.0"), **{key[variable]: ""})
     with pytest.raises(CniError) as caught:
-        parse_request(command, body)
+        parse(command, body)
     assert caught.value.code == ErrorCode.INVALID_ENVIRONMENT
     assert variable in caught.value.msg
 
 
 def test_del_needs_no_netns() -> None:
-    assert parse_request("DEL", envelope(netns="")).netns == ""
+    assert parse("DEL", envelope(netns="")).netns == ""
 
 
 @pytest.mark.parametrize("container_id", ["-abc", "a b", "abc/def", "é1"])
 def test_parse_request_refuses_bad_container_ids(container_id: str) -> None:
     with pytest.raises(CniError) as caught:
-        parse_request("ADD", envelope(containerId=container_id))
+        parse("ADD", envelope(containerId=container_id))
     assert caught.value.code == ErrorCode.INVALID_ENVIRONMENT
     assert "CNI_CONTAINERID" in caught.value.msg
 
@@ -177,7 +196,7 @@ def test_parse_request_refuses_bad_container_ids(container_id: str) -> None:
 @pytest.mark.parametrize("ifname", ["eth0/1", "a" * 16, "..", "et h0"])
 def test_parse_request_refuses_unusable_ifnames(ifname: str) -> None:
     with pytest.raises(CniError) as caught:
-        parse_request("ADD", envelope(ifname=ifname))
+        parse("ADD", envelope(ifname=ifname))
     assert caught.value.code == ErrorCode.INVALID_ENVIRONMENT
     assert "CNI_IFNAME" in caught.value.msg
 
@@ -186,7 +205,6 @@ def test_parse_request_refuses_unusable_ifnames(ifname: str) -> None:
     ("command", "body", "code"),
     [
         ("VERSION", envelope(), ErrorCode.INVALID_ENVIRONMENT),
-        ("ADD", envelope(config=["not", "an", "object"]), ErrorCode.DECODING_FAILURE),
         ("ADD", envelope(config=config(cniVersion="2.0.0")), ErrorCode.INCOMPATIBLE_VERSION),
         ("ADD", envelope(config=config(cniVersion="0.2.0")), ErrorCode.INCOMPATIBLE_VERSION),
         ("ADD", envelope(config={"name": "capsa"}), ErrorCode.INCOMPATIBLE_VERSION),
@@ -208,7 +226,6 @@ def test_parse_request_refuses_unusable_ifnames(ifname: str) -> None:
             ErrorCode.UNSUPPORTED_FIELD,
         ),
         ("ADD", envelope(args="K8S_POD_NAME"), ErrorCode.INVALID_ENVIRONMENT),
-        ("ADD", envelope(ifname=5), ErrorCode.INVALID_ENVIRONMENT),
         ("CHECK", envelope(config=config(cniVersion="0.3.1")), ErrorCode.INCOMPATIBLE_VERSION),
         ("GC", network_envelope(cniVersion="1.0.0"), ErrorCode.INCOMPATIBLE_VERSION),
         ("STATUS", network_envelope(cniVersion="0.4.0"), ErrorCode.INCOMPATIBLE_VERSION),
@@ -218,21 +235,21 @@ def test_parse_request_refuses_unusable_ifnames(ifname: str) -> None:
 )
 def test_parse_request_error_codes(command: str, body: dict[str, Any], code: int) -> None:
     with pytest.raises(CniError) as caught:
-        parse_request(command, body)
+        parse(command, body)
     assert caught.value.code == code
 
 
 def test_unsupported_field_names_key_and_value() -> None:
     body = envelope(config=config(runtimeConfig={"bandwidth": {"ingressRate": 100}}))
     with pytest.raises(CniError) as caught:
-        parse_request("ADD", body)
+        parse("ADD", body)
     assert "bandwidth" in caught.value.msg
     assert "ingressRate" in caught.value.msg
 
 
 def test_declared_capabilities_and_unknown_keys_are_accepted() -> None:
-    # portMappings is the capability capsa's conflist declares; other keys are the plugin's own
-    # (daemon, timeout) or pass through (cniVersions of a 1.1.0 conflist).
+    # portMappings is the capability capsa's conflist declares; other keys pass through
+    # (cniVersions of a 1.1.0 conflist, keys of older conflists such as daemon and timeout).
     body = envelope(
         config=config(
             runtimeConfig={"portMappings": [{"hostPort": 8080, "containerPort": 80}]},
@@ -241,20 +258,20 @@ def test_declared_capabilities_and_unknown_keys_are_accepted() -> None:
             timeout=5,
         )
     )
-    assert parse_request("ADD", body).network_name == "capsa"
+    assert parse("ADD", body).network_name == "capsa"
 
 
 @pytest.mark.parametrize(
     "keys", [{"ipam": {"type": "dhcp"}}, {"prevResult": []}, {"runtimeConfig": {"mac": "x"}}]
 )
 def test_del_is_not_refused_for_keys_it_does_not_read(keys: dict[str, Any]) -> None:
-    assert parse_request("DEL", envelope(config=config(**keys))).ifname == "eth0"
+    assert parse("DEL", envelope(config=config(**keys))).ifname == "eth0"
 
 
 @pytest.mark.parametrize("version", ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
 def test_add_and_del_exist_in_every_version(version: str) -> None:
     for command in ("ADD", "DEL"):
-        assert parse_request(command, envelope(config=config(cniVersion=version)))
+        assert parse(command, envelope(config=config(cniVersion=version)))
 
 
 def test_gc_reads_the_valid_attachments() -> None:
@@ -266,29 +283,57 @@ def test_gc_reads_the_valid_attachments() -> None:
             ]
         }
     )
-    request = parse_request("GC", body)
+    request = parse("GC", body)
     assert request.valid_attachments == {("a1", "eth0"), ("b2", "net1")}
     assert (request.container_id, request.netns, request.ifname) == ("", "", "")
 
 
 def test_gc_reads_libcni_legacy_key() -> None:
     body = network_envelope(**{"cni.dev/attachments": [{"containerID": "a1", "ifname": "eth0"}]})
-    assert parse_request("GC", body).valid_attachments == {("a1", "eth0")}
+    assert parse("GC", body).valid_attachments == {("a1", "eth0")}
 
 
 def test_status_needs_no_attachment() -> None:
-    body = {"config": config(cniVersion="1.1.0")}
-    assert parse_request("STATUS", body).command == "STATUS"
+    assert parse_request("STATUS", {}, config(cniVersion="1.1.0")).command == "STATUS"
 
 
 def test_owner_separates_daemons_and_networks() -> None:
-    def owner(daemon: str, name: str) -> str:
-        return parse_request("DEL", envelope(config=config(daemon=daemon, name=name))).owner
-
+    owner = attachment_owner
     assert owner("unix:/a.sock", "capsa") == owner("unix:/a.sock", "capsa")
     assert owner("unix:/a.sock", "capsa") != owner("unix:/b.sock", "capsa")
     assert owner("unix:/a.sock", "capsa") != owner("unix:/a.sock", "other")
     assert " " not in owner("unix:/a.sock", "capsa")
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b'{"cniVersion": "1.0.0",', b'{"a": 1} trailing', b"\xff\xfe{}", b"[1, 2]"]
+)
+def test_a_config_that_is_no_json_object_is_code_6(body: bytes) -> None:
+    with pytest.raises(CniError) as caught:
+        parse_config(body)
+    assert caught.value.code == ErrorCode.DECODING_FAILURE
+    assert "network config on stdin" in caught.value.msg
+
+
+def test_a_config_is_read_as_it_came() -> None:
+    assert parse_config(b' {"cniVersion": "1.0.0", "b": "\\u00e9"} ') == {
+        "cniVersion": "1.0.0",
+        "b": "\u00e9",
+    }
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("/var/run/netns/cni-1", "/var/run/netns/cni-1"),
+        ("a%20b%25c", "a b%c"),
+        ("%C3%A9", "\u00e9"),
+        # Not UTF-8: kept as os.environ keeps such bytes.
+        ("%FF", "\udcff"),
+    ],
+)
+def test_header_values_are_percent_decoded(header: str, value: str) -> None:
+    assert decode_header(header) == value
 
 
 def test_version_tuple_orders_versions() -> None:
