@@ -58,6 +58,7 @@ SORT_KEYS: dict[str, Any] = {
 # a statement costs more than SQLite takes to run it.
 _BY_UUID = select(c_t).where(c_t.c.uuid == bindparam("ident"))
 _BY_UUIDS = select(c_t).where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
+_EXISTS = select(c_t.c.uuid).where(c_t.c.uuid == bindparam("ident"))
 # A capsule's ports are those capsa allocated for it (a port made through the API may name any
 # device_id).
 _CAPSA_MADE = schema.ports.c.device_owner == DEVICE_OWNER_CAPSULE
@@ -271,6 +272,13 @@ class CapsuleStore:
             lambda conn: _load(conn, conn.execute(_BY_UUID, params).all())
         )
         return capsules[0] if capsules else None
+
+    async def exists(self, uuid: str) -> bool:
+        """Whether a capsule or single container of that uuid is there, without loading it."""
+        params = {"ident": uuid}
+        return (
+            await self._db.run_read(lambda conn: conn.execute(_EXISTS, params).first()) is not None
+        )
 
     async def find(
         self, ident: str, project_id: str | None, kind: CapsuleKind = CapsuleKind.CAPSULE

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -334,6 +335,24 @@ async def test_a_capsules_version_changes_with_its_row_its_containers_and_its_po
     loaded = await store.capsules.get_many([capsule.uuid, "no-such-capsule"])
     assert list(loaded) == [capsule.uuid]
     assert loaded[capsule.uuid].containers[0].exit_code == 3
+
+
+async def test_exists_tells_capsules_and_single_containers_from_nothing(
+    store: Store, make_capsule: CapsuleFactory
+) -> None:
+    capsule = make_capsule(name="web")
+    one = make_capsule(name="one")
+    single = dataclasses.replace(
+        one, spec=dataclasses.replace(one.spec, kind=CapsuleKind.CONTAINER)
+    )
+    await store.capsules.create(capsule)
+    await store.capsules.create(single)
+
+    assert await store.capsules.exists(capsule.uuid)
+    assert await store.capsules.exists(single.uuid)
+    assert not await store.capsules.exists("web")
+    assert await store.capsules.remove(capsule.uuid)
+    assert not await store.capsules.exists(capsule.uuid)
 
 
 async def test_a_capsules_version_and_status_alone_are_found_as_find_finds_the_capsule(

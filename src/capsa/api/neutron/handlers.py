@@ -463,7 +463,7 @@ async def _held_by_capsule(request: web.Request, item: Port) -> bool:
     deleted like any other port of its project."""
     if item.device_owner != DEVICE_OWNER_CAPSULE:
         return False
-    return await _store(request).capsules.get(item.device_id) is not None
+    return await _store(request).capsules.exists(item.device_id)
 
 
 # The API's names of Port attributes, where they differ.
