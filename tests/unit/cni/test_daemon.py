@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from capsa.cni.daemon import CniDaemon, create_app, parse_listen
-from capsa.cni.protocol import ENVIRONMENT_HEADERS, bridge_keeper
+from capsa.cni.protocol import ENVIRONMENT_HEADERS, attachment_owner, bridge_keeper
 from capsa.model.capsule import Capsule
 from capsa.network.dataplane import (
     Attachment,
@@ -1201,17 +1201,33 @@ async def test_a_daemon_that_starts_retires_the_unused_bridges_it_keeps(
 
 
 async def test_daemon_on_a_free_tcp_port(ports: FakePorts) -> None:
-    daemon = CniDaemon(ports, "127.0.0.1:0", dataplane=FakeDataplane())
+    dataplane = FakeDataplane()
+    daemon = CniDaemon(ports, "127.0.0.1:0", dataplane=dataplane)
     await daemon.start()
     try:
         host, port = daemon.address.rsplit(":", 1)
         assert host == "127.0.0.1"
         assert int(port) > 0
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://{daemon.address}/healthz") as response,
-        ):
-            assert response.status == 200
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{daemon.address}/healthz") as response:
+                assert response.status == 200
+            call = envelope()
+            async with session.post(
+                f"http://{daemon.address}/cni/add",
+                data=json.dumps(call["config"]),
+                headers={
+                    "CNI-Container-Id": call["containerId"],
+                    "CNI-Netns": call["netns"],
+                    "CNI-Ifname": call["ifname"],
+                    "CNI-Args": call["args"],
+                },
+            ) as response:
+                assert response.status == 200, await response.text()
+        # Its attachments and bridges are named after the port it got, as its launcher names it.
+        [attachment] = dataplane.links.values()
+        assert attachment.tag is not None
+        assert attachment.tag.owner == attachment_owner(daemon.address, "capsa")
+        assert dataplane.bridges == {PORT.bridge: bridge_keeper(daemon.address)}
     finally:
         await daemon.stop()
 
