@@ -1,7 +1,7 @@
 """capsa-cni-daemon: binds capsules' ports into pod netns when a runtime asks through capsa-cni.
 
 ``capsa-cni`` forwards each CNI call as ``POST /cni/<command>`` (add, del, check, gc, status; see
-:mod:`capsa.cni.protocol` for the body).
+:mod:`capsa.cni.protocol` for the request).
 
 - ADD finds the capsule's ports by the sandbox name (``K8S_POD_NAME`` in CNI_ARGS, the capsule's
   uuid), one per network it joins, plugs them all with the data plane (the first as CNI_IFNAME

@@ -4,17 +4,16 @@ containerd 1.6 also runs the reference ``loopback`` plugin for every sandbox, fr
 dir, so ``loopback`` is linked there from the host's CNI plugins (containernetworking-plugins).
 
 The launcher is a few lines behind a shebang naming this interpreter's real binary with ``-ISB``
-(isolated, no site, no bytecode writing): no venv, no PATH lookup, no pyenv shim between
-containerd and the plugin. It hands the plugin what capsa's configuration says of its daemon
-(the address, ``cni.daemon_listen``, and how long to wait, ``cni.plugin_timeout``), which the
-conflist therefore does not carry: the plugin reads no config on its way to the daemon. It imports
-plugin.py, installed as a module in ``capsa-cni.lib`` next
-to it with its bytecode, so that no exec compiles the plugin (about 2 ms of each call). The
-bytecode is checked against the source's hash on import: whatever the files' state, an exec runs
-the module that is there, from bytecode when it matches, from source otherwise. Every file is
-replaced atomically and only when its content changes, since containerd may run the plugin or
-re-read the conflist at any moment and reloads confs that change; the module goes first, the
-launcher that imports it last.
+(isolated, no site, no bytecode writing): no venv, no PATH lookup, no pyenv shim between containerd
+and the plugin. It hands the plugin what capsa's configuration says of its daemon (the address,
+``cni.daemon_listen``, and how long to wait, ``cni.plugin_timeout``), which the conflist therefore
+does not carry: the plugin reads no config on its way to the daemon. It imports plugin.py,
+installed as a module in ``capsa-cni.lib`` next to it with its bytecode, so that no exec compiles
+the plugin (about 2 ms of each call). The bytecode is checked against the source's hash on import:
+whatever the files' state, an exec runs the module that is there, from bytecode when it matches,
+from source otherwise. Every file is replaced atomically and only when its content changes, since
+containerd may run the plugin or re-read the conflist at any moment and reloads confs that change;
+the module goes first, the launcher that imports it last.
 """
 
 from __future__ import annotations

@@ -709,6 +709,7 @@ def open_in_netns(netns_fd: int) -> Rtnetlink:
             _setns(netns_fd)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot enter the netns: {exc.strerror}") from None
+        sock: socket.socket | None = None
         try:
             sock = _new_route_socket()
         finally:
@@ -716,6 +717,8 @@ def open_in_netns(netns_fd: int) -> Rtnetlink:
                 _setns(home)
             except OSError as exc:
                 _stranded.netns = True
+                if sock is not None:
+                    sock.close()
                 raise RuntimeError(
                     f"thread {threading.current_thread().name} cannot return to its netns after "
                     f"opening a socket in another: {exc.strerror}"
