@@ -94,6 +94,9 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 DEFAULT_WORKERS = 8
+# The longest header line the daemon reads: a CNI variable, percent-encoded, may be far longer
+# than HTTP servers' usual 8 KiB.
+_MAX_HEADER_LINE = 256 * 1024
 # How long an ADD waits for its capsule's ports to be allocated and enforced by the firewall (the
 # compute agent asks for the sandbox meanwhile), and how often it looks again between passes.
 READY_WAIT_S = 10.0
@@ -735,7 +738,9 @@ def create_app(
     service = _CniService(
         ports, dataplane, executor, progress, ready_wait, bridge_linger, address=address
     )
-    app = web.Application()
+    app = web.Application(
+        handler_args={"max_line_size": _MAX_HEADER_LINE, "max_field_size": _MAX_HEADER_LINE}
+    )
     app[_SERVICE] = service
     for command in COMMANDS:
         app.router.add_post(f"/cni/{command.lower()}", functools.partial(service.handle, command))

@@ -355,6 +355,14 @@ async def test_variables_come_back_from_their_percent_encoded_headers(
     assert result["interfaces"][2]["sandbox"] == netns
 
 
+async def test_long_variables_reach_the_daemon(client: TestClient[Any, Any]) -> None:
+    # A runtime's CNI_ARGS or CNI_PATH may be long, and percent-encoding triples non-ASCII:
+    # more than HTTP servers' usual 8 KiB per header line.
+    extra = ";".join(f"K{i}=\u00e9{'x' * 90}" for i in range(100))
+    result = await added(client, {**envelope(), "args": "K8S_POD_NAME=pod-1;" + extra})
+    assert result["interfaces"][2]["name"] == "eth0"
+
+
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.1.0"])
 async def test_add_answers_in_the_config_version(
     client: TestClient[Any, Any], version: str
