@@ -709,20 +709,16 @@ def open_in_netns(netns_fd: int) -> Rtnetlink:
             _setns(netns_fd)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot enter the netns: {exc.strerror}") from None
-        sock: socket.socket | None = None
         try:
             sock = _new_route_socket()
-        finally:
-            try:
-                _setns(home)
-            except OSError as exc:
-                _stranded.netns = True
-                if sock is not None:
-                    sock.close()
-                raise RuntimeError(
-                    f"thread {threading.current_thread().name} cannot return to its netns after "
-                    f"opening a socket in another: {exc.strerror}"
-                ) from exc
+        except BaseException:
+            _come_back(home)
+            raise
+        try:
+            _come_back(home)
+        except BaseException:
+            sock.close()
+            raise
     finally:
         os.close(home)
     return Rtnetlink(sock)
@@ -732,6 +728,18 @@ def open_in_netns(netns_fd: int) -> Rtnetlink:
 _THREAD_NETNS = "/proc/thread-self/ns/net"
 # Per thread: whether it is stuck in another netns (open_in_netns could not bring it back).
 _stranded = threading.local()
+
+
+def _come_back(home: int) -> None:
+    """Takes the calling thread back to the netns ``home``; strands it if that fails."""
+    try:
+        _setns(home)
+    except OSError as exc:
+        _stranded.netns = True
+        raise RuntimeError(
+            f"thread {threading.current_thread().name} cannot return to its netns after "
+            f"opening a socket in another: {exc.strerror}"
+        ) from exc
 
 
 def _setns(netns_fd: int) -> None:
