@@ -59,19 +59,20 @@ SORT_KEYS: dict[str, Any] = {
 _BY_UUID = select(c_t).where(c_t.c.uuid == bindparam("ident"))
 _BY_UUIDS = select(c_t).where(c_t.c.uuid.in_(bindparam("uuids", expanding=True)))
 _EXISTS = select(c_t.c.uuid).where(c_t.c.uuid == bindparam("ident"))
-# A capsule's ports are those capsa allocated for it (a port made through the API may name any
-# device_id).
-_CAPSA_MADE = schema.ports.c.device_owner == DEVICE_OWNER_CAPSULE
+# A capsule's ports are those capsa allocated for it: a port made through the API with the
+# capsule's uuid as its device_id (any tenant may write any device_id) is not one of them.
+# capsa.store.ports filters with it too.
+CAPSA_MADE = schema.ports.c.device_owner == DEVICE_OWNER_CAPSULE
 # What a capsule's version is made of: its own last update, its containers' last update, and
 # how many ports it has and their last update.
 _VERSION_COLUMNS = (
     c_t.c.updated_at,
     select(func.max(k_t.c.updated_at)).where(k_t.c.capsule_uuid == c_t.c.uuid).scalar_subquery(),
     select(func.count())
-    .where(schema.ports.c.device_id == c_t.c.uuid, _CAPSA_MADE)
+    .where(schema.ports.c.device_id == c_t.c.uuid, CAPSA_MADE)
     .scalar_subquery(),
     select(func.max(schema.ports.c.updated_at))
-    .where(schema.ports.c.device_id == c_t.c.uuid, _CAPSA_MADE)
+    .where(schema.ports.c.device_id == c_t.c.uuid, CAPSA_MADE)
     .scalar_subquery(),
 )
 
@@ -99,7 +100,7 @@ _CONTAINERS_OF = (
 )
 _PORTS_OF = (
     select(schema.ports)
-    .where(schema.ports.c.device_id.in_(bindparam("uuids", expanding=True)), _CAPSA_MADE)
+    .where(schema.ports.c.device_id.in_(bindparam("uuids", expanding=True)), CAPSA_MADE)
     .order_by(schema.ports.c.interface_index)
 )
 # The ports of the containers that should run on a host: only their specs' "ports".
@@ -146,7 +147,7 @@ _DELETE = (
     .returning(c_t.c.host, c_t.c.cpu_millis, c_t.c.memory_mb)
 )
 _DELETE_PORTS_OF = delete(schema.ports).where(
-    schema.ports.c.device_id == bindparam("uuid"), _CAPSA_MADE
+    schema.ports.c.device_id == bindparam("uuid"), CAPSA_MADE
 )
 
 

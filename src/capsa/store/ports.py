@@ -64,9 +64,8 @@ _PORTS_WITH_NETWORKS = (
     .join(n_t, n_t.c.id == p_t.c.network_id)
     .join(s_t, s_t.c.id == p_t.c.subnet_id)
 )
-# A capsule's ports are those capsa allocated for it: a port made through the API with the
-# capsule's uuid as its device_id (any tenant may write any device_id) is not one of them.
-_OF_DEVICE = (p_t.c.device_id == bindparam("device")) & (p_t.c.device_owner == DEVICE_OWNER_CAPSULE)
+# The ports of the capsule ``device``: those capsa allocated for it (capsules.CAPSA_MADE).
+_OF_DEVICE = (p_t.c.device_id == bindparam("device")) & capsules.CAPSA_MADE
 # The CNI daemon's statements, built once (see capsa.store.capsules).
 _PORTS_TO_BIND = (
     select(
