@@ -697,35 +697,43 @@ def open_in_netns(netns_fd: int) -> Rtnetlink:
     """An rtnetlink client whose socket lives in the netns of ``netns_fd``.
 
     A socket stays in the netns it was created in, and setns() of a network namespace moves only
-    the calling thread. So this thread enters the netns, creates the socket and comes back home
-    (about 25 us; a short-lived thread for it cost 0.15 ms of each ADD). Should it fail to come
-    back, it is stranded: it raises, and creates no socket any more (one would land in the pod's
-    netns), so that nothing of it acts on the wrong netns.
+    the calling thread. So this thread enters the netns, creates the socket and comes back to
+    this process's netns (about 25 us; a short-lived thread for it cost 0.15 ms of each ADD).
+    Should it fail to come back, it is stranded: it raises, and creates no socket any more (one
+    would land in the pod's netns), so that nothing of it acts on the wrong netns.
     """
-    home = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    home = _process_netns()
+    _ensure_home()
     try:
-        _ensure_home()
-        try:
-            _setns(netns_fd)
-        except OSError as exc:
-            raise OSError(exc.errno, f"cannot enter the netns: {exc.strerror}") from None
-        try:
-            sock = _new_route_socket()
-        except BaseException:
-            _come_back(home)
-            raise
-        try:
-            _come_back(home)
-        except BaseException:
-            sock.close()
-            raise
-    finally:
-        os.close(home)
+        _setns(netns_fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot enter the netns: {exc.strerror}") from None
+    try:
+        sock = _new_route_socket()
+    except BaseException:
+        _come_back(home)
+        raise
+    try:
+        _come_back(home)
+    except BaseException:
+        sock.close()
+        raise
     return Rtnetlink(sock)
 
 
-# The calling thread's own network namespace.
-_THREAD_NETNS = "/proc/thread-self/ns/net"
+_process_netns_guard = threading.Lock()
+_process_netns_fd: int | None = None
+
+
+def _process_netns() -> int:
+    """An fd of this process's netns, where its threads come back to: opened once, kept open."""
+    global _process_netns_fd
+    with _process_netns_guard:
+        if _process_netns_fd is None:
+            _process_netns_fd = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        return _process_netns_fd
+
+
 # Per thread: whether it is stuck in another netns (open_in_netns could not bring it back).
 _stranded = threading.local()
 
