@@ -29,6 +29,7 @@ import aiohttp
 from bench import host
 from bench.report import CaseResult, Target, compared
 from bench.suite import Paired, Session, interleave
+from capsa.cni.daemon import parse_listen
 from capsa.cni.install import CONFLIST_NAME, PLUGIN_TYPE
 from capsa.model.network import DEVICE_OWNER_CAPSULE
 from capsa.network.dataplane import host_ifname
@@ -249,8 +250,9 @@ def daemon_durations(session: Session, address: str) -> dict[str, tuple[float, i
 async def _metrics_page(address: str) -> str:
     """The daemon's /metrics at ``address`` ("unix:/path" or "HOST:PORT"), as the plugin
     addresses it."""
-    unix = address.startswith("unix:")
-    connector = aiohttp.UnixConnector(path=address.removeprefix("unix:")) if unix else None
+    listen = parse_listen(address)
+    unix = isinstance(listen, Path)
+    connector = aiohttp.UnixConnector(path=str(listen)) if unix else None
     timeout = aiohttp.ClientTimeout(total=_TIMEOUT)
     async with (
         aiohttp.ClientSession(connector=connector, timeout=timeout) as client,

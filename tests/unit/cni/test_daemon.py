@@ -1241,7 +1241,7 @@ async def test_daemon_on_a_free_tcp_port(ports: FakePorts) -> None:
 
 
 async def test_a_daemon_listening_at_a_host_name_is_addressed_by_it(ports: FakePorts) -> None:
-    # As capsa's conflist names it, which is also the keeper of the bridges the daemon makes.
+    # As capsa-cni's launcher names it, which is also the keeper of the bridges the daemon makes.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -1256,7 +1256,7 @@ async def test_a_daemon_listening_at_a_host_name_is_addressed_by_it(ports: FakeP
 async def test_a_daemon_on_a_unix_socket_is_addressed_as_configured(
     tmp_path: Path, ports: FakePorts
 ) -> None:
-    # A path the conflist spells with a doubled slash keeps it: the bridges' keeper is its text.
+    # A path configured with a doubled slash keeps it: the bridges' keeper is its text.
     listen = f"unix:{tmp_path}//cni.sock"
     daemon = CniDaemon(ports, listen, dataplane=FakeDataplane())
     await daemon.start()
