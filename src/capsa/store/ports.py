@@ -7,6 +7,7 @@ one address. A port is deleted with its security group memberships, and its addr
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import uuid as uuidlib
@@ -31,6 +32,7 @@ from capsa.model.network import (
     Subnet,
 )
 from capsa.store import capsules, notify, schema
+from capsa.store.db import DriverStatement
 from capsa.store.networks import (
     EnforcedStore,
     NotFound,
@@ -66,8 +68,8 @@ _PORTS_WITH_NETWORKS = (
 )
 # The ports of the capsule ``device``: those capsa allocated for it (capsules.CAPSA_MADE).
 _OF_DEVICE = (p_t.c.device_id == bindparam("device")) & capsules.CAPSA_MADE
-# The CNI daemon's statements, built once (see capsa.store.capsules).
-_PORTS_TO_BIND = (
+# The CNI daemon's statements, on every ADD's and DEL's path: run by the driver itself.
+_PORTS_TO_BIND = DriverStatement(
     select(
         p_t.c.id,
         p_t.c.network_id,
@@ -84,21 +86,30 @@ _PORTS_TO_BIND = (
     .where(_OF_DEVICE)
     .order_by(p_t.c.interface_index)
 )
-_DEVICE_PORTS = select(p_t).where(_OF_DEVICE).order_by(p_t.c.interface_index)
-_SET_BINDING = update(p_t).where(p_t.c.id == bindparam("where_id"))
+_SET_BINDING = DriverStatement(
+    update(p_t)
+    .where(p_t.c.id == bindparam("where_id"))
+    .values(
+        status="ACTIVE",
+        binding_container_id=bindparam("container"),
+        binding_host_ifname=bindparam("host_ifname"),
+        updated_at=bindparam("updated_at"),
+    )
+)
 _UNBOUND = {"status": "DOWN", "binding_container_id": None, "binding_host_ifname": None}
+_CLEAR_DEVICE_BINDINGS = DriverStatement(
+    update(p_t)
+    .where(_OF_DEVICE)
+    .where(p_t.c.binding_container_id == bindparam("where_container"))
+    .values({**_UNBOUND, "updated_at": bindparam("updated_at")})
+    .returning(p_t.c.id)
+)
+_DEVICE_PORTS = select(p_t).where(_OF_DEVICE).order_by(p_t.c.interface_index)
 _CLEAR_BINDINGS = (
     update(p_t)
     .where(p_t.c.id.in_(bindparam("where_ids", expanding=True)))
     .where(p_t.c.binding_container_id == bindparam("where_container"))
     .values(_UNBOUND)
-)
-_CLEAR_DEVICE_BINDINGS = (
-    update(p_t)
-    .where(_OF_DEVICE)
-    .where(p_t.c.binding_container_id == bindparam("where_container"))
-    .values(_UNBOUND)
-    .returning(p_t.c.id)
 )
 
 # Allocations' statements.
@@ -318,26 +329,29 @@ class PortStore(EnforcedStore):
     async def to_bind(self, device_id: str) -> list[PortToBind]:
         """The device's ports as the CNI daemon binds them, in its interface order: one narrow
         query, since every ADD waits for it."""
-        params = {"device": device_id}
-
-        def work(conn: Connection) -> list[PortToBind]:
-            return [
-                PortToBind(
-                    id=row.id,
-                    network_id=row.network_id,
-                    mac_address=row.mac_address,
-                    ip_interface=ipaddress.IPv4Interface(
-                        f"{row.ip_address}/{row.cidr.rpartition('/')[2]}"
-                    ),
-                    gateway_ip=ipaddress.IPv4Address(row.gateway_ip),
-                    mtu=row.mtu,
-                    binding_container_id=row.binding_container_id,
-                    binding_host_ifname=row.binding_host_ifname,
-                )
-                for row in conn.execute(_PORTS_TO_BIND, params)
-            ]
-
-        return await self._db.run_read(work)
+        return [
+            PortToBind(
+                id=port_id,
+                network_id=network_id,
+                mac_address=mac_address,
+                ip_interface=ipaddress.IPv4Interface(f"{ip_address}/{cidr.rpartition('/')[2]}"),
+                gateway_ip=ipaddress.IPv4Address(gateway_ip),
+                mtu=mtu,
+                binding_container_id=binding_container_id,
+                binding_host_ifname=binding_host_ifname,
+            )
+            for (
+                port_id,
+                network_id,
+                mac_address,
+                ip_address,
+                cidr,
+                gateway_ip,
+                mtu,
+                binding_container_id,
+                binding_host_ifname,
+            ) in await self._db.read_rows(_PORTS_TO_BIND, {"device": device_id})
+        ]
 
     async def set_bindings(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         """Records that the sandbox ``container_id`` holds each port (by id) through its host
@@ -346,14 +360,13 @@ class PortStore(EnforcedStore):
         params = [
             {
                 "where_id": port_id,
-                "status": "ACTIVE",
-                "binding_container_id": container_id,
-                "binding_host_ifname": host_ifname,
+                "container": container_id,
+                "host_ifname": host_ifname,
                 "updated_at": now,
             }
             for port_id, host_ifname in host_ifnames.items()
         ]
-        await self._write(lambda conn: conn.execute(_SET_BINDING, params))
+        await self._write(functools.partial(_SET_BINDING.run_many, params=params))
 
     async def clear_bindings(self, port_ids: Sequence[str], container_id: str) -> None:
         """Forgets the ports' bindings, but those bound again for a newer sandbox meanwhile.
@@ -378,8 +391,8 @@ class PortStore(EnforcedStore):
         params = {"device": device_id, "where_container": container_id}
 
         def work(conn: Connection) -> list[str]:
-            result = conn.execute(_CLEAR_DEVICE_BINDINGS, {**params, "updated_at": utcnow()})
-            unbound = list(result.scalars())
+            rows = _CLEAR_DEVICE_BINDINGS.rows(conn, {**params, "updated_at": utcnow()})
+            unbound = [port_id for (port_id,) in rows]
             if unbound:
                 notify.wake(conn, notify.NETWORK)
             return unbound

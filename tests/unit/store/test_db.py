@@ -4,14 +4,15 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.engine import Connection
 
 from capsa.store import Store, db, schema
-from capsa.store.db import SchemaVersionError
+from capsa.store.db import DriverStatement, SchemaVersionError
 from capsa.store.notify import ChangeHub
 
 
@@ -53,10 +54,59 @@ async def test_reads_see_every_write_committed_before_them(store: Store) -> None
             lambda conn: conn.execute(select(value).where(key)).scalar_one(), long=long
         )
 
+    alone = DriverStatement(select(value).where(schema.meta.c.key == bindparam("key")))
     for number in map(str, range(20)):
         written = update(schema.meta).where(key).values(value=number)
         await store.db.run_write(lambda conn, written=written: conn.execute(written))
         assert (await read(long=False), await read(long=True)) == (number, number)
+        assert await store.db.read_rows(alone, {"key": "schema_version"}) == [(number,)]
+
+
+_HOSTS = schema.hosts.c
+# A statement with a literal of its own ("h1") and named parameters, a Timestamp and a JSON
+# document among them.
+_HEARTBEAT = DriverStatement(
+    update(schema.hosts)
+    .where(_HOSTS.name == "h1")
+    .values(heartbeat_at=bindparam("at"), runtimes=bindparam("runtimes"))
+    .returning(_HOSTS.agent_url, _HOSTS.cpu_millis)
+)
+
+
+async def test_a_driver_statement_binds_as_sqlalchemy_does_and_returns_plain_rows(
+    store: Store,
+) -> None:
+    await store.hosts.register("h1", "http://a", 1000, 512, ("runc",))
+    await store.hosts.register("h2", "http://b", 2000, 512, ("runc",))
+    at = datetime(2026, 12, 1, 14, 30, 5, 123456)
+    rows = await store.db.run_write(
+        lambda conn: _HEARTBEAT.rows(conn, {"at": at, "runtimes": ["runc", "runsc"]})
+    )
+    assert rows == [("http://a", 1000)] and type(rows[0]) is tuple
+    # Read back through SQLAlchemy: each value was bound as its type binds it, h2 untouched.
+    read = select(_HOSTS.heartbeat_at, _HOSTS.runtimes).order_by(_HOSTS.name)
+    h1, h2 = await store.db.run_read(lambda conn: conn.execute(read).all())
+    assert tuple(h1) == (at, ["runc", "runsc"])
+    assert h2.heartbeat_at != at and h2.runtimes == ["runc"]
+    many = DriverStatement(
+        update(schema.hosts)
+        .where(_HOSTS.name == bindparam("host"))
+        .values(memory_mb=bindparam("mb"))
+    )
+    await store.db.run_write(
+        lambda conn: many.run_many(conn, [{"host": "h1", "mb": 1}, {"host": "h2", "mb": 2}])
+    )
+    memory = DriverStatement(select(_HOSTS.memory_mb).order_by(_HOSTS.name))
+    assert await store.db.read_rows(memory, {}) == [(1,), (2,)]
+
+
+async def test_a_driver_statement_refuses_columns_whose_values_sqlalchemy_converts(
+    store: Store,
+) -> None:
+    await store.hosts.register("h1", "http://a", 1000, 512, ("runc",))
+    for column in (_HOSTS.heartbeat_at, _HOSTS.disabled, _HOSTS.runtimes):
+        with pytest.raises(TypeError, match="needs SQLAlchemy to convert"):
+            await store.db.read_rows(DriverStatement(select(column)), {})
 
 
 async def test_a_connection_that_the_driver_lost_is_replaced(store: Store) -> None:
