@@ -11,6 +11,7 @@ object per line with the same keys.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -33,11 +34,21 @@ class StructLogger:
         return StructLogger(self._logger, {**self._bound, **fields})
 
     def _log(self, level: int, msg: str, exc_info: bool, fields: dict[str, Any]) -> None:
-        if self._logger.isEnabledFor(level):
-            merged = {**self._bound, **fields}
-            self._logger.log(
-                level, msg, exc_info=exc_info, stacklevel=3, extra={_FIELDS_ATTR: merged}
+        logger = self._logger
+        if logger.isEnabledFor(level):
+            # Made here, without the caller's file and line, which no format shows: finding
+            # them walks the stack, a tenth of a line's time.
+            record = logger.makeRecord(
+                logger.name,
+                level,
+                "",
+                0,
+                msg,
+                (),
+                sys.exc_info() if exc_info else None,
+                extra={_FIELDS_ATTR: {**self._bound, **fields}},
             )
+            logger.handle(record)
 
     def debug(self, msg: str, **fields: Any) -> None:
         self._log(logging.DEBUG, msg, False, fields)
@@ -60,12 +71,15 @@ def get_logger(name: str) -> StructLogger:
 
 
 def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
-    fields: dict[str, Any] = dict(getattr(record, _FIELDS_ATTR, {}))
-    # Fields passed through the plain logging API (extra=...) count too.
-    for key, value in vars(record).items():
-        if key not in _RESERVED and key != _FIELDS_ATTR and not key.startswith("_"):
-            fields.setdefault(key, value)
-    return fields
+    fields: dict[str, Any] | None = getattr(record, _FIELDS_ATTR, None)
+    if fields is not None:
+        return fields
+    # A line through the plain logging API: its extra=... fields.
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _RESERVED and not key.startswith("_")
+    }
 
 
 def _format_value(value: Any) -> str:
@@ -75,10 +89,20 @@ def _format_value(value: Any) -> str:
     return text
 
 
+def _stamp(created: float, msecs: float) -> str:
+    """A record's time in UTC, ISO 8601 to the millisecond."""
+    return f"{_second(int(created))}.{int(msecs):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(second: int) -> str:
+    # Lines come in bursts within one second: each formats it once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = f"{stamp}.{int(record.msecs):03d}Z {record.levelname:<7} {record.name}: "
+        line = f"{_stamp(record.created, record.msecs)} {record.levelname:<7} {record.name}: "
         line += record.getMessage()
         fields = _record_fields(record)
         if fields:
@@ -90,9 +114,8 @@ class TextFormatter(logging.Formatter):
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         data: dict[str, Any] = {
-            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "time": _stamp(record.created, record.msecs),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
@@ -114,6 +137,8 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Neither format shows a line's thread or process: not looked up for each line.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # Library chatter that says nothing about capsules.
     for noisy in ("aiohttp.access", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

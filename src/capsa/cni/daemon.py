@@ -87,7 +87,7 @@ from capsa.network.dataplane import (
     pod_ifnames,
 )
 from capsa.network.enforcement import FirewallProgress
-from capsa.network.types import PortBinding, PortSource
+from capsa.network.types import PluggedPort, PortBinding, PortSource
 
 log = get_logger(__name__)
 
@@ -343,16 +343,8 @@ class _CniService:
         except BaseException:
             await self._undo_plug(request)
             raise
-        for (ifname, port), made in zip(interfaces, plugged, strict=True):
-            log.info(
-                "port bound",
-                **{**fields, "port": port.port_id},
-                ifname=ifname,
-                ip=str(port.ip),
-                veth=made.host_end.name,
-                bridge=port.bridge,
-                netns=request.netns,
-            )
+        # Logged once the answer is out: a line takes 0.1-0.2 ms when the CPU's caches are cold.
+        asyncio.get_running_loop().call_soon(_log_bound, request, interfaces, plugged, fields)
         return result
 
     async def _delete(self, request: CniRequest, fields: LogFields) -> None:
@@ -646,6 +638,24 @@ class _CniService:
         return web.Response(
             body=self.metrics.registry.render().encode(),
             headers={"Content-Type": metrics.CONTENT_TYPE},
+        )
+
+
+def _log_bound(
+    request: CniRequest,
+    interfaces: list[tuple[str, PortBinding]],
+    plugged: list[PluggedPort],
+    fields: LogFields,
+) -> None:
+    for (ifname, port), made in zip(interfaces, plugged, strict=True):
+        log.info(
+            "port bound",
+            **{**fields, "port": port.port_id},
+            ifname=ifname,
+            ip=str(port.ip),
+            veth=made.host_end.name,
+            bridge=port.bridge,
+            netns=request.netns,
         )
 
 
