@@ -284,6 +284,49 @@ def test_default_route_is_replaced_and_dumped(host: Netns) -> None:
     assert (seen["gateway"], seen["dev"]) == ("10.73.0.254", "cbr-r")
 
 
+def test_requests_sent_together_are_carried_out_in_order(host: Netns) -> None:
+    host.nl.add_bridge("cbr-t", mtu=1500)
+    bridge = host.nl.get_link(name="cbr-t")
+    address = IPv4Interface("10.74.0.2/24")
+    steps = [
+        netlink.address_request(bridge.index, address).tolerating(errno.EEXIST),
+        netlink.link_request(index=bridge.index, up=True),
+        # Needs the address and the link up before it: the kernel keeps the order.
+        netlink.default_route_request(IPv4Address("10.74.0.1"), bridge.index),
+    ]
+    host.nl.send_together(steps)
+    # Again: the address is there, and tolerated; the rest is idempotent.
+    host.nl.send_together(steps)
+    assert [x.address for x in host.nl.addresses(bridge.index)] == ["10.74.0.2"]
+    assert host.nl.get_link(index=bridge.index).up
+    (default,) = host.nl.routes(socket.AF_INET, dst_len=0)
+    assert (default.gateway, default.oif) == ("10.74.0.1", bridge.index)
+    host.nl.send_together([])
+
+
+def test_a_failure_among_requests_sent_together_is_raised_after_the_rest_ran(
+    host: Netns,
+) -> None:
+    host.nl.add_bridge("cbr-f", mtu=1500)
+    bridge = host.nl.get_link(name="cbr-f")
+    host.nl.add_address(bridge.index, IPv4Interface("10.75.0.2/24"))
+    with pytest.raises(NetlinkError) as raised:
+        host.nl.send_together(
+            [
+                netlink.link_request(index=bridge.index, mtu=1400),
+                # Not tolerated: the first failure, the one raised.
+                netlink.address_request(bridge.index, IPv4Interface("10.75.0.2/24")),
+                netlink.link_request(name="cbr-missing", up=True),
+                netlink.link_request(index=bridge.index, alias="after the failures"),
+            ]
+        )
+    assert raised.value.errno == errno.EEXIST
+    link = host.nl.get_link(index=bridge.index)
+    assert (link.mtu, link.ifalias) == (1400, "after the failures")
+    # The socket is left in step: the next request gets its own answer.
+    assert host.nl.get_link(name="cbr-f").index == bridge.index
+
+
 def test_vxlan_device_and_its_forwarding_entries(host: Netns) -> None:
     host.nl.add_bridge("cbr-v", mtu=1450)
     bridge = host.nl.get_link(name="cbr-v")

@@ -706,15 +706,15 @@ def _configure_pod_end(pod: Rtnetlink, ifname: str, port: PortBinding, default_r
     the pod's first interface, the default route; each step may be done already."""
     try:
         index = _get_link(pod, ifname).index
-        try:
-            pod.add_address(index, port.ip)
-        except NetlinkError as exc:
-            if exc.errno != errno.EEXIST:
-                raise
-        pod.set_link(index=index, up=True)
-        pod.set_link(index=_LOOPBACK_INDEX, up=True)
+        # In one round trip: the kernel carries them out in order.
+        steps = [
+            netlink.address_request(index, port.ip).tolerating(errno.EEXIST),
+            netlink.link_request(index=index, up=True),
+            netlink.link_request(index=_LOOPBACK_INDEX, up=True),
+        ]
         if default_route:
-            pod.replace_default_route(port.gateway, index)
+            steps.append(netlink.default_route_request(port.gateway, index))
+        pod.send_together(steps)
     except (NetlinkError, _NoSuchLink) as exc:
         raise DataplaneError(f"cannot configure {ifname} in the pod's netns: {exc}") from exc
 

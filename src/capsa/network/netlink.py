@@ -40,7 +40,7 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
@@ -391,6 +391,65 @@ def decode_error(flags: int, payload: bytes) -> NetlinkError | None:
     return NetlinkError(-code, detail)
 
 
+@dataclass(frozen=True)
+class Request:
+    """A request that expects nothing but the kernel's acknowledgement, built apart from its
+    sending so that several can go in one message (:meth:`Rtnetlink.send_together`).
+    ``tolerated``: error numbers that do not fail it (EEXIST for what may be there already)."""
+
+    kind: int
+    flags: int
+    body: bytes
+    tolerated: frozenset[int] = frozenset()
+
+    def tolerating(self, *errnos: int) -> Request:
+        return Request(self.kind, self.flags, self.body, self.tolerated | frozenset(errnos))
+
+
+def link_request(
+    *,
+    name: str | None = None,
+    index: int | None = None,
+    master: int | None = None,
+    up: bool | None = None,
+    mtu: int | None = None,
+    address: str | None = None,
+    alias: str | None = None,
+) -> Request:
+    """Changes what is given of a link: ``master`` 0 takes it off its bridge; ``alias`` ""
+    removes its alias."""
+    index, selector = _link_selector(name, index)
+    body = _ifinfomsg(index, up) + selector
+    if master is not None:
+        body += _u32(IFLA_MASTER, master)
+    if mtu is not None:
+        body += _u32(IFLA_MTU, mtu)
+    if address is not None:
+        body += _mac(IFLA_ADDRESS, address)
+    if alias is not None:
+        # Without a terminating NUL: the kernel counts it in the alias's length.
+        body += attribute(IFLA_IFALIAS, alias.encode())
+    return Request(RTM_SETLINK, NLM_F_REQUEST, body)
+
+
+def address_request(index: int, interface: IPv4Interface) -> Request:
+    """Gives the link ``index`` an IPv4 address; fails with EEXIST if it has it."""
+    header = _IFADDRMSG.pack(
+        socket.AF_INET, interface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index
+    )
+    body = header + _ipv4(IFA_LOCAL, interface.ip) + _ipv4(IFA_ADDRESS, interface.ip)
+    return Request(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def default_route_request(gateway: IPv4Address, oif: int) -> Request:
+    """Makes the main table's IPv4 default route go via ``gateway`` out of link ``oif``."""
+    header = _RTMSG.pack(
+        socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
+    )
+    body = header + _ipv4(RTA_GATEWAY, gateway) + _u32(RTA_OIF, oif)
+    return Request(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE, body)
+
+
 class _DumpInterrupted(Exception):
     pass
 
@@ -538,20 +597,12 @@ class Rtnetlink:
         address: str | None = None,
         alias: str | None = None,
     ) -> None:
-        """Changes what is given of a link: ``master`` 0 takes it off its bridge; ``alias`` ""
-        removes its alias."""
-        index, selector = _link_selector(name, index)
-        body = _ifinfomsg(index, up) + selector
-        if master is not None:
-            body += _u32(IFLA_MASTER, master)
-        if mtu is not None:
-            body += _u32(IFLA_MTU, mtu)
-        if address is not None:
-            body += _mac(IFLA_ADDRESS, address)
-        if alias is not None:
-            # Without a terminating NUL: the kernel counts it in the alias's length.
-            body += attribute(IFLA_IFALIAS, alias.encode())
-        self._request(RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, body)
+        """:func:`link_request`, sent."""
+        self.send(
+            link_request(
+                name=name, index=index, master=master, up=up, mtu=mtu, address=address, alias=alias
+            )
+        )
 
     def delete_link(self, *, name: str | None = None, index: int | None = None) -> None:
         """Deletes a link (a veth with its peer); NetlinkError ENODEV if there is none."""
@@ -565,12 +616,8 @@ class Rtnetlink:
     # Addresses.
 
     def add_address(self, index: int, interface: IPv4Interface) -> None:
-        """Gives the link ``index`` an IPv4 address; NetlinkError EEXIST if it has it."""
-        header = _IFADDRMSG.pack(
-            socket.AF_INET, interface.network.prefixlen, 0, RT_SCOPE_UNIVERSE, index
-        )
-        body = header + _ipv4(IFA_LOCAL, interface.ip) + _ipv4(IFA_ADDRESS, interface.ip)
-        self._request(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
+        """:func:`address_request`, sent: NetlinkError EEXIST if the link has the address."""
+        self.send(address_request(index, interface))
 
     def addresses(self, index: int, family: int = socket.AF_INET) -> list[Address]:
         """The addresses of ``family`` on the link ``index``."""
@@ -580,12 +627,8 @@ class Rtnetlink:
     # Routes.
 
     def replace_default_route(self, gateway: IPv4Address, oif: int) -> None:
-        """Makes the main table's IPv4 default route go via ``gateway`` out of link ``oif``."""
-        header = _RTMSG.pack(
-            socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_STATIC, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
-        )
-        body = header + _ipv4(RTA_GATEWAY, gateway) + _u32(RTA_OIF, oif)
-        self._request(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body)
+        """:func:`default_route_request`, sent."""
+        self.send(default_route_request(gateway, oif))
 
     def routes(self, family: int = socket.AF_INET, dst_len: int | None = None) -> list[Route]:
         """The routes of ``family`` in every table, those of prefix length ``dst_len`` if given
@@ -621,6 +664,49 @@ class Rtnetlink:
         self._request(kind, NLM_F_REQUEST | NLM_F_ACK | flags, body)
 
     # The exchange.
+
+    def send(self, request: Request) -> None:
+        """Sends ``request`` and waits for its acknowledgement; its error (NetlinkError) unless
+        tolerated."""
+        try:
+            self._request(request.kind, request.flags | NLM_F_ACK, request.body)
+        except NetlinkError as exc:
+            if exc.errno not in request.tolerated:
+                raise
+
+    def send_together(self, requests: Sequence[Request]) -> None:
+        """Sends ``requests`` in one message, which the kernel carries out in order, each
+        whatever became of the ones before; raises the first error that its request does not
+        tolerate, once the kernel has carried out all of them. One round trip instead of one per
+        request: only the last asks for an acknowledgement, and the kernel answers the others
+        only when they fail, so the last's answer comes after every failure's."""
+        by_seq: dict[int, Request] = {}
+        data = b""
+        for position, request in enumerate(requests, 1):
+            self._seq = self._seq % 0xFFFFFFFF + 1
+            flags = request.flags | (NLM_F_ACK if position == len(requests) else 0)
+            data += message(request.kind, flags, self._seq, request.body)
+            by_seq[self._seq] = request
+        if not by_seq:
+            return
+        last = self._seq
+        self._sock.send(data)
+        failure: NetlinkError | None = None
+        while True:
+            for msg_type, msg_flags, msg_seq, payload in parse_messages(
+                self._sock.recv(_RECEIVE_SIZE)
+            ):
+                if msg_type != NLMSG_ERROR or msg_seq not in by_seq:
+                    # The rest of an earlier request's answer that its caller stopped reading.
+                    continue
+                error = decode_error(msg_flags, payload)
+                tolerated = by_seq[msg_seq].tolerated
+                if failure is None and error is not None and error.errno not in tolerated:
+                    failure = error
+                if msg_seq == last:
+                    if failure is not None:
+                        raise failure
+                    return
 
     def _dump(self, kind: int, body: bytes, reply: int) -> list[bytes]:
         for _ in range(_DUMP_ATTEMPTS):
