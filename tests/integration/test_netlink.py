@@ -144,7 +144,10 @@ def test_a_thread_that_cannot_come_back_opens_no_socket_again(
 def test_a_missing_link_is_enodev(host: Netns) -> None:
     assert errno_of(lambda: host.nl.get_link(name="nothing")) == errno.ENODEV
     assert errno_of(lambda: host.nl.get_link(index=4242)) == errno.ENODEV
-    assert errno_of(lambda: host.nl.set_link(name="nothing", up=True)) == errno.ENODEV
+    assert (
+        errno_of(lambda: host.nl.send(netlink.link_request(name="nothing", up=True)))
+        == errno.ENODEV
+    )
     assert errno_of(lambda: host.nl.delete_link(name="nothing")) == errno.ENODEV
     assert errno_of(lambda: host.nl.delete_link(index=4242)) == errno.ENODEV
 
@@ -168,8 +171,10 @@ def test_link_settings_change_and_read_back(host: Netns) -> None:
     host.nl.add_bridge("cbr-t", mtu=1500)
     bridge = host.nl.get_link(name="cbr-t")
     alias = "capsa-cni " + "x" * (netlink.IFALIAS_MAX - len("capsa-cni "))
-    host.nl.set_link(
-        index=bridge.index, up=True, mtu=1300, address="02:00:00:00:0b:01", alias=alias
+    host.nl.send(
+        netlink.link_request(
+            index=bridge.index, up=True, mtu=1300, address="02:00:00:00:0b:01", alias=alias
+        )
     )
     changed = host.nl.get_link(index=bridge.index)
     assert (changed.up, changed.mtu, changed.address, changed.ifalias) == (
@@ -181,7 +186,7 @@ def test_link_settings_change_and_read_back(host: Netns) -> None:
     (seen,) = ip_json(host.name, "link", "show", "dev", "cbr-t")
     assert seen["ifalias"] == alias
     assert "UP" in seen["flags"]
-    host.nl.set_link(name="cbr-t", up=False, alias="")
+    host.nl.send(netlink.link_request(name="cbr-t", up=False, alias=""))
     changed = host.nl.get_link(index=bridge.index)
     assert (changed.up, changed.ifalias) == (False, None)
 
@@ -228,7 +233,7 @@ def test_veth_peer_is_made_in_the_other_netns(host: Netns, pod: Netns) -> None:
         == errno.EEXIST
     )
     # Off the bridge and down, then gone with its peer.
-    host.nl.set_link(index=host_end.index, master=0, up=False)
+    host.nl.send(netlink.link_request(index=host_end.index, master=0, up=False))
     detached = host.nl.get_link(index=host_end.index)
     assert (detached.master, detached.up) == (None, False)
     assert host.nl.links(master=bridge.index) == []
@@ -269,7 +274,7 @@ def test_default_route_is_replaced_and_dumped(host: Netns) -> None:
     host.nl.add_bridge("cbr-r", mtu=1500)
     bridge = host.nl.get_link(name="cbr-r")
     host.nl.add_address(bridge.index, IPv4Interface("10.73.0.2/24"))
-    host.nl.set_link(index=bridge.index, up=True)
+    host.nl.send(netlink.link_request(index=bridge.index, up=True))
     host.nl.replace_default_route(IPv4Address("10.73.0.1"), bridge.index)
     host.nl.replace_default_route(IPv4Address("10.73.0.254"), bridge.index)
     (default,) = host.nl.routes(socket.AF_INET, dst_len=0)
@@ -347,7 +352,7 @@ def test_vxlan_device_and_its_forwarding_entries(host: Netns) -> None:
         4789,
         False,
     )
-    host.nl.set_link(index=device.index, master=bridge.index, up=True)
+    host.nl.send(netlink.link_request(index=device.index, master=bridge.index, up=True))
 
     host.nl.append_fdb(device.index, "00:00:00:00:00:00", "192.0.2.11")
     host.nl.append_fdb(device.index, "00:00:00:00:00:00", "192.0.2.12")

@@ -244,12 +244,11 @@ class Dataplane:
                     _delete_link(host, host_name)
                     create_veth(end.ifname, port)
                 # Made on the bridge and up: it only lacks its tag.
-                tag_and_attach = functools.partial(host.set_link, name=host_name, alias=tag.alias())
+                tag_and_attach = netlink.link_request(name=host_name, alias=tag.alias())
             else:
                 host_mac = host_end.address or ""
                 # An earlier ADD's veth, which a DEL may have detached since.
-                tag_and_attach = functools.partial(
-                    host.set_link,
+                tag_and_attach = netlink.link_request(
                     index=host_end.index,
                     alias=tag.alias(),
                     master=bridge_index,
@@ -257,7 +256,7 @@ class Dataplane:
                     up=True,
                 )
             try:
-                tag_and_attach()
+                host.send(tag_and_attach)
             except NetlinkError as exc:
                 _remove_half_made(host, host_name)
                 raise DataplaneError(
@@ -312,7 +311,7 @@ class Dataplane:
                 detached.append(_attachment(host, link))
                 if link.master or link.up:
                     try:
-                        host.set_link(index=link.index, master=0, up=False)
+                        host.send(netlink.link_request(index=link.index, master=0, up=False))
                     except NetlinkError as exc:
                         if exc.errno != errno.ENODEV:
                             raise
@@ -400,7 +399,7 @@ class Dataplane:
                     host.add_vxlan(name, vni=vni, local=local_ip, port=port, mtu=mtu)
                     log.info("overlay device created", device=name, bridge=bridge, vni=vni)
                 index = _get_link(host, name).index
-                host.set_link(index=index, master=link.index, up=True)
+                host.send(netlink.link_request(index=index, master=link.index, up=True))
                 _sync_fdb(host, index, macs)
             except (NetlinkError, _NoSuchLink) as exc:
                 raise DataplaneError(f"cannot program overlay device {name}: {exc}") from exc
@@ -644,7 +643,7 @@ def _ensure_bridge(
     # A new bridge is down, so its alias costs no request of its own; one made by an earlier
     # version, or kept by a daemon at another address, is adopted.
     if link.mtu != mtu or not link.up or link.ifalias != alias:
-        host.set_link(index=link.index, mtu=mtu, up=True, alias=alias)
+        host.send(netlink.link_request(index=link.index, mtu=mtu, up=True, alias=alias))
     return link.index, Link(name, link.address or "")
 
 
@@ -695,8 +694,8 @@ def _reset_pod_end(pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: Por
     if pod_end.address == port.mac and pod_end.mtu == port.mtu:
         return
     try:
-        pod.set_link(index=pod_end.index, up=False)
-        pod.set_link(index=pod_end.index, address=port.mac, mtu=port.mtu)
+        pod.send(netlink.link_request(index=pod_end.index, up=False))
+        pod.send(netlink.link_request(index=pod_end.index, address=port.mac, mtu=port.mtu))
     except NetlinkError as exc:
         raise DataplaneError(f"cannot reset {ifname} in the pod's netns: {exc}") from exc
 

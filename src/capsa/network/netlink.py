@@ -9,7 +9,7 @@ data plane manages, over a plain ``NETLINK_ROUTE`` socket, on the standard libra
         nl.add_bridge("cbr-demo", mtu=1500, address="02:00:00:00:00:01")
         bridge = nl.get_link(name="cbr-demo")
         nl.add_address(bridge.index, IPv4Interface("10.1.0.1/24"))
-        nl.set_link(index=bridge.index, up=True)
+        nl.send(netlink.link_request(index=bridge.index, up=True))
         try:
             nl.add_bridge("cbr-demo", mtu=1500)
         except netlink.NetlinkError as exc:
@@ -584,24 +584,6 @@ class Rtnetlink:
         self._create_link(
             [_string(IFLA_IFNAME, name), _u32(IFLA_MTU, mtu)],
             nested(IFLA_LINKINFO, _string(IFLA_INFO_KIND, "vxlan"), data),
-        )
-
-    def set_link(
-        self,
-        *,
-        name: str | None = None,
-        index: int | None = None,
-        master: int | None = None,
-        up: bool | None = None,
-        mtu: int | None = None,
-        address: str | None = None,
-        alias: str | None = None,
-    ) -> None:
-        """:func:`link_request`, sent."""
-        self.send(
-            link_request(
-                name=name, index=index, master=master, up=up, mtu=mtu, address=address, alias=alias
-            )
         )
 
     def delete_link(self, *, name: str | None = None, index: int | None = None) -> None:

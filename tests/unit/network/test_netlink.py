@@ -257,7 +257,7 @@ def test_an_error_carries_the_kernels_message(pair: tuple[Rtnetlink, Kernel]) ->
 def test_an_ack_ends_a_request(pair: tuple[Rtnetlink, Kernel]) -> None:
     client, kernel = pair
     kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 1, error_payload(0)))
-    client.set_link(index=7, master=0, up=False, alias="capsa-cni x")
+    client.send(netlink.link_request(index=7, master=0, up=False, alias="capsa-cni x"))
     kind, flags, _, body = kernel.request()
     assert (kind, flags) == (RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK)
     _, _, index, ifi_flags, change = IFINFOMSG.unpack_from(body)
@@ -383,3 +383,44 @@ def test_a_file_that_is_no_netns_cannot_be_entered(tmp_path: Path) -> None:
             netlink.open_in_netns(fd)
     finally:
         os.close(fd)
+
+
+def test_requests_sent_together_go_in_one_datagram_and_only_the_last_asks_for_an_ack(
+    pair: tuple[Rtnetlink, Kernel],
+) -> None:
+    client, kernel = pair
+    steps = [
+        netlink.address_request(3, IPv4Interface("10.0.0.2/24")).tolerating(errno.EEXIST),
+        netlink.link_request(index=3, up=True),
+        netlink.default_route_request(IPv4Address("10.0.0.1"), 3),
+    ]
+    # The kernel's answers: the address exists (tolerated), the route's ACK. A leftover of an
+    # earlier request (sequence 99) is skipped.
+    kernel.reply(message(NLMSG_ERROR, 0, 99, error_payload(errno.EPERM)))
+    kernel.reply(message(NLMSG_ERROR, 0, 1, error_payload(errno.EEXIST)))
+    kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 3, error_payload(0)))
+    client.send_together(steps)
+    sent = list(parse_messages(kernel.sock.recv(65536)))
+    assert [(kind, flags & NLM_F_ACK, seq) for kind, flags, seq, _ in sent] == [
+        (netlink.RTM_NEWADDR, 0, 1),
+        (RTM_SETLINK, 0, 2),
+        (netlink.RTM_NEWROUTE, NLM_F_ACK, 3),
+    ]
+
+
+def test_the_first_untolerated_failure_of_requests_sent_together_is_raised_after_the_last(
+    pair: tuple[Rtnetlink, Kernel],
+) -> None:
+    client, kernel = pair
+    kernel.reply(message(NLMSG_ERROR, 0, 1, error_payload(errno.ENODEV)))
+    kernel.reply(message(NLMSG_ERROR, 0, 2, error_payload(errno.EINVAL)))
+    kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 3, error_payload(0)))
+    # A later request's answer, still queued, would be read as this one's if the last ACK did
+    # not end the call.
+    kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 4, error_payload(errno.EBUSY)))
+    with pytest.raises(netlink.NetlinkError) as caught:
+        client.send_together([netlink.link_request(index=n, up=True) for n in (1, 2, 3)])
+    assert caught.value.errno == errno.ENODEV
+    with pytest.raises(netlink.NetlinkError) as later:
+        client.send(netlink.link_request(index=4, up=True))
+    assert later.value.errno == errno.EBUSY
