@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -77,9 +78,15 @@ class Plan:
 
 
 def interleave(
-    sides: dict[str, Callable[[], dict[str, float]]], rounds: int, warmup: int
+    sides: dict[str, Callable[[], dict[str, float]]],
+    rounds: int,
+    warmup: int,
+    *,
+    settle: float = 0.0,
 ) -> dict[str, list[float]]:
-    """Runs the sides in turn (A, B, A, B, ...), ``warmup`` rounds unrecorded first.
+    """Runs the sides in turn (A, B, A, B, ...), ``warmup`` rounds unrecorded first, with a pause
+    of ``settle`` seconds after each side's round: what a side leaves to the kernel after its
+    answers then lands on no other side's calls.
 
     Each side returns its named durations for one round; the samples are keyed
     ``<side>.<name>``.
@@ -91,6 +98,8 @@ def interleave(
             if number >= warmup:
                 for name, seconds in measured.items():
                     samples.setdefault(f"{side}.{name}", []).append(seconds)
+            if settle:
+                time.sleep(settle)
     return samples
 
 
