@@ -99,12 +99,20 @@ def link_exists(name: str, netns: str | None = None) -> bool:
     return bool(ip_json(*where, "link", "show", "dev", name))
 
 
+def off_the_network(host_end: str) -> bool:
+    """Whether a host end is down, and so its bridge port disabled, or gone."""
+    links = ip_json("-d", "link", "show", "dev", host_end)
+    if not links:
+        return True
+    port = links[0].get("linkinfo", {}).get("info_slave_data", {})
+    return "UP" not in links[0]["flags"] and port.get("state", "disabled") == "disabled"
+
+
 async def unplugged(container_id: str, netns: str | None = None) -> bool:
-    """What a DEL promises: the pod is off the network when it answers (its host end detached
-    from the bridge and down, or gone), and its veth is gone soon after."""
+    """What a DEL promises: the pod is off the network when it answers, and its veth is gone
+    soon after."""
     host_end = host_ifname(container_id, "eth0")
-    links = ip_json("link", "show", "dev", host_end)
-    if links and ("master" in links[0] or "UP" in links[0]["flags"]):
+    if not off_the_network(host_end):
         return False
     return await gone_soon(host_end) and (netns is None or await gone_soon("eth0", netns))
 
@@ -1426,6 +1434,35 @@ async def test_failed_plug_leaves_nothing_behind(
     assert not link_exists("eth0", netns)
 
 
+async def test_a_detached_pod_reaches_nothing_and_nothing_reaches_it_before_its_veth_goes(
+    network: Network, make_netns: Callable[[], str]
+) -> None:
+    (_, port), (_, neighbour) = network.add_pod(), network.add_pod()
+    netns, other_netns = make_netns(), make_netns()
+    container_id, other_id = secrets.token_hex(32), secrets.token_hex(32)
+    with contextlib.closing(Dataplane()) as dataplane:
+        for cid, where, p in ((container_id, netns, port), (other_id, other_netns, neighbour)):
+            await asyncio.to_thread(
+                dataplane.plug, cid, netns_path(where), [("eth0", p)], "owner", "keeper"
+            )
+        assert await reachable(port.ip.ip)
+        ping_neighbour = ("busybox", "ping", "-c1", "-W1", str(neighbour.ip.ip))
+        assert sh("ip", "netns", "exec", netns, *ping_neighbour, check=False).returncode == 0
+
+        await asyncio.to_thread(dataplane.detach, container_id, "eth0")
+
+        # Still there, still on its bridge (taking it off would wait for a grace period): down.
+        host_end = host_ifname(container_id, "eth0")
+        (link,) = ip_json("link", "show", "dev", host_end)
+        assert link["master"] == network.bridge and off_the_network(host_end)
+        assert not await reachable(port.ip.ip)
+        assert sh("ip", "netns", "exec", netns, *ping_neighbour, check=False).returncode != 0
+        assert await reachable(neighbour.ip.ip)
+        assert await asyncio.to_thread(dataplane.remove_detached, [host_end]) == [host_end]
+        await asyncio.to_thread(dataplane.unplug, other_id, "eth0")
+    assert not link_exists(host_end)
+
+
 def test_bridge_creation_races_all_succeed(network: Network) -> None:
     # Separate Dataplane objects share no lock, as two processes would not.
     gateway = IPv4Interface(f"{network.gateway}/24")
@@ -1573,8 +1610,7 @@ async def test_del_unplugs_every_network_of_the_capsule_and_stays_safe(
     await cni.delete(container_id, netns_path(netns), pod)
 
     for name in ("eth0", "eth1"):
-        (host_end,) = ip_json("link", "show", "dev", host_ifname(container_id, name)) or [{}]
-        assert "master" not in host_end and "UP" not in host_end.get("flags", [])
+        assert off_the_network(host_ifname(container_id, name))
     assert network.ports.bound == {}
     assert await gone_soon(network.bridge) and await gone_soon(second_network.bridge)
     # Again, without K8S_POD_NAME, and once the netns is gone.

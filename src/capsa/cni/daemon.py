@@ -14,8 +14,8 @@
 - DEL undoes an ADD, every interface of it, and is always safe: repeated, without netns or
   prevResult, for a sandbox never seen, or for an old sandbox of a capsule that has a new one (the
   host veths' names derive from the container id, and the store forgets a binding only for the
-  container id that holds it). It answers once the pod is off the networks (its veths detached
-  from the bridges and down) and the bindings forgotten (one store round trip, by the pod's
+  container id that holds it). It answers once the pod is off the networks (its veths' host ends
+  down: their bridge ports disabled) and the bindings forgotten (one store round trip, by the pod's
   name, after the detach); the veths themselves are deleted right after the answer (the
   kernel's veth deletion is most of a DEL's time otherwise); a bridge no pod is left on goes
   ``cni.bridge_linger`` seconds later if no pod came back to it meanwhile. A daemon that starts
@@ -382,7 +382,12 @@ class _CniService:
                 )
             if port_ids:
                 fields["port"] = ",".join(port_ids)
-        log.info("port unplugged" if removed else "nothing to unplug", **fields)
+        # Logged once the answer is out, as an ADD's "port bound".
+        asyncio.get_running_loop().call_soon(
+            functools.partial(
+                log.info, "port unplugged" if removed else "nothing to unplug", **fields
+            )
+        )
         if removed:
             self._delete_after_answer(
                 request,

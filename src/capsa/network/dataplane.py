@@ -296,35 +296,37 @@ class Dataplane:
             ]
 
     def detach(self, container_id: str, ifname: str) -> list[Attachment]:
-        """Takes the veths of the attachment (container id, ifname) off the network: off their
-        bridges and down, so that nothing reaches the pod or leaves it any more. Returns what
-        they were.
+        """Takes the veths of the attachment (container id, ifname) off the network: their host
+        ends down, so that nothing reaches the pod or leaves it any more (the bridge disables a
+        port that is down and forgets the MACs it learnt on it, and a veth whose peer is down
+        has no carrier). Returns what they were.
 
         This is what a DEL waits for. Deleting a veth waits for the kernel far longer (15-20 ms
         on this kernel, for the network's grace period), and the veths go anyway when their
         netns does, which the runtime deletes after the DEL: :meth:`remove_detached` follows
-        later.
+        later. They stay on their bridges until then: taking a port off a bridge waits for a
+        grace period too (0.66 ms against 0.06 to set it down, in process).
         """
         detached = []
         with self._host.client() as host:
             for link in _attachment_links(host, container_id, ifname):
                 detached.append(_attachment(host, link))
-                if link.master or link.up:
+                if link.up:
                     try:
-                        host.send(netlink.link_request(index=link.index, master=0, up=False))
+                        host.send(netlink.link_request(index=link.index, up=False))
                     except NetlinkError as exc:
                         if exc.errno != errno.ENODEV:
                             raise
         return detached
 
     def remove_detached(self, host_names: Sequence[str]) -> list[str]:
-        """Deletes those of the host ends ``host_names`` that are still detached (an ADD of the
-        same attachment since has put them back); returns the ones it deleted."""
+        """Deletes those of the host ends ``host_names`` that are still detached, down (an ADD of
+        the same attachment since has set them up again); returns the ones it deleted."""
         removed = []
         with self._host.client() as host:
             for name in host_names:
                 link = _find_link(host, name)
-                if link is not None and _is_host_end(link) and not link.master:
+                if link is not None and _is_host_end(link) and not link.up:
                     _delete_link(host, name)
                     removed.append(name)
         return removed
