@@ -312,11 +312,10 @@ class Dataplane:
             for link in _attachment_links(host, container_id, ifname):
                 detached.append(_attachment(host, link))
                 if link.up:
-                    try:
-                        host.send(netlink.link_request(index=link.index, up=False))
-                    except NetlinkError as exc:
-                        if exc.errno != errno.ENODEV:
-                            raise
+                    # Gone meanwhile is as good as down.
+                    host.send(
+                        netlink.link_request(index=link.index, up=False).tolerating(errno.ENODEV)
+                    )
         return detached
 
     def remove_detached(self, host_names: Sequence[str]) -> list[str]:
@@ -637,10 +636,9 @@ def _ensure_bridge(
         )
     # Also completes a bridge that a killed ADD left without its address.
     try:
-        host.add_address(link.index, gateway)
+        host.send(netlink.address_request(link.index, gateway).tolerating(errno.EEXIST))
     except NetlinkError as exc:
-        if exc.errno != errno.EEXIST:
-            raise DataplaneError(f"cannot give bridge {name} the address {gateway}: {exc}") from exc
+        raise DataplaneError(f"cannot give bridge {name} the address {gateway}: {exc}") from exc
     alias = _bridge_alias(keeper)
     # A new bridge is down, so its alias costs no request of its own; one made by an earlier
     # version, or kept by a daemon at another address, is adopted.
