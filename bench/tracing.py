@@ -1,9 +1,10 @@
 """A profiling aid, not a benchmark: ``capsa up`` with every call on a capsule's path timed.
 
 ``python -m bench --trace ...`` runs the paired capsa as ``python -m bench.tracing TRACE up``:
-before capsa starts, the async methods of its CRI client, stores, network service, image puller,
-the CNI daemon's handler and the API's capsule handlers are wrapped so that each call appends
-one JSON line to TRACE: its name, the asyncio task that made it, and when it began and ended.
+before capsa starts, the async methods of its CRI client, stores, network service, image puller
+and the API's capsule handlers, and the methods of the CNI daemon's service and of the store
+statements its threads run, are wrapped so that each call appends one JSON line to TRACE: its
+name, the asyncio task (or the thread) that made it, and when it began and ended.
 :func:`timeline` then lays one capsule's start or teardown out call by call, with the gaps
 between them (time in capsa's own code, or waiting for the event loop), and :func:`summary`
 counts and times each kind of call over the measured rounds.
@@ -19,6 +20,7 @@ import functools
 import inspect
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,10 +35,14 @@ _TRACED: tuple[tuple[str, str], ...] = (
     ("capsa.store.ports", "PortStore"),
     ("capsa.network.service", "NetworkService"),
     ("capsa.compute.images", "ImagePuller"),
-    ("capsa.cni.daemon", "_CniService"),
     ("capsa.scheduler.service", "Scheduler"),
     ("capsa.network.agent", "NetworkAgent"),
     ("capsa.store.networks", "NetworkStore"),
+)
+# Classes whose plain methods run on the CNI daemon's threads: their blocking calls are traced.
+_TRACED_ON_THREADS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("capsa.cni.daemon", "_CniService", ()),
+    ("capsa.store.ports", "PortStore", ("to_bind", "set_bindings", "clear_device_bindings")),
 )
 _TRACED_FUNCTIONS: tuple[tuple[str, str], ...] = (
     ("capsa.api.capsules", "create_capsule"),
@@ -76,6 +82,36 @@ def install(out: Callable[[str], object]) -> None:
 
         return traced
 
+    def wrap_blocking(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            began = time.time()
+            returned = None
+            try:
+                returned = fn(*args, **kwargs)
+                return returned
+            finally:
+                out(
+                    json.dumps(
+                        {
+                            "call": name,
+                            "task": threading.current_thread().name,
+                            "begin": began,
+                            "end": time.time(),
+                            "subject": _subject(args, kwargs),
+                            "returned": returned if isinstance(returned, str) else None,
+                        }
+                    )
+                )
+
+        return traced
+
+    for module_name, class_name, only in _TRACED_ON_THREADS:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        for attribute, value in list(vars(cls).items()):
+            traced = not only or attribute in only
+            if traced and inspect.isfunction(value) and not attribute.startswith("__"):
+                setattr(cls, attribute, wrap_blocking(f"{class_name}.{attribute}", value))
     for module_name, class_name in _TRACED:
         cls = getattr(importlib.import_module(module_name), class_name)
         for attribute, value in list(vars(cls).items()):

@@ -203,26 +203,30 @@ class FilePorts:
         self.path = path
         self.pause_at = pause_at
         self.marker = marker
+        # The daemon's threads read and write the file at the same time.
+        self._guard = threading.Lock()
         if not path.exists():
             self._save({"ports": {}, "bound": {}})
 
     def add(self, pod: str, *ports: PortBinding) -> None:
         """The pod's ports, in its interface order."""
-        state = self._load()
-        state["ports"][pod] = [
-            {**dataclasses.asdict(port), "ip": str(port.ip), "gateway": str(port.gateway)}
-            for port in ports
-        ]
-        self._save(state)
+        with self._guard:
+            state = self._load()
+            state["ports"][pod] = [
+                {**dataclasses.asdict(port), "ip": str(port.ip), "gateway": str(port.gateway)}
+                for port in ports
+            ]
+            self._save(state)
 
     @property
     def bound(self) -> dict[str, str]:
         """Port id -> the container id bound to it."""
         return {port_id: cid for port_id, (cid, _) in self._load()["bound"].items()}
 
-    async def find_ports(self, pod_name: str) -> list[PortBinding]:
-        await self._pause("find_ports")
-        state = self._load()
+    def find_ports(self, pod_name: str) -> list[PortBinding]:
+        self._pause("find_ports")
+        with self._guard:
+            state = self._load()
         found = []
         for fields in state["ports"].get(pod_name, []):
             container_id, host_name = state["bound"].get(fields["port_id"], (None, None))
@@ -239,36 +243,39 @@ class FilePorts:
             )
         return found
 
-    async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
-        await self._pause("ports_bound")
-        state = self._load()
-        for port_id, host_name in host_ifnames.items():
-            state["bound"][port_id] = [container_id, host_name]
-        self._save(state)
+    def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        self._pause("ports_bound")
+        with self._guard:
+            state = self._load()
+            for port_id, host_name in host_ifnames.items():
+                state["bound"][port_id] = [container_id, host_name]
+            self._save(state)
 
-    async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
-        state = self._load()
-        for port_id in port_ids:
-            if state["bound"].get(port_id, [None])[0] == container_id:
+    def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
+        with self._guard:
+            state = self._load()
+            for port_id in port_ids:
+                if state["bound"].get(port_id, [None])[0] == container_id:
+                    del state["bound"][port_id]
+            self._save(state)
+
+    def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+        with self._guard:
+            state = self._load()
+            unbound = [
+                fields["port_id"]
+                for fields in state["ports"].get(pod_name, [])
+                if state["bound"].get(fields["port_id"], [None])[0] == container_id
+            ]
+            for port_id in unbound:
                 del state["bound"][port_id]
-        self._save(state)
-
-    async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
-        state = self._load()
-        unbound = [
-            fields["port_id"]
-            for fields in state["ports"].get(pod_name, [])
-            if state["bound"].get(fields["port_id"], [None])[0] == container_id
-        ]
-        for port_id in unbound:
-            del state["bound"][port_id]
-        self._save(state)
+            self._save(state)
         return unbound
 
-    async def _pause(self, step: str) -> None:
+    def _pause(self, step: str) -> None:
         if step == self.pause_at and self.marker is not None:
             self.marker.write_text(step)
-            await asyncio.sleep(3600)
+            time.sleep(3600)
 
     def _load(self) -> dict[str, Any]:
         state: dict[str, Any] = json.loads(self.path.read_text())
@@ -558,7 +565,7 @@ class StoreNetwork:
     async def add_pod(self) -> tuple[str, PortBinding]:
         pod = str(uuid.uuid4())
         await self.service.allocate_ports(pod, "project-ct", "host-ct")
-        [port] = await self.service.find_ports(pod)
+        [port] = await asyncio.to_thread(self.service.find_ports, pod)
         return pod, port
 
     async def binding(self, pod: str) -> str | None:

@@ -38,9 +38,11 @@ Run it next to the API and the agent::
     ...
     await daemon.stop()
 
-Calls for one capsule are serialised (what a DEL deletes after its answer is not one of them);
-calls for different capsules run side by side, their netlink work on a small thread pool of the
-daemon's own.
+The daemon serves its calls on threads of its own (:mod:`capsa.cni.server`), not on the event
+loop that ``capsa up`` shares with the API, the scheduler and the agents: the thread that accepts a
+call does all of its work (the store's statements, netlink) and answers it. Calls for one capsule
+are serialised (what a DEL deletes after its answer is not one of them); calls for different
+capsules run side by side, up to ``workers`` at once.
 """
 
 from __future__ import annotations
@@ -48,15 +50,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import json
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-
-from aiohttp import web
 
 from capsa.cni import metrics
 from capsa.cni.protocol import (
@@ -75,6 +76,7 @@ from capsa.cni.protocol import (
     parse_request,
     prev_result_problems,
 )
+from capsa.cni.server import HttpRequest, HttpResponse, ThreadedHttpServer
 from capsa.log import get_logger
 from capsa.network.dataplane import (
     Attachment,
@@ -93,10 +95,12 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_WORKERS = 8
-# The longest header line the daemon reads: a CNI variable, percent-encoded, may be far longer
+# The most calls served at once: a call holds its thread while it waits (an ADD for the
+# firewall, up to READY_WAIT_S); more wait for a thread in the listen backlog.
+DEFAULT_WORKERS = 32
+# The longest request head the daemon reads: a CNI variable, percent-encoded, may be far longer
 # than HTTP servers' usual 8 KiB.
-_MAX_HEADER_LINE = 256 * 1024
+_MAX_HEAD = 1 << 20
 # How long an ADD waits for its capsule's ports to be allocated and enforced by the firewall (the
 # compute agent asks for the sandbox meanwhile), and how often it looks again between passes.
 READY_WAIT_S = 10.0
@@ -111,33 +115,38 @@ _HTTP_STATUS = {
 }
 # Fields that name a call's subject in its log lines: capsule, container, port.
 LogFields = dict[str, str]
+# What a call leaves to do once its answer is out (see HttpResponse.after).
+AfterAnswer = Callable[[], None]
 
 
 class _KeyedLocks:
-    """One asyncio lock per key, forgotten when nobody holds or awaits it."""
+    """One lock per key, forgotten when nobody holds or waits for it."""
 
     def __init__(self) -> None:
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, threading.Lock] = {}
         self._users: dict[str, int] = {}
+        self._guard = threading.Lock()
 
-    @asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._users[key] = self._users.get(key, 0) + 1
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock = self._locks.setdefault(key, threading.Lock())
+            self._users[key] = self._users.get(key, 0) + 1
         try:
-            async with lock:
+            with lock:
                 yield
         finally:
-            self._users[key] -= 1
-            if not self._users[key]:
-                del self._users[key], self._locks[key]
+            with self._guard:
+                self._users[key] -= 1
+                if not self._users[key]:
+                    del self._users[key], self._locks[key]
 
 
 @dataclass(frozen=True)
 class _Deletion:
     """Veths a DEL detached, being deleted after its answer."""
 
-    task: asyncio.Task[None]
+    done: threading.Event
     # Whether that DEL forgot every binding of its attachment: a DEL repeated meanwhile has
     # nothing left to do.
     unbound_all: bool
@@ -182,11 +191,12 @@ class DaemonMetrics:
 
 
 class _CniService:
+    """The CNI calls, each served on the thread that accepted it (which it blocks)."""
+
     def __init__(
         self,
         ports: PortSource,
         dataplane: Dataplane,
-        executor: ThreadPoolExecutor,
         progress: FirewallProgress | None = None,
         ready_wait: float = READY_WAIT_S,
         bridge_linger: float = 0.0,
@@ -197,20 +207,24 @@ class _CniService:
         self.address = address
         self._ports = ports
         self._dataplane = dataplane
-        self._executor = executor
         self._progress = progress
         self._ready_wait = ready_wait
         self._bridge_linger = bridge_linger
-        # Bridges their last pod left, removed when the linger ends if still unused.
+        self._guard = threading.Lock()
+        # The event loop that times bridges' lingers (CniDaemon.start sets it): a timer thread
+        # per DEL would cost a thread's start each time.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # On the loop: the bridges their last pod left, each with its timer, removed when the
+        # linger ends if still unused; and the removals under way.
         self._idle_bridges: dict[str, asyncio.TimerHandle] = {}
+        self._removals: set[asyncio.Future[None]] = set()
         self._pod_locks = _KeyedLocks()
-        self._background: set[asyncio.Task[None]] = set()
         # Host ends that a DEL detached and is deleting after its answer, by name.
         self._deleting: dict[str, _Deletion] = {}
         self.metrics = DaemonMetrics()
         self.not_ready_reason = _lacks_net_admin()
         self._commands: dict[
-            str, Callable[[CniRequest, LogFields], Awaitable[dict[str, Any] | None]]
+            str, Callable[[CniRequest, LogFields], tuple[dict[str, Any] | None, AfterAnswer]]
         ] = {
             "DEL": self._delete,
             "CHECK": self._check,
@@ -218,14 +232,14 @@ class _CniService:
             "STATUS": self._status,
         }
 
-    async def handle(self, command: str, http_request: web.Request) -> web.Response:
+    def handle(self, command: str, http_request: HttpRequest) -> HttpResponse:
         started = time.perf_counter()
         self.metrics.in_flight.add(1, command=command)
         version = DEFAULT_VERSION
         fields: LogFields = {}
         error: CniError | None = None
         try:
-            config = parse_config(await http_request.read())
+            config = parse_config(http_request.body)
             if isinstance(config.get("cniVersion"), str):
                 version = config["cniVersion"]
             request = parse_request(command, _environment(http_request), config)
@@ -235,10 +249,11 @@ class _CniService:
                 fields.update(network=request.network_name)
             result: dict[str, Any] | None
             if command == "ADD":
-                result = await self._add(request, fields, functools.partial(_gone, http_request))
+                result, after = self._add(request, fields, http_request.client_gone)
             else:
-                result = await self._commands[command](request, fields)
-            return web.json_response(result) if result is not None else web.Response()
+                result, after = self._commands[command](request, fields)
+            body = _json(result) if result is not None else b""
+            return HttpResponse(200, body, after=after)
         except CniError as exc:
             error = exc
             log.warning(f"CNI {command} failed", code=int(exc.code), error=exc.msg, **fields)
@@ -251,23 +266,22 @@ class _CniService:
             self.metrics.in_flight.add(-1, command=command)
             self.metrics.observe(command, time.perf_counter() - started, error)
 
-    async def _add(
+    def _add(
         self, request: CniRequest, fields: LogFields, client_gone: Callable[[], bool]
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], AfterAnswer]:
         pod = _pod_name(request)
-        loop = asyncio.get_running_loop()
         deadline: float | None = None
         while True:
             # Read before the ports: a pass applied during the read is not waited for again.
             passes = self._progress.passes if self._progress is not None else 0
-            async with self._pod_locks.hold(pod):
-                ports = await self._ports_of(pod)
+            with self._pod_locks.hold(pod):
+                ports = self._ports_of(pod)
                 waiting_for = self._unready(ports)
                 if waiting_for is None:
-                    return await self._plug(request, pod, ports, fields)
+                    return self._plug(request, pod, ports, fields)
             # Outside the pod's lock: a DEL of the sandbox (containerd gave up) goes ahead.
             assert self._progress is not None
-            now = loop.time()
+            now = time.monotonic()
             if deadline is None:
                 deadline = now + self._ready_wait
                 log.info(f"ADD waits for {waiting_for}", **fields)
@@ -283,7 +297,7 @@ class _CniService:
                 )
             if ports:
                 self._progress.want_pass()
-            await self._progress.wait_for_pass(passes, min(_READY_RECHECK_S, deadline - now))
+            self._progress.wait_for_pass(passes, min(_READY_RECHECK_S, deadline - now))
 
     def _unready(self, ports: list[PortBinding]) -> str | None:
         """What the pod's ports wait for before they can be plugged; None when nothing (or when
@@ -296,21 +310,21 @@ class _CniService:
             return "the firewall to enforce the rules of the capsule's ports"
         return None
 
-    async def _plug(
+    def _plug(
         self, request: CniRequest, pod: str, ports: list[PortBinding], fields: LogFields
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], AfterAnswer]:
         """Plugs the pod's ports and records their bindings; the caller holds the pod's lock."""
         interfaces = _interfaces(request, pod, ports)
         fields["port"] = ",".join(port.port_id for _, port in interfaces)
         # CNI allows an ADD after a DEL of the same attachment: its veths are made again
         # once that DEL's deletion of them is over, never beside it.
-        await self._deleted(
+        self._deleted(
             [host_ifname(request.container_id, ifname) for ifname, _ in interfaces], fields
         )
         # A capsule has one sandbox at a time: an older one that still holds a port is being
         # replaced (its DEL may come late, or never when its runtime lost it), and two veths
         # with the port's address and MAC on one bridge would make both flaky.
-        plugged = await self._netlink(
+        plugged = self._netlink(
             request,
             self._dataplane.plug,
             request.container_id,
@@ -330,163 +344,159 @@ class _CniService:
                 )
         try:
             result = build_result(request.cni_version, plugged, request.dns, request.prev_result)
-            await self._record(
+            _record(
                 "recording the bindings of",
-                self._ports.ports_bound(
-                    request.container_id,
-                    {
-                        port.port_id: made.host_end.name
-                        for (_, port), made in zip(interfaces, plugged, strict=True)
-                    },
-                ),
+                self._ports.ports_bound,
+                request.container_id,
+                {
+                    port.port_id: made.host_end.name
+                    for (_, port), made in zip(interfaces, plugged, strict=True)
+                },
             )
         except BaseException:
-            await self._undo_plug(request)
+            self._undo_plug(request)
             raise
         # Logged once the answer is out: a line takes 0.1-0.2 ms when the CPU's caches are cold.
-        asyncio.get_running_loop().call_soon(_log_bound, request, interfaces, plugged, fields)
-        return result
+        return result, functools.partial(_log_bound, request, interfaces, plugged, fields)
 
-    async def _delete(self, request: CniRequest, fields: LogFields) -> None:
+    def _delete(self, request: CniRequest, fields: LogFields) -> tuple[None, AfterAnswer]:
         pod = request.pod_name
         first_host_end = host_ifname(request.container_id, request.ifname)
-        async with self._pod_locks.hold(pod or request.container_id):
-            deletion = self._deleting.get(first_host_end)
+        with self._pod_locks.hold(pod or request.container_id):
+            with self._guard:
+                deletion = self._deleting.get(first_host_end)
             if deletion is not None and deletion.unbound_all:
                 # A repeated DEL (kubelet-style runtimes send one from StopPodSandbox, then one
                 # from RemovePodSandbox): the first took the pod off the networks and forgot
                 # every binding, and no ADD came since (it would have waited for this deletion).
                 log.info("already unplugged: its veths are being deleted", **fields)
-                return
-            await self._deleted([first_host_end], fields)
-            removed = await self._netlink(
+                return None, _nothing_after
+            self._deleted([first_host_end], fields)
+            removed = self._netlink(
                 request, self._dataplane.detach, request.container_id, request.ifname
             )
             port_ids = [a.tag.port_id for a in removed if a.tag is not None]
             # Only where this container holds the binding: a newer sandbox's stays. By the pod's
             # name, a veth without its tag (an ADD killed early), or none left, loses it too.
             # After the detach, not beside it: the write wakes the network agent, whose pass
-            # (milliseconds of the event loop and the GIL) would then run beside the detach and
-            # delay the answer by more than the write (0.3 ms) that overlapping it saves. Last,
-            # and awaited in this task, so the answer goes out before that pass begins.
+            # then runs beside the rest of this call rather than the detach.
             if pod:
-                unbound = await self._record(
+                unbound = _record(
                     "forgetting the bindings of",
-                    self._ports.pod_unbound(pod, request.container_id),
+                    self._ports.pod_unbound,
+                    pod,
+                    request.container_id,
                 )
                 port_ids = list(dict.fromkeys([*port_ids, *unbound]))
             elif port_ids:
-                await self._record(
+                _record(
                     "forgetting the bindings of",
-                    self._ports.ports_unbound(port_ids, request.container_id),
+                    self._ports.ports_unbound,
+                    port_ids,
+                    request.container_id,
                 )
             if port_ids:
                 fields["port"] = ",".join(port_ids)
-        # Logged once the answer is out, as an ADD's "port bound".
-        asyncio.get_running_loop().call_soon(
-            functools.partial(
-                log.info, "port unplugged" if removed else "nothing to unplug", **fields
-            )
+            if not removed:
+                return None, functools.partial(log.info, "nothing to unplug", **fields)
+            # Registered before the pod's lock goes: an ADD of the same attachment that comes
+            # next waits for the deletion.
+            host_names = [a.host_ifname for a in removed]
+            deletion = _Deletion(threading.Event(), bool(pod) or len(port_ids) == len(removed))
+            with self._guard:
+                self._deleting.update(dict.fromkeys(host_names, deletion))
+        bridges = list(dict.fromkeys(a.bridge for a in removed if a.bridge))
+        return None, functools.partial(
+            self._remove_detached, request, host_names, bridges, deletion, fields
         )
-        if removed:
-            self._delete_after_answer(
-                request,
-                removed,
-                unbound_all=bool(pod) or len(port_ids) == len(removed),
-                fields=fields,
-            )
 
-    def _delete_after_answer(
+    def _remove_detached(
         self,
         request: CniRequest,
-        removed: list[Attachment],
-        *,
-        unbound_all: bool,
+        host_names: list[str],
+        bridges: list[str],
+        deletion: _Deletion,
         fields: LogFields,
     ) -> None:
-        """Deletes the veths a DEL detached once it has answered, then their bridges if no pod
-        is left on them; only calls on those veths wait for it (:meth:`_deleted`), not the
-        pod's other calls."""
-        host_names = [a.host_ifname for a in removed]
-        bridges = list(dict.fromkeys(a.bridge for a in removed if a.bridge))
-        task = self._after_answer(self._remove_detached(request, host_names, bridges, fields))
-        deletion = _Deletion(task, unbound_all)
-        self._deleting.update(dict.fromkeys(host_names, deletion))
-
-        def forget(_: asyncio.Task[None]) -> None:
-            for name in host_names:
-                if self._deleting.get(name) is deletion:
-                    del self._deleting[name]
-
-        task.add_done_callback(forget)
-
-    async def _remove_detached(
-        self, request: CniRequest, host_names: list[str], bridges: list[str], fields: LogFields
-    ) -> None:
+        """After a DEL's answer: deletes the veths it detached (the kernel's veth deletion is
+        most of a DEL's time otherwise), then their bridges if no pod is left on them; only calls
+        on those veths wait for it (:meth:`_deleted`), not the pod's other calls."""
+        log.info("port unplugged", **fields)
         try:
-            await self._netlink(request, self._dataplane.remove_detached, host_names)
+            self._netlink(request, self._dataplane.remove_detached, host_names)
         except CniError as exc:
             # Its netns going removes it too; GC removes it if neither happened.
             log.warning("cannot remove a detached veth", error=exc.msg, **fields)
+        finally:
+            with self._guard:
+                for name in host_names:
+                    if self._deleting.get(name) is deletion:
+                        del self._deleting[name]
+            deletion.done.set()
         for bridge in bridges:
-            await self._retire_bridge(bridge)
+            self._retire_bridge(bridge)
 
-    async def _deleted(self, host_names: list[str], fields: LogFields) -> None:
+    def _deleted(self, host_names: list[str], fields: LogFields) -> None:
         """Waits until no DEL is deleting any of the veths ``host_names`` any more."""
-        deletions = {self._deleting[name].task for name in host_names if name in self._deleting}
+        with self._guard:
+            deletions = {self._deleting[name] for name in host_names if name in self._deleting}
         if deletions:
             log.info("waiting for a DEL's deletion of the attachment's veths", **fields)
-            await asyncio.wait(deletions)
-
-    def _after_answer(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+            for deletion in deletions:
+                deletion.done.wait()
 
     async def finish_background(self) -> None:
-        """Waits for the work that calls left to do after they answered, and removes the
-        bridges left unused meanwhile without waiting for their linger to end."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        """On the event loop, once no call runs any more: waits for the removals of bridges
+        whose linger ended, and removes those still lingering without waiting for it."""
+        if self._removals:
+            await asyncio.gather(*self._removals)
         idle, self._idle_bridges = self._idle_bridges, {}
         for timer in idle.values():
             timer.cancel()
         for bridge in idle:
-            await self._remove_bridge_if_unused(bridge)
+            await asyncio.to_thread(self._remove_bridge_if_unused, bridge)
 
-    async def _retire_bridge(self, bridge: str) -> None:
+    def _retire_bridge(self, bridge: str) -> None:
         """A bridge that a pod left: removed if no pod is left on it, at once or once
         ``bridge_linger`` seconds have passed (a pod that comes meanwhile finds it made, and
         keeps it), so that a capsule replacing the network's last one on this host neither
         waits for its removal nor makes it again."""
-        if self._bridge_linger <= 0:
-            await self._remove_bridge_if_unused(bridge)
+        if self._bridge_linger <= 0 or self.loop is None:
+            self._remove_bridge_if_unused(bridge)
             return
+        self.loop.call_soon_threadsafe(self._linger, bridge)
+
+    def _linger(self, bridge: str) -> None:
+        # On the loop.
+        assert self.loop is not None
         timer = self._idle_bridges.pop(bridge, None)
         if timer is not None:
             timer.cancel()
-        self._idle_bridges[bridge] = asyncio.get_running_loop().call_later(
+        self._idle_bridges[bridge] = self.loop.call_later(
             self._bridge_linger, self._linger_ended, bridge
         )
 
-    async def retire_idle_bridges(self, keeper: str) -> None:
+    def _linger_ended(self, bridge: str) -> None:
+        # On the loop.
+        assert self.loop is not None
+        self._idle_bridges.pop(bridge, None)
+        removal = self.loop.run_in_executor(None, self._remove_bridge_if_unused, bridge)
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+
+    def retire_idle_bridges(self, keeper: str) -> None:
         """Retires the bridges of ``keeper`` that no pod uses: an earlier run of this daemon,
         stopped before their linger ended (killed), left them."""
         try:
-            idle = await self._on_netlink_threads(self._dataplane.idle_bridges, keeper)
+            idle = self._dataplane.idle_bridges(keeper)
         except (DataplaneError, OSError) as exc:
             log.warning("cannot look for unused bridges", error=str(exc))
             return
         for bridge in idle:
             log.info("bridge found unused at start", bridge=bridge)
-            await self._retire_bridge(bridge)
+            self._retire_bridge(bridge)
 
-    def _linger_ended(self, bridge: str) -> None:
-        self._idle_bridges.pop(bridge, None)
-        self._after_answer(self._remove_bridge_if_unused(bridge))
-
-    async def _check(self, request: CniRequest, fields: LogFields) -> None:
+    def _check(self, request: CniRequest, fields: LogFields) -> tuple[None, AfterAnswer]:
         pod = _pod_name(request)
         prev_result = request.prev_result
         if prev_result is None:
@@ -494,8 +504,8 @@ class _CniService:
                 ErrorCode.INVALID_NETWORK_CONFIG,
                 "CHECK needs prevResult: the runtime passes the result of the attachment's ADD",
             )
-        async with self._pod_locks.hold(pod):
-            interfaces = _interfaces(request, pod, await self._ports_of(pod))
+        with self._pod_locks.hold(pod):
+            interfaces = _interfaces(request, pod, self._ports_of(pod))
             fields["port"] = ",".join(port.port_id for _, port in interfaces)
             problems = [
                 problem
@@ -507,11 +517,12 @@ class _CniService:
                     ErrorCode.INTERNAL,
                     f"CHECK of {request.container_id}: " + "; ".join(problems),
                 )
-            await self._netlink(
+            self._netlink(
                 request, self._dataplane.check, request.container_id, request.netns, interfaces
             )
+        return None, _nothing_after
 
-    async def _gc(self, request: CniRequest, fields: LogFields) -> None:
+    def _gc(self, request: CniRequest, fields: LogFields) -> tuple[None, AfterAnswer]:
         """Removes this owner's attachments that the runtime no longer lists (every interface of
         each), with their bindings; carries on past failures and reports them all at the end."""
         valid = {
@@ -519,7 +530,7 @@ class _CniService:
             for cid, ifname in request.valid_attachments
             for name in pod_ifnames(ifname)
         }
-        attachments = await self._netlink(request, self._dataplane.attachments)
+        attachments = self._netlink(request, self._dataplane.attachments)
         owner = attachment_owner(self.address, request.network_name)
         stale = [
             (a, a.tag)
@@ -530,14 +541,14 @@ class _CniService:
         bridges: set[str] = set()
         for attachment, tag in stale:
             try:
-                removed = await self._collect(request, attachment.host_ifname, tag)
+                removed = self._collect(request, attachment.host_ifname, tag)
             except CniError as exc:
                 failures.append(f"{attachment.host_ifname}: {exc.msg}")
                 continue
             if removed is not None and removed.bridge:
                 bridges.add(removed.bridge)
         for bridge in bridges:
-            await self._retire_bridge(bridge)
+            self._retire_bridge(bridge)
         log.info(
             "GC done",
             **fields,
@@ -551,15 +562,18 @@ class _CniService:
                 f"GC could not remove {len(failures)} stale attachments",
                 "; ".join(failures),
             )
+        return None, _nothing_after
 
-    async def _collect(
+    def _collect(
         self, request: CniRequest, host_name: str, tag: AttachmentTag
     ) -> Attachment | None:
         """Removes one stale attachment and forgets its binding."""
-        removed = await self._netlink(request, self._dataplane.remove_attachment, host_name)
-        await self._record(
+        removed = self._netlink(request, self._dataplane.remove_attachment, host_name)
+        _record(
             "forgetting the binding of",
-            self._ports.ports_unbound([tag.port_id], tag.container_id),
+            self._ports.ports_unbound,
+            [tag.port_id],
+            tag.container_id,
         )
         if removed is not None:
             self.metrics.stale_removed.inc(reason="gc")
@@ -571,52 +585,39 @@ class _CniService:
             )
         return removed
 
-    async def _status(self, request: CniRequest, fields: LogFields) -> None:
+    def _status(self, request: CniRequest, fields: LogFields) -> tuple[None, AfterAnswer]:
         if self.not_ready_reason:
             raise CniError(
                 ErrorCode.PLUGIN_NOT_AVAILABLE,
                 f"capsa-cni-daemon cannot bind ports: {self.not_ready_reason}",
             )
+        return None, _nothing_after
 
-    async def _undo_plug(self, request: CniRequest) -> None:
+    def _undo_plug(self, request: CniRequest) -> None:
         # The caller re-raises the failure that made this necessary; this one is only logged.
         try:
-            await self._netlink(
-                request, self._dataplane.unplug, request.container_id, request.ifname
-            )
+            self._netlink(request, self._dataplane.unplug, request.container_id, request.ifname)
         except CniError as exc:
             log.warning(
                 "cannot unplug after a failed ADD", container=request.container_id, error=exc.msg
             )
 
-    async def _remove_bridge_if_unused(self, bridge: str) -> None:
+    def _remove_bridge_if_unused(self, bridge: str) -> None:
         # Safe beside any ADD: the data plane checks and removes a bridge under the same lock
         # as a plug attaches to it, so a pod plugged meanwhile keeps it, or makes it again.
         # The pods are unplugged already: an unused bridge left behind fails no call.
         try:
-            await self._on_netlink_threads(self._dataplane.remove_bridge_if_unused, bridge)
+            self._dataplane.remove_bridge_if_unused(bridge)
         except (DataplaneError, OSError) as exc:
             log.warning("cannot remove an unused bridge", bridge=bridge, error=str(exc))
 
-    async def _ports_of(self, pod: str) -> list[PortBinding]:
-        return await self._record("looking up the ports of", self._ports.find_ports(pod))
+    def _ports_of(self, pod: str) -> list[PortBinding]:
+        return _record("looking up the ports of", self._ports.find_ports, pod)
 
-    async def _record(self, doing: str, call: Awaitable[T]) -> T:
-        """Awaits a PortSource call; its failures are transient for the runtime."""
+    def _netlink(self, request: CniRequest, fn: Callable[..., T], *args: Any) -> T:
+        """Runs a data plane call of ``request``; its errors become CNI errors."""
         try:
-            return await call
-        except Exception as exc:
-            raise CniError(
-                ErrorCode.TRY_AGAIN_LATER,
-                f"capsa's port store failed {doing} the capsule: {exc}",
-                repr(exc),
-            ) from exc
-
-    async def _netlink(self, request: CniRequest, fn: Callable[..., T], *args: Any) -> T:
-        """Runs a data plane call of ``request`` on the daemon's threads; its errors become CNI
-        errors."""
-        try:
-            return await self._on_netlink_threads(fn, *args)
+            return fn(*args)
         except NetnsNotFound as exc:
             raise CniError(ErrorCode.INVALID_ENVIRONMENT, f"CNI_NETNS: {exc}") from exc
         except InterfaceExists as exc:
@@ -625,25 +626,32 @@ class _CniService:
             subject = request.container_id or request.network_name
             raise CniError(ErrorCode.INTERNAL, f"{request.command} of {subject}: {exc}") from exc
 
-    async def _on_netlink_threads(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+    def healthz(self) -> HttpResponse:
+        return _json_response(200, {"status": "alive"})
 
-    async def healthz(self, _: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
-
-    async def readyz(self, _: web.Request) -> web.Response:
+    def readyz(self) -> HttpResponse:
         if self.not_ready_reason:
-            return web.json_response(
-                {"status": "not ready", "reason": self.not_ready_reason}, status=503
-            )
-        return web.json_response({"status": "ready"})
+            return _json_response(503, {"status": "not ready", "reason": self.not_ready_reason})
+        return _json_response(200, {"status": "ready"})
 
-    async def metrics_page(self, _: web.Request) -> web.Response:
-        return web.Response(
-            body=self.metrics.registry.render().encode(),
-            headers={"Content-Type": metrics.CONTENT_TYPE},
-        )
+    def metrics_page(self) -> HttpResponse:
+        return HttpResponse(200, self.metrics.registry.render().encode(), metrics.CONTENT_TYPE)
+
+
+def _nothing_after() -> None:
+    pass
+
+
+def _record(doing: str, call: Callable[..., T], *args: Any) -> T:
+    """Runs a PortSource call; its failures are transient for the runtime."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        raise CniError(
+            ErrorCode.TRY_AGAIN_LATER,
+            f"capsa's port store failed {doing} the capsule: {exc}",
+            repr(exc),
+        ) from exc
 
 
 def _log_bound(
@@ -690,12 +698,6 @@ def _no_port(pod: str) -> CniError:
     )
 
 
-def _gone(http_request: web.Request) -> bool:
-    """Whether the plugin that sent the request went away (the runtime killed it)."""
-    transport = http_request.transport
-    return transport is None or transport.is_closing()
-
-
 def _pod_name(request: CniRequest) -> str:
     if not request.pod_name:
         raise CniError(
@@ -705,16 +707,26 @@ def _pod_name(request: CniRequest) -> str:
     return request.pod_name
 
 
-def _environment(http_request: web.Request) -> dict[str, str]:
+def _environment(http_request: HttpRequest) -> dict[str, str]:
     """The CNI variables that capsa-cni sent as headers."""
     return {
-        variable: decode_header(http_request.headers.get(header, ""))
+        variable: decode_header(http_request.headers.get(header.lower(), ""))
         for variable, header in ENVIRONMENT_HEADERS.items()
     }
 
 
-def _error_response(error: CniError, version: str) -> web.Response:
-    return web.json_response(error.to_dict(version), status=_HTTP_STATUS.get(error.code, 400))
+def _json(value: dict[str, Any]) -> bytes:
+    # ASCII with escapes: a path from the runtime may hold undecodable bytes (lone surrogates,
+    # which capsa-cni's decoding turns back into the bytes).
+    return json.dumps(value).encode()
+
+
+def _json_response(status: int, body: dict[str, Any]) -> HttpResponse:
+    return HttpResponse(status, _json(body))
+
+
+def _error_response(error: CniError, version: str) -> HttpResponse:
+    return _json_response(_HTTP_STATUS.get(error.code, 400), error.to_dict(version))
 
 
 def _lacks_net_admin() -> str:
@@ -727,49 +739,6 @@ def _lacks_net_admin() -> str:
         if line.startswith("CapEff:") and int(line.split()[1], 16) & (1 << _CAP_NET_ADMIN):
             return ""
     return "the daemon lacks CAP_NET_ADMIN: run capsa as root"
-
-
-_SERVICE = web.AppKey("cni_service", _CniService)
-
-
-def create_app(
-    ports: PortSource,
-    dataplane: Dataplane | None = None,
-    *,
-    workers: int = DEFAULT_WORKERS,
-    progress: FirewallProgress | None = None,
-    ready_wait: float = READY_WAIT_S,
-    bridge_linger: float = 0.0,
-    address: str = "",
-) -> web.Application:
-    """The daemon's HTTP app; its netlink threads and sockets end with the app's cleanup.
-
-    With ``progress`` (the host's network agent runs beside it), an ADD waits up to
-    ``ready_wait`` seconds for the capsule's ports to exist and be enforced by the firewall. A
-    bridge that its last pod left is removed ``bridge_linger`` seconds later if no pod came
-    meanwhile (at once with 0), and at the app's cleanup at the latest."""
-    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="capsa-cni-netlink")
-    dataplane = dataplane or Dataplane()
-    service = _CniService(
-        ports, dataplane, executor, progress, ready_wait, bridge_linger, address=address
-    )
-    app = web.Application(
-        handler_args={"max_line_size": _MAX_HEADER_LINE, "max_field_size": _MAX_HEADER_LINE}
-    )
-    app[_SERVICE] = service
-    for command in COMMANDS:
-        app.router.add_post(f"/cni/{command.lower()}", functools.partial(service.handle, command))
-    app.router.add_get("/healthz", service.healthz)
-    app.router.add_get("/readyz", service.readyz)
-    app.router.add_get("/metrics", service.metrics_page)
-
-    async def stop_executor(_: web.Application) -> None:
-        await service.finish_background()
-        await asyncio.to_thread(executor.shutdown)
-        dataplane.close()
-
-    app.on_cleanup.append(stop_executor)
-    return app
 
 
 def parse_listen(listen: str) -> tuple[str, int] | Path:
@@ -798,7 +767,14 @@ def parse_listen(listen: str) -> tuple[str, int] | Path:
 
 
 class CniDaemon:
-    """The daemon's HTTP server on loopback TCP or a unix socket, run inside ``capsa up``."""
+    """The daemon's HTTP server on loopback TCP or a unix socket, run inside ``capsa up``.
+
+    With ``progress`` (the host's network agent runs beside it), an ADD waits up to
+    ``ready_wait`` seconds for the capsule's ports to exist and be enforced by the firewall. A
+    bridge that its last pod left is removed ``bridge_linger`` seconds later if no pod came
+    meanwhile (at once with 0), and when the daemon stops at the latest. Up to ``workers``
+    calls are served at once.
+    """
 
     def __init__(
         self,
@@ -808,45 +784,35 @@ class CniDaemon:
         dataplane: Dataplane | None = None,
         workers: int = DEFAULT_WORKERS,
         progress: FirewallProgress | None = None,
+        ready_wait: float = READY_WAIT_S,
         bridge_linger: float = 0.0,
     ) -> None:
         self._listen = parse_listen(listen)
         self._listen_text = listen
-        self._app = create_app(
-            ports,
-            dataplane,
-            workers=workers,
-            progress=progress,
-            bridge_linger=bridge_linger,
-            address=listen,
+        self._dataplane = dataplane or Dataplane()
+        self.service = _CniService(
+            ports, self._dataplane, progress, ready_wait, bridge_linger, address=listen
         )
-        self._runner: web.AppRunner | None = None
+        self._server = ThreadedHttpServer(
+            self._listen, self._route, max_threads=workers, name="capsa-cni", max_head=_MAX_HEAD
+        )
+        self._running = False
+        self._routes: dict[tuple[str, str], Callable[[HttpRequest], HttpResponse]] = {
+            ("POST", f"/cni/{command.lower()}"): functools.partial(self.service.handle, command)
+            for command in COMMANDS
+        }
+        self._routes[("GET", "/healthz")] = lambda _: self.service.healthz()
+        self._routes[("GET", "/readyz")] = lambda _: self.service.readyz()
+        self._routes[("GET", "/metrics")] = lambda _: self.service.metrics_page()
 
     async def start(self) -> None:
-        runner = web.AppRunner(self._app, access_log=None)
-        await runner.setup()
-        try:
-            site: web.BaseSite
-            if isinstance(self._listen, Path):
-                self._listen.parent.mkdir(parents=True, exist_ok=True)
-                # A socket left by a daemon that did not stop cleanly.
-                if self._listen.is_socket():
-                    self._listen.unlink()
-                site = web.UnixSite(runner, str(self._listen))
-                await site.start()
-                self._listen.chmod(0o600)
-            else:
-                site = web.TCPSite(runner, *self._listen)
-                await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        service = self._app[_SERVICE]
+        self.service.loop = asyncio.get_running_loop()
+        self._server.start()
+        self._running = True
         # Port 0 is known now; no plugin could reach the daemon before.
-        service.address = self.address
+        self.service.address = self.address
         log.info("CNI daemon listening", address=self.address)
-        await service.retire_idle_bridges(bridge_keeper(self.address))
+        await asyncio.to_thread(self.service.retire_idle_bridges, bridge_keeper(self.address))
 
     @property
     def address(self) -> str:
@@ -854,16 +820,30 @@ class CniDaemon:
         name stays a name), port 0 resolved once it listens."""
         if isinstance(self._listen, Path) or self._listen[1] != 0:
             return self._listen_text
-        host, port = self._listen
-        if self._runner is not None and self._runner.addresses:
-            host, port = self._runner.addresses[0][:2]
+        address = self._server.address
+        assert not isinstance(address, Path)
+        host, port = address if self._running else self._listen
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     async def stop(self) -> None:
-        if self._runner is None:
+        """Stops taking calls; returns once those under way, and the work they left after their
+        answers, are done, and the bridges left unused are removed."""
+        if not self._running:
             return
-        await self._runner.cleanup()
-        self._runner = None
-        if isinstance(self._listen, Path):
-            self._listen.unlink(missing_ok=True)
+        self._running = False
+        await asyncio.to_thread(self._server.stop)
+        # The last calls' retirements of bridges reached the loop before the server stopped.
+        await self.service.finish_background()
+        self._dataplane.close()
         log.info("CNI daemon stopped")
+
+    def _route(self, request: HttpRequest) -> HttpResponse:
+        path = request.path.partition("?")[0]
+        serve = self._routes.get((request.method, path))
+        if serve is not None:
+            return serve(request)
+        if any(known == path for _, known in self._routes):
+            return HttpResponse(
+                405, f"{request.method} is not allowed here\n".encode(), "text/plain"
+            )
+        return HttpResponse(404, f"no such resource: {path}\n".encode(), "text/plain")

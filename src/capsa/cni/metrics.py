@@ -7,12 +7,14 @@ The daemon needs a handful of series, which does not warrant a client library::
     requests.inc(command="ADD")
     body = metrics.render()
 
-Updates come from one event loop's thread; rendering reads a consistent enough snapshot.
+Updates come from the threads that serve the daemon's calls, each under its metric's lock;
+rendering reads each metric under its lock.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -30,6 +32,7 @@ class _Metric:
         self.name = name
         self.help = help_text
         self.labels = tuple(labels)
+        self._lock = threading.Lock()
 
     def _key(self, labels: dict[str, str]) -> LabelValues:
         if set(labels) != set(self.labels):
@@ -57,16 +60,16 @@ class Counter(_Metric):
         if amount < 0:
             raise ValueError(f"{self.name} is a counter: it cannot go down by {amount}")
         key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
 
     def value(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0.0)
 
     def samples(self) -> list[str]:
-        return [
-            f"{self.name}{_labels(self.labels, key)} {_number(value)}"
-            for key, value in sorted(self._values.items())
-        ]
+        with self._lock:
+            values = sorted(self._values.items())
+        return [f"{self.name}{_labels(self.labels, key)} {_number(value)}" for key, value in values]
 
 
 class Gauge(Counter):
@@ -74,7 +77,8 @@ class Gauge(Counter):
 
     def add(self, amount: float, **labels: str) -> None:
         key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
 
 
 class Histogram(_Metric):
@@ -97,23 +101,28 @@ class Histogram(_Metric):
 
     def observe(self, value: float, **labels: str) -> None:
         key = self._key(labels)
-        counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
         index = next((i for i, bound in enumerate(self.buckets) if value <= bound), -1)
-        counts[index] += 1
-        self._sums[key] = self._sums.get(key, 0.0) + value
+        with self._lock:
+            counts = self._counts.setdefault(key, [0] * (len(self.buckets) + 1))
+            counts[index] += 1
+            self._sums[key] = self._sums.get(key, 0.0) + value
 
     def count(self, **labels: str) -> int:
         return sum(self._counts.get(self._key(labels), []))
 
     def samples(self) -> list[str]:
+        with self._lock:
+            snapshot = sorted(
+                (key, list(counts), self._sums[key]) for key, counts in self._counts.items()
+            )
         lines = []
-        for key, counts in sorted(self._counts.items()):
+        for key, counts, total in snapshot:
             cumulative = 0
             for bound, count in zip((*self.buckets, math.inf), counts, strict=True):
                 cumulative += count
                 le = _labels((*self.labels, "le"), (*key, _number(bound)))
                 lines.append(f"{self.name}_bucket{le} {cumulative}")
-            lines.append(f"{self.name}_sum{_labels(self.labels, key)} {_number(self._sums[key])}")
+            lines.append(f"{self.name}_sum{_labels(self.labels, key)} {_number(total)}")
             lines.append(f"{self.name}_count{_labels(self.labels, key)} {cumulative}")
         return lines
 

@@ -13,34 +13,39 @@ agent only at its resync), or its last pass may have failed (it retries at the n
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterable
 
 
 class FirewallProgress:
     """The ports enforced by the network agent's latest applied pass, and a way to wait for the
-    next pass. In-process only: the CNI daemon and the network agent of a host share one."""
+    next pass. In-process only: the CNI daemon and the network agent of a host share one. The
+    agent updates it on the event loop; the daemon reads it and waits on its own threads."""
 
     def __init__(self) -> None:
         self._ports: frozenset[str] = frozenset()
         self._passes = 0
-        self._next_pass = asyncio.Event()
+        self._changed = threading.Condition()
         self._ask_for_pass: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def serve(self, ask_for_pass: Callable[[], None]) -> None:
-        """The network agent says how to wake it for a pass."""
+        """The network agent, on its event loop, says how to wake it for a pass."""
+        self._loop = asyncio.get_running_loop()
         self._ask_for_pass = ask_for_pass
 
     def want_pass(self) -> None:
-        """Wakes the network agent for a pass (coalesced with one under way or due)."""
-        if self._ask_for_pass is not None:
-            self._ask_for_pass()
+        """Wakes the network agent for a pass (coalesced with one under way or due); from any
+        thread."""
+        if self._ask_for_pass is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._ask_for_pass)
 
     def applied(self, port_ids: Iterable[str]) -> None:
         """A pass brought the firewall to a view whose local ports are ``port_ids``."""
-        self._ports = frozenset(port_ids)
-        self._passes += 1
-        self._next_pass.set()
-        self._next_pass = asyncio.Event()
+        with self._changed:
+            self._ports = frozenset(port_ids)
+            self._passes += 1
+            self._changed.notify_all()
 
     @property
     def passes(self) -> int:
@@ -50,12 +55,8 @@ class FirewallProgress:
     def enforces(self, port_ids: Iterable[str]) -> bool:
         return self._ports.issuperset(port_ids)
 
-    async def wait_for_pass(self, seen: int, timeout: float) -> None:
-        """Returns once a pass after the ``seen``-th was applied, or after ``timeout`` seconds."""
-        if self._passes != seen:
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await self._next_pass.wait()
-        except TimeoutError:
-            pass
+    def wait_for_pass(self, seen: int, timeout: float) -> None:
+        """Blocks until a pass after the ``seen``-th was applied, or ``timeout`` seconds passed.
+        Never on the event loop: the pass it waits for is applied there."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._passes != seen, timeout)

@@ -95,9 +95,9 @@ class NetworkService:
     async def release_ports(self, device_id: str) -> None:
         await self._store.ports.delete_for_device(device_id)
 
-    # ---- PortSource, for the CNI daemon ----
+    # ---- PortSource, for the CNI daemon: on its threads, which they block ----
 
-    async def find_ports(self, pod_name: str) -> list[PortBinding]:
+    def find_ports(self, pod_name: str) -> list[PortBinding]:
         return [
             PortBinding(
                 port_id=port.id,
@@ -110,17 +110,17 @@ class NetworkService:
                 bound_container_id=port.binding_container_id,
                 bound_host_ifname=port.binding_host_ifname,
             )
-            for port in await self._store.ports.to_bind(pod_name)
+            for port in self._store.ports.to_bind(pod_name)
         ]
 
-    async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
-        await self._store.ports.set_bindings(container_id, host_ifnames)
+    def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        self._store.ports.set_bindings(container_id, host_ifnames)
 
-    async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
-        await self._store.ports.clear_bindings(port_ids, container_id)
+    def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
+        self._store.ports.clear_bindings(port_ids, container_id)
 
-    async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
-        return await self._store.ports.clear_device_bindings(pod_name, container_id)
+    def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+        return self._store.ports.clear_device_bindings(pod_name, container_id)
 
 
 def bridge_name(network_id: str) -> str:

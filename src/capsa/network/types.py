@@ -65,20 +65,21 @@ class PluggedPort:
 class PortSource(Protocol):
     """The ports the CNI daemon binds; implemented on the store.
 
-    ``pod_name`` is the CRI sandbox's metadata name, which capsa sets to the capsule's uuid.
+    ``pod_name`` is the CRI sandbox's metadata name, which capsa sets to the capsule's uuid. The
+    daemon calls them on the threads that serve its calls, never on an event loop: they block.
     """
 
-    async def find_ports(self, pod_name: str) -> list[PortBinding]:
+    def find_ports(self, pod_name: str) -> list[PortBinding]:
         """The ports allocated for this pod, in its interface order (the first is the pod's
         first interface), with their current bindings; empty when it has none."""
         ...
 
-    async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+    def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         """Records that the sandbox ``container_id`` now holds each port (by id) through its
         host end (``host_ifnames``: port id -> host end)."""
         ...
 
-    async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
+    def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
         """Forgets the ports' bindings, but only those that still belong to ``container_id``.
 
         A DEL for an old sandbox of the same capsule can arrive after the new sandbox was bound;
@@ -86,7 +87,7 @@ class PortSource(Protocol):
         """
         ...
 
-    async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+    def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
         """Forgets the bindings that ``container_id`` holds on the pod's ports (not those of a
         newer sandbox, as :meth:`ports_unbound`), in one round trip; returns the ids of the
         ports it unbound (none when a DEL repeats)."""

@@ -107,8 +107,10 @@ class Database:
         }
         if self.is_sqlite:
             # Each thread keeps a reader and a writer (see _kept_connection); close() closes them
-            # all from its own thread.
+            # all from its own thread. Threads beyond the database's own (the CNI daemon's
+            # keep theirs too) go beyond the pool's size without waiting for a connection.
             kwargs["pool_size"] = 2 * (_THREADS + 1)
+            kwargs["max_overflow"] = -1
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
@@ -126,9 +128,12 @@ class Database:
         self._writer_here_set_up: object = None
         self._writes_here = 0
         self._checkpoint: asyncio.Future[None] | None = None
+        # Where the wake-ups of writes on other threads (run_write_blocking) are published.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def initialize(self) -> None:
         """Creates the tables on a new database; refuses a database of another schema version."""
+        self._loop = asyncio.get_running_loop()
         await self.run_write(self._create_or_check_schema)
 
     def _create_or_check_schema(self, conn: Connection) -> None:
@@ -167,6 +172,25 @@ class Database:
         if self.is_sqlite:
             return statement.rows(self._kept_connection(False), params)
         return await self.run_read(functools.partial(statement.rows, params=params))
+
+    def read_rows_blocking(
+        self, statement: DriverStatement, params: Mapping[str, Any]
+    ) -> list[tuple[Any, ...]]:
+        """:meth:`read_rows` on the calling thread, which it blocks: for threads of capsa's own
+        that serve a caller waiting on them (the CNI daemon's), never the event loop."""
+        if self.is_sqlite:
+            return statement.rows(self._kept_connection(False), params)
+        return self._transaction(functools.partial(statement.rows, params=params), False)
+
+    def run_write_blocking(self, work: Callable[[Connection], T]) -> T:
+        """:meth:`run_write` on the calling thread, which it blocks (never the event loop's: on
+        SQLite it may wait for the loop's writer). Its wake-ups are published on the event loop
+        of :meth:`initialize`, after the commit."""
+        if self._loop is None:
+            raise RuntimeError("Database.initialize() has not run: no event loop to wake")
+        result, wakeups = self._write_transaction(work)
+        self._loop.call_soon_threadsafe(self._published, wakeups)
+        return result
 
     async def run_write(self, work: Callable[[Connection], T]) -> T:
         """Runs ``work`` in a write transaction: committed if it returns, rolled back if it

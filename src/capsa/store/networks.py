@@ -103,6 +103,17 @@ class EnforcedStore:
 
         return await self._db.run_write(and_wake)
 
+    def _write_blocking(self, work: Callable[[Connection], T]) -> T:
+        """:meth:`_write` on the calling thread, which it blocks (see
+        Database.run_write_blocking)."""
+
+        def and_wake(conn: Connection) -> T:
+            result = work(conn)
+            notify.wake(conn, notify.NETWORK)
+            return result
+
+        return self._db.run_write_blocking(and_wake)
+
 
 class NetworkStore(EnforcedStore):
     # ---- networks ----

@@ -326,7 +326,10 @@ class PortStore(EnforcedStore):
         params = {"device": device_id}
         return await self._db.run_read(lambda conn: _ports(conn, _DEVICE_PORTS, params))
 
-    async def to_bind(self, device_id: str) -> list[PortToBind]:
+    # The CNI daemon's statements: run on its threads, which they block (see
+    # Database.run_write_blocking).
+
+    def to_bind(self, device_id: str) -> list[PortToBind]:
         """The device's ports as the CNI daemon binds them, in its interface order: one narrow
         query, since every ADD waits for it."""
         return [
@@ -350,10 +353,10 @@ class PortStore(EnforcedStore):
                 mtu,
                 binding_container_id,
                 binding_host_ifname,
-            ) in await self._db.read_rows(_PORTS_TO_BIND, {"device": device_id})
+            ) in self._db.read_rows_blocking(_PORTS_TO_BIND, {"device": device_id})
         ]
 
-    async def set_bindings(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+    def set_bindings(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         """Records that the sandbox ``container_id`` holds each port (by id) through its host
         interface; one transaction for all."""
         now = utcnow()
@@ -366,9 +369,9 @@ class PortStore(EnforcedStore):
             }
             for port_id, host_ifname in host_ifnames.items()
         ]
-        await self._write(functools.partial(_SET_BINDING.run_many, params=params))
+        self._write_blocking(functools.partial(_SET_BINDING.run_many, params=params))
 
-    async def clear_bindings(self, port_ids: Sequence[str], container_id: str) -> None:
+    def clear_bindings(self, port_ids: Sequence[str], container_id: str) -> None:
         """Forgets the ports' bindings, but those bound again for a newer sandbox meanwhile.
 
         Wakes the network agents only when a binding went: a repeated DEL (kubelet-style
@@ -380,9 +383,9 @@ class PortStore(EnforcedStore):
             if conn.execute(_CLEAR_BINDINGS, {**params, "updated_at": utcnow()}).rowcount:
                 notify.wake(conn, notify.NETWORK)
 
-        await self._db.run_write(work)
+        self._db.run_write_blocking(work)
 
-    async def clear_device_bindings(self, device_id: str, container_id: str) -> list[str]:
+    def clear_device_bindings(self, device_id: str, container_id: str) -> list[str]:
         """Forgets the bindings that the sandbox ``container_id`` holds on the device's ports;
         returns the ids of the ports it unbound. One statement: a DEL needs no read first.
 
@@ -397,7 +400,7 @@ class PortStore(EnforcedStore):
                 notify.wake(conn, notify.NETWORK)
             return unbound
 
-        return await self._db.run_write(work)
+        return self._db.run_write_blocking(work)
 
     async def delete_for_device(self, device_id: str) -> None:
         params = {"device": device_id}

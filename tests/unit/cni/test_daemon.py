@@ -1,13 +1,26 @@
+"""The CNI daemon through a real CniDaemon on a unix socket, with a fake store and data plane.
+
+The daemon serves each call on a thread of its own (capsa.cni.server): the fakes are called on
+those threads, so they block and signal with threading primitives, and every wait a test makes on
+them is bounded, so that a bug fails a test instead of hanging it.
+"""
+
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import http.client
 import json
 import logging
+import queue
+import shutil
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Any
@@ -15,11 +28,10 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
-from capsa.cni.daemon import CniDaemon, create_app, parse_listen
+from capsa.cni.daemon import CniDaemon, parse_listen
 from capsa.cni.protocol import ENVIRONMENT_HEADERS, attachment_owner, bridge_keeper
+from capsa.cni.server import HttpRequest, HttpResponse
 from capsa.model.capsule import Capsule
 from capsa.network.dataplane import (
     Attachment,
@@ -31,8 +43,13 @@ from capsa.network.dataplane import (
     pod_ifnames,
 )
 from capsa.network.service import NetworkService
-from capsa.network.types import Link, PluggedPort, PortBinding
-from capsa.store import Store, notify
+from capsa.network.types import Link, PluggedPort, PortBinding, PortSource
+from capsa.store import Store
+
+# How long a test waits for something that should happen (it normally takes milliseconds).
+WAIT_S = 5.0
+# The longest a test's CNI call may take before it fails, rather than hang the suite.
+CALL_TIMEOUT_S = 20.0
 
 PORT = PortBinding(
     port_id="port-1",
@@ -56,11 +73,9 @@ SECOND_PORT = PortBinding(
 )
 
 
-# Where capsa-cni reaches the daemon of the ``client`` fixture.
-DAEMON_ADDRESS = "unix:/run/capsa/cni.sock"
-
-
 class FakePorts:
+    """The port store, in memory; called on the daemon's threads, like the real one."""
+
     def __init__(self) -> None:
         # Each pod's ports in its interface order.
         self.ports: dict[str, list[PortBinding]] = {"pod-1": [PORT]}
@@ -69,7 +84,7 @@ class FakePorts:
         # The round trips to the store, by method name.
         self.calls: list[str] = []
 
-    async def find_ports(self, pod_name: str) -> list[PortBinding]:
+    def find_ports(self, pod_name: str) -> list[PortBinding]:
         self.calls.append("find_ports")
         if self.fail:
             raise self.fail
@@ -84,16 +99,16 @@ class FakePorts:
             for port in self.ports.get(pod_name, [])
         ]
 
-    async def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+    def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         self.calls.append("ports_bound")
         for port_id, host_name in host_ifnames.items():
             self.bound[port_id] = (container_id, host_name)
 
-    async def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
+    def ports_unbound(self, port_ids: Sequence[str], container_id: str) -> None:
         self.calls.append("ports_unbound")
         self._unbind(port_ids, container_id)
 
-    async def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+    def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
         self.calls.append("pod_unbound")
         if self.fail:
             raise self.fail
@@ -162,12 +177,12 @@ class FakeDataplane(Dataplane):
                 raise self.plug_error
             for _, port in interfaces:
                 self.bridges[port.bridge] = keeper
-            return [self._plug_one(container_id, netns, *i, owner) for i in interfaces]
+            return [self._plug_interface(container_id, netns, *i, owner) for i in interfaces]
         finally:
             with self._guard:
                 self.active[pod] -= 1
 
-    def _plug_one(
+    def _plug_interface(
         self, container_id: str, netns: str, ifname: str, port: PortBinding, owner: str
     ) -> PluggedPort:
         name = host_ifname(container_id, ifname)
@@ -251,11 +266,115 @@ def dataplane() -> FakeDataplane:
     return FakeDataplane()
 
 
+@contextmanager
+def short_directory() -> Iterator[Path]:
+    """A new directory under /tmp, removed afterwards: a unix socket's path has at most 107
+    bytes, which pytest's tmp_path may pass."""
+    directory = Path(tempfile.mkdtemp(prefix="capsa-cni-t-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class AfterAnswerWork:
+    """Counts the work the daemon's calls left for after their answers (HttpResponse.after: a
+    DEL's veth deletion and bridge retirement), so that a test can wait until it is all done.
+
+    A call's work is counted before its answer is sent, so a test that got the answer never
+    misses it.
+    """
+
+    def __init__(self) -> None:
+        self._pending = 0
+        self._changed = threading.Condition()
+
+    def tracking(
+        self, handler: Callable[[HttpRequest], HttpResponse]
+    ) -> Callable[[HttpRequest], HttpResponse]:
+        def tracked(request: HttpRequest) -> HttpResponse:
+            response = handler(request)
+            if response.after is None:
+                return response
+            with self._changed:
+                self._pending += 1
+            return dataclasses.replace(response, after=functools.partial(self._run, response.after))
+
+        return tracked
+
+    def _run(self, after: Callable[[], None]) -> None:
+        try:
+            after()
+        finally:
+            with self._changed:
+                self._pending -= 1
+                self._changed.notify_all()
+
+    def wait_done(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._pending == 0, timeout)
+
+
+@dataclasses.dataclass
+class Served:
+    """A running daemon and a client of it."""
+
+    daemon: CniDaemon
+    # Reaches the daemon as capsa-cni does, on its unix socket.
+    session: aiohttp.ClientSession
+    after_answers: AfterAnswerWork
+
+    @property
+    def socket_path(self) -> Path:
+        path = parse_listen(self.daemon.address)
+        assert isinstance(path, Path)
+        return path
+
+
+@asynccontextmanager
+async def serving(
+    ports: PortSource, dataplane: Dataplane, *, listen: str | None = None, **daemon_kwargs: Any
+) -> AsyncIterator[Served]:
+    """A CniDaemon on a unix socket (``listen``, or one in a new short directory) and a client
+    session to it; stops both on the way out."""
+    with short_directory() as directory:
+        listen = listen or f"unix:{directory / 'cni.sock'}"
+        socket_path = parse_listen(listen)
+        assert isinstance(socket_path, Path)
+        daemon = CniDaemon(ports, listen, dataplane=dataplane, **daemon_kwargs)
+        after_answers = AfterAnswerWork()
+        # Wraps the handler its server calls for every request: the daemon has no public way
+        # to say when its work after an answer is over, and the tests need to wait for it.
+        daemon._server._handler = after_answers.tracking(daemon._server._handler)
+        await daemon.start()
+        try:
+            async with aiohttp.ClientSession(
+                base_url="http://capsa-cni-daemon",
+                connector=aiohttp.UnixConnector(path=str(socket_path)),
+                timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S),
+            ) as session:
+                yield Served(daemon, session, after_answers)
+        finally:
+            await daemon.stop()
+
+
 @pytest.fixture
-async def client(ports: FakePorts, dataplane: FakeDataplane) -> AsyncIterator[TestClient[Any, Any]]:
-    app = create_app(ports, dataplane, address=DAEMON_ADDRESS)
-    async with TestClient(TestServer(app)) as test_client:
-        yield test_client
+async def served(ports: FakePorts, dataplane: FakeDataplane) -> AsyncIterator[Served]:
+    async with serving(ports, dataplane) as daemon_and_session:
+        yield daemon_and_session
+
+
+@pytest.fixture
+def client(served: Served) -> aiohttp.ClientSession:
+    return served.session
+
+
+async def after_answers_done(served: Served) -> None:
+    """Waits for the work the daemon does after its answers: a DEL's veth deletion, and the
+    retirement of the bridges no pod is left on."""
+    assert await asyncio.to_thread(served.after_answers.wait_done, WAIT_S), (
+        "the daemon's work after its answers did not end"
+    )
 
 
 def envelope(container_id: str = "c1", pod: str | None = "pod-1", **config: Any) -> dict[str, Any]:
@@ -306,23 +425,34 @@ _ENVELOPE_KEYS = {
 }
 
 
-async def call(
-    client: TestClient[Any, Any], command: str, envelope: dict[str, Any]
-) -> tuple[int, Any]:
-    """``envelope``'s call as capsa-cni makes it: its variables as headers, its config as the
-    body."""
-    headers = {
+def cni_headers(envelope: dict[str, Any]) -> dict[str, str]:
+    """``envelope``'s variables as capsa-cni sends them: percent-encoded headers."""
+    return {
         ENVIRONMENT_HEADERS[variable]: quote(envelope[key], safe="", errors="surrogateescape")
         for key, variable in _ENVELOPE_KEYS.items()
         if envelope.get(key)
     }
+
+
+async def call(
+    client: aiohttp.ClientSession, command: str, envelope: dict[str, Any]
+) -> tuple[int, Any]:
+    """``envelope``'s call as capsa-cni makes it: its variables as headers, its config as the
+    body."""
     body = json.dumps(envelope["config"]).encode()
-    response = await client.post(f"/cni/{command}", data=body, headers=headers)
-    text = await response.text()
-    return response.status, (await response.json() if text else None)
+    async with client.post(f"/cni/{command}", data=body, headers=cni_headers(envelope)) as response:
+        text = await response.text()
+        return response.status, (json.loads(text) if text else None)
 
 
-async def added(client: TestClient[Any, Any], body: dict[str, Any]) -> dict[str, Any]:
+async def page(client: aiohttp.ClientSession, path: str) -> str:
+    """The body of a GET of ``path``, which must succeed."""
+    async with client.get(path) as response:
+        assert response.status == 200
+        return await response.text()
+
+
+async def added(client: aiohttp.ClientSession, body: dict[str, Any]) -> dict[str, Any]:
     status, result = await call(client, "add", body)
     assert status == 200, result
     return dict(result)
@@ -332,7 +462,7 @@ async def added(client: TestClient[Any, Any], body: dict[str, Any]) -> dict[str,
 
 
 async def test_add_binds_the_port_and_answers_the_result(
-    client: TestClient[Any, Any], ports: FakePorts, dataplane: FakeDataplane
+    client: aiohttp.ClientSession, ports: FakePorts, dataplane: FakeDataplane
 ) -> None:
     result = await added(client, envelope())
     assert result["cniVersion"] == "1.0.0"
@@ -347,7 +477,7 @@ async def test_add_binds_the_port_and_answers_the_result(
 
 
 async def test_variables_come_back_from_their_percent_encoded_headers(
-    client: TestClient[Any, Any],
+    client: aiohttp.ClientSession,
 ) -> None:
     # Any bytes a runtime may set: spaces, non-ASCII, a literal percent sign, non-UTF-8.
     netns = "/var/run/netns/cni 1%2e-\u00e9-\udcff"
@@ -355,7 +485,7 @@ async def test_variables_come_back_from_their_percent_encoded_headers(
     assert result["interfaces"][2]["sandbox"] == netns
 
 
-async def test_long_variables_reach_the_daemon(client: TestClient[Any, Any]) -> None:
+async def test_long_variables_reach_the_daemon(client: aiohttp.ClientSession) -> None:
     # A runtime's CNI_ARGS or CNI_PATH may be long, and percent-encoding triples non-ASCII:
     # more than HTTP servers' usual 8 KiB per header line.
     extra = ";".join(f"K{i}=\u00e9{'x' * 90}" for i in range(100))
@@ -365,14 +495,14 @@ async def test_long_variables_reach_the_daemon(client: TestClient[Any, Any]) -> 
 
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.1.0"])
 async def test_add_answers_in_the_config_version(
-    client: TestClient[Any, Any], version: str
+    client: aiohttp.ClientSession, version: str
 ) -> None:
     result = await added(client, envelope(cniVersion=version))
     assert result["cniVersion"] == version
     assert ("version" in result["ips"][0]) == (version < "1.0.0")
 
 
-async def test_add_appends_to_prev_result(client: TestClient[Any, Any]) -> None:
+async def test_add_appends_to_prev_result(client: aiohttp.ClientSession) -> None:
     prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo0"}], "ips": [], "routes": []}
     result = await added(client, envelope(prevResult=prev))
     assert result["interfaces"][0] == {"name": "lo0"}
@@ -380,7 +510,7 @@ async def test_add_appends_to_prev_result(client: TestClient[Any, Any]) -> None:
 
 
 async def test_add_without_port_says_who_allocates_it(
-    client: TestClient[Any, Any], dataplane: FakeDataplane
+    client: aiohttp.ClientSession, dataplane: FakeDataplane
 ) -> None:
     status, error = await call(client, "add", envelope(pod="pod-unknown"))
     assert status == 404
@@ -390,14 +520,14 @@ async def test_add_without_port_says_who_allocates_it(
     assert dataplane.plugged == {}
 
 
-async def test_add_without_pod_name_is_code_4(client: TestClient[Any, Any]) -> None:
+async def test_add_without_pod_name_is_code_4(client: aiohttp.ClientSession) -> None:
     status, error = await call(client, "add", envelope(pod=None))
     assert (status, error["code"]) == (400, 4)
     assert "K8S_POD_NAME" in error["msg"]
 
 
 async def test_add_with_existing_ifname_is_an_error(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     dataplane.plug_error = InterfaceExists("interface eth0 already exists in netns /x")
     status, error = await call(client, "add", envelope())
@@ -408,7 +538,7 @@ async def test_add_with_existing_ifname_is_an_error(
 
 
 async def test_add_kernel_failure_is_internal(
-    client: TestClient[Any, Any], dataplane: FakeDataplane
+    client: aiohttp.ClientSession, dataplane: FakeDataplane
 ) -> None:
     dataplane.plug_error = DataplaneError("cannot create veth: [Errno 1] Operation not permitted")
     status, error = await call(client, "add", envelope())
@@ -417,7 +547,7 @@ async def test_add_kernel_failure_is_internal(
 
 
 async def test_store_failure_is_try_again_later(
-    client: TestClient[Any, Any], ports: FakePorts
+    client: aiohttp.ClientSession, ports: FakePorts
 ) -> None:
     ports.fail = ConnectionError("database is locked")
     status, error = await call(client, "add", envelope())
@@ -426,7 +556,7 @@ async def test_store_failure_is_try_again_later(
 
 
 async def test_add_refuses_a_malformed_prev_result_before_plugging(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     status, error = await call(client, "add", envelope(prevResult={"interfaces": "not a list"}))
     assert (status, error["code"]) == (400, 7)
@@ -435,9 +565,9 @@ async def test_add_refuses_a_malformed_prev_result_before_plugging(
 
 
 async def test_add_unplugs_when_the_binding_cannot_be_recorded(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
-    async def failing_bound(*_: object) -> None:
+    def failing_bound(*_: Any, **__: Any) -> None:
         raise ConnectionError("database is locked")
 
     ports.ports_bound = failing_bound  # type: ignore[method-assign]
@@ -446,7 +576,7 @@ async def test_add_unplugs_when_the_binding_cannot_be_recorded(
     assert dataplane.plugged == {}
 
 
-async def test_add_with_ipam_is_unsupported_field(client: TestClient[Any, Any]) -> None:
+async def test_add_with_ipam_is_unsupported_field(client: aiohttp.ClientSession) -> None:
     status, error = await call(client, "add", envelope(ipam={"type": "host-local"}))
     assert (status, error["code"]) == (400, 2)
     assert "ipam" in error["msg"]
@@ -454,7 +584,7 @@ async def test_add_with_ipam_is_unsupported_field(client: TestClient[Any, Any]) 
 
 
 async def test_add_replaces_an_older_sandbox_still_plugged(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope(container_id="old"))
 
@@ -467,12 +597,12 @@ async def test_add_replaces_an_older_sandbox_still_plugged(
     assert await call(client, "del", envelope(container_id="old")) == (200, None)
     assert dataplane.plugged == {("new", "port-1"): "capsa0"}
     assert ports.bound == {"port-1": ("new", host_ifname("new", "eth0"))}
-    metrics = await (await client.get("/metrics")).text()
+    metrics = await page(client, "/metrics")
     assert 'capsa_cni_stale_attachments_removed_total{reason="replaced_sandbox"} 1' in metrics
 
 
 async def test_a_failed_add_leaves_the_older_sandbox_plugged(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope(container_id="old"))
     dataplane.plug_error = InterfaceExists("interface eth0 already exists in netns /x")
@@ -483,7 +613,7 @@ async def test_a_failed_add_leaves_the_older_sandbox_plugged(
 
 
 async def test_add_again_for_the_same_attachment_keeps_it(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     first = await added(client, envelope())
     assert await added(client, envelope()) == first
@@ -492,7 +622,7 @@ async def test_add_again_for_the_same_attachment_keeps_it(
 
 
 async def test_add_whose_old_sandbox_is_gone_just_binds(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     # The binding names a sandbox whose veth went with its netns, and no DEL came.
     ports.bound["port-1"] = ("old", host_ifname("old", "eth0"))
@@ -505,14 +635,29 @@ async def test_add_whose_old_sandbox_is_gone_just_binds(
 
 
 async def test_del_unbinds_and_removes_the_unused_bridge(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     assert await call(client, "del", envelope()) == (200, None)
     assert dataplane.plugged == {}
     assert ports.bound == {}
-    await deletions_done()
+    await after_answers_done(served)
     assert dataplane.removed_bridges == ["capsa0"]
+
+
+def watching_bridge_checks(dataplane: FakeDataplane) -> queue.Queue[tuple[str, bool, float]]:
+    """Each check of the data plane for an unused bridge to remove, as (bridge, whether it was
+    removed, when: time.monotonic())."""
+    checks: queue.Queue[tuple[str, bool, float]] = queue.Queue()
+    remove_bridge_if_unused = dataplane.remove_bridge_if_unused
+
+    def watched(name: str) -> bool:
+        removed = remove_bridge_if_unused(name)
+        checks.put((name, removed, time.monotonic()))
+        return removed
+
+    dataplane.remove_bridge_if_unused = watched  # type: ignore[method-assign]
+    return checks
 
 
 async def test_a_bridge_its_last_pod_left_lingers_and_a_pod_that_comes_meanwhile_keeps_it(
@@ -520,19 +665,31 @@ async def test_a_bridge_its_last_pod_left_lingers_and_a_pod_that_comes_meanwhile
 ) -> None:
     # Long enough for the next ADD to come within it on a loaded machine.
     linger = 1.0
-    async with TestClient(TestServer(create_app(ports, dataplane, bridge_linger=linger))) as client:
+    # A timed wait never ends early, but the two clocks' readings may differ by a rounding.
+    clock_slack = 0.01
+    checks = watching_bridge_checks(dataplane)
+    async with serving(ports, dataplane, bridge_linger=linger) as served:
+        client = served.session
         await added(client, envelope())
+        left_at = time.monotonic()
         assert await call(client, "del", envelope()) == (200, None)
-        await deletions_done()
+        await after_answers_done(served)
         assert dataplane.removed_bridges == []
         # The capsule's next sandbox comes within the linger: it finds the bridge, keeps it.
         await added(client, envelope(container_id="c2"))
-        await asyncio.sleep(linger + 0.3)
+        # The linger ends: the bridge is checked, and kept.
+        bridge, removed, checked_at = await asyncio.to_thread(checks.get, True, linger + WAIT_S)
+        assert (bridge, removed) == ("capsa0", False)
+        assert checked_at - left_at >= linger - clock_slack
         assert dataplane.removed_bridges == []
+        left_at = time.monotonic()
         assert await call(client, "del", envelope(container_id="c2")) == (200, None)
-        await deletions_done()
+        await after_answers_done(served)
         assert dataplane.removed_bridges == []
-        await asyncio.sleep(linger + 0.5)  # the linger ends, and nothing came back
+        # The linger ends, and nothing came back.
+        bridge, removed, checked_at = await asyncio.to_thread(checks.get, True, linger + WAIT_S)
+        assert (bridge, removed) == ("capsa0", True)
+        assert checked_at - left_at >= linger - clock_slack
         assert dataplane.removed_bridges == ["capsa0"]
 
 
@@ -540,23 +697,23 @@ async def test_lingering_bridges_go_when_the_daemon_stops(
     ports: FakePorts, dataplane: FakeDataplane
 ) -> None:
     ports.ports["pod-1"] = [PORT, SECOND_PORT]
-    async with TestClient(TestServer(create_app(ports, dataplane, bridge_linger=600))) as client:
-        await added(client, envelope())
-        assert await call(client, "del", envelope()) == (200, None)
-        await deletions_done()
+    async with serving(ports, dataplane, bridge_linger=600) as served:
+        await added(served.session, envelope())
+        assert await call(served.session, "del", envelope()) == (200, None)
+        await after_answers_done(served)
         assert dataplane.removed_bridges == []
     assert sorted(dataplane.removed_bridges) == ["capsa0", "capsa1"]
 
 
 async def test_a_del_answers_before_it_removes_the_unused_bridge(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     may_check, check_ran = threading.Event(), threading.Event()
     remove_bridge_if_unused = dataplane.remove_bridge_if_unused
 
     def held(name: str) -> bool:
-        may_check.wait(5)
+        may_check.wait(WAIT_S)
         try:
             return remove_bridge_if_unused(name)
         finally:
@@ -570,13 +727,13 @@ async def test_a_del_answers_before_it_removes_the_unused_bridge(
     assert dataplane.plugged == {}
     assert ports.bound == {}
     may_check.set()
-    await deletions_done()
+    await after_answers_done(served)
     assert dataplane.removed_bridges == ["capsa0"]
     assert dataplane.links == {}
 
 
 async def test_a_del_forgets_the_bindings_once_the_pod_is_off_the_network(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     # The unbinding wakes the network agent: its pass must not run beside the detach.
     await added(client, envelope())
@@ -598,7 +755,7 @@ async def test_a_del_forgets_the_bindings_once_the_pod_is_off_the_network(
 
 
 async def test_a_del_whose_unbinding_failed_is_done_by_the_next_one(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     ports.fail = ConnectionError("database is locked")
@@ -611,12 +768,12 @@ async def test_a_del_whose_unbinding_failed_is_done_by_the_next_one(
     ports.fail = None
     assert await call(client, "del", envelope()) == (200, None)
     assert ports.bound == {}
-    await deletions_done()
+    await after_answers_done(served)
     assert dataplane.links == {}
 
 
 async def test_a_del_whose_detach_failed_is_done_by_the_next_one(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     name = host_ifname("c1", "eth0")
@@ -630,7 +787,7 @@ async def test_a_del_whose_detach_failed_is_done_by_the_next_one(
     assert await call(client, "del", envelope()) == (200, None)
     assert dataplane.plugged == {}
     assert ports.bound == {}
-    await deletions_done()
+    await after_answers_done(served)
     assert dataplane.links == {}
     assert dataplane.removed_bridges == ["capsa0"]
 
@@ -642,7 +799,7 @@ def holding_removals(dataplane: FakeDataplane) -> tuple[threading.Event, threadi
     remove_detached = dataplane.remove_detached
 
     def held(host_names: Sequence[str]) -> list[str]:
-        may_remove.wait(5)
+        may_remove.wait(WAIT_S)
         try:
             return remove_detached(host_names)
         finally:
@@ -653,7 +810,7 @@ def holding_removals(dataplane: FakeDataplane) -> tuple[threading.Event, threadi
 
 
 async def test_del_answers_once_the_pod_is_off_the_network_and_removes_the_veth_after(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     may_remove, removal_ran = holding_removals(dataplane)
@@ -664,12 +821,12 @@ async def test_del_answers_once_the_pod_is_off_the_network_and_removes_the_veth_
     assert dataplane.links[name].bridge is None, "answered before the veth left its bridge"
     assert ports.bound == {}
     may_remove.set()
-    assert await asyncio.to_thread(removal_ran.wait, 5)
+    assert await asyncio.to_thread(removal_ran.wait, WAIT_S)
     assert name not in dataplane.links
 
 
 async def test_an_add_right_after_a_del_ends_plugged(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     may_remove, removal_ran = holding_removals(dataplane)
@@ -677,14 +834,14 @@ async def test_an_add_right_after_a_del_ends_plugged(
 
     adding = asyncio.create_task(added(client, envelope()))
     may_remove.set()
-    await adding
-    assert await asyncio.to_thread(removal_ran.wait, 5)
+    await asyncio.wait_for(adding, CALL_TIMEOUT_S)
+    assert await asyncio.to_thread(removal_ran.wait, WAIT_S)
 
     assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
 
 
 async def test_a_second_del_answers_while_the_first_ones_deletion_runs(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     may_remove, removal_ran = holding_removals(dataplane)
@@ -698,13 +855,13 @@ async def test_a_second_del_answers_while_the_first_ones_deletion_runs(
     assert not removal_ran.is_set(), "the second DEL waited for the veth's deletion"
     assert ports.calls[calls:] == [], "nothing was left for the store to do"
     may_remove.set()
-    assert await asyncio.to_thread(removal_ran.wait, 5)
+    assert await asyncio.to_thread(removal_ran.wait, WAIT_S)
     assert dataplane.links == {}
     assert ports.bound == {}
 
 
 async def test_a_new_sandbox_of_the_capsule_does_not_wait_for_the_old_ones_veth_deletion(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope(container_id="old"))
     may_remove, removal_ran = holding_removals(dataplane)
@@ -714,14 +871,14 @@ async def test_a_new_sandbox_of_the_capsule_does_not_wait_for_the_old_ones_veth_
 
     assert not removal_ran.is_set(), "the new sandbox's ADD waited for the old veth's deletion"
     may_remove.set()
-    assert await asyncio.to_thread(removal_ran.wait, 5)
+    assert await asyncio.to_thread(removal_ran.wait, WAIT_S)
     assert dataplane.plugged == {("new", "port-1"): "capsa0"}
     assert set(dataplane.links) == {host_ifname("new", "eth0")}
     assert ports.bound == {"port-1": ("new", host_ifname("new", "eth0"))}
 
 
 async def test_an_add_of_the_same_attachment_plugs_only_once_the_del_deleted_its_veth(
-    client: TestClient[Any, Any],
+    client: aiohttp.ClientSession,
     dataplane: FakeDataplane,
     ports: FakePorts,
     caplog: pytest.LogCaptureFixture,
@@ -730,35 +887,31 @@ async def test_an_add_of_the_same_attachment_plugs_only_once_the_del_deleted_its
     may_remove, removal_ran = holding_removals(dataplane)
     assert await call(client, "del", envelope()) == (200, None)
     # The ADD either waits for the deletion (it says so) or plugs at once: whichever comes first
-    # releases the deletion, with no clock involved.
-    loop = asyncio.get_running_loop()
-    add_waits, plug_began = asyncio.Event(), asyncio.Event()
+    # releases the deletion, with no clock involved. Both happen on the daemon's threads.
+    add_waits_or_plugs = threading.Event()
     removal_done_at_plug: list[bool] = []
     plug = dataplane.plug
 
-    def watched_plug(*args: Any) -> list[PluggedPort]:
+    def watched_plug(*args: Any, **kwargs: Any) -> list[PluggedPort]:
         removal_done_at_plug.append(removal_ran.is_set())
-        loop.call_soon_threadsafe(plug_began.set)
-        return plug(*args)
+        add_waits_or_plugs.set()
+        return plug(*args, **kwargs)
 
     dataplane.plug = watched_plug  # type: ignore[method-assign]
 
     class WaitSeen(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             if "waiting for a DEL's deletion" in record.getMessage():
-                add_waits.set()
+                add_waits_or_plugs.set()
 
     caplog.set_level(logging.INFO, logger="capsa.cni.daemon")
     handler = WaitSeen()
     logging.getLogger("capsa.cni.daemon").addHandler(handler)
     try:
         adding = asyncio.create_task(added(client, envelope()))
-        await asyncio.wait(
-            [asyncio.create_task(add_waits.wait()), asyncio.create_task(plug_began.wait())],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        assert await asyncio.to_thread(add_waits_or_plugs.wait, WAIT_S)
         may_remove.set()
-        await adding
+        await asyncio.wait_for(adding, CALL_TIMEOUT_S)
     finally:
         logging.getLogger("capsa.cni.daemon").removeHandler(handler)
 
@@ -768,7 +921,7 @@ async def test_an_add_of_the_same_attachment_plugs_only_once_the_del_deleted_its
 
 
 async def test_a_del_costs_one_round_trip_to_the_store(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     ports.calls.clear()
@@ -785,7 +938,7 @@ async def test_a_del_costs_one_round_trip_to_the_store(
 
 
 async def test_del_without_pod_name_finds_the_port_on_the_veth(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     assert await call(client, "del", envelope(pod=None)) == (200, None)
@@ -805,13 +958,13 @@ async def test_del_without_pod_name_finds_the_port_on_the_veth(
         envelope(cniVersion="0.3.1"),
     ],
 )
-async def test_del_always_succeeds(client: TestClient[Any, Any], body: dict[str, Any]) -> None:
+async def test_del_always_succeeds(client: aiohttp.ClientSession, body: dict[str, Any]) -> None:
     assert await call(client, "del", body) == (200, None)
     assert await call(client, "del", body) == (200, None)
 
 
 async def test_del_of_an_old_sandbox_keeps_the_new_binding(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope(container_id="old"))
     await call(client, "del", envelope(container_id="old"))
@@ -822,7 +975,7 @@ async def test_del_of_an_old_sandbox_keeps_the_new_binding(
 
 
 async def test_calls_for_one_capsule_never_overlap(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     # Each plug waits for a second one to run beside it: the two capsules' plugs meet, and two
     # plugs of one capsule would too if they could overlap (a timeout ends a plug left alone).
@@ -849,7 +1002,7 @@ def two_networks(ports: FakePorts) -> FakePorts:
 
 
 async def test_add_plugs_every_port_of_the_capsule_in_one_result(
-    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+    client: aiohttp.ClientSession, two_networks: FakePorts, dataplane: FakeDataplane
 ) -> None:
     result = await added(client, envelope())
 
@@ -874,7 +1027,7 @@ async def test_add_plugs_every_port_of_the_capsule_in_one_result(
     }
     # CHECK compares both with the result and the kernel.
     checked: list[tuple[str, str]] = []
-    dataplane.check = lambda _cid, _netns, interfaces: checked.extend(  # type: ignore[method-assign]
+    dataplane.check = lambda container_id, netns, interfaces: checked.extend(  # type: ignore[method-assign]
         (ifname, port.port_id) for ifname, port in interfaces
     )
     assert await call(client, "check", envelope(prevResult=result)) == (200, None)
@@ -885,7 +1038,7 @@ async def test_add_plugs_every_port_of_the_capsule_in_one_result(
 
 
 async def test_del_unplugs_and_unbinds_every_port_of_the_capsule(
-    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+    served: Served, client: aiohttp.ClientSession, two_networks: FakePorts, dataplane: FakeDataplane
 ) -> None:
     await added(client, envelope())
     may_remove, removal_ran = holding_removals(dataplane)
@@ -896,13 +1049,13 @@ async def test_del_unplugs_and_unbinds_every_port_of_the_capsule(
     assert two_networks.bound == {}
     assert not removal_ran.is_set(), "the DEL waited for the deletion of its veths"
     may_remove.set()
-    await deletions_done()
+    await after_answers_done(served)
     assert dataplane.links == {}
     assert sorted(dataplane.removed_bridges) == ["capsa0", "capsa1"]
 
 
 async def test_a_new_sandbox_replaces_every_port_of_the_old_one_and_a_stale_del_keeps_it(
-    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+    client: aiohttp.ClientSession, two_networks: FakePorts, dataplane: FakeDataplane
 ) -> None:
     await added(client, envelope(container_id="old"))
     await added(client, envelope(container_id="new"))
@@ -913,7 +1066,7 @@ async def test_a_new_sandbox_replaces_every_port_of_the_old_one_and_a_stale_del_
 
 
 async def test_gc_keeps_every_interface_of_a_valid_attachment(
-    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+    client: aiohttp.ClientSession, two_networks: FakePorts, dataplane: FakeDataplane
 ) -> None:
     two_networks.ports["pod-2"] = [
         dataclasses.replace(PORT, port_id="port-3"),
@@ -929,7 +1082,7 @@ async def test_gc_keeps_every_interface_of_a_valid_attachment(
 
 
 async def test_add_refuses_an_ifname_that_cannot_be_numbered_for_every_network(
-    client: TestClient[Any, Any], two_networks: FakePorts, dataplane: FakeDataplane
+    client: aiohttp.ClientSession, two_networks: FakePorts, dataplane: FakeDataplane
 ) -> None:
     status, error = await call(client, "add", {**envelope(), "ifname": "abcdefghijklmn9"})
     assert (status, error["code"]) == (400, 4)
@@ -940,12 +1093,12 @@ async def test_add_refuses_an_ifname_that_cannot_be_numbered_for_every_network(
 # ---- errors common to the commands ----
 
 
-async def test_bad_json_body_is_code_6(client: TestClient[Any, Any]) -> None:
-    response = await client.post("/cni/add", data=b"{not json")
-    assert (await response.json())["code"] == 6
+async def test_bad_json_body_is_code_6(client: aiohttp.ClientSession) -> None:
+    async with client.post("/cni/add", data=b"{not json") as response:
+        assert (await response.json())["code"] == 6
 
 
-async def test_unsupported_version_is_code_1_and_echoes_it(client: TestClient[Any, Any]) -> None:
+async def test_unsupported_version_is_code_1_and_echoes_it(client: aiohttp.ClientSession) -> None:
     _, error = await call(client, "add", envelope(cniVersion="2.0.0"))
     assert (error["code"], error["cniVersion"]) == (1, "2.0.0")
 
@@ -954,7 +1107,7 @@ async def test_unsupported_version_is_code_1_and_echoes_it(client: TestClient[An
 
 
 async def test_check_compares_prev_result_port_and_kernel(
-    client: TestClient[Any, Any], dataplane: FakeDataplane
+    client: aiohttp.ClientSession, dataplane: FakeDataplane
 ) -> None:
     checked: list[tuple[str, str, str]] = []
     dataplane.check = lambda container_id, netns, interfaces: checked.extend(  # type: ignore[method-assign]
@@ -966,7 +1119,7 @@ async def test_check_compares_prev_result_port_and_kernel(
 
 
 async def test_check_reports_a_prev_result_that_differs_from_the_port(
-    client: TestClient[Any, Any],
+    client: aiohttp.ClientSession,
 ) -> None:
     result = await added(client, envelope())
     result["ips"][0]["address"] = "10.217.9.9/16"
@@ -977,9 +1130,9 @@ async def test_check_reports_a_prev_result_that_differs_from_the_port(
 
 
 async def test_check_reports_what_the_kernel_lacks(
-    client: TestClient[Any, Any], dataplane: FakeDataplane
+    client: aiohttp.ClientSession, dataplane: FakeDataplane
 ) -> None:
-    def fail(*_: Any) -> None:
+    def fail(*_: Any, **__: Any) -> None:
         raise DataplaneError("eth0 lacks 10.217.0.5/16")
 
     dataplane.check = fail  # type: ignore[method-assign]
@@ -989,14 +1142,14 @@ async def test_check_reports_what_the_kernel_lacks(
     assert "eth0 lacks 10.217.0.5/16" in error["msg"]
 
 
-async def test_check_without_prev_result_is_code_7(client: TestClient[Any, Any]) -> None:
+async def test_check_without_prev_result_is_code_7(client: aiohttp.ClientSession) -> None:
     await added(client, envelope())
     status, error = await call(client, "check", envelope())
     assert (status, error["code"]) == (400, 7)
     assert "prevResult" in error["msg"]
 
 
-async def test_check_is_not_in_0_3_1(client: TestClient[Any, Any]) -> None:
+async def test_check_is_not_in_0_3_1(client: aiohttp.ClientSession) -> None:
     result = await added(client, envelope(cniVersion="0.3.1"))
     _, error = await call(client, "check", envelope(cniVersion="0.3.1", prevResult=result))
     assert error["code"] == 1
@@ -1007,28 +1160,28 @@ async def test_check_is_not_in_0_3_1(client: TestClient[Any, Any]) -> None:
 
 
 async def test_gc_removes_only_this_owners_stale_attachments(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     ports.ports["pod-2"] = [dataclasses.replace(PORT, port_id="port-2", bridge="capsa1")]
     await added(client, envelope(container_id="kept"))
     await added(client, envelope(container_id="stale", pod="pod-2"))
     # Another capsa instance's attachment: same network name, another daemon.
     ports.ports["pod-3"] = [dataclasses.replace(PORT, port_id="port-3")]
-    other = create_app(ports, dataplane, address="unix:/other/cni.sock")
-    async with TestClient(TestServer(other)) as other_client:
-        await added(other_client, envelope(container_id="foreign", pod="pod-3"))
+    async with serving(ports, dataplane) as other:
+        assert other.daemon.address != served.daemon.address
+        await added(other.session, envelope(container_id="foreign", pod="pod-3"))
 
     assert await call(client, "gc", gc_envelope(("kept", "eth0"))) == (200, None)
 
     assert dataplane.plugged == {("kept", "port-1"): "capsa0", ("foreign", "port-3"): "capsa0"}
     assert "port-2" not in ports.bound
     assert dataplane.removed_bridges == ["capsa1"]
-    metrics = await (await client.get("/metrics")).text()
+    metrics = await page(client, "/metrics")
     assert 'capsa_cni_stale_attachments_removed_total{reason="gc"} 1' in metrics
 
 
 async def test_gc_accepts_libcni_legacy_key(
-    client: TestClient[Any, Any], dataplane: FakeDataplane
+    client: aiohttp.ClientSession, dataplane: FakeDataplane
 ) -> None:
     await added(client, envelope(container_id="kept"))
     body = gc_envelope()
@@ -1039,7 +1192,7 @@ async def test_gc_accepts_libcni_legacy_key(
 
 
 async def test_gc_carries_on_past_failures_and_reports_them(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     ports.ports["pod-2"] = [dataclasses.replace(PORT, port_id="port-2")]
     await added(client, envelope(container_id="a"))
@@ -1065,7 +1218,7 @@ async def test_gc_carries_on_past_failures_and_reports_them(
     ],
 )
 async def test_gc_refuses_what_it_cannot_trust(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, config: dict[str, Any], code: int
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, config: dict[str, Any], code: int
 ) -> None:
     await added(client, envelope())
     _, error = await call(client, "gc", network_envelope(**config))
@@ -1076,7 +1229,7 @@ async def test_gc_refuses_what_it_cannot_trust(
 # ---- STATUS, health, readiness, metrics ----
 
 
-async def test_status_when_ready(client: TestClient[Any, Any]) -> None:
+async def test_status_when_ready(client: aiohttp.ClientSession) -> None:
     assert await call(client, "status", network_envelope()) == (200, None)
 
 
@@ -1085,16 +1238,33 @@ async def test_status_not_ready_is_code_50(
 ) -> None:
     reason = "the daemon lacks CAP_NET_ADMIN: run capsa as root"
     monkeypatch.setattr("capsa.cni.daemon._lacks_net_admin", lambda: reason)
-    async with TestClient(TestServer(create_app(ports, FakeDataplane()))) as test_client:
-        status, error = await call(test_client, "status", network_envelope())
+    async with serving(ports, FakeDataplane()) as served:
+        status, error = await call(served.session, "status", network_envelope())
     assert (status, error["code"]) == (503, 50)
     assert reason in error["msg"]
 
 
-async def test_health(client: TestClient[Any, Any]) -> None:
-    response = await client.get("/healthz")
-    assert response.status == 200
-    assert (await response.json())["status"] == "alive"
+async def test_health(client: aiohttp.ClientSession) -> None:
+    async with client.get("/healthz") as response:
+        assert response.status == 200
+        assert (await response.json())["status"] == "alive"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/cni/add", 405),
+        ("POST", "/healthz", 405),
+        ("POST", "/cni/unknown", 404),
+        ("GET", "/nowhere", 404),
+    ],
+)
+async def test_unknown_paths_and_methods_are_refused(
+    client: aiohttp.ClientSession, dataplane: FakeDataplane, method: str, path: str, status: int
+) -> None:
+    async with client.request(method, path, headers=cni_headers(envelope())) as response:
+        assert response.status == status
+    assert dataplane.plugged == {}
 
 
 @pytest.mark.parametrize("missing", ["", "the daemon lacks CAP_NET_ADMIN: run capsa as root"])
@@ -1102,27 +1272,27 @@ async def test_readiness_says_why_not(
     monkeypatch: pytest.MonkeyPatch, ports: FakePorts, missing: str
 ) -> None:
     monkeypatch.setattr("capsa.cni.daemon._lacks_net_admin", lambda: missing)
-    async with TestClient(TestServer(create_app(ports, FakeDataplane()))) as test_client:
-        response = await test_client.get("/readyz")
-        body = await response.json()
+    async with serving(ports, FakeDataplane()) as served, served.session.get("/readyz") as response:
+        status, body = response.status, await response.json()
     if missing:
-        assert (response.status, body["reason"]) == (503, missing)
+        assert (status, body["reason"]) == (503, missing)
     else:
-        assert (response.status, body["status"]) == (200, "ready")
+        assert (status, body["status"]) == (200, "ready")
 
 
 async def test_metrics_count_calls_errors_and_latency(
-    client: TestClient[Any, Any], dataplane: FakeDataplane
+    client: aiohttp.ClientSession, dataplane: FakeDataplane
 ) -> None:
     dataplane.delay = 0.03
     await added(client, envelope())
     await call(client, "add", envelope(pod="pod-unknown"))
     await call(client, "del", envelope())
 
-    response = await client.get("/metrics")
+    async with client.get("/metrics") as response:
+        content_type = response.headers["Content-Type"]
+        text = await response.text()
 
-    assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
-    text = await response.text()
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     assert 'capsa_cni_requests_total{command="ADD"} 2' in text
     assert 'capsa_cni_requests_total{command="DEL"} 1' in text
     assert 'capsa_cni_requests_total{command="GC"} 0' in text
@@ -1153,57 +1323,56 @@ def test_parse_listen_refuses_what_leaves_the_host(listen: str) -> None:
         parse_listen(listen)
 
 
-async def test_daemon_on_a_unix_socket(tmp_path: Path, ports: FakePorts) -> None:
-    path = tmp_path / "run" / "cni.sock"
-    daemon = CniDaemon(ports, f"unix:{path}", dataplane=FakeDataplane())
-    await daemon.start()
-    try:
-        assert daemon.address == f"unix:{path}"
-        assert path.stat().st_mode & 0o777 == 0o600
-        connector = aiohttp.UnixConnector(path=str(path))
-        async with (
-            aiohttp.ClientSession(connector=connector) as session,
-            session.get("http://capsa/healthz") as response,
-        ):
-            assert response.status == 200
-    finally:
-        await daemon.stop()
-    assert not path.exists()
+async def test_daemon_on_a_unix_socket(ports: FakePorts) -> None:
+    with short_directory() as directory:
+        # The socket's directory is made if missing.
+        path = directory / "run" / "cni.sock"
+        daemon = CniDaemon(ports, f"unix:{path}", dataplane=FakeDataplane())
+        await daemon.start()
+        try:
+            assert daemon.address == f"unix:{path}"
+            assert path.stat().st_mode & 0o777 == 0o600
+            connector = aiohttp.UnixConnector(path=str(path))
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
+                session.get("http://capsa/healthz") as response,
+            ):
+                assert response.status == 200
+        finally:
+            await daemon.stop()
+        assert not path.exists()
 
 
 async def test_an_add_makes_its_bridges_kept_by_its_daemon(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     ports.ports["pod-1"] = [PORT, SECOND_PORT]
     await added(client, envelope())
-    keeper = bridge_keeper(DAEMON_ADDRESS)
+    keeper = bridge_keeper(served.daemon.address)
     assert dataplane.bridges == {"capsa0": keeper, "capsa1": keeper}
     assert bridge_keeper("unix:/run/other/cni.sock") != keeper
 
 
 @pytest.mark.parametrize("linger", [0.0, 600.0])
 async def test_a_daemon_that_starts_retires_the_unused_bridges_it_keeps(
-    tmp_path: Path, ports: FakePorts, linger: float
+    ports: FakePorts, linger: float
 ) -> None:
-    # What a daemon killed while its bridges lingered left: its own unused bridge, one of its
-    # own still in use, and another daemon's unused one.
-    address = f"unix:{tmp_path / 'cni.sock'}"
-    dataplane = FakeDataplane()
-    dataplane.bridges = {
-        "cbr-left": bridge_keeper(address),
-        "cbr-used": bridge_keeper(address),
-        "cbr-other": bridge_keeper("unix:/run/other/cni.sock"),
-    }
-    dataplane.links["capsa-used"] = Attachment(
-        "capsa-used", "cbr-used", AttachmentTag("owner", "port-9", "c9")
-    )
-    daemon = CniDaemon(ports, address, dataplane=dataplane, bridge_linger=linger)
-    await daemon.start()
-    try:
-        # With a linger, a pod that comes meanwhile may still keep it.
-        assert dataplane.removed_bridges == ([] if linger else ["cbr-left"])
-    finally:
-        await daemon.stop()
+    with short_directory() as directory:
+        # What a daemon killed while its bridges lingered left: its own unused bridge, one of
+        # its own still in use, and another daemon's unused one.
+        address = f"unix:{directory / 'cni.sock'}"
+        dataplane = FakeDataplane()
+        dataplane.bridges = {
+            "cbr-left": bridge_keeper(address),
+            "cbr-used": bridge_keeper(address),
+            "cbr-other": bridge_keeper("unix:/run/other/cni.sock"),
+        }
+        dataplane.links["capsa-used"] = Attachment(
+            "capsa-used", "cbr-used", AttachmentTag("owner", "port-9", "c9")
+        )
+        async with serving(ports, dataplane, listen=address, bridge_linger=linger):
+            # With a linger, a pod that comes meanwhile may still keep it.
+            assert dataplane.removed_bridges == ([] if linger else ["cbr-left"])
     assert dataplane.removed_bridges == ["cbr-left"]
     assert set(dataplane.bridges) == {"cbr-used", "cbr-other"}
 
@@ -1253,36 +1422,24 @@ async def test_a_daemon_listening_at_a_host_name_is_addressed_by_it(ports: FakeP
         await daemon.stop()
 
 
-async def test_a_daemon_on_a_unix_socket_is_addressed_as_configured(
-    tmp_path: Path, ports: FakePorts
-) -> None:
+async def test_a_daemon_on_a_unix_socket_is_addressed_as_configured(ports: FakePorts) -> None:
     # A path configured with a doubled slash keeps it: the bridges' keeper is its text.
-    listen = f"unix:{tmp_path}//cni.sock"
-    daemon = CniDaemon(ports, listen, dataplane=FakeDataplane())
-    await daemon.start()
-    try:
-        assert daemon.address == listen
-    finally:
-        await daemon.stop()
-
-
-async def deletions_done() -> None:
-    """Waits for the veth deletions the daemon runs after its DELs have answered."""
-    await asyncio.gather(
-        *(
-            task
-            for task in asyncio.all_tasks()
-            if getattr(task.get_coro(), "__name__", "") == "_remove_detached"
-        )
-    )
+    with short_directory() as directory:
+        listen = f"unix:{directory}//cni.sock"
+        daemon = CniDaemon(ports, listen, dataplane=FakeDataplane())
+        await daemon.start()
+        try:
+            assert daemon.address == listen
+        finally:
+            await daemon.stop()
 
 
 async def test_after_an_add_of_the_same_attachment_a_del_does_its_work_again(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     assert await call(client, "del", envelope()) == (200, None)
-    await deletions_done()
+    await after_answers_done(served)
     await added(client, envelope())
     assert ports.bound == {"port-1": ("c1", host_ifname("c1", "eth0"))}
 
@@ -1290,12 +1447,12 @@ async def test_after_an_add_of_the_same_attachment_a_del_does_its_work_again(
 
     assert dataplane.plugged == {}
     assert ports.bound == {}
-    await deletions_done()
+    await after_answers_done(served)
     assert dataplane.links == {}
 
 
 async def test_a_veth_that_could_not_be_deleted_is_deleted_by_the_next_del(
-    client: TestClient[Any, Any], dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
     remove_detached = dataplane.remove_detached
@@ -1306,45 +1463,82 @@ async def test_a_veth_that_could_not_be_deleted_is_deleted_by_the_next_del(
 
     dataplane.remove_detached = busy_once  # type: ignore[method-assign]
     assert await call(client, "del", envelope()) == (200, None)
-    await deletions_done()
+    await after_answers_done(served)
     assert host_ifname("c1", "eth0") in dataplane.links
 
     assert await call(client, "del", envelope()) == (200, None)
-    await deletions_done()
+    await after_answers_done(served)
 
     assert dataplane.links == {}
     assert ports.bound == {}
 
 
-async def test_a_del_answers_in_the_turn_its_unbinding_ends(
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """A blocking HTTP connection to a unix socket."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("capsa-cni-daemon", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
+def blocking_call(path: Path, command: str, envelope: dict[str, Any]) -> tuple[int, Any]:
+    """:func:`call` without the event loop: a blocking client on the calling thread."""
+    connection = UnixHTTPConnection(path, CALL_TIMEOUT_S)
+    try:
+        body = json.dumps(envelope["config"]).encode()
+        connection.request("POST", f"/cni/{command}", body=body, headers=cni_headers(envelope))
+        response = connection.getresponse()
+        text = response.read()
+        return response.status, (json.loads(text) if text else None)
+    finally:
+        connection.close()
+
+
+async def test_cni_calls_are_served_while_the_event_loop_is_blocked(
     store: Store, make_capsule: Callable[..., Capsule], dataplane: FakeDataplane
 ) -> None:
-    # The network agent's pass that the unbinding wakes yields one turn of the event loop
-    # first (capsa.network.agent): the answer must be out by then, not wait behind the pass
-    # (it would if, say, the DEL awaited the unbinding through a task of its own).
+    # capsa up's event loop also runs the API, the scheduler and the agents: a runtime's ADD and
+    # DEL must not wait for a turn of it, not even for the store's reads and writes.
     await store.hosts.register("h1", "http://h1", 1000, 1000, ("runc",))
     network = NetworkService(store, "10.50.0.0/24", 1500)
     capsule = make_capsule()
     await store.capsules.create(capsule)
     assert await store.hosts.claim(capsule.uuid, "h1", 100, 64)
     await network.allocate_ports(capsule.uuid, "p1", "h1")
-    app = create_app(network, dataplane)
-    answered: list[str] = []
+    [port] = await asyncio.to_thread(network.find_ports, capsule.uuid)
+    loop_turns: list[str] = []
+    answers: list[tuple[int, Any]] = []
+    bound_after_add: list[str | None] = []
 
-    async def answering(request: web.Request, _: web.StreamResponse) -> None:
-        answered.append(request.path)
+    def runtime(socket_path: Path) -> None:
+        # capsa-cni as a runtime runs it: one blocking call after another.
+        answers.append(blocking_call(socket_path, "add", envelope(pod=capsule.uuid)))
+        [found] = network.find_ports(capsule.uuid)
+        bound_after_add.append(found.bound_container_id)
+        answers.append(blocking_call(socket_path, "del", envelope(pod=capsule.uuid)))
 
-    app.on_response_prepare.append(answering)
-    async with TestClient(TestServer(app)) as test_client:
-        await added(test_client, envelope(pod=capsule.uuid))
-        wakeups = store.hub.subscribe(notify.NETWORK)
+    async with serving(network, dataplane) as served:
+        asyncio.get_running_loop().call_soon(loop_turns.append, "a turn")
+        calls = threading.Thread(target=runtime, args=(served.socket_path,), daemon=True)
+        calls.start()
+        # Blocks the event loop until the runtime's calls are answered (or the wait ends).
+        calls.join(timeout=CALL_TIMEOUT_S)
+        assert not calls.is_alive(), "the calls were not answered while the event loop waited"
+        assert loop_turns == [], "the event loop ran"
 
-        async def answered_a_turn_after_the_wakeup() -> list[str]:
-            assert await wakeups.wait(10)
-            await asyncio.sleep(0)
-            return list(answered)
-
-        seen = asyncio.create_task(answered_a_turn_after_the_wakeup())
-        assert await call(test_client, "del", envelope(pod=capsule.uuid)) == (200, None)
-        assert await seen == ["/cni/add", "/cni/del"]
-        wakeups.close()
+        [(add_status, result), del_answer] = answers
+        assert add_status == 200, result
+        assert result["ips"][0]["address"] == str(port.ip)
+        assert bound_after_add == ["c1"]
+        assert del_answer == (200, None)
+        assert dataplane.plugged == {}
+        await asyncio.sleep(0)
+        assert loop_turns == ["a turn"]
+    [found] = await asyncio.to_thread(network.find_ports, capsule.uuid)
+    assert found.bound_container_id is None

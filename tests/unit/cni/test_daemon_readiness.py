@@ -8,14 +8,21 @@ pass that enforces them before it plugs anything.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
-from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from tests.unit.cni.test_daemon import PORT, FakeDataplane, FakePorts, call, envelope
+from tests.unit.cni.test_daemon import (
+    PORT,
+    WAIT_S,
+    FakeDataplane,
+    FakePorts,
+    call,
+    envelope,
+    serving,
+)
 
-from capsa.cni.daemon import create_app
 from capsa.network.enforcement import FirewallProgress
 from capsa.network.types import PortBinding
 
@@ -27,19 +34,18 @@ class WatchedPorts(FakePorts):
         super().__init__()
         self.ports = {}
         self.reads = 0
-        self._read = asyncio.Event()
+        self._read = threading.Event()
 
-    async def find_ports(self, pod_name: str) -> list[PortBinding]:
-        found = await super().find_ports(pod_name)
+    def find_ports(self, pod_name: str) -> list[PortBinding]:
+        found = super().find_ports(pod_name)
         self.reads += 1
         self._read.set()
         return found
 
     async def read_again(self) -> None:
-        """Returns after the daemon's next read of the ports."""
+        """Returns after the daemon's next read of the ports (on one of its threads)."""
         self._read.clear()
-        async with asyncio.timeout(10):
-            await self._read.wait()
+        assert await asyncio.to_thread(self._read.wait, WAIT_S), "the daemon read no ports"
 
 
 @pytest.fixture
@@ -60,14 +66,13 @@ def progress() -> FirewallProgress:
 @pytest.fixture
 async def client(
     ports: WatchedPorts, dataplane: FakeDataplane, progress: FirewallProgress
-) -> AsyncIterator[TestClient[Any, Any]]:
-    app = create_app(ports, dataplane, progress=progress, ready_wait=30.0)
-    async with TestClient(TestServer(app)) as test_client:
-        yield test_client
+) -> AsyncIterator[aiohttp.ClientSession]:
+    async with serving(ports, dataplane, progress=progress, ready_wait=30.0) as served:
+        yield served.session
 
 
 async def test_add_waits_for_the_ports_then_for_the_firewall_then_plugs(
-    client: TestClient[Any, Any],
+    client: aiohttp.ClientSession,
     ports: WatchedPorts,
     dataplane: FakeDataplane,
     progress: FirewallProgress,
@@ -91,7 +96,7 @@ async def test_add_waits_for_the_ports_then_for_the_firewall_then_plugs(
 
 
 async def test_a_sandbox_can_be_deleted_while_its_add_waits(
-    client: TestClient[Any, Any], ports: WatchedPorts, progress: FirewallProgress
+    client: aiohttp.ClientSession, ports: WatchedPorts, progress: FirewallProgress
 ) -> None:
     add = asyncio.ensure_future(call(client, "add", envelope()))
     await ports.read_again()
@@ -111,9 +116,8 @@ async def test_a_sandbox_can_be_deleted_while_its_add_waits(
 async def test_an_add_whose_ports_never_come_fails_with_the_reason(
     ports: WatchedPorts, dataplane: FakeDataplane, progress: FirewallProgress
 ) -> None:
-    app = create_app(ports, dataplane, progress=progress, ready_wait=0.05)
-    async with TestClient(TestServer(app)) as client:
-        status, error = await call(client, "add", envelope())
+    async with serving(ports, dataplane, progress=progress, ready_wait=0.05) as served:
+        status, error = await call(served.session, "add", envelope())
     assert status == 404 and error["code"] == 3
     assert "has no port" in error["msg"]
     assert not dataplane.links
@@ -124,16 +128,15 @@ async def test_an_add_whose_ports_the_firewall_does_not_enforce_is_not_plugged(
 ) -> None:
     ports.ports["pod-1"] = [PORT]
     progress.applied(["another-port"])
-    app = create_app(ports, dataplane, progress=progress, ready_wait=0.05)
-    async with TestClient(TestServer(app)) as client:
-        status, error = await call(client, "add", envelope())
+    async with serving(ports, dataplane, progress=progress, ready_wait=0.05) as served:
+        status, error = await call(served.session, "add", envelope())
     assert status == 503 and error["code"] == 11
     assert "firewall does not enforce" in error["msg"]
     assert not dataplane.links and not ports.bound
 
 
 async def test_an_add_of_enforced_ports_reads_them_once(
-    client: TestClient[Any, Any], ports: WatchedPorts, progress: FirewallProgress
+    client: aiohttp.ClientSession, ports: WatchedPorts, progress: FirewallProgress
 ) -> None:
     ports.ports["pod-1"] = [PORT]
     progress.applied([PORT.port_id])
@@ -145,7 +148,7 @@ async def test_an_add_of_enforced_ports_reads_them_once(
 
 
 async def test_an_add_of_ports_not_yet_enforced_asks_the_network_agent_for_a_pass(
-    client: TestClient[Any, Any],
+    client: aiohttp.ClientSession,
     ports: WatchedPorts,
     dataplane: FakeDataplane,
     progress: FirewallProgress,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 from tests.unit.conftest import network_with_subnet
@@ -15,7 +16,7 @@ async def test_find_ports_gives_the_daemon_what_to_bind_and_the_current_bindings
     network = NetworkService(store, "10.3.0.0/24", 1400)
     [port] = await network.allocate_ports("capsule-a", "p1", "h1")
 
-    [binding] = await network.find_ports("capsule-a")
+    [binding] = await asyncio.to_thread(network.find_ports, "capsule-a")
     assert binding.port_id == port.id and binding.mac == port.mac_address
     assert binding.ip == ipaddress.IPv4Interface(f"{port.ip_address}/24")
     assert binding.gateway == ipaddress.IPv4Address("10.3.0.1")
@@ -23,19 +24,19 @@ async def test_find_ports_gives_the_daemon_what_to_bind_and_the_current_bindings
     assert binding.mtu == 1400
     assert binding.bound_container_id is None
 
-    await network.ports_bound("sandbox-1", {port.id: "capsaabc"})
-    [bound] = await network.find_ports("capsule-a")
+    await asyncio.to_thread(network.ports_bound, "sandbox-1", {port.id: "capsaabc"})
+    [bound] = await asyncio.to_thread(network.find_ports, "capsule-a")
     assert (bound.bound_container_id, bound.bound_host_ifname) == ("sandbox-1", "capsaabc")
 
     # A late unbind of another sandbox changes nothing; its own does.
-    await network.ports_unbound([port.id], "sandbox-0")
-    [still] = await network.find_ports("capsule-a")
+    await asyncio.to_thread(network.ports_unbound, [port.id], "sandbox-0")
+    [still] = await asyncio.to_thread(network.find_ports, "capsule-a")
     assert still.bound_container_id == "sandbox-1"
-    await network.ports_unbound([port.id], "sandbox-1")
-    [unbound] = await network.find_ports("capsule-a")
+    await asyncio.to_thread(network.ports_unbound, [port.id], "sandbox-1")
+    [unbound] = await asyncio.to_thread(network.find_ports, "capsule-a")
     assert unbound.bound_container_id is None
 
-    assert await network.find_ports("no-such-capsule") == []
+    assert await asyncio.to_thread(network.find_ports, "no-such-capsule") == []
 
 
 async def test_find_ports_of_a_capsule_on_two_networks_follows_its_order(store: Store) -> None:
@@ -44,23 +45,31 @@ async def test_find_ports_of_a_capsule_on_two_networks_follows_its_order(store: 
     default = (await service.project_defaults("p1")).network
     ports = await service.allocate_ports("capsule-a", "p1", "h1", Attachment(("other", default.id)))
 
-    bindings = await service.find_ports("capsule-a")
+    bindings = await asyncio.to_thread(service.find_ports, "capsule-a")
 
     assert [b.port_id for b in bindings] == [p.id for p in ports]
     assert [(b.bridge, b.mtu, str(b.gateway)) for b in bindings] == [
         (bridge_name(other), 1300, "10.8.0.1"),
         (bridge_name(default.id), 1400, "10.3.0.1"),
     ]
-    await service.ports_bound("sandbox-1", {ports[0].id: "capsa0", ports[1].id: "capsa1"})
-    await service.ports_unbound([p.id for p in ports], "sandbox-1")
-    assert [b.bound_container_id for b in await service.find_ports("capsule-a")] == [None, None]
+    await asyncio.to_thread(
+        service.ports_bound, "sandbox-1", {ports[0].id: "capsa0", ports[1].id: "capsa1"}
+    )
+    await asyncio.to_thread(service.ports_unbound, [p.id for p in ports], "sandbox-1")
+    assert [
+        b.bound_container_id for b in await asyncio.to_thread(service.find_ports, "capsule-a")
+    ] == [None, None]
 
-    await service.ports_bound("sandbox-2", {ports[0].id: "capsa0", ports[1].id: "capsa1"})
-    assert await service.pod_unbound("capsule-a", "sandbox-1") == []
-    assert sorted(await service.pod_unbound("capsule-a", "sandbox-2")) == sorted(
+    await asyncio.to_thread(
+        service.ports_bound, "sandbox-2", {ports[0].id: "capsa0", ports[1].id: "capsa1"}
+    )
+    assert await asyncio.to_thread(service.pod_unbound, "capsule-a", "sandbox-1") == []
+    assert sorted(await asyncio.to_thread(service.pod_unbound, "capsule-a", "sandbox-2")) == sorted(
         p.id for p in ports
     )
-    assert [b.bound_container_id for b in await service.find_ports("capsule-a")] == [None, None]
+    assert [
+        b.bound_container_id for b in await asyncio.to_thread(service.find_ports, "capsule-a")
+    ] == [None, None]
 
 
 def test_bridges_of_different_networks_differ() -> None:

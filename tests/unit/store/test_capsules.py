@@ -262,7 +262,7 @@ async def test_a_port_that_only_names_a_capsule_is_not_one_of_its_ports(
     stored = await store.capsules.get(capsule.uuid)
     assert stored is not None and [a.port_id for a in stored.addresses] == [own.id]
     assert await store.ports.list_for_device(capsule.uuid) == [own]
-    assert [p.id for p in await store.ports.to_bind(capsule.uuid)] == [own.id]
+    assert [p.id for p in await asyncio.to_thread(store.ports.to_bind, capsule.uuid)] == [own.id]
 
     assert await store.capsules.remove(capsule.uuid)
     assert await store.ports.get(named.id) == named

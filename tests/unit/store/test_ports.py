@@ -157,14 +157,14 @@ async def test_a_fixed_address_in_use_is_refused(store: Store) -> None:
 async def test_a_binding_is_only_cleared_by_its_own_sandbox(store: Store) -> None:
     network = NetworkService(store, "10.1.0.0/24", 1500)
     [port] = await network.allocate_ports("a", "p1", "h1")
-    await store.ports.set_bindings("sandbox-new", {port.id: "capabc"})
+    await asyncio.to_thread(store.ports.set_bindings, "sandbox-new", {port.id: "capabc"})
     agents = store.hub.subscribe(notify.NETWORK)
-    await store.ports.clear_bindings([port.id], "sandbox-old")
+    await asyncio.to_thread(store.ports.clear_bindings, [port.id], "sandbox-old")
     [bound] = await store.ports.list_for_device("a")
     assert bound.binding_container_id == "sandbox-new"
     # Nothing changed: the network agents are left alone.
     assert not await agents.wait(0)
-    await store.ports.clear_bindings([port.id], "sandbox-new")
+    await asyncio.to_thread(store.ports.clear_bindings, [port.id], "sandbox-new")
     [unbound] = await store.ports.list_for_device("a")
     assert unbound.binding_container_id is None
     assert unbound.status == "DOWN"
@@ -177,25 +177,27 @@ async def test_clear_device_bindings_forgets_only_that_sandboxs_and_says_which(
     network = NetworkService(store, "10.3.0.0/24", 1400)
     [port] = await network.allocate_ports("a", "p1", "h1")
     [other] = await network.allocate_ports("b", "p1", "h1")
-    await store.ports.set_bindings("sandbox-new", {port.id: "capsaabc"})
-    await store.ports.set_bindings("sandbox-b", {other.id: "capsadef"})
+    await asyncio.to_thread(store.ports.set_bindings, "sandbox-new", {port.id: "capsaabc"})
+    await asyncio.to_thread(store.ports.set_bindings, "sandbox-b", {other.id: "capsadef"})
     agents = store.hub.subscribe(notify.NETWORK)
 
     # A late DEL of the capsule's old sandbox, and a DEL naming another capsule.
-    assert await store.ports.clear_device_bindings("a", "sandbox-old") == []
-    assert await store.ports.clear_device_bindings("a", "sandbox-b") == []
+    assert await asyncio.to_thread(store.ports.clear_device_bindings, "a", "sandbox-old") == []
+    assert await asyncio.to_thread(store.ports.clear_device_bindings, "a", "sandbox-b") == []
     assert not await agents.wait(0)
     assert [p.binding_container_id for p in await store.ports.list_for_device("a")] == [
         "sandbox-new"
     ]
 
-    assert await store.ports.clear_device_bindings("a", "sandbox-new") == [port.id]
+    assert await asyncio.to_thread(store.ports.clear_device_bindings, "a", "sandbox-new") == [
+        port.id
+    ]
     [unbound] = await store.ports.list_for_device("a")
     assert (unbound.binding_container_id, unbound.binding_host_ifname) == (None, None)
     assert unbound.status == "DOWN"
     assert await agents.wait(0)
     # Repeated: nothing left to forget, nobody woken.
-    assert await store.ports.clear_device_bindings("a", "sandbox-new") == []
+    assert await asyncio.to_thread(store.ports.clear_device_bindings, "a", "sandbox-new") == []
     assert not await agents.wait(0)
     [still] = await store.ports.list_for_device("b")
     assert still.binding_container_id == "sandbox-b"
@@ -204,10 +206,10 @@ async def test_clear_device_bindings_forgets_only_that_sandboxs_and_says_which(
 async def test_to_bind_reads_what_the_cni_daemon_binds_of_each_port(store: Store) -> None:
     network_service = NetworkService(store, "10.4.0.0/24", 1450)
     [port] = await network_service.allocate_ports("capsule-a", "p1", "h1")
-    await store.ports.set_bindings("sandbox-1", {port.id: "capsaabc"})
+    await asyncio.to_thread(store.ports.set_bindings, "sandbox-1", {port.id: "capsaabc"})
     defaults = await network_service.project_defaults("p1")
 
-    [found] = await store.ports.to_bind("capsule-a")
+    [found] = await asyncio.to_thread(store.ports.to_bind, "capsule-a")
 
     assert found == PortToBind(
         id=port.id,
@@ -219,7 +221,7 @@ async def test_to_bind_reads_what_the_cni_daemon_binds_of_each_port(store: Store
         binding_container_id="sandbox-1",
         binding_host_ifname="capsaabc",
     )
-    assert await store.ports.to_bind("no-such-capsule") == []
+    assert await asyncio.to_thread(store.ports.to_bind, "no-such-capsule") == []
 
 
 async def test_a_port_that_only_names_a_capsule_is_never_bound_or_released_with_it(
@@ -236,9 +238,13 @@ async def test_a_port_that_only_names_a_capsule_is_never_bound_or_released_with_
         pick_address=lowest_free_address,
         mac_address=random_mac,
     )
-    await store.ports.set_bindings("sandbox-1", {own.id: "capsaown", named.id: "capsanamed"})
+    await asyncio.to_thread(
+        store.ports.set_bindings, "sandbox-1", {own.id: "capsaown", named.id: "capsanamed"}
+    )
 
-    assert await store.ports.clear_device_bindings("capsule-a", "sandbox-1") == [own.id]
+    assert await asyncio.to_thread(store.ports.clear_device_bindings, "capsule-a", "sandbox-1") == [
+        own.id
+    ]
     await service.release_ports("capsule-a")
 
     assert await store.ports.list_for_device("capsule-a") == []
@@ -264,7 +270,10 @@ async def test_a_capsule_on_several_networks_gets_a_port_on_each_in_its_order(
     # Security groups apply to each port.
     assert all(p.security_group_ids == (web.id,) for p in ports)
     assert await store.ports.list_for_device("a") == ports
-    assert [p.network_id for p in await store.ports.to_bind("a")] == [back, front]
+    assert [p.network_id for p in await asyncio.to_thread(store.ports.to_bind, "a")] == [
+        back,
+        front,
+    ]
     # Again: the same ports, none made.
     assert await service.allocate_ports("a", "p1", "h1", Attachment(("back", "front"))) == ports
 
@@ -360,7 +369,7 @@ async def test_the_host_view_is_made_again_only_when_what_it_holds_changed(store
     assert view is not None
     assert (member.network_id, member.ip_address) in view.members[group_id]
 
-    await store.ports.set_bindings("sandbox-a", {port.id: "capsa0123456789"})
+    await asyncio.to_thread(store.ports.set_bindings, "sandbox-a", {port.id: "capsa0123456789"})
     view = await changed()
     assert view is not None and view.ports[0].port.binding_host_ifname == "capsa0123456789"
     assert await changed() is None
