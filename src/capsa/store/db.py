@@ -188,9 +188,22 @@ class Database:
         of :meth:`initialize`, after the commit."""
         if self._loop is None:
             raise RuntimeError("Database.initialize() has not run: no event loop to wake")
+        if self.is_sqlite:
+            self._writer_without_checkpoints()
         result, wakeups = self._write_transaction(work)
         self._loop.call_soon_threadsafe(self._published, wakeups)
+        if self.is_sqlite:
+            # Counted with the loop's writes, which checkpoint the log on a database thread.
+            self._loop.call_soon_threadsafe(self._written_here, self._loop)
         return result
+
+    def _writer_without_checkpoints(self) -> None:
+        """Turns SQLite's own checkpoint off for this thread's writer, as for the loop's: it
+        syncs the disk, which a caller waiting on the write would wait for."""
+        driver = _sqlite_driver(self._kept_connection(write=True))
+        if getattr(self._local, "writer_without_checkpoints", None) is not driver:
+            driver.execute("PRAGMA wal_autocheckpoint=0")
+            self._local.writer_without_checkpoints = driver
 
     async def run_write(self, work: Callable[[Connection], T]) -> T:
         """Runs ``work`` in a write transaction: committed if it returns, rolled back if it
@@ -258,8 +271,9 @@ class Database:
             raise
 
     def _written_here(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Counts a write on the loop; every _CHECKPOINT_EVERY of them, checkpoints the
-        write-ahead log on a thread (the loop's writer never does: it syncs the disk)."""
+        """Counts a write on the loop (or a blocking one, see run_write_blocking); every
+        _CHECKPOINT_EVERY of them, checkpoints the write-ahead log on a thread (those writers
+        never do: it syncs the disk)."""
         self._writes_here += 1
         if self._writes_here < _CHECKPOINT_EVERY or self._checkpoint is not None:
             return

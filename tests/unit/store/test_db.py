@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.engine import Connection
 
-from capsa.store import Store, db, schema
+from capsa.store import Store, db, notify, schema
 from capsa.store.db import DriverStatement, SchemaVersionError
 from capsa.store.notify import ChangeHub
 
@@ -202,6 +202,42 @@ async def test_the_log_is_checkpointed_on_a_thread_not_by_the_loops_writer(
     assert database_file.read_bytes() != before
     writer = db._sqlite_driver(store.db._kept_connection(write=True, here=True))
     assert writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+
+
+async def test_a_blocking_write_runs_on_its_thread_wakes_on_the_loop_and_never_checkpoints(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "_CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(store.db, "_writes_here", 0)
+    woken = store.db.hub.subscribe(notify.NETWORK)
+
+    def waking(value: str) -> Callable[[Connection], str]:
+        set_version = _set_version(value)
+
+        def work(conn: Connection) -> str:
+            notify.wake(conn, notify.NETWORK)
+            return set_version(conn)
+
+        return work
+
+    def blocking_writes() -> tuple[list[str], int]:
+        ran_on = [store.db.run_write_blocking(waking(str(n))) for n in range(2)]
+        writer = db._sqlite_driver(store.db._kept_connection(write=True))
+        return ran_on, writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+
+    ran_on, autocheckpoint = await asyncio.to_thread(blocking_writes)
+
+    assert ran_on[0] == ran_on[1] != threading.current_thread().name
+    assert autocheckpoint == 0
+    assert await woken.wait(5)
+    read = await store.db.run_read(lambda conn: conn.execute(select(_VALUE).where(_VERSION_KEY)))
+    assert read.scalar_one() == "1"
+    # Counted with the loop's writes: the third write is due a checkpoint, on a thread.
+    assert store.db._checkpoint is None
+    await store.db.run_write(_set_version("2"))
+    checkpoint = store.db._checkpoint
+    assert checkpoint is not None
+    await checkpoint
 
 
 async def test_the_loops_writer_is_set_up_again_after_the_driver_lost_its_connection(
