@@ -48,6 +48,7 @@ capsules run side by side, up to ``workers`` at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import ipaddress
 import json
@@ -55,7 +56,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,6 +90,7 @@ from capsa.network.dataplane import (
 )
 from capsa.network.enforcement import FirewallProgress
 from capsa.network.types import PluggedPort, PortBinding, PortSource
+from capsa.store import notify
 
 log = get_logger(__name__)
 
@@ -142,7 +143,7 @@ class _KeyedLocks:
                     del self._users[key], self._locks[key]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Deletion:
     """Veths a DEL detached, being deleted after its answer."""
 
@@ -642,6 +643,12 @@ def _nothing_after() -> None:
     pass
 
 
+def _release_wakeups_then(after: AfterAnswer | None) -> None:
+    notify.release_wakeups()
+    if after is not None:
+        after()
+
+
 def _record(doing: str, call: Callable[..., T], *args: Any) -> T:
     """Runs a PortSource call; its failures are transient for the runtime."""
     try:
@@ -838,6 +845,20 @@ class CniDaemon:
         log.info("CNI daemon stopped")
 
     def _route(self, request: HttpRequest) -> HttpResponse:
+        # The wake-ups of the call's writes (the network agent's) go to the event loop once
+        # its answer is out: the woken loop would take the GIL from this thread before it
+        # answers.
+        notify.hold_wakeups()
+        try:
+            response = self._serve(request)
+        except BaseException:
+            notify.release_wakeups()
+            raise
+        return dataclasses.replace(
+            response, after=functools.partial(_release_wakeups_then, response.after)
+        )
+
+    def _serve(self, request: HttpRequest) -> HttpResponse:
         path = request.path.partition("?")[0]
         serve = self._routes.get((request.method, path))
         if serve is not None:

@@ -185,16 +185,17 @@ class Database:
     def run_write_blocking(self, work: Callable[[Connection], T]) -> T:
         """:meth:`run_write` on the calling thread, which it blocks (never the event loop's: on
         SQLite it may wait for the loop's writer). Its wake-ups are published on the event loop
-        of :meth:`initialize`, after the commit."""
+        of :meth:`initialize` after the commit, or once the thread releases the wake-ups it
+        holds (notify.hold_wakeups)."""
         if self._loop is None:
             raise RuntimeError("Database.initialize() has not run: no event loop to wake")
         if self.is_sqlite:
             self._writer_without_checkpoints()
         result, wakeups = self._write_transaction(work)
-        self._loop.call_soon_threadsafe(self._published, wakeups)
+        notify.call_soon_on(self._loop, self._published, wakeups)
         if self.is_sqlite:
             # Counted with the loop's writes, which checkpoint the log on a database thread.
-            self._loop.call_soon_threadsafe(self._written_here, self._loop)
+            notify.call_soon_on(self._loop, self._written_here, self._loop)
         return result
 
     def _writer_without_checkpoints(self) -> None:

@@ -7,16 +7,20 @@ capsule that changed), so that the reconciler looks at that capsule instead of a
 A write transaction names the wake-ups its change gives (:func:`wake`: the scheduler has a capsule
 to place, a host's agent a capsule to start or delete, the network agents something to enforce);
 once it commits, and only then, the database hands them to this process's :class:`ChangeHub`,
-which wakes its subscribers at once. Other processes sharing the database (other hosts) learn of
-them through the database itself when :mod:`capsa.store.wakefeed` is on: the transaction also
-writes them there, and each process follows that table.
+which wakes its subscribers at once (from a thread of capsa's own, through its event loop:
+:func:`call_soon_on`, which the thread may hold until it answered its caller). Other processes
+sharing the database (other hosts) learn of them through the database itself when
+:mod:`capsa.store.wakefeed` is on: the transaction also writes them there, and each process
+follows that table.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -46,6 +50,46 @@ CAPSULE_STATUS = "capsule-status"
 
 # Where a write transaction keeps the wake-ups it names until it ends (its connection's info).
 _PENDING = "capsa_wakeups"
+# Per thread: the calls to event loops that it holds (hold_wakeups), or None.
+_held = threading.local()
+_LoopCall = tuple[asyncio.AbstractEventLoop, Callable[..., None], tuple[Any, ...]]
+
+
+def call_soon_on(
+    loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any
+) -> None:
+    """Runs ``callback(*args)`` on ``loop`` soon, from any thread: at once, or once this thread
+    releases the wake-ups it holds (:func:`hold_wakeups`)."""
+    held: list[_LoopCall] | None = getattr(_held, "calls", None)
+    if held is None:
+        loop.call_soon_threadsafe(callback, *args)
+    else:
+        held.append((loop, callback, args))
+
+
+def hold_wakeups() -> None:
+    """Holds this thread's calls to event loops (:func:`call_soon_on`: the wake-ups of its
+    writes) until :func:`release_wakeups`. For a thread that answers a caller waiting on it after
+    its writes: a woken loop starts what the wake-up asks for and takes the GIL from the thread,
+    which then waits for it before it can answer (the CNI ADD's answer took 0.2 ms, 1.9 at p90,
+    instead of 0.04)."""
+    _held.calls = []
+
+
+def release_wakeups() -> None:
+    """Makes the calls that this thread held, in their order; one wake of each loop."""
+    held: list[_LoopCall] | None = getattr(_held, "calls", None)
+    _held.calls = None
+    by_loop: dict[asyncio.AbstractEventLoop, list[_LoopCall]] = {}
+    for call in held or ():
+        by_loop.setdefault(call[0], []).append(call)
+    for loop, calls in by_loop.items():
+        loop.call_soon_threadsafe(_run_all, calls)
+
+
+def _run_all(calls: list[_LoopCall]) -> None:
+    for _, callback, args in calls:
+        callback(*args)
 
 
 @dataclass(frozen=True)

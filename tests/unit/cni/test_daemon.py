@@ -44,7 +44,7 @@ from capsa.network.dataplane import (
 )
 from capsa.network.service import NetworkService
 from capsa.network.types import Link, PluggedPort, PortBinding, PortSource
-from capsa.store import Store
+from capsa.store import Store, notify
 
 # How long a test waits for something that should happen (it normally takes milliseconds).
 WAIT_S = 5.0
@@ -474,6 +474,43 @@ async def test_add_binds_the_port_and_answers_the_result(
     assert result["ips"] == [{"address": "10.217.0.5/16", "gateway": "10.217.0.1", "interface": 2}]
     assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
     assert ports.bound == {"port-1": ("c1", host_ifname("c1", "eth0"))}
+
+
+class WakingPorts(FakePorts):
+    """Wakes the event loop from its writes, as the store's blocking writes do."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.woken: list[str] = []
+        self.fail_after_waking: Exception | None = None
+
+    def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        notify.call_soon_on(self.loop, self.woken.append, f"bound {container_id}")
+        if self.fail_after_waking is not None:
+            raise self.fail_after_waking
+        super().ports_bound(container_id, host_ifnames)
+
+    def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
+        notify.call_soon_on(self.loop, self.woken.append, f"unbound {container_id}")
+        return super().pod_unbound(pod_name, container_id)
+
+
+async def test_the_wakeups_of_a_calls_writes_reach_the_loop_after_its_answer(
+    dataplane: FakeDataplane,
+) -> None:
+    ports = WakingPorts(asyncio.get_running_loop())
+    async with serving(ports, dataplane) as served:
+        await added(served.session, envelope("c1"))
+        assert (await call(served.session, "del", envelope("c1")))[0] == 200
+        # A call that fails after its write woke the loop: the wake-up is not lost either.
+        ports.fail_after_waking = RuntimeError("the disk is full")
+        status, error = await call(served.session, "add", envelope("c2"))
+        assert status == 503 and "the disk is full" in error["msg"]
+        await after_answers_done(served)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert ports.woken == ["bound c1", "unbound c1", "bound c2"]
 
 
 async def test_variables_come_back_from_their_percent_encoded_headers(
