@@ -224,6 +224,9 @@ class _CniService:
         self._deleting: dict[str, _Deletion] = {}
         self.metrics = DaemonMetrics()
         self.not_ready_reason = _lacks_net_admin()
+        # Set as the daemon stops: an ADD waiting for the firewall gives up, rather than hold
+        # the stop for up to its whole wait.
+        self.stopping = threading.Event()
         self._commands: dict[
             str, Callable[[CniRequest, LogFields], tuple[dict[str, Any] | None, AfterAnswer]]
         ] = {
@@ -286,6 +289,12 @@ class _CniService:
             if deadline is None:
                 deadline = now + self._ready_wait
                 log.info(f"ADD waits for {waiting_for}", **fields)
+            if self.stopping.is_set():
+                raise CniError(
+                    ErrorCode.TRY_AGAIN_LATER,
+                    f"capsa-cni-daemon is stopping while ADD waited for {waiting_for}",
+                    "the runtime retries the sandbox once capsa is up again",
+                )
             if now >= deadline or client_gone():
                 if not ports:
                     raise _no_port(pod)
@@ -838,6 +847,7 @@ class CniDaemon:
         if not self._running:
             return
         self._running = False
+        self.service.stopping.set()
         await asyncio.to_thread(self._server.stop)
         # The last calls' retirements of bridges reached the loop before the server stopped.
         await self.service.finish_background()

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -40,6 +41,8 @@ WRITE_TIMEOUT_S = 30.0
 DEFAULT_MAX_HEAD = 1 << 20
 DEFAULT_MAX_BODY = 16 << 20
 _BACKLOG = 128
+# How long a thread waits before it accepts again after accept failed.
+_ACCEPT_RETRY_S = 0.1
 
 
 @dataclass
@@ -168,6 +171,8 @@ class ThreadedHttpServer:
                         self._waiting -= 1
                     return
                 log.exception("the CNI daemon cannot accept a connection")
+                # Out of file descriptors, say: not a tight loop of failures meanwhile.
+                time.sleep(_ACCEPT_RETRY_S)
                 continue
             with self._guard:
                 self._waiting -= 1

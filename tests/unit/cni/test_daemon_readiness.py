@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -167,3 +168,21 @@ async def test_an_add_of_ports_not_yet_enforced_asks_the_network_agent_for_a_pas
     async with asyncio.timeout(10):
         status, result = await add
     assert status == 200, result
+
+
+async def test_an_add_waiting_for_its_ports_gives_up_when_the_daemon_stops(
+    ports: WatchedPorts, dataplane: FakeDataplane, progress: FirewallProgress
+) -> None:
+    async with serving(ports, dataplane, progress=progress, ready_wait=30.0) as served:
+        add = asyncio.ensure_future(call(served.session, "add", envelope()))
+        await ports.read_again()
+        began = time.monotonic()
+
+        await asyncio.wait_for(served.daemon.stop(), WAIT_S)
+        status, error = await asyncio.wait_for(add, WAIT_S)
+
+    # Not the 30 s of its wait: the stop did not wait for them either.
+    assert time.monotonic() - began < WAIT_S
+    assert status == 503 and error["code"] == 11, error
+    assert "stopping" in error["msg"]
+    assert not dataplane.links
