@@ -176,7 +176,8 @@ class ThreadedHttpServer:
                 continue
             with self._guard:
                 self._waiting -= 1
-                if not self._waiting and len(self._threads) < self._max_threads:
+                growing = not self._stopping and len(self._threads) < self._max_threads
+                if not self._waiting and growing:
                     self._start_thread()
             try:
                 self._serve_connection(connection)
