@@ -196,6 +196,10 @@ class ThreadedHttpServer:
                 try:
                     request = self._read_request(connection)
                 except BadRequest as exc:
+                    # Not capsa-cni's doing: someone else reached the socket, or a broken client.
+                    log.warning(
+                        "refused a malformed request", status=int(exc.status), error=str(exc)
+                    )
                     response = HttpResponse(exc.status, f"{exc}\n".encode(), "text/plain")
                 else:
                     response = self._respond(request)

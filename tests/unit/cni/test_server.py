@@ -6,6 +6,7 @@ fixture releases whatever a handler may still wait on and stops every server it 
 
 from __future__ import annotations
 
+import logging
 import socket
 import stat
 import threading
@@ -358,18 +359,26 @@ MALFORMED = [
 
 @pytest.mark.parametrize(("data", "statuses", "reason"), MALFORMED)
 def test_a_malformed_request_gets_an_error_and_never_reaches_the_handler(
-    harness: Harness, data: bytes, statuses: set[int], reason: str
+    harness: Harness,
+    data: bytes,
+    statuses: set[int],
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     recorder = Recorder()
     server = harness.start(recorder, max_threads=1, max_body=64)
 
-    answer = exchange(server.address, data)
+    with caplog.at_level(logging.WARNING, logger="capsa.cni.server"):
+        answer = exchange(server.address, data)
 
     assert answer.status in statuses
     assert answer.headers["content-type"] == "text/plain"
     assert reason in answer.body.decode()
     assert answer.body.endswith(b"\n")
     assert recorder.requests == []
+    # The operator sees it too, with the reason.
+    refusals = [r for r in caplog.records if r.getMessage() == "refused a malformed request"]
+    assert len(refusals) == 1
     assert_still_serves(server.address, recorder)
 
 
