@@ -163,21 +163,14 @@ class Database:
             return self._transaction(work, False)
         return await self._in_thread(functools.partial(self._transaction, work, False))
 
-    async def read_rows(
-        self, statement: DriverStatement, params: Mapping[str, Any]
-    ) -> list[tuple[Any, ...]]:
-        """The rows of one statement. On SQLite it runs alone on the event loop, without a
-        transaction of its own: a single statement reads a consistent snapshot anyway, and
-        BEGIN and COMMIT would be two more round trips through the driver."""
-        if self.is_sqlite:
-            return statement.rows(self._kept_connection(False), params)
-        return await self.run_read(functools.partial(statement.rows, params=params))
-
     def read_rows_blocking(
         self, statement: DriverStatement, params: Mapping[str, Any]
     ) -> list[tuple[Any, ...]]:
-        """:meth:`read_rows` on the calling thread, which it blocks: for threads of capsa's own
-        that serve a caller waiting on them (the CNI daemon's), never the event loop."""
+        """The rows of one statement, on the calling thread, which it blocks: for threads of
+        capsa's own that serve a caller waiting on them (the CNI daemon's), never the event
+        loop. On SQLite it runs alone, without a transaction of its own: a single statement
+        reads a consistent snapshot anyway, and BEGIN and COMMIT would be two more round trips
+        through the driver."""
         if self.is_sqlite:
             return statement.rows(self._kept_connection(False), params)
         return self._transaction(functools.partial(statement.rows, params=params), False)

@@ -59,7 +59,9 @@ async def test_reads_see_every_write_committed_before_them(store: Store) -> None
         written = update(schema.meta).where(key).values(value=number)
         await store.db.run_write(lambda conn, written=written: conn.execute(written))
         assert (await read(long=False), await read(long=True)) == (number, number)
-        assert await store.db.read_rows(alone, {"key": "schema_version"}) == [(number,)]
+        assert await asyncio.to_thread(
+            store.db.read_rows_blocking, alone, {"key": "schema_version"}
+        ) == [(number,)]
 
 
 _HOSTS = schema.hosts.c
@@ -97,7 +99,7 @@ async def test_a_driver_statement_binds_as_sqlalchemy_does_and_returns_plain_row
         lambda conn: many.run_many(conn, [{"host": "h1", "mb": 1}, {"host": "h2", "mb": 2}])
     )
     memory = DriverStatement(select(_HOSTS.memory_mb).order_by(_HOSTS.name))
-    assert await store.db.read_rows(memory, {}) == [(1,), (2,)]
+    assert await asyncio.to_thread(store.db.read_rows_blocking, memory, {}) == [(1,), (2,)]
 
 
 async def test_a_driver_statement_refuses_columns_whose_values_sqlalchemy_converts(
@@ -106,7 +108,9 @@ async def test_a_driver_statement_refuses_columns_whose_values_sqlalchemy_conver
     await store.hosts.register("h1", "http://a", 1000, 512, ("runc",))
     for column in (_HOSTS.heartbeat_at, _HOSTS.disabled, _HOSTS.runtimes):
         with pytest.raises(TypeError, match="needs SQLAlchemy to convert"):
-            await store.db.read_rows(DriverStatement(select(column)), {})
+            await asyncio.to_thread(
+                store.db.read_rows_blocking, DriverStatement(select(column)), {}
+            )
 
 
 async def test_a_connection_that_the_driver_lost_is_replaced(store: Store) -> None:
