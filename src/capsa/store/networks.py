@@ -10,6 +10,7 @@ both be reached.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Sequence
@@ -95,24 +96,18 @@ class EnforcedStore:
 
     async def _write(self, work: Callable[[Connection], T]) -> T:
         """Runs a write transaction that wakes the network agents: what they enforce changed."""
-
-        def and_wake(conn: Connection) -> T:
-            result = work(conn)
-            notify.wake(conn, notify.NETWORK)
-            return result
-
-        return await self._db.run_write(and_wake)
+        return await self._db.run_write(functools.partial(_waking_network_agents, work))
 
     def _write_blocking(self, work: Callable[[Connection], T]) -> T:
         """:meth:`_write` on the calling thread, which it blocks (see
         Database.run_write_blocking)."""
+        return self._db.run_write_blocking(functools.partial(_waking_network_agents, work))
 
-        def and_wake(conn: Connection) -> T:
-            result = work(conn)
-            notify.wake(conn, notify.NETWORK)
-            return result
 
-        return self._db.run_write_blocking(and_wake)
+def _waking_network_agents(work: Callable[[Connection], T], conn: Connection) -> T:
+    result = work(conn)
+    notify.wake(conn, notify.NETWORK)
+    return result
 
 
 class NetworkStore(EnforcedStore):
