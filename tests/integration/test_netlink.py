@@ -255,10 +255,12 @@ def test_addresses_are_added_once_and_dumped_per_link(host: Netns) -> None:
     host.nl.add_bridge("cbr-b", mtu=1500)
     a = host.nl.get_link(name="cbr-a")
     b = host.nl.get_link(name="cbr-b")
-    host.nl.add_address(a.index, IPv4Interface("10.71.0.1/24"))
-    host.nl.add_address(b.index, IPv4Interface("10.72.0.1/16"))
+    host.nl.send(netlink.address_request(a.index, IPv4Interface("10.71.0.1/24")))
+    host.nl.send(netlink.address_request(b.index, IPv4Interface("10.72.0.1/16")))
     assert (
-        errno_of(lambda: host.nl.add_address(a.index, IPv4Interface("10.71.0.1/24")))
+        errno_of(
+            lambda: host.nl.send(netlink.address_request(a.index, IPv4Interface("10.71.0.1/24")))
+        )
         == errno.EEXIST
     )
     assert host.nl.addresses(a.index) == [
@@ -273,10 +275,10 @@ def test_addresses_are_added_once_and_dumped_per_link(host: Netns) -> None:
 def test_default_route_is_replaced_and_dumped(host: Netns) -> None:
     host.nl.add_bridge("cbr-r", mtu=1500)
     bridge = host.nl.get_link(name="cbr-r")
-    host.nl.add_address(bridge.index, IPv4Interface("10.73.0.2/24"))
+    host.nl.send(netlink.address_request(bridge.index, IPv4Interface("10.73.0.2/24")))
     host.nl.send(netlink.link_request(index=bridge.index, up=True))
-    host.nl.replace_default_route(IPv4Address("10.73.0.1"), bridge.index)
-    host.nl.replace_default_route(IPv4Address("10.73.0.254"), bridge.index)
+    host.nl.send(netlink.default_route_request(IPv4Address("10.73.0.1"), bridge.index))
+    host.nl.send(netlink.default_route_request(IPv4Address("10.73.0.254"), bridge.index))
     (default,) = host.nl.routes(socket.AF_INET, dst_len=0)
     assert (default.gateway, default.oif, default.dst, default.table) == (
         "10.73.0.254",
@@ -314,7 +316,7 @@ def test_a_failure_among_requests_sent_together_is_raised_after_the_rest_ran(
 ) -> None:
     host.nl.add_bridge("cbr-f", mtu=1500)
     bridge = host.nl.get_link(name="cbr-f")
-    host.nl.add_address(bridge.index, IPv4Interface("10.75.0.2/24"))
+    host.nl.send(netlink.address_request(bridge.index, IPv4Interface("10.75.0.2/24")))
     with pytest.raises(NetlinkError) as raised:
         host.nl.send_together(
             [

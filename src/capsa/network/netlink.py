@@ -8,7 +8,7 @@ data plane manages, over a plain ``NETLINK_ROUTE`` socket, on the standard libra
     with netlink.Rtnetlink() as nl:
         nl.add_bridge("cbr-demo", mtu=1500, address="02:00:00:00:00:01")
         bridge = nl.get_link(name="cbr-demo")
-        nl.add_address(bridge.index, IPv4Interface("10.1.0.1/24"))
+        nl.send(netlink.address_request(bridge.index, IPv4Interface("10.1.0.1/24")))
         nl.send(netlink.link_request(index=bridge.index, up=True))
         try:
             nl.add_bridge("cbr-demo", mtu=1500)
@@ -597,20 +597,12 @@ class Rtnetlink:
 
     # Addresses.
 
-    def add_address(self, index: int, interface: IPv4Interface) -> None:
-        """:func:`address_request`, sent: NetlinkError EEXIST if the link has the address."""
-        self.send(address_request(index, interface))
-
     def addresses(self, index: int, family: int = socket.AF_INET) -> list[Address]:
         """The addresses of ``family`` on the link ``index``."""
         body = _IFADDRMSG.pack(family, 0, 0, 0, index)
         return [decode_address(p) for p in self._dump(RTM_GETADDR, body, RTM_NEWADDR)]
 
     # Routes.
-
-    def replace_default_route(self, gateway: IPv4Address, oif: int) -> None:
-        """:func:`default_route_request`, sent."""
-        self.send(default_route_request(gateway, oif))
 
     def routes(self, family: int = socket.AF_INET, dst_len: int | None = None) -> list[Route]:
         """The routes of ``family`` in every table, those of prefix length ``dst_len`` if given

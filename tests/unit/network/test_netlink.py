@@ -335,7 +335,7 @@ def test_a_default_route_dump_keeps_prefix_length_zero(pair: tuple[Rtnetlink, Ke
 def test_an_address_request_names_its_link_and_prefix(pair: tuple[Rtnetlink, Kernel]) -> None:
     client, kernel = pair
     kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 1, error_payload(0)))
-    client.add_address(6, IPv4Interface("10.217.3.4/16"))
+    client.send(netlink.address_request(6, IPv4Interface("10.217.3.4/16")))
     _, _, _, body = kernel.request()
     family, prefixlen, _, _, index = struct.unpack_from("=BBBBI", body)
     assert (family, prefixlen, index) == (socket.AF_INET, 16, 6)
