@@ -116,8 +116,8 @@ _HTTP_STATUS = {
 }
 # Fields that name a call's subject in its log lines: capsule, container, port.
 LogFields = dict[str, str]
-# What a call leaves to do once its answer is out (see HttpResponse.after).
-AfterAnswer = Callable[[], None]
+# What a call leaves to do once its answer is out, if anything (see HttpResponse.after).
+AfterAnswer = Callable[[], None] | None
 
 
 class _KeyedLocks:
@@ -380,7 +380,7 @@ class _CniService:
                 # from RemovePodSandbox): the first took the pod off the networks and forgot
                 # every binding, and no ADD came since (it would have waited for this deletion).
                 log.info("already unplugged: its veths are being deleted", **fields)
-                return None, _nothing_after
+                return None, None
             self._deleted([first_host_end], fields)
             removed = self._netlink(
                 request, self._dataplane.detach, request.container_id, request.ifname
@@ -388,8 +388,9 @@ class _CniService:
             port_ids = [a.tag.port_id for a in removed if a.tag is not None]
             # Only where this container holds the binding: a newer sandbox's stays. By the pod's
             # name, a veth without its tag (an ADD killed early), or none left, loses it too.
-            # After the detach, not beside it: the write wakes the network agent, whose pass
-            # then runs beside the rest of this call rather than the detach.
+            # After the detach, not beside it: once the binding is gone, the network agent's
+            # next pass drops the port's anti-spoofing rules, which the pod must not outlive on
+            # the network.
             if pod:
                 unbound = _record(
                     "forgetting the bindings of",
@@ -471,9 +472,10 @@ class _CniService:
         ``bridge_linger`` seconds have passed (a pod that comes meanwhile finds it made, and
         keeps it), so that a capsule replacing the network's last one on this host neither
         waits for its removal nor makes it again."""
-        if self._bridge_linger <= 0 or self.loop is None:
+        if self._bridge_linger <= 0:
             self._remove_bridge_if_unused(bridge)
             return
+        assert self.loop is not None, "CniDaemon.start sets the loop before any call"
         self.loop.call_soon_threadsafe(self._linger, bridge)
 
     def _linger(self, bridge: str) -> None:
@@ -530,7 +532,7 @@ class _CniService:
             self._netlink(
                 request, self._dataplane.check, request.container_id, request.netns, interfaces
             )
-        return None, _nothing_after
+        return None, None
 
     def _gc(self, request: CniRequest, fields: LogFields) -> tuple[None, AfterAnswer]:
         """Removes this owner's attachments that the runtime no longer lists (every interface of
@@ -572,7 +574,7 @@ class _CniService:
                 f"GC could not remove {len(failures)} stale attachments",
                 "; ".join(failures),
             )
-        return None, _nothing_after
+        return None, None
 
     def _collect(
         self, request: CniRequest, host_name: str, tag: AttachmentTag
@@ -601,7 +603,7 @@ class _CniService:
                 ErrorCode.PLUGIN_NOT_AVAILABLE,
                 f"capsa-cni-daemon cannot bind ports: {self.not_ready_reason}",
             )
-        return None, _nothing_after
+        return None, None
 
     def _undo_plug(self, request: CniRequest) -> None:
         # The caller re-raises the failure that made this necessary; this one is only logged.
@@ -648,11 +650,7 @@ class _CniService:
         return HttpResponse(200, self.metrics.registry.render().encode(), metrics.CONTENT_TYPE)
 
 
-def _nothing_after() -> None:
-    pass
-
-
-def _release_wakeups_then(after: AfterAnswer | None) -> None:
+def _release_wakeups_then(after: AfterAnswer) -> None:
     notify.release_wakeups()
     if after is not None:
         after()
