@@ -224,17 +224,13 @@ class ThreadedHttpServer:
 
     def _read_request(self, connection: socket.socket) -> HttpRequest:
         received = b""
-        while (end := received.find(b"\r\n\r\n")) < 0:
-            if len(received) > self._max_head:
-                raise BadRequest(
-                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
-                    f"the request's head passes {self._max_head} bytes",
-                )
+        while (end := received.find(b"\r\n\r\n")) < 0 and len(received) <= self._max_head:
             chunk = connection.recv(65536)
             if not chunk:
                 raise BadRequest(HTTPStatus.BAD_REQUEST, "the request ended within its head")
             received += chunk
-        if end > self._max_head:
+        # Too long whether its end came or not.
+        if not 0 <= end <= self._max_head:
             raise BadRequest(
                 HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
                 f"the request's head passes {self._max_head} bytes",
