@@ -56,6 +56,21 @@ def install(out: Callable[[str], object]) -> None:
     """Wraps the traced coroutine methods and functions; ``out`` takes each JSON line."""
     import importlib
 
+    def record(name: str, caller: str, began: float, args: Any, kwargs: Any, returned: Any) -> None:
+        out(
+            json.dumps(
+                {
+                    "call": name,
+                    "task": caller,
+                    "begin": began,
+                    "end": time.time(),
+                    "subject": _subject(args, kwargs),
+                    # A new sandbox's or container's id, to follow a capsule's calls.
+                    "returned": returned if isinstance(returned, str) else None,
+                }
+            )
+        )
+
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         async def traced(*args: Any, **kwargs: Any) -> Any:
@@ -66,19 +81,7 @@ def install(out: Callable[[str], object]) -> None:
                 returned = await fn(*args, **kwargs)
                 return returned
             finally:
-                out(
-                    json.dumps(
-                        {
-                            "call": name,
-                            "task": task.get_name() if task else "",
-                            "begin": began,
-                            "end": time.time(),
-                            "subject": _subject(args, kwargs),
-                            # A new sandbox's or container's id, to follow a capsule's calls.
-                            "returned": returned if isinstance(returned, str) else None,
-                        }
-                    )
-                )
+                record(name, task.get_name() if task else "", began, args, kwargs, returned)
 
         return traced
 
@@ -91,18 +94,7 @@ def install(out: Callable[[str], object]) -> None:
                 returned = fn(*args, **kwargs)
                 return returned
             finally:
-                out(
-                    json.dumps(
-                        {
-                            "call": name,
-                            "task": threading.current_thread().name,
-                            "begin": began,
-                            "end": time.time(),
-                            "subject": _subject(args, kwargs),
-                            "returned": returned if isinstance(returned, str) else None,
-                        }
-                    )
-                )
+                record(name, threading.current_thread().name, began, args, kwargs, returned)
 
         return traced
 
