@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import json
 import random
@@ -100,12 +101,15 @@ def link_exists(name: str, netns: str | None = None) -> bool:
 
 
 def off_the_network(host_end: str) -> bool:
-    """Whether a host end is down, and so its bridge port disabled, or gone."""
+    """Whether a host end passes nothing: its bridge port locked, flooding nothing to it, or the
+    host end gone."""
     links = ip_json("-d", "link", "show", "dev", host_end)
     if not links:
         return True
     port = links[0].get("linkinfo", {}).get("info_slave_data", {})
-    return "UP" not in links[0]["flags"] and port.get("state", "disabled") == "disabled"
+    return port.get("locked") is True and not any(
+        port.get(flood) for flood in ("flood", "mcast_flood", "bcast_flood")
+    )
 
 
 async def unplugged(container_id: str, netns: str | None = None) -> bool:
@@ -1458,15 +1462,50 @@ async def test_a_detached_pod_reaches_nothing_and_nothing_reaches_it_before_its_
 
         await asyncio.to_thread(dataplane.detach, container_id, "eth0")
 
-        # Still there, still on its bridge (taking it off would wait for a grace period): down.
+        # Still there, on its bridge and up (taking it off or down would wait for a grace
+        # period), but locked: neither the host nor its neighbour reaches it, it reaches neither.
         host_end = host_ifname(container_id, "eth0")
         (link,) = ip_json("link", "show", "dev", host_end)
-        assert link["master"] == network.bridge and off_the_network(host_end)
+        assert link["master"] == network.bridge and "UP" in link["flags"]
+        assert off_the_network(host_end)
         assert not await reachable(port.ip.ip)
         assert sh("ip", "netns", "exec", netns, *ping_neighbour, check=False).returncode != 0
+        ping_gateway = ("busybox", "ping", "-c1", "-W1", str(port.gateway))
+        assert sh("ip", "netns", "exec", netns, *ping_gateway, check=False).returncode != 0
+        neighbour_pings = ("ip", "netns", "exec", other_netns, "busybox", "ping", "-c1", "-W1")
+        assert sh(*neighbour_pings, str(port.ip.ip), check=False).returncode != 0
         assert await reachable(neighbour.ip.ip)
         assert await asyncio.to_thread(dataplane.remove_detached, [host_end]) == [host_end]
         await asyncio.to_thread(dataplane.unplug, other_id, "eth0")
+    assert not link_exists(host_end)
+
+
+async def test_a_detached_veth_plugged_again_is_back_on_the_network_and_kept(
+    network: Network, make_netns: Callable[[], str]
+) -> None:
+    # What an ADD of the same attachment finds when the DEL's deletion of its veth never came
+    # (the daemon killed right after the DEL's answer).
+    _, port = network.add_pod()
+    netns = make_netns()
+    container_id = secrets.token_hex(32)
+    interfaces = [("eth0", port)]
+    host_end = host_ifname(container_id, "eth0")
+    with contextlib.closing(Dataplane()) as dataplane:
+        plug = functools.partial(
+            dataplane.plug, container_id, netns_path(netns), interfaces, "owner", "keeper"
+        )
+        await asyncio.to_thread(plug)
+        await asyncio.to_thread(dataplane.detach, container_id, "eth0")
+        with pytest.raises(DataplaneError, match="locked on its bridge"):
+            await asyncio.to_thread(dataplane.check, container_id, netns_path(netns), interfaces)
+
+        await asyncio.to_thread(plug)
+
+        assert not off_the_network(host_end)
+        assert await reachable(port.ip.ip)
+        await asyncio.to_thread(dataplane.check, container_id, netns_path(netns), interfaces)
+        assert await asyncio.to_thread(dataplane.remove_detached, [host_end]) == []
+        await asyncio.to_thread(dataplane.unplug, container_id, "eth0")
     assert not link_exists(host_end)
 
 

@@ -241,6 +241,49 @@ def test_veth_peer_is_made_in_the_other_netns(host: Netns, pod: Netns) -> None:
     assert errno_of(lambda: pod.nl.get_link(name="eth0")) == errno.ENODEV
 
 
+def test_a_locked_bridge_port_floods_nothing_and_forgets_its_macs_until_unlocked(
+    host: Netns, pod: Netns
+) -> None:
+    host.nl.add_bridge("cbr-t", mtu=1500)
+    bridge = host.nl.get_link(name="cbr-t")
+    host.nl.add_veth("capsa-t2", peer="eth0", peer_netns_fd=pod.fd, master=bridge.index, up=True)
+    port = host.nl.get_link(name="capsa-t2")
+    host.nl.send(netlink.link_request(index=bridge.index, up=True))
+    pod_end = pod.nl.get_link(name="eth0")
+    pod.nl.send(netlink.address_request(pod_end.index, IPv4Interface("10.77.0.2/24")))
+    pod.nl.send(netlink.link_request(index=pod_end.index, up=True))
+    # The pod's ARP request for a neighbour that is not there: the bridge learns its MAC.
+    ping = ("ip", "netns", "exec", pod.name, "busybox", "ping", "-c1", "-W1", "10.77.0.9")
+    subprocess.run(ping, capture_output=True, check=False, timeout=30)
+    learnt = pod_end.address
+    bridge_cmd = ("bridge", "-n", host.name)
+
+    def settings() -> dict[str, Any]:
+        (link,) = ip_json(host.name, "-d", "link", "show", "dev", "capsa-t2")
+        data: dict[str, Any] = link["linkinfo"]["info_slave_data"]
+        return {key: data[key] for key in ("locked", "flood", "mcast_flood", "bcast_flood")}
+
+    def macs() -> list[str]:
+        run = subprocess.run([*bridge_cmd, "-j", "fdb", "show", "dev", "capsa-t2"],
+                             capture_output=True, text=True, check=True, timeout=30)  # fmt: skip
+        return [entry["mac"] for entry in json.loads(run.stdout or "[]")]
+
+    assert not port.port_locked and learnt in macs()
+
+    host.nl.send(netlink.bridge_port_request(port.index, locked=True))
+
+    locked = host.nl.get_link(index=port.index)
+    assert locked.port_locked and (locked.up, locked.master) == (True, bridge.index)
+    off = {"locked": True, "flood": False, "mcast_flood": False, "bcast_flood": False}
+    assert settings() == off
+    assert learnt not in macs()
+
+    host.nl.send(netlink.bridge_port_request(port.index, locked=False))
+
+    assert not host.nl.get_link(index=port.index).port_locked
+    assert settings() == {"locked": False, "flood": True, "mcast_flood": True, "bcast_flood": True}
+
+
 def test_veth_into_a_netns_that_already_has_the_name_is_eexist(host: Netns, pod: Netns) -> None:
     host.nl.add_veth("capsa-t1", peer="eth0", peer_netns_fd=pod.fd)
     assert (

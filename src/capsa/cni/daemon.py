@@ -14,13 +14,13 @@
 - DEL undoes an ADD, every interface of it, and is always safe: repeated, without netns or
   prevResult, for a sandbox never seen, or for an old sandbox of a capsule that has a new one (the
   host veths' names derive from the container id, and the store forgets a binding only for the
-  container id that holds it). It answers once the pod is off the networks (its veths' host ends
-  down: their bridge ports disabled) and the bindings forgotten (one store round trip, by the pod's
-  name, after the detach); the veths themselves are deleted right after the answer (the
-  kernel's veth deletion is most of a DEL's time otherwise); a bridge no pod is left on goes
-  ``cni.bridge_linger`` seconds later if no pod came back to it meanwhile. A daemon that starts
-  retires likewise the unused bridges it keeps (:func:`capsa.cni.protocol.bridge_keeper`), which
-  an earlier run killed within their linger left.
+  container id that holds it). It answers once the pod is off the networks (its veths' bridge
+  ports locked: they pass no frame either way) and the bindings forgotten (one store round
+  trip, by the pod's name, after the detach); the veths themselves are deleted right after the
+  answer (the kernel's veth deletion is most of a DEL's time otherwise); a bridge no pod is left
+  on goes ``cni.bridge_linger`` seconds later if no pod came back to it meanwhile. A daemon that
+  starts retires likewise the unused bridges it keeps (:func:`capsa.cni.protocol.bridge_keeper`),
+  which an earlier run killed within their linger left.
   Only calls on those veths wait for that deletion: an ADD of the same attachment (CNI allows
   ADD after DEL) makes them again once it is over, and a DEL repeated meanwhile (kubelet-style
   runtimes send two per sandbox) answers at once, its work done.

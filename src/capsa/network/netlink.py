@@ -98,12 +98,20 @@ IFLA_IFNAME = 3
 IFLA_MTU = 4
 IFLA_LINK = 5
 IFLA_MASTER = 10
+IFLA_PROTINFO = 12
 IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
 IFLA_NET_NS_FD = 28
 IFLA_EXT_MASK = 29
 IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
+IFLA_INFO_SLAVE_DATA = 5
+# A bridge port's settings (IFLA_PROTINFO of an AF_BRIDGE request, IFLA_INFO_SLAVE_DATA of a link).
+IFLA_BRPORT_UNICAST_FLOOD = 9
+IFLA_BRPORT_FLUSH = 24
+IFLA_BRPORT_MCAST_FLOOD = 27
+IFLA_BRPORT_BCAST_FLOOD = 30
+IFLA_BRPORT_LOCKED = 39
 VETH_INFO_PEER = 1
 IFLA_VXLAN_ID = 1
 IFLA_VXLAN_LOCAL = 4
@@ -168,6 +176,8 @@ class Link:
     ifalias: str | None = None
     kind: str | None = None
     vxlan_id: int | None = None
+    # A bridge port that passes no frame (see bridge_port_request).
+    port_locked: bool = False
 
     @property
     def up(self) -> bool:
@@ -226,6 +236,10 @@ def nested(kind: int, *attributes: bytes) -> bytes:
 def message(kind: int, flags: int, seq: int, body: bytes) -> bytes:
     """A netlink message: its header, then ``body`` (a family header and its attributes)."""
     return _HEADER.pack(_HEADER.size + len(body), kind, flags, seq, 0) + body
+
+
+def _u8(kind: int, value: int) -> bytes:
+    return attribute(kind, bytes((value,)))
 
 
 def _u32(kind: int, value: int) -> bytes:
@@ -314,17 +328,23 @@ def _ip(value: bytes | None) -> str | None:
 _LINK_ATTRIBUTES = frozenset(
     (IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS)
 )
+_PORT_ATTRIBUTES = frozenset((IFLA_BRPORT_LOCKED,))
 
 
 def decode_link(payload: bytes) -> Link:
     _, _, index, flags, _ = _IFINFOMSG.unpack_from(payload)
     attributes = parse_attributes(payload, _IFINFOMSG.size, _LINK_ATTRIBUTES)
     kind = vxlan_id = None
+    port_locked = False
     if IFLA_LINKINFO in attributes:
         info = parse_attributes(attributes[IFLA_LINKINFO])
         kind = _text(info.get(IFLA_INFO_KIND))
         if kind == "vxlan" and IFLA_INFO_DATA in info:
             vxlan_id = _number(parse_attributes(info[IFLA_INFO_DATA]).get(IFLA_VXLAN_ID))
+        if IFLA_INFO_SLAVE_DATA in info:
+            port = parse_attributes(info[IFLA_INFO_SLAVE_DATA], wanted=_PORT_ATTRIBUTES)
+            locked = port.get(IFLA_BRPORT_LOCKED)
+            port_locked = bool(locked and locked[0])
     return Link(
         index=index,
         ifname=_text(attributes.get(IFLA_IFNAME)) or "",
@@ -336,6 +356,7 @@ def decode_link(payload: bytes) -> Link:
         ifalias=_text(attributes.get(IFLA_IFALIAS)),
         kind=kind,
         vxlan_id=vxlan_id,
+        port_locked=port_locked,
     )
 
 
@@ -430,6 +451,27 @@ def link_request(
         # Without a terminating NUL: the kernel counts it in the alias's length.
         body += attribute(IFLA_IFALIAS, alias.encode())
     return Request(RTM_SETLINK, NLM_F_REQUEST, body)
+
+
+def bridge_port_request(index: int, *, locked: bool) -> Request:
+    """Sets what the bridge port ``index`` lets through. Locked, it passes no frame either way:
+    the bridge drops what enters by it from a MAC it has no static entry for (it has none there),
+    floods nothing to it, and forgets the MACs it learnt on it, so nothing is forwarded to it
+    either (but for multicast of a group the pod joined, which goes by the bridge's group table
+    when a multicast querier is on the network; capsa's bridges run none). Unlocked, it is as a
+    new port is (no lock, flooding). Unlike taking the link down or off its bridge, this does not
+    wait for the network's grace period."""
+    flag = 0 if locked else 1
+    settings = [
+        _u8(IFLA_BRPORT_LOCKED, int(locked)),
+        _u8(IFLA_BRPORT_UNICAST_FLOOD, flag),
+        _u8(IFLA_BRPORT_MCAST_FLOOD, flag),
+        _u8(IFLA_BRPORT_BCAST_FLOOD, flag),
+    ]
+    if locked:
+        settings.append(attribute(IFLA_BRPORT_FLUSH, b""))
+    header = _IFINFOMSG.pack(socket.AF_BRIDGE, 0, index, 0, 0)
+    return Request(RTM_SETLINK, NLM_F_REQUEST, header + nested(IFLA_PROTINFO, *settings))
 
 
 def address_request(index: int, interface: IPv4Interface) -> Request:

@@ -171,6 +171,44 @@ def test_link_decodes_its_attributes() -> None:
     assert link.up
 
 
+def test_a_bridge_port_says_whether_it_is_locked() -> None:
+    def port(*settings: bytes) -> netlink.Link:
+        slave_data = nested(netlink.IFLA_INFO_SLAVE_DATA, *settings)
+        return netlink.decode_link(link_payload(9, "capsa-x", 0, nested(IFLA_LINKINFO, slave_data)))
+
+    flooding = attribute(netlink.IFLA_BRPORT_UNICAST_FLOOD, b"\x01")
+    assert port(flooding, attribute(netlink.IFLA_BRPORT_LOCKED, b"\x01")).port_locked
+    assert not port(attribute(netlink.IFLA_BRPORT_LOCKED, b"\x00"), flooding).port_locked
+    # A kernel without the setting, and a link on no bridge.
+    assert not port(flooding).port_locked
+    assert not netlink.decode_link(link_payload(9, "capsa-x")).port_locked
+
+
+@pytest.mark.parametrize("locked", [True, False])
+def test_a_bridge_port_request_locks_or_unlocks_it_in_one_request(
+    pair: tuple[Rtnetlink, Kernel], locked: bool
+) -> None:
+    client, kernel = pair
+    kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 1, error_payload(0)))
+
+    client.send(netlink.bridge_port_request(6, locked=locked))
+
+    kind, _, _, body = kernel.request()
+    family, _, index, ifi_flags, change = IFINFOMSG.unpack_from(body)
+    # The bridge's own request: the link's flags untouched.
+    assert (kind, family, index, ifi_flags, change) == (RTM_SETLINK, socket.AF_BRIDGE, 6, 0, 0)
+    settings = parse_attributes(parse_attributes(body, IFINFOMSG.size)[netlink.IFLA_PROTINFO])
+    floods = (
+        netlink.IFLA_BRPORT_UNICAST_FLOOD,
+        netlink.IFLA_BRPORT_MCAST_FLOOD,
+        netlink.IFLA_BRPORT_BCAST_FLOOD,
+    )
+    assert settings[netlink.IFLA_BRPORT_LOCKED] == bytes([locked])
+    assert [settings[flood] for flood in floods] == [bytes([not locked])] * 3
+    # Locking forgets the MACs learnt on the port, so that nothing is forwarded to it.
+    assert (netlink.IFLA_BRPORT_FLUSH in settings) == locked
+
+
 def test_a_link_without_master_or_alias_has_none() -> None:
     link = netlink.decode_link(link_payload(5, "capsa0"))
     assert (link.master, link.ifalias, link.kind, link.up) == (None, None, None, False)
