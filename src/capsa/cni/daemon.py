@@ -16,14 +16,17 @@
   host veths' names derive from the container id, and the store forgets a binding only for the
   container id that holds it). It answers once the pod is off the networks (its veths' bridge
   ports locked: they pass no frame either way) and the bindings forgotten (one store round
-  trip, by the pod's name, after the detach); the veths themselves are deleted right after the
-  answer (the kernel's veth deletion is most of a DEL's time otherwise); a bridge no pod is left
-  on goes ``cni.bridge_linger`` seconds later if no pod came back to it meanwhile. A daemon that
-  starts retires likewise the unused bridges it keeps (:func:`capsa.cni.protocol.bridge_keeper`),
-  which an earlier run killed within their linger left.
-  Only calls on those veths wait for that deletion: an ADD of the same attachment (CNI allows
-  ADD after DEL) makes them again once it is over, and a DEL repeated meanwhile (kubelet-style
-  runtimes send two per sandbox) answers at once, its work done.
+  trip, by the pod's name, after the detach). The veths themselves go a second after the answer
+  (:data:`DETACHED_VETH_WAIT_S`), unless their netns, which the runtime deletes right after the
+  DEL, took them first: the kernel's deletion of a veth would be most of a DEL's time otherwise,
+  or run beside its caller's next steps. A bridge no pod is left on goes ``cni.bridge_linger``
+  seconds later if no pod came back to it meanwhile. A daemon that starts retires likewise the
+  unused bridges it keeps (:func:`capsa.cni.protocol.bridge_keeper`), which an earlier run
+  killed within their linger left.
+  Only calls on those veths deal with that deletion: an ADD of the same attachment (CNI allows
+  ADD after DEL) takes them back while it waits to begin (the ADD then unlocks them) and waits
+  for it once begun, and a DEL repeated meanwhile (kubelet-style runtimes send two per sandbox)
+  answers at once, its work done.
 - CHECK compares ``prevResult``, the port and the kernel.
 - GC (CNI 1.1.0) removes this daemon's attachments that are not in ``cni.dev/valid-attachments``.
 - STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
@@ -106,6 +109,10 @@ _MAX_HEAD = 1 << 20
 # compute agent asks for the sandbox meanwhile), and how often it looks again between passes.
 READY_WAIT_S = 10.0
 _READY_RECHECK_S = 0.1
+# How long the veths a DEL detached wait before it deletes them: the runtime deletes the pod's
+# netns right after the DEL, which takes them with it (and the kernel's deletion of a veth, 15-20
+# ms of its work and its grace periods, would otherwise run beside the DEL's caller).
+DETACHED_VETH_WAIT_S = 1.0
 # Bit of CAP_NET_ADMIN in /proc/self/status CapEff.
 _CAP_NET_ADMIN = 12
 _HTTP_STATUS = {
@@ -143,14 +150,19 @@ class _KeyedLocks:
                     del self._users[key], self._locks[key]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class _Deletion:
-    """Veths a DEL detached, being deleted after its answer."""
+    """Veths a DEL detached, deleted a while after its answer (DETACHED_VETH_WAIT_S) unless a
+    call on them takes them back first. The state changes under the service's guard."""
 
     done: threading.Event
     # Whether that DEL forgot every binding of its attachment: a DEL repeated meanwhile has
     # nothing left to do.
     unbound_all: bool
+    # The deletion has begun: a call on the veths waits for it to end.
+    begun: bool = False
+    # A call on the veths took them back before it began: it deletes nothing.
+    taken_back: bool = False
 
 
 class DaemonMetrics:
@@ -202,6 +214,7 @@ class _CniService:
         ready_wait: float = READY_WAIT_S,
         bridge_linger: float = 0.0,
         address: str = "",
+        detached_veth_wait: float = DETACHED_VETH_WAIT_S,
     ):
         # Where capsa-cni reaches this daemon: it names the daemon's attachments' owner and its
         # bridges' keeper (CniDaemon sets it once it listens).
@@ -211,16 +224,21 @@ class _CniService:
         self._progress = progress
         self._ready_wait = ready_wait
         self._bridge_linger = bridge_linger
+        self._detached_veth_wait = detached_veth_wait
         self._guard = threading.Lock()
         # The event loop that times bridges' lingers (CniDaemon.start sets it): a timer thread
         # per DEL would cost a thread's start each time.
         self.loop: asyncio.AbstractEventLoop | None = None
         # On the loop: the bridges their last pod left, each with its timer, removed when the
-        # linger ends if still unused; and the removals under way.
+        # linger ends if still unused; the DELs' deletions of veths, each with its timer; and
+        # the removals under way.
         self._idle_bridges: dict[str, asyncio.TimerHandle] = {}
+        self._waiting_deletions: dict[
+            _Deletion, tuple[asyncio.TimerHandle, Callable[[], None]]
+        ] = {}
         self._removals: set[asyncio.Future[None]] = set()
         self._pod_locks = _KeyedLocks()
-        # Host ends that a DEL detached and is deleting after its answer, by name.
+        # Host ends that a DEL detached and deletes after its answer, by name.
         self._deleting: dict[str, _Deletion] = {}
         self.metrics = DaemonMetrics()
         self.not_ready_reason = _lacks_net_admin()
@@ -417,9 +435,35 @@ class _CniService:
             with self._guard:
                 self._deleting.update(dict.fromkeys(host_names, deletion))
         bridges = list(dict.fromkeys(a.bridge for a in removed if a.bridge))
-        return None, functools.partial(
+        remove = functools.partial(
             self._remove_detached, request, host_names, bridges, deletion, fields
         )
+        return None, functools.partial(self._unplugged, deletion, remove, fields)
+
+    def _unplugged(
+        self, deletion: _Deletion, remove: Callable[[], None], fields: LogFields
+    ) -> None:
+        """After a DEL's answer: its veths' deletion, at once or after the wait."""
+        log.info("port unplugged", **fields)
+        if self._detached_veth_wait <= 0:
+            remove()
+            return
+        assert self.loop is not None, "CniDaemon.start sets the loop before any call"
+        self.loop.call_soon_threadsafe(self._wait_to_remove, deletion, remove)
+
+    def _wait_to_remove(self, deletion: _Deletion, remove: Callable[[], None]) -> None:
+        # On the loop.
+        assert self.loop is not None
+        timer = self.loop.call_later(self._detached_veth_wait, self._start_removal, deletion)
+        self._waiting_deletions[deletion] = (timer, remove)
+
+    def _start_removal(self, deletion: _Deletion) -> None:
+        # On the loop.
+        assert self.loop is not None
+        _, remove = self._waiting_deletions.pop(deletion)
+        removal = self.loop.run_in_executor(None, remove)
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
 
     def _remove_detached(
         self,
@@ -429,10 +473,13 @@ class _CniService:
         deletion: _Deletion,
         fields: LogFields,
     ) -> None:
-        """After a DEL's answer: deletes the veths it detached (the kernel's veth deletion is
-        most of a DEL's time otherwise), then their bridges if no pod is left on them; only calls
-        on those veths wait for it (:meth:`_deleted`), not the pod's other calls."""
-        log.info("port unplugged", **fields)
+        """Deletes the veths a DEL detached, if their netns did not take them meanwhile and no
+        call took them back, then retires their bridges; only calls on those veths wait for it
+        once begun (:meth:`_deleted`), not the pod's other calls."""
+        with self._guard:
+            if deletion.taken_back:
+                return
+            deletion.begun = True
         try:
             self._netlink(request, self._dataplane.remove_detached, host_names)
         except CniError as exc:
@@ -448,17 +495,31 @@ class _CniService:
             self._retire_bridge(bridge)
 
     def _deleted(self, host_names: list[str], fields: LogFields) -> None:
-        """Waits until no DEL is deleting any of the veths ``host_names`` any more."""
+        """Makes sure no DEL deletes any of the veths ``host_names`` any more: takes them back
+        from a deletion that waits to begin, waits for one under way to end."""
+        under_way = []
         with self._guard:
-            deletions = {self._deleting[name] for name in host_names if name in self._deleting}
-        if deletions:
+            for deletion in {self._deleting[n] for n in host_names if n in self._deleting}:
+                if deletion.begun:
+                    under_way.append(deletion)
+                    continue
+                deletion.taken_back = True
+                for name, held_by in list(self._deleting.items()):
+                    if held_by is deletion:
+                        del self._deleting[name]
+                deletion.done.set()
+        if under_way:
             log.info("waiting for a DEL's deletion of the attachment's veths", **fields)
-            for deletion in deletions:
+            for deletion in under_way:
                 deletion.done.wait()
 
     async def finish_background(self) -> None:
-        """On the event loop, once no call runs any more: waits for the removals of bridges
-        whose linger ended, and removes those still lingering without waiting for it."""
+        """On the event loop, once no call runs any more: deletes the veths that DELs detached
+        without waiting any longer, waits for the removals of bridges whose linger ended, and
+        removes those still lingering without waiting for it."""
+        for deletion, (timer, _) in list(self._waiting_deletions.items()):
+            timer.cancel()
+            self._start_removal(deletion)
         if self._removals:
             await asyncio.gather(*self._removals)
         idle, self._idle_bridges = self._idle_bridges, {}
@@ -786,8 +847,9 @@ class CniDaemon:
     With ``progress`` (the host's network agent runs beside it), an ADD waits up to
     ``ready_wait`` seconds for the capsule's ports to exist and be enforced by the firewall. A
     bridge that its last pod left is removed ``bridge_linger`` seconds later if no pod came
-    meanwhile (at once with 0), and when the daemon stops at the latest. Up to ``workers``
-    calls are served at once.
+    meanwhile (at once with 0), and when the daemon stops at the latest. The veths a DEL takes
+    off the network are deleted ``detached_veth_wait`` seconds after its answer (at once with 0),
+    or when the daemon stops. Up to ``workers`` calls are served at once.
     """
 
     def __init__(
@@ -800,12 +862,19 @@ class CniDaemon:
         progress: FirewallProgress | None = None,
         ready_wait: float = READY_WAIT_S,
         bridge_linger: float = 0.0,
+        detached_veth_wait: float = DETACHED_VETH_WAIT_S,
     ) -> None:
         self._listen = parse_listen(listen)
         self._listen_text = listen
         self._dataplane = dataplane or Dataplane()
         self.service = _CniService(
-            ports, self._dataplane, progress, ready_wait, bridge_linger, address=listen
+            ports,
+            self._dataplane,
+            progress,
+            ready_wait,
+            bridge_linger,
+            address=listen,
+            detached_veth_wait=detached_veth_wait,
         )
         self._server = ThreadedHttpServer(
             self._listen, self._route, max_threads=workers, name="capsa-cni", max_head=_MAX_HEAD

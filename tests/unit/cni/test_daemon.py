@@ -341,6 +341,9 @@ async def serving(
         listen = listen or f"unix:{directory / 'cni.sock'}"
         socket_path = parse_listen(listen)
         assert isinstance(socket_path, Path)
+        # A DEL's veths are deleted once its answer is out, not a second later, unless a test
+        # says otherwise: the tests wait for the work after answers, not for timers.
+        daemon_kwargs.setdefault("detached_veth_wait", 0.0)
         daemon = CniDaemon(ports, listen, dataplane=dataplane, **daemon_kwargs)
         after_answers = AfterAnswerWork()
         # Wraps the handler its server calls for every request: the daemon has no public way
@@ -875,6 +878,72 @@ async def test_an_add_right_after_a_del_ends_plugged(
     assert await asyncio.to_thread(removal_ran.wait, WAIT_S)
 
     assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
+
+
+def watching_veth_removals(dataplane: FakeDataplane) -> queue.Queue[tuple[list[str], float]]:
+    """Each deletion of detached veths the daemon asks of the data plane, as (the veths it
+    removed, when: time.monotonic())."""
+    removals: queue.Queue[tuple[list[str], float]] = queue.Queue()
+    remove_detached = dataplane.remove_detached
+
+    def watched(host_names: Sequence[str]) -> list[str]:
+        removed = remove_detached(host_names)
+        removals.put((removed, time.monotonic()))
+        return removed
+
+    dataplane.remove_detached = watched  # type: ignore[method-assign]
+    return removals
+
+
+async def test_a_dels_veths_are_deleted_only_once_their_wait_is_over(
+    ports: FakePorts, dataplane: FakeDataplane
+) -> None:
+    removals = watching_veth_removals(dataplane)
+    async with serving(ports, dataplane, detached_veth_wait=0.3) as served:
+        await added(served.session, envelope())
+        began = time.monotonic()
+        assert await call(served.session, "del", envelope()) == (200, None)
+        await after_answers_done(served)
+        # The runtime deletes the pod's netns meanwhile, which takes the veths with it.
+        assert removals.empty(), "deleted right after the answer"
+
+        removed, at = await asyncio.to_thread(removals.get, timeout=WAIT_S)
+
+    assert removed == [host_ifname("c1", "eth0")] and at - began >= 0.3
+    assert dataplane.links == {} and dataplane.removed_bridges == ["capsa0"]
+
+
+async def test_an_add_of_the_attachment_takes_its_veths_back_from_a_waiting_deletion(
+    ports: FakePorts, dataplane: FakeDataplane
+) -> None:
+    removals = watching_veth_removals(dataplane)
+    async with serving(ports, dataplane, detached_veth_wait=60.0) as served:
+        await added(served.session, envelope())
+        assert await call(served.session, "del", envelope()) == (200, None)
+        await after_answers_done(served)
+
+        # Without waiting for the deletion's minute: it has not begun.
+        await asyncio.wait_for(added(served.session, envelope()), CALL_TIMEOUT_S)
+    # Stopping runs the deletions still waiting: this one has nothing left to delete.
+
+    assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
+    assert host_ifname("c1", "eth0") not in dataplane.detached
+    assert removals.empty() and dataplane.removed_bridges == []
+
+
+async def test_a_stopping_daemon_deletes_the_veths_still_waiting_at_once(
+    ports: FakePorts, dataplane: FakeDataplane
+) -> None:
+    removals = watching_veth_removals(dataplane)
+    async with serving(ports, dataplane, detached_veth_wait=60.0) as served:
+        await added(served.session, envelope())
+        assert await call(served.session, "del", envelope()) == (200, None)
+        await after_answers_done(served)
+        stopping = time.monotonic()
+
+    removed, at = removals.get_nowait()
+    assert removed == [host_ifname("c1", "eth0")] and at - stopping < WAIT_S
+    assert dataplane.links == {} and dataplane.removed_bridges == ["capsa0"]
 
 
 async def test_a_second_del_answers_while_the_first_ones_deletion_runs(
