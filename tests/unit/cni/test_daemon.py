@@ -685,19 +685,20 @@ async def test_del_unbinds_and_removes_the_unused_bridge(
     assert dataplane.removed_bridges == ["capsa0"]
 
 
-def watching_bridge_checks(dataplane: FakeDataplane) -> queue.Queue[tuple[str, bool, float]]:
-    """Each check of the data plane for an unused bridge to remove, as (bridge, whether it was
-    removed, when: time.monotonic())."""
-    checks: queue.Queue[tuple[str, bool, float]] = queue.Queue()
-    remove_bridge_if_unused = dataplane.remove_bridge_if_unused
+def watching(dataplane: FakeDataplane, method: str) -> queue.Queue[tuple[Any, Any, float]]:
+    """Each call of the data plane's one-argument ``method`` (the daemon's check for an unused
+    bridge to remove, its deletion of detached veths), as (its argument, what it returned, when:
+    time.monotonic())."""
+    calls: queue.Queue[tuple[Any, Any, float]] = queue.Queue()
+    original = getattr(dataplane, method)
 
-    def watched(name: str) -> bool:
-        removed = remove_bridge_if_unused(name)
-        checks.put((name, removed, time.monotonic()))
-        return removed
+    def watched(argument: Any) -> Any:
+        result = original(argument)
+        calls.put((argument, result, time.monotonic()))
+        return result
 
-    dataplane.remove_bridge_if_unused = watched  # type: ignore[method-assign]
-    return checks
+    setattr(dataplane, method, watched)
+    return calls
 
 
 async def test_a_bridge_its_last_pod_left_lingers_and_a_pod_that_comes_meanwhile_keeps_it(
@@ -707,7 +708,7 @@ async def test_a_bridge_its_last_pod_left_lingers_and_a_pod_that_comes_meanwhile
     linger = 1.0
     # A timed wait never ends early, but the two clocks' readings may differ by a rounding.
     clock_slack = 0.01
-    checks = watching_bridge_checks(dataplane)
+    checks = watching(dataplane, "remove_bridge_if_unused")
     async with serving(ports, dataplane, bridge_linger=linger) as served:
         client = served.session
         await added(client, envelope())
@@ -880,34 +881,24 @@ async def test_an_add_right_after_a_del_ends_plugged(
     assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
 
 
-def watching_veth_removals(dataplane: FakeDataplane) -> queue.Queue[tuple[list[str], float]]:
-    """Each deletion of detached veths the daemon asks of the data plane, as (the veths it
-    removed, when: time.monotonic())."""
-    removals: queue.Queue[tuple[list[str], float]] = queue.Queue()
-    remove_detached = dataplane.remove_detached
-
-    def watched(host_names: Sequence[str]) -> list[str]:
-        removed = remove_detached(host_names)
-        removals.put((removed, time.monotonic()))
-        return removed
-
-    dataplane.remove_detached = watched  # type: ignore[method-assign]
-    return removals
+async def added_then_deleted(served: Served) -> None:
+    """An ADD, the DEL of its attachment, and the work the daemon does after the DEL's answer."""
+    await added(served.session, envelope())
+    assert await call(served.session, "del", envelope()) == (200, None)
+    await after_answers_done(served)
 
 
 async def test_a_dels_veths_are_deleted_only_once_their_wait_is_over(
     ports: FakePorts, dataplane: FakeDataplane
 ) -> None:
-    removals = watching_veth_removals(dataplane)
+    removals = watching(dataplane, "remove_detached")
     async with serving(ports, dataplane, detached_veth_wait=0.3) as served:
-        await added(served.session, envelope())
         began = time.monotonic()
-        assert await call(served.session, "del", envelope()) == (200, None)
-        await after_answers_done(served)
+        await added_then_deleted(served)
         # The runtime deletes the pod's netns meanwhile, which takes the veths with it.
         assert removals.empty(), "deleted right after the answer"
 
-        removed, at = await asyncio.to_thread(removals.get, timeout=WAIT_S)
+        _, removed, at = await asyncio.to_thread(removals.get, timeout=WAIT_S)
 
     assert removed == [host_ifname("c1", "eth0")] and at - began >= 0.3
     assert dataplane.links == {} and dataplane.removed_bridges == ["capsa0"]
@@ -916,11 +907,9 @@ async def test_a_dels_veths_are_deleted_only_once_their_wait_is_over(
 async def test_an_add_of_the_attachment_takes_its_veths_back_from_a_waiting_deletion(
     ports: FakePorts, dataplane: FakeDataplane
 ) -> None:
-    removals = watching_veth_removals(dataplane)
+    removals = watching(dataplane, "remove_detached")
     async with serving(ports, dataplane, detached_veth_wait=60.0) as served:
-        await added(served.session, envelope())
-        assert await call(served.session, "del", envelope()) == (200, None)
-        await after_answers_done(served)
+        await added_then_deleted(served)
 
         # Without waiting for the deletion's minute: it has not begun.
         await asyncio.wait_for(added(served.session, envelope()), CALL_TIMEOUT_S)
@@ -934,14 +923,12 @@ async def test_an_add_of_the_attachment_takes_its_veths_back_from_a_waiting_dele
 async def test_a_stopping_daemon_deletes_the_veths_still_waiting_at_once(
     ports: FakePorts, dataplane: FakeDataplane
 ) -> None:
-    removals = watching_veth_removals(dataplane)
+    removals = watching(dataplane, "remove_detached")
     async with serving(ports, dataplane, detached_veth_wait=60.0) as served:
-        await added(served.session, envelope())
-        assert await call(served.session, "del", envelope()) == (200, None)
-        await after_answers_done(served)
+        await added_then_deleted(served)
         stopping = time.monotonic()
 
-    removed, at = removals.get_nowait()
+    _, removed, at = removals.get_nowait()
     assert removed == [host_ifname("c1", "eth0")] and at - stopping < WAIT_S
     assert dataplane.links == {} and dataplane.removed_bridges == ["capsa0"]
 
