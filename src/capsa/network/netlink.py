@@ -457,16 +457,16 @@ def bridge_port_request(index: int, *, locked: bool) -> Request:
     """Sets what the bridge port ``index`` lets through. Locked, it passes no frame either way:
     the bridge drops what enters by it from a MAC it has no static entry for (it has none there),
     floods nothing to it, and forgets the MACs it learnt on it, so nothing is forwarded to it
-    either (but for multicast of a group the pod joined, which goes by the bridge's group table
-    when a multicast querier is on the network; capsa's bridges run none). Unlocked, it is as a
-    new port is (no lock, flooding). Unlike taking the link down or off its bridge, this does not
-    wait for the network's grace period."""
-    flag = 0 if locked else 1
+    either (but for multicast to a group joined through it, which goes by the bridge's group
+    table when a multicast querier is on the segment; capsa's bridges run none). Unlocked, it is
+    as a new port is (no lock, flooding). Unlike taking the link down or off its bridge, this
+    does not wait for the network's grace period."""
+    flooding = int(not locked)
     settings = [
         _u8(IFLA_BRPORT_LOCKED, int(locked)),
-        _u8(IFLA_BRPORT_UNICAST_FLOOD, flag),
-        _u8(IFLA_BRPORT_MCAST_FLOOD, flag),
-        _u8(IFLA_BRPORT_BCAST_FLOOD, flag),
+        _u8(IFLA_BRPORT_UNICAST_FLOOD, flooding),
+        _u8(IFLA_BRPORT_MCAST_FLOOD, flooding),
+        _u8(IFLA_BRPORT_BCAST_FLOOD, flooding),
     ]
     if locked:
         settings.append(attribute(IFLA_BRPORT_FLUSH, b""))
