@@ -63,8 +63,6 @@ HOST_IFNAME_PREFIX = "capsa"
 ALIAS_MARK = "capsa-cni"
 # First word of a bridge's alias; the second is its keeper.
 BRIDGE_ALIAS_MARK = "capsa-bridge"
-# The kernel gives lo this index in every netns (LOOPBACK_IFINDEX).
-_LOOPBACK_INDEX = 1
 # Interface names: at most IFNAMSIZ - 1 bytes.
 _IFNAME_MAX = 15
 
@@ -713,14 +711,15 @@ def _reset_pod_end(pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: Por
 
 def _configure_pod_end(pod: Rtnetlink, ifname: str, port: PortBinding, default_route: bool) -> None:
     """Gives the pod end its address (and so the route to its subnet), its state and, if it is
-    the pod's first interface, the default route; each step may be done already."""
+    the pod's first interface, the default route; each step may be done already. The pod's lo
+    is the runtime's: containerd (as CRI-O) runs the reference loopback plugin for every
+    sandbox."""
     try:
         index = _get_link(pod, ifname).index
         # In one round trip: the kernel carries them out in order.
         steps = [
             netlink.address_request(index, port.ip).tolerating(errno.EEXIST),
             netlink.link_request(index=index, up=True),
-            netlink.link_request(index=_LOOPBACK_INDEX, up=True),
         ]
         if default_route:
             steps.append(netlink.default_route_request(port.gateway, index))
