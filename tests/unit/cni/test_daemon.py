@@ -933,6 +933,17 @@ async def test_a_stopping_daemon_deletes_the_veths_still_waiting_at_once(
     assert dataplane.links == {} and dataplane.removed_bridges == ["capsa0"]
 
 
+async def test_a_stopping_daemon_removes_the_bridge_its_waiting_deletion_leaves_unused(
+    ports: FakePorts, dataplane: FakeDataplane
+) -> None:
+    # The deletion's end starts the bridge's linger, which the stop cuts short too.
+    async with serving(ports, dataplane, detached_veth_wait=60.0, bridge_linger=600.0) as served:
+        await added_then_deleted(served)
+        assert dataplane.removed_bridges == []
+
+    assert dataplane.links == {} and dataplane.removed_bridges == ["capsa0"]
+
+
 async def test_a_second_del_answers_while_the_first_ones_deletion_runs(
     client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
