@@ -621,7 +621,7 @@ class Rtnetlink:
             _u32(IFLA_VXLAN_ID, vni),
             _ipv4(IFLA_VXLAN_LOCAL, local),
             attribute(IFLA_VXLAN_PORT, _BE16.pack(port)),
-            attribute(IFLA_VXLAN_LEARNING, bytes([learning])),
+            _u8(IFLA_VXLAN_LEARNING, int(learning)),
         )
         self._create_link(
             [_string(IFLA_IFNAME, name), _u32(IFLA_MTU, mtu)],
