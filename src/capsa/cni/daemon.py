@@ -155,6 +155,7 @@ class _Deletion:
     """Veths a DEL detached, deleted a while after its answer (DETACHED_VETH_WAIT_S) unless a
     call on them takes them back first. The state changes under the service's guard."""
 
+    host_names: list[str]
     done: threading.Event
     # Whether that DEL forgot every binding of its attachment: a DEL repeated meanwhile has
     # nothing left to do.
@@ -430,14 +431,15 @@ class _CniService:
                 return None, functools.partial(log.info, "nothing to unplug", **fields)
             # Registered before the pod's lock goes: an ADD of the same attachment that comes
             # next waits for the deletion.
-            host_names = [a.host_ifname for a in removed]
-            deletion = _Deletion(threading.Event(), bool(pod) or len(port_ids) == len(removed))
+            deletion = _Deletion(
+                [a.host_ifname for a in removed],
+                threading.Event(),
+                unbound_all=bool(pod) or len(port_ids) == len(removed),
+            )
             with self._guard:
-                self._deleting.update(dict.fromkeys(host_names, deletion))
+                self._deleting.update(dict.fromkeys(deletion.host_names, deletion))
         bridges = list(dict.fromkeys(a.bridge for a in removed if a.bridge))
-        remove = functools.partial(
-            self._remove_detached, request, host_names, bridges, deletion, fields
-        )
+        remove = functools.partial(self._remove_detached, request, bridges, deletion, fields)
         return None, functools.partial(self._unplugged, deletion, remove, fields)
 
     def _unplugged(
@@ -459,19 +461,18 @@ class _CniService:
 
     def _start_removal(self, deletion: _Deletion) -> None:
         # On the loop.
-        assert self.loop is not None
         _, remove = self._waiting_deletions.pop(deletion)
+        self._remove_in_background(remove)
+
+    def _remove_in_background(self, remove: Callable[[], None]) -> None:
+        """On the loop: runs ``remove`` on a thread, which finish_background waits for."""
+        assert self.loop is not None
         removal = self.loop.run_in_executor(None, remove)
         self._removals.add(removal)
         removal.add_done_callback(self._removals.discard)
 
     def _remove_detached(
-        self,
-        request: CniRequest,
-        host_names: list[str],
-        bridges: list[str],
-        deletion: _Deletion,
-        fields: LogFields,
+        self, request: CniRequest, bridges: list[str], deletion: _Deletion, fields: LogFields
     ) -> None:
         """Deletes the veths a DEL detached, if their netns did not take them meanwhile and no
         call took them back, then retires their bridges; only calls on those veths wait for it
@@ -481,16 +482,13 @@ class _CniService:
                 return
             deletion.begun = True
         try:
-            self._netlink(request, self._dataplane.remove_detached, host_names)
+            self._netlink(request, self._dataplane.remove_detached, deletion.host_names)
         except CniError as exc:
             # Its netns going removes it too; GC removes it if neither happened.
             log.warning("cannot remove a detached veth", error=exc.msg, **fields)
         finally:
             with self._guard:
-                for name in host_names:
-                    if self._deleting.get(name) is deletion:
-                        del self._deleting[name]
-            deletion.done.set()
+                self._forget(deletion)
         for bridge in bridges:
             self._retire_bridge(bridge)
 
@@ -504,14 +502,19 @@ class _CniService:
                     under_way.append(deletion)
                     continue
                 deletion.taken_back = True
-                for name, held_by in list(self._deleting.items()):
-                    if held_by is deletion:
-                        del self._deleting[name]
-                deletion.done.set()
+                self._forget(deletion)
         if under_way:
             log.info("waiting for a DEL's deletion of the attachment's veths", **fields)
             for deletion in under_way:
                 deletion.done.wait()
+
+    def _forget(self, deletion: _Deletion) -> None:
+        """A deletion is over, or taken back: calls on its veths no longer deal with it. The
+        caller holds the guard."""
+        for name in deletion.host_names:
+            if self._deleting.get(name) is deletion:
+                del self._deleting[name]
+        deletion.done.set()
 
     async def finish_background(self) -> None:
         """On the event loop, once no call runs any more: deletes the veths that DELs detached
@@ -551,11 +554,8 @@ class _CniService:
 
     def _linger_ended(self, bridge: str) -> None:
         # On the loop.
-        assert self.loop is not None
         self._idle_bridges.pop(bridge, None)
-        removal = self.loop.run_in_executor(None, self._remove_bridge_if_unused, bridge)
-        self._removals.add(removal)
-        removal.add_done_callback(self._removals.discard)
+        self._remove_in_background(functools.partial(self._remove_bridge_if_unused, bridge))
 
     def retire_idle_bridges(self, keeper: str) -> None:
         """Retires the bridges of ``keeper`` that no pod uses: an earlier run of this daemon,
