@@ -185,11 +185,16 @@ class Database:
         if self.is_sqlite:
             self._writer_without_checkpoints()
         result, wakeups = self._write_transaction(work)
-        notify.call_soon_on(self._loop, self._published, wakeups)
-        if self.is_sqlite:
-            # Counted with the loop's writes, which checkpoint the log on a database thread.
-            notify.call_soon_on(self._loop, self._written_here, self._loop)
+        notify.call_soon_on(self._loop, self._written_elsewhere, wakeups)
         return result
+
+    def _written_elsewhere(self, wakeups: list[notify.Wakeup]) -> None:
+        """On the loop, after a blocking write: its wake-ups published, and on SQLite the
+        write counted with the loop's, which checkpoint the log on a database thread."""
+        self._published(wakeups)
+        if self.is_sqlite:
+            assert self._loop is not None
+            self._written_here(self._loop)
 
     def _writer_without_checkpoints(self) -> None:
         """Turns SQLite's own checkpoint off for this thread's writer, as for the loop's: it
