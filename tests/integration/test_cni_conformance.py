@@ -1354,6 +1354,58 @@ async def test_add_completes_over_the_leftovers_of_a_killed_add(
     assert await reachable(port.ip.ip)
 
 
+TAMPERINGS = {
+    # What an operator (or another program) may do to a bridge that capsa made and knows.
+    "bridge down without its address": (
+        ("link", "set", "{bridge}", "down"),
+        ("addr", "flush", "dev", "{bridge}"),
+    ),
+    "bridge deleted": (("link", "del", "{bridge}"),),
+    "bridge deleted and made again": (
+        ("link", "del", "{bridge}"),
+        ("link", "add", "{bridge}", "type", "bridge"),
+    ),
+    # A veth of the next attachment's name whose peer never reached the pod's netns.
+    "leftover veth of the attachment": (
+        ("link", "add", "{veth}", "type", "veth", "peer", "name", "{peer}"),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("tampering", TAMPERINGS.values(), ids=TAMPERINGS.keys())
+async def test_an_add_on_a_bridge_the_daemon_made_repairs_it_or_makes_it_again(
+    cni: Cni,
+    network: Network,
+    make_netns: Callable[[], str],
+    tampering: tuple[tuple[str, ...], ...],
+) -> None:
+    # The first ADD makes the bridge, which the daemon then plugs later pods on in one go.
+    first, _ = network.add_pod()
+    first_id = secrets.token_hex(32)
+    cni.container_ids.append(first_id)
+    await cni.add(first_id, netns_path(make_netns()), first)
+    pod, port = network.add_pod()
+    netns = make_netns()
+    container_id = secrets.token_hex(32)
+    peer = f"capsat{secrets.token_hex(4)}"
+    names = {"bridge": network.bridge, "veth": host_ifname(container_id, "eth0"), "peer": peer}
+    cni.container_ids.append(container_id)
+    for command in tampering:
+        sh("ip", *(word.format(**names) for word in command))
+
+    result = await cni.add(container_id, netns_path(netns), pod)
+
+    assert result["ips"][0]["address"] == str(port.ip)
+    assert pod_state(netns)["addresses"] == [str(port.ip)]
+    assert pod_state(netns)["default_via"] == [(str(network.gateway), "eth0")]
+    (bridge_link,) = ip_json("link", "show", "dev", network.bridge)
+    assert "UP" in bridge_link["flags"]
+    assert bridge_addresses(network.bridge) == [f"{network.gateway}/24"]
+    assert host_ifname(container_id, "eth0") in ports_of(network.bridge)
+    assert not link_exists(peer)
+    assert await reachable(port.ip.ip)
+
+
 # ==== 11. 20 pods started at once through containerd ====
 
 

@@ -194,7 +194,7 @@ def test_link_settings_change_and_read_back(host: Netns) -> None:
 def test_veth_peer_is_made_in_the_other_netns(host: Netns, pod: Netns) -> None:
     host.nl.add_bridge("cbr-t", mtu=1400)
     bridge = host.nl.get_link(name="cbr-t")
-    host.nl.add_veth(
+    echoed_peer = host.nl.add_veth(
         "capsa-t0",
         peer="eth0",
         peer_netns_fd=pod.fd,
@@ -222,6 +222,8 @@ def test_veth_peer_is_made_in_the_other_netns(host: Netns, pod: Netns) -> None:
     )
     # Each end names the other's index, in the other's netns.
     assert (host_end.link, pod_end.link) == (pod_end.index, host_end.index)
+    # This kernel echoes the new link (see netlink.veth_request): its peer's index comes with it.
+    assert echoed_peer == pod_end.index
     assert [link.ifname for link in host.nl.links(master=bridge.index)] == ["capsa-t0"]
     assert [link["ifname"] for link in ip_json(host.name, "link", "show", "master", "cbr-t")] == [
         "capsa-t0"

@@ -22,7 +22,9 @@ capsule's interfaces: they are numbered from it, with no gap.
 
 ``plug`` is idempotent for one (container id, ifname) and repairs what a killed ADD left: a veth of
 that name whose pod end is unconfigured is configured, one whose pod end is elsewhere is replaced,
-a bridge without its address gets it.
+a bridge without its address gets it. A bridge that this process made or completed is remembered:
+a new veth joins it in one round trip, which also keeps the bridge up and addressed; when that
+fails (the bridge deleted behind capsa's back, a leftover veth in the way), plug goes step by step.
 
 A bridge's alias names the daemon that keeps it (``keeper``, see
 :func:`capsa.cni.protocol.bridge_keeper`), so that a daemon that starts again finds the bridges it
@@ -136,6 +138,9 @@ class Dataplane:
         self._bridge_locks: dict[str, threading.Lock] = {}
         self._bridge_locks_guard = threading.Lock()
         self._host = netlink.SocketPool()
+        # The bridges this process made or completed (:func:`_ensure_bridge`), by name, under
+        # their locks: a pod joins one of them in one round trip (see _veth_on_ready_bridge).
+        self._ready_bridges: dict[str, tuple[int, Link]] = {}
 
     def close(self) -> None:
         """Closes the netlink sockets kept for reuse (a later call opens new ones)."""
@@ -219,60 +224,23 @@ class Dataplane:
         if replaces and replaces != host_name and _remove_host_end(host, replaces):
             replaced = replaces
         with self._bridge_lock(port.bridge):
-            bridge_index, bridge = _ensure_bridge(
-                host, port.bridge, port.gateway_interface, port.mtu, end.keeper
-            )
-            tag = AttachmentTag(end.owner, port.port_id, end.container_id)
+            veth = None
             if host_end is None:
-                host_mac = _random_local_mac()
-                create_veth = functools.partial(
-                    _create_veth, host, host_name, host_mac, bridge_index, netns_fd, end.netns
-                )
-                try:
-                    create_veth(end.ifname, port)
-                except _HostEndExists:
-                    # Its pod end is not in this netns: the leftover of an ADD that was killed,
-                    # or of a netns that went. It is replaced.
-                    log.info(
-                        "removing a leftover veth of an earlier ADD",
-                        veth=host_name,
-                        container=end.container_id,
-                        port=port.port_id,
-                    )
-                    _delete_link(host, host_name)
-                    create_veth(end.ifname, port)
-                # Made on the bridge and up: it only lacks its tag.
-                tag_and_attach = [netlink.link_request(name=host_name, alias=tag.alias())]
-            else:
-                host_mac = host_end.address or ""
-                # An earlier ADD's veth, which a DEL may have detached since.
-                tag_and_attach = [
-                    netlink.link_request(
-                        index=host_end.index,
-                        alias=tag.alias(),
-                        master=bridge_index,
-                        mtu=port.mtu,
-                        up=True,
-                    ),
-                    netlink.bridge_port_request(host_end.index, locked=False),
-                ]
-            try:
-                host.send_together(tag_and_attach)
-            except NetlinkError as exc:
-                _remove_half_made(host, host_name)
-                raise DataplaneError(
-                    f"cannot tag and attach veth {host_name} to bridge {port.bridge}: {exc}"
-                ) from exc
+                veth = self._veth_on_ready_bridge(host, netns_fd, end, host_name)
+            if veth is None:
+                veth = self._veth_on_bridge(host, netns_fd, end, host_name, host_end)
         try:
+            pod_index = veth.pod_index
             if pod_end is not None:
                 _reset_pod_end(pod, pod_end, end.ifname, port)
-            _configure_pod_end(pod, end.ifname, port, end.default_route)
+                pod_index = pod_end.index
+            _configure_pod_end(pod, end.ifname, port, end.default_route, pod_index)
         except BaseException:
             _remove_half_made(host, host_name)
             raise
         return PluggedPort(
-            bridge=bridge,
-            host_end=Link(host_name, host_mac),
+            bridge=veth.bridge,
+            host_end=Link(host_name, veth.host_mac),
             pod_end=Link(end.ifname, port.mac),
             netns=end.netns,
             address=port.ip,
@@ -280,6 +248,101 @@ class Dataplane:
             mtu=port.mtu,
             replaced=replaced,
         )
+
+    def _veth_on_ready_bridge(
+        self, host: Rtnetlink, netns_fd: int, end: _PodEnd, host_name: str
+    ) -> _Veth | None:
+        """A new veth on a bridge that this process completed before, in one round trip: the
+        bridge kept up, at its MTU and with its gateway address (what a first ADD repairs), the
+        veth made on it with its pod end, and tagged. None when the bridge is not one of those,
+        or when a step failed: whatever the round trip made is then removed and the bridge
+        forgotten, for the whole way to find out (a bridge deleted behind capsa's back, a
+        leftover veth of that name, ...). The caller holds the bridge's lock."""
+        port = end.port
+        ready = self._ready_bridges.get(port.bridge)
+        if ready is None:
+            return None
+        bridge_index, bridge = ready
+        host_mac = _random_local_mac()
+        steps = [
+            netlink.link_request(index=bridge_index, up=True, mtu=port.mtu),
+            netlink.address_request(bridge_index, port.gateway_interface).tolerating(errno.EEXIST),
+            _veth_request(host_name, host_mac, bridge_index, netns_fd, end.ifname, port),
+            netlink.link_request(name=host_name, alias=_tag(end).alias()),
+        ]
+        try:
+            echoed = host.send_together(steps)
+        except NetlinkError as exc:
+            log.info(
+                "plugging on a known bridge failed: plugging again step by step",
+                bridge=port.bridge,
+                veth=host_name,
+                port=port.port_id,
+                error=str(exc),
+            )
+            del self._ready_bridges[port.bridge]
+            # A host end of that name is the veth just made, or else one whose pod end is not
+            # in this netns, which the step-by-step way would replace.
+            _remove_half_made(host, host_name)
+            return None
+        made = echoed[2]
+        return _Veth(bridge, host_mac, made.link if made is not None else None)
+
+    def _veth_on_bridge(
+        self,
+        host: Rtnetlink,
+        netns_fd: int,
+        end: _PodEnd,
+        host_name: str,
+        host_end: netlink.Link | None,
+    ) -> _Veth:
+        """The veth on its bridge, tagged, step by step: the bridge made or completed (then
+        known ready to this process), the veth made on it, or an earlier ADD's veth of this
+        attachment attached again. The caller holds the bridge's lock."""
+        port = end.port
+        bridge_index, bridge = _ensure_bridge(
+            host, port.bridge, port.gateway_interface, port.mtu, end.keeper
+        )
+        self._ready_bridges[port.bridge] = (bridge_index, bridge)
+        alias = _tag(end).alias()
+        pod_index = None
+        if host_end is None:
+            host_mac = _random_local_mac()
+            create_veth = functools.partial(
+                _create_veth, host, host_name, host_mac, bridge_index, netns_fd, end.netns
+            )
+            try:
+                pod_index = create_veth(end.ifname, port)
+            except _HostEndExists:
+                # Its pod end is not in this netns: the leftover of an ADD that was killed, or
+                # of a netns that went. It is replaced.
+                log.info(
+                    "removing a leftover veth of an earlier ADD",
+                    veth=host_name,
+                    container=end.container_id,
+                    port=port.port_id,
+                )
+                _delete_link(host, host_name)
+                pod_index = create_veth(end.ifname, port)
+            # Made on the bridge and up: it only lacks its tag.
+            tag_and_attach = [netlink.link_request(name=host_name, alias=alias)]
+        else:
+            host_mac = host_end.address or ""
+            # An earlier ADD's veth, which a DEL may have detached since.
+            tag_and_attach = [
+                netlink.link_request(
+                    index=host_end.index, alias=alias, master=bridge_index, mtu=port.mtu, up=True
+                ),
+                netlink.bridge_port_request(host_end.index, locked=False),
+            ]
+        try:
+            host.send_together(tag_and_attach)
+        except NetlinkError as exc:
+            _remove_half_made(host, host_name)
+            raise DataplaneError(
+                f"cannot tag and attach veth {host_name} to bridge {port.bridge}: {exc}"
+            ) from exc
+        return _Veth(bridge, host_mac, pod_index)
 
     def unplug(self, container_id: str, ifname: str) -> list[Attachment]:
         """Removes the veths of the attachment (container id, ifname), each of its interfaces;
@@ -364,6 +427,7 @@ class Dataplane:
         """Deletes the bridge ``name`` if no pod is attached to it (with its overlay device, if
         it has one); True if it did."""
         with self._bridge_lock(name), self._host.client() as host:
+            self._ready_bridges.pop(name, None)
             bridge = _find_link(host, name)
             if bridge is None or bridge.kind != "bridge":
                 return False
@@ -462,6 +526,20 @@ class _PodEnd:
     owner: str
     keeper: str
     default_route: bool
+
+
+@dataclass(frozen=True)
+class _Veth:
+    """A veth that plug made or found on its bridge: the bridge, the host end's MAC, and the
+    pod end's index when the kernel told it (else it is asked for)."""
+
+    bridge: Link
+    host_mac: str
+    pod_index: int | None
+
+
+def _tag(end: _PodEnd) -> AttachmentTag:
+    return AttachmentTag(end.owner, end.port.port_id, end.container_id)
 
 
 def _attachment_links(host: Rtnetlink, container_id: str, ifname: str) -> list[netlink.Link]:
@@ -660,6 +738,23 @@ class _HostEndExists(Exception):
     pass
 
 
+def _veth_request(
+    host_name: str, host_mac: str, bridge_index: int, netns_fd: int, ifname: str, port: PortBinding
+) -> netlink.Request:
+    """The veth on the bridge, up, its peer in the pod's netns with the port's MAC."""
+    return netlink.veth_request(
+        host_name,
+        address=host_mac,
+        mtu=port.mtu,
+        master=bridge_index,
+        up=True,
+        peer=ifname,
+        peer_netns_fd=netns_fd,
+        peer_address=port.mac,
+        peer_mtu=port.mtu,
+    )
+
+
 def _create_veth(
     host: Rtnetlink,
     host_name: str,
@@ -669,20 +764,12 @@ def _create_veth(
     netns: str,
     ifname: str,
     port: PortBinding,
-) -> None:
-    """Creates the veth on the bridge, up, its peer in the pod's netns. Raises _HostEndExists if a
-    link named ``host_name`` is in the way."""
+) -> int | None:
+    """Creates the veth on the bridge, up, its peer in the pod's netns; returns the peer's index
+    if the kernel echoed it. Raises _HostEndExists if a link named ``host_name`` is in the way."""
     try:
-        host.add_veth(
-            host_name,
-            address=host_mac,
-            mtu=port.mtu,
-            master=bridge_index,
-            up=True,
-            peer=ifname,
-            peer_netns_fd=netns_fd,
-            peer_address=port.mac,
-            peer_mtu=port.mtu,
+        (made,) = host.send_together(
+            [_veth_request(host_name, host_mac, bridge_index, netns_fd, ifname, port)]
         )
     except NetlinkError as exc:
         if exc.errno != errno.EEXIST:
@@ -696,6 +783,7 @@ def _create_veth(
             f"interface {ifname} appeared in netns {netns} while plugging: another ADD for this "
             "netns runs at the same time"
         ) from exc
+    return made.link if made is not None else None
 
 
 def _reset_pod_end(pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: PortBinding) -> None:
@@ -709,13 +797,16 @@ def _reset_pod_end(pod: Rtnetlink, pod_end: netlink.Link, ifname: str, port: Por
         raise DataplaneError(f"cannot reset {ifname} in the pod's netns: {exc}") from exc
 
 
-def _configure_pod_end(pod: Rtnetlink, ifname: str, port: PortBinding, default_route: bool) -> None:
-    """Gives the pod end its address (and so the route to its subnet), its state and, if it is
-    the pod's first interface, the default route; each step may be done already. The pod's lo
-    is the runtime's: containerd (as CRI-O) runs the reference loopback plugin for every
-    sandbox."""
+def _configure_pod_end(
+    pod: Rtnetlink, ifname: str, port: PortBinding, default_route: bool, index: int | None
+) -> None:
+    """Gives the pod end (of index ``index``, asked for if None) its address (and so the route
+    to its subnet), its state and, if it is the pod's first interface, the default route; each
+    step may be done already. The pod's lo is the runtime's: containerd (as CRI-O) runs the
+    reference loopback plugin for every sandbox."""
     try:
-        index = _get_link(pod, ifname).index
+        if index is None:
+            index = _get_link(pod, ifname).index
         # In one round trip: the kernel carries them out in order.
         steps = [
             netlink.address_request(index, port.ip).tolerating(errno.EEXIST),

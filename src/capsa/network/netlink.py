@@ -57,6 +57,7 @@ NLMSG_DONE = 3
 NLM_F_REQUEST = 0x01
 NLM_F_MULTI = 0x02
 NLM_F_ACK = 0x04
+NLM_F_ECHO = 0x08
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE = 0x100
@@ -158,6 +159,14 @@ class NetlinkError(OSError):
 
     def __init__(self, code: int, detail: str = "") -> None:
         super().__init__(code, os.strerror(code) + (f" ({detail})" if detail else ""))
+
+
+class RequestFailed(NetlinkError):
+    """A request of :meth:`Rtnetlink.send_together` failed: ``position`` says which (from 0)."""
+
+    def __init__(self, error: NetlinkError, position: int) -> None:
+        OSError.__init__(self, error.errno, error.strerror)
+        self.position = position
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,6 +501,45 @@ def default_route_request(gateway: IPv4Address, oif: int) -> Request:
     return Request(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE, body)
 
 
+def veth_request(
+    name: str,
+    *,
+    peer: str,
+    peer_netns_fd: int | None = None,
+    peer_address: str | None = None,
+    peer_mtu: int | None = None,
+    address: str | None = None,
+    mtu: int | None = None,
+    master: int | None = None,
+    up: bool = False,
+) -> Request:
+    """Creates a veth pair: ``name`` here (with its address, MTU, master and state) and ``peer``
+    in the netns of ``peer_netns_fd`` (this one if None), down. It asks the kernel to echo the new
+    link, whose ``link`` is then the peer's index in its netns (kernels that honour NLM_F_ECHO on
+    a link's creation do, 6.18 here), which saves asking for the peer."""
+    peer_attributes = _string(IFLA_IFNAME, peer)
+    if peer_address is not None:
+        peer_attributes += _mac(IFLA_ADDRESS, peer_address)
+    if peer_mtu is not None:
+        peer_attributes += _u32(IFLA_MTU, peer_mtu)
+    if peer_netns_fd is not None:
+        peer_attributes += _u32(IFLA_NET_NS_FD, peer_netns_fd)
+    body = _ifinfomsg(up=True if up else None) + _string(IFLA_IFNAME, name)
+    if address is not None:
+        body += _mac(IFLA_ADDRESS, address)
+    if mtu is not None:
+        body += _u32(IFLA_MTU, mtu)
+    if master is not None:
+        body += _u32(IFLA_MASTER, master)
+    body += nested(
+        IFLA_LINKINFO,
+        _string(IFLA_INFO_KIND, "veth"),
+        # The peer is described like a link of its own: its ifinfomsg, then its attributes.
+        nested(IFLA_INFO_DATA, nested(VETH_INFO_PEER, _ifinfomsg() + peer_attributes)),
+    )
+    return Request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO, body)
+
+
 class _DumpInterrupted(Exception):
     pass
 
@@ -580,30 +628,22 @@ class Rtnetlink:
         mtu: int | None = None,
         master: int | None = None,
         up: bool = False,
-    ) -> None:
-        """Creates a veth pair in one request: ``name`` here (with its address, MTU, master and
-        state) and ``peer`` in the netns of ``peer_netns_fd`` (this one if None), down."""
-        peer_attributes = _string(IFLA_IFNAME, peer)
-        if peer_address is not None:
-            peer_attributes += _mac(IFLA_ADDRESS, peer_address)
-        if peer_mtu is not None:
-            peer_attributes += _u32(IFLA_MTU, peer_mtu)
-        if peer_netns_fd is not None:
-            peer_attributes += _u32(IFLA_NET_NS_FD, peer_netns_fd)
-        attributes = [_string(IFLA_IFNAME, name)]
-        if address is not None:
-            attributes.append(_mac(IFLA_ADDRESS, address))
-        if mtu is not None:
-            attributes.append(_u32(IFLA_MTU, mtu))
-        if master is not None:
-            attributes.append(_u32(IFLA_MASTER, master))
-        linkinfo = nested(
-            IFLA_LINKINFO,
-            _string(IFLA_INFO_KIND, "veth"),
-            # The peer is described like a link of its own: its ifinfomsg, then its attributes.
-            nested(IFLA_INFO_DATA, nested(VETH_INFO_PEER, _ifinfomsg() + peer_attributes)),
+    ) -> int | None:
+        """Creates a veth pair in one request (:func:`veth_request`); returns the peer's index in
+        its netns when the kernel echoes the new link (None from a kernel that does not)."""
+        request = veth_request(
+            name,
+            peer=peer,
+            peer_netns_fd=peer_netns_fd,
+            peer_address=peer_address,
+            peer_mtu=peer_mtu,
+            address=address,
+            mtu=mtu,
+            master=master,
+            up=up,
         )
-        self._create_link(attributes, linkinfo, up=up)
+        (echoed,) = self.send_together([request])
+        return echoed.link if echoed is not None else None
 
     def add_vxlan(
         self,
@@ -633,8 +673,8 @@ class Rtnetlink:
         index, selector = _link_selector(name, index)
         self._request(RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, _ifinfomsg(index) + selector)
 
-    def _create_link(self, attributes: list[bytes], linkinfo: bytes, up: bool = False) -> None:
-        body = _ifinfomsg(up=True if up else None) + b"".join(attributes) + linkinfo
+    def _create_link(self, attributes: list[bytes], linkinfo: bytes) -> None:
+        body = _ifinfomsg() + b"".join(attributes) + linkinfo
         self._request(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body)
 
     # Addresses.
@@ -690,39 +730,48 @@ class Rtnetlink:
             if exc.errno not in request.tolerated:
                 raise
 
-    def send_together(self, requests: Sequence[Request]) -> None:
+    def send_together(self, requests: Sequence[Request]) -> list[Link | None]:
         """Sends ``requests`` in one message, which the kernel carries out in order, each
         whatever became of the ones before; raises the first error that its request does not
-        tolerate, once the kernel has carried out all of them. One round trip instead of one per
-        request: only the last asks for an acknowledgement, and the kernel answers the others
-        only when they fail, so the last's answer comes after every failure's."""
-        by_seq: dict[int, Request] = {}
+        tolerate (RequestFailed, which says its position), once the kernel has carried out all
+        of them. One round trip instead of one per request: only the last asks for an
+        acknowledgement, and the kernel answers the others only when they fail, so the last's
+        answer comes after every failure's and every echo's. Returns, for each request, the
+        link the kernel echoed for it (a request with NLM_F_ECHO that made one), else None."""
+        by_seq: dict[int, int] = {}
         data = b""
-        for position, request in enumerate(requests, 1):
+        for position, request in enumerate(requests):
             self._seq = self._seq % 0xFFFFFFFF + 1
-            flags = request.flags | (NLM_F_ACK if position == len(requests) else 0)
+            flags = request.flags | (NLM_F_ACK if position == len(requests) - 1 else 0)
             data += message(request.kind, flags, self._seq, request.body)
-            by_seq[self._seq] = request
+            by_seq[self._seq] = position
+        echoed: list[Link | None] = [None] * len(requests)
         if not by_seq:
-            return
+            return echoed
         last = self._seq
         self._sock.send(data)
-        failure: NetlinkError | None = None
+        failure: RequestFailed | None = None
         while True:
             for msg_type, msg_flags, msg_seq, payload in parse_messages(
                 self._sock.recv(_RECEIVE_SIZE)
             ):
-                if msg_type != NLMSG_ERROR or msg_seq not in by_seq:
+                answered = by_seq.get(msg_seq)
+                if answered is None:
                     # The rest of an earlier request's answer that its caller stopped reading.
                     continue
+                if msg_type == RTM_NEWLINK:
+                    echoed[answered] = decode_link(payload)
+                    continue
+                if msg_type != NLMSG_ERROR:
+                    continue
                 error = decode_error(msg_flags, payload)
-                tolerated = by_seq[msg_seq].tolerated
+                tolerated = requests[answered].tolerated
                 if failure is None and error is not None and error.errno not in tolerated:
-                    failure = error
+                    failure = RequestFailed(error, answered)
                 if msg_seq == last:
                     if failure is not None:
                         raise failure
-                    return
+                    return echoed
 
     def _dump(self, kind: int, body: bytes, reply: int) -> list[bytes]:
         for _ in range(_DUMP_ATTEMPTS):

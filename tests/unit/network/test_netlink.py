@@ -21,6 +21,7 @@ from capsa.network.netlink import (
     IFLA_IFNAME,
     IFLA_INFO_DATA,
     IFLA_INFO_KIND,
+    IFLA_LINK,
     IFLA_LINKINFO,
     IFLA_MASTER,
     IFLA_MTU,
@@ -32,6 +33,7 @@ from capsa.network.netlink import (
     NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_DUMP_INTR,
+    NLM_F_ECHO,
     NLM_F_EXCL,
     NLM_F_MULTI,
     NLM_F_REQUEST,
@@ -321,7 +323,7 @@ def test_replies_to_an_earlier_request_are_skipped(pair: tuple[Rtnetlink, Kernel
 def test_a_veth_is_one_request_with_its_peer_nested(pair: tuple[Rtnetlink, Kernel]) -> None:
     client, kernel = pair
     kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 1, error_payload(0)))
-    client.add_veth(
+    peer_index = client.add_veth(
         "capsa123",
         peer="eth0",
         peer_netns_fd=5,
@@ -332,7 +334,10 @@ def test_a_veth_is_one_request_with_its_peer_nested(pair: tuple[Rtnetlink, Kerne
         master=3,
         up=True,
     )
-    _, _, _, body = kernel.request()
+    # A kernel that does not echo the new link: its peer's index is not known.
+    assert peer_index is None
+    _, flags, _, body = kernel.request()
+    assert flags & NLM_F_ECHO
     _, _, _, ifi_flags, change = IFINFOMSG.unpack_from(body)
     assert (ifi_flags, change) == (netlink.IFF_UP, netlink.IFF_UP)
     host = parse_attributes(body, IFINFOMSG.size)
@@ -349,6 +354,18 @@ def test_a_veth_is_one_request_with_its_peer_nested(pair: tuple[Rtnetlink, Kerne
         IFLA_MTU: struct.pack("=I", 1400),
         IFLA_NET_NS_FD: struct.pack("=I", 5),
     }
+
+
+def test_a_veth_whose_creation_the_kernel_echoes_gives_its_peers_index(
+    pair: tuple[Rtnetlink, Kernel],
+) -> None:
+    client, kernel = pair
+    # The echo of the new host end (its peer is index 2 in the pod's netns), then the ACK.
+    echo = link_payload(14, "capsa123", 0, attribute(IFLA_LINK, struct.pack("=i", 2)))
+    kernel.reply(
+        message(RTM_NEWLINK, 0, 1, echo), message(NLMSG_ERROR, NLM_F_CAPPED, 1, error_payload(0))
+    )
+    assert client.add_veth("capsa123", peer="eth0", peer_netns_fd=5) == 2
 
 
 def test_a_default_route_dump_keeps_prefix_length_zero(pair: tuple[Rtnetlink, Kernel]) -> None:
@@ -437,7 +454,8 @@ def test_requests_sent_together_go_in_one_datagram_and_only_the_last_asks_for_an
     kernel.reply(message(NLMSG_ERROR, 0, 99, error_payload(errno.EPERM)))
     kernel.reply(message(NLMSG_ERROR, 0, 1, error_payload(errno.EEXIST)))
     kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 3, error_payload(0)))
-    client.send_together(steps)
+    # Nothing asked for an echo: nothing echoed.
+    assert client.send_together(steps) == [None, None, None]
     sent = list(parse_messages(kernel.sock.recv(65536)))
     assert [(kind, flags & NLM_F_ACK, seq) for kind, flags, seq, _ in sent] == [
         (netlink.RTM_NEWADDR, 0, 1),
@@ -456,9 +474,9 @@ def test_the_first_untolerated_failure_of_requests_sent_together_is_raised_after
     # A later request's answer, still queued, would be read as this one's if the last ACK did
     # not end the call.
     kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 4, error_payload(errno.EBUSY)))
-    with pytest.raises(netlink.NetlinkError) as caught:
+    with pytest.raises(netlink.RequestFailed) as caught:
         client.send_together([netlink.link_request(index=n, up=True) for n in (1, 2, 3)])
-    assert caught.value.errno == errno.ENODEV
+    assert (caught.value.errno, caught.value.position) == (errno.ENODEV, 0)
     with pytest.raises(netlink.NetlinkError) as later:
         client.send(netlink.link_request(index=4, up=True))
     assert later.value.errno == errno.EBUSY
