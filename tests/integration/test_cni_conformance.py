@@ -1692,9 +1692,20 @@ async def test_one_add_plugs_every_network_of_the_capsule_and_check_sees_them_al
         assert "eth1 lacks" in outcome.error["msg"]
 
 
+@pytest.mark.parametrize("bridges_made_before", [False, True])
 async def test_add_fails_when_a_second_interface_name_is_taken_and_leaves_nothing(
-    cni: Cni, network: Network, second_network: Network, make_netns: Callable[[], str]
+    cni: Cni,
+    network: Network,
+    second_network: Network,
+    make_netns: Callable[[], str],
+    bridges_made_before: bool,
 ) -> None:
+    if bridges_made_before:
+        # The daemon then makes the first interface at once, before it finds eth1 taken.
+        earlier, _, _ = pod_on_two_networks(network, second_network)
+        earlier_id = secrets.token_hex(32)
+        cni.container_ids.append(earlier_id)
+        await cni.add(earlier_id, netns_path(make_netns()), earlier)
     pod, _, _ = pod_on_two_networks(network, second_network)
     netns = make_netns()
     sh("ip", "-n", netns, "link", "add", "eth1", "type", "bridge")
@@ -1706,7 +1717,7 @@ async def test_add_fails_when_a_second_interface_name_is_taken_and_leaves_nothin
     assert "eth1 already exists" in outcome.error["msg"]
     assert not link_exists(host_ifname(container_id, "eth0"))
     assert not link_exists("eth0", netns)
-    assert network.ports.bound == {}
+    assert container_id not in network.ports.bound.values()
 
 
 async def test_del_unplugs_every_network_of_the_capsule_and_stays_safe(

@@ -171,41 +171,48 @@ class Dataplane:
         the new one is sure to be made (a failed check leaves it). Whatever this call made is
         removed again if a later step fails.
         """
+        ends = [
+            _PodEnd(container_id, netns, ifname, port, owner, keeper, index == 0)
+            for index, (ifname, port) in enumerate(interfaces)
+        ]
         with (
             _open_netns(netns) as netns_fd,
             _netlink_in_netns(netns_fd, netns) as pod,
             self._host.client() as host,
         ):
-            # Only a pod end already there can be this attachment's own (a re-ADD, or an ADD
-            # killed before it configured it); a host end alone shows up when creating.
-            ends = []
-            for ifname, _ in interfaces:
-                pod_end = _find_link(pod, ifname)
-                host_name = host_ifname(container_id, ifname)
-                host_end = _find_link(host, host_name) if pod_end is not None else None
-                if pod_end is not None and not _are_peers(host_end, pod_end):
-                    raise InterfaceExists(f"interface {ifname} already exists in netns {netns}")
-                ends.append((pod_end, host_end))
             plugged: list[PluggedPort] = []
             try:
-                for index, ((ifname, port), (pod_end, host_end)) in enumerate(
-                    zip(interfaces, ends, strict=True)
+                # A sandbox's first ADD (the common case) makes its veths at once, on bridges
+                # made before; what is in its netns is looked at only when that fails. Not when
+                # a port is bound elsewhere: the old attachment goes only after the checks.
+                if not any(_replaces_another(end) for end in ends):
+                    for end in ends:
+                        made = self._plug_at_once(host, pod, netns_fd, end)
+                        if made is None:
+                            break
+                        plugged.append(made)
+                rest = ends[len(plugged) :]
+                for end, (pod_end, host_end) in zip(
+                    rest, _ends_found(pod, host, rest), strict=True
                 ):
-                    plugged.append(
-                        self._plug_one(
-                            host,
-                            pod,
-                            netns_fd,
-                            _PodEnd(container_id, netns, ifname, port, owner, keeper, index == 0),
-                            pod_end,
-                            host_end,
-                        )
-                    )
+                    plugged.append(self._plug_one(host, pod, netns_fd, end, pod_end, host_end))
             except BaseException:
                 for made in plugged:
                     _remove_half_made(host, made.host_end.name)
                 raise
         return plugged
+
+    def _plug_at_once(
+        self, host: Rtnetlink, pod: Rtnetlink, netns_fd: int, end: _PodEnd
+    ) -> PluggedPort | None:
+        """A new attachment's interface on a bridge made before, without looking first for what
+        is in the way; None when that did not work (nothing is left of it then)."""
+        host_name = host_ifname(end.container_id, end.ifname)
+        with self._bridge_lock(end.port.bridge):
+            veth = self._veth_on_ready_bridge(host, netns_fd, end, host_name)
+        if veth is None:
+            return None
+        return self._configured(host, pod, end, host_name, veth, None, None)
 
     def _plug_one(
         self,
@@ -229,6 +236,21 @@ class Dataplane:
                 veth = self._veth_on_ready_bridge(host, netns_fd, end, host_name)
             if veth is None:
                 veth = self._veth_on_bridge(host, netns_fd, end, host_name, host_end)
+        return self._configured(host, pod, end, host_name, veth, pod_end, replaced)
+
+    def _configured(
+        self,
+        host: Rtnetlink,
+        pod: Rtnetlink,
+        end: _PodEnd,
+        host_name: str,
+        veth: _Veth,
+        pod_end: netlink.Link | None,
+        replaced: str | None,
+    ) -> PluggedPort:
+        """The veth's pod end configured (an earlier ADD's ``pod_end`` reset first); the veth is
+        removed again if that fails."""
+        port = end.port
         try:
             pod_index = veth.pod_index
             if pod_end is not None:
@@ -255,9 +277,10 @@ class Dataplane:
         """A new veth on a bridge that this process completed before, in one round trip: the
         bridge kept up, at its MTU and with its gateway address (what a first ADD repairs), the
         veth made on it with its pod end, and tagged. None when the bridge is not one of those,
-        or when a step failed: whatever the round trip made is then removed and the bridge
-        forgotten, for the whole way to find out (a bridge deleted behind capsa's back, a
-        leftover veth of that name, ...). The caller holds the bridge's lock."""
+        or when a step failed: the veth is then removed if the round trip made it, the bridge
+        forgotten if its steps failed, and the step-by-step way finds out what is wrong (a
+        bridge deleted behind capsa's back, a link of the veth's name in the way, ...). The
+        caller holds the bridge's lock."""
         port = end.port
         ready = self._ready_bridges.get(port.bridge)
         if ready is None:
@@ -272,7 +295,7 @@ class Dataplane:
         ]
         try:
             echoed = host.send_together(steps)
-        except NetlinkError as exc:
+        except netlink.RequestFailed as exc:
             log.info(
                 "plugging on a known bridge failed: plugging again step by step",
                 bridge=port.bridge,
@@ -280,10 +303,11 @@ class Dataplane:
                 port=port.port_id,
                 error=str(exc),
             )
-            del self._ready_bridges[port.bridge]
-            # A host end of that name is the veth just made, or else one whose pod end is not
-            # in this netns, which the step-by-step way would replace.
-            _remove_half_made(host, host_name)
+            if exc.failures.keys() & {0, 1}:
+                del self._ready_bridges[port.bridge]
+            if 2 not in exc.failures:
+                # The veth was made: the failure came after.
+                _remove_half_made(host, host_name)
             return None
         made = echoed[2]
         return _Veth(bridge, host_mac, made.link if made is not None else None)
@@ -536,6 +560,30 @@ class _Veth:
     bridge: Link
     host_mac: str
     pod_index: int | None
+
+
+def _replaces_another(end: _PodEnd) -> bool:
+    """Whether the port is bound to another attachment, which plugging it removes."""
+    bound = end.port.bound_host_ifname
+    return bool(bound) and bound != host_ifname(end.container_id, end.ifname)
+
+
+def _ends_found(
+    pod: Rtnetlink, host: Rtnetlink, ends: Sequence[_PodEnd]
+) -> list[tuple[netlink.Link | None, netlink.Link | None]]:
+    """The pod end and host end that each interface has already, if this attachment's own (a
+    re-ADD, or an ADD killed before it configured it); InterfaceExists when another link has a
+    pod end's name. Only a pod end already there can be this attachment's own: a host end
+    alone shows up when creating."""
+    found = []
+    for end in ends:
+        pod_end = _find_link(pod, end.ifname)
+        host_name = host_ifname(end.container_id, end.ifname)
+        host_end = _find_link(host, host_name) if pod_end is not None else None
+        if pod_end is not None and not _are_peers(host_end, pod_end):
+            raise InterfaceExists(f"interface {end.ifname} already exists in netns {end.netns}")
+        found.append((pod_end, host_end))
+    return found
 
 
 def _tag(end: _PodEnd) -> AttachmentTag:

@@ -162,11 +162,14 @@ class NetlinkError(OSError):
 
 
 class RequestFailed(NetlinkError):
-    """A request of :meth:`Rtnetlink.send_together` failed: ``position`` says which (from 0)."""
+    """Requests of :meth:`Rtnetlink.send_together` failed: ``failures`` has each one's error by
+    its position (from 0); the exception is the first's, at ``position``."""
 
-    def __init__(self, error: NetlinkError, position: int) -> None:
-        OSError.__init__(self, error.errno, error.strerror)
-        self.position = position
+    def __init__(self, failures: dict[int, NetlinkError]) -> None:
+        self.position = min(failures)
+        first = failures[self.position]
+        OSError.__init__(self, first.errno, first.strerror)
+        self.failures = failures
 
 
 @dataclass(frozen=True, slots=True)
@@ -732,12 +735,12 @@ class Rtnetlink:
 
     def send_together(self, requests: Sequence[Request]) -> list[Link | None]:
         """Sends ``requests`` in one message, which the kernel carries out in order, each
-        whatever became of the ones before; raises the first error that its request does not
-        tolerate (RequestFailed, which says its position), once the kernel has carried out all
-        of them. One round trip instead of one per request: only the last asks for an
-        acknowledgement, and the kernel answers the others only when they fail, so the last's
-        answer comes after every failure's and every echo's. Returns, for each request, the
-        link the kernel echoed for it (a request with NLM_F_ECHO that made one), else None."""
+        whatever became of the ones before; once the kernel has carried out all of them, raises
+        RequestFailed if some failed with an error that their request does not tolerate. One
+        round trip instead of one per request: only the last asks for an acknowledgement, and
+        the kernel answers the others only when they fail, so the last's answer comes after
+        every failure's and every echo's. Returns, for each request, the link the kernel echoed
+        for it (a request with NLM_F_ECHO that made one), else None."""
         by_seq: dict[int, int] = {}
         data = b""
         for position, request in enumerate(requests):
@@ -750,7 +753,7 @@ class Rtnetlink:
             return echoed
         last = self._seq
         self._sock.send(data)
-        failure: RequestFailed | None = None
+        failures: dict[int, NetlinkError] = {}
         while True:
             for msg_type, msg_flags, msg_seq, payload in parse_messages(
                 self._sock.recv(_RECEIVE_SIZE)
@@ -765,12 +768,11 @@ class Rtnetlink:
                 if msg_type != NLMSG_ERROR:
                     continue
                 error = decode_error(msg_flags, payload)
-                tolerated = requests[answered].tolerated
-                if failure is None and error is not None and error.errno not in tolerated:
-                    failure = RequestFailed(error, answered)
+                if error is not None and error.errno not in requests[answered].tolerated:
+                    failures[answered] = error
                 if msg_seq == last:
-                    if failure is not None:
-                        raise failure
+                    if failures:
+                        raise RequestFailed(failures)
                     return echoed
 
     def _dump(self, kind: int, body: bytes, reply: int) -> list[bytes]:

@@ -464,7 +464,7 @@ def test_requests_sent_together_go_in_one_datagram_and_only_the_last_asks_for_an
     ]
 
 
-def test_the_first_untolerated_failure_of_requests_sent_together_is_raised_after_the_last(
+def test_the_untolerated_failures_of_requests_sent_together_are_raised_after_the_last(
     pair: tuple[Rtnetlink, Kernel],
 ) -> None:
     client, kernel = pair
@@ -477,6 +477,11 @@ def test_the_first_untolerated_failure_of_requests_sent_together_is_raised_after
     with pytest.raises(netlink.RequestFailed) as caught:
         client.send_together([netlink.link_request(index=n, up=True) for n in (1, 2, 3)])
     assert (caught.value.errno, caught.value.position) == (errno.ENODEV, 0)
+    # Every failure is told, by position: the third request succeeded.
+    assert {n: e.errno for n, e in caught.value.failures.items()} == {
+        0: errno.ENODEV,
+        1: errno.EINVAL,
+    }
     with pytest.raises(netlink.NetlinkError) as later:
         client.send(netlink.link_request(index=4, up=True))
     assert later.value.errno == errno.EBUSY
