@@ -74,6 +74,11 @@ def pod(make_netns: Any) -> Netns:
     return result
 
 
+def add_veth(nl: Rtnetlink, name: str, **settings: Any) -> list[netlink.Link | None]:
+    """A veth made by the request the data plane sends; what the kernel echoed of it."""
+    return nl.send_together([netlink.veth_request(name, **settings)])
+
+
 def errno_of(call: Any) -> int | None:
     try:
         call()
@@ -194,7 +199,8 @@ def test_link_settings_change_and_read_back(host: Netns) -> None:
 def test_veth_peer_is_made_in_the_other_netns(host: Netns, pod: Netns) -> None:
     host.nl.add_bridge("cbr-t", mtu=1400)
     bridge = host.nl.get_link(name="cbr-t")
-    echoed_peer = host.nl.add_veth(
+    (echoed,) = add_veth(
+        host.nl,
         "capsa-t0",
         peer="eth0",
         peer_netns_fd=pod.fd,
@@ -223,7 +229,7 @@ def test_veth_peer_is_made_in_the_other_netns(host: Netns, pod: Netns) -> None:
     # Each end names the other's index, in the other's netns.
     assert (host_end.link, pod_end.link) == (pod_end.index, host_end.index)
     # This kernel echoes the new link (see netlink.veth_request): its peer's index comes with it.
-    assert echoed_peer == pod_end.index
+    assert echoed is not None and echoed.link == pod_end.index
     assert [link.ifname for link in host.nl.links(master=bridge.index)] == ["capsa-t0"]
     assert [link["ifname"] for link in ip_json(host.name, "link", "show", "master", "cbr-t")] == [
         "capsa-t0"
@@ -231,7 +237,7 @@ def test_veth_peer_is_made_in_the_other_netns(host: Netns, pod: Netns) -> None:
     assert not any(link.ifname == "eth0" for link in host.nl.links())
 
     assert (
-        errno_of(lambda: host.nl.add_veth("capsa-t0", peer="eth1", peer_netns_fd=pod.fd))
+        errno_of(lambda: add_veth(host.nl, "capsa-t0", peer="eth1", peer_netns_fd=pod.fd))
         == errno.EEXIST
     )
     # Off the bridge and down, then gone with its peer.
@@ -248,7 +254,7 @@ def test_a_locked_bridge_port_floods_nothing_and_forgets_its_macs_until_unlocked
 ) -> None:
     host.nl.add_bridge("cbr-t", mtu=1500)
     bridge = host.nl.get_link(name="cbr-t")
-    host.nl.add_veth("capsa-t2", peer="eth0", peer_netns_fd=pod.fd, master=bridge.index, up=True)
+    add_veth(host.nl, "capsa-t2", peer="eth0", peer_netns_fd=pod.fd, master=bridge.index, up=True)
     port = host.nl.get_link(name="capsa-t2")
     host.nl.send(netlink.link_request(index=bridge.index, up=True))
     pod_end = pod.nl.get_link(name="eth0")
@@ -287,9 +293,9 @@ def test_a_locked_bridge_port_floods_nothing_and_forgets_its_macs_until_unlocked
 
 
 def test_veth_into_a_netns_that_already_has_the_name_is_eexist(host: Netns, pod: Netns) -> None:
-    host.nl.add_veth("capsa-t1", peer="eth0", peer_netns_fd=pod.fd)
+    add_veth(host.nl, "capsa-t1", peer="eth0", peer_netns_fd=pod.fd)
     assert (
-        errno_of(lambda: host.nl.add_veth("capsa-t2", peer="eth0", peer_netns_fd=pod.fd))
+        errno_of(lambda: add_veth(host.nl, "capsa-t2", peer="eth0", peer_netns_fd=pod.fd))
         == errno.EEXIST
     )
     assert errno_of(lambda: host.nl.get_link(name="capsa-t2")) == errno.ENODEV

@@ -516,10 +516,11 @@ def veth_request(
     master: int | None = None,
     up: bool = False,
 ) -> Request:
-    """Creates a veth pair: ``name`` here (with its address, MTU, master and state) and ``peer``
-    in the netns of ``peer_netns_fd`` (this one if None), down. It asks the kernel to echo the new
-    link, whose ``link`` is then the peer's index in its netns (kernels that honour NLM_F_ECHO on
-    a link's creation do, 6.18 here), which saves asking for the peer."""
+    """Creates a veth pair (sent with :meth:`Rtnetlink.send_together`): ``name`` here (with its
+    address, MTU, master and state) and ``peer`` in the netns of ``peer_netns_fd`` (this one if
+    None), down. It asks the kernel to echo the new link, whose ``link`` is then the peer's index
+    in its netns (kernels that honour NLM_F_ECHO on a link's creation do, 6.18 here), which saves
+    asking for the peer."""
     peer_attributes = _string(IFLA_IFNAME, peer)
     if peer_address is not None:
         peer_attributes += _mac(IFLA_ADDRESS, peer_address)
@@ -618,35 +619,6 @@ class Rtnetlink:
         if address is not None:
             attributes.append(_mac(IFLA_ADDRESS, address))
         self._create_link(attributes, nested(IFLA_LINKINFO, _string(IFLA_INFO_KIND, "bridge")))
-
-    def add_veth(
-        self,
-        name: str,
-        *,
-        peer: str,
-        peer_netns_fd: int | None = None,
-        peer_address: str | None = None,
-        peer_mtu: int | None = None,
-        address: str | None = None,
-        mtu: int | None = None,
-        master: int | None = None,
-        up: bool = False,
-    ) -> int | None:
-        """Creates a veth pair in one request (:func:`veth_request`); returns the peer's index in
-        its netns when the kernel echoes the new link (None from a kernel that does not)."""
-        request = veth_request(
-            name,
-            peer=peer,
-            peer_netns_fd=peer_netns_fd,
-            peer_address=peer_address,
-            peer_mtu=peer_mtu,
-            address=address,
-            mtu=mtu,
-            master=master,
-            up=up,
-        )
-        (echoed,) = self.send_together([request])
-        return echoed.link if echoed is not None else None
 
     def add_vxlan(
         self,

@@ -323,19 +323,23 @@ def test_replies_to_an_earlier_request_are_skipped(pair: tuple[Rtnetlink, Kernel
 def test_a_veth_is_one_request_with_its_peer_nested(pair: tuple[Rtnetlink, Kernel]) -> None:
     client, kernel = pair
     kernel.reply(message(NLMSG_ERROR, NLM_F_CAPPED, 1, error_payload(0)))
-    peer_index = client.add_veth(
-        "capsa123",
-        peer="eth0",
-        peer_netns_fd=5,
-        peer_address="02:00:00:00:00:02",
-        peer_mtu=1400,
-        address="02:00:00:00:00:01",
-        mtu=1400,
-        master=3,
-        up=True,
+    (echoed,) = client.send_together(
+        [
+            netlink.veth_request(
+                "capsa123",
+                peer="eth0",
+                peer_netns_fd=5,
+                peer_address="02:00:00:00:00:02",
+                peer_mtu=1400,
+                address="02:00:00:00:00:01",
+                mtu=1400,
+                master=3,
+                up=True,
+            )
+        ]
     )
     # A kernel that does not echo the new link: its peer's index is not known.
-    assert peer_index is None
+    assert echoed is None
     _, flags, _, body = kernel.request()
     assert flags & NLM_F_ECHO
     _, _, _, ifi_flags, change = IFINFOMSG.unpack_from(body)
@@ -365,7 +369,10 @@ def test_a_veth_whose_creation_the_kernel_echoes_gives_its_peers_index(
     kernel.reply(
         message(RTM_NEWLINK, 0, 1, echo), message(NLMSG_ERROR, NLM_F_CAPPED, 1, error_payload(0))
     )
-    assert client.add_veth("capsa123", peer="eth0", peer_netns_fd=5) == 2
+    (echoed,) = client.send_together(
+        [netlink.veth_request("capsa123", peer="eth0", peer_netns_fd=5)]
+    )
+    assert echoed is not None and (echoed.index, echoed.link) == (14, 2)
 
 
 def test_a_default_route_dump_keeps_prefix_length_zero(pair: tuple[Rtnetlink, Kernel]) -> None:
