@@ -297,7 +297,7 @@ class Dataplane:
             echoed = host.send_together(steps)
         except netlink.RequestFailed as exc:
             log.info(
-                "plugging on a known bridge failed: plugging again step by step",
+                "could not plug at once on a known bridge: going step by step",
                 bridge=port.bridge,
                 veth=host_name,
                 port=port.port_id,
