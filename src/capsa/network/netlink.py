@@ -516,11 +516,11 @@ def veth_request(
     master: int | None = None,
     up: bool = False,
 ) -> Request:
-    """Creates a veth pair (sent with :meth:`Rtnetlink.send_together`): ``name`` here (with its
-    address, MTU, master and state) and ``peer`` in the netns of ``peer_netns_fd`` (this one if
-    None), down. It asks the kernel to echo the new link, whose ``link`` is then the peer's index
-    in its netns (kernels that honour NLM_F_ECHO on a link's creation do, 6.18 here), which saves
-    asking for the peer."""
+    """The request that creates a veth pair (sent with :meth:`Rtnetlink.send_together`):
+    ``name`` here (with its address, MTU, master and state) and ``peer`` in the netns of
+    ``peer_netns_fd`` (this one if None), down. It asks the kernel to echo the new link, whose
+    ``link`` is then the peer's index in its netns (kernels that honour NLM_F_ECHO on a link's
+    creation do, 6.18 here), which saves asking for the peer."""
     peer_attributes = _string(IFLA_IFNAME, peer)
     if peer_address is not None:
         peer_attributes += _mac(IFLA_ADDRESS, peer_address)
