@@ -207,12 +207,11 @@ class Dataplane:
     ) -> PluggedPort | None:
         """A new attachment's interface on a bridge made before, without looking first for what
         is in the way; None when that did not work (nothing is left of it then)."""
-        host_name = host_ifname(end.container_id, end.ifname)
         with self._bridge_lock(end.port.bridge):
-            veth = self._veth_on_ready_bridge(host, netns_fd, end, host_name)
+            veth = self._veth_on_ready_bridge(host, netns_fd, end)
         if veth is None:
             return None
-        return self._configured(host, pod, end, host_name, veth, None, None)
+        return self._configured(host, pod, end, veth, None, None)
 
     def _plug_one(
         self,
@@ -223,27 +222,22 @@ class Dataplane:
         pod_end: netlink.Link | None,
         host_end: netlink.Link | None,
     ) -> PluggedPort:
-        """Plugs one port; what it made is removed again if one of its steps fails."""
+        """Plugs one port step by step; what it made is removed again if one of its steps
+        fails."""
         port = end.port
-        host_name = host_ifname(end.container_id, end.ifname)
         replaced = None
         replaces = port.bound_host_ifname
-        if replaces and replaces != host_name and _remove_host_end(host, replaces):
+        if replaces and _replaces_another(end) and _remove_host_end(host, replaces):
             replaced = replaces
         with self._bridge_lock(port.bridge):
-            veth = None
-            if host_end is None:
-                veth = self._veth_on_ready_bridge(host, netns_fd, end, host_name)
-            if veth is None:
-                veth = self._veth_on_bridge(host, netns_fd, end, host_name, host_end)
-        return self._configured(host, pod, end, host_name, veth, pod_end, replaced)
+            veth = self._veth_on_bridge(host, netns_fd, end, host_end)
+        return self._configured(host, pod, end, veth, pod_end, replaced)
 
     def _configured(
         self,
         host: Rtnetlink,
         pod: Rtnetlink,
         end: _PodEnd,
-        host_name: str,
         veth: _Veth,
         pod_end: netlink.Link | None,
         replaced: str | None,
@@ -258,11 +252,11 @@ class Dataplane:
                 pod_index = pod_end.index
             _configure_pod_end(pod, end.ifname, port, end.default_route, pod_index)
         except BaseException:
-            _remove_half_made(host, host_name)
+            _remove_half_made(host, end.host_name)
             raise
         return PluggedPort(
             bridge=veth.bridge,
-            host_end=Link(host_name, veth.host_mac),
+            host_end=Link(end.host_name, veth.host_mac),
             pod_end=Link(end.ifname, port.mac),
             netns=end.netns,
             address=port.ip,
@@ -271,9 +265,7 @@ class Dataplane:
             replaced=replaced,
         )
 
-    def _veth_on_ready_bridge(
-        self, host: Rtnetlink, netns_fd: int, end: _PodEnd, host_name: str
-    ) -> _Veth | None:
+    def _veth_on_ready_bridge(self, host: Rtnetlink, netns_fd: int, end: _PodEnd) -> _Veth | None:
         """A new veth on a bridge that this process completed before, in one round trip: the
         bridge kept up, at its MTU and with its gateway address (what a first ADD repairs), the
         veth made on it with its pod end, and tagged. None when the bridge is not one of those,
@@ -287,11 +279,15 @@ class Dataplane:
             return None
         bridge_index, bridge = ready
         host_mac = _random_local_mac()
-        steps = [
+        bridge_steps = [
             netlink.link_request(index=bridge_index, up=True, mtu=port.mtu),
             netlink.address_request(bridge_index, port.gateway_interface).tolerating(errno.EEXIST),
-            _veth_request(host_name, host_mac, bridge_index, netns_fd, end.ifname, port),
-            netlink.link_request(name=host_name, alias=_tag(end).alias()),
+        ]
+        veth_step = len(bridge_steps)
+        steps = [
+            *bridge_steps,
+            _veth_request(end.host_name, host_mac, bridge_index, netns_fd, end.ifname, port),
+            netlink.link_request(name=end.host_name, alias=end.tag().alias()),
         ]
         try:
             echoed = host.send_together(steps)
@@ -299,17 +295,17 @@ class Dataplane:
             log.info(
                 "could not plug at once on a known bridge: going step by step",
                 bridge=port.bridge,
-                veth=host_name,
+                veth=end.host_name,
                 port=port.port_id,
                 error=str(exc),
             )
-            if exc.failures.keys() & {0, 1}:
+            if min(exc.failures) < veth_step:
                 del self._ready_bridges[port.bridge]
-            if 2 not in exc.failures:
+            if veth_step not in exc.failures:
                 # The veth was made: the failure came after.
-                _remove_half_made(host, host_name)
+                _remove_half_made(host, end.host_name)
             return None
-        made = echoed[2]
+        made = echoed[veth_step]
         return _Veth(bridge, host_mac, made.link if made is not None else None)
 
     def _veth_on_bridge(
@@ -317,7 +313,6 @@ class Dataplane:
         host: Rtnetlink,
         netns_fd: int,
         end: _PodEnd,
-        host_name: str,
         host_end: netlink.Link | None,
     ) -> _Veth:
         """The veth on its bridge, tagged, step by step: the bridge made or completed (then
@@ -328,7 +323,8 @@ class Dataplane:
             host, port.bridge, port.gateway_interface, port.mtu, end.keeper
         )
         self._ready_bridges[port.bridge] = (bridge_index, bridge)
-        alias = _tag(end).alias()
+        host_name = end.host_name
+        alias = end.tag().alias()
         pod_index = None
         if host_end is None:
             host_mac = _random_local_mac()
@@ -551,6 +547,13 @@ class _PodEnd:
     keeper: str
     default_route: bool
 
+    @functools.cached_property
+    def host_name(self) -> str:
+        return host_ifname(self.container_id, self.ifname)
+
+    def tag(self) -> AttachmentTag:
+        return AttachmentTag(self.owner, self.port.port_id, self.container_id)
+
 
 @dataclass(frozen=True)
 class _Veth:
@@ -565,7 +568,7 @@ class _Veth:
 def _replaces_another(end: _PodEnd) -> bool:
     """Whether the port is bound to another attachment, which plugging it removes."""
     bound = end.port.bound_host_ifname
-    return bool(bound) and bound != host_ifname(end.container_id, end.ifname)
+    return bool(bound) and bound != end.host_name
 
 
 def _ends_found(
@@ -578,16 +581,11 @@ def _ends_found(
     found = []
     for end in ends:
         pod_end = _find_link(pod, end.ifname)
-        host_name = host_ifname(end.container_id, end.ifname)
-        host_end = _find_link(host, host_name) if pod_end is not None else None
+        host_end = _find_link(host, end.host_name) if pod_end is not None else None
         if pod_end is not None and not _are_peers(host_end, pod_end):
             raise InterfaceExists(f"interface {end.ifname} already exists in netns {end.netns}")
         found.append((pod_end, host_end))
     return found
-
-
-def _tag(end: _PodEnd) -> AttachmentTag:
-    return AttachmentTag(end.owner, end.port.port_id, end.container_id)
 
 
 def _attachment_links(host: Rtnetlink, container_id: str, ifname: str) -> list[netlink.Link]:

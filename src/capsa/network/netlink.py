@@ -163,11 +163,10 @@ class NetlinkError(OSError):
 
 class RequestFailed(NetlinkError):
     """Requests of :meth:`Rtnetlink.send_together` failed: ``failures`` has each one's error by
-    its position (from 0); the exception is the first's, at ``position``."""
+    its position (from 0); the exception's errno and message are the first's."""
 
     def __init__(self, failures: dict[int, NetlinkError]) -> None:
-        self.position = min(failures)
-        first = failures[self.position]
+        first = failures[min(failures)]
         OSError.__init__(self, first.errno, first.strerror)
         self.failures = failures
 
