@@ -128,6 +128,12 @@ class ThreadedHttpServer:
         with self._guard:
             return len(self._threads)
 
+    @property
+    def idle_threads(self) -> int:
+        """Threads waiting in ``accept``: those not serving a call or its work after the answer."""
+        with self._guard:
+            return self._waiting
+
     def start(self) -> None:
         """Listens, and starts the first thread; raises OSError when it cannot listen."""
         self._socket = _listening_socket(self._listen)

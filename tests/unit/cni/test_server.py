@@ -679,7 +679,9 @@ def test_threads_start_one_ahead_of_the_calls_and_stay(harness: Harness) -> None
             assert read_answer(first).body == b"a"
             assert read_answer(second).body == b"b"
 
-    # Idle threads wait in accept; the next call takes one of them, none is started.
+    # Idle threads wait in accept; the next call takes one of them, none is started. (A thread
+    # is back in accept only after the work that follows its answer: the call waits for that.)
+    assert wait_until(lambda: server.idle_threads == 3)
     handler.release("c").set()
     assert exchange(server.address, request_bytes(body=b"c")).body == b"c"
     assert server.threads == 3
