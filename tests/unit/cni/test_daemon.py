@@ -833,13 +833,17 @@ async def test_a_del_whose_detach_failed_is_done_by_the_next_one(
     assert dataplane.removed_bridges == ["capsa0"]
 
 
-def holding_removals(dataplane: FakeDataplane) -> tuple[threading.Event, threading.Event]:
+def holding_removals(
+    dataplane: FakeDataplane, begun: threading.Event | None = None
+) -> tuple[threading.Event, threading.Event]:
     """Makes the data plane's deletion of a detached veth wait for the first event; the second
-    is set once it has run."""
+    is set once it has run, ``begun`` once it is called."""
     may_remove, removal_ran = threading.Event(), threading.Event()
     remove_detached = dataplane.remove_detached
 
     def held(host_names: Sequence[str]) -> list[str]:
+        if begun is not None:
+            begun.set()
         may_remove.wait(WAIT_S)
         try:
             return remove_detached(host_names)
@@ -867,18 +871,21 @@ async def test_del_answers_once_the_pod_is_off_the_network_and_removes_the_veth_
 
 
 async def test_an_add_right_after_a_del_ends_plugged(
-    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
+    served: Served, client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
 ) -> None:
     await added(client, envelope())
-    may_remove, removal_ran = holding_removals(dataplane)
+    may_remove, _ = holding_removals(dataplane)
     assert await call(client, "del", envelope()) == (200, None)
 
+    # The ADD finds the DEL's deletion under way (and waits for it), or not begun yet (and takes
+    # the veth back): either way the veth is there once the DEL's work is over.
     adding = asyncio.create_task(added(client, envelope()))
     may_remove.set()
     await asyncio.wait_for(adding, CALL_TIMEOUT_S)
-    assert await asyncio.to_thread(removal_ran.wait, WAIT_S)
+    await after_answers_done(served)
 
     assert dataplane.plugged == {("c1", "port-1"): "capsa0"}
+    assert host_ifname("c1", "eth0") in dataplane.links, "the DEL deleted the ADD's veth"
 
 
 async def added_then_deleted(served: Served) -> None:
@@ -988,8 +995,11 @@ async def test_an_add_of_the_same_attachment_plugs_only_once_the_del_deleted_its
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     await added(client, envelope())
-    may_remove, removal_ran = holding_removals(dataplane)
+    deletion_begun = threading.Event()
+    may_remove, removal_ran = holding_removals(dataplane, deletion_begun)
     assert await call(client, "del", envelope()) == (200, None)
+    # Under way: an ADD before it began would take the veth back instead (a test of its own).
+    assert await asyncio.to_thread(deletion_begun.wait, WAIT_S)
     # The ADD either waits for the deletion (it says so) or plugs at once: whichever comes first
     # releases the deletion, with no clock involved. Both happen on the daemon's threads.
     add_waits_or_plugs = threading.Event()
