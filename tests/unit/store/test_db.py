@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, select, text, update
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.engine import Connection
 
 from capsa.store import Store, db, notify, schema
@@ -242,6 +244,90 @@ async def test_a_blocking_write_runs_on_its_thread_wakes_on_the_loop_and_never_c
     checkpoint = store.db._checkpoint
     assert checkpoint is not None
     await checkpoint
+
+
+_SET_VERSION_ON_DRIVER = DriverStatement(
+    update(schema.meta).where(_VERSION_KEY).values(value=bindparam("value"))
+)
+
+
+def _version_on_driver(value: str) -> Callable[[Connection], None]:
+    """A write that sets the schema_version row to ``value`` with a driver statement."""
+    return lambda conn: _SET_VERSION_ON_DRIVER.run_many(conn, [{"value": value}])
+
+
+async def _version(store: Store) -> str:
+    read = await store.db.run_read(lambda conn: conn.execute(select(_VALUE).where(_VERSION_KEY)))
+    return str(read.scalar_one())
+
+
+async def test_a_blocking_write_of_driver_statements_is_begun_and_committed_by_the_driver(
+    store: Store, tmp_path: Path
+) -> None:
+    begun_by_sqlalchemy: list[Connection] = []
+    listen = functools.partial(sqlalchemy_event.listen, store.db.engine, "begin")
+    listen(begun_by_sqlalchemy.append)
+    other = sqlite3.connect(
+        tmp_path / "capsa.db", isolation_level=None, timeout=0, check_same_thread=False
+    )
+    lock_taken: list[bool] = []
+
+    def work(conn: Connection) -> None:
+        # BEGIN IMMEDIATE: the write lock is the transaction's before its first statement.
+        try:
+            other.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            lock_taken.append("locked" in str(exc))
+        else:
+            other.execute("ROLLBACK")
+            lock_taken.append(False)
+        _version_on_driver("7")(conn)
+
+    try:
+        await asyncio.to_thread(store.db.run_write_blocking, work)
+    finally:
+        other.close()
+    assert lock_taken == [True]
+    assert begun_by_sqlalchemy == []
+    assert await _version(store) == "7"
+    # Work that runs a statement through SQLAlchemy joins the driver's transaction.
+    begun_by_sqlalchemy.clear()
+    await asyncio.to_thread(store.db.run_write_blocking, _set_version("8"))
+    assert len(begun_by_sqlalchemy) == 1
+    assert await _version(store) == "8"
+
+
+@pytest.mark.parametrize("through_sqlalchemy", [False, True], ids=["driver", "sqlalchemy"])
+async def test_a_blocking_write_that_fails_leaves_nothing_and_the_next_one_commits(
+    store: Store, through_sqlalchemy: bool
+) -> None:
+    await store.db.run_write(_set_version("1"))
+    write = _set_version("2") if through_sqlalchemy else _version_on_driver("2")
+
+    def failing(conn: Connection) -> None:
+        write(conn)
+        notify.wake(conn, notify.NETWORK)
+        raise RuntimeError("failed after its write")
+
+    with pytest.raises(RuntimeError, match="after its write"):
+        await asyncio.to_thread(store.db.run_write_blocking, failing)
+    assert await _version(store) == "1"
+    await asyncio.to_thread(store.db.run_write_blocking, _version_on_driver("3"))
+    assert await _version(store) == "3"
+
+
+async def test_a_blocking_write_after_one_that_lost_its_connection_commits(store: Store) -> None:
+    def lose(conn: Connection) -> None:
+        _version_on_driver("2")(conn)
+        conn.invalidate()
+        raise RuntimeError("lost")
+
+    await store.db.run_write(_set_version("1"))
+    with pytest.raises(RuntimeError, match="lost"):
+        await asyncio.to_thread(store.db.run_write_blocking, lose)
+    assert await _version(store) == "1"
+    await asyncio.to_thread(store.db.run_write_blocking, _version_on_driver("3"))
+    assert await _version(store) == "3"
 
 
 async def test_the_loops_writer_is_set_up_again_after_the_driver_lost_its_connection(
