@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -48,6 +49,22 @@ async def test_a_change_in_one_process_wakes_the_others_reconcilers_with_its_sub
 
     assert await agent.wait(WAIT)
     assert agent.take_subjects() == {capsule.uuid}
+
+
+async def test_a_blocking_write_wakes_the_other_processes_reconcilers(
+    two_processes: tuple[Store, Store],
+) -> None:
+    # The CNI daemon's writes: begun and committed by the driver, the feed's row written in them
+    # through SQLAlchemy all the same.
+    here, there = two_processes
+    network = there.hub.subscribe(notify.NETWORK)
+
+    def work(conn: Connection) -> None:
+        notify.wake(conn, notify.NETWORK, subject="port-1")
+
+    await asyncio.to_thread(here.db.run_write_blocking, work)
+    assert await network.wait(WAIT)
+    assert network.take_subjects() == {"port-1"}
 
 
 async def test_a_process_publishes_its_own_wakeups_once(
