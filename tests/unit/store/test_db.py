@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -265,8 +264,7 @@ async def test_a_blocking_write_of_driver_statements_is_begun_and_committed_by_t
     store: Store, tmp_path: Path
 ) -> None:
     begun_by_sqlalchemy: list[Connection] = []
-    listen = functools.partial(sqlalchemy_event.listen, store.db.engine, "begin")
-    listen(begun_by_sqlalchemy.append)
+    sqlalchemy_event.listen(store.db.engine, "begin", begun_by_sqlalchemy.append)
     other = sqlite3.connect(
         tmp_path / "capsa.db", isolation_level=None, timeout=0, check_same_thread=False
     )
