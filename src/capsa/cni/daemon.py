@@ -32,7 +32,8 @@
 - STATUS (CNI 1.1.0) says whether the daemon can serve ADD.
 
 ``GET /healthz`` says the daemon is alive, ``GET /readyz`` that it can bind ports, ``GET /metrics``
-serves call counts, errors by code and latencies in Prometheus' text format.
+serves call counts, errors by code and latencies in Prometheus' text format, the calls' and their
+steps' (the store's and the kernel's parts).
 
 Run it next to the API and the agent::
 
@@ -115,6 +116,8 @@ _READY_RECHECK_S = 0.1
 DETACHED_VETH_WAIT_S = 1.0
 # Bit of CAP_NET_ADMIN in /proc/self/status CapEff.
 _CAP_NET_ADMIN = 12
+# Seconds: a call's steps take tenths of a millisecond when all is well.
+_STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0)
 _HTTP_STATUS = {
     ErrorCode.UNKNOWN_CONTAINER: 404,
     ErrorCode.TRY_AGAIN_LATER: 503,
@@ -187,6 +190,15 @@ class DaemonMetrics:
         self.in_flight = self.registry.gauge(
             "capsa_cni_requests_in_flight", "CNI calls being served, by command.", ("command",)
         )
+        self.steps = self.registry.histogram(
+            "capsa_cni_step_duration_seconds",
+            "Time of a CNI call's steps, by command and step: ADD's lookup of the ports and "
+            "record of their bindings (capsa's store), its wait for the firewall to enforce "
+            "their rules (only when it waited), its plug (the kernel); DEL's detach (the kernel) "
+            "and unbind (the store).",
+            ("command", "step"),
+            _STEP_BUCKETS,
+        )
         self.stale_removed = self.registry.counter(
             "capsa_cni_stale_attachments_removed_total",
             "Attachments removed that no DEL asked for: an old sandbox replaced by a capsule's "
@@ -202,6 +214,10 @@ class DaemonMetrics:
         self.duration.observe(seconds, command=command)
         if error is not None:
             self.errors.inc(command=command, code=str(int(error.code)))
+
+    def observe_steps(self, command: str, steps: list[tuple[str, float]]) -> None:
+        for step, seconds in steps:
+            self.steps.observe(seconds, command=command, step=step)
 
 
 class _CniService:
@@ -242,6 +258,8 @@ class _CniService:
         # Host ends that a DEL detached and deletes after its answer, by name.
         self._deleting: dict[str, _Deletion] = {}
         self.metrics = DaemonMetrics()
+        # The steps of the call that a thread serves, each with its seconds (see _took).
+        self._call_steps = threading.local()
         self.not_ready_reason = _lacks_net_admin()
         # Set as the daemon stops: an ADD waiting for the firewall gives up, rather than hold
         # the stop for up to its whole wait.
@@ -261,6 +279,9 @@ class _CniService:
         version = DEFAULT_VERSION
         fields: LogFields = {}
         error: CniError | None = None
+        steps: list[tuple[str, float]] = []
+        self._call_steps.timed = steps
+        steps_after_answer = False
         try:
             config = parse_config(http_request.body)
             if isinstance(config.get("cniVersion"), str):
@@ -276,7 +297,10 @@ class _CniService:
             else:
                 result, after = self._commands[command](request, fields)
             body = _json(result) if result is not None else b""
-            return HttpResponse(200, body, after=after)
+            # Observed once the answer is out, with the call's other work after it.
+            steps_after_answer = True
+            observe = functools.partial(self.metrics.observe_steps, command, steps)
+            return HttpResponse(200, body, after=_then(after, observe))
         except CniError as exc:
             error = exc
             log.warning(f"CNI {command} failed", code=int(exc.code), error=exc.msg, **fields)
@@ -286,27 +310,49 @@ class _CniService:
             error = CniError(ErrorCode.INTERNAL, f"capsa-cni-daemon failed: {exc}", repr(exc))
             return _error_response(error, version)
         finally:
+            self._call_steps.timed = None
             self.metrics.in_flight.add(-1, command=command)
             self.metrics.observe(command, time.perf_counter() - started, error)
+            if not steps_after_answer:
+                self.metrics.observe_steps(command, steps)
+
+    def _timed(self, step: str, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)``, its time counted as a step of the call that this thread serves."""
+        started = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self._took(step, started)
+
+    def _took(self, step: str, started: float) -> None:
+        """Counts the time since ``started`` (time.perf_counter) as a step of the call that
+        this thread serves."""
+        steps = getattr(self._call_steps, "timed", None)
+        if steps is not None:
+            steps.append((step, time.perf_counter() - started))
 
     def _add(
         self, request: CniRequest, fields: LogFields, client_gone: Callable[[], bool]
     ) -> tuple[dict[str, Any], AfterAnswer]:
         pod = _pod_name(request)
         deadline: float | None = None
+        waited_from: float | None = None
         while True:
             # Read before the ports: a pass applied during the read is not waited for again.
             passes = self._progress.passes if self._progress is not None else 0
             with self._pod_locks.hold(pod):
-                ports = self._ports_of(pod)
+                ports = self._timed("lookup", self._ports_of, pod)
                 waiting_for = self._unready(ports)
                 if waiting_for is None:
+                    if waited_from is not None:
+                        self._took("wait", waited_from)
                     return self._plug(request, pod, ports, fields)
             # Outside the pod's lock: a DEL of the sandbox (containerd gave up) goes ahead.
             assert self._progress is not None
             now = time.monotonic()
             if deadline is None:
                 deadline = now + self._ready_wait
+                waited_from = time.perf_counter()
                 log.info(f"ADD waits for {waiting_for}", **fields)
             if self.stopping.is_set():
                 raise CniError(
@@ -353,7 +399,9 @@ class _CniService:
         # A capsule has one sandbox at a time: an older one that still holds a port is being
         # replaced (its DEL may come late, or never when its runtime lost it), and two veths
         # with the port's address and MAC on one bridge would make both flaky.
-        plugged = self._netlink(
+        plugged = self._timed(
+            "plug",
+            self._netlink,
             request,
             self._dataplane.plug,
             request.container_id,
@@ -373,7 +421,9 @@ class _CniService:
                 )
         try:
             result = build_result(request.cni_version, plugged, request.dns, request.prev_result)
-            _record(
+            self._timed(
+                "record",
+                _record,
                 "recording the bindings of",
                 self._ports.ports_bound,
                 request.container_id,
@@ -401,8 +451,13 @@ class _CniService:
                 log.info("already unplugged: its veths are being deleted", **fields)
                 return None, None
             self._deleted([first_host_end], fields)
-            removed = self._netlink(
-                request, self._dataplane.detach, request.container_id, request.ifname
+            removed = self._timed(
+                "detach",
+                self._netlink,
+                request,
+                self._dataplane.detach,
+                request.container_id,
+                request.ifname,
             )
             port_ids = [a.tag.port_id for a in removed if a.tag is not None]
             # Only where this container holds the binding: a newer sandbox's stays. By the pod's
@@ -411,7 +466,9 @@ class _CniService:
             # next pass drops the port's anti-spoofing rules, which the pod must not outlive on
             # the network.
             if pod:
-                unbound = _record(
+                unbound = self._timed(
+                    "unbind",
+                    _record,
                     "forgetting the bindings of",
                     self._ports.pod_unbound,
                     pod,
@@ -419,7 +476,9 @@ class _CniService:
                 )
                 port_ids = list(dict.fromkeys([*port_ids, *unbound]))
             elif port_ids:
-                _record(
+                self._timed(
+                    "unbind",
+                    _record,
                     "forgetting the bindings of",
                     self._ports.ports_unbound,
                     port_ids,
@@ -709,6 +768,18 @@ class _CniService:
 
     def metrics_page(self) -> HttpResponse:
         return HttpResponse(200, self.metrics.registry.render().encode(), metrics.CONTENT_TYPE)
+
+
+def _then(after: AfterAnswer, last: Callable[[], None]) -> Callable[[], None]:
+    """A call's work after its answer: ``after`` if there is one, then ``last``."""
+    if after is None:
+        return last
+
+    def both() -> None:
+        after()
+        last()
+
+    return both
 
 
 def _release_wakeups_then(after: AfterAnswer) -> None:

@@ -1418,6 +1418,33 @@ async def test_metrics_count_calls_errors_and_latency(
     assert 'capsa_cni_request_duration_seconds_count{command="DEL"} 1' in text
 
 
+async def test_metrics_time_the_steps_of_add_and_del(
+    served: Served, dataplane: FakeDataplane
+) -> None:
+    dataplane.delay = 0.03
+    await added(served.session, envelope())
+    await call(served.session, "add", envelope(pod="pod-unknown"))
+    await call(served.session, "del", envelope())
+    # A call's steps are counted once its answer is out.
+    await after_answers_done(served)
+
+    text = await page(served.session, "/metrics")
+
+    def count(command: str, step: str) -> str:
+        return f'capsa_cni_step_duration_seconds_count{{command="{command}",step="{step}"}}'
+
+    # Both ADDs looked their ports up; the one that found none failed there.
+    assert f"{count('ADD', 'lookup')} 2" in text
+    assert f"{count('ADD', 'plug')} 1" in text
+    assert f"{count('ADD', 'record')} 1" in text
+    assert f"{count('DEL', 'detach')} 1" in text
+    assert f"{count('DEL', 'unbind')} 1" in text
+    # The plug took the data plane's 30 ms; no ADD waited for the firewall.
+    plug_bucket = 'capsa_cni_step_duration_seconds_bucket{command="ADD",step="plug",le="0.025"}'
+    assert f"{plug_bucket} 0" in text
+    assert 'step="wait"' not in text
+
+
 @pytest.mark.parametrize(
     ("listen", "expected"),
     [

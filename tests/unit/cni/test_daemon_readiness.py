@@ -19,8 +19,10 @@ from tests.unit.cni.test_daemon import (
     WAIT_S,
     FakeDataplane,
     FakePorts,
+    after_answers_done,
     call,
     envelope,
+    page,
     serving,
 )
 
@@ -94,6 +96,28 @@ async def test_add_waits_for_the_ports_then_for_the_firewall_then_plugs(
     assert status == 200, result
     assert dataplane.plugged == {("c1", PORT.port_id): PORT.bridge}
     assert ports.bound[PORT.port_id][0] == "c1"
+
+
+async def test_an_adds_wait_for_the_firewall_is_a_step_of_its_own(
+    ports: WatchedPorts, dataplane: FakeDataplane, progress: FirewallProgress
+) -> None:
+    ports.ports["pod-1"] = [PORT]
+    async with serving(ports, dataplane, progress=progress, ready_wait=30.0) as served:
+        add = asyncio.ensure_future(call(served.session, "add", envelope()))
+        await ports.read_again()
+        await asyncio.sleep(0.05)
+        progress.applied([PORT.port_id])
+        async with asyncio.timeout(10):
+            status, result = await add
+        assert status == 200, result
+        await after_answers_done(served)
+        text = await page(served.session, "/metrics")
+
+    count = 'capsa_cni_step_duration_seconds_count{command="ADD",step="wait"}'
+    within_25_ms = 'capsa_cni_step_duration_seconds_bucket{command="ADD",step="wait",le="0.025"}'
+    assert f"{count} 1" in text
+    # It waited the 50 ms before the firewall enforced the port.
+    assert f"{within_25_ms} 0" in text
 
 
 async def test_a_sandbox_can_be_deleted_while_its_add_waits(
