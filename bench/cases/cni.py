@@ -21,6 +21,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ def run(session: Session) -> CaseResult:
         # Anchor pods keep each network's bridge, as on a host that already runs pods.
         capsa_pods.add(new_port())
         reference_pods.add(str(uuid.uuid4()))
-        daemon_before = daemon_durations(session, cfg.cni_daemon_address)
+        daemon_before = daemon_time(session, cfg.cni_daemon_address)
 
         def capsa_round() -> dict[str, float]:
             pod = new_port()
@@ -201,15 +202,23 @@ def run(session: Session) -> CaseResult:
             plan.warmup,
             settle=_SETTLE_S,
         )
-        daemon_after = daemon_durations(session, cfg.cni_daemon_address)
+        daemon_after = daemon_time(session, cfg.cni_daemon_address)
     result.samples = samples
     result.details["daemon_mean_ms"] = {}
+    result.details["daemon_steps_mean_ms"] = {}
     for command in ("ADD", "DEL"):
-        total, count = daemon_after.get(command, (0.0, 0))
-        total_before, count_before = daemon_before.get(command, (0.0, 0))
-        if count > count_before:
-            mean = (total - total_before) / (count - count_before)
-            result.details["daemon_mean_ms"][command] = round(mean * 1000, 2)
+        total, count = daemon_after.calls.get(command, (0.0, 0))
+        total_before, count_before = daemon_before.calls.get(command, (0.0, 0))
+        calls = count - count_before
+        if calls <= 0:
+            continue
+        result.details["daemon_mean_ms"][command] = round((total - total_before) / calls * 1000, 2)
+        # Per call, so that a command's steps add up to (most of) its time.
+        result.details["daemon_steps_mean_ms"][command] = {
+            step: round((seconds - daemon_before.steps.get((command, step), 0.0)) / calls * 1000, 3)
+            for (of, step), seconds in daemon_after.steps.items()
+            if of == command
+        }
     result.rows = [
         compared("cni", "ADD", samples, ("capsa.add", "reference.add"), ADD_TARGET),
         compared("cni", "DEL", samples, ("capsa.del", "reference.del"), DEL_TARGET),
@@ -244,16 +253,29 @@ def run(session: Session) -> CaseResult:
 _DURATION = re.compile(
     r'^capsa_cni_request_duration_seconds_(sum|count)\{command="([A-Z]+)"\} (\S+)$', re.M
 )
+_STEP = re.compile(
+    r'^capsa_cni_step_duration_seconds_sum\{command="([A-Z]+)",step="([a-z]+)"\} (\S+)$', re.M
+)
 
 
-def daemon_durations(session: Session, address: str) -> dict[str, tuple[float, int]]:
-    """capsa-cni-daemon's own time in its calls so far, by command: (seconds in all, calls),
-    from its Prometheus metrics (the time from a request's arrival to its answer)."""
+@dataclass(frozen=True)
+class DaemonTime:
+    """capsa-cni-daemon's own time so far, from its Prometheus metrics: by command, (seconds in
+    all, calls), from a request's arrival to its answer; by (command, step), seconds in all."""
+
+    calls: dict[str, tuple[float, int]]
+    steps: dict[tuple[str, str], float]
+
+
+def daemon_time(session: Session, address: str) -> DaemonTime:
     text = session.run(_metrics_page(address))
     totals: dict[str, list[float]] = {}
     for kind, command, value in _DURATION.findall(text):
         totals.setdefault(command, [0.0, 0.0])[kind == "count"] = float(value)
-    return {command: (total, int(count)) for command, (total, count) in totals.items()}
+    return DaemonTime(
+        calls={command: (total, int(count)) for command, (total, count) in totals.items()},
+        steps={(command, step): float(value) for command, step, value in _STEP.findall(text)},
+    )
 
 
 async def _metrics_page(address: str) -> str:
