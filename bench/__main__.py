@@ -140,18 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if calls:
             each = ", ".join(f"{method} {ms:.1f} ms" for method, ms in calls.items())
             print(f"\n{result.name}: the reference's CRI calls (median): {each}")
-        daemon = result.details.get("daemon_mean_ms")
+        daemon = cni.daemon_time_line(result.details)
         if daemon:
-            steps = result.details.get("daemon_steps_mean_ms", {})
-            each = ", ".join(
-                f"{command} {ms:.2f} ms{_steps_text(steps.get(command))}"
-                for command, ms in daemon.items()
-            )
-            print(
-                f"\n{result.name}: capsa-cni-daemon's own time per call, from the request's "
-                f"arrival to its answer (its duration and step metrics, mean of the case's "
-                f"calls): {each}"
-            )
+            print(f"\n{result.name}: {daemon}")
         trace = result.details.get("trace")
         if trace:
             for phase in ("start", "teardown"):
@@ -162,12 +153,6 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         return 130
     return 1 if any(r.error for r in results) else 0
-
-
-def _steps_text(steps: dict[str, float] | None) -> str:
-    if not steps:
-        return ""
-    return " (" + ", ".join(f"{step} {ms:.2f}" for step, ms in steps.items()) + ")"
 
 
 def _stem(started: datetime, plan: Plan) -> str:

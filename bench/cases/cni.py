@@ -206,6 +206,8 @@ def run(session: Session) -> CaseResult:
     result.samples = samples
     result.details["daemon_mean_ms"] = {}
     result.details["daemon_steps_mean_ms"] = {}
+    result.details["daemon_steps_taken"] = {}
+    result.details["daemon_calls"] = {}
     for command in ("ADD", "DEL"):
         total, count = daemon_after.calls.get(command, (0.0, 0))
         total_before, count_before = daemon_before.calls.get(command, (0.0, 0))
@@ -213,11 +215,21 @@ def run(session: Session) -> CaseResult:
         if calls <= 0:
             continue
         result.details["daemon_mean_ms"][command] = round((total - total_before) / calls * 1000, 2)
+        result.details["daemon_calls"][command] = calls
         # Per call, so that a command's steps add up to (most of) its time.
+        # Each step the case's calls took: its seconds and how many times it was taken.
+        steps: dict[str, tuple[float, int]] = {}
+        for (of, step), (seconds, taken) in daemon_after.steps.items():
+            seconds_before, taken_before = daemon_before.steps.get((of, step), (0.0, 0))
+            if of == command and taken > taken_before:
+                steps[step] = (seconds - seconds_before, taken - taken_before)
         result.details["daemon_steps_mean_ms"][command] = {
-            step: round((seconds - daemon_before.steps.get((command, step), 0.0)) / calls * 1000, 3)
-            for (of, step), seconds in daemon_after.steps.items()
-            if of == command
+            step: round(seconds / calls * 1000, 3) for step, (seconds, _) in steps.items()
+        }
+        # How many times each step was taken: a wait only by the ADDs that waited (which look
+        # their ports up again after it).
+        result.details["daemon_steps_taken"][command] = {
+            step: taken for step, (_, taken) in steps.items()
         }
     result.rows = [
         compared("cni", "ADD", samples, ("capsa.add", "reference.add"), ADD_TARGET),
@@ -250,21 +262,44 @@ def run(session: Session) -> CaseResult:
     return result
 
 
+def daemon_time_line(details: dict[str, Any]) -> str | None:
+    """The line under the table for the daemon's own time per ADD and DEL and their steps, each
+    per call; a step that only some calls took (a wait) says how many took it."""
+    daemon = details.get("daemon_mean_ms")
+    if not daemon:
+        return None
+    each = []
+    for command, ms in daemon.items():
+        calls = details["daemon_calls"][command]
+        taken = details["daemon_steps_taken"][command]
+        steps = [
+            f"{step} {step_ms:.2f}" + (f" in {taken[step]} calls" if taken[step] < calls else "")
+            for step, step_ms in details["daemon_steps_mean_ms"][command].items()
+        ]
+        each.append(f"{command} {ms:.2f} ms" + (f" ({', '.join(steps)})" if steps else ""))
+    return (
+        "capsa-cni-daemon's own time per call, from the request's arrival to its answer (its "
+        f"duration and step metrics, mean of the case's calls): {', '.join(each)}"
+    )
+
+
 _DURATION = re.compile(
     r'^capsa_cni_request_duration_seconds_(sum|count)\{command="([A-Z]+)"\} (\S+)$', re.M
 )
 _STEP = re.compile(
-    r'^capsa_cni_step_duration_seconds_sum\{command="([A-Z]+)",step="([a-z]+)"\} (\S+)$', re.M
+    r'^capsa_cni_step_duration_seconds_(sum|count)\{command="([A-Z]+)",step="([a-z]+)"\} (\S+)$',
+    re.M,
 )
 
 
 @dataclass(frozen=True)
 class DaemonTime:
     """capsa-cni-daemon's own time so far, from its Prometheus metrics: by command, (seconds in
-    all, calls), from a request's arrival to its answer; by (command, step), seconds in all."""
+    all, calls), from a request's arrival to its answer; by (command, step), (seconds in all,
+    times taken)."""
 
     calls: dict[str, tuple[float, int]]
-    steps: dict[tuple[str, str], float]
+    steps: dict[tuple[str, str], tuple[float, int]]
 
 
 def daemon_time(session: Session, address: str) -> DaemonTime:
@@ -272,9 +307,12 @@ def daemon_time(session: Session, address: str) -> DaemonTime:
     totals: dict[str, list[float]] = {}
     for kind, command, value in _DURATION.findall(text):
         totals.setdefault(command, [0.0, 0.0])[kind == "count"] = float(value)
+    steps: dict[tuple[str, str], list[float]] = {}
+    for kind, command, step, value in _STEP.findall(text):
+        steps.setdefault((command, step), [0.0, 0.0])[kind == "count"] = float(value)
     return DaemonTime(
         calls={command: (total, int(count)) for command, (total, count) in totals.items()},
-        steps={(command, step): float(value) for command, step, value in _STEP.findall(text)},
+        steps={key: (total, int(count)) for key, (total, count) in steps.items()},
     )
 
 

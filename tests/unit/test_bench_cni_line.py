@@ -1,0 +1,34 @@
+"""The cni case's line under the table: the daemon's own time per call and its steps."""
+
+from __future__ import annotations
+
+from bench.cases.cni import daemon_time_line
+
+
+def test_the_line_gives_each_commands_time_and_steps_and_how_many_calls_waited() -> None:
+    details = {
+        "daemon_mean_ms": {"ADD": 2.1, "DEL": 0.8},
+        "daemon_calls": {"ADD": 55, "DEL": 55},
+        "daemon_steps_mean_ms": {
+            "ADD": {"lookup": 0.25, "plug": 1.3, "record": 0.2, "wait": 0.4},
+            "DEL": {"detach": 0.3, "unbind": 0.35},
+        },
+        # Three ADDs waited for the firewall, and looked their ports up again after it.
+        "daemon_steps_taken": {
+            "ADD": {"lookup": 58, "plug": 55, "record": 55, "wait": 3},
+            "DEL": {"detach": 55, "unbind": 55},
+        },
+    }
+
+    line = daemon_time_line(details)
+
+    assert line is not None
+    assert line.endswith(
+        "ADD 2.10 ms (lookup 0.25, plug 1.30, record 0.20, wait 0.40 in 3 calls), "
+        "DEL 0.80 ms (detach 0.30, unbind 0.35)"
+    )
+
+
+def test_no_line_without_the_daemons_time() -> None:
+    assert daemon_time_line({}) is None
+    assert daemon_time_line({"daemon_mean_ms": {}}) is None
