@@ -273,7 +273,7 @@ def daemon_time_line(details: dict[str, Any]) -> str | None:
         calls = details["daemon_calls"][command]
         taken = details["daemon_steps_taken"][command]
         steps = [
-            f"{step} {step_ms:.2f}" + (f" in {taken[step]} calls" if taken[step] < calls else "")
+            f"{step} {step_ms:.2f}" + (_in_calls(taken[step]) if taken[step] < calls else "")
             for step, step_ms in details["daemon_steps_mean_ms"][command].items()
         ]
         each.append(f"{command} {ms:.2f} ms" + (f" ({', '.join(steps)})" if steps else ""))
@@ -281,6 +281,10 @@ def daemon_time_line(details: dict[str, Any]) -> str | None:
         "capsa-cni-daemon's own time per call, from the request's arrival to its answer (its "
         f"duration and step metrics, mean of the case's calls): {', '.join(each)}"
     )
+
+
+def _in_calls(count: int) -> str:
+    return f" in {count} call" + ("" if count == 1 else "s")
 
 
 _DURATION = re.compile(

@@ -29,6 +29,17 @@ def test_the_line_gives_each_commands_time_and_steps_and_how_many_calls_waited()
     )
 
 
+def test_a_step_one_call_took_says_so() -> None:
+    details = {
+        "daemon_mean_ms": {"ADD": 2.0},
+        "daemon_calls": {"ADD": 50},
+        "daemon_steps_mean_ms": {"ADD": {"lookup": 0.25, "wait": 0.03}},
+        "daemon_steps_taken": {"ADD": {"lookup": 51, "wait": 1}},
+    }
+    line = daemon_time_line(details)
+    assert line is not None and line.endswith("ADD 2.00 ms (lookup 0.25, wait 0.03 in 1 call)")
+
+
 def test_no_line_without_the_daemons_time() -> None:
     assert daemon_time_line({}) is None
     assert daemon_time_line({"daemon_mean_ms": {}}) is None
