@@ -300,7 +300,7 @@ class _CniService:
             # Observed once the answer is out, with the call's other work after it.
             steps_after_answer = True
             observe = functools.partial(self.metrics.observe_steps, command, steps)
-            return HttpResponse(200, body, after=_then(after, observe))
+            return HttpResponse(200, body, after=_in_turn(after, observe))
         except CniError as exc:
             error = exc
             log.warning(f"CNI {command} failed", code=int(exc.code), error=exc.msg, **fields)
@@ -770,22 +770,15 @@ class _CniService:
         return HttpResponse(200, self.metrics.registry.render().encode(), metrics.CONTENT_TYPE)
 
 
-def _then(after: AfterAnswer, last: Callable[[], None]) -> Callable[[], None]:
-    """A call's work after its answer: ``after`` if there is one, then ``last``."""
-    if after is None:
-        return last
+def _in_turn(*works: AfterAnswer) -> Callable[[], None]:
+    """Work after a call's answer: each of ``works`` that there is, in turn."""
 
-    def both() -> None:
-        after()
-        last()
+    def run() -> None:
+        for work in works:
+            if work is not None:
+                work()
 
-    return both
-
-
-def _release_wakeups_then(after: AfterAnswer) -> None:
-    notify.release_wakeups()
-    if after is not None:
-        after()
+    return run
 
 
 def _record(doing: str, call: Callable[..., T], *args: Any) -> T:
@@ -1002,9 +995,7 @@ class CniDaemon:
         except BaseException:
             notify.release_wakeups()
             raise
-        return dataclasses.replace(
-            response, after=functools.partial(_release_wakeups_then, response.after)
-        )
+        return dataclasses.replace(response, after=_in_turn(notify.release_wakeups, response.after))
 
     def _serve(self, request: HttpRequest) -> HttpResponse:
         path = request.path.partition("?")[0]
