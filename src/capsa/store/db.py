@@ -185,8 +185,6 @@ class Database:
         once the thread releases the wake-ups it holds (notify.hold_wakeups)."""
         if self._loop is None:
             raise RuntimeError("Database.initialize() has not run: no event loop to wake")
-        if self.is_sqlite:
-            self._writer_without_checkpoints()
         result, wakeups = self._write_transaction(work, on_driver=self.is_sqlite)
         notify.call_soon_on(self._loop, self._written_elsewhere, wakeups)
         return result
@@ -199,10 +197,9 @@ class Database:
             assert self._loop is not None
             self._written_here(self._loop)
 
-    def _writer_without_checkpoints(self) -> None:
-        """Turns SQLite's own checkpoint off for this thread's writer, as for the loop's: it
-        syncs the disk, which a caller waiting on the write would wait for."""
-        driver = _sqlite_driver(self._kept_connection(write=True))
+    def _without_checkpoints(self, driver: sqlite3.Connection) -> None:
+        """Turns SQLite's own checkpoint off for this thread's writer ``driver``, as for the
+        loop's: it syncs the disk, which a caller waiting on the write would wait for."""
         if getattr(self._local, "writer_without_checkpoints", None) is not driver:
             driver.execute("PRAGMA wal_autocheckpoint=0")
             self._local.writer_without_checkpoints = driver
@@ -341,6 +338,7 @@ class Database:
         commits or rolls it back."""
         conn = self._kept_connection(write=True)
         driver = _sqlite_driver(conn)
+        self._without_checkpoints(driver)
         driver.execute("BEGIN IMMEDIATE")
         conn.info[_DRIVER_TRANSACTION] = True
         try:
