@@ -204,27 +204,19 @@ def run(session: Session) -> CaseResult:
         )
         daemon_after = daemon_time(session, cfg.cni_daemon_address)
     result.samples = samples
-    result.details["daemon_mean_ms"] = {}
-    result.details["daemon_steps_mean_ms"] = {}
-    result.details["daemon_steps_taken"] = {}
-    result.details["daemon_calls"] = {}
+    spent = daemon_after.since(daemon_before)
+    for key in ("daemon_mean_ms", "daemon_calls", "daemon_steps_mean_ms", "daemon_steps_taken"):
+        result.details[key] = {}
     for command in ("ADD", "DEL"):
-        total, count = daemon_after.calls.get(command, (0.0, 0))
-        total_before, count_before = daemon_before.calls.get(command, (0.0, 0))
-        calls = count - count_before
-        if calls <= 0:
+        if (command,) not in spent.calls:
             continue
-        result.details["daemon_mean_ms"][command] = round((total - total_before) / calls * 1000, 2)
+        seconds, calls = spent.calls[(command,)]
+        result.details["daemon_mean_ms"][command] = round(seconds / calls * 1000, 2)
         result.details["daemon_calls"][command] = calls
+        steps = {step: spent.steps[(of, step)] for of, step in spent.steps if of == command}
         # Per call, so that a command's steps add up to (most of) its time.
-        # Each step the case's calls took: its seconds and how many times it was taken.
-        steps: dict[str, tuple[float, int]] = {}
-        for (of, step), (seconds, taken) in daemon_after.steps.items():
-            seconds_before, taken_before = daemon_before.steps.get((of, step), (0.0, 0))
-            if of == command and taken > taken_before:
-                steps[step] = (seconds - seconds_before, taken - taken_before)
         result.details["daemon_steps_mean_ms"][command] = {
-            step: round(seconds / calls * 1000, 3) for step, (seconds, _) in steps.items()
+            step: round(step_seconds / calls * 1000, 3) for step, (step_seconds, _) in steps.items()
         }
         # How many times each step was taken: a wait only by the ADDs that waited (which look
         # their ports up again after it).
@@ -296,28 +288,47 @@ _STEP = re.compile(
 )
 
 
+# Seconds in all and times counted, by the series' label values.
+Totals = dict[tuple[str, ...], tuple[float, int]]
+
+
 @dataclass(frozen=True)
 class DaemonTime:
-    """capsa-cni-daemon's own time so far, from its Prometheus metrics: by command, (seconds in
-    all, calls), from a request's arrival to its answer; by (command, step), (seconds in all,
-    times taken)."""
+    """capsa-cni-daemon's own time, from its Prometheus metrics: by (command,), its calls'
+    seconds from a request's arrival to its answer, and how many; by (command, step), the
+    step's seconds, and how many times it was taken."""
 
-    calls: dict[str, tuple[float, int]]
-    steps: dict[tuple[str, str], tuple[float, int]]
+    calls: Totals
+    steps: Totals
+
+    def since(self, before: DaemonTime) -> DaemonTime:
+        """What was spent after ``before``: the series that grew, by how much."""
+        return DaemonTime(_growth(self.calls, before.calls), _growth(self.steps, before.steps))
+
+
+def _growth(after: Totals, before: Totals) -> Totals:
+    grown = {}
+    for key, (seconds, count) in after.items():
+        seconds_before, count_before = before.get(key, (0.0, 0))
+        if count > count_before:
+            grown[key] = (seconds - seconds_before, count - count_before)
+    return grown
 
 
 def daemon_time(session: Session, address: str) -> DaemonTime:
-    text = session.run(_metrics_page(address))
-    totals: dict[str, list[float]] = {}
-    for kind, command, value in _DURATION.findall(text):
-        totals.setdefault(command, [0.0, 0.0])[kind == "count"] = float(value)
-    steps: dict[tuple[str, str], list[float]] = {}
-    for kind, command, step, value in _STEP.findall(text):
-        steps.setdefault((command, step), [0.0, 0.0])[kind == "count"] = float(value)
-    return DaemonTime(
-        calls={command: (total, int(count)) for command, (total, count) in totals.items()},
-        steps={key: (total, int(count)) for key, (total, count) in steps.items()},
-    )
+    return parse_daemon_time(session.run(_metrics_page(address)))
+
+
+def parse_daemon_time(metrics_page: str) -> DaemonTime:
+    return DaemonTime(_totals(_DURATION, metrics_page), _totals(_STEP, metrics_page))
+
+
+def _totals(series: re.Pattern[str], text: str) -> Totals:
+    """The sums and counts of a histogram's ``series`` (matching kind, label values, value)."""
+    totals: dict[tuple[str, ...], list[float]] = {}
+    for kind, *labels, value in series.findall(text):
+        totals.setdefault(tuple(labels), [0.0, 0.0])[kind == "count"] = float(value)
+    return {labels: (total, int(count)) for labels, (total, count) in totals.items()}
 
 
 async def _metrics_page(address: str) -> str:

@@ -1,8 +1,41 @@
-"""The cni case's line under the table: the daemon's own time per call and its steps."""
+"""The cni case's report of the daemon's time: what it spent between two metrics pages, and the
+line under the table with its steps."""
 
 from __future__ import annotations
 
-from bench.cases.cni import daemon_time_line
+from bench.cases.cni import daemon_time_line, parse_daemon_time
+
+_BEFORE = """\
+capsa_cni_request_duration_seconds_sum{command="ADD"} 0.004
+capsa_cni_request_duration_seconds_count{command="ADD"} 2
+capsa_cni_step_duration_seconds_sum{command="ADD",step="plug"} 0.002
+capsa_cni_step_duration_seconds_count{command="ADD",step="plug"} 2
+capsa_cni_step_duration_seconds_sum{command="ADD",step="wait"} 0.01
+capsa_cni_step_duration_seconds_count{command="ADD",step="wait"} 1
+"""
+_AFTER = """\
+capsa_cni_request_duration_seconds_bucket{command="ADD",le="0.005"} 12
+capsa_cni_request_duration_seconds_sum{command="ADD"} 0.024
+capsa_cni_request_duration_seconds_count{command="ADD"} 12
+capsa_cni_request_duration_seconds_sum{command="DEL"} 0.008
+capsa_cni_request_duration_seconds_count{command="DEL"} 10
+capsa_cni_step_duration_seconds_sum{command="ADD",step="plug"} 0.012
+capsa_cni_step_duration_seconds_count{command="ADD",step="plug"} 12
+capsa_cni_step_duration_seconds_sum{command="ADD",step="wait"} 0.01
+capsa_cni_step_duration_seconds_count{command="ADD",step="wait"} 1
+"""
+
+
+def test_what_the_daemon_spent_between_two_metrics_pages() -> None:
+    spent = parse_daemon_time(_AFTER).since(parse_daemon_time(_BEFORE))
+
+    assert spent.calls.keys() == {("ADD",), ("DEL",)}
+    seconds, calls = spent.calls[("ADD",)]
+    assert (round(seconds, 6), calls) == (0.02, 10)
+    assert spent.calls[("DEL",)] == (0.008, 10)
+    # The wait that came before is not the case's: only the series that grew count.
+    assert spent.steps.keys() == {("ADD", "plug")}
+    assert round(spent.steps[("ADD", "plug")][0], 6) == 0.01
 
 
 def test_the_line_gives_each_commands_time_and_steps_and_how_many_calls_waited() -> None:
