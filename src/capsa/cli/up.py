@@ -30,7 +30,7 @@ from capsa.log import get_logger, setup_logging
 from capsa.network import firewall
 from capsa.network.agent import NetworkAgent, OverlaySettings
 from capsa.network.dataplane import Dataplane
-from capsa.network.enforcement import FirewallProgress
+from capsa.network.enforcement import EnforcedPorts, FirewallProgress
 from capsa.network.service import NetworkService
 from capsa.runtime.host import HostRuntime
 from capsa.scheduler.service import Scheduler
@@ -101,7 +101,7 @@ async def _start(cfg: Config, stack: AsyncExitStack) -> None:
     # The daemon plugs a port only once the network agent's firewall enforces it.
     progress = FirewallProgress()
     cni_daemon = CniDaemon(
-        network,
+        EnforcedPorts(progress, network),
         cfg.cni_daemon_address,
         dataplane=dataplane,
         progress=progress,

@@ -34,7 +34,7 @@ from capsa.model.network import HostNetworkView
 from capsa.network import firewall
 from capsa.network.dataplane import Dataplane, DataplaneError
 from capsa.network.enforcement import FirewallProgress
-from capsa.network.service import bridge_name
+from capsa.network.service import bridge_name, capsule_port_bindings
 from capsa.store import Store, notify
 from capsa.store.ports import HostViewRows
 
@@ -163,7 +163,9 @@ class NetworkAgent:
             await self._enforce(view)
             self._rows, self._view = rows, view
             if self._progress is not None:
-                self._progress.applied(p.port.id for p in view.ports)
+                self._progress.applied(
+                    (p.port.id for p in view.ports), capsule_port_bindings(view.ports)
+                )
         if self._overlay is not None and self._view is not None:
             await asyncio.to_thread(self._sync_overlay, self._view, self._overlay)
         await self._release_unused_firewall()

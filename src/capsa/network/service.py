@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from capsa.log import get_logger
-from capsa.model.network import Attachment, Port
+from capsa.model.network import DEVICE_OWNER_CAPSULE, Attachment, LocalPort, Port
 from capsa.network.ipam import lowest_free_address, random_mac
 from capsa.network.types import PortBinding
 from capsa.store import Store
@@ -121,6 +121,34 @@ class NetworkService:
 
     def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
         return self._store.ports.clear_device_bindings(pod_name, container_id)
+
+
+def capsule_port_bindings(ports: Iterable[LocalPort]) -> dict[str, list[PortBinding]]:
+    """The capsules' ports among a host's view of its ``ports``, by capsule, each in its
+    interface order, as :meth:`NetworkService.find_ports` gives them."""
+    by_capsule: dict[str, list[LocalPort]] = {}
+    for local in ports:
+        if local.port.device_owner == DEVICE_OWNER_CAPSULE:
+            by_capsule.setdefault(local.port.device_id, []).append(local)
+    bridges: dict[str, str] = {}
+    return {
+        capsule: [
+            PortBinding(
+                port_id=local.port.id,
+                network_id=local.port.network_id,
+                mac=local.port.mac_address,
+                ip=ipaddress.IPv4Interface((local.port.ip_address, local.subnet.cidr.prefixlen)),
+                gateway=local.subnet.gateway_ip,
+                bridge=bridges.get(local.port.network_id)
+                or bridges.setdefault(local.port.network_id, bridge_name(local.port.network_id)),
+                mtu=local.network.mtu,
+                bound_container_id=local.port.binding_container_id,
+                bound_host_ifname=local.port.binding_host_ifname,
+            )
+            for local in sorted(locals_, key=lambda local: local.port.interface_index)
+        ]
+        for capsule, locals_ in by_capsule.items()
+    }
 
 
 def bridge_name(network_id: str) -> str:

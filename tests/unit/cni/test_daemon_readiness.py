@@ -26,7 +26,7 @@ from tests.unit.cni.test_daemon import (
     serving,
 )
 
-from capsa.network.enforcement import FirewallProgress
+from capsa.network.enforcement import EnforcedPorts, FirewallProgress
 from capsa.network.types import PortBinding
 
 
@@ -210,3 +210,21 @@ async def test_an_add_waiting_for_its_ports_gives_up_when_the_daemon_stops(
     assert status == 503 and error["code"] == 11, error
     assert "stopping" in error["msg"]
     assert not dataplane.links
+
+
+async def test_an_add_beside_the_network_agent_takes_its_ports_from_the_firewalls_view(
+    ports: WatchedPorts, dataplane: FakeDataplane, progress: FirewallProgress
+) -> None:
+    ports.ports["pod-1"] = [PORT]
+    progress.applied([PORT.port_id], {"pod-1": [PORT]})
+    async with serving(EnforcedPorts(progress, ports), dataplane, progress=progress) as served:
+        status, result = await call(served.session, "add", envelope("c1"))
+        assert status == 200, result
+        # A new sandbox of the capsule before any pass read the first one's binding back: its
+        # ADD still knows the port is bound, and takes it from the first sandbox.
+        status, result = await call(served.session, "add", envelope("c2"))
+        assert status == 200, result
+
+    assert ports.calls == ["ports_bound", "ports_bound"]
+    assert dataplane.plugged == {("c2", PORT.port_id): PORT.bridge}
+    assert ports.bound[PORT.port_id][0] == "c2"

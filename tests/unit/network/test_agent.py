@@ -290,9 +290,14 @@ async def test_the_ports_a_pass_enforced_are_told_and_not_before_nftables_took_t
         await agent.sync()
     assert not progress.enforces([port.id]) and progress.passes == 1
 
+    assert progress.ports_of(capsule.uuid) == []
+
     monkeypatch.setattr(firewall, "apply", applied.apply)
     await agent.sync()
     assert progress.enforces([port.id]) and progress.passes == 2
+    assert progress.ports_of(capsule.uuid) == await asyncio.to_thread(
+        network.find_ports, capsule.uuid
+    )
 
 
 async def test_an_add_waiting_for_its_ports_wakes_the_agent_for_a_pass(

@@ -6,7 +6,8 @@ import ipaddress
 from tests.unit.conftest import network_with_subnet
 
 from capsa.model.network import Attachment
-from capsa.network.service import NetworkService, bridge_name
+from capsa.network.ipam import lowest_free_address, random_mac
+from capsa.network.service import NetworkService, bridge_name, capsule_port_bindings
 from capsa.store import Store
 
 
@@ -70,6 +71,35 @@ async def test_find_ports_of_a_capsule_on_two_networks_follows_its_order(store: 
     assert [
         b.bound_container_id for b in await asyncio.to_thread(service.find_ports, "capsule-a")
     ] == [None, None]
+
+
+async def test_a_host_views_capsule_ports_are_what_find_ports_gives(store: Store) -> None:
+    service = NetworkService(store, "10.3.0.0/24", 1400)
+    other = await network_with_subnet(store, "p1", "other", "10.8.0.0/24", mtu=1300)
+    default = (await service.project_defaults("p1")).network
+    two = await service.allocate_ports("capsule-a", "p1", "h1", Attachment(("other", default.id)))
+    await service.allocate_ports("capsule-b", "p1", "h1")
+    # Not capsule-a's, though its device_id says so: made through the API.
+    await store.ports.create(
+        network_id=other,
+        project_id="p1",
+        device_id="capsule-a",
+        device_owner="",
+        host="h1",
+        pick_address=lowest_free_address,
+        mac_address=random_mac,
+    )
+    await service.allocate_ports("capsule-c", "p1", "h2")
+    await asyncio.to_thread(service.ports_bound, "sandbox-1", {two[1].id: "capsa1"})
+
+    _, view = await store.ports.host_view_if_changed("h1", None)
+    assert view is not None
+    by_capsule = capsule_port_bindings(reversed(view.ports))
+
+    assert sorted(by_capsule) == ["capsule-a", "capsule-b"]
+    for capsule, bindings in by_capsule.items():
+        assert bindings == await asyncio.to_thread(service.find_ports, capsule)
+    assert [b.bound_container_id for b in by_capsule["capsule-a"]] == [None, "sandbox-1"]
 
 
 def test_bridges_of_different_networks_differ() -> None:
