@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import uuid as uuidlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from capsa.log import get_logger
 from capsa.model.network import DEVICE_OWNER_CAPSULE, Attachment, LocalPort, Port
@@ -123,14 +123,14 @@ class NetworkService:
         return self._store.ports.clear_device_bindings(pod_name, container_id)
 
 
-def capsule_port_bindings(ports: Iterable[LocalPort]) -> dict[str, list[PortBinding]]:
+def capsule_port_bindings(ports: Sequence[LocalPort]) -> dict[str, list[PortBinding]]:
     """The capsules' ports among a host's view of its ``ports``, by capsule, each in its
     interface order, as :meth:`NetworkService.find_ports` gives them."""
     by_capsule: dict[str, list[LocalPort]] = {}
     for local in ports:
         if local.port.device_owner == DEVICE_OWNER_CAPSULE:
             by_capsule.setdefault(local.port.device_id, []).append(local)
-    bridges: dict[str, str] = {}
+    bridges = {local.network.id: bridge_name(local.network.id) for local in ports}
     return {
         capsule: [
             PortBinding(
@@ -139,8 +139,7 @@ def capsule_port_bindings(ports: Iterable[LocalPort]) -> dict[str, list[PortBind
                 mac=local.port.mac_address,
                 ip=ipaddress.IPv4Interface((local.port.ip_address, local.subnet.cidr.prefixlen)),
                 gateway=local.subnet.gateway_ip,
-                bridge=bridges.get(local.port.network_id)
-                or bridges.setdefault(local.port.network_id, bridge_name(local.port.network_id)),
+                bridge=bridges[local.network.id],
                 mtu=local.network.mtu,
                 bound_container_id=local.port.binding_container_id,
                 bound_host_ifname=local.port.binding_host_ifname,

@@ -94,7 +94,7 @@ async def test_a_host_views_capsule_ports_are_what_find_ports_gives(store: Store
 
     _, view = await store.ports.host_view_if_changed("h1", None)
     assert view is not None
-    by_capsule = capsule_port_bindings(reversed(view.ports))
+    by_capsule = capsule_port_bindings(view.ports[::-1])
 
     assert sorted(by_capsule) == ["capsule-a", "capsule-b"]
     for capsule, bindings in by_capsule.items():
