@@ -30,7 +30,7 @@ import aiohttp
 from bench import host
 from bench.report import CaseResult, Target, compared
 from bench.suite import Paired, Session, interleave
-from capsa.cni.daemon import parse_listen
+from capsa.cni.daemon import STEPS_AFTER_ANSWER, parse_listen
 from capsa.cni.install import CONFLIST_NAME, PLUGIN_TYPE
 from capsa.model.network import DEVICE_OWNER_CAPSULE
 from capsa.network.dataplane import host_ifname
@@ -256,7 +256,8 @@ def run(session: Session) -> CaseResult:
 
 def daemon_time_line(details: dict[str, Any]) -> str | None:
     """The line under the table for the daemon's own time per ADD and DEL and their steps, each
-    per call; a step that only some calls took (a wait) says how many took it."""
+    per call; a step that only some calls took (a wait) says how many took it, and those taken
+    after the answer (STEPS_AFTER_ANSWER) come last, as such."""
     daemon = details.get("daemon_mean_ms")
     if not daemon:
         return None
@@ -264,11 +265,15 @@ def daemon_time_line(details: dict[str, Any]) -> str | None:
     for command, ms in daemon.items():
         calls = details["daemon_calls"][command]
         taken = details["daemon_steps_taken"][command]
-        steps = [
-            f"{step} {step_ms:.2f}" + (_in_calls(taken[step]) if taken[step] < calls else "")
-            for step, step_ms in details["daemon_steps_mean_ms"][command].items()
-        ]
-        each.append(f"{command} {ms:.2f} ms" + (f" ({', '.join(steps)})" if steps else ""))
+        steps: dict[bool, list[str]] = {False: [], True: []}
+        for step, step_ms in details["daemon_steps_mean_ms"][command].items():
+            steps[(command, step) in STEPS_AFTER_ANSWER].append(
+                f"{step} {step_ms:.2f}" + (_in_calls(taken[step]) if taken[step] < calls else "")
+            )
+        told = ", ".join(steps[False])
+        if steps[True]:
+            told += ("; " if told else "") + "after the answer: " + ", ".join(steps[True])
+        each.append(f"{command} {ms:.2f} ms" + (f" ({told})" if told else ""))
     return (
         "capsa-cni-daemon's own time per call, from the request's arrival to its answer (its "
         f"duration and step metrics, mean of the case's calls): {', '.join(each)}"

@@ -236,6 +236,16 @@ class FilePorts:
         """Port id -> the container id bound to it."""
         return {port_id: cid for port_id, (cid, _) in self._load()["bound"].items()}
 
+    async def bound_soon(self, expected: dict[str, str]) -> dict[str, str]:
+        """The bindings once they are ``expected`` (an ADD records them after its answer), or
+        as they are when the wait ends."""
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        bound = self.bound
+        while bound != expected and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            bound = self.bound
+        return bound
+
     def find_ports(self, pod_name: str) -> list[PortBinding]:
         self._pause("find_ports")
         with self._guard:
@@ -255,6 +265,16 @@ class FilePorts:
                 )
             )
         return found
+
+    def bindings_of(self, port_ids: Sequence[str]) -> dict[str, tuple[str, str] | None]:
+        with self._guard:
+            state = self._load()
+        known = {fields["port_id"] for ports in state["ports"].values() for fields in ports}
+        return {
+            port_id: tuple(state["bound"][port_id]) if port_id in state["bound"] else None
+            for port_id in port_ids
+            if port_id in known
+        }
 
     def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         self._pause("ports_bound")
@@ -819,7 +839,8 @@ async def test_add_plugs_the_pod(cni: Cni, network: Network, make_netns: Callabl
     (bridge_link,) = ip_json("link", "show", "dev", network.bridge)
     # The bridge keeps its own MAC instead of adopting its port's.
     assert bridge_link["address"] == bridge["mac"] != host_link["address"]
-    assert network.ports.bound == {port.port_id: container_id}
+    expected = {port.port_id: container_id}
+    assert await network.ports.bound_soon(expected) == expected
     assert await reachable(port.ip.ip)
 
 
@@ -877,7 +898,7 @@ async def test_add_fails_when_the_ifname_exists_in_the_netns(
     assert not link_exists(host_ifname(second, "eth0"))
     if owner_of_eth0 != "someone else":
         # The attachment that holds eth0 stays, even the one the failed ADD would replace.
-        assert network.ports.bound == {port.port_id: first}
+        assert await network.ports.bound_soon({port.port_id: first}) == {port.port_id: first}
         assert await reachable(port.ip.ip)
 
 
@@ -1020,7 +1041,8 @@ async def test_del_of_a_plugged_pod_whose_netns_is_gone(
     await cni.delete(container_id, "", pod)
 
     assert await unplugged(container_id)
-    assert network.ports.bound == {other_port.port_id: other}
+    expected = {other_port.port_id: other}
+    assert await network.ports.bound_soon(expected) == expected
     # The bridge stays for the other pod.
     assert await reachable(other_port.ip.ip)
 
@@ -1105,12 +1127,14 @@ async def test_gc_removes_only_its_own_attachments_the_runtime_no_longer_has(
         assert outcome == Outcome(0, None)
         assert not link_exists(host_ifname(stale, "eth0"))
         assert not link_exists("eth0", stale_netns)
-        assert network.ports.bound == {kept_port.port_id: kept}
+        expected = {kept_port.port_id: kept}
+        assert await network.ports.bound_soon(expected) == expected
         assert ports_of(network.bridge) == [host_ifname(kept, "eth0")]
         assert await reachable(kept_port.ip.ip)
         # The other instance's attachment is not this GC's to judge.
         assert link_exists(host_ifname(other, "eth0"))
-        assert other_network.ports.bound == {other_port.port_id: other}
+        expected = {other_port.port_id: other}
+        assert await other_network.ports.bound_soon(expected) == expected
         assert await reachable(other_port.ip.ip)
 
         # Nothing valid any more: the last attachment goes, and the bridge with it.
@@ -1219,8 +1243,8 @@ async def wait_for(path: Path, timeout: float = COMMAND_TIMEOUT) -> None:
         ("find_ports", "same sandbox"),
         # The veth exists and is on the bridge; the pod end has no address or route yet.
         ("configure_pod_end", "same sandbox"),
-        # All plugged; the binding is not recorded.
-        ("ports_bound", "same sandbox"),
+        # Plugged and answered; the binding, recorded after the answer, is not.
+        ("ports_bound", "none"),
         # containerd's way: DEL of the failed sandbox, then a new sandbox.
         ("configure_pod_end", "new sandbox"),
     ],
@@ -1242,16 +1266,24 @@ async def test_daemon_killed_in_the_middle_of_an_add_recovers_on_restart(
         daemon.kill()
         outcome = await add
 
-        assert outcome.error["code"] == 11
-        if step != "find_ports":
-            # The half-done ADD left a veth of the deterministic name.
-            assert link_exists(host_ifname(container_id, "eth0"))
-        daemon.start()
-        if retry == "new sandbox":
-            await cni.delete(container_id, "", pod)
-            assert await unplugged(container_id)
-            netns, container_id = make_netns(), secrets.token_hex(32)
-        result = await cni.add(container_id, netns_path(netns), pod)
+        if retry == "none":
+            assert outcome.status == 0, outcome.output
+            result = outcome.output
+            assert network.ports.bound == {}
+            # The daemon records the binding from the veth's tag as it starts, before any call.
+            daemon.start()
+            assert network.ports.bound == {port.port_id: container_id}
+        else:
+            assert outcome.error["code"] == 11
+            if step != "find_ports":
+                # The half-done ADD left a veth of the deterministic name.
+                assert link_exists(host_ifname(container_id, "eth0"))
+            daemon.start()
+            if retry == "new sandbox":
+                await cni.delete(container_id, "", pod)
+                assert await unplugged(container_id)
+                netns, container_id = make_netns(), secrets.token_hex(32)
+            result = await cni.add(container_id, netns_path(netns), pod)
 
         assert result["ips"][0]["address"] == str(port.ip)
         assert pod_state(netns) == {
@@ -1264,7 +1296,8 @@ async def test_daemon_killed_in_the_middle_of_an_add_recovers_on_restart(
         }
         assert bridge_addresses(network.bridge) == [f"{network.gateway}/24"]
         assert ports_of(network.bridge) == [host_ifname(container_id, "eth0")]
-        assert network.ports.bound == {port.port_id: container_id}
+        expected = {port.port_id: container_id}
+        assert await network.ports.bound_soon(expected) == expected
         assert await reachable(port.ip.ip)
         await cni.delete(container_id, netns_path(netns), pod, prevResult=result)
         assert await unplugged(container_id)
@@ -1453,10 +1486,11 @@ async def test_twenty_pods_started_at_once_through_containerd_all_get_networking
 
                 # containerd took each pod's IP from capsa-cni's result.
                 assert [s.ip for s in statuses] == [str(port.ip.ip) for _, port in pods]
-                assert network.ports.bound == {
+                expected = {
                     port.port_id: sandbox
                     for (_, port), sandbox in zip(pods, sandboxes, strict=True)
                 }
+                assert await network.ports.bound_soon(expected) == expected
                 assert sorted(ports_of(network.bridge)) == sorted(
                     host_ifname(s, "eth0") for s in sandboxes
                 )
@@ -1683,7 +1717,8 @@ async def test_one_add_plugs_every_network_of_the_capsule_and_check_sees_them_al
         [str(second.ip)],
     )
     assert ports_of(second_network.bridge) == [host_ifname(container_id, "eth1")]
-    assert network.ports.bound == {first.port_id: container_id, second.port_id: container_id}
+    expected = {first.port_id: container_id, second.port_id: container_id}
+    assert await network.ports.bound_soon(expected) == expected
     assert await reachable(first.ip.ip) and await reachable(second.ip.ip)
     if version != "0.3.1":
         assert await cni.check(container_id, netns_path(netns), pod, result) == Outcome(0, None)
@@ -1756,7 +1791,8 @@ async def test_a_new_sandbox_takes_every_port_and_a_stale_del_leaves_it(
     assert ports_of(network.bridge) == [host_ifname(new, "eth0")]
     assert ports_of(second_network.bridge) == [host_ifname(new, "eth1")]
     assert not link_exists("eth1", old_netns)
-    assert network.ports.bound == {first.port_id: new, second.port_id: new}
+    expected = {first.port_id: new, second.port_id: new}
+    assert await network.ports.bound_soon(expected) == expected
     assert await reachable(first.ip.ip) and await reachable(second.ip.ip)
 
 
@@ -1773,7 +1809,8 @@ async def test_gc_keeps_or_removes_every_interface_of_an_attachment(
 
     assert ports_of(network.bridge) == [host_ifname(kept, "eth0")]
     assert ports_of(second_network.bridge) == [host_ifname(kept, "eth1")]
-    assert network.ports.bound == {kept_first.port_id: kept, kept_second.port_id: kept}
+    expected = {kept_first.port_id: kept, kept_second.port_id: kept}
+    assert await network.ports.bound_soon(expected) == expected
     assert await reachable(kept_second.ip.ip)
 
 

@@ -57,8 +57,8 @@ def test_the_line_gives_each_commands_time_and_steps_and_how_many_calls_waited()
 
     assert line is not None
     assert line.endswith(
-        "ADD 2.10 ms (lookup 0.25, plug 1.30, record 0.20, wait 0.40 in 3 calls), "
-        "DEL 0.80 ms (detach 0.30, unbind 0.35)"
+        "ADD 2.10 ms (lookup 0.25, plug 1.30, wait 0.40 in 3 calls; after the answer: record "
+        "0.20), DEL 0.80 ms (detach 0.30, unbind 0.35)"
     )
 
 

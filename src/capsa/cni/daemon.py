@@ -5,8 +5,10 @@
 
 - ADD finds the capsule's ports by the sandbox name (``K8S_POD_NAME`` in CNI_ARGS, the capsule's
   uuid), one per network it joins, plugs them all with the data plane (the first as CNI_IFNAME
-  with the default route, the others as eth1, eth2...: :func:`pod_ifnames`), records the bindings
-  and answers one CNI result with every interface and address. If a port is still bound to an
+  with the default route, the others as eth1, eth2...: :func:`pod_ifnames`), answers one CNI
+  result with every interface and address, and then records the bindings, the pod's lock held
+  until they are (a daemon that stops first, or is killed, records them from the veths' tags when
+  it starts again: ``record_tagged_bindings``). If a port is still bound to an
   older sandbox that is still plugged, that sandbox is being replaced: its attachment is removed
   as the new one is made (not if the ADD fails its checks), so that the port's address and MAC
   are never on the bridge twice. ADD is idempotent for one (container id, ifname) and completes
@@ -114,8 +116,14 @@ _READY_RECHECK_S = 0.1
 # netns right after the DEL, which takes them with it (and the kernel's deletion of a veth, 15-20
 # ms of its work and its grace periods, would otherwise run beside the DEL's caller).
 DETACHED_VETH_WAIT_S = 1.0
+# How long an ADD's record of its bindings waits before it tries again when the store failed
+# it, doubling up to the most.
+_RECORD_RETRY_FIRST_S = 0.1
+_RECORD_RETRY_MAX_S = 5.0
 # Bit of CAP_NET_ADMIN in /proc/self/status CapEff.
 _CAP_NET_ADMIN = 12
+# The steps that a call takes after its answer (command, step): not part of its duration.
+STEPS_AFTER_ANSWER = frozenset({("ADD", "record")})
 # Seconds: a call's steps take tenths of a millisecond when all is well.
 _STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 10.0)
 _HTTP_STATUS = {
@@ -140,17 +148,27 @@ class _KeyedLocks:
 
     @contextmanager
     def hold(self, key: str) -> Iterator[None]:
+        release = self.acquire(key)
+        try:
+            yield
+        finally:
+            release()
+
+    def acquire(self, key: str) -> Callable[[], None]:
+        """Takes the key's lock, for as long as the caller wants; returns what releases it."""
         with self._guard:
             lock = self._locks.setdefault(key, threading.Lock())
             self._users[key] = self._users.get(key, 0) + 1
-        try:
-            with lock:
-                yield
-        finally:
+        lock.acquire()
+
+        def release() -> None:
+            lock.release()
             with self._guard:
                 self._users[key] -= 1
                 if not self._users[key]:
                     del self._users[key], self._locks[key]
+
+        return release
 
 
 @dataclasses.dataclass(eq=False)
@@ -192,10 +210,10 @@ class DaemonMetrics:
         )
         self.steps = self.registry.histogram(
             "capsa_cni_step_duration_seconds",
-            "Time of a CNI call's steps, by command and step: ADD's lookup of the ports and "
-            "record of their bindings (capsa's store), its wait for the firewall to enforce "
-            "their rules (only when it waited), its plug (the kernel); DEL's detach (the kernel) "
-            "and unbind (the store).",
+            "Time of a CNI call's steps, by command and step: ADD's lookup of the ports, its "
+            "wait for the firewall to enforce their rules (only when it waited), its plug (the "
+            "kernel) and, after its answer, the record of their bindings (capsa's store); DEL's "
+            "detach (the kernel) and unbind (the store).",
             ("command", "step"),
             _STEP_BUCKETS,
         )
@@ -296,7 +314,13 @@ class _CniService:
                 result, after = self._add(request, fields, http_request.client_gone)
             else:
                 result, after = self._commands[command](request, fields)
-            body = _json(result) if result is not None else b""
+            try:
+                body = _json(result) if result is not None else b""
+            except BaseException:
+                # An ADD's work after its answer releases the pod's lock: it must run.
+                if after is not None:
+                    after()
+                raise
             # Observed once the answer is out, with the call's other work after it.
             steps_after_answer = True
             observe = functools.partial(self.metrics.observe_steps, command, steps)
@@ -340,13 +364,21 @@ class _CniService:
         while True:
             # Read before the ports: a pass applied during the read is not waited for again.
             passes = self._progress.passes if self._progress is not None else 0
-            with self._pod_locks.hold(pod):
+            release = self._pod_locks.acquire(pod)
+            try:
                 ports = self._timed("lookup", self._ports_of, pod)
                 waiting_for = self._unready(ports)
                 if waiting_for is None:
                     if waited_from is not None:
                         self._took("wait", waited_from)
-                    return self._plug(request, pod, ports, fields)
+                    result, record = self._plug(request, pod, ports, fields)
+                    # The pod's lock is held until the bindings are recorded, after the answer:
+                    # the pod's next call finds them there.
+                    return result, functools.partial(_holding, release, record)
+            except BaseException:
+                release()
+                raise
+            release()
             # Outside the pod's lock: a DEL of the sandbox (containerd gave up) goes ahead.
             assert self._progress is not None
             now = time.monotonic()
@@ -387,8 +419,9 @@ class _CniService:
 
     def _plug(
         self, request: CniRequest, pod: str, ports: list[PortBinding], fields: LogFields
-    ) -> tuple[dict[str, Any], AfterAnswer]:
-        """Plugs the pod's ports and records their bindings; the caller holds the pod's lock."""
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Plugs the pod's ports; returns the result and what records their bindings once it is
+        out. The caller holds the pod's lock."""
         interfaces = _interfaces(request, pod, ports)
         fields["port"] = ",".join(port.port_id for _, port in interfaces)
         # CNI allows an ADD after a DEL of the same attachment: its veths are made again
@@ -421,22 +454,104 @@ class _CniService:
                 )
         try:
             result = build_result(request.cni_version, plugged, request.dns, request.prev_result)
-            self._timed(
-                "record",
-                _record,
-                "recording the bindings of",
-                self._ports.ports_bound,
-                request.container_id,
-                {
-                    port.port_id: made.host_end.name
-                    for (_, port), made in zip(interfaces, plugged, strict=True)
-                },
-            )
         except BaseException:
             self._undo_plug(request)
             raise
+        record = functools.partial(
+            self._record_bindings,
+            request,
+            interfaces,
+            plugged,
+            fields,
+            getattr(self._call_steps, "timed", None),
+        )
+        return result, record
+
+    def _record_bindings(
+        self,
+        request: CniRequest,
+        interfaces: list[tuple[str, PortBinding]],
+        plugged: list[PluggedPort],
+        fields: LogFields,
+        steps: list[tuple[str, float]] | None,
+    ) -> None:
+        """After an ADD's answer, with the pod's lock: records the bindings of the ports it
+        plugged, again and again until the store takes them or the daemon stops (it records them
+        from the veths' tags when it starts again, see record_tagged_bindings).
+
+        The answer does not wait for the write (0.2-0.3 ms with the CPU's caches cold): what
+        reads the bindings is the pod's next call, which the lock holds back until they are
+        written, and the network agent's pass that adds the veth's anti-spoofing rules, which
+        comes after the answer anyway.
+        """
+        host_ifnames = {
+            port.port_id: made.host_end.name
+            for (_, port), made in zip(interfaces, plugged, strict=True)
+        }
+        started = time.perf_counter()
+        retry_in = _RECORD_RETRY_FIRST_S
+        while True:
+            try:
+                self._ports.ports_bound(request.container_id, host_ifnames)
+                break
+            except Exception as exc:
+                if self.stopping.is_set():
+                    log.error(
+                        "the bindings of an ADD's ports are not recorded: the daemon stops; it "
+                        "records them from the veths' tags when it starts again",
+                        error=str(exc),
+                        **fields,
+                    )
+                    return
+                log.warning(
+                    "capsa's port store failed recording the bindings of an ADD's ports; retrying",
+                    error=str(exc),
+                    retry_in=retry_in,
+                    **fields,
+                )
+                self.stopping.wait(retry_in)
+                retry_in = min(retry_in * 2, _RECORD_RETRY_MAX_S)
+        if steps is not None:
+            steps.append(("record", time.perf_counter() - started))
         # Logged once the answer is out: a line takes 0.1-0.2 ms when the CPU's caches are cold.
-        return result, functools.partial(_log_bound, request, interfaces, plugged, fields)
+        _log_bound(request, interfaces, plugged, fields)
+
+    def record_tagged_bindings(self) -> None:
+        """Records the bindings that the store lacks of the veths on this host's bridges, from
+        their tags (port and sandbox): those of ADDs answered by an earlier run of the daemon
+        that stopped or was killed before it recorded them. Not a port that the store binds to
+        another veth that is there, nor one that is not capsa's (another instance's)."""
+        attached = {
+            attachment.host_ifname: attachment.tag
+            for attachment in self._dataplane.attachments()
+            if attachment.bridge is not None and attachment.tag is not None
+        }
+        if not attached:
+            return
+        bindings = self._ports.bindings_of(sorted({tag.port_id for tag in attached.values()}))
+        for host_name, tag in attached.items():
+            if tag.port_id not in bindings:
+                continue
+            binding = bindings[tag.port_id]
+            if binding == (tag.container_id, host_name):
+                continue
+            if binding is not None and binding[1] != host_name and binding[1] in attached:
+                log.warning(
+                    "two veths on this host hold a port: the store's binding names the other",
+                    port=tag.port_id,
+                    container=tag.container_id,
+                    veth=host_name,
+                    bound_veth=binding[1],
+                )
+                continue
+            self._ports.ports_bound(tag.container_id, {tag.port_id: host_name})
+            bindings[tag.port_id] = (tag.container_id, host_name)
+            log.info(
+                "recorded a binding from its veth's tag",
+                container=tag.container_id,
+                port=tag.port_id,
+                veth=host_name,
+            )
 
     def _delete(self, request: CniRequest, fields: LogFields) -> tuple[None, AfterAnswer]:
         pod = request.pod_name
@@ -781,6 +896,14 @@ def _in_turn(*works: AfterAnswer) -> Callable[[], None]:
     return run
 
 
+def _holding(release: Callable[[], None], work: Callable[[], None]) -> None:
+    """``work``, then ``release`` whatever came of it."""
+    try:
+        work()
+    finally:
+        release()
+
+
 def _record(doing: str, call: Callable[..., T], *args: Any) -> T:
     """Runs a PortSource call; its failures are transient for the runtime."""
     try:
@@ -954,6 +1077,14 @@ class CniDaemon:
 
     async def start(self) -> None:
         self.service.loop = asyncio.get_running_loop()
+        # Before the first call: an ADD reads the bindings that this records.
+        try:
+            await asyncio.to_thread(self.service.record_tagged_bindings)
+        except Exception:
+            log.exception(
+                "could not record the bindings that the veths' tags tell: a port whose ADD "
+                "was answered before a crash may lack its anti-spoofing rules"
+            )
         self._server.start()
         self._running = True
         # Port 0 is known now; no plugin could reach the daemon before.

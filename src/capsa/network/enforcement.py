@@ -142,6 +142,9 @@ class EnforcedPorts:
     def find_ports(self, pod_name: str) -> list[PortBinding]:
         return self._progress.ports_of(pod_name) or self._store.find_ports(pod_name)
 
+    def bindings_of(self, port_ids: Sequence[str]) -> dict[str, tuple[str, str] | None]:
+        return self._store.bindings_of(port_ids)
+
     def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         self._store.ports_bound(container_id, host_ifnames)
         self._progress.bindings_written(container_id, host_ifnames)

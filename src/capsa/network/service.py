@@ -113,6 +113,9 @@ class NetworkService:
             for port in self._store.ports.to_bind(pod_name)
         ]
 
+    def bindings_of(self, port_ids: Sequence[str]) -> dict[str, tuple[str, str] | None]:
+        return self._store.ports.bindings_of(port_ids)
+
     def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         self._store.ports.set_bindings(container_id, host_ifnames)
 

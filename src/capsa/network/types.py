@@ -74,6 +74,11 @@ class PortSource(Protocol):
         first interface), with their current bindings; empty when it has none."""
         ...
 
+    def bindings_of(self, port_ids: Sequence[str]) -> dict[str, tuple[str, str] | None]:
+        """The current binding of each of these ports that exists (a capsule's): the container
+        id and host end that hold it, or None."""
+        ...
+
     def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         """Records that the sandbox ``container_id`` now holds each port (by id) through its
         host end (``host_ifnames``: port id -> host end)."""

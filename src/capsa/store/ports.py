@@ -86,6 +86,12 @@ _PORTS_TO_BIND = DriverStatement(
     .where(_OF_DEVICE)
     .order_by(p_t.c.interface_index)
 )
+# A capsule's port's binding, by the port's id.
+_PORT_BINDING = DriverStatement(
+    select(p_t.c.binding_container_id, p_t.c.binding_host_ifname).where(
+        p_t.c.id == bindparam("port"), capsules.CAPSA_MADE
+    )
+)
 _SET_BINDING = DriverStatement(
     update(p_t)
     .where(p_t.c.id == bindparam("where_id"))
@@ -355,6 +361,17 @@ class PortStore(EnforcedStore):
                 binding_host_ifname,
             ) in self._db.read_rows_blocking(_PORTS_TO_BIND, {"device": device_id})
         ]
+
+    def bindings_of(self, port_ids: Sequence[str]) -> dict[str, tuple[str, str] | None]:
+        """The binding of each of these ports that is a capsule's: its sandbox's container id
+        and host end, or None. One query a port: the daemon asks once, as it starts."""
+        found: dict[str, tuple[str, str] | None] = {}
+        for port_id in port_ids:
+            for container_id, host_ifname in self._db.read_rows_blocking(
+                _PORT_BINDING, {"port": port_id}
+            ):
+                found[port_id] = (container_id, host_ifname) if container_id else None
+        return found
 
     def set_bindings(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         """Records that the sandbox ``container_id`` holds each port (by id) through its host

@@ -99,6 +99,11 @@ class FakePorts:
             for port in self.ports.get(pod_name, [])
         ]
 
+    def bindings_of(self, port_ids: Sequence[str]) -> dict[str, tuple[str, str] | None]:
+        self.calls.append("bindings_of")
+        known = {port.port_id for ports in self.ports.values() for port in ports}
+        return {port_id: self.bound.get(port_id) for port_id in port_ids if port_id in known}
+
     def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
         self.calls.append("ports_bound")
         for port_id, host_name in host_ifnames.items():
@@ -278,8 +283,9 @@ def short_directory() -> Iterator[Path]:
 
 
 class AfterAnswerWork:
-    """Counts the work the daemon's calls left for after their answers (HttpResponse.after: a
-    DEL's veth deletion and bridge retirement), so that a test can wait until it is all done.
+    """Counts the work the daemon's calls left for after their answers (HttpResponse.after: an
+    ADD's record of its bindings, a DEL's veth deletion and bridge retirement), so that a test
+    can wait until it is all done, or until the ADDs' is.
 
     A call's work is counted before its answer is sent, so a test that got the answer never
     misses it.
@@ -287,6 +293,7 @@ class AfterAnswerWork:
 
     def __init__(self) -> None:
         self._pending = 0
+        self._pending_adds = 0
         self._changed = threading.Condition()
 
     def tracking(
@@ -296,23 +303,36 @@ class AfterAnswerWork:
             response = handler(request)
             if response.after is None:
                 return response
+            add = request.path == "/cni/add"
             with self._changed:
                 self._pending += 1
-            return dataclasses.replace(response, after=functools.partial(self._run, response.after))
+                self._pending_adds += add
+            return dataclasses.replace(
+                response, after=functools.partial(self._run, response.after, add)
+            )
 
         return tracked
 
-    def _run(self, after: Callable[[], None]) -> None:
+    def _run(self, after: Callable[[], None], add: bool) -> None:
         try:
             after()
         finally:
             with self._changed:
                 self._pending -= 1
+                self._pending_adds -= add
                 self._changed.notify_all()
 
     def wait_done(self, timeout: float) -> bool:
         with self._changed:
             return self._changed.wait_for(lambda: self._pending == 0, timeout)
+
+    def wait_adds_done(self, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._pending_adds == 0, timeout)
+
+
+# Each served session's AfterAnswerWork, by id(session), for call().
+_AFTER_ANSWERS: dict[int, AfterAnswerWork] = {}
 
 
 @dataclasses.dataclass
@@ -356,7 +376,11 @@ async def serving(
                 connector=aiohttp.UnixConnector(path=str(socket_path)),
                 timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S),
             ) as session:
-                yield Served(daemon, session, after_answers)
+                _AFTER_ANSWERS[id(session)] = after_answers
+                try:
+                    yield Served(daemon, session, after_answers)
+                finally:
+                    del _AFTER_ANSWERS[id(session)]
         finally:
             await daemon.stop()
 
@@ -438,14 +462,23 @@ def cni_headers(envelope: dict[str, Any]) -> dict[str, str]:
 
 
 async def call(
-    client: aiohttp.ClientSession, command: str, envelope: dict[str, Any]
+    client: aiohttp.ClientSession,
+    command: str,
+    envelope: dict[str, Any],
+    *,
+    until_recorded: bool = True,
 ) -> tuple[int, Any]:
     """``envelope``'s call as capsa-cni makes it: its variables as headers, its config as the
-    body."""
+    body. An ADD's call returns once the daemon has recorded the bindings too, which it does
+    after its answer (unless ``until_recorded`` is false)."""
     body = json.dumps(envelope["config"]).encode()
     async with client.post(f"/cni/{command}", data=body, headers=cni_headers(envelope)) as response:
         text = await response.text()
-        return response.status, (json.loads(text) if text else None)
+    after_answers = _AFTER_ANSWERS.get(id(client))
+    if command == "add" and until_recorded and after_answers is not None:
+        recorded = await asyncio.to_thread(after_answers.wait_adds_done, WAIT_S)
+        assert recorded, "the daemon did not record an ADD's bindings"
+    return response.status, (json.loads(text) if text else None)
 
 
 async def page(client: aiohttp.ClientSession, path: str) -> str:
@@ -496,6 +529,8 @@ class WakingPorts(FakePorts):
 
     def pod_unbound(self, pod_name: str, container_id: str) -> list[str]:
         notify.call_soon_on(self.loop, self.woken.append, f"unbound {container_id}")
+        if self.fail_after_waking is not None:
+            raise self.fail_after_waking
         return super().pod_unbound(pod_name, container_id)
 
 
@@ -506,14 +541,15 @@ async def test_the_wakeups_of_a_calls_writes_reach_the_loop_after_its_answer(
     async with serving(ports, dataplane) as served:
         await added(served.session, envelope("c1"))
         assert (await call(served.session, "del", envelope("c1")))[0] == 200
+        await added(served.session, envelope("c2"))
         # A call that fails after its write woke the loop: the wake-up is not lost either.
         ports.fail_after_waking = RuntimeError("the disk is full")
-        status, error = await call(served.session, "add", envelope("c2"))
+        status, error = await call(served.session, "del", envelope("c2"))
         assert status == 503 and "the disk is full" in error["msg"]
         await after_answers_done(served)
     for _ in range(5):
         await asyncio.sleep(0)
-    assert ports.woken == ["bound c1", "unbound c1", "bound c2"]
+    assert ports.woken == ["bound c1", "unbound c1", "bound c2", "unbound c2"]
 
 
 async def test_variables_come_back_from_their_percent_encoded_headers(
@@ -604,16 +640,54 @@ async def test_add_refuses_a_malformed_prev_result_before_plugging(
     assert ports.bound == {}
 
 
-async def test_add_unplugs_when_the_binding_cannot_be_recorded(
-    client: aiohttp.ClientSession, dataplane: FakeDataplane, ports: FakePorts
-) -> None:
-    def failing_bound(*_: Any, **__: Any) -> None:
-        raise ConnectionError("database is locked")
+class RefusingPorts(FakePorts):
+    """A store that refuses the bindings' writes ``refusals`` times, telling each time."""
 
-    ports.ports_bound = failing_bound  # type: ignore[method-assign]
-    status, error = await call(client, "add", envelope())
-    assert (status, error["code"]) == (503, 11)
-    assert dataplane.plugged == {}
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+        self.refused = threading.Semaphore(0)
+
+    def ports_bound(self, container_id: str, host_ifnames: dict[str, str]) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            self.refused.release()
+            raise ConnectionError("database is locked")
+        super().ports_bound(container_id, host_ifnames)
+
+
+async def test_add_answers_before_its_binding_is_recorded_and_retries_a_refused_record(
+    dataplane: FakeDataplane,
+) -> None:
+    ports = RefusingPorts(refusals=2)
+    async with serving(ports, dataplane) as served:
+        status, result = await call(served.session, "add", envelope(), until_recorded=False)
+        assert status == 200, result
+        # The pod's next call waits for the record, retried until the store took it.
+        delete = asyncio.ensure_future(call(served.session, "del", envelope()))
+        for _ in range(2):
+            assert await asyncio.to_thread(ports.refused.acquire, True, WAIT_S)
+        assert await delete == (200, None)
+
+    assert ports.calls == ["find_ports", "ports_bound", "pod_unbound"]
+    assert ports.bound == {} and dataplane.plugged == {}
+
+
+async def test_a_record_the_store_keeps_refusing_ends_as_the_daemon_stops(
+    dataplane: FakeDataplane,
+) -> None:
+    ports = RefusingPorts(refusals=1000)
+    async with serving(ports, dataplane) as served:
+        status, result = await call(served.session, "add", envelope(), until_recorded=False)
+        assert status == 200, result
+        assert await asyncio.to_thread(ports.refused.acquire, True, WAIT_S)
+        began = time.monotonic()
+        await asyncio.wait_for(served.daemon.stop(), WAIT_S)
+
+    assert time.monotonic() - began < WAIT_S
+    assert ports.bound == {}
+    # Still plugged: the runtime was told so, and a restarted daemon records the binding.
+    assert dataplane.plugged == {("c1", PORT.port_id): PORT.bridge}
 
 
 async def test_add_with_ipam_is_unsupported_field(client: aiohttp.ClientSession) -> None:
@@ -1518,6 +1592,37 @@ async def test_a_daemon_that_starts_retires_the_unused_bridges_it_keeps(
     assert set(dataplane.bridges) == {"cbr-used", "cbr-other"}
 
 
+async def test_a_daemon_that_starts_records_the_bindings_its_veths_tags_tell(
+    ports: FakePorts, dataplane: FakeDataplane
+) -> None:
+    # What a daemon killed after ADDs' answers and before their records left behind.
+    third = dataclasses.replace(PORT, port_id="port-3")
+    ports.ports = {"pod-1": [PORT], "pod-2": [SECOND_PORT], "pod-3": [third]}
+    ports.bound = {SECOND_PORT.port_id: ("c2", "capsa-c2")}
+    links = {
+        # Unbound in the store: recorded.
+        "capsa-c1": Attachment("capsa-c1", "capsa0", AttachmentTag("o", PORT.port_id, "c1")),
+        # The store binds its port to another veth that is there: left alone.
+        "capsa-c2": Attachment("capsa-c2", "capsa1", AttachmentTag("o", SECOND_PORT.port_id, "c2")),
+        "capsa-c2b": Attachment(
+            "capsa-c2b", "capsa1", AttachmentTag("o", SECOND_PORT.port_id, "c2b")
+        ),
+        # Detached by a DEL: on its way out.
+        "capsa-c3": Attachment("capsa-c3", None, AttachmentTag("o", third.port_id, "c3")),
+        # Not a port of this store (another capsa's), and a veth with no tag.
+        "capsa-c4": Attachment("capsa-c4", "capsa0", AttachmentTag("o", "port-4", "c4")),
+        "capsa-c5": Attachment("capsa-c5", "capsa0", None),
+    }
+    dataplane.links = dict(links)
+
+    async with serving(ports, dataplane):
+        assert ports.bound == {
+            PORT.port_id: ("c1", "capsa-c1"),
+            SECOND_PORT.port_id: ("c2", "capsa-c2"),
+        }
+    assert ports.calls == ["bindings_of", "ports_bound"]
+
+
 async def test_daemon_on_a_free_tcp_port(ports: FakePorts) -> None:
     dataplane = FakeDataplane()
     daemon = CniDaemon(ports, "127.0.0.1:0", dataplane=dataplane)
@@ -1660,7 +1765,12 @@ async def test_cni_calls_are_served_while_the_event_loop_is_blocked(
     def runtime(socket_path: Path) -> None:
         # capsa-cni as a runtime runs it: one blocking call after another.
         answers.append(blocking_call(socket_path, "add", envelope(pod=capsule.uuid)))
-        [found] = network.find_ports(capsule.uuid)
+        # Recorded right after the answer, on the daemon's thread.
+        deadline = time.monotonic() + WAIT_S
+        while (found := network.find_ports(capsule.uuid)[0]).bound_container_id is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.005)
         bound_after_add.append(found.bound_container_id)
         answers.append(blocking_call(socket_path, "del", envelope(pod=capsule.uuid)))
 

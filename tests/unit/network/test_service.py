@@ -25,9 +25,15 @@ async def test_find_ports_gives_the_daemon_what_to_bind_and_the_current_bindings
     assert binding.mtu == 1400
     assert binding.bound_container_id is None
 
+    assert await asyncio.to_thread(network.bindings_of, [port.id, "no-such-port"]) == {
+        port.id: None
+    }
     await asyncio.to_thread(network.ports_bound, "sandbox-1", {port.id: "capsaabc"})
     [bound] = await asyncio.to_thread(network.find_ports, "capsule-a")
     assert (bound.bound_container_id, bound.bound_host_ifname) == ("sandbox-1", "capsaabc")
+    assert await asyncio.to_thread(network.bindings_of, [port.id]) == {
+        port.id: ("sandbox-1", "capsaabc")
+    }
 
     # A late unbind of another sandbox changes nothing; its own does.
     await asyncio.to_thread(network.ports_unbound, [port.id], "sandbox-0")
@@ -91,6 +97,9 @@ async def test_a_host_views_capsule_ports_are_what_find_ports_gives(store: Store
     )
     await service.allocate_ports("capsule-c", "p1", "h2")
     await asyncio.to_thread(service.ports_bound, "sandbox-1", {two[1].id: "capsa1"})
+
+    api_made = [p for p in await store.ports.list_ports("p1") if not p.device_owner]
+    assert await asyncio.to_thread(service.bindings_of, [p.id for p in api_made]) == {}
 
     _, view = await store.ports.host_view_if_changed("h1", None)
     assert view is not None
