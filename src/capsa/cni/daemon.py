@@ -223,6 +223,17 @@ class DaemonMetrics:
             "new one, or one missing from a GC's valid attachments.",
             ("reason",),
         )
+        self.unrecorded = self.registry.gauge(
+            "capsa_cni_adds_unrecorded",
+            "ADDs answered whose bindings capsa's store has not taken yet: they are retried "
+            "until it does, so one that stays means the store fails.",
+        )
+        self.record_failures = self.registry.counter(
+            "capsa_cni_record_failures_total",
+            "Attempts to record an ADD's bindings after its answer that capsa's store refused.",
+        )
+        self.unrecorded.add(0)
+        self.record_failures.inc(0)
         for command in COMMANDS:
             self.requests.inc(0, command=command)
             self.in_flight.add(0, command=command)
@@ -490,11 +501,14 @@ class _CniService:
         }
         started = time.perf_counter()
         retry_in = _RECORD_RETRY_FIRST_S
+        self.metrics.unrecorded.add(1)
         while True:
             try:
                 self._ports.ports_bound(request.container_id, host_ifnames)
+                self.metrics.unrecorded.add(-1)
                 break
             except Exception as exc:
+                self.metrics.record_failures.inc()
                 if self.stopping.is_set():
                     log.error(
                         "the bindings of an ADD's ports are not recorded: the daemon stops; it "

@@ -668,8 +668,11 @@ async def test_add_answers_before_its_binding_is_recorded_and_retries_a_refused_
         for _ in range(2):
             assert await asyncio.to_thread(ports.refused.acquire, True, WAIT_S)
         assert await delete == (200, None)
+        text = await page(served.session, "/metrics")
 
     assert ports.calls == ["find_ports", "ports_bound", "pod_unbound"]
+    assert "\ncapsa_cni_record_failures_total 2\n" in text
+    assert "\ncapsa_cni_adds_unrecorded 0\n" in text
     assert ports.bound == {} and dataplane.plugged == {}
 
 
@@ -681,6 +684,8 @@ async def test_a_record_the_store_keeps_refusing_ends_as_the_daemon_stops(
         status, result = await call(served.session, "add", envelope(), until_recorded=False)
         assert status == 200, result
         assert await asyncio.to_thread(ports.refused.acquire, True, WAIT_S)
+        # An operator sees it waiting.
+        assert "\ncapsa_cni_adds_unrecorded 1\n" in await page(served.session, "/metrics")
         began = time.monotonic()
         await asyncio.wait_for(served.daemon.stop(), WAIT_S)
 
