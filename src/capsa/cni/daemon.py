@@ -294,7 +294,7 @@ class _CniService:
         # the stop for up to its whole wait.
         self.stopping = threading.Event()
         self._commands: dict[
-            str, Callable[[CniRequest, LogFields], tuple[dict[str, Any] | None, AfterAnswer]]
+            str, Callable[[CniRequest, LogFields], tuple[bytes | None, AfterAnswer]]
         ] = {
             "DEL": self._delete,
             "CHECK": self._check,
@@ -320,22 +320,15 @@ class _CniService:
                 fields.update(capsule=request.pod_name or "", container=request.container_id)
             else:
                 fields.update(network=request.network_name)
-            result: dict[str, Any] | None
+            body: bytes | None
             if command == "ADD":
-                result, after = self._add(request, fields, http_request.client_gone)
+                body, after = self._add(request, fields, http_request.client_gone)
             else:
-                result, after = self._commands[command](request, fields)
-            try:
-                body = _json(result) if result is not None else b""
-            except BaseException:
-                # An ADD's work after its answer releases the pod's lock: it must run.
-                if after is not None:
-                    after()
-                raise
+                body, after = self._commands[command](request, fields)
             # Observed once the answer is out, with the call's other work after it.
             steps_after_answer = True
             observe = functools.partial(self.metrics.observe_steps, command, steps)
-            return HttpResponse(200, body, after=_in_turn(after, observe))
+            return HttpResponse(200, body or b"", after=_in_turn(after, observe))
         except CniError as exc:
             error = exc
             log.warning(f"CNI {command} failed", code=int(exc.code), error=exc.msg, **fields)
@@ -368,7 +361,7 @@ class _CniService:
 
     def _add(
         self, request: CniRequest, fields: LogFields, client_gone: Callable[[], bool]
-    ) -> tuple[dict[str, Any], AfterAnswer]:
+    ) -> tuple[bytes, AfterAnswer]:
         pod = _pod_name(request)
         deadline: float | None = None
         waited_from: float | None = None
@@ -382,10 +375,10 @@ class _CniService:
                 if waiting_for is None:
                     if waited_from is not None:
                         self._took("wait", waited_from)
-                    result, record = self._plug(request, pod, ports, fields)
+                    body, record = self._plug(request, pod, ports, fields)
                     # The pod's lock is held until the bindings are recorded, after the answer:
                     # the pod's next call finds them there.
-                    return result, functools.partial(_holding, release, record)
+                    return body, functools.partial(_holding, release, record)
             except BaseException:
                 release()
                 raise
@@ -430,9 +423,9 @@ class _CniService:
 
     def _plug(
         self, request: CniRequest, pod: str, ports: list[PortBinding], fields: LogFields
-    ) -> tuple[dict[str, Any], Callable[[], None]]:
-        """Plugs the pod's ports; returns the result and what records their bindings once it is
-        out. The caller holds the pod's lock."""
+    ) -> tuple[bytes, Callable[[], None]]:
+        """Plugs the pod's ports; returns the result, as the answer's body, and what records
+        their bindings once it is out. The caller holds the pod's lock."""
         interfaces = _interfaces(request, pod, ports)
         fields["port"] = ",".join(port.port_id for _, port in interfaces)
         # CNI allows an ADD after a DEL of the same attachment: its veths are made again
@@ -464,7 +457,9 @@ class _CniService:
                     veth=made.replaced,
                 )
         try:
-            result = build_result(request.cni_version, plugged, request.dns, request.prev_result)
+            body = _json(
+                build_result(request.cni_version, plugged, request.dns, request.prev_result)
+            )
         except BaseException:
             self._undo_plug(request)
             raise
@@ -476,7 +471,7 @@ class _CniService:
             fields,
             getattr(self._call_steps, "timed", None),
         )
-        return result, record
+        return body, record
 
     def _record_bindings(
         self,
